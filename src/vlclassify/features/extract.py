@@ -1,0 +1,186 @@
+"""Batched feature extraction with parallel image decoding, a progress bar and the cache."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..backbones.base import Backbone
+from ..data.images import load_image
+from ..data.items import Dataset, Item
+from ..errors import DataError
+from .cache import FeatureCache
+
+VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "orig": lambda im: im,
+    "flip": ImageOps.mirror,
+}
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of a dataset, row-aligned with its items."""
+
+    image: torch.Tensor  # [N, D] global image embeddings (joint space, not normalised)
+    pooled: torch.Tensor  # [N, F] raw pooled visual features
+    spatial: torch.Tensor | None = None  # [N, P, D] spatial tokens (float16 on disk)
+    grid: tuple[int, int] | None = None  # (h, w) of the spatial tokens
+    text: torch.Tensor | None = None  # [N, D] embeddings of the items' paired texts
+    views: dict[str, "FeatureSet"] = field(default_factory=dict)  # augmentation views, e.g. "flip"
+    skipped: list[int] = field(default_factory=list)  # indices of unreadable images (skip_bad=True)
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def index(self, idx: Sequence[int] | np.ndarray) -> "FeatureSet":
+        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
+        return FeatureSet(
+            image=pick(self.image), pooled=pick(self.pooled), spatial=pick(self.spatial), grid=self.grid,
+            text=pick(self.text), views={k: v.index(idx) for k, v in self.views.items()},
+        )
+
+
+def _set_threads() -> None:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _decode(backbone: Backbone, item: Item, view: str, skip_bad: bool) -> torch.Tensor | None:
+    try:
+        return backbone.preprocess(VIEWS[view](load_image(item)))
+    except DataError:
+        if skip_bad:
+            return None
+        raise
+
+
+def iter_batches(backbone: Backbone, items: Sequence[Item], view: str, batch_size: int, workers: int,
+                 skip_bad: bool) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
+    """Yield (start, pixels [B, 3, H, W], bad offsets) while the next batch decodes in threads."""
+    if view not in VIEWS:
+        raise DataError(f"unknown view {view!r}; available: {', '.join(VIEWS)}")
+    starts = list(range(0, len(items), batch_size))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        def submit(s: int):
+            return [pool.submit(_decode, backbone, it, view, skip_bad) for it in items[s : s + batch_size]]
+
+        pending = submit(starts[0]) if starts else None
+        for j, s in enumerate(starts):
+            tensors = [f.result() for f in pending]
+            pending = submit(starts[j + 1]) if j + 1 < len(starts) else None
+            bad = [i for i, t in enumerate(tensors) if t is None]
+            good = [t for t in tensors if t is not None]
+            if bad and good:
+                fill = torch.zeros_like(good[0])
+                tensors = [fill if t is None else t for t in tensors]
+            elif not good:
+                tensors = [torch.zeros(3, backbone.image_size, backbone.image_size)] * len(tensors)
+            yield s, torch.stack(tensors), bad
+
+
+@torch.no_grad()
+def _compute(backbone: Backbone, items: Sequence[Item], view: str, spatial: bool, batch_size: int,
+             workers: int, progress: bool, skip_bad: bool, desc: str) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    _set_threads()
+    backbone.eval()
+    n = len(items)
+    img = torch.zeros(n, backbone.embed_dim)
+    pooled = torch.zeros(n, backbone.pooled_dim)
+    sp = None
+    grid = (0, 0)
+    bad_all: list[int] = []
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+    for s, pixels, bad in iter_batches(backbone, items, view, batch_size, workers, skip_bad):
+        with torch.inference_mode():  # results are copied into normal tensors the caller may edit
+            out = backbone.encode_image(pixels.contiguous(memory_format=torch.channels_last))
+        b = pixels.shape[0]
+        img[s : s + b] = out.embeds.float()
+        pooled[s : s + b] = out.pooled.float()
+        if spatial:
+            if sp is None:
+                sp = torch.zeros(n, out.tokens.shape[1], out.tokens.shape[2], dtype=torch.float16)
+                grid = out.grid
+            sp[s : s + b] = out.tokens.half()
+        bad_all += [s + i for i in bad]
+        bar.update(b)
+    bar.close()
+    out_t = {"image": img, "pooled": pooled, "skipped": torch.tensor(bad_all, dtype=torch.int64)}
+    if spatial:
+        out_t["spatial"] = sp if sp is not None else torch.zeros(0, 0, backbone.embed_dim, dtype=torch.float16)
+        out_t["grid"] = torch.tensor(grid, dtype=torch.int64)
+    return out_t
+
+
+@torch.no_grad()
+def encode_texts(backbone: Backbone, texts: Sequence[str], cache: FeatureCache | None = None,
+                 batch_size: int = 128) -> torch.Tensor:
+    """[N, D] L2-normalised text embeddings (empty texts give zero rows), cached."""
+    from ..utils import json_fingerprint
+
+    cache = cache or FeatureCache()
+    key = {"kind": "text", "backbone": backbone.identity(), "texts": json_fingerprint(list(texts))}
+    hit = cache.load(key, ["text"])
+    if hit is not None:
+        return hit["text"]
+    nonempty = [i for i, t in enumerate(texts) if t]
+    emb = torch.zeros(len(texts), backbone.embed_dim)
+    if nonempty:
+        emb[nonempty] = backbone.encode_texts_normalized([texts[i] for i in nonempty], batch_size)
+    cache.save(key, {"text": emb})
+    return emb
+
+
+def extract_features(
+    backbone: Backbone,
+    dataset: Dataset,
+    views: Sequence[str] = ("orig",),
+    spatial: bool = False,
+    text: bool | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    progress: bool = True,
+    skip_bad: bool = False,
+) -> FeatureSet:
+    """Features of every item of `dataset` (first view first), from the cache when the key matches.
+
+    `text=None` encodes the items' texts when any item has one. `skip_bad` turns unreadable
+    images into zero rows listed in `FeatureSet.skipped` instead of raising.
+    """
+    cache = cache or FeatureCache()
+    base_key = {
+        "kind": "image", "backbone": backbone.identity(), "dataset": dataset.fingerprint(),
+        "preprocess": backbone.preprocess_config(), "skip_bad": skip_bad,
+    }
+    sets: dict[str, FeatureSet] = {}
+    for view in views:
+        names = ["image", "pooled", "skipped"] + (["spatial", "grid"] if spatial else [])
+        got = None
+        for sp in ((True,) if spatial else (False, True)):  # a spatial entry also serves plain requests
+            got = cache.load({**base_key, "view": view, "spatial": sp}, names)
+            if got is not None:
+                break
+        if got is None:
+            got = _compute(backbone, dataset.items, view, spatial, batch_size, workers, progress, skip_bad,
+                           desc=f"features {dataset.name or ''} [{view}]".strip())
+            cache.save({**base_key, "view": view, "spatial": spatial}, got)
+        sets[view] = FeatureSet(
+            image=got["image"], pooled=got["pooled"], spatial=got.get("spatial"),
+            grid=tuple(got["grid"].tolist()) if "grid" in got else None, skipped=got["skipped"].tolist(),
+        )
+    first = sets[views[0]]
+    first.views = {v: s for v, s in sets.items() if v != views[0]}
+    if text is None:
+        text = any(it.text for it in dataset.items)
+    if text:
+        first.text = encode_texts(backbone, dataset.texts(), cache)
+    return first

@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlclassify.backbones import create_backbone
+from vlclassify.errors import ConfigError
+
+TUX_FROG = "/usr/share/tuxpaint/stamps/animals/amphibians/frog.png"
+
+
+def test_effnet_minilm_shapes_and_tokens(effnet):
+    from vlclassify.data import load_image
+
+    x = torch.stack([effnet.preprocess(load_image(TUX_FROG))] * 2)
+    assert x.min() >= -1 and x.max() <= 1
+    with torch.inference_mode():
+        f = effnet.encode_image(x)
+        t = effnet.encode_text(["a frog.", "a small red apple on a table."])
+    assert f.embeds.shape == (2, 384) and f.tokens.shape == (2, 49, 384) and f.pooled.shape == (2, 1280)
+    assert f.grid == (7, 7)
+    assert t.embeds.shape == (2, 384) and t.tokens.shape[0] == 2 and t.tokens.shape[2] == 384
+    assert t.mask[0].sum() < t.mask[1].sum()
+    assert "frog" in t.token_strings[0]
+
+
+def test_effnet_minilm_joint_space_is_meaningful(effnet):
+    """The ConSE join puts a frog photo nearer 'a photo of a frog.' than unrelated texts."""
+    from vlclassify.data import load_image
+
+    with torch.inference_mode():
+        img = effnet.encode_image(effnet.preprocess(load_image(TUX_FROG))[None]).embeds
+        txt = effnet.encode_texts_normalized(["a photo of a frog.", "a photo of a car.", "a photo of a cake."])
+    sims = torch.nn.functional.normalize(img, dim=-1) @ txt.T
+    assert sims.argmax().item() == 0
+
+
+def test_effnet_minilm_option_errors():
+    with pytest.raises(ConfigError, match="topk"):
+        create_backbone("effnet-minilm", topk=0)
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        create_backbone("effnet-minilm", bogus=1)
+
+
+def _tiny_clip(tmp_path):
+    """A randomly initialised CLIP with a character-level tokenizer, saved like a real checkpoint."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=40,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(cfg)
+    out = tmp_path / "tiny-clip"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model
+
+
+def test_hf_clip_roundtrip_through_registry(tmp_path):
+    folder, model = _tiny_clip(tmp_path)
+    bb = create_backbone("hf-clip", path=str(folder))
+    assert (bb.embed_dim, bb.pooled_dim, bb.image_size) == (24, 32, 32)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    x = bb.preprocess(img)[None]
+    with torch.inference_mode():
+        f = bb.encode_image(x)
+        t = bb.encode_text(["a cat", "a much longer sentence"])
+        ref_img = model.get_image_features(pixel_values=x)
+        ref_img = ref_img if torch.is_tensor(ref_img) else ref_img.pooler_output
+    assert f.tokens.shape == (1, 16, 24) and f.grid == (4, 4)
+    assert torch.allclose(f.embeds, ref_img, atol=1e-5)  # same numbers as the model's own API
+    assert t.embeds.shape == (2, 24) and t.tokens.shape[:2] == t.mask.shape
+    assert bb.identity()["weights"] != "no-weight-files"
+
+
+def test_hf_clip_missing_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="hf-clip: cannot load"):
+        create_backbone("hf-clip", path=str(tmp_path / "nothing-here"), local_files_only=True)
+    with pytest.raises(ConfigError, match="needs path"):
+        create_backbone("hf-clip")
+
+
+def test_hf_clip_method_save_load(tmp_path, color_folder):
+    from vlclassify.data import image_folder
+    from vlclassify.methods import create_method, load_method
+
+    folder, _ = _tiny_clip(tmp_path)
+    bb = create_backbone("hf-clip", path=str(folder))
+    ds = image_folder(color_folder)["all"]
+    m = create_method("linear-probe", bb).fit(ds, ds)
+    m.save_pretrained(tmp_path / "lp")
+    m2 = load_method(tmp_path / "lp")  # rebuilds hf-clip from the saved config
+    assert m2.backbone.name == "hf-clip"
+    np.testing.assert_allclose(m.predict_proba(ds), m2.predict_proba(ds), atol=1e-5)

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from vlclassify.data import image_folder
+from vlclassify.errors import DataError
+from vlclassify.features import FeatureCache, extract_features
+
+
+def test_extract_shapes_views_and_cache_hit(toy, color_folder, cache):
+    ds = image_folder(color_folder)["all"]
+    fs = extract_features(toy, ds, views=("orig", "flip"), spatial=True, cache=cache, progress=False)
+    assert fs.image.shape == (18, 16) and fs.spatial.shape == (18, 16, 16) and fs.grid == (4, 4)
+    assert "flip" in fs.views and not torch.equal(fs.views["flip"].spatial, fs.spatial)
+    entries = list((cache.root / "features").iterdir())
+    assert len(entries) == 2  # one per view
+    again = extract_features(toy, ds, cache=cache, progress=False)  # spatial entry serves a plain request
+    assert torch.equal(again.image, fs.image)
+    assert len(list((cache.root / "features").iterdir())) == 2
+
+
+def test_mismatched_key_recomputes(toy, color_folder, cache, monkeypatch):
+    ds = image_folder(color_folder)["all"]
+    fs = extract_features(toy, ds, cache=cache, progress=False)
+    entry = next((cache.root / "features").iterdir())
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["key"]["dataset"] = "something-else"
+    (entry / "meta.json").write_text(json.dumps(meta))
+    calls = []
+    import vlclassify.features.extract as ex
+
+    real = ex._compute
+    monkeypatch.setattr(ex, "_compute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = extract_features(toy, ds, cache=cache, progress=False)
+    assert calls == [1] and torch.allclose(again.image, fs.image)
+
+
+def test_changed_backbone_options_change_the_key(color_folder, cache):
+    from vlclassify.backbones import create_backbone
+
+    ds = image_folder(color_folder)["all"]
+    a = extract_features(create_backbone("toy", seed=0), ds, cache=cache, progress=False)
+    b = extract_features(create_backbone("toy", seed=1), ds, cache=cache, progress=False)
+    assert not torch.allclose(a.image, b.image)
+
+
+def test_corrupt_image_error_or_skip(toy, color_folder, cache):
+    (color_folder / "red" / "broken.png").write_bytes(b"\x89PNG garbage")
+    ds = image_folder(color_folder)["all"]
+    with pytest.raises(DataError, match="broken.png"):
+        extract_features(toy, ds, cache=cache, progress=False)
+    fs = extract_features(toy, ds, cache=cache, progress=False, skip_bad=True)
+    assert len(fs.skipped) == 1 and ds.items[fs.skipped[0]].image.endswith("broken.png")
+
+
+def test_item_texts_are_encoded(toy, tmp_path, color_folder, cache):
+    from vlclassify.data import manifest
+
+    img = next((color_folder / "red").iterdir())
+    p = tmp_path / "m.csv"
+    p.write_text(f"image,label,text\n{img},a,red thing\n{img},b,\n")
+    ds = manifest(p)["all"]
+    fs = extract_features(toy, ds, cache=cache, progress=False)
+    assert fs.text.shape == (2, 16) and fs.text[1].abs().sum() == 0 and fs.text[0].norm() > 0.99
