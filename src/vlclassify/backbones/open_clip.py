@@ -56,12 +56,12 @@ class OpenCLIP(Backbone):
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         out = self.model.visual(pixels)
-        if isinstance(out, tuple):  # ViT with output_tokens: (pooled [N, D], tokens [N, P, W])
+        if isinstance(out, tuple):  # ViT with output_tokens: (pooled [N, D], tokens [N, P, W] after ln_post)
             embeds, tokens = out
             proj = getattr(self.model.visual, "proj", None)
             if proj is not None and tokens.shape[-1] != embeds.shape[-1]:
-                tokens = self.model.visual.ln_post(tokens) @ proj
-        else:  # ModifiedResNet and others: no token output, use the global embedding as one token
+                tokens = tokens @ proj  # [N, P, D], the projection the pooled token went through
+        else:  # ModifiedResNet and others expose no tokens: the global embedding is the one token
             embeds, tokens = out, out.unsqueeze(1)
         p = tokens.shape[1]
         g = int(round(p**0.5))
@@ -73,15 +73,17 @@ class OpenCLIP(Backbone):
         return {"input_ids": ids, "attention_mask": ids != 0}
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """Token features are read from `ln_final` with a hook (its output is [N, L, W] in every
+        open_clip version, whatever the transformer's layout) and projected like the EOS token."""
         batch = self.tokenize(texts)
-        embeds = self.model.encode_text(batch["input_ids"])
-        # OpenCLIP does not expose per-token projected features uniformly; project the residual
-        # stream with the same final norm + projection the EOS token goes through.
-        m = self.model
-        x = m.token_embedding(batch["input_ids"]) + m.positional_embedding[: batch["input_ids"].shape[1]]
-        x = m.transformer(x, attn_mask=m.attn_mask[: x.shape[1], : x.shape[1]] if m.attn_mask is not None else None)
-        x = m.ln_final(x)
-        tokens = x @ m.text_projection if isinstance(m.text_projection, torch.Tensor) else m.text_projection(x)
+        seen: list[torch.Tensor] = []
+        handle = self.model.ln_final.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            embeds = self.model.encode_text(batch["input_ids"])
+        finally:
+            handle.remove()
+        proj = self.model.text_projection
+        tokens = seen[-1] @ proj if isinstance(proj, torch.Tensor) else proj(seen[-1])
         return TextFeatures(embeds=embeds, tokens=tokens, mask=batch["attention_mask"].bool(),
                             token_strings=[[str(t) for t in row] for row in batch["input_ids"].tolist()])
 
