@@ -107,37 +107,31 @@ def run_fewshot(
         for s in seeds:
             tr, va = fewshot(pool, k, s, val_pool=val_pool)
             plans[(k, s)] = (tr, va)
-    key_of = lambda it: it.key  # noqa: E731
-    needed = {key_of(it) for tr, va in plans.values() for it in tr.items + (va.items if val_pool is None else [])}
-    idx = [i for i, it in enumerate(pool.items) if key_of(it) in needed]
-    fs_pool = pool.subset(idx, name=f"{pool.name}-fewshot-pool")
-    enc_pool = Encoded(fs_pool, extract_features(backbone, fs_pool, views=views, spatial=spatial, cache=cache, progress=progress))
-    row_of = {key_of(it): i for i, it in enumerate(fs_pool.items)}
-    enc_val_pool = None
-    if val_pool is not None:
-        vidx = sorted({i for _, va in plans.values() for i, it in enumerate(val_pool.items)
-                       if it.key in {v.key for v in va.items}})
-        vp = val_pool.subset(vidx, name=f"{val_pool.name}-fewshot-val")
-        enc_val_pool = Encoded(vp, extract_features(backbone, vp, spatial=spatial, cache=cache, progress=progress))
-        vrow = {it.key: i for i, it in enumerate(vp.items)}
-    enc_full = None
-    if test is None:  # no test split: the rest of the pool is the test set, per (shots, seed)
-        enc_full = Encoded(pool, extract_features(backbone, pool, views=views, spatial=spatial, cache=cache, progress=progress))
+
+    def encode_rows(ds: Dataset, keys: set[str], tag: str, v: Sequence[str]) -> tuple[Encoded, dict[str, int]]:
+        """Features of the items of `ds` whose key is in `keys` (one cache entry), and key -> row."""
+        sub = ds.subset([i for i, it in enumerate(ds.items) if it.key in keys], name=f"{ds.name}-{tag}")
+        enc = Encoded(sub, extract_features(backbone, sub, views=v, spatial=spatial, cache=cache, progress=progress))
+        return enc, {it.key: i for i, it in enumerate(sub.items)}
+
+    if test is None:  # no test split: every pool image not sampled is the test set, per (shots, seed)
+        enc_pool, row = encode_rows(pool, {it.key for it in pool.items}, "all", views)
+        enc_val, vrow = enc_pool, row
     else:
+        enc_pool, row = encode_rows(pool, {it.key for tr, va in plans.values()
+                                           for it in tr.items + (va.items if val_pool is None else [])}, "fewshot", views)
+        enc_val, vrow = (enc_pool, row) if val_pool is None else encode_rows(
+            val_pool, {it.key for _, va in plans.values() for it in va.items}, "fewshot-val", ("orig",))
         enc_test = Encoded(test, extract_features(backbone, test, spatial=spatial, cache=cache, progress=progress))
 
     runs = []
     for (k, s), (tr, va) in plans.items():
-        if enc_full is not None:
-            full_row = {it.key: i for i, it in enumerate(pool.items)}
+        etr = enc_pool.subset([row[it.key] for it in tr.items])
+        eva = enc_val.subset([vrow[it.key] for it in va.items])
+        if test is None:
             used = {it.key for it in tr.items + va.items}
-            etr = enc_full.subset([full_row[it.key] for it in tr.items])
-            eva = enc_full.subset([full_row[it.key] for it in va.items])
-            ete = enc_full.subset([i for i, it in enumerate(pool.items) if it.key not in used])
+            ete = enc_pool.subset([i for i, it in enumerate(enc_pool.dataset.items) if it.key not in used])
         else:
-            etr = enc_pool.subset([row_of[it.key] for it in tr.items])
-            eva = (enc_val_pool.subset([vrow[it.key] for it in va.items]) if enc_val_pool is not None
-                   else enc_pool.subset([row_of[it.key] for it in va.items]))
             ete = enc_test
         for spec in methods:
             m = create_method(spec.method, backbone, cache=cache, **spec.options)
