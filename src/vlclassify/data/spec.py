@@ -2,6 +2,8 @@
 
     fashion-mnist            Debian dataset-fashion-mnist (train/test)
     tuxpaint                 Debian tuxpaint-stamps-default photos (15 categories)
+    fmnist-mosaic            multi-label: 2x2 mosaics of 2-4 Fashion-MNIST items (data/composites.py)
+    tuxpaint-composite       multi-label: 1-3 Tux Paint cut-outs pasted on a canvas (data/composites.py)
     PATH/                    image folder (one sub-folder per class; optional train/val/test)
     PATH.csv | PATH.jsonl    manifest
     PATH.json                CoOp split file
@@ -13,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from . import builtin, loaders
+from . import builtin, composites, loaders
 from .items import Dataset
 from .splits import stratified_split
 
 BUILTIN = {"fashion-mnist": builtin.fashion_mnist, "tuxpaint": builtin.tuxpaint}
+BUILTIN.update({"fmnist-mosaic": composites.fmnist_mosaic, "tuxpaint-composite": composites.tuxpaint_composite})
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
