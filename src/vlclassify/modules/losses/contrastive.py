@@ -1,0 +1,54 @@
+"""The unified contrastive loss of iCAR (Eq. 6), one InfoNCE for classification and image-text data.
+
+For every image i the loss is -log softmax_j(cos(f_t(T_j), v_i) / tau)[pos_i] over a text set T:
+- classification data: T = all class sentences, pos_i = the image's class (Eq. 5);
+- image-text pairs: T = the captions in the batch, pos_i = its own caption (Eq. 2).
+Both kinds are scored against their own text set and averaged over all images of the batch,
+which is Eq. 6 with D the union of the two datasets.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(images: torch.Tensor, texts: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float,
+             reduction: str = "mean") -> torch.Tensor:
+    """images [N, D], texts [T, D], targets [N] (index into texts) -> loss (scalar or [N]).
+
+    Cosine similarity times `scale` (= 1 / tau), cross-entropy against the positive text.
+    """
+    if texts.shape[0] < 2:
+        raise ValueError(
+            f"contrastive loss needs at least 2 texts to contrast, got {texts.shape[0]} "
+            "(a batch with a single class or a single caption teaches nothing)"
+        )
+    if images.shape[0] != targets.shape[0]:
+        raise ValueError(f"contrastive loss: {images.shape[0]} images but {targets.shape[0]} targets")
+    logits = scale * F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T  # [N, T]
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def unified_contrastive_loss(
+    scale: torch.Tensor | float,
+    cls_images: torch.Tensor | None = None,
+    class_texts: torch.Tensor | None = None,
+    cls_targets: torch.Tensor | None = None,
+    pair_images: torch.Tensor | None = None,
+    pair_texts: torch.Tensor | None = None,
+    pair_targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. 6 over a mixed batch: the mean per-image InfoNCE of both parts.
+
+    cls_images [Nc, D] vs class_texts [C, D] with cls_targets [Nc] in 0..C-1;
+    pair_images [Np, D] vs pair_texts [U, D] (the batch's distinct captions) with pair_targets [Np].
+    Either part may be None; at least one must be given.
+    """
+    losses = []
+    if cls_images is not None and cls_images.shape[0]:
+        losses.append(info_nce(cls_images, class_texts, cls_targets, scale, reduction="none"))  # [Nc]
+    if pair_images is not None and pair_images.shape[0]:
+        losses.append(info_nce(pair_images, pair_texts, pair_targets, scale, reduction="none"))  # [Np]
+    if not losses:
+        raise ValueError("unified contrastive loss: the batch holds neither classification images nor pairs")
+    return torch.cat(losses).mean()
