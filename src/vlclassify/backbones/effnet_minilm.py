@@ -11,13 +11,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from ..errors import ConfigError
 from ..utils import default_cache_dir, file_fingerprint, json_fingerprint
-from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_tensor, quiet_from_pretrained
+from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_array, quiet_from_pretrained
 from .registry import register_backbone
 
 
@@ -93,27 +95,73 @@ class EffNetMiniLM(Backbone):
     # ---- images -------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127.5) / 127.5).
-        return pil_to_unit_tensor(image, self.image_size).mul_(2.0).sub_(1.0)
+        arr = pil_to_unit_array(image, self.image_size)  # [3, H, W] in [0, 1], numpy: no torch threads
+        arr *= np.float32(2.0)
+        arr -= np.float32(1.0)
+        return torch.from_numpy(arr)
 
     def _to_text_space(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [..., 1000] -> [..., D]: the ConSE convex combination of class-name embeddings."""
-        probs = torch.softmax(logits / self.options["temperature"], dim=-1)
-        k = self.options["topk"]
-        if k is not None and k < probs.shape[-1]:
-            top = probs.topk(k, dim=-1)
-            probs = torch.zeros_like(probs).scatter_(-1, top.indices, top.values)
-            probs = probs / probs.sum(-1, keepdim=True)
-        return probs @ self.class_text.to(probs.dtype)
+        """logits [..., 1000] -> [..., D]: the ConSE convex combination of class-name embeddings.
 
-    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
-        fmap = self.vision.extract_features(pixels)  # [N, 1280, h, w]
+        With top-k the renormalised top-k probabilities are a softmax over the k largest logits, so
+        only those k class embeddings are summed (embedding_bag) instead of a dense [.., 1000] @
+        [1000, D] product: the same numbers to float rounding, ~2x less time for 50 rows per image.
+        """
+        scaled = logits / self.options["temperature"]
+        k = self.options["topk"]
+        if k is None or k >= scaled.shape[-1]:
+            return torch.softmax(scaled, dim=-1) @ self.class_text.to(scaled.dtype)
+        top = scaled.topk(k, dim=-1)  # values/indices [..., k]
+        weights = torch.softmax(top.values, dim=-1)
+        flat = F.embedding_bag(
+            top.indices.reshape(-1, k), self.class_text.to(scaled.dtype),
+            per_sample_weights=weights.reshape(-1, k), mode="sum",
+        )  # [rows, D]
+        return flat.reshape(*scaled.shape[:-1], flat.shape[-1])
+
+    def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, H, W] -> last feature map [N, 1280, h, w] (the part worth accelerating)."""
+        return self.vision.extract_features(pixels)
+
+    def image_head(self, fmap: torch.Tensor, spatial: bool = True) -> ImageFeatures:
+        """fmap [N, 1280, h, w] -> ImageFeatures; `spatial=False` skips the per-cell head (empty tokens)."""
         n, c, h, w = fmap.shape
         pooled = fmap.mean(dim=(2, 3))  # [N, 1280]
-        cells = fmap.flatten(2).transpose(1, 2)  # [N, h*w, 1280]
         fc = self.vision._fc
         embeds = self._to_text_space(fc(pooled))  # [N, D]
-        tokens = self._to_text_space(fc(cells))  # [N, h*w, D]
+        if spatial:
+            cells = fmap.flatten(2).transpose(1, 2)  # [N, h*w, 1280]
+            tokens = self._to_text_space(fc(cells))  # [N, h*w, D]
+        else:
+            tokens = embeds.new_zeros(n, 0, embeds.shape[-1])  # [N, 0, D]
         return ImageFeatures(embeds=embeds, tokens=tokens, pooled=pooled, grid=(h, w))
+
+    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
+        return self.image_head(self.image_trunk(pixels))
+
+    def inference_trunk(self, fold_bn: bool = True) -> nn.Module:
+        """A frozen copy of `image_trunk` for extraction: batch norms folded into the convolutions
+        (the same numbers to float rounding, ~1.5x faster on CPU), channels-last weights."""
+        import copy
+
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        net = copy.deepcopy(self.vision).eval()
+        if fold_bn:
+            def fold(mod: nn.Module, conv: str, bn: str) -> None:
+                setattr(mod, conv, fuse_conv_bn_eval(getattr(mod, conv), getattr(mod, bn)))
+                setattr(mod, bn, nn.Identity())
+
+            fold(net, "_conv_stem", "_bn0")
+            fold(net, "_conv_head", "_bn1")
+            for block in net._blocks:
+                if hasattr(block, "_expand_conv"):
+                    fold(block, "_expand_conv", "_bn0")
+                fold(block, "_depthwise_conv", "_bn1")
+                fold(block, "_project_conv", "_bn2")
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return _Trunk(net).to(memory_format=torch.channels_last)
 
     # ---- texts --------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -154,6 +202,17 @@ class EffNetMiniLM(Backbone):
         except OSError:
             pass  # a read-only cache folder only costs the recomputation
         return emb
+
+
+class _Trunk(nn.Module):
+    """EfficientNet's `extract_features` as a module's forward (for copies and graph export)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> [N, 1280, h, w]
+        return self.net.extract_features(pixels)
 
 
 def _quiet_load_effnet(cls, weights_path: str):

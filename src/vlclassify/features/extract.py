@@ -1,7 +1,6 @@
 """Batched feature extraction with parallel image decoding, a progress bar and the cache."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -15,6 +14,7 @@ from ..data.images import load_image
 from ..data.items import Dataset, Item
 from ..errors import DataError
 from .cache import FeatureCache
+from .runtime import cpu_count, make_encoder, resolve_runtime
 
 VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "orig": lambda im: im,
@@ -47,7 +47,7 @@ class FeatureSet:
 
 
 def _set_threads() -> None:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = cpu_count()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 
@@ -86,8 +86,9 @@ def iter_batches(backbone: Backbone, items: Sequence[Item], view: str, batch_siz
 
 
 @torch.no_grad()
-def _compute(backbone: Backbone, items: Sequence[Item], view: str, spatial: bool, batch_size: int,
-             workers: int, progress: bool, skip_bad: bool, desc: str) -> dict[str, torch.Tensor]:
+def _compute(backbone: Backbone, encoder: Callable, items: Sequence[Item], view: str, spatial: bool,
+             batch_size: int, workers: int, progress: bool, skip_bad: bool, desc: str) -> dict[str, torch.Tensor]:
+    """Run `encoder` (see runtime.make_encoder) over decoded batches while the next batch decodes."""
     from tqdm.auto import tqdm
 
     _set_threads()
@@ -100,8 +101,7 @@ def _compute(backbone: Backbone, items: Sequence[Item], view: str, spatial: bool
     bad_all: list[int] = []
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
     for s, pixels, bad in iter_batches(backbone, items, view, batch_size, workers, skip_bad):
-        with torch.inference_mode():  # results are copied into normal tensors the caller may edit
-            out = backbone.encode_image(pixels.contiguous(memory_format=torch.channels_last))
+        out = encoder(pixels, spatial=spatial)  # inference mode inside; copied into normal tensors below
         b = pixels.shape[0]
         img[s : s + b] = out.embeds.float()
         pooled[s : s + b] = out.pooled.float()
@@ -139,6 +139,11 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], cache: FeatureCache |
     return emb
 
 
+def _runtime_key(base_key: dict, runtime: str) -> dict:
+    """torch keeps the original key (existing cache entries stay valid); others add their name."""
+    return base_key if runtime == "torch" else {**base_key, "runtime": runtime}
+
+
 def extract_features(
     backbone: Backbone,
     dataset: Dataset,
@@ -150,13 +155,20 @@ def extract_features(
     workers: int = 4,
     progress: bool = True,
     skip_bad: bool = False,
+    runtime: str = "auto",
 ) -> FeatureSet:
     """Features of every item of `dataset` (first view first), from the cache when the key matches.
 
     `text=None` encodes the items' texts when any item has one. `skip_bad` turns unreadable
-    images into zero rows listed in `FeatureSet.skipped` instead of raising.
+    images into zero rows listed in `FeatureSet.skipped` instead of raising. `runtime` runs the
+    image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable); see
+    features/runtime.py. Non-torch runtimes are part of the cache key (their floats differ in
+    the last bits); "auto" accepts an entry made by either runtime.
     """
     cache = cache or FeatureCache()
+    chosen = resolve_runtime(backbone, runtime)
+    accepted = [chosen] + ([r for r in ("onnx", "torch") if r != chosen] if runtime == "auto" else [])
+    encoder = None
     base_key = {
         "kind": "image", "backbone": backbone.identity(), "dataset": dataset.fingerprint(),
         "preprocess": backbone.preprocess_config(), "skip_bad": skip_bad,
@@ -165,14 +177,18 @@ def extract_features(
     for view in views:
         names = ["image", "pooled", "skipped"] + (["spatial", "grid"] if spatial else [])
         got = None
-        for sp in ((True,) if spatial else (False, True)):  # a spatial entry also serves plain requests
-            got = cache.load({**base_key, "view": view, "spatial": sp}, names)
+        for rt in accepted:
+            for sp in ((True,) if spatial else (False, True)):  # a spatial entry also serves plain requests
+                got = cache.load({**_runtime_key(base_key, rt), "view": view, "spatial": sp}, names)
+                if got is not None:
+                    break
             if got is not None:
                 break
         if got is None:
-            got = _compute(backbone, dataset.items, view, spatial, batch_size, workers, progress, skip_bad,
+            encoder = encoder or make_encoder(backbone, runtime, cache.root)
+            got = _compute(backbone, encoder, dataset.items, view, spatial, batch_size, workers, progress, skip_bad,
                            desc=f"features {dataset.name or ''} [{view}]".strip())
-            cache.save({**base_key, "view": view, "spatial": spatial}, got)
+            cache.save({**_runtime_key(base_key, encoder.name), "view": view, "spatial": spatial}, got)
         sets[view] = FeatureSet(
             image=got["image"], pooled=got["pooled"], spatial=got.get("spatial"),
             grid=tuple(got["grid"].tolist()) if "grid" in got else None, skipped=got["skipped"].tolist(),

@@ -1,0 +1,162 @@
+"""Image encoders for feature extraction: a tuned torch path, or ONNX Runtime when it is installed.
+
+Backbones that split `encode_image` into `image_trunk` (the convolutional network, where the time
+goes) and `image_head` (pooling + joint-space projection), and offer `inference_trunk()`, get a
+faster trunk here: with torch, a copy with batch norms folded into the convolutions, channels-last,
+under inference mode; with ONNX Runtime, that trunk exported once to `<cache>/backbones/onnx/`
+(keyed by the weights fingerprint, written atomically). The head always runs in torch, so spatial
+tokens come from the same pass. Other backbones run their own `encode_image`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones.base import Backbone, ImageFeatures
+from ..errors import ConfigError
+from ..utils import atomic_path, default_cache_dir, json_fingerprint
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("auto", "torch", "onnx")
+ONNX_EXPORT_VERSION = 1  # bump when the exported graph changes
+_SESSIONS: dict[str, Any] = {}  # onnx path -> InferenceSession, reused across calls in a process
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def has_trunk(backbone: Backbone) -> bool:
+    """True when the backbone separates its image trunk from its head (see the module doc)."""
+    return all(callable(getattr(backbone, a, None)) for a in ("image_trunk", "image_head", "inference_trunk"))
+
+
+def resolve_runtime(backbone: Backbone, runtime: str = "auto") -> str:
+    """The runtime `make_encoder` will use: "onnx" or "torch" (without building anything)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "onnx":
+        if not has_trunk(backbone):
+            raise ConfigError(f"runtime='onnx': backbone {backbone.name!r} has no separable image trunk; use 'torch'")
+        if not onnxruntime_available():
+            raise ConfigError("runtime='onnx' needs onnxruntime (pip install onnxruntime); or use runtime='torch'")
+        return "onnx"
+    if runtime == "auto" and has_trunk(backbone) and onnxruntime_available():
+        return "onnx"
+    return "torch"
+
+
+class TorchEncoder:
+    """Eager torch: the folded channels-last trunk when the backbone has one, else `encode_image`."""
+
+    name = "torch"
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self.trunk = backbone.inference_trunk() if has_trunk(backbone) else None
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor, spatial: bool = True) -> ImageFeatures:
+        """pixels [N, 3, H, W] -> ImageFeatures (tokens [N, 0, D] when the head can skip them)."""
+        x = pixels.contiguous(memory_format=torch.channels_last)
+        if self.trunk is None:
+            return self.backbone.encode_image(x)
+        return self.backbone.image_head(self.trunk(x), spatial=spatial)
+
+
+class OnnxEncoder:
+    """The trunk in ONNX Runtime (its own thread pool, no spinning: the cores are shared), head in torch."""
+
+    name = "onnx"
+
+    def __init__(self, backbone: Backbone, cache_dir: str | Path | None = None, threads: int | None = None) -> None:
+        self.backbone = backbone
+        self.path = onnx_trunk_path(backbone, cache_dir)
+        if not self.path.exists():
+            export_onnx_trunk(backbone, self.path)
+        self.session = _session(self.path, threads or cpu_count())
+        if self.session is None:  # a damaged file: export again once
+            export_onnx_trunk(backbone, self.path)
+            self.session = _session(self.path, threads or cpu_count(), raise_errors=True)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor, spatial: bool = True) -> ImageFeatures:
+        x = pixels.float().contiguous().numpy()  # [N, 3, H, W] float32, NCHW
+        fmap = torch.from_numpy(self.session.run(None, {"pixels": x})[0])  # [N, C, h, w]
+        return self.backbone.image_head(fmap, spatial=spatial)
+
+
+def onnx_trunk_path(backbone: Backbone, cache_dir: str | Path | None = None) -> Path:
+    key = json_fingerprint({
+        "name": backbone.name, "weights": backbone.weights_fingerprint(), "image_size": backbone.image_size,
+        "v": ONNX_EXPORT_VERSION,
+    })
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / "backbones" / "onnx" / f"{backbone.name}-trunk-{key}.onnx"
+
+
+def export_onnx_trunk(backbone: Backbone, path: Path) -> Path:
+    """Export `inference_trunk()` (dynamic batch, fixed image size) to `path`, atomically."""
+    import warnings
+
+    log.info("exporting the %s image trunk to ONNX (once per weights): %s", backbone.name, path)
+    trunk = backbone.inference_trunk().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(2, 3, backbone.image_size, backbone.image_size)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is chatty about deprecations
+        torch.onnx.export(
+            trunk, (example,), str(tmp), dynamo=False, input_names=["pixels"], output_names=["fmap"],
+            dynamic_axes={"pixels": {0: "n"}, "fmap": {0: "n"}}, opset_version=17,
+        )
+    return path
+
+
+def _session(path: Path, threads: int, raise_errors: bool = False):
+    import onnxruntime as ort
+
+    k = f"{path}:{threads}"
+    if k in _SESSIONS:
+        return _SESSIONS[k]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any load failure means "re-export"
+        if raise_errors:
+            raise ConfigError(f"{path}: ONNX Runtime cannot load the exported trunk ({e})") from None
+        log.warning("%s: cannot load (%s); exporting again", path, e)
+        return None
+    _SESSIONS[k] = sess
+    return sess
+
+
+def make_encoder(backbone: Backbone, runtime: str = "auto", cache_dir: str | Path | None = None):
+    """An image encoder `(pixels, spatial) -> ImageFeatures` for `runtime`; it has a `.name`.
+
+    "auto" uses ONNX Runtime when importable and the backbone has a trunk, and falls back to torch
+    (with a warning) if the export fails; an explicit "onnx" raises instead.
+    """
+    chosen = resolve_runtime(backbone, runtime)
+    if chosen == "onnx":
+        try:
+            return OnnxEncoder(backbone, cache_dir)
+        except Exception as e:  # noqa: BLE001 - exporter/runtime failures vary by version
+            if runtime == "onnx":
+                raise
+            log.warning("ONNX Runtime path unavailable (%s: %s); using torch", type(e).__name__, e)
+    return TorchEncoder(backbone)
