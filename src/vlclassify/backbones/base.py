@@ -71,8 +71,11 @@ class Backbone(nn.Module):
         return {"name": self.name, **self.options}
 
     def identity(self) -> dict[str, Any]:
-        """Config plus a fingerprint of the weights: the feature cache's backbone key."""
-        return {**self.config(), "weights": self.weights_fingerprint()}
+        """Config plus a fingerprint of the weights: the feature cache's backbone key.
+
+        `logit_scale` only scales zero-shot logits, never features, so it is not part of the key."""
+        cfg = {k: v for k, v in self.config().items() if k != "logit_scale"}
+        return {**cfg, "weights": self.weights_fingerprint()}
 
     def weights_fingerprint(self) -> str:
         raise NotImplementedError
