@@ -54,6 +54,7 @@ class Stage:
     grad_clip: float | None = None  # max global grad norm; None = no clipping
     start_from: str = "best"  # best | last: weights the stage starts from (of the previous stage)
     eval_frozen: bool = True  # put fully frozen sub-modules in eval mode (BatchNorm stats/dropout stay fixed)
+    bn_eval: bool = False  # keep every BatchNorm in eval mode (fixed running stats), e.g. small-batch fine-tuning
     setup: Callable[[nn.Module], None] | None = None  # called on the bare model when the stage (re)starts
     train: Any = None  # per-stage training data, overriding the trainer's (e.g. cached features vs images)
     val: Any = None  # per-stage validation data, overriding the trainer's
@@ -65,7 +66,8 @@ class Stage:
         trainable = None if t is None else (list(t) if not callable(t) else getattr(t, "__qualname__", "callable"))
         return {"name": self.name, "epochs": self.epochs, "lr": self.lr, "trainable": trainable,
                 "weight_decay": self.weight_decay, "batch_size": self.batch_size, "optimizer": self.optimizer,
-                "schedule": self.schedule, "warmup": self.warmup, "start_from": self.start_from}
+                "schedule": self.schedule, "warmup": self.warmup, "start_from": self.start_from,
+                "bn_eval": self.bn_eval}
 
     def is_trainable(self, name: str) -> bool:
         t = self.trainable
@@ -149,6 +151,7 @@ class Trainer:
     validation data the last epoch of a stage counts as its best.
     out_dir: where checkpoints and `log.jsonl` go; None keeps the best weights in memory only
     (no resume). A run with an existing `last.json` resumes from it when `resume` is True.
+    num_threads: torch intra-op threads during fit (1 is often fastest for small models on busy CPUs).
     """
 
     def __init__(self, model: nn.Module, train: Any, val: Any = None, stages: Sequence[Stage] = (), *,
@@ -156,7 +159,7 @@ class Trainer:
                  monitor: str | None = None, mode: str | None = None, out_dir: str | os.PathLike | None = None,
                  seed: int = 0, device: str | torch.device | None = None, progress: bool = True, resume: bool = True,
                  num_workers: int = 0, steps_per_epoch: int | None = None, find_unused_parameters: bool = False,
-                 callbacks: Sequence[Callable[[dict], None]] = ()) -> None:
+                 callbacks: Sequence[Callable[[dict], None]] = (), num_threads: int | None = None) -> None:
         if not stages:
             raise ConfigError("trainer: give at least one Stage")
         names = [s.name for s in stages]
@@ -182,6 +185,7 @@ class Trainer:
         self.seed, self.progress, self.resume = seed, progress, resume
         self.num_workers, self.steps_per_epoch = num_workers, steps_per_epoch
         self.find_unused_parameters, self.callbacks = find_unused_parameters, list(callbacks)
+        self.num_threads = num_threads
         self.rank, self.world, self.distributed = _dist()
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and self.distributed else "cpu"
@@ -261,11 +265,11 @@ class Trainer:
     def _train_mode(self, stage: Stage) -> None:
         model = unwrap(self.model)
         model.train()
-        if not stage.eval_frozen:
-            return
         for _, m in model.named_modules():
             ps = list(m.parameters())
-            if m is not model and ps and not any(p.requires_grad for p in ps):
+            if stage.eval_frozen and m is not model and ps and not any(p.requires_grad for p in ps):
+                m.eval()
+            if stage.bn_eval and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
     def _optimizer(self, stage: Stage, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
@@ -347,6 +351,15 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        threads = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> TrainResult:
         fp = self._run_fingerprint()
         pointer = {"run": fp, "stage": 0, "epoch": 0, "step": 0, "last": None, "best": {}, "best_metric": {},
                    "best_epoch": {}, "done": False}
