@@ -166,7 +166,7 @@ class EffNetMiniLM(Backbone):
                 fold(block, "_project_conv", "_bn2")
         for p in net.parameters():
             p.requires_grad_(False)
-        return _Trunk(net).to(memory_format=torch.channels_last)
+        return _Trunk(net).eval().to(memory_format=torch.channels_last)
 
     # ---- texts --------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -199,7 +199,7 @@ class EffNetMiniLM(Backbone):
             except Exception:  # a damaged cache file is recomputed, never trusted
                 pass
         prompts = [self.options["prompt"].format(n) for n in imagenet_classnames()]
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: methods that train through the join save it for backward
             emb = self.encode_texts_normalized(prompts).contiguous()
         try:
             with atomic_path(path) as tmp:

@@ -152,7 +152,7 @@ def extract_features(
     text: bool | None = None,
     cache: FeatureCache | None = None,
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     progress: bool = True,
     skip_bad: bool = False,
     runtime: str = "auto",
@@ -160,12 +160,14 @@ def extract_features(
     """Features of every item of `dataset` (first view first), from the cache when the key matches.
 
     `text=None` encodes the items' texts when any item has one. `skip_bad` turns unreadable
-    images into zero rows listed in `FeatureSet.skipped` instead of raising. `runtime` runs the
+    images into zero rows listed in `FeatureSet.skipped` instead of raising. `workers` decode
+    threads (None: one per core; more only add contention on a busy CPU). `runtime` runs the
     image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable); see
     features/runtime.py. Non-torch runtimes are part of the cache key (their floats differ in
     the last bits); "auto" accepts an entry made by either runtime.
     """
     cache = cache or FeatureCache()
+    workers = workers or min(cpu_count(), 8)
     chosen = resolve_runtime(backbone, runtime)
     accepted = [chosen] + ([r for r in ("onnx", "torch") if r != chosen] if runtime == "auto" else [])
     encoder = None
