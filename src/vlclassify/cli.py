@@ -204,6 +204,31 @@ def predict(
             console.print(f"[bold]{path}[/bold]: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order))
 
 
+@app.command()
+def explain(
+    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit` (a method with attention, e.g. vt-clip)."),
+    image: Path = typer.Argument(..., help="Image file."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Class name (or text token) to explain (default: the predicted class)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG to write: the attention map over the image."),
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """Draw where a class's text attends in an image, as a heatmap PNG."""
+    from .data.images import load_image
+    from .errors import DataError
+    from .methods import load_method
+    from .viz import save_heatmap
+
+    if not image.is_file():
+        raise DataError(f"{image}: image file not found")
+    m = load_method(model_dir, cache=_cache(cache_dir))
+    m.progress = False
+    heat = m.explain(str(image), class_)
+    if class_ is None:
+        class_ = m.classnames[int(m.predict([str(image)])[0])]
+    save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
+    console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
+
+
 @bench_app.command("fewshot")
 def bench_fewshot(
     data: str = typer.Option("fashion-mnist", "--data", "-d", help="Data spec."),

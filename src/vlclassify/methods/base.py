@@ -103,6 +103,10 @@ class Method:
             if absent and self.requires_all_classes():
                 raise DataError(f"{ds.name}: no training images for class(es) {', '.join(absent)}")
         check_finite(tr.features.image, f"{ds.name} image features")
+        if self.needs_spatial and tr.features.spatial is not None:
+            check_finite(tr.features.spatial, f"{ds.name} spatial features")
+        if va is not None:
+            check_finite(va.features.image, f"{va.dataset.name} (validation) image features")
         self.classnames = list(ds.classnames)
         self._fit(tr, va)
         return self
@@ -115,6 +119,8 @@ class Method:
             raise ConfigError(f"method {self.name!r} is not fitted; call fit() or load a saved model")
         enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
         check_finite(enc.features.image, "image features")
+        if self.needs_spatial and enc.features.spatial is not None:
+            check_finite(enc.features.spatial, "spatial features")
         with torch.no_grad():
             return self._logits(enc)
 
@@ -125,6 +131,11 @@ class Method:
 
     def predict(self, data) -> np.ndarray:
         return self.predict_proba(data).argmax(-1)
+
+    def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
+        """[h, w] map of where the model looked in `item` (an Item or an image path) for `target`
+        (a class name or a text token; None = the predicted class). Methods with attention override it."""
+        raise ConfigError(f"method {self.name!r} has no attention to explain")
 
     # ---- subclass hooks -------------------------------------------------------------------
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
@@ -204,6 +215,12 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     if x.numel() and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).any(dim=-1).nonzero()[0, 0]) if x.dim() > 1 else 0
         raise DataError(f"{what}: NaN or infinite values (first at row {bad})")
+
+
+def check_dim(x: torch.Tensor, expected: int, what: str) -> None:
+    """A saved head met features of another width (e.g. loaded with a different backbone)."""
+    if x.shape[-1] != expected:
+        raise ConfigError(f"{what}: features are {x.shape[-1]}-d but the saved head expects {expected}-d")
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,226 @@
+"""Few-shot adapters (issue 3): CMM, VT-CLIP, Tip-Adapter(-F), cross-modal linear probe, explain."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlclassify.data import image_folder
+from vlclassify.errors import ConfigError, DataError
+from vlclassify.features import extract_features
+from vlclassify.methods import Encoded, create_method, load_method
+from vlclassify.methods.cmm import CMMConfig, fused_log_probs, schedule_of, train_cmm
+from vlclassify.modules.fusions.cross_attention import MultiHeadAttention
+from vlclassify.modules.losses.triplet import prototype_triplet_loss, prototype_triplet_loss_dense
+from vlclassify.modules.schedules import warmup_cosine
+
+FAST = {  # small budgets so the whole file stays quick
+    "cmm": {"iters": 120},
+    "vt-clip": {"iters": 30, "eval_every": 10},
+    "tip-adapter": {},
+    "tip-adapter-f": {"epochs": 5},
+    "cross-modal-linear-probe": {"epochs": 40},
+}
+
+
+@pytest.fixture(scope="module")
+def enc(toy, tmp_path_factory):
+    """Colour folder encoded once with flips and spatial tokens: (train, val)."""
+    from conftest import make_color_folder
+
+    ds = image_folder(make_color_folder(tmp_path_factory.mktemp("c") / "colors", per_class=6))["all"]
+    fs = extract_features(toy, ds, views=("orig", "flip"), spatial=True, progress=False)
+    e = Encoded(ds, fs)
+    y = ds.labels()
+    tr = [i for c in range(3) for i in np.flatnonzero(y == c)[:3]]
+    va = [i for c in range(3) for i in np.flatnonzero(y == c)[3:]]
+    return e.subset(tr), e.subset(va), ds
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_fit_predict_save_load(name, toy, enc, tmp_path):
+    tr, va, _ = enc
+    m = create_method(name, toy, **FAST[name])
+    m.progress = False
+    m.fit(tr, va)
+    p = m.predict_proba(va)
+    assert p.shape == (len(va), 3) and np.allclose(p.sum(1), 1, atol=1e-5) and np.isfinite(p).all()
+    m.save_pretrained(tmp_path / name)
+    m2 = load_method(tmp_path / name, backbone=toy)
+    np.testing.assert_allclose(m2.predict_proba(va), p, atol=1e-5)
+    # a saved head meets features of another width: a one-line ConfigError
+    bad = Encoded(va.dataset, va.features.index(range(len(va))))
+    bad.features.image = torch.zeros(len(va), 8)
+    if bad.features.spatial is not None:
+        bad.features.spatial = torch.zeros(len(va), bad.features.spatial.shape[1], 8)
+    with pytest.raises(ConfigError, match="8-d"):
+        m2.predict_proba(bad)
+
+
+def test_methods_learn_separable_colours(toy, enc):
+    """Colour classes are separable in toy features: the trained adapters must fit them well."""
+    tr, va, _ = enc
+    for name, opts in [("tip-adapter", {}), ("cmm", {"schedule": "fast", "fast_batch": 16, "iters": 600, "lr": 1e-2,
+                                                     "min_lr": 1e-3, "fusion": "logit"}),
+                       ("cross-modal-linear-probe", {"epochs": 100})]:
+        m = create_method(name, toy, **opts)
+        m.progress = False
+        acc = (m.fit(tr, va).predict(va) == va.dataset.labels()).mean()
+        assert acc >= 0.8, (name, acc)
+
+
+def test_triplet_loss_hand_made_case():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two images
+    T = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])  # unnormalised prototypes (re-normalised inside)
+    y = torch.tensor([0, 0])
+    # image 0: D_pos = 0, negatives D = 1 (class 1), 1 - 1/sqrt2 (class 2, hardest) -> 1/sqrt2
+    # image 1: D_pos = 1, negatives D = 0 (class 1, hardest) -> 1 - 0 + 1 = 2
+    expected = (1 / np.sqrt(2) + 2.0) / 2
+    assert prototype_triplet_loss(v, T, y, margin=1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert prototype_triplet_loss(v, T, y, margin=0.0).item() == pytest.approx((0 + 1.0) / 2, abs=1e-6)
+    Tp = torch.randn(7, 5, requires_grad=True)
+    Td = Tp.detach().clone().requires_grad_(True)
+    vv, yy = torch.randn(6, 5), torch.randint(0, 7, (6,))
+    a, b = prototype_triplet_loss(vv, Tp, yy), prototype_triplet_loss_dense(vv, Td, yy)
+    a.backward(), b.backward()
+    assert a.item() == pytest.approx(b.item(), abs=1e-6)
+    torch.testing.assert_close(Tp.grad, Td.grad)
+
+
+def test_alpha_is_chosen_on_validation_only(toy, enc, monkeypatch):
+    """The alpha search sees the validation features and labels, never the test set."""
+    import vlclassify.methods.cmm as cmm_mod
+
+    tr, va, ds = enc
+    seen = {}
+    real = cmm_mod.search_alpha
+
+    def spy(cmm, zs, y, grid, fusion):
+        seen["n"], seen["y"] = len(y), np.array(y)
+        return real(cmm, zs, y, grid, fusion)
+
+    monkeypatch.setattr(cmm_mod, "search_alpha", spy)
+    m = create_method("cmm", toy, iters=50)
+    m.progress = False
+    m.fit(tr, va)
+    assert seen["n"] == len(va) and (seen["y"] == va.dataset.labels()).all()
+    assert m.fit_info["alpha_source"] == "validation" and m.alpha in m.config.alpha_grid
+    assert len(m.fit_info["val_accuracy_by_alpha"]) == 20
+    # changing only the validation labels can change alpha; the test set is never an input to fit
+    best = max(m.fit_info["val_accuracy_by_alpha"].values())
+    assert m.fit_info["val_accuracy_by_alpha"][str(m.alpha)] == best
+    fixed = create_method("cmm", toy, iters=50, fixed_alpha=True, alpha=0.7)
+    fixed.progress = False
+    fixed.fit(tr, va)
+    assert fixed.alpha == 0.7 and fixed.fit_info["alpha_source"] == "fixed"
+
+
+def test_tip_adapter_search_uses_val_and_changes_with_it(toy, enc):
+    tr, va, _ = enc
+    m = create_method("tip-adapter", toy).fit(tr, va)
+    assert m.fit_info["source"] == "validation"
+    assert len(m.fit_info["val_accuracy_by_alpha_beta"]) == len(m.config.alpha_grid) * len(m.config.beta_grid)
+    assert create_method("tip-adapter", toy).fit(tr).fit_info["source"] == "default"
+
+
+def test_cmm_ablation_switches_change_behaviour(toy, enc):
+    tr, va, _ = enc
+    out = {}
+    for k, o in {"full": {}, "no_w": {"no_w": True}, "no_triplet": {"no_triplet": True},
+                 "no_clip_fusion": {"no_clip_fusion": True}}.items():
+        m = create_method("cmm", toy, iters=150, lr=1e-2, fixed_alpha=True, **o)
+        m.progress = False
+        m.fit(tr, va)
+        out[k] = (m, m.predict_proba(va))
+    assert out["no_w"][0].W is None and out["full"][0].W is not None
+    assert float(out["full"][0].W.abs().sum()) > 0  # W moved from its zero start
+    for k in ("no_w", "no_triplet", "no_clip_fusion"):
+        assert not np.allclose(out[k][1], out["full"][1], atol=1e-4), k
+    # without fusion the prediction is Logits_CMM alone
+    m = out["no_clip_fusion"][0]
+    x = F.normalize(va.features.image.float(), dim=-1)
+    s = m.scale * F.normalize(x @ m.W + x, dim=-1) @ m.T.T
+    np.testing.assert_allclose(out["no_clip_fusion"][1], torch.softmax(s, -1).numpy(), atol=1e-5)
+
+
+def test_cmm_fusion_and_schedules():
+    cmm, zs = torch.randn(4, 3), torch.randn(4, 3)
+    p = fused_log_probs(cmm, zs, 0.5, "prob").exp()
+    expected = (0.5 * cmm.softmax(-1) + zs.softmax(-1)) / 1.5
+    torch.testing.assert_close(p, expected)
+    paper, fast = schedule_of(CMMConfig()), schedule_of(CMMConfig(schedule="fast", fast_batch=256))
+    assert (paper.steps, paper.batch, paper.lr) == (16000, 8, 1e-4)
+    assert fast.steps * fast.batch == 128000 and fast.lr == pytest.approx(1e-4 * (256 / 8) ** 0.5)
+    assert warmup_cosine(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="schedule"):
+        CMMConfig(schedule="slow") and schedule_of(CMMConfig(schedule="slow"))
+    x = F.normalize(torch.randn(40, 6), dim=-1)
+    W, T, info = train_cmm(x, torch.arange(4).repeat(10), F.normalize(torch.randn(4, 6), dim=-1), 10.0,
+                           CMMConfig(iters=20, batch_size=8))
+    assert W.shape == (6, 6) and T.shape == (4, 6) and info["steps"] == 20
+
+
+def test_cross_attention_mask_and_weights():
+    att = MultiHeadAttention(8, heads=2)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[False] * 5, [False, False, True, True, True]])
+    out, w = att(q, k, key_padding_mask=mask)
+    assert out.shape == (2, 3, 8) and w.shape == (2, 2, 3, 5)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 3))
+    assert float(w[1, :, :, 2:].detach().abs().max()) == 0.0
+
+
+def test_explain_map_and_png(toy, enc, tmp_path):
+    tr, va, ds = enc
+    m = create_method("vt-clip", toy, iters=10, eval_every=5)
+    m.progress = False
+    m.fit(tr, va)
+    item = ds.items[0]
+    heat = m.explain(item, "green")
+    assert heat.shape == (4, 4) and np.isfinite(heat).all() and heat.sum() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="unknown class"):
+        m.explain(item, "purple")
+    with pytest.raises(ConfigError, match="no attention to explain"):
+        create_method("tip-adapter", toy).fit(tr, va).explain(item, "green")
+    # CLI: fit-free path through a saved model
+    m.save_pretrained(tmp_path / "vt")
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    out = tmp_path / "heat.png"
+    r = CliRunner().invoke(app, ["explain", str(tmp_path / "vt"), item.image, "--class", "red", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    im = Image.open(out)
+    assert im.format == "PNG" and min(im.size) >= 224
+
+
+def test_bad_input(toy, enc):
+    tr, va, ds = enc
+    one = tr.subset([i for i, l in enumerate(tr.dataset.labels()) if l == 0])
+    one = Encoded(one.dataset.__class__(items=one.dataset.items, classnames=["blue"], name="one"), one.features)
+    for name in FAST:
+        with pytest.raises(DataError, match="at least 2 classes"):
+            create_method(name, toy).fit(one)
+    missing = tr.subset([i for i, l in enumerate(tr.dataset.labels()) if l != 2])
+    with pytest.raises(DataError, match="no training images for class.*red"):
+        create_method("cmm", toy).fit(missing)
+    nan = tr.subset(range(len(tr)))
+    nan.features.image = nan.features.image.clone()
+    nan.features.image[2, 1] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        create_method("tip-adapter", toy).fit(nan)
+    sp = tr.subset(range(len(tr)))
+    sp.features.spatial = sp.features.spatial.clone()
+    sp.features.spatial[1, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="spatial features: NaN"):
+        create_method("vt-clip", toy).fit(sp)
+    with pytest.raises(ConfigError, match="fusion"):
+        create_method("cmm", toy, fusion="sum")
+    with pytest.raises(ConfigError, match="heads"):
+        create_method("vt-clip", toy, heads=3)
+    assert json.dumps(CMMConfig().__dict__)  # configs stay JSON-serialisable for config.json
