@@ -165,3 +165,16 @@ def test_topk_join_equals_the_dense_formula_values_and_gradients(effnet):
     assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(ga, gb, atol=1e-5)
     assert torch.allclose(F.normalize(a, dim=-1), F.normalize(b, dim=-1), atol=1e-6)
+
+
+def test_cli_extract_runtime_option(color_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    args = ["extract", "-d", str(color_folder), "--backbone", "toy", "--cache-dir", str(tmp_path)]
+    r = CliRunner().invoke(app, args + ["--runtime", "torch"])
+    assert r.exit_code == 0, r.output
+    assert "image (18, 16)" in r.output
+    r = CliRunner().invoke(app, args + ["--runtime", "onnx"])
+    assert r.exit_code != 0 and isinstance(r.exception, ConfigError) and "no separable image trunk" in str(r.exception)

@@ -70,6 +70,7 @@ def extract(
     spatial: bool = typer.Option(False, help="Also extract spatial tokens."),
     views: str = typer.Option("orig", help="Comma-separated views: orig, flip."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
+    runtime: str = typer.Option("auto", help="Image trunk runtime: auto (ONNX Runtime when installed), torch, onnx."),
     backbone: str = BACKBONE_OPT,
     backbone_opt: List[str] = BACKBONE_OPTS,
     cache_dir: Optional[Path] = CACHE_OPT,
@@ -83,7 +84,7 @@ def extract(
         if split and name != split:
             continue
         fs = extract_features(bb, ds, views=tuple(views.split(",")), spatial=spatial, cache=_cache(cache_dir),
-                              skip_bad=skip_bad)
+                              skip_bad=skip_bad, runtime=runtime)
         msg = f"{name}: {len(ds)} items -> image {tuple(fs.image.shape)}, pooled {tuple(fs.pooled.shape)}"
         if fs.spatial is not None:
             msg += f", spatial {tuple(fs.spatial.shape)}"
