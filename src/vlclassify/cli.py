@@ -172,6 +172,14 @@ def evaluate(
     if ds.classnames != m.classnames:
         raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
     report = classification_report(ds.labels(), m.predict_proba(ds), m.classnames)
+    if hasattr(m, "task_report"):  # multi-task methods (CMA-CLIP): accuracy, recall at 90% precision, λ per task
+        report["tasks"] = m.task_report(ds)
+        tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
+        for name, r in report["tasks"].items():
+            tt.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{100 * r['recall@90P']:.2f}%", f"{r['lambda']:.2f}")
+        console.print(tt)
+        for note in getattr(m, "notes", []):
+            console.print(f"note: {note}")
     report.update({"data": data, "split": split, "model": str(model_dir)})
     write_json(out or model_dir / f"eval-{split}.json", report)
     t = Table("metric", "value")
@@ -252,6 +260,35 @@ def bench_fewshot(
         test_limit=test_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False),
     )
     stem = name or "fewshot-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.split("?")[0].strip("/").split("/")[-1])
+    jp, mp = write_results(result, out, stem, command=_command())
+    console.print(markdown_table(result), highlight=False)
+    console.print(f"wrote {jp} and {mp}")
+
+
+@bench_app.command("cma")
+def bench_cma(
+    data: str = typer.Option("tuxpaint", "--data", "-d", help="Data spec with image, text and task columns."),
+    folds: int = typer.Option(5, help="Cross-validation folds."),
+    seed: int = typer.Option(0, help="Seed for folds, validation carving and training."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task columns (default: all)."),
+    variants: Optional[str] = typer.Option(None, help="Comma-separated CMA-CLIP rows (default: all; see bench/cma.py)."),
+    opt: List[str] = typer.Option([], "--opt", help="CMA-CLIP option key=value for every variant (repeatable)."),
+    fold_limit: Optional[int] = typer.Option(None, help="Run only the first N folds (quick checks)."),
+    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
+    name: Optional[str] = typer.Option(None, help="File name stem (default: cma-<data>)."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """CMA-CLIP benchmark: k-fold CV, per-task accuracy and recall at 90% precision, ablations, noisy modalities."""
+    from .bench.cma import markdown_table, run_cma_bench, write_results
+    from .bench.fewshot import parse_options
+
+    bb = _backbone(backbone, backbone_opt)
+    result = run_cma_bench(bb, data, folds=folds, seed=seed, tasks=tasks.split(",") if tasks else None,
+                           options=parse_options(opt), variants=variants.split(",") if variants else None,
+                           fold_limit=fold_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False))
+    stem = name or "cma-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.strip("/").split("/")[-1])
     jp, mp = write_results(result, out, stem, command=_command())
     console.print(markdown_table(result), highlight=False)
     console.print(f"wrote {jp} and {mp}")

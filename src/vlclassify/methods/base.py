@@ -151,6 +151,13 @@ class Method:
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def extra_config(self) -> dict[str, Any]:
+        """More JSON for config.json (e.g. a multi-task method's task -> class lists)."""
+        return {}
+
+    def load_extra_config(self, cfg: dict[str, Any]) -> None:
+        """Read back what `extra_config` wrote; called before `load_tensors`."""
+
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         if not self.classnames:
@@ -164,6 +171,7 @@ class Method:
             "backbone": self.backbone.config(),
             "embed_dim": self.backbone.embed_dim,
             "fit_info": self.fit_info,
+            **self.extra_config(),
         }
         directory.mkdir(parents=True, exist_ok=True)
         import json
@@ -204,6 +212,7 @@ def load_method(directory: str | Path, backbone: Backbone | None = None, cache: 
     method = METHODS.get(name)(backbone, cache=cache, **cfg.get("options", {}))
     method.classnames = list(cfg["classnames"])
     method.fit_info = cfg.get("fit_info", {})
+    method.load_extra_config(cfg)
     path = directory / "model.safetensors"
     if not path.exists():
         raise ConfigError(f"{path}: missing")

@@ -1,0 +1,248 @@
+"""The CMA-CLIP benchmark: k-fold cross-validation on image+text data with several tasks.
+
+Rows: image-only and text-only linear probes, zero-shot image+text, CMA-CLIP, CMA-CLIP without
+modality attention (MA), without MA and sequence attention (SA), optionally CMA-CLIP trained with
+modality noise; then the noisy-modality rows (text emptied / replaced by an unrelated caption,
+image replaced by noise / an unrelated image) for the CMA-CLIP variants. Per task: accuracy and
+recall at 90% precision (metrics.ranking), mean ± std over folds, and the mean image weight λ.
+Inside every training fold, 20% (stratified) is held out as validation: it picks the probes'
+regularisation and each CMA-CLIP stage's best epoch; the test fold is only scored.
+The trunk activations of the whole pool are computed once and shared by all folds and variants.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..backbones.base import Backbone
+from ..backbones.partial import make_split
+from ..data import Dataset, Item, kfold, load_data, stratified_split
+from ..errors import DataError
+from ..features import FeatureCache, extract_features
+from ..features.trunk import TrunkSet, trunk_features
+from ..methods import create_method
+from ..methods.templates import class_text_embeddings
+from ..metrics.ranking import recall_at_precision
+from ..utils import write_json
+
+VARIANTS = {  # label -> CMA-CLIP options
+    "CMA-CLIP": {},
+    "CMA-CLIP w/o MA": {"modality_attention": False},
+    "CMA-CLIP w/o MA and SA": {"modality_attention": False, "sequence_attention": False},
+    "CMA-CLIP + modality-noise training": {"modality_noise": 0.3},
+}
+NOISY_FOR = ("CMA-CLIP", "CMA-CLIP w/o MA", "CMA-CLIP + modality-noise training")
+NOISES = ("text emptied", "text unrelated", "image noise", "image unrelated")
+
+
+def _pool(data: str) -> Dataset:
+    raw = load_data(data)
+    if "all" in raw:
+        return raw["all"]
+    parts = [raw[k] for k in ("train", "val", "test") if k in raw]
+    first = parts[0]
+    return Dataset(items=[it for p in parts for it in p.items], classnames=first.classnames, name=first.name,
+                   tasks=first.tasks, source=first.source)
+
+
+def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    keep = y >= 0
+    acc = float((probs[keep].argmax(-1) == y[keep]).mean()) if keep.any() else float("nan")
+    return {"accuracy": acc, "recall@90P": recall_at_precision(y, probs, 0.9)["recall"]}
+
+
+def _probe(xtr, ytr, xva, yva, xte, n_classes: int) -> np.ndarray:
+    """Logistic regression on L2-normalised features, C picked on validation -> test probs [N, C]."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    def norm(x):
+        return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-9, None)
+
+    xtr, xva, xte = norm(xtr), norm(xva), norm(xte)
+
+    def train(C):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return LogisticRegression(C=C, max_iter=500).fit(xtr, ytr)
+
+    def full(clf, x):
+        p = np.zeros((len(x), n_classes))
+        p[:, clf.classes_] = clf.predict_proba(x)
+        return p
+
+    best = max([0.1, 1.0, 10.0, 100.0], key=lambda C: (float((full(train(C), xva).argmax(-1) == yva).mean()), -C))
+    return full(train(best), xte)
+
+
+def _display(name: str) -> str:
+    """'animals/birds' -> 'birds', 'naturalforces' -> 'natural forces', 'body_parts' -> 'body parts'."""
+    last = name.split("/")[-1].replace("_", " ")
+    return {"naturalforces": "natural forces", "arttools": "art tools", "newyears": "new years",
+            "masstransit": "mass transit", "roadsigns": "road signs"}.get(last, last)
+
+
+def _noisy(t: TrunkSet, kind: str, labels0: np.ndarray, noise: TrunkSet, rng: np.random.Generator) -> TrunkSet:
+    """A copy of `t` with one modality broken for every row."""
+    n = len(t)
+    out = TrunkSet(t.image.clone(), t.text.clone(), t.text_mask.clone(), t.has_image.clone(), t.has_text.clone())
+    # "unrelated": the partner row is one of another main-task class
+    partner = np.array([rng.choice(np.nonzero(labels0 != labels0[i])[0]) for i in range(n)])
+    if kind == "text emptied":
+        out.text.zero_()
+        out.text_mask.zero_()
+        out.has_text.zero_()
+    elif kind == "text unrelated":
+        out.text, out.text_mask, out.has_text = t.text[partner], t.text_mask[partner], t.has_text[partner]
+    elif kind == "image noise":
+        pick = torch.as_tensor(np.arange(n) % len(noise))
+        out.image, out.has_image = noise.image[pick], torch.ones(n, dtype=torch.bool)
+    elif kind == "image unrelated":
+        out.image, out.has_image = t.image[partner], t.has_image[partner]
+    keep = out.has_image | out.has_text  # a row left with nothing (no text and text emptied) keeps its image
+    out.has_image = out.has_image | ~keep
+    return out
+
+
+def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, seed: int = 0,
+                  tasks: Sequence[str] | None = None, options: dict[str, Any] | None = None,
+                  variants: Sequence[str] | None = None, fold_limit: int | None = None,
+                  cache: FeatureCache | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the benchmark; returns a JSON-able dict (rows x tasks x metrics, per fold and mean ± std)."""
+    t_start = time.time()
+    cache = cache or FeatureCache()
+    options = dict(options or {})
+    ds = _pool(data)
+    task_list = list(tasks) if tasks else list(ds.tasks)
+    if not task_list:
+        raise DataError(f"{data}: no task columns; the CMA-CLIP benchmark needs at least one task")
+    options["tasks"] = task_list
+    variants = list(variants) if variants else list(VARIANTS)
+    for v in variants:
+        if v not in VARIANTS:
+            raise DataError(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    Y = {t: ds.task_labels(t) for t in task_list}
+    log(f"{data}: {len(ds)} items, tasks " + ", ".join(f"{t} ({len(ds.tasks[t])})" for t in task_list))
+
+    # shared, computed once: trunk activations of the pool, noise images, global embeddings
+    probe_m = create_method("cma-clip", backbone, cache=cache, **options)
+    split = make_split(backbone, probe_m.config.image_blocks, probe_m.config.text_layers)
+    t0 = time.time()
+    trunk = trunk_features(split, ds, probe_m.config.max_text_tokens, cache=cache)
+    rng = np.random.default_rng(seed)
+    noise_items = [Item(image=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), key=f"noise-{seed}-{i}",
+                        text="x") for i in range(32)]
+    noise_ds = Dataset(items=noise_items, classnames=["noise"], name="noise-images")
+    noise = trunk_features(split, noise_ds, probe_m.config.max_text_tokens, cache=cache, progress=False)
+    feats = extract_features(backbone, ds, cache=cache)
+    img_emb, txt_emb = feats.image.numpy(), feats.text.numpy()
+    zs_classes = {t: class_text_embeddings(backbone, [_display(c) for c in ds.tasks[t]], ["a photo of a {}."])
+                  for t in task_list}
+    prep_s = time.time() - t0
+    log(f"shared features ready in {prep_s:.0f}s")
+
+    labels0 = Y[task_list[0]]
+    per_fold: list[dict] = []
+    fit_seconds: dict[str, list[float]] = {}
+    splits = kfold(ds, folds, seed)[: fold_limit or folds]
+    for f, (tr_idx, te_idx) in enumerate(splits):
+        train_pool = ds.subset(tr_idx)
+        parts = stratified_split(train_pool, {"train": 0.8, "val": 0.2}, seed + f)
+        key_to_idx = {it.key: i for i, it in enumerate(ds.items)}
+        tr = np.array([key_to_idx[it.key] for it in parts["train"].items])
+        va = np.array([key_to_idx[it.key] for it in parts["val"].items])
+        te = np.asarray(te_idx)
+        rows: dict[str, dict] = {}
+        for t in task_list:
+            C = len(ds.tasks[t])
+            rows.setdefault("image-only (linear probe)", {})[t] = _scores(
+                Y[t][te], _probe(img_emb[tr], Y[t][tr], img_emb[va], Y[t][va], img_emb[te], C))
+            rows.setdefault("text-only (linear probe)", {})[t] = _scores(
+                Y[t][te], _probe(txt_emb[tr], Y[t][tr], txt_emb[va], Y[t][va], txt_emb[te], C))
+            cls = zs_classes[t]
+            both = torch.from_numpy(img_emb[te]) @ cls.T + torch.nn.functional.normalize(torch.from_numpy(txt_emb[te]), dim=-1) @ cls.T
+            zs = torch.softmax(backbone.logit_scale * both / 2, -1).numpy()
+            rows.setdefault("zero-shot image+text", {})[t] = _scores(Y[t][te], zs)
+        test_ds = ds.subset(te)
+        te_trunk = trunk.index(te)
+        noise_rng = np.random.default_rng(seed * 1000 + f)
+        noisy_sets = {k: _noisy(te_trunk, k, labels0[te], noise, noise_rng) for k in NOISES}
+        for v in variants:
+            m = create_method("cma-clip", backbone, cache=cache, **{**options, **VARIANTS[v], "seed": seed + f})
+            m.progress = False
+            m.provide_trunk(ds, trunk)
+            t1 = time.time()
+            m.fit(parts["train"], parts["val"])
+            fit_seconds.setdefault(v, []).append(time.time() - t1)
+            pred = m.predict_tasks(test_ds, trunk=te_trunk)
+            rows[v] = {t: {**_scores(Y[t][te], pred["probs"][t]), "lambda": float(pred["lambda"][t].mean())}
+                       for t in task_list}
+            if v in NOISY_FOR:
+                for k, nt in noisy_sets.items():
+                    pn = m.predict_tasks(None, trunk=nt)
+                    rows[f"{v} | {k}"] = {t: {**_scores(Y[t][te], pn["probs"][t]), "lambda": float(pn["lambda"][t].mean())}
+                                          for t in task_list}
+            log(f"fold {f + 1}/{len(splits)} {v}: " + ", ".join(
+                f"{t} acc {100 * rows[v][t]['accuracy']:.1f} R@90P {100 * rows[v][t]['recall@90P']:.1f} λ {rows[v][t]['lambda']:.2f}"
+                for t in task_list) + f" ({fit_seconds[v][-1]:.0f}s)")
+        per_fold.append(rows)
+
+    summary: dict[str, dict] = {}
+    for row in per_fold[0]:
+        summary[row] = {}
+        for t in task_list:
+            summary[row][t] = {}
+            for metric in per_fold[0][row][t]:
+                vals = np.array([fr[row][t][metric] for fr in per_fold], dtype=np.float64)
+                summary[row][t][metric] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)),
+                                           "folds": vals.tolist()}
+    return {
+        "benchmark": "cma", "data": data, "n_items": len(ds), "tasks": {t: len(ds.tasks[t]) for t in task_list},
+        "folds": len(splits), "seed": seed, "backbone": backbone.config(), "options": options,
+        "variants": {v: VARIANTS[v] for v in variants}, "rows": summary,
+        "fit_seconds_mean": {v: float(np.mean(s)) for v, s in fit_seconds.items()},
+        "prep_seconds": prep_s, "total_seconds": time.time() - t_start,
+        "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+
+
+def markdown_table(result: dict) -> str:
+    tasks = list(result["tasks"])
+    head = "| method | " + " | ".join(f"{t} acc | {t} R@90P | {t} λ" for t in tasks) + " |"
+    sep = "|---|" + "---|---|---|" * len(tasks)
+    lines = [head, sep]
+    for row, per_task in result["rows"].items():
+        cells = []
+        for t in tasks:
+            m = per_task[t]
+            cells.append(f"{100 * m['accuracy']['mean']:.1f} ± {100 * m['accuracy']['std']:.1f}")
+            cells.append(f"{100 * m['recall@90P']['mean']:.1f} ± {100 * m['recall@90P']['std']:.1f}")
+            cells.append(f"{m['lambda']['mean']:.2f}" if "lambda" in m else "–")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, Any]:
+    from pathlib import Path
+
+    from ..utils import atomic_path
+
+    out_dir = Path(out_dir)
+    result = {**result, "command": command}
+    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_json(jp, result)
+    text = (f"# CMA-CLIP benchmark: {result['data']}, {result['folds']}-fold cross-validation\n\n"
+            f"Command: `{command}`\n\n"
+            f"Accuracy and recall at 90% precision (%, mean ± std over folds); λ = mean image weight of the "
+            f"task's modality attention on the test folds. Noisy rows: the model trained on clean data, "
+            f"tested with one modality broken on every test row. Total time {result['total_seconds']:.0f}s "
+            f"(shared features {result['prep_seconds']:.0f}s).\n\n" + markdown_table(result) + "\n")
+    with atomic_path(mp) as tmp:
+        tmp.write_text(text)
+    return jp, mp

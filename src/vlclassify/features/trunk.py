@@ -1,0 +1,124 @@
+"""Cached activations of a backbone's frozen trunk (image feature maps, text hidden states).
+
+Trainable multimodal methods (CMA-CLIP) need more than the global embeddings of
+`extract_features`: the text token features, and — for end-to-end fine-tuning of the backbone's
+top — the activations where the trainable top begins. `trunk_features` computes them once per
+(backbone, split, dataset) and keeps them in the feature cache (float16 safetensors).
+Missing images (Item.image None) and empty texts are allowed and flagged in `has_image` /
+`has_text`; an unreadable image file is an error naming the file.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..backbones.partial import Split
+from ..data.images import load_image
+from ..data.items import Dataset, Item
+from .cache import FeatureCache
+
+TRUNK_VERSION = 1
+
+
+@dataclass
+class TrunkSet:
+    """Row-aligned trunk activations of a dataset."""
+
+    image: torch.Tensor  # [N, ...] image trunk activations (float16), zeros where has_image is False
+    text: torch.Tensor  # [N, L, H] text trunk hidden states (float16), zeros where has_text is False
+    text_mask: torch.Tensor  # [N, L] bool, True for real tokens
+    has_image: torch.Tensor  # [N] bool
+    has_text: torch.Tensor  # [N] bool
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def index(self, idx) -> "TrunkSet":
+        i = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return TrunkSet(*(t.index_select(0, i) for t in (self.image, self.text, self.text_mask, self.has_image,
+                                                         self.has_text)))
+
+
+def _pixels(split: Split, item: Item) -> torch.Tensor | None:
+    if item.image is None:
+        return None
+    return split.backbone.preprocess(load_image(item))
+
+
+@torch.no_grad()
+def compute_trunk(split: Split, items: list[Item], max_tokens: int, batch_size: int = 32, progress: bool = True,
+                  desc: str = "trunk") -> TrunkSet:
+    from tqdm.auto import tqdm
+
+    bb = split.backbone
+    was = bb.training
+    bb.eval()
+    n = len(items)
+    img_parts, txt_parts, mask_parts = [], [], []
+    has_image = torch.zeros(n, dtype=torch.bool)
+    has_text = torch.tensor([bool((it.text or "").strip()) for it in items], dtype=torch.bool)
+    bar = tqdm(total=n, desc=desc, unit="item", disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for s in range(0, n, batch_size):
+            chunk = items[s : s + batch_size]
+            pix = list(pool.map(lambda it: _pixels(split, it), chunk))
+            ok = [p is not None for p in pix]
+            has_image[s : s + len(chunk)] = torch.tensor(ok)
+            if any(ok):
+                acts = split.image_trunk(torch.stack([p for p in pix if p is not None]))
+                full = torch.zeros((len(chunk), *acts.shape[1:]), dtype=torch.float16)
+                full[torch.tensor(ok)] = acts.half()
+            else:
+                full = None
+            img_parts.append(full)
+            texts = [(it.text or "").strip() for it in chunk]
+            idx = [i for i, t in enumerate(texts) if t]
+            if idx:
+                h, m = split.text_trunk([texts[i] for i in idx], max_tokens)
+                hh = torch.zeros(len(chunk), h.shape[1], h.shape[2], dtype=torch.float16)
+                mm = torch.zeros(len(chunk), m.shape[1], dtype=torch.bool)
+                hh[idx], mm[idx] = h.half(), m
+            else:
+                hh, mm = None, None
+            txt_parts.append(hh)
+            mask_parts.append(mm)
+            bar.update(len(chunk))
+    bar.close()
+    bb.train(was)
+    ref_img = next((p for p in img_parts if p is not None), None)
+    if ref_img is None:  # no image at all: shape the zeros with one blank image
+        blank = torch.zeros(1, 3, bb.image_size, bb.image_size)
+        ref_img = split.image_trunk(blank).half()
+    img = torch.cat([p if p is not None else torch.zeros((len(items[i * batch_size:(i + 1) * batch_size]),
+                                                          *ref_img.shape[1:]), dtype=torch.float16)
+                     for i, p in enumerate(img_parts)]) if n else ref_img[:0]
+    ref_txt = next((p for p in txt_parts if p is not None), None)
+    H = ref_txt.shape[2] if ref_txt is not None else split.text_trunk(["a"], max_tokens)[0].shape[2]
+    L = max([p.shape[1] for p in txt_parts if p is not None] or [1])
+    text = torch.zeros(n, L, H, dtype=torch.float16)
+    mask = torch.zeros(n, L, dtype=torch.bool)
+    for i, (h, m) in enumerate(zip(txt_parts, mask_parts)):
+        if h is not None:
+            s = i * batch_size
+            text[s : s + h.shape[0], : h.shape[1]] = h
+            mask[s : s + m.shape[0], : m.shape[1]] = m
+    return TrunkSet(img, text, mask, has_image, has_text)
+
+
+def trunk_features(split: Split, dataset: Dataset, max_tokens: int, cache: FeatureCache | None = None,
+                   progress: bool = True) -> TrunkSet:
+    """`compute_trunk` for every item of `dataset`, through the feature cache."""
+    cache = cache or FeatureCache()
+    bb = split.backbone
+    key = {"kind": "trunk", "v": TRUNK_VERSION, "backbone": bb.identity(), "split": split.config(),
+           "dataset": dataset.fingerprint(), "preprocess": bb.preprocess_config(), "max_tokens": max_tokens}
+    names = ["image", "text", "text_mask", "has_image", "has_text"]
+    got = cache.load(key, names)
+    if got is not None:
+        return TrunkSet(*(got[k] for k in names))
+    ts = compute_trunk(split, dataset.items, max_tokens, progress=progress, desc=f"trunk {dataset.name}".strip())
+    cache.save(key, {k: getattr(ts, k) for k in names})
+    return ts

@@ -1,0 +1,158 @@
+"""CMA-CLIP on the toy backbone: three stages, save/load, keyless attention, ablations, bad input,
+and recall at precision on hand-made cases."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlclassify.backbones import create_backbone
+from vlclassify.data.items import Dataset, Item
+from vlclassify.errors import ConfigError, DataError
+from vlclassify.methods import create_method, load_method
+from vlclassify.metrics.ranking import recall_at_precision
+from vlclassify.modules.fusions.keyless_attention import KeylessAttention
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+SHAPES = ["round", "square"]
+
+
+def make_data(n: int = 48, seed: int = 0) -> Dataset:
+    """Task color: visible in the image only. Task shape: named in the text only."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        c, s = i % 3, (i // 3) % 2
+        arr = np.clip(np.array(list(COLORS.values())[c])[None, None] + rng.normal(0, 20, (24, 24, 3)), 0, 255)
+        items.append(Item(image=arr.astype(np.uint8), label=c, text=f"a {SHAPES[s]} thing",
+                          tasks={"color": c, "shape": s}, key=f"toy{seed}-{i}"))
+    return Dataset(items=items, classnames=list(COLORS), name="toyset", tasks={"color": list(COLORS), "shape": SHAPES})
+
+
+FAST = dict(warmup_epochs=6, e2e_epochs=2, tune_epochs=3, width=32, heads=2, layers=1, head_hidden=32,
+            batch_size=16, lr=3e-3, e2e_lr=1e-3)
+
+
+def fit(cache, **opts):
+    m = create_method("cma-clip", create_backbone("toy"), cache=cache, **{**FAST, **opts})
+    m.progress = False
+    data = make_data(48)
+    m.fit(data.subset(range(36)), data.subset(range(36, 48)))
+    return m, make_data(24, seed=1)
+
+
+def test_fits_three_stages_multitask_and_roundtrips(cache, tmp_path):
+    run = tmp_path / "run"
+    m, test = fit(cache, run_dir=str(run))
+    assert m.tasks == ["color", "shape"] and m.classnames == list(COLORS)
+    stages = [s["name"] for s in m.fit_info["stages"]]
+    assert stages == ["warmup", "end2end", "tuning"]
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in log] == ["warmup"] * 6 + ["end2end"] * 2 + ["tuning"] * 3
+    out = m.predict_tasks(test)
+    acc = {t: float((out["probs"][t].argmax(-1) == test.task_labels(t)).mean()) for t in m.tasks}
+    assert acc["color"] >= 0.9 and acc["shape"] >= 0.9, acc  # each task needs its own modality
+    for t in m.tasks:
+        lam = out["lambda"][t]
+        assert lam.shape == (24,) and ((lam >= 0) & (lam <= 1)).all()
+    # stage 2 trained a private copy of the backbone's top, never the caller's
+    assert m.backbone is not create_backbone("toy")
+    m.save_pretrained(tmp_path / "model")
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert cfg["tasks"] == {"color": list(COLORS), "shape": SHAPES}
+    again = load_method(tmp_path / "model", cache=cache)
+    again.progress = False
+    out2 = again.predict_tasks(test)
+    for t in m.tasks:
+        np.testing.assert_allclose(out2["probs"][t], out["probs"][t], atol=1e-6)
+        np.testing.assert_allclose(out2["lambda"][t], out["lambda"][t], atol=1e-6)
+    np.testing.assert_allclose(again.predict_proba(test), out["probs"]["color"], atol=1e-6)
+
+
+def test_keyless_attention_weights():
+    ka = KeylessAttention(8)
+    with torch.no_grad():
+        ka.w.copy_(torch.randn(8))
+    x = torch.randn(5, 2, 8)
+    c, w = ka(x)
+    assert torch.allclose(w.sum(-1), torch.ones(5)) and ((w >= 0) & (w <= 1)).all()
+    lam = w[:, :1]
+    assert torch.allclose(c, lam * x[:, 0] + (1 - lam) * x[:, 1], atol=1e-6)  # c = λ I' + (1 − λ) T'
+    e = x @ ka.w
+    assert torch.allclose(w[:, 0], torch.sigmoid(e[:, 0] - e[:, 1]), atol=1e-6)  # eq. 6
+    # a missing modality gets weight 0
+    c, w = ka(x, torch.tensor([[True, False]] * 5))
+    assert torch.equal(w[:, 0], torch.ones(5)) and torch.allclose(c, x[:, 0])
+    # fixed (the "w/o MA" ablation): the plain average whatever w is
+    fixed = KeylessAttention(8, fixed=True)
+    with torch.no_grad():
+        fixed.w.copy_(torch.randn(8))
+    c, w = fixed(x)
+    assert torch.allclose(w, torch.full((5, 2), 0.5)) and torch.allclose(c, x.mean(1), atol=1e-6)
+
+
+def test_ablations_change_outputs(cache):
+    full, test = fit(cache)
+    no_ma, _ = fit(cache, modality_attention=False)
+    no_sa, _ = fit(cache, modality_attention=False, sequence_attention=False)
+    p = [m.predict_tasks(test) for m in (full, no_ma, no_sa)]
+    assert np.allclose(p[1]["lambda"]["color"], 0.5) and np.allclose(p[2]["lambda"]["shape"], 0.5)
+    assert not np.allclose(p[0]["lambda"]["color"], 0.5)
+    assert not np.allclose(p[0]["probs"]["color"], p[1]["probs"]["color"])
+    assert not np.allclose(p[1]["probs"]["color"], p[2]["probs"]["color"])
+    assert not hasattr(no_sa.model, "encoder")
+    with pytest.raises(ConfigError, match="without sequence attention"):
+        no_sa.explain(test.items[0])
+
+
+def test_missing_modalities_and_explain(cache):
+    m, test = fit(cache)
+    items = list(test.items)
+    items[0] = Item(image=None, label=items[0].label, text=items[0].text, tasks=items[0].tasks, key="noimg")
+    items[1] = Item(image=items[1].image, label=items[1].label, text="", tasks=items[1].tasks, key="notext")
+    ds = Dataset(items=items, classnames=test.classnames, name="holes", tasks=test.tasks)
+    out = m.predict_tasks(ds)
+    assert out["lambda"]["color"][0] == 0.0 and out["lambda"]["color"][1] == 1.0  # the other modality carries it
+    assert any("without an image" in n for n in m.notes) and any("empty text" in n for n in m.notes)
+    heat = m.explain(test.items[2], target="square" if "square" in test.items[2].text else "round")
+    assert heat.shape == (4, 4) and np.isclose(heat.sum(), 1.0, atol=1e-5) and (heat >= 0).all()
+    with pytest.raises(DataError, match="token 'zebra'"):
+        m.explain(test.items[2], target="zebra")
+
+
+def test_bad_input_errors(cache):
+    m, test = fit(cache, warmup_epochs=1, e2e_epochs=0, tune_epochs=0)
+    both = Dataset(items=[Item(image=None, text="", label=0, tasks={"color": 0, "shape": 0}, key="empty-row")],
+                   classnames=test.classnames, name="bad", tasks=test.tasks)
+    with pytest.raises(DataError, match="empty-row.*neither an image nor a text"):
+        m.predict_tasks(both)
+    other = Dataset(items=test.items, classnames=test.classnames, name="other", tasks={"color": test.tasks["color"]})
+    with pytest.raises(DataError, match="task column 'shape'"):
+        m.check_tasks(other)
+    unknown = Dataset(items=test.items, classnames=test.classnames, name="unk",
+                      tasks={"color": test.tasks["color"], "shape": ["round", "striped"]})
+    with pytest.raises(DataError, match=r"row 3 .*task column 'shape' has label 'striped'"):
+        m.check_tasks(unknown)
+    with pytest.raises(DataError, match="no task column 'size'"):
+        fit(cache, tasks=["size"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        create_method("cma-clip", create_backbone("toy"), depth=3)
+
+
+def test_recall_at_precision_hand_made():
+    y = np.array([0, 1, 0, 1, 0])
+    # confidences 0.9, 0.8, 0.7, 0.6, 0.55; correct T T F T F -> precision@k: 1, 1, .67, .75, .6
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.45, 0.55]])
+    r = recall_at_precision(y, probs, 0.9)
+    assert r["recall"] == pytest.approx(2 / 5) and r["accepted"] == 2 and r["threshold"] == pytest.approx(0.8)
+    assert recall_at_precision(y, probs, 0.75)["recall"] == pytest.approx(3 / 5)
+    assert recall_at_precision(y, probs, 0.0)["recall"] == pytest.approx(3 / 5)
+    # all wrong: no operating point reaches 90%
+    assert recall_at_precision(np.array([1, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), 0.9)["recall"] == 0.0
+    # ties are accepted together: 0.7 twice, one right one wrong -> precision 0.5 at that threshold
+    tie = recall_at_precision(np.array([0, 0, 1]), np.array([[0.9, 0.1], [0.7, 0.3], [0.7, 0.3]]), 0.9)
+    assert tie["recall"] == pytest.approx(1 / 3) and tie["accepted"] == 1
+    # unlabelled rows (-1) are ignored
+    assert recall_at_precision(np.array([0, -1]), np.array([[0.9, 0.1], [0.1, 0.9]]), 0.9)["n"] == 1
