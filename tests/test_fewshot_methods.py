@@ -224,3 +224,15 @@ def test_bad_input(toy, enc):
     with pytest.raises(ConfigError, match="heads"):
         create_method("vt-clip", toy, heads=3)
     assert json.dumps(CMMConfig().__dict__)  # configs stay JSON-serialisable for config.json
+
+
+def test_bench_drops_tiny_classes(enc):
+    from vlclassify.bench.fewshot import drop_small_classes
+
+    _, _, ds = enc
+    small = ds.subset([i for i, l in enumerate(ds.labels()) if l != 1 or i % 6 == 0])  # one class keeps 1 image
+    kept, dropped = drop_small_classes(small, 3)
+    assert dropped == [ds.classnames[1]] and kept.num_classes == 2
+    assert sorted(set(kept.labels().tolist())) == [0, 1] and len(kept) == len(small) - 1
+    with pytest.raises(DataError, match="fewer than 2 classes"):
+        drop_small_classes(small, 100)

@@ -245,6 +245,7 @@ def bench_fewshot(
     shots: str = typer.Option("1,2,4,8,16", help="Comma-separated shots."),
     seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
     test_limit: Optional[int] = typer.Option(None, help="Score on a fixed stratified subset of this many test images (faster)."),
+    min_per_class: Optional[int] = typer.Option(None, "--min-per-class", help="Drop classes with fewer images than this (tiny classes cannot give K shots + validation + test)."),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
     name: Optional[str] = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
     backbone: str = BACKBONE_OPT,
@@ -258,6 +259,7 @@ def bench_fewshot(
     result = run_fewshot(
         bb, data, parse_method_specs(methods_), [int(k) for k in shots.split(",")], [int(s) for s in seeds.split(",")],
         test_limit=test_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False),
+        min_per_class=min_per_class,
     )
     stem = name or "fewshot-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.split("?")[0].strip("/").split("/")[-1])
     jp, mp = write_results(result, out, stem, command=_command())

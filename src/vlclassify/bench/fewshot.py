@@ -94,9 +94,15 @@ def run_fewshot(
     cache: FeatureCache | None = None,
     progress: bool = True,
     log=print,
+    min_per_class: int | None = None,
 ) -> dict[str, Any]:
     cache = cache or FeatureCache()
     pool, val_pool, test = _pools(data_spec, test_limit)
+    dropped: list[str] = []
+    if min_per_class:
+        pool, dropped = drop_small_classes(pool, min_per_class)
+        if dropped:
+            log(f"{pool.name}: dropped {len(dropped)} class(es) with fewer than {min_per_class} images: {', '.join(dropped)}")
     probes = [create_method(m.method, backbone, **m.options) for m in methods]  # validates options early
     views = tuple(dict.fromkeys(v for p in probes for v in p.train_views))
     spatial = any(p.needs_spatial for p in probes)
@@ -146,9 +152,27 @@ def run_fewshot(
     return {
         "data": data_spec, "backbone": backbone.config(), "shots": list(shots), "seeds": list(seeds),
         "methods": [m.__dict__ for m in methods], "test_limit": test_limit,
+        "min_per_class": min_per_class, "dropped_classes": dropped, "classes": list(pool.classnames),
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
         "runs": runs, "summary": summarize(runs),
     }
+
+
+def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]:
+    """Keep the classes with at least `min_count` images (labels re-indexed); -> (dataset, dropped names)."""
+    import dataclasses
+
+    if ds.multilabel:
+        raise DataError(f"{ds.name}: min_per_class applies to single-label data only")
+    counts = np.bincount(ds.labels(), minlength=ds.num_classes)
+    keep = [c for c in range(ds.num_classes) if counts[c] >= min_count]
+    dropped = [ds.classnames[c] for c in range(ds.num_classes) if counts[c] < min_count]
+    if len(keep) < 2:
+        raise DataError(f"{ds.name}: fewer than 2 classes have {min_count} images (counts: {dict(zip(ds.classnames, counts.tolist()))})")
+    new = {c: i for i, c in enumerate(keep)}
+    items = [dataclasses.replace(it, label=new[it.label], tasks=None) for it in ds.items if it.label in new]
+    # the other tasks' indices would no longer match: the filtered set keeps the main task only
+    return dataclasses.replace(ds, items=items, classnames=[ds.classnames[c] for c in keep], tasks={}), dropped
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -170,7 +194,9 @@ def markdown_table(result: dict, command: str | None = None) -> str:
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [f"Data: `{result['data']}` · backbone: `{result['backbone']['name']}` · seeds {result['seeds']}"
-              + (f" · test limited to {result['test_limit']} images" if result.get("test_limit") else ""), ""]
+              + (f" · test limited to {result['test_limit']} images" if result.get("test_limit") else "")
+              + (f" · classes with fewer than {result['min_per_class']} images dropped: {', '.join(result['dropped_classes'])}"
+                 if result.get("dropped_classes") else ""), ""]
     lines.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " | fit s (mean) |")
     lines.append("|---|" + "---|" * (len(shots) + 1))
     for m, d in result["summary"].items():
