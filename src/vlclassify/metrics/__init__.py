@@ -1,4 +1,6 @@
 """Metrics: single-label classification here; multi-label and ranking metrics beside it."""
 from .classification import accuracy, classification_report
+from .multilabel import best_threshold, mean_average_precision, multilabel_report
 
 __all__ = ["accuracy", "classification_report"]
+__all__ += ["best_threshold", "mean_average_precision", "multilabel_report"]

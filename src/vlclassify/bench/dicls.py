@@ -1,0 +1,192 @@
+"""The DiCLS ablation (the paper's Sec. 4.2) on the multi-label benchmarks, on cached features.
+
+Rows: a linear probe, the plain backbone + BCE, DiCLS with focal loss only, focal + each of
+ALN / CTA / CPA / ArcFace, all losses, and the number of fusion layers 0 / 1 / 3 (2 is "all
+losses"). The backbone is frozen: every row trains on the same cached features (pooled global
+features, spatial tokens, prompt token features). Each row is trained with several seeds; the
+best epoch and the decision threshold are chosen on the validation split, the test split is
+scored once per run. Rows run in parallel worker processes (one torch thread each).
+"""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+ALL = {"w_aln": 1.0, "w_cta": 1.0, "w_cpa": 1.0, "w_arcface": 1.0}
+ROWS: list[tuple[str, str, dict]] = [
+    ("linear probe (pooled features, one-vs-rest logistic)", "linear", {}),
+    ("plain backbone + BCE (no fusion, no text)", "dicls", {"fusion_layers": 0, "focal_gamma": 0.0, "w_aln": 0.0}),
+    ("DiCLS, focal only", "dicls", {"w_aln": 0.0}),
+    ("+ ALN", "dicls", {"w_aln": 1.0}),
+    ("+ CTA", "dicls", {"w_aln": 0.0, "w_cta": 1.0}),
+    ("+ CPA", "dicls", {"w_aln": 0.0, "w_cpa": 1.0}),
+    ("+ ArcFace", "dicls", {"w_aln": 0.0, "w_arcface": 1.0}),
+    ("all losses (L = 2)", "dicls", dict(ALL)),
+    ("all losses, L = 0", "dicls", {**ALL, "fusion_layers": 0}),
+    ("all losses, L = 1", "dicls", {**ALL, "fusion_layers": 1}),
+    ("all losses, L = 3", "dicls", {**ALL, "fusion_layers": 3}),
+]
+METRICS = ("macro_mAP", "micro_mAP", "macro_roc_auc", "micro_f1", "subset_accuracy")
+
+
+def _load(data: str, backbone_name: str, backbone_opts: dict, cache_dir: str | None):
+    from ..backbones import create_backbone
+    from ..data import load_data, train_val_test
+    from ..features import FeatureCache
+    from ..methods.base import Encoded
+    from ..features import extract_features
+
+    bb = create_backbone(backbone_name, **backbone_opts)
+    cache = FeatureCache(cache_dir)
+    splits = train_val_test(load_data(data))
+    enc = {k: Encoded(v, extract_features(bb, v, spatial=True, cache=cache, progress=False)) for k, v in splits.items()}
+    return bb, cache, enc
+
+
+def _linear_probe(enc) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One-vs-rest logistic regression on L2-normalised pooled features; C chosen on val macro mAP."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from ..metrics.multilabel import mean_average_precision
+
+    def x(e):
+        f = e.features.pooled.numpy().astype(np.float64)
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+    xt, xv, xs = x(enc["train"]), x(enc["val"]), x(enc["test"])
+    yt, yv = enc["train"].dataset.multi_hot(), enc["val"].dataset.multi_hot()
+
+    def fit(C):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return [LogisticRegression(C=C, max_iter=500).fit(xt, yt[:, c]) if 0 < yt[:, c].sum() < len(yt) else None
+                    for c in range(yt.shape[1])]
+
+    def proba(models, xx):
+        return np.stack([m.predict_proba(xx)[:, 1] if m is not None else np.zeros(len(xx)) for m in models], 1)
+
+    scores = {}
+    for C in (0.3, 1.0, 3.0, 10.0, 30.0):
+        scores[C] = mean_average_precision(yv, proba(fit(C), xv))
+    best = max(scores, key=lambda c: (scores[c], -c))
+    models = fit(best)
+    return proba(models, xv), proba(models, xs), {"C": best, "val_mAP_by_C": scores}
+
+
+def run_one(job: dict) -> dict:
+    """One (data, row, seed) run in a worker process -> test metrics at the val-chosen threshold."""
+    import torch
+
+    torch.set_num_threads(1)
+    from ..metrics.multilabel import best_threshold, multilabel_report
+    from ..methods import create_method
+
+    bb, cache, enc = _load(job["data"], job["backbone"], job["backbone_opts"], job["cache_dir"])
+    yv, ys = enc["val"].dataset.multi_hot(), enc["test"].dataset.multi_hot()
+    names = enc["test"].dataset.classnames
+    t0 = time.time()
+    out = {"data": job["data"], "row": job["row"], "seed": job["seed"]}
+    if job["kind"] == "linear":
+        pv, ps, info = _linear_probe(enc)
+        outputs = {"head": (pv, ps)}
+        out["fit_info"] = info
+    else:
+        m = create_method("dicls", bb, cache=cache, seed=job["seed"], **job["options"])
+        m.progress = False
+        m.fit(enc["train"], enc["val"])
+        outputs = {}
+        for src in ("head", "align") if m.config.w_aln > 0 else ("head",):
+            m.config.predict_from = src
+            outputs[src] = (m.predict_proba(enc["val"]), m.predict_proba(enc["test"]))
+        out["fit_info"] = {k: m.fit_info[k] for k in ("best_epoch", "best_val_mAP")}
+    out["fit_s"] = round(time.time() - t0, 2)
+    for src, (pv, ps) in outputs.items():
+        t = best_threshold(yv, pv, "micro_f1")
+        rep = multilabel_report(ys, ps, names, t)
+        out[src] = {k: rep[k] for k in METRICS} | {"threshold": t}
+    return out
+
+
+def run_ablation(datas: Sequence[str], seeds: Sequence[int], rows: Sequence[int] | None = None, base: dict | None = None,
+                 jobs: int = 2, backbone: str = "effnet-minilm", backbone_opts: dict | None = None,
+                 cache_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Every row x dataset x seed (the linear probe is deterministic: one seed). Features are
+    extracted (or read from the cache) once in this process before the workers start."""
+    backbone_opts = backbone_opts or {}
+    for d in datas:
+        _load(d, backbone, backbone_opts, cache_dir)
+    chosen = list(range(len(ROWS))) if rows is None else list(rows)
+    todo = []
+    for d in datas:
+        for r in chosen:
+            label, kind, opts = ROWS[r]
+            for s in (seeds[:1] if kind == "linear" else seeds):
+                todo.append({"data": d, "row": label, "kind": kind, "options": {**(base or {}), **opts}, "seed": s,
+                             "backbone": backbone, "backbone_opts": backbone_opts, "cache_dir": cache_dir})
+    t0 = time.time()
+    results = []
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for res in pool.map(run_one, todo):
+            results.append(res)
+            log(f"[{time.time() - t0:6.0f}s] {res['data']:<20} {res['row']:<52} seed {res['seed']}: "
+                f"mAP {100 * res['head']['macro_mAP']:.1f}" + (f" / align {100 * res['align']['macro_mAP']:.1f}"
+                                                              if "align" in res else "") + f" ({res['fit_s']}s)")
+    return {"datas": list(datas), "seeds": list(seeds), "base_options": base or {}, "backbone": backbone,
+            "rows": [ROWS[r][0] for r in chosen], "runs": results, "total_s": round(time.time() - t0, 1)}
+
+
+def summarize(result: dict) -> list[dict]:
+    """Mean and std over seeds per (data, row, output)."""
+    out = []
+    for d in result["datas"]:
+        for row in result["rows"]:
+            runs = [r for r in result["runs"] if r["data"] == d and r["row"] == row]
+            for src in ("head", "align"):
+                got = [r[src] for r in runs if src in r]
+                if not got:
+                    continue
+                rec = {"data": d, "row": row, "output": "p^v" if src == "head" else "S_align", "seeds": len(got),
+                       "fit_s": float(np.mean([r["fit_s"] for r in runs]))}
+                for k in METRICS:
+                    v = np.array([g[k] for g in got], dtype=np.float64)
+                    rec[k] = [float(v.mean()), float(v.std())]
+                out.append(rec)
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    lines = []
+    for d in result["datas"]:
+        lines += [f"#### {d}", "",
+                  "| row | output | macro mAP | micro mAP | ROC-AUC | micro F1 | subset acc. | fit s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in summarize(result):
+            if r["data"] != d:
+                continue
+            cells = " | ".join(f"{100 * r[k][0]:.1f} ± {100 * r[k][1]:.1f}" for k in METRICS)
+            lines.append(f"| {r['row']} | {r['output']} | {cells} | {r['fit_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, out: str | Path, stem: str, command: str) -> tuple[Path, Path]:
+    from ..utils import atomic_path, write_json
+
+    out = Path(out)
+    result = {**result, "command": command, "summary": summarize(result)}
+    jp, mp = out / f"{stem}.json", out / f"{stem}.md"
+    write_json(jp, result)
+    text = (f"# DiCLS ablation\n\nCommand: `{command}`\n\nMean ± std over seeds {result['seeds']} "
+            f"(test split; threshold chosen on validation; total {result['total_s']:.0f} s).\n\n" + markdown_table(result))
+    with atomic_path(mp) as tmp:
+        tmp.write_text(text)
+    json.dumps(result, default=str)
+    return jp, mp
