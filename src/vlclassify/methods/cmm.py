@@ -106,7 +106,7 @@ def train_cmm(x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, scale: float, 
     index draws from per-epoch permutations, and the triplet backward touches two prototype rows.
     """
     sch = schedule_of(cfg)
-    with cpu_threads(sch.batch * x.shape[1] * max(x.shape[1], t0.shape[0]), cfg.threads):
+    with cpu_threads(min(sch.batch, x.shape[0]) * x.shape[1] * max(x.shape[1], t0.shape[0]), cfg.threads, small=2**26):
         return _train(x, y, t0, scale, cfg, sch, progress)
 
 
@@ -125,8 +125,10 @@ def _train(x, y, t0, scale, cfg: CMMConfig, sch: Schedule, progress: bool):
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=cfg.weight_decay)
     need = sch.steps * sch.batch
-    order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].view(sch.steps, sch.batch) \
-        if n >= sch.batch else torch.randint(0, n, (sch.steps, sch.batch), generator=g)
+    if n > sch.batch:  # per-epoch permutations cut into batches
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].view(sch.steps, sch.batch)
+    else:  # the whole set fits in a batch: full-batch steps (the expected gradient of any batch drawn from it)
+        order = torch.arange(n).expand(sch.steps, n)
     t_start = time.perf_counter()
     losses = []
     for step in tqdm(range(sch.steps), desc="cmm", disable=not progress, leave=False):
