@@ -239,3 +239,31 @@ def test_composites_are_deterministic(tmp_path):
         assert all(1 <= len(it.labels) <= 3 for it in a[s].items)
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["counts"] == {"train": 4, "val": 2, "test": 2}
     assert [open(x.image, "rb").read() for x in a["train"].items] != [open(x.image, "rb").read() for x in c["train"].items]
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def test_cli_fit_eval_plots_on_a_multilabel_manifest(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    rows = []
+    for split, seed, n in (("train", 10, 24), ("val", 11, 12), ("test", 12, 12)):
+        for i, it in enumerate(stripes(n, seed).items):
+            Image.fromarray(it.image).save(tmp_path / f"{split}{i}.png")
+            rows.append({"image": f"{split}{i}.png", "labels": [NAMES[c] for c in it.labels], "split": split})
+    man = tmp_path / "data.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "model"
+    runner = CliRunner()
+    r = runner.invoke(app, ["fit", "-m", "dicls", "-d", str(man), "-o", str(out), "--backbone", "toy",
+                            "--opt", "dim=16", "--opt", "heads=2", "--opt", "epochs=3"])
+    assert r.exit_code == 0, r.output
+    assert "val_mAP" in json.loads((out / "fit.json").read_text())
+    r = runner.invoke(app, ["eval", str(out), "--plots"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "eval-test.json").read_text())
+    assert rep["n"] == 12 and 0 <= rep["macro_mAP"] <= 1 and set(rep["per_class"]) == set(NAMES)
+    for png in ("roc_pr.png", "tsne.png", "alignment.png"):
+        assert (out / "plots-test" / png).read_bytes()[:4] == b"\x89PNG"

@@ -58,8 +58,8 @@ class DiCLSConfig:
     focal_gamma: float = 2.0  # focusing parameter (0 with focal_alpha None = plain BCE / CE)
     focal_alpha: float | None = None  # positive-class weight of the sigmoid focal loss (None = unweighted)
     w_aln: float = 1.0  # word-image alignment loss (BCE with logits on S_align, one sigmoid)
-    w_cta: float = 0.0  # cross-attention token alignment (local InfoNCE both ways)
-    w_cpa: float = 0.0  # cross-modal prototype alignment (Sinkhorn-Knopp swapped prediction)
+    w_cta: float = 0.1  # cross-attention token alignment (local InfoNCE both ways)
+    w_cpa: float = 0.1  # cross-modal prototype alignment (Sinkhorn-Knopp swapped prediction)
     w_arcface: float = 0.0  # ArcFace loss on the fused global feature (0 = off)
     arcface_scale: float = 16.0  # ArcFace s
     arcface_margin: float = 0.3  # ArcFace additive angular margin m (radians)
