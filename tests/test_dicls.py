@@ -267,3 +267,11 @@ def test_cli_fit_eval_plots_on_a_multilabel_manifest(tmp_path):
     assert rep["n"] == 12 and 0 <= rep["macro_mAP"] <= 1 and set(rep["per_class"]) == set(NAMES)
     for png in ("roc_pr.png", "tsne.png", "alignment.png"):
         assert (out / "plots-test" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_label_outside_class_list_names_the_item(toy, cache):
+    tr = stripes(8, 13)
+    bad = Dataset(items=tr.items[:-1] + [Item(image=tr.items[0].image, labels=(0, 5), key="bad-item")],
+                  classnames=list(NAMES), multilabel=True, name="stripes")
+    with pytest.raises(DataError, match="bad-item.*label 5"):
+        small(toy, cache).fit(bad)

@@ -205,6 +205,8 @@ class DiCLS(Method):
             raise ConfigError(f"dicls: need fusion_layers >= 0 and dim ({c.dim}) divisible by heads ({c.heads})")
         if c.predict_from == "align" and c.w_aln <= 0:
             raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
+        if c.threshold_metric not in ("micro_f1", "macro_f1", "subset_accuracy"):
+            raise ConfigError(f"dicls: threshold_metric must be micro_f1, macro_f1 or subset_accuracy, got {c.threshold_metric!r}")
         if c.prototypes < 1 or c.sinkhorn_iters < 1 or c.sinkhorn_eps <= 0:
             raise ConfigError("dicls: prototypes >= 1, sinkhorn_iters >= 1 and sinkhorn_eps > 0 required")
         if c.train_backbone:
@@ -217,12 +219,12 @@ class DiCLS(Method):
         self.token_strings: list[str] = []
 
     # ---- prompt ---------------------------------------------------------------------------
-    def _encode_prompt(self, classnames: list[str], grad: bool = False):
+    def _encode_prompt(self, classnames: list[str]):
         """-> (text tokens [L, D], valid [L] bool, phrase mask [C, L]); errors name a class not found."""
         c = self.config
         self.prompt, spans = build_prompt(classnames, c.prefix, c.suffix, c.separator, c.descriptions,
                                           c.description_format)
-        with torch.set_grad_enabled(grad):
+        with torch.no_grad():
             tf = self.backbone.encode_text([self.prompt])
         valid = tf.mask[0].bool()
         self.token_strings = list(tf.token_strings[0]) if tf.token_strings else []
@@ -242,10 +244,11 @@ class DiCLS(Method):
 
     @staticmethod
     def _targets(ds) -> torch.Tensor:
-        if not ds.multilabel:
-            ds.labels()  # validates
-        y = torch.from_numpy(ds.multi_hot())  # [N, C]
-        return y
+        """[N, C] multi-hot (one-hot for single-label data); a label outside the classes is an error naming the item."""
+        from ..data.loaders import check_labels
+
+        check_labels(ds)
+        return torch.from_numpy(ds.multi_hot())
 
     def _check_targets(self, ds, y: torch.Tensor) -> None:
         empty = (y.sum(1) == 0).nonzero().flatten()
@@ -401,13 +404,13 @@ class DiCLS(Method):
     # ---- what the plots need ----------------------------------------------------------------
     def embeddings(self, data) -> dict[str, np.ndarray]:
         """{'plain': backbone global features [N, G], 'fused': fused global features [N, d]}."""
-        enc = self.encode(data if isinstance(data, Encoded) else data)
+        enc = self.encode(data)
         out = self._forward_all(enc.features)
         return {"plain": self._glob(enc.features).numpy(), "fused": out["global"].numpy()}
 
     def alignment(self, data) -> dict:
         """Token-image alignment: predicted S_align [N, L], ground truth M [N, L], token strings."""
-        enc = self.encode(data if isinstance(data, Encoded) else data)
+        enc = self.encode(data)
         out = self._forward_all(enc.features)
         y = torch.from_numpy(enc.dataset.multi_hot())
         valid = self.net.text_valid
