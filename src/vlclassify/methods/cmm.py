@@ -25,7 +25,7 @@ from ..modules.losses.triplet import prototype_triplet_loss
 from ..modules.schedules import set_lr, warmup_cosine
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import cached_template_embeddings, resolve_templates
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper's search
 
@@ -204,9 +204,7 @@ class CMM(Method):
         return cmm_logits(x, self.W, self.T, self.scale), zs
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        with torch.inference_mode():
-            t0 = class_text_embeddings(self.backbone, self.classnames, self.templates)
-        self.t0 = t0.clone()
+        self.t0 = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[1].clone()
         x, y = self._train_xy(train)
         with torch.enable_grad():
             self.W, self.T, info = train_cmm(x, y, self.t0, self.scale, self.config, progress=self.progress)

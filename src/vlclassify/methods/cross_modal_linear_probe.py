@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..modules.cpu import cpu_threads
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
-from .templates import resolve_templates
+from .templates import cached_template_embeddings, resolve_templates
 
 
 @dataclass
@@ -67,11 +67,8 @@ class CrossModalLinearProbe(Method):
         return best
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        with torch.inference_mode():  # one text-encoder pass: every (class, template) prompt
-            prompts = [t.format(c) for c in self.classnames for t in self.templates]
-            per_t = self.backbone.encode_texts_normalized(prompts).view(len(self.classnames), len(self.templates), -1)
-        per_t = per_t.clone().float()  # [C, L, D]
-        w0 = F.normalize(per_t.mean(1), dim=-1)  # [C, D] the zero-shot classifier (CLIP's template ensemble)
+        per_t, w0 = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)
+        per_t, w0 = per_t.clone(), w0.clone()  # [C, L, D] text samples, [C, D] the zero-shot classifier
         f = train.features
         xs = [f.image] + [f.views[v].image for v in self.train_views[1:] if v in f.views]
         x = normalize(torch.cat(xs))

@@ -91,3 +91,16 @@ def class_text_embeddings(backbone, classnames: Sequence[str], templates: Sequen
             prompts.append(p)
     emb = backbone.encode_texts_normalized(prompts).view(len(classnames), len(templates), -1)
     return torch.nn.functional.normalize(emb.mean(1), dim=-1)
+
+
+def cached_template_embeddings(backbone, classnames: Sequence[str], templates: Sequence[str],
+                               cache=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(per-template [C, L, D], ensemble [C, D]) normalised class text embeddings, through the
+    feature cache: few-shot sweeps refit many times on the same classes, so encode them once."""
+    import torch
+
+    from ..features import encode_texts
+
+    prompts = [t.format(c) for c in classnames for t in templates]
+    per = encode_texts(backbone, prompts, cache=cache).view(len(classnames), len(templates), -1).float()
+    return per, torch.nn.functional.normalize(per.mean(1), dim=-1)

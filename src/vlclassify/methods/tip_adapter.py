@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import cached_template_embeddings, resolve_templates
 
 
 @dataclass
@@ -80,9 +80,7 @@ class TipAdapter(Method):
                 "val_accuracy_by_alpha_beta": table}
 
     def _build(self, train: Encoded) -> None:
-        with torch.inference_mode():
-            ce = class_text_embeddings(self.backbone, self.classnames, self.templates)
-        self.class_embeds = ce.clone()
+        self.class_embeds = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[1].clone()
         self.keys = self._cache_keys(train)
         self.values = F.one_hot(torch.as_tensor(train.dataset.labels()), len(self.classnames)).float()
 

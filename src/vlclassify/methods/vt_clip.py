@@ -25,7 +25,7 @@ from ..modules.fusions.cross_attention import CrossAttentionDecoder
 from ..modules.schedules import set_lr, warmup_cosine
 from .base import Encoded, Method, as_dataset, check_dim, normalize
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import cached_template_embeddings, resolve_templates
 
 
 @dataclass
@@ -105,9 +105,7 @@ class VTCLIP(Method):
 
     def _train(self, train: Encoded, val: Encoded | None) -> None:
         cfg = self.config
-        with torch.inference_mode():
-            t = class_text_embeddings(self.backbone, self.classnames, self.templates)
-        self.texts = t.clone()
+        self.texts = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[1].clone()
         f = train.features
         self.grid = tuple(f.grid) if f.grid else None
         views = [f] + [f.views[v] for v in self.train_views[1:] if v in f.views]
