@@ -211,7 +211,7 @@ class CMM(Method):
         info["alpha_source"] = "fixed"
         self.alpha = self.config.alpha
         if not self.config.no_clip_fusion and not self.config.fixed_alpha and val is not None and len(val):
-            with torch.no_grad():
+            with torch.no_grad(), cpu_threads(len(val) * self.T.shape[1] * max(self.T.shape)):
                 cmm, zs = self._parts(val)
             self.alpha, info["val_accuracy_by_alpha"] = search_alpha(cmm, zs, val.dataset.labels(), list(self.config.alpha_grid),
                                                                      self.config.fusion)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..modules.cpu import cpu_threads
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
 from .templates import cached_template_embeddings, resolve_templates
@@ -86,7 +87,7 @@ class TipAdapter(Method):
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         self._build(train)
-        with torch.no_grad():
+        with torch.no_grad(), cpu_threads(len(val or []) * len(self.keys) * self.keys.shape[1]):
             self.fit_info = self._search(val)
 
     def _logits(self, data: Encoded) -> torch.Tensor:
