@@ -350,6 +350,39 @@ def bench_dicls(
     console.print(f"wrote {jp} and {mp}")
 
 
+@bench_app.command("icar")
+def bench_icar(
+    data: str = typer.Option("fashion-mnist,tuxpaint", "--data", "-d", help="Comma-separated: fashion-mnist, tuxpaint."),
+    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds (each picks its own held-out classes)."),
+    shots: str = typer.Option("1,4,16", help="Comma-separated few-shot sizes on the held-out classes."),
+    held_out: int = typer.Option(3, help="Classes held out of training entirely, per dataset and seed."),
+    fmnist_per_class: int = typer.Option(150, help="Fashion-MNIST training pool: images per class."),
+    fmnist_test_per_class: int = typer.Option(100, help="Fashion-MNIST test set: images per class."),
+    variants: Optional[str] = typer.Option(None, help="Comma-separated row indices (default: all; see bench/icar.py VARIANTS)."),
+    opt: List[str] = typer.Option([], "--opt", help="icar option key=value applied to every row (JSON values)."),
+    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
+    name: str = typer.Option("icar", help="File name stem."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """iCAR: held-out-class zero-shot, few-shot and seen-class accuracy with the paper's ablations."""
+    from .bench.fewshot import parse_options
+    from .bench.icar import VARIANTS, markdown_table, run_icar_bench, write_icar_results
+
+    rows = [VARIANTS[int(i)] for i in variants.split(",")] if variants else list(VARIANTS)
+    result = run_icar_bench(
+        _backbone(backbone, backbone_opt), [d.strip() for d in data.split(",")], [int(s) for s in seeds.split(",")],
+        [int(k) for k in shots.split(",")], rows, cache=_cache(cache_dir), fmnist_per_class=fmnist_per_class,
+        fmnist_test_per_class=fmnist_test_per_class, n_held=held_out, options=parse_options(opt),
+        log=lambda s: console.print(s, highlight=False),
+    )
+    result["command"] = _command()
+    jp, mp = write_icar_results(result, out, name)
+    console.print(markdown_table(result), highlight=False)
+    console.print(f"wrote {jp} and {mp}")
+
+
 def main() -> None:
     warnings.filterwarnings("default")
     try:

@@ -64,14 +64,14 @@ class ICARConfig:
     image_input: str = "both"  # embed: residual map of the joint-space embedding | pooled: map of pooled visual features | both
     batch_size: int = 64  # images per step (classification + pairs)
     warmup_epochs: int = 3  # stage 1: image projection (and parametric head) only, at lr
-    epochs: int = 6  # stage 2: image projection + text tower (+ head) jointly, at joint_lr
+    epochs: int = 3  # stage 2: image projection + text tower (+ head) jointly, at joint_lr
     lr: float = 1e-3  # AdamW peak learning rate of stage 1 (cosine schedule)
     joint_lr: float = 1e-4  # AdamW peak learning rate of stage 2 (gentle: it moves pretrained text layers)
     weight_decay: float = 0.01  # AdamW weight decay (pulls the zero-initialised residuals back towards the backbone)
     min_steps_per_epoch: int = 10  # an "epoch" of a tiny (few-shot) set still takes this many steps
     grad_clip: float = 5.0  # max gradient norm (paper: 5)
     seed: int = 0  # batch sampling seed
-    threads: int = 0  # torch threads while training; 0 = leave as is
+    threads: int = 1  # torch threads while training (small ops: 1 avoids thread-pool contention); 0 = leave as is
 
 
 class ImageSide(nn.Module):
@@ -353,10 +353,17 @@ class ICAR(Method):
         return make
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
+        threads = torch.get_num_threads()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        try:
+            self._train(train, val)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, train: Encoded, val: Encoded | None) -> None:
         c = self.config
         ds = train.dataset
-        if c.threads:
-            torch.set_num_threads(c.threads)
         seed_everything(c.seed)
         t0 = time.perf_counter()
         pairs = self._pair_set(train, val)
