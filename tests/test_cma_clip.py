@@ -32,7 +32,7 @@ def make_data(n: int = 48, seed: int = 0) -> Dataset:
 
 
 FAST = dict(warmup_epochs=6, e2e_epochs=2, tune_epochs=3, width=32, heads=2, layers=1, head_hidden=32,
-            batch_size=16, lr=3e-3, e2e_lr=1e-3)
+            batch_size=16, lr=1e-2, e2e_lr=1e-3)
 
 
 def fit(cache, **opts):
@@ -156,3 +156,79 @@ def test_recall_at_precision_hand_made():
     assert tie["recall"] == pytest.approx(1 / 3) and tie["accepted"] == 1
     # unlabelled rows (-1) are ignored
     assert recall_at_precision(np.array([0, -1]), np.array([[0.9, 0.1], [0.1, 0.9]]), 0.9)["n"] == 1
+
+
+def write_manifest(tmp_path, n: int = 36, extra_row: str | None = None):
+    from PIL import Image
+
+    rows = ["image,text,color,shape"]
+    for i in range(n):
+        c, s = i % 3, (i // 3) % 2
+        arr = np.clip(np.array(list(COLORS.values())[c])[None, None] + np.random.default_rng(i).normal(0, 20, (24, 24, 3)),
+                      0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"im{i}.png")
+        text = "" if i == 5 else f"a {SHAPES[s]} thing"
+        rows.append(f"im{i}.png,{text},{list(COLORS)[c]},{SHAPES[s]}")
+    if extra_row:
+        rows.append(extra_row)
+    p = tmp_path / "items.csv"
+    p.write_text("\n".join(rows) + "\n")
+    return p
+
+
+def test_cli_fit_eval_explain_bench(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    runner = CliRunner()
+    man = write_manifest(tmp_path)
+    opts = [f"--opt={k}={v}" for k, v in FAST.items()]
+    out = tmp_path / "model"
+    r = runner.invoke(app, ["fit", "-m", "cma-clip", "-d", str(man), "-o", str(out), "-b", "toy",
+                            "--val-fraction", "0.25", "--test-fraction", "0.25", *opts])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "eval-test.json").read_text())
+    assert set(rep["tasks"]) == {"color", "shape"}
+    assert {"accuracy", "recall@90P", "lambda"} <= set(rep["tasks"]["shape"])
+    assert "recall@90%P" in r.output
+    r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "--text", "a square thing",
+                            "-o", str(tmp_path / "heat.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "heat.png").stat().st_size > 0
+    assert "'square'" in r.output or "'thing'" in r.output  # the default is a content word, never 'a'
+    r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "--text", "a square thing", "--class",
+                            "square", "-o", str(tmp_path / "heat2.png")])
+    assert r.exit_code == 0 and "'square'" in r.output, r.output
+    r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "-o", str(tmp_path / "heat3.png")])
+    assert isinstance(r.exception, DataError) and "--text" in str(r.exception)  # main() prints it as one line
+    r = runner.invoke(app, ["bench", "cma", "-d", str(man), "-b", "toy", "--folds", "3", "--fold-limit", "1",
+                            "--variants", "CMA-CLIP,CMA-CLIP w/o MA", "--out", str(tmp_path), "--name", "b",
+                            *[o for o in opts if "epochs" in o or "width" in o or "heads" in o]])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert "CMA-CLIP, text emptied" in res["rows"] and "zero-shot image+text" in res["rows"]
+    assert "| CMA-CLIP w/o MA |" in (tmp_path / "b.md").read_text()
+
+
+def test_cli_unknown_task_label_names_row_and_column(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    runner = CliRunner()
+    man = write_manifest(tmp_path)
+    out = tmp_path / "model"
+    r = runner.invoke(app, ["fit", "-m", "cma-clip", "-d", str(man), "-o", str(out), "-b", "toy",
+                            "--opt=warmup_epochs=1", "--opt=e2e_epochs=0", "--opt=tune_epochs=0", "--opt=width=16",
+                            "--opt=heads=2"])
+    assert r.exit_code == 0, r.output
+    other = write_manifest(tmp_path, extra_row="im0.png,a round thing,purple,round")
+    m = load_method(out)
+    from vlclassify.data import load_data
+
+    ds = load_data(str(other))["all"]
+    with pytest.raises(DataError, match=r"task column 'color' has label 'purple'"):
+        m.check_tasks(ds)

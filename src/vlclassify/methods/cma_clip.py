@@ -10,7 +10,7 @@ Trained in the paper's three stages with the shared trainer (vlclassify.training
 backbone frozen; end-to-end with the backbone's top blocks unfrozen (a `Split`: the frozen trunk's
 activations are cached once, so every stage costs only the top + fusion); tuning of the modality
 attentions and heads with everything else frozen. The default sequence transformer is CPU-sized
-(2 layers, width 128, 4 heads, vs the paper's 12 x 512 x 8): the data it targets here is hundreds
+(1 layer, width 256, 4 heads, vs the paper's 12 x 512 x 8; chosen on validation, docs/cma-clip.md): the data it targets here is hundreds
 to thousands of pairs on 2 cores, where a 12-layer transformer trained from scratch over-fits and
 takes minutes per epoch; width/layers/heads are options for larger data.
 """
@@ -40,16 +40,19 @@ from .registry import register_method
 
 IMAGE, TEXT = 0, 1
 EMBED_KEYS = ("img_emb", "img_tok", "txt_emb", "txt_tok", "tmask")
+STOPWORDS = {"the", "and", "for", "with", "from", "that", "this", "are", "was", "its", "his", "her", "their", "has",
+             "have", "into", "onto", "over", "under", "one", "two", "some", "which", "also", "can", "not", "but"}
 
 
 @dataclass
 class CMAClipConfig:
     tasks: list[str] | None = None  # task columns to learn (None = every task of the data, else its main label)
-    width: int = 128  # sequence transformer width (paper: 512)
-    layers: int = 2  # sequence transformer layers (paper: 12)
+    width: int = 256  # sequence transformer width (paper: 512)
+    layers: int = 1  # sequence transformer layers (paper: 12)
     heads: int = 4  # attention heads (paper: 8)
     ffn_mult: int = 2  # feed-forward width = ffn_mult * width
     dropout: float = 0.1  # dropout in the transformer and the heads
+    zero_init: bool = True  # transformer residual branches start at 0 (starts as the identity over the backbone tokens)
     head_hidden: int = 256  # hidden width of each task's MLP head
     max_text_tokens: int = 32  # text tokens kept per item (longer texts are truncated)
     modality_attention: bool = True  # False = fixed average of the modalities (ablation "w/o MA")
@@ -92,7 +95,7 @@ class CMAClipModel(nn.Module):
             self.in_proj = nn.Linear(D, W)  # shared: image and text live in one joint space
             self.type_embed = nn.Parameter(torch.randn(4, W) * 0.02)  # image CLS, image patch, text CLS, text token
             self.patch_pos = nn.Parameter(torch.randn(n_patches, W) * 0.02)  # patches carry no position otherwise
-            self.encoder = SequenceEncoder(W, cfg.heads, cfg.layers, cfg.ffn_mult, cfg.dropout)
+            self.encoder = SequenceEncoder(W, cfg.heads, cfg.layers, cfg.ffn_mult, cfg.dropout, cfg.zero_init)
             out_dim = W
         else:
             self.in_norm = nn.LayerNorm(D)
@@ -496,7 +499,7 @@ class CMAClip(Method):
         if isinstance(item, str):
             item = Item(image=item, key=item)
         if item.image is None or not (item.text or "").strip():
-            raise DataError(f"{item.key or 'item'}: explain needs both an image and a text")
+            raise DataError(f"{item.key or 'item'}: cma-clip explains a text token over the image: give both an image and its text (CLI: --text)")
         t = compute_trunk(self.split, [item], self.config.max_text_tokens, progress=False)
         self.model.eval()
         with torch.no_grad():
@@ -505,12 +508,12 @@ class CMAClip(Method):
         att = out["attention"][layer][0].mean(0)  # [S, S] averaged over heads
         tokens = self.text_tokens(item.text)
         first_tok = 1 + P + 1
-        rows = att[first_tok: first_tok + len(tokens), 1: 1 + P]  # [L, P]: text token -> image patches
-        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-12)
-        if target is None:
-            cand = [i for i, s in enumerate(tokens) if s not in ("[CLS]", "[SEP]", "[PAD]", "")] or list(range(len(tokens)))
-            ent = -(rows * rows.clamp_min(1e-12).log()).sum(-1)
-            i = min(cand, key=lambda j: float(ent[j]))
+        raw = att[first_tok: first_tok + len(tokens), 1: 1 + P]  # [L, P]: text token -> image patches
+        rows = raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)
+        if target is None:  # the content word that looks at the image most
+            cand = [i for i, s in enumerate(tokens) if s.isalpha() and len(s) > 2 and s.lower() not in STOPWORDS]
+            cand = cand or [i for i, s in enumerate(tokens) if s not in ("[CLS]", "[SEP]", "[PAD]", "")] or [0]
+            i = max(cand, key=lambda j: float(raw[j].sum()))
         else:
             want = target.lower()
             matches = [i for i, s in enumerate(tokens) if s.lower().lstrip("#") == want.lstrip("#")]

@@ -11,12 +11,15 @@ from .cross_attention import MultiHeadAttention
 class EncoderBlock(nn.Module):
     """x + SelfAttn(LN(x)), then x + FFN(LN(x)) (pre-norm: stable with few epochs and small lrs)."""
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int = 4, dropout: float = 0.1) -> None:
+    def __init__(self, dim: int, heads: int, ffn_mult: int = 4, dropout: float = 0.1, zero_init: bool = False) -> None:
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.attn = MultiHeadAttention(dim, heads, dropout=dropout, zero_init_out=zero_init)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(ffn_mult * dim, dim))
+        if zero_init:  # both residual branches start at 0: the block starts as the identity
+            nn.init.zeros_(self.ffn[-1].weight)
+            nn.init.zeros_(self.ffn[-1].bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,9 +34,10 @@ class EncoderBlock(nn.Module):
 class SequenceEncoder(nn.Module):
     """`layers` encoder blocks and a final LayerNorm; returns every layer's attention map."""
 
-    def __init__(self, dim: int, heads: int, layers: int, ffn_mult: int = 4, dropout: float = 0.1) -> None:
+    def __init__(self, dim: int, heads: int, layers: int, ffn_mult: int = 4, dropout: float = 0.1,
+                 zero_init: bool = False) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, ffn_mult, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, ffn_mult, dropout, zero_init) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
