@@ -141,6 +141,11 @@ def fit(
     if "val" in splits and len(splits["val"]) and not splits["val"].multilabel and not m.multilabel:
         info["val_accuracy"] = accuracy(splits["val"].labels(), m.predict_proba(splits["val"]))
         console.print(f"validation accuracy: {100 * info['val_accuracy']:.2f}%")
+    if "val" in splits and len(splits["val"]) and (splits["val"].multilabel or m.multilabel):
+        from .metrics import mean_average_precision
+
+        info["val_mAP"] = mean_average_precision(splits["val"].multi_hot(), m.predict_proba(splits["val"]))
+        console.print(f"validation mAP: {100 * info['val_mAP']:.2f}%")
     write_json(out / "fit.json", info)
     console.print(f"saved to {out}")
 
@@ -151,9 +156,12 @@ def evaluate(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec (default: the one the model was fitted on)."),
     split: str = typer.Option("test", help="Split to evaluate."),
     out: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (default: MODEL_DIR/eval-<split>.json)."),
+    plots: bool = typer.Option(False, "--plots", help="Also write PNG figures (ROC/PR curves; t-SNE and alignment matrix for DiCLS)."),
+    plots_dir: Optional[Path] = typer.Option(None, help="Folder for --plots (default: MODEL_DIR/plots-<split>)."),
     cache_dir: Optional[Path] = CACHE_OPT,
 ) -> None:
-    """Evaluate a saved model: top-1, per-class accuracy, macro-F1, confusion matrix."""
+    """Evaluate a saved model: top-1, per-class accuracy, macro-F1, confusion matrix (multi-label
+    models: subset accuracy, per-label P/R/F1, mAP, ROC-AUC at the validation-chosen threshold)."""
     from .errors import DataError
     from .methods import load_method
     from .metrics import classification_report
@@ -171,7 +179,17 @@ def evaluate(
     m = load_method(model_dir, cache=_cache(cache_dir))
     if ds.classnames != m.classnames:
         raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
-    report = classification_report(ds.labels(), m.predict_proba(ds), m.classnames)
+    probs = m.predict_proba(ds)
+    if ds.multilabel or m.multilabel:
+        from .metrics import multilabel_report
+
+        threshold = m.threshold() if hasattr(m, "threshold") else 0.5
+        report = multilabel_report(ds.multi_hot(), probs, m.classnames, threshold)
+        keys = ("n", "subset_accuracy", "label_accuracy", "micro_f1", "macro_f1", "macro_mAP", "micro_mAP",
+                "macro_roc_auc")
+    else:
+        report = classification_report(ds.labels(), probs, m.classnames)
+        keys = ("n", "top1", "top5", "mean_per_class_accuracy", "macro_f1")
     if hasattr(m, "task_report"):  # multi-task methods (CMA-CLIP): accuracy, recall at 90% precision, λ per task
         report["tasks"] = m.task_report(ds)
         tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
@@ -183,10 +201,15 @@ def evaluate(
     report.update({"data": data, "split": split, "model": str(model_dir)})
     write_json(out or model_dir / f"eval-{split}.json", report)
     t = Table("metric", "value")
-    for k in ("n", "top1", "top5", "mean_per_class_accuracy", "macro_f1"):
+    for k in keys:
         v = report[k]
         t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
     console.print(t)
+    if plots:
+        from .plots.report import write_eval_plots
+
+        for p in write_eval_plots(m, ds, probs, plots_dir or model_dir / f"plots-{split}", title=f"{m.name} on {data} ({split})"):
+            console.print(f"wrote {p}")
 
 
 @app.command()
@@ -218,6 +241,7 @@ def explain(
     model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit` (a method with attention, e.g. vt-clip)."),
     image: Path = typer.Argument(..., help="Image file."),
     class_: Optional[str] = typer.Option(None, "--class", help="Class name (or text token) to explain (default: the predicted class)."),
+    text: Optional[str] = typer.Option(None, "--text", help="The image's paired text (image+text methods: cma-clip explains a token of it)."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write: the attention map over the image."),
     cache_dir: Optional[Path] = CACHE_OPT,
 ) -> None:
@@ -231,9 +255,12 @@ def explain(
         raise DataError(f"{image}: image file not found")
     m = load_method(model_dir, cache=_cache(cache_dir))
     m.progress = False
-    heat = m.explain(str(image), class_)
+    from .data import Item
+
+    target = Item(image=str(image), text=text, key=str(image)) if text else str(image)
+    heat = m.explain(target, class_)
     if class_ is None:
-        class_ = m.classnames[int(m.predict([str(image)])[0])]
+        class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict([target])[0])]
     save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
     console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
 
@@ -245,6 +272,7 @@ def bench_fewshot(
     shots: str = typer.Option("1,2,4,8,16", help="Comma-separated shots."),
     seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
     test_limit: Optional[int] = typer.Option(None, help="Score on a fixed stratified subset of this many test images (faster)."),
+    min_per_class: Optional[int] = typer.Option(None, "--min-per-class", help="Drop classes with fewer images than this (tiny classes cannot give K shots + validation + test)."),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
     name: Optional[str] = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
     backbone: str = BACKBONE_OPT,
@@ -258,6 +286,7 @@ def bench_fewshot(
     result = run_fewshot(
         bb, data, parse_method_specs(methods_), [int(k) for k in shots.split(",")], [int(s) for s in seeds.split(",")],
         test_limit=test_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False),
+        min_per_class=min_per_class,
     )
     stem = name or "fewshot-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.split("?")[0].strip("/").split("/")[-1])
     jp, mp = write_results(result, out, stem, command=_command())
@@ -290,6 +319,66 @@ def bench_cma(
                            fold_limit=fold_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False))
     stem = name or "cma-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.strip("/").split("/")[-1])
     jp, mp = write_results(result, out, stem, command=_command())
+    console.print(markdown_table(result), highlight=False)
+    console.print(f"wrote {jp} and {mp}")
+
+
+
+@bench_app.command("dicls")
+def bench_dicls(
+    data: str = typer.Option("fmnist-mosaic,tuxpaint-composite", "--data", "-d", help="Comma-separated multi-label data specs."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds."),
+    rows: Optional[str] = typer.Option(None, help="Comma-separated row indices (default: all; see bench/dicls.py ROWS)."),
+    opt: List[str] = typer.Option([], "--opt", help="DiCLS option key=value applied to every row (JSON values)."),
+    jobs: int = typer.Option(2, help="Parallel worker processes (one torch thread each)."),
+    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
+    name: str = typer.Option("dicls-ablation", help="File name stem."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """DiCLS ablation (losses, fusion layers) on cached features: mean ± std over seeds."""
+    from .bench.dicls import markdown_table, run_ablation, write_results
+    from .bench.fewshot import parse_options
+
+    result = run_ablation(data.split(","), [int(s) for s in seeds.split(",")],
+                          rows=[int(r) for r in rows.split(",")] if rows else None, base=parse_options(opt), jobs=jobs,
+                          backbone=backbone, backbone_opts=parse_options(backbone_opt),
+                          cache_dir=str(cache_dir) if cache_dir else None, log=lambda s: console.print(s, highlight=False))
+    jp, mp = write_results(result, out, name, command=_command())
+    console.print(markdown_table(result), highlight=False)
+    console.print(f"wrote {jp} and {mp}")
+
+
+@bench_app.command("icar")
+def bench_icar(
+    data: str = typer.Option("fashion-mnist,tuxpaint", "--data", "-d", help="Comma-separated: fashion-mnist, tuxpaint."),
+    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds (each picks its own held-out classes)."),
+    shots: str = typer.Option("1,4,16", help="Comma-separated few-shot sizes on the held-out classes."),
+    held_out: int = typer.Option(3, help="Classes held out of training entirely, per dataset and seed."),
+    fmnist_per_class: int = typer.Option(150, help="Fashion-MNIST training pool: images per class."),
+    fmnist_test_per_class: int = typer.Option(100, help="Fashion-MNIST test set: images per class."),
+    variants: Optional[str] = typer.Option(None, help="Comma-separated row indices (default: all; see bench/icar.py VARIANTS)."),
+    opt: List[str] = typer.Option([], "--opt", help="icar option key=value applied to every row (JSON values)."),
+    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
+    name: str = typer.Option("icar", help="File name stem."),
+    backbone: str = BACKBONE_OPT,
+    backbone_opt: List[str] = BACKBONE_OPTS,
+    cache_dir: Optional[Path] = CACHE_OPT,
+) -> None:
+    """iCAR: held-out-class zero-shot, few-shot and seen-class accuracy with the paper's ablations."""
+    from .bench.fewshot import parse_options
+    from .bench.icar import VARIANTS, markdown_table, run_icar_bench, write_icar_results
+
+    rows = [VARIANTS[int(i)] for i in variants.split(",")] if variants else list(VARIANTS)
+    result = run_icar_bench(
+        _backbone(backbone, backbone_opt), [d.strip() for d in data.split(",")], [int(s) for s in seeds.split(",")],
+        [int(k) for k in shots.split(",")], rows, cache=_cache(cache_dir), fmnist_per_class=fmnist_per_class,
+        fmnist_test_per_class=fmnist_test_per_class, n_held=held_out, options=parse_options(opt),
+        log=lambda s: console.print(s, highlight=False),
+    )
+    result["command"] = _command()
+    jp, mp = write_icar_results(result, out, name)
     console.print(markdown_table(result), highlight=False)
     console.print(f"wrote {jp} and {mp}")
 
