@@ -231,7 +231,14 @@ class Trainer:
     def _loader(self, data: Any, stage: Stage, stage_idx: int, epoch: int, shuffle: bool, collate: Callable | None):
         seed = self._epoch_seed(stage_idx, epoch)
         if callable(data) and not hasattr(data, "__getitem__"):
-            return data(stage, epoch, seed)
+            batches = data(stage, epoch, seed)
+            if self.distributed:  # every rank builds the same list (same seed): take every world-th batch
+                batches = list(batches)
+                n = len(batches) // self.world * self.world
+                if n == 0:
+                    raise ConfigError(f"stage {stage.name!r}: {len(batches)} batch(es) cannot be shared by {self.world} processes")
+                batches = batches[self.rank:n:self.world]
+            return batches
         if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
             raise ConfigError("trainer: data must be a map-style dataset (__len__ + __getitem__) or a callable(stage, epoch, seed)")
         from torch.utils.data import DataLoader, DistributedSampler
