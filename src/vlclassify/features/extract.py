@@ -161,13 +161,14 @@ def extract_features(
 
     `text=None` encodes the items' texts when any item has one. `skip_bad` turns unreadable
     images into zero rows listed in `FeatureSet.skipped` instead of raising. `workers` decode
-    threads (None: one per core; more only add contention on a busy CPU). `runtime` runs the
+    threads (None: half the cores, at least one; decoding is a small share of the work and more
+    threads only contend with the model on a busy CPU, see docs/benchmarks.md). `runtime` runs the
     image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable); see
     features/runtime.py. Non-torch runtimes are part of the cache key (their floats differ in
     the last bits); "auto" accepts an entry made by either runtime.
     """
     cache = cache or FeatureCache()
-    workers = workers or min(cpu_count(), 8)
+    workers = workers or max(1, min(cpu_count() // 2, 8))
     chosen = resolve_runtime(backbone, runtime)
     accepted = [chosen] + ([r for r in ("onnx", "torch") if r != chosen] if runtime == "auto" else [])
     encoder = None
