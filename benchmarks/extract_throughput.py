@@ -173,7 +173,8 @@ def variants(bb, skip: set[str]) -> dict[str, tuple[str, Callable, float]]:
         out[name] = (desc, run, time.perf_counter() - t)
 
     add("naive", "sequential decode, eager encode_image under no_grad, default threads", lambda: naive)
-    add("library", "extract_features(): runtime=auto (ONNX Runtime), 4 decode threads", lambda: library())
+    add("library", "extract_features() defaults: runtime=auto (ONNX Runtime), decode threads = half the cores",
+        lambda: library())
     add("library-torch", "extract_features(runtime='torch'): folded BN, channels-last, inference_mode",
         lambda: library(runtime="torch"))
     add("seq+channels-last", "sequential decode; trunk channels-last + inference_mode",
