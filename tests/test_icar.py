@@ -246,3 +246,25 @@ def test_pairs_from_the_classification_source_stay_in_train(toy, cache, tmp_path
     with pytest.warns(UserWarning, match="overlaps the classification data"):
         m.fit(train, val)
     assert m.fit_info["n_pairs"] == len(train)
+
+
+def test_keeps_the_start_when_training_does_not_beat_it_on_validation(toy, cache, tmp_path):
+    from dataclasses import replace
+
+    ds = _captioned(tmp_path, n_per_class=8)
+    m = create_method("icar", toy, cache=cache, warmup_epochs=6, epochs=1, min_steps_per_epoch=10, batch_size=16,
+                      lr=3e-2, pairs="none")
+    m.progress = False
+    m.fit(ds, ds)
+    before = m.predict_proba(ds)
+    assert (before.argmax(1) == ds.labels()).mean() >= 0.9
+    wrong = Dataset(items=[replace(it, label=(it.label + 1) % 3) for it in ds.items], classnames=ds.classnames,
+                    name="wrong")
+    m.finetune(wrong, ds)  # training on wrong labels can only lose validation accuracy
+    assert m.fit_info["kept_start"] and np.allclose(m.predict_proba(ds), before, atol=1e-6)
+    m2 = create_method("icar", toy, cache=cache, warmup_epochs=6, epochs=1, min_steps_per_epoch=10, batch_size=16,
+                       lr=3e-2, pairs="none", keep_start=False)
+    m2.progress = False
+    m2.fit(ds, ds)
+    m2.finetune(wrong, ds)
+    assert not m2.fit_info["kept_start"] and (m2.predict(ds) == ds.labels()).mean() < 0.9

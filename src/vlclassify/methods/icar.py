@@ -70,6 +70,7 @@ class ICARConfig:
     weight_decay: float = 0.01  # AdamW weight decay (pulls the zero-initialised residuals back towards the backbone)
     min_steps_per_epoch: int = 10  # an "epoch" of a tiny (few-shot) set still takes this many steps
     grad_clip: float = 5.0  # max gradient norm (paper: 5)
+    keep_start: bool = True  # keep the model as it was before training unless training beats it on validation
     seed: int = 0  # batch sampling seed
     threads: int = 1  # torch threads while training (small ops: 1 avoids thread-pool contention); 0 = leave as is
 
@@ -395,8 +396,18 @@ class ICAR(Method):
         if not stages:
             raise ConfigError("icar: warmup_epochs and epochs are both 0: nothing to train")
         batches = self._batches(train, pairs)
+        start_acc, start_state = None, None
+        if metric is not None and c.keep_start:
+            self.net.eval()
+            with torch.no_grad():
+                start_acc = metric(self.net)["accuracy"]  # the model before training: zero-shot (or the finetune start)
+            start_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         result = Trainer(self.net, batches, None, stages, metric=metric, monitor="accuracy" if metric else None,
                          mode="max" if metric else None, seed=c.seed, progress=self.progress).fit()
+        trained_acc = result.stages[-1].best_metric
+        kept_start = start_acc is not None and trained_acc is not None and start_acc > trained_acc
+        if kept_start:
+            self.net.load_state_dict(start_state)
         self.net.head = c.head
         self.net.eval()
         self.classnames = list(ds.classnames)
@@ -408,6 +419,7 @@ class ICAR(Method):
             "pairs": self.config.pairs if self._pairs is None else "given",
             "text_tower": self.net.text.kind, "text_layers_trained": self.net.text.train_layers,
             "tau": float(1.0 / self.net.cos.scale.detach()),
+            "start_val_accuracy": start_acc, "kept_start": kept_start,
             "best": {s.name: {"epoch": s.best_epoch, "val_accuracy": s.best_metric} for s in result.stages},
             "history": [{k: v for k, v in r.items() if k in ("stage", "epoch", "train_loss", "train_loss_cls",
                                                             "train_loss_pair", "val_accuracy")}
