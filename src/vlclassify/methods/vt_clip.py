@@ -90,6 +90,11 @@ class VTCLIP(Method):
 
     def _batched(self, data: Encoded, batch: int = 256) -> torch.Tensor:
         f = data.features
+        with cpu_threads(batch * f.image.shape[-1] ** 2 * (f.spatial.shape[1] if f.spatial is not None else 1)):
+            return self._batched_logits(data, batch)
+
+    def _batched_logits(self, data: Encoded, batch: int) -> torch.Tensor:
+        f = data.features
         if f.spatial is None:
             raise ConfigError("vt-clip needs spatial features; extract with spatial=True")
         check_dim(f.image, self.texts.shape[1], self.name)
