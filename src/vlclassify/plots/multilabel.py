@@ -74,6 +74,7 @@ def tsne_features(plain: np.ndarray, fused: np.ndarray, y_true: np.ndarray, clas
                   path: str | Path, seed: int = 0, max_points: int = 600, title: str = "") -> Path:
     """plain [N, F] backbone features, fused [N, d] fused features, y_true [N, C] -> side-by-side t-SNE."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     plt = _plt()
     idx, lab, how = _color_labels(np.asarray(y_true))
@@ -84,8 +85,9 @@ def tsne_features(plain: np.ndarray, fused: np.ndarray, y_true: np.ndarray, clas
     for ax, x, name in ((axes[0], fused, "fused (DiCLS)"), (axes[1], plain, "plain backbone")):
         x = np.asarray(x, dtype=np.float64)[idx]
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        z = TSNE(n_components=2, perplexity=min(30.0, max(5.0, (len(x) - 1) / 3)), init="pca", random_state=seed,
-                 max_iter=750).fit_transform(x) if len(x) > 3 else np.zeros((len(x), 2))
+        with threadpool_limits(1):  # OpenMP threads spin for seconds per call on a busy machine
+            z = TSNE(n_components=2, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), init="pca", random_state=seed,
+                     max_iter=750).fit_transform(x) if len(x) > 3 else np.zeros((len(x), 2))
         for c in np.unique(lab):
             sel = lab == c
             ax.scatter(z[sel, 0], z[sel, 1], s=9, color=cols[c], label=classnames[c], alpha=0.8)
