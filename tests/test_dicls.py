@@ -242,19 +242,26 @@ def test_composites_are_deterministic(tmp_path):
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-def test_cli_fit_eval_plots_on_a_multilabel_manifest(tmp_path):
+def stripes_manifest(folder) -> str:
+    """A JSONL manifest (`labels` lists, train/val/test) of striped PNGs."""
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from vlclassify.cli import app
 
     rows = []
     for split, seed, n in (("train", 10, 24), ("val", 11, 12), ("test", 12, 12)):
         for i, it in enumerate(stripes(n, seed).items):
-            Image.fromarray(it.image).save(tmp_path / f"{split}{i}.png")
+            Image.fromarray(it.image).save(folder / f"{split}{i}.png")
             rows.append({"image": f"{split}{i}.png", "labels": [NAMES[c] for c in it.labels], "split": split})
-    man = tmp_path / "data.jsonl"
+    man = folder / "data.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(man)
+
+
+def test_cli_fit_eval_plots_on_a_multilabel_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    man = stripes_manifest(tmp_path)
     out = tmp_path / "model"
     runner = CliRunner()
     r = runner.invoke(app, ["fit", "-m", "dicls", "-d", str(man), "-o", str(out), "--backbone", "toy",
@@ -275,3 +282,20 @@ def test_label_outside_class_list_names_the_item(toy, cache):
                   classnames=list(NAMES), multilabel=True, name="stripes")
     with pytest.raises(DataError, match="bad-item.*label 5"):
         small(toy, cache).fit(bad)
+
+
+def test_ablation_bench_writes_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    man = stripes_manifest(tmp_path)
+    r = CliRunner().invoke(app, ["bench", "dicls", "-d", man, "--rows", "0,3", "--seeds", "0,1", "--jobs", "1",
+                                 "--backbone", "toy", "--opt", "dim=16", "--opt", "heads=2", "--opt", "epochs=2",
+                                 "--out", str(tmp_path), "--name", "t"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert len(res["runs"]) == 1 + 2 and res["total_cpu_s"] > 0  # the linear probe runs once
+    aln = [x for x in res["summary"] if x["row"].startswith("+ ALN")]
+    assert {x["output"] for x in aln} == {"p^v", "S_align"} and all(x["seeds"] == 2 for x in aln)
+    assert "| + ALN (w 1) | S_align |" in (tmp_path / "t.md").read_text()

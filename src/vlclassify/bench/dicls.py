@@ -48,9 +48,8 @@ _LOADED: dict = {}
 def _load_uncached(data: str, backbone_name: str, backbone_opts: dict, cache_dir: str | None):
     from ..backbones import create_backbone
     from ..data import load_data, train_val_test
-    from ..features import FeatureCache
+    from ..features import FeatureCache, extract_features
     from ..methods.base import Encoded
-    from ..features import extract_features
 
     bb = create_backbone(backbone_name, **backbone_opts)
     cache = FeatureCache(cache_dir)
