@@ -236,3 +236,16 @@ def test_bench_drops_tiny_classes(enc):
     assert sorted(set(kept.labels().tolist())) == [0, 1] and len(kept) == len(small) - 1
     with pytest.raises(DataError, match="fewer than 2 classes"):
         drop_small_classes(small, 100)
+
+
+def test_cross_attention_factorised_path_equals_standard():
+    """Few queries over many keys take the folded-projection path: same outputs and weights."""
+    torch.manual_seed(0)
+    att = MultiHeadAttention(8, heads=2)
+    q, k = torch.randn(2, 2, 8), torch.randn(2, 30, 8)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 20:] = True
+    out_f, w_f = att(q, k, key_padding_mask=mask)  # factorised (value is key, Lq << Lk)
+    out_s, w_s = att(q, k, k.clone(), key_padding_mask=mask)  # standard path (value given separately)
+    torch.testing.assert_close(out_f, out_s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_f, w_s, atol=1e-6, rtol=1e-5)

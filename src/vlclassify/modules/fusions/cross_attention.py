@@ -42,13 +42,27 @@ class MultiHeadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         value = key if value is None else value
-        q, k, v = self._split(self.q(query)), self._split(self.k(key)), self._split(self.v(value))
-        scores = q @ k.transpose(-1, -2) / self.head_dim**0.5  # [B, H, Lq, Lk]
+        lq, lk, kd = query.shape[1], key.shape[1], key.shape[2]
+        q = self._split(self.q(query))  # [B, H, Lq, hd]
+        factor = value is key and lq * (self.dim + self.heads * lk) < lk * self.dim
+        if factor:  # few queries, many keys: fold the key/value projections into the queries (same result)
+            wk = self.k.weight.view(self.heads, self.head_dim, kd)  # k bias adds a per-query constant: softmax ignores it
+            scores = torch.einsum("bhqk,blk->bhql", torch.einsum("bhqd,hdk->bhqk", q, wk), key)
+        else:
+            scores = q @ self._split(self.k(key)).transpose(-1, -2)
+        scores = scores / self.head_dim**0.5  # [B, H, Lq, Lk]
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, None, :].bool(), float("-inf"))
         w = torch.softmax(scores, dim=-1)
         w = torch.nan_to_num(w)  # a fully masked row attends to nothing instead of NaN
-        out = (self.dropout(w) @ v).transpose(1, 2).reshape(query.shape[0], query.shape[1], self.dim)
+        wd = self.dropout(w)
+        if factor:  # (w M) Wvᵀ + (Σw) bv == w (M Wvᵀ + bv)
+            wv = self.v.weight.view(self.heads, self.head_dim, kd)
+            o = torch.einsum("bhqk,hdk->bhqd", torch.einsum("bhql,blk->bhqk", wd, key), wv)
+            o = o + self.v.bias.view(1, self.heads, 1, self.head_dim) * wd.sum(-1, keepdim=True)
+        else:
+            o = wd @ self._split(self.v(value))
+        out = o.transpose(1, 2).reshape(query.shape[0], lq, self.dim)
         return self.out(out), w
 
 
