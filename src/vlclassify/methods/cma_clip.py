@@ -375,7 +375,7 @@ class CMAClip(Method):
                     emb = current["emb"]
                 out = self._forward_all(tva, emb=emb)
                 accs = {f"acc_{t}": float((z.argmax(-1)[yva[:, k] >= 0] == yva[yva[:, k] >= 0, k]).float().mean())
-                        for k, (t, z) in enumerate(zip(self.tasks, out["logits"]))}
+                        for k, (t, z) in enumerate(zip(self.tasks, out["logits"])) if bool((yva[:, k] >= 0).any())}
                 return {"mean_acc": float(np.mean(list(accs.values()))), **accs}
         run_dir = self.config.run_dir
         tmp = None
