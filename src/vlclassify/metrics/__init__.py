@@ -4,3 +4,6 @@ from .multilabel import best_threshold, mean_average_precision, multilabel_repor
 
 __all__ = ["accuracy", "classification_report"]
 __all__ += ["best_threshold", "mean_average_precision", "multilabel_report"]
+from .ranking import recall_at_precision
+
+__all__ += ["recall_at_precision"]
