@@ -3,14 +3,13 @@ text encoder as classifier with open-vocabulary class sets, pairs, save/load. To
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vlclassify.data import Dataset, Item, load_data
+from vlclassify.data import Dataset, load_data
 from vlclassify.data.descriptions import (
     WordNet, builtin_descriptions, class_sentence, read_description_file, resolve_descriptions,
 )
@@ -268,3 +267,23 @@ def test_keeps_the_start_when_training_does_not_beat_it_on_validation(toy, cache
     m2.fit(ds, ds)
     m2.finetune(wrong, ds)
     assert not m2.fit_info["kept_start"] and (m2.predict(ds) == ds.labels()).mean() < 0.9
+
+
+def test_bench_task_runs_on_held_out_classes(toy, cache, tmp_path):
+    """The benchmark's protocol end to end on toy data: seen-class fit, held-out zero-shot and 1-shot."""
+    from vlclassify.bench.icar import VARIANTS, Task, class_subset, run_task
+    from vlclassify.features import extract_features
+    from vlclassify.methods import Encoded
+
+    ds = _captioned(tmp_path, n_per_class=6)
+    enc = Encoded(ds, extract_features(toy, ds, cache=cache, progress=False))
+    sub = class_subset(enc, ["red", "blue"])
+    assert sub.dataset.classnames == ["red", "blue"] and set(sub.dataset.labels()) == {0, 1}
+    seen, held = class_subset(enc, ["red", "green"]), class_subset(enc, ["blue", "green"])
+    task = Task("toy", 1, ["red", "green"], ["blue", "green"], seen, seen, seen, held, held, pairs=None)
+    rows = [v for v in VARIANTS if v.label.startswith(("backbone zero-shot, name only", "iCAR:", "linear probe"))]
+    runs = run_task(toy, task, rows, [1], cache, dict(FAST), log=lambda s: None)
+    assert [r["variant"] for r in runs] == [v.label for v in rows]
+    for r in runs:
+        assert 0.0 <= r["seen_acc"] <= 1.0 and 0.0 <= r["1_shot_acc"] <= 1.0
+    assert "zero_shot_acc" in runs[0] and "zero_shot_acc" not in runs[1]  # the probe has no zero-shot

@@ -20,7 +20,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,8 +66,6 @@ def class_subset(enc: Encoded, classes: Sequence[str], rows: Sequence[int] | Non
     pos = {c: i for i, c in enumerate(classes)}
     rows = range(len(ds)) if rows is None else rows
     idx = [i for i in rows if ds.items[i].label is not None and names[ds.items[i].label] in keep]
-    from dataclasses import replace
-
     items = [replace(ds.items[i], label=pos[names[ds.items[i].label]]) for i in idx]
     sub = Dataset(items=items, classnames=list(classes), name=ds.name, source=ds.source)
     return Encoded(sub, enc.features.index(idx))
