@@ -26,6 +26,9 @@ SCHEDULES = {  # name -> CMMConfig overrides
     "fast-b256-bf16": {"schedule": "fast", "fast_batch": 256, "bf16": True},
     "fast-b256-fp32": {"schedule": "fast", "fast_batch": 256, "bf16": False},
     "fast-b1024-bf16": {"schedule": "fast", "fast_batch": 1024, "bf16": True},
+    "fast-b256-linear": {"schedule": "fast", "fast_batch": 256, "fast_lr_scale": "linear"},
+    "fast-b128-linear": {"schedule": "fast", "fast_batch": 128, "fast_lr_scale": "linear"},
+    "fast-b64-linear": {"schedule": "fast", "fast_batch": 64, "fast_lr_scale": "linear"},
 }
 
 
