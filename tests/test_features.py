@@ -63,3 +63,23 @@ def test_item_texts_are_encoded(toy, tmp_path, color_folder, cache):
     ds = manifest(p)["all"]
     fs = extract_features(toy, ds, cache=cache, progress=False)
     assert fs.text.shape == (2, 16) and fs.text[1].abs().sum() == 0 and fs.text[0].norm() > 0.99
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from vlclassify.utils import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "m.safetensors") as t:
+            save_file({"a": torch.zeros(1)}, str(t))
+        with atomic_path(tmp_path / "entry", is_dir=True) as t:
+            (t / "f").write_text("x")
+    finally:
+        os.umask(umask)
+    assert oct((tmp_path / "m.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "entry").stat().st_mode & 0o777) == oct(0o755)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

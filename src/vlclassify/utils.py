@@ -58,6 +58,7 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
     work = tmp if is_dir else tmp / target.name
     try:
         yield work
+        _default_mode(work)
         if is_dir:
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -70,6 +71,17 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
             os.replace(work, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_mode(path: Path) -> None:
+    """Give a finished temp file/folder the permissions a plain `open`/`mkdir` would have
+    (mkdtemp makes 0700 folders and some writers make 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~umask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~umask)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
