@@ -29,6 +29,9 @@ SCHEDULES = {  # name -> CMMConfig overrides
     "fast-b256-linear": {"schedule": "fast", "fast_batch": 256, "fast_lr_scale": "linear"},
     "fast-b128-linear": {"schedule": "fast", "fast_batch": 128, "fast_lr_scale": "linear"},
     "fast-b64-linear": {"schedule": "fast", "fast_batch": 64, "fast_lr_scale": "linear"},
+    "fast-b128": {"schedule": "fast", "fast_batch": 128},
+    "fast-b64": {"schedule": "fast", "fast_batch": 64},
+    "fast-b32": {"schedule": "fast", "fast_batch": 32},
 }
 
 
