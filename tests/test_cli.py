@@ -43,3 +43,14 @@ def test_errors_are_one_line_without_traceback(tmp_path):
                         str(tmp_path / "o"), "--backbone", "toy"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "m.csv:2: image file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_on_an_empty_split_is_a_clear_error(color_folder, tmp_path):
+    out = tmp_path / "m"
+    r = runner.invoke(app, ["fit", "-m", "linear-probe", "-d", str(color_folder), "-o", str(out), "--backbone", "toy",
+                            "--shots", "5"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", str(out)])  # 6 images per class: 5 train + 1 val leave no test image
+    from vlclassify.errors import DataError
+
+    assert isinstance(r.exception, DataError) and "split is empty" in str(r.exception)

@@ -176,6 +176,8 @@ def evaluate(
     if split not in splits:
         raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)})")
     ds = splits[split]
+    if not len(ds):
+        raise DataError(f"{data}: the {split!r} split is empty (too few images per class for this split)")
     m = load_method(model_dir, cache=_cache(cache_dir))
     if ds.classnames != m.classnames:
         raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
