@@ -41,15 +41,34 @@ def _command() -> str:
     return "vlclassify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _stem(prefix: str, data: str) -> str:
+    """`bench` output name from a data spec: `fewshot-` + the spec's last path part, sanitised."""
+    last = data.split("?")[0].strip("/").split("/")[-1]
+    return prefix + "".join(c if c.isalnum() or c in "-_" else "-" for c in last)
+
+
+def _log(line: str) -> None:
+    console.print(line, highlight=False)
+
+
+def _report(table: str, paths) -> None:
+    console.print(table, highlight=False)
+    console.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def _print_registry(registry, column: str) -> None:
+    t = Table(column, "description")
+    for n in registry.names():
+        t.add_row(n, registry.describe(n))
+    console.print(t)
+
+
 @app.command()
 def backbones() -> None:
     """List the registered backbones."""
     from .backbones import BACKBONES
 
-    t = Table("backbone", "description")
-    for n in BACKBONES.names():
-        t.add_row(n, BACKBONES.describe(n))
-    console.print(t)
+    _print_registry(BACKBONES, "backbone")
 
 
 @app.command()
@@ -57,10 +76,7 @@ def methods() -> None:
     """List the registered methods."""
     from .methods import METHODS
 
-    t = Table("method", "description")
-    for n in METHODS.names():
-        t.add_row(n, METHODS.describe(n))
-    console.print(t)
+    _print_registry(METHODS, "method")
 
 
 @app.command()
@@ -287,13 +303,10 @@ def bench_fewshot(
     bb = _backbone(backbone, backbone_opt)
     result = run_fewshot(
         bb, data, parse_method_specs(methods_), [int(k) for k in shots.split(",")], [int(s) for s in seeds.split(",")],
-        test_limit=test_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False),
+        test_limit=test_limit, cache=_cache(cache_dir), log=_log,
         min_per_class=min_per_class,
     )
-    stem = name or "fewshot-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.split("?")[0].strip("/").split("/")[-1])
-    jp, mp = write_results(result, out, stem, command=_command())
-    console.print(markdown_table(result), highlight=False)
-    console.print(f"wrote {jp} and {mp}")
+    _report(markdown_table(result), write_results(result, out, name or _stem("fewshot-", data), command=_command()))
 
 
 @bench_app.command("cma")
@@ -318,12 +331,8 @@ def bench_cma(
     bb = _backbone(backbone, backbone_opt)
     result = run_cma_bench(bb, data, folds=folds, seed=seed, tasks=tasks.split(",") if tasks else None,
                            options=parse_options(opt), variants=variants.split(",") if variants else None,
-                           fold_limit=fold_limit, cache=_cache(cache_dir), log=lambda s: console.print(s, highlight=False))
-    stem = name or "cma-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in data.strip("/").split("/")[-1])
-    jp, mp = write_results(result, out, stem, command=_command())
-    console.print(markdown_table(result), highlight=False)
-    console.print(f"wrote {jp} and {mp}")
-
+                           fold_limit=fold_limit, cache=_cache(cache_dir), log=_log)
+    _report(markdown_table(result), write_results(result, out, name or _stem("cma-", data), command=_command()))
 
 
 @bench_app.command("dicls")
@@ -346,10 +355,8 @@ def bench_dicls(
     result = run_ablation(data.split(","), [int(s) for s in seeds.split(",")],
                           rows=[int(r) for r in rows.split(",")] if rows else None, base=parse_options(opt), jobs=jobs,
                           backbone=backbone, backbone_opts=parse_options(backbone_opt),
-                          cache_dir=str(cache_dir) if cache_dir else None, log=lambda s: console.print(s, highlight=False))
-    jp, mp = write_results(result, out, name, command=_command())
-    console.print(markdown_table(result), highlight=False)
-    console.print(f"wrote {jp} and {mp}")
+                          cache_dir=str(cache_dir) if cache_dir else None, log=_log)
+    _report(markdown_table(result), write_results(result, out, name, command=_command()))
 
 
 @bench_app.command("icar")
@@ -377,12 +384,10 @@ def bench_icar(
         _backbone(backbone, backbone_opt), [d.strip() for d in data.split(",")], [int(s) for s in seeds.split(",")],
         [int(k) for k in shots.split(",")], rows, cache=_cache(cache_dir), fmnist_per_class=fmnist_per_class,
         fmnist_test_per_class=fmnist_test_per_class, n_held=held_out, options=parse_options(opt),
-        log=lambda s: console.print(s, highlight=False),
+        log=_log,
     )
     result["command"] = _command()
-    jp, mp = write_icar_results(result, out, name)
-    console.print(markdown_table(result), highlight=False)
-    console.print(f"wrote {jp} and {mp}")
+    _report(markdown_table(result), write_icar_results(result, out, name))
 
 
 def main() -> None:

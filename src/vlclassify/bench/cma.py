@@ -27,7 +27,6 @@ from ..features.trunk import TrunkSet, trunk_features
 from ..methods import create_method
 from ..methods.templates import class_text_embeddings
 from ..metrics.ranking import recall_at_precision
-from ..utils import write_json
 
 VARIANTS = {  # label -> CMA-CLIP options
     "CMA-CLIP": {},
@@ -251,19 +250,12 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, Any]:
-    from pathlib import Path
+    from .report import write_json_and_markdown
 
-    from ..utils import atomic_path
-
-    out_dir = Path(out_dir)
     result = {**result, "command": command}
-    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_json(jp, result)
     text = (f"# CMA-CLIP benchmark: {result['data']}, {result['folds']}-fold cross-validation\n\n"
             f"Command: `{command}`\n\n"
             f"Accuracy and recall at 90% precision (%, mean ± std over folds); λ = mean image weight of the "
             f"task's modality attention on the test folds. Total time {result['total_seconds']:.0f}s "
             f"(shared features {result['prep_seconds']:.0f}s).\n\n" + markdown_table(result) + "\n")
-    with atomic_path(mp) as tmp:
-        tmp.write_text(text)
-    return jp, mp
+    return write_json_and_markdown(result, out_dir, stem, text)

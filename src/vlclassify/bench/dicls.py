@@ -191,15 +191,10 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, out: str | Path, stem: str, command: str) -> tuple[Path, Path]:
-    from ..utils import atomic_path, write_json
+    from .report import write_json_and_markdown
 
-    out = Path(out)
     result = {**result, "command": command, "summary": summarize(result)}
-    jp, mp = out / f"{stem}.json", out / f"{stem}.md"
-    write_json(jp, result)
     text = (f"# DiCLS ablation\n\nCommand: `{command}`\n\nMean ± std over seeds {result['seeds']} (test split; best "
             f"epoch and threshold chosen on validation). Wall clock {result['total_s']:.0f} s with {result['jobs']} "
             f"worker(s); {result['total_cpu_s']:.0f} CPU seconds in all.\n\n" + markdown_table(result))
-    with atomic_path(mp) as tmp:
-        tmp.write_text(text)
-    return jp, mp
+    return write_json_and_markdown(result, out, stem, text)

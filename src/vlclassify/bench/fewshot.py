@@ -18,12 +18,10 @@ import numpy as np
 
 from ..backbones.base import Backbone
 from ..data import Dataset, fewshot, load_data, stratified_split
-from ..data.splits import sample_per_class
 from ..errors import DataError
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
 from ..metrics import accuracy
-from ..utils import write_json
 
 
 @dataclass
@@ -207,14 +205,8 @@ def markdown_table(result: dict, command: str | None = None) -> str:
 
 
 def write_results(result: dict, out_dir: str | Path, name: str, command: str | None = None) -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .report import write_json_and_markdown
+
     if command:
         result = {**result, "command": command}
-    jp, mp = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    write_json(jp, result)
-    from ..utils import atomic_path
-
-    with atomic_path(mp) as tmp:
-        tmp.write_text(markdown_table(result, command))
-    return jp, mp
+    return write_json_and_markdown(result, out_dir, name, markdown_table(result, command))

@@ -33,7 +33,6 @@ from ..data.descriptions import builtin_descriptions
 from ..data.splits import sample_per_class
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
-from ..utils import write_json
 
 
 @dataclass
@@ -276,11 +275,6 @@ def run_icar_bench(backbone: Backbone, datasets: Sequence[str] = ("fashion-mnist
 
 
 def write_icar_results(result: dict, out_dir: str | Path, name: str = "icar") -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    jp, mp = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    write_json(jp, result)
-    from ..utils import atomic_path
+    from .report import write_json_and_markdown
 
-    with atomic_path(mp) as tmp:
-        tmp.write_text(markdown_table(result))
-    return jp, mp
+    return write_json_and_markdown(result, out_dir, name, markdown_table(result))

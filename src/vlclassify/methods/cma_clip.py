@@ -20,7 +20,7 @@ import copy
 import math
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -120,7 +120,6 @@ class CMAClipModel(nn.Module):
         if not self.cfg.sequence_attention:
             return self.in_norm(e["img_emb"]), self.in_norm(e["txt_emb"]), None
         B, P = e["img_tok"].shape[:2]
-        L = e["txt_tok"].shape[1]
         t = self.type_embed
         seq = torch.cat([
             self.in_proj(e["img_emb"]).unsqueeze(1) + t[0],
