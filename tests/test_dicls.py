@@ -88,9 +88,11 @@ def test_backbone_fine_tuning_changes_only_listed_layers(cache, tmp_path):
     m = create_method("dicls", bb, cache=cache, dim=16, heads=2, epochs=2, train_backbone=["proj"])
     m.progress = False
     m.fit(stripes(24, 5), stripes(12, 6))
-    after = bb.state_dict()
+    after = m.backbone.state_dict()
     assert not torch.equal(before["proj.weight"], after["proj.weight"])  # fine-tuned
     assert torch.equal(before["word.weight"], after["word.weight"])  # frozen
+    assert torch.equal(before["proj.weight"], bb.state_dict()["proj.weight"])  # the caller's backbone is untouched
+    assert m.runtime == "torch"  # tuned weights never go through the cache or the ONNX trunk
     va = stripes(12, 6)
     p = m.predict_proba(va)
     m.save_pretrained(tmp_path / "ft")

@@ -169,7 +169,8 @@ def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, se
             rows.setdefault("text-only (linear probe)", {})[t] = _scores(
                 Y[t][te], _probe(txt_emb[tr], Y[t][tr], txt_emb[va], Y[t][va], txt_emb[te], C))
             cls = zs_classes[t]
-            both = torch.from_numpy(img_emb[te]) @ cls.T + torch.nn.functional.normalize(torch.from_numpy(txt_emb[te]), dim=-1) @ cls.T
+            both = (torch.nn.functional.normalize(torch.from_numpy(img_emb[te]), dim=-1) @ cls.T
+                    + torch.nn.functional.normalize(torch.from_numpy(txt_emb[te]), dim=-1) @ cls.T)
             zs = torch.softmax(backbone.logit_scale * both / 2, -1).numpy()
             rows.setdefault("zero-shot image+text", {})[t] = _scores(Y[t][te], zs)
         test_ds = ds.subset(te)

@@ -206,7 +206,7 @@ def coop_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     if sorted(names) != list(range(len(names))):
         raise DataError(f"{path}: labels must be 0..C-1, found {sorted(names)[:5]}...")
     classnames = [names[i].replace("_", " ") for i in range(len(names))]
-    src = json_fingerprint([str(path.resolve()), os.stat(path).st_mtime_ns])
+    src = json_fingerprint([str(path.resolve()), os.stat(path).st_mtime_ns, str(base.resolve())])
     return {
         split: Dataset(
             items=[Item(image=str(base / r[0]), label=r[1], key=f"{r[0]}") for r in rows],

@@ -76,6 +76,7 @@ class Method:
         self.classnames: list[str] = []
         self.fit_info: dict[str, Any] = {}
         self.progress = True
+        self.runtime = "auto"  # extraction runtime; "torch" once a method changes the backbone's weights
 
     # ---- features -----------------------------------------------------------------------
     def encode(self, data: Dataset | Encoded, views: Sequence[str] = ("orig",)) -> Encoded:
@@ -87,7 +88,7 @@ class Method:
                 raise ConfigError(f"method {self.name!r} needs cached view(s) {', '.join(missing)}")
             return data
         feats = extract_features(self.backbone, data, views=views, spatial=self.needs_spatial, cache=self.cache,
-                                 progress=self.progress)
+                                 progress=self.progress, runtime=self.runtime)
         return Encoded(data, feats)
 
     # ---- API ----------------------------------------------------------------------------

@@ -16,6 +16,8 @@ at every step.
 """
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass, field
 
@@ -213,7 +215,11 @@ class DiCLS(Method):
             from ..features import FeatureCache
 
             self._check_trainable_backbone()
-            self.cache = FeatureCache(self.cache.root, enabled=False)  # cached features would be the frozen backbone's
+            # Fine-tuning changes the weights in memory: train a private copy, never use cached
+            # features or the ONNX trunk (both are keyed by the weights on disk).
+            self.backbone = copy.deepcopy(self.backbone)
+            self.cache = FeatureCache(self.cache.root, enabled=False)
+            self.runtime = "torch"
         self.net: DiCLSNet | None = None
         self.prompt = ""
         self.token_strings: list[str] = []

@@ -361,10 +361,14 @@ class Trainer:
         threads = torch.get_num_threads()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+        # stages flip requires_grad; the caller's flags (e.g. a frozen backbone) come back afterwards
+        flags = {id(p): p.requires_grad for p in self.model.parameters()}
         try:
             return self._fit()
         finally:
             torch.set_num_threads(threads)
+            for p in self.model.parameters():
+                p.requires_grad_(flags.get(id(p), True))
 
     def _fit(self) -> TrainResult:
         fp = self._run_fingerprint()
@@ -394,8 +398,6 @@ class Trainer:
         if self.is_main:
             self._restore_best(self.stages[-1].name, pointer)
         self._sync_from_main()
-        for p in self.model.parameters():
-            p.requires_grad_(True)
         self.model.eval()
         return TrainResult(results, self.history, self.monitor)
 
