@@ -119,3 +119,11 @@ def test_more_shots_than_images_uses_all_and_warns(color_folder):
 def test_data_spec_errors():
     with pytest.raises(DataError, match="no such file"):
         load_data("/nonexistent/thing.csv")
+
+
+def test_label_seen_once_warns_as_a_possible_typo(tmp_path, color_folder):
+    imgs = sorted(str(p) for p in (color_folder / "red").iterdir())
+    p = tmp_path / "m.csv"
+    p.write_text("image,label\n" + "".join(f"{i},{c}\n" for i in imgs for c in ("rust", "scab")) + f"{imgs[0]},rsut\n")
+    with pytest.warns(UserWarning, match="'rsut' appear in one row only"):
+        manifest(p)

@@ -65,3 +65,11 @@ def test_bad_input_errors(toy, colors, tmp_path):
         load_method(tmp_path / "lp", backbone=create_backbone("toy", dim=8))
     with pytest.raises(ConfigError, match="not fitted"):
         create_method("linear-probe", toy).predict_proba(colors)
+
+
+def test_option_of_the_wrong_type_is_named(toy):
+    with pytest.raises(ConfigError, match=r"option max_iter='abc' must be int"):
+        create_method("linear-probe", toy, max_iter="abc")
+    with pytest.raises(ConfigError, match=r"option C_grid='oops' must be list"):
+        create_method("linear-probe", toy, C_grid="oops")
+    create_method("linear-probe", toy, C_grid=[1, 10.0], max_iter=50)  # ints are fine where floats are expected

@@ -48,12 +48,12 @@ def _stem(prefix: str, data: str) -> str:
 
 
 def _log(line: str) -> None:
-    console.print(line, highlight=False)
+    console.print(line, highlight=False, markup=False, soft_wrap=True)  # method specs contain [brackets]
 
 
 def _report(table: str, paths) -> None:
-    console.print(table, highlight=False)
-    console.print(f"wrote {paths[0]} and {paths[1]}")
+    console.print(table, highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {paths[0]} and {paths[1]}", markup=False, soft_wrap=True)
 
 
 def _print_registry(registry, column: str) -> None:
@@ -130,7 +130,7 @@ def fit(
     method: str = typer.Option(..., "--method", "-m", help="Method name (see `vlclassify methods`)."),
     data: str = typer.Option(..., "--data", "-d", help="Data spec (see `vlclassify extract --help`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
-    shots: Optional[int] = typer.Option(None, help="Few-shot: K training images per class (CoOp protocol)."),
+    shots: Optional[int] = typer.Option(None, min=1, help="Few-shot: K training images per class (CoOp protocol)."),
     seed: int = typer.Option(1, help="Seed for few-shot sampling and splits."),
     opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
@@ -217,12 +217,14 @@ def evaluate(
         for note in getattr(m, "notes", []):
             console.print(f"note: {note}")
     report.update({"data": data, "split": split, "model": str(model_dir)})
-    write_json(out or model_dir / f"eval-{split}.json", report)
+    report_path = out or model_dir / f"eval-{split}.json"
+    write_json(report_path, report)
     t = Table("metric", "value")
     for k in keys:
         v = report[k]
         t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
     console.print(t)
+    console.print(f"wrote {report_path} (all metrics, per-class scores, confusion matrix)", markup=False, soft_wrap=True)
     if plots:
         from .plots.report import write_eval_plots
 
@@ -251,7 +253,8 @@ def predict(
         if as_json:
             console.print_json(json.dumps({"image": str(path), "top": [{"class": m.classnames[i], "p": float(p[i])} for i in order]}))
         else:
-            console.print(f"[bold]{path}[/bold]: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order))
+            console.print(f"{path}: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order),
+                          markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -390,8 +393,13 @@ def bench_icar(
     _report(markdown_table(result), write_icar_results(result, out, name))
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     warnings.filterwarnings("default")
+    warnings.formatwarning = _one_line_warning  # user-facing warnings, not source lines
     try:
         app(standalone_mode=True)
     except VLClassifyError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -171,6 +172,16 @@ def manifest(
         splits.setdefault(split, []).append(item)
     if "all" in splits and len(splits) > 1:
         raise DataError(f"{path}: some rows have a 'split' value and some do not")
+    if main and not classes:
+        counts = {c: 0 for c in classnames}
+        for its in splits.values():
+            for it in its:
+                for l in it.labels if it.labels is not None else ((it.label,) if it.label is not None else ()):
+                    counts[classnames[l]] += 1
+        rare = [c for c, n in counts.items() if n == 1]
+        if rare and len(rows) >= 4 * len(classnames):
+            warnings.warn(f"{path}: label(s) {', '.join(map(repr, rare))} appear in one row only (a typo?); "
+                          f"pass classes=... to check labels against a fixed list", stacklevel=2)
     src = json_fingerprint([str(path), os.stat(path).st_mtime_ns])
     return {
         s: Dataset(items=its, classnames=classnames, name=path.stem, multilabel=multilabel,

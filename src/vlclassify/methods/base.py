@@ -70,6 +70,7 @@ class Method:
         unknown = sorted(set(options) - fields)
         if unknown:
             raise ConfigError(f"method {self.name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        check_option_types(self.name, self.Config, options)
         self.config = self.Config(**options)
         self.backbone = backbone
         self.cache = cache or FeatureCache()
@@ -219,6 +220,36 @@ def load_method(directory: str | Path, backbone: Backbone | None = None, cache: 
         raise ConfigError(f"{path}: missing")
     method.load_tensors(load_file(str(path)))
     return method
+
+
+def check_option_types(method: str, config_cls: type, options: dict[str, Any]) -> None:
+    """A value of the wrong type (e.g. `--opt iters=abc`) is named here, not deep inside training.
+
+    The expected type is the field's default's type; fields whose annotation admits several
+    types (`str | list[str]`, `... | None`) are left to the method's own checks."""
+    for f in dataclasses.fields(config_cls):
+        if f.name not in options:
+            continue
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if "|" in ann or "Any" in ann or "Optional" in ann or "Union" in ann:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default is None:
+            continue
+        value = options[f.name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(
+                f"method {method!r}: option {f.name}={value!r} must be {type(default).__name__} (e.g. {default!r})"
+            )
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

@@ -62,10 +62,14 @@ class LinearProbe(Method):
         scores = {}
         if val is not None and len(grid) > 1:
             xv, yv = self._x(val), val.dataset.labels()
+            nll = {}
             for C in grid:
                 w, b = self._train(x, y, C, C_n)
-                scores[C] = float(((torch.from_numpy(xv) @ w.T + b).argmax(-1).numpy() == yv).mean())
-            best = max(grid, key=lambda c: (scores[c], -c))  # ties go to the stronger regulariser
+                z = torch.from_numpy(xv) @ w.T + b
+                scores[C] = float((z.argmax(-1).numpy() == yv).mean())
+                nll[C] = float(torch.nn.functional.cross_entropy(z, torch.from_numpy(yv)))
+            # accuracy first; on a tie (common with 4 images per class) the better-calibrated C
+            best = max(grid, key=lambda c: (scores[c], -nll[c]))
         else:
             best = grid[len(grid) // 2]
         self.weight, self.bias = self._train(x, y, best, C_n)
