@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlclassify.utils import write_json
+
 SCHEDULES = {  # name -> CMMConfig overrides
     "paper-b8": {"schedule": "paper"},
     "fast-b256-bf16": {"schedule": "fast", "fast_batch": 256, "bf16": True},
@@ -129,10 +131,7 @@ def main() -> None:
               "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
                               "cpus": os.cpu_count()}}
     path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, result)
     print(f"wrote {path}")
 
 

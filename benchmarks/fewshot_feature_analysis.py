@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vlclassify.utils import write_json
 
 
 def cos_stats(x: torch.Tensor, y: np.ndarray, n: int = 3000, seed: int = 0) -> dict:
@@ -82,10 +83,7 @@ def main() -> None:
     print("zero-shot (select7):", res["zero_shot_select7"])
     stem = "".join(c if c.isalnum() else "-" for c in a.data.split("?")[0])
     out = Path(a.out or Path(__file__).parent / "results" / f"feature_analysis_{stem}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, res)
     print(f"wrote {out}")
 
 

@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vlclassify import create_backbone, create_method, extract_features, fewshot, load_data

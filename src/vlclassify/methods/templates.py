@@ -77,30 +77,22 @@ def resolve_templates(templates: str | Sequence[str]) -> list[str]:
 
 
 def class_text_embeddings(backbone, classnames: Sequence[str], templates: Sequence[str],
-                          descriptions: dict[str, str] | None = None) -> "torch.Tensor":
+                          descriptions: dict[str, str] | None = None, cache=None) -> "torch.Tensor":
     """[C, D]: per class, the mean of its normalised template embeddings, normalised (CLIP's ensemble)."""
-    import torch
-
-    descriptions = descriptions or {}
-    prompts = []
-    for c in classnames:
-        for t in templates:
-            p = t.format(c)
-            if descriptions.get(c):
-                p = f"{p} {descriptions[c]}"
-            prompts.append(p)
-    emb = backbone.encode_texts_normalized(prompts).view(len(classnames), len(templates), -1)
-    return torch.nn.functional.normalize(emb.mean(1), dim=-1)
+    return cached_template_embeddings(backbone, classnames, templates, cache, descriptions)[1]
 
 
 def cached_template_embeddings(backbone, classnames: Sequence[str], templates: Sequence[str],
-                               cache=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+                               cache=None, descriptions: dict[str, str] | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(per-template [C, L, D], ensemble [C, D]) normalised class text embeddings, through the
-    feature cache: few-shot sweeps refit many times on the same classes, so encode them once."""
+    feature cache: few-shot sweeps refit many times on the same classes, so encode them once.
+    A class's description, if given, follows each of its prompts."""
     import torch
 
     from ..features import encode_texts
 
-    prompts = [t.format(c) for c in classnames for t in templates]
+    descriptions = descriptions or {}
+    prompts = [f"{t.format(c)} {descriptions[c]}" if descriptions.get(c) else t.format(c)
+               for c in classnames for t in templates]
     per = encode_texts(backbone, prompts, cache=cache).view(len(classnames), len(templates), -1).float()
     return per, torch.nn.functional.normalize(per.mean(1), dim=-1)

@@ -39,7 +39,7 @@ class ZeroShot(Method):
         """Zero-shot needs no images: set (or change) the classes by name."""
         self.classnames = list(classnames)
         with torch.inference_mode():
-            self.class_embeds = class_text_embeddings(self.backbone, self.classnames, self.templates)
+            self.class_embeds = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
         return self
 
     def fit(self, train, val=None) -> "ZeroShot":
