@@ -6,6 +6,7 @@ the number the choice was made on — next to the test-fold scores (reported, no
 
 Each argument is a JSON dict of CMA-CLIP options on top of: 8 warm-up epochs, no stage 2, 4 tuning epochs.
 """
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ has something to learn. Budget: the paper's 16,000 steps x batch 8 = 128,000 sam
 schedule runs in a fresh subprocess, so its peak memory (ru_maxrss growth over the data set-up)
 is its own. Held-out accuracy: 10 images per class, alpha searched on a 4-per-class validation set.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,13 +81,26 @@ def run_one(name: str, classes: int, shots: int, dim: int, threads: int) -> dict
         alpha, _ = search_alpha(cmm_logits(xv, W, T, scale), scale * xv @ t0.T, yv.numpy(), cfg.alpha_grid, cfg.fusion)
         lp = fused_log_probs(cmm_logits(xt, W, T, scale), zs_te, alpha, cfg.fusion)
         acc = float((lp.argmax(-1) == yt).float().mean())
-        acc_a1 = float((fused_log_probs(cmm_logits(xt, W, T, scale), zs_te, 1.0, cfg.fusion).argmax(-1) == yt).float().mean())
-    return {"schedule": name, "options": SCHEDULES[name], "steps": info["steps"], "batch": info["batch"],
-            "samples_seen": info["steps"] * info["batch"], "peak_lr": info["peak_lr"], "bf16": info["bf16"],
-            "wall_seconds": round(wall, 2), "ms_per_step": round(1000 * wall / info["steps"], 3),
-            "peak_mem_mb": round((rss1 - rss0) / 1024, 1), "alpha": alpha,
-            "heldout_accuracy": round(100 * acc, 2), "heldout_accuracy_alpha1": round(100 * acc_a1, 2),
-            "zero_shot_accuracy": round(100 * zs_acc, 2), "threads": threads}
+        acc_a1 = float(
+            (fused_log_probs(cmm_logits(xt, W, T, scale), zs_te, 1.0, cfg.fusion).argmax(-1) == yt).float().mean()
+        )
+    return {
+        "schedule": name,
+        "options": SCHEDULES[name],
+        "steps": info["steps"],
+        "batch": info["batch"],
+        "samples_seen": info["steps"] * info["batch"],
+        "peak_lr": info["peak_lr"],
+        "bf16": info["bf16"],
+        "wall_seconds": round(wall, 2),
+        "ms_per_step": round(1000 * wall / info["steps"], 3),
+        "peak_mem_mb": round((rss1 - rss0) / 1024, 1),
+        "alpha": alpha,
+        "heldout_accuracy": round(100 * acc, 2),
+        "heldout_accuracy_alpha1": round(100 * acc_a1, 2),
+        "zero_shot_accuracy": round(100 * zs_acc, 2),
+        "threads": threads,
+    }
 
 
 def main() -> None:
@@ -109,27 +123,57 @@ def main() -> None:
     rows = []
     for n in names:
         load_before = os.getloadavg()
-        out = subprocess.run([sys.executable, __file__, "--_child", n, "--classes", str(a.classes), "--shots", str(a.shots),
-                              "--dim", str(a.dim), "--threads", str(a.threads)], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_child",
+                n,
+                "--classes",
+                str(a.classes),
+                "--shots",
+                str(a.shots),
+                "--dim",
+                str(a.dim),
+                "--threads",
+                str(a.threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             sys.exit(f"error: schedule {n} failed:\n{out.stderr}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["loadavg_before"] = [round(v, 2) for v in load_before]
         row["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
         rows.append(row)
-        print(f"{n:<18} steps {row['steps']:>6} x {row['batch']:<5} {row['wall_seconds']:>8.2f} s  "
-              f"{row['ms_per_step']:>7.2f} ms/step  peak +{row['peak_mem_mb']:>7.1f} MB  acc {row['heldout_accuracy']:.2f}% "
-              f"(alpha {row['alpha']}; zero-shot {row['zero_shot_accuracy']:.2f}%)  load {row['loadavg_before'][0]}", flush=True)
+        print(
+            f"{n:<18} steps {row['steps']:>6} x {row['batch']:<5} {row['wall_seconds']:>8.2f} s  "
+            f"{row['ms_per_step']:>7.2f} ms/step  peak +{row['peak_mem_mb']:>7.1f} MB  "
+            f"acc {row['heldout_accuracy']:.2f}% "
+            f"(alpha {row['alpha']}; zero-shot {row['zero_shot_accuracy']:.2f}%)  load {row['loadavg_before'][0]}",
+            flush=True,
+        )
     ref = next((r for r in rows if r["schedule"] == "paper-b8"), None)
     if ref:
         for r in rows:
             r["accuracy_delta_vs_paper"] = round(r["heldout_accuracy"] - ref["heldout_accuracy"], 2)
     import torch
 
-    result = {"command": "python " + " ".join(sys.argv), "classes": a.classes, "shots": a.shots, "dim": a.dim,
-              "budget_samples": 16000 * 8, "rows": rows,
-              "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-                              "cpus": os.cpu_count()}}
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "classes": a.classes,
+        "shots": a.shots,
+        "dim": a.dim,
+        "budget_samples": 16000 * 8,
+        "rows": rows,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+    }
     path = Path(a.out)
     write_json(path, result)
     print(f"wrote {path}")

@@ -8,6 +8,7 @@ folded channels-last torch trunk, ONNX Runtime), the ImageNet head on the pooled
 before vs the top-k `embedding_bag` now in the backbone. Median of --repeats timings of each
 step; the load average is recorded. Writes benchmarks/results/extract_breakdown.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     steps = {}
     with torch.inference_mode():
         steps["decode+preprocess (1 thread)"], x = timed(
-            lambda: torch.stack([bb.preprocess(load_image(it)) for it in items]), args.repeats)
+            lambda: torch.stack([bb.preprocess(load_image(it)) for it in items]), args.repeats
+        )
         steps["trunk: eager torch"], fmap = timed(lambda: bb.image_trunk(x), args.repeats)
         folded = bb.inference_trunk()
         xcl = x.contiguous(memory_format=torch.channels_last)
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
         cells = fmap.flatten(2).transpose(1, 2)
         fc = bb.vision._fc
         steps["head: fc on pooled + 49 cells"], logits = timed(
-            lambda: torch.cat([fc(pooled)[:, None], fc(cells)], 1), args.repeats)  # [64, 50, 1000]
+            lambda: torch.cat([fc(pooled)[:, None], fc(cells)], 1), args.repeats
+        )  # [64, 50, 1000]
         steps["join: dense softmax/scatter/matmul (before)"], a = timed(lambda: dense_join(logits), args.repeats)
         steps["join: top-k embedding_bag (now)"], b = timed(lambda: bb._to_text_space(logits), args.repeats)
     diff = float((a - b).abs().max())
@@ -85,12 +88,21 @@ def main(argv=None) -> int:
     print(table)
     print(f"join: max abs diff dense vs top-k = {diff:.1e}; one-off ONNX export {export_s:.1f} s")
     print(f"load average at start: {load_start}; at end: {load_end}")
-    write_json(args.out, {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cpu_affinity": len(os.sched_getaffinity(0)),
-        "rows": rows, "join_max_abs_diff": diff, "onnx_export_s": export_s, "uptime_start": load_start, "uptime_end": load_end,
-        "table_md": table,
-    })
+    write_json(
+        args.out,
+        {
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_affinity": len(os.sched_getaffinity(0)),
+            "rows": rows,
+            "join_max_abs_diff": diff,
+            "onnx_export_s": export_s,
+            "uptime_start": load_start,
+            "uptime_end": load_end,
+            "table_md": table,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

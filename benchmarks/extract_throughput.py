@@ -12,6 +12,7 @@ Repeats run round-robin (naive, library, ..., naive, library, ...) so load swing
 variant alike; the table shows the median. The CPU is shared, so the load average is recorded
 beside each run. Prints a table; writes JSON to benchmarks/results/extract_throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -67,6 +68,7 @@ def naive(bb, ds) -> tuple[torch.Tensor, ...]:
 
 def sequential(encoder: Callable) -> Callable:
     """Sequential decode (as naive) + a faster encoder: isolates the model-side change."""
+
     def run(bb, ds):
         items = ds.items
         img, pooled, sp = collect(len(items), bb.embed_dim)
@@ -77,11 +79,13 @@ def sequential(encoder: Callable) -> Callable:
                 b = x.shape[0]
                 img[s : s + b], pooled[s : s + b], sp[s : s + b] = out.embeds, out.pooled, out.tokens
         return img, pooled, sp
+
     return run
 
 
 def pipelined(make: Callable, workers: int) -> Callable:
     """The library's decode pipeline (`iter_batches`: threads decode the next batch) + an encoder."""
+
     def run(bb, ds):
         items = ds.items
         enc = make(bb)
@@ -91,6 +95,7 @@ def pipelined(make: Callable, workers: int) -> Callable:
             b = x.shape[0]
             img[s : s + b], pooled[s : s + b], sp[s : s + b] = out.embeds, out.pooled, out.tokens
         return img, pooled, sp
+
     return run
 
 
@@ -100,6 +105,7 @@ def _decode_in_child(item) -> np.ndarray:
 
 def process_pool(make: Callable, procs: int) -> Callable:
     """Decoding in forked worker processes (results pickled back), encoder in the parent."""
+
     def run(bb, ds):
         global _BB
         items = ds.items
@@ -114,14 +120,17 @@ def process_pool(make: Callable, procs: int) -> Callable:
                 b = len(arrs)
                 img[s : s + b], pooled[s : s + b], sp[s : s + b] = out.embeds, out.pooled, out.tokens
         return img, pooled, sp
+
     return run
 
 
 def library(**kw) -> Callable:
     def run(bb, ds):
-        fs = extract_features(bb, ds, spatial=True, text=False, cache=FeatureCache(enabled=False),
-                              batch_size=BATCH, progress=False, **kw)
+        fs = extract_features(
+            bb, ds, spatial=True, text=False, cache=FeatureCache(enabled=False), batch_size=BATCH, progress=False, **kw
+        )
         return fs.image, fs.pooled, fs.spatial.float()
+
     return run
 
 
@@ -137,7 +146,9 @@ class ModelVariant:
         elif kind == "jit":
             with torch.no_grad():
                 ex = torch.zeros(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-                self.trunk = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(bb.inference_trunk(), ex)))
+                self.trunk = torch.jit.optimize_for_inference(
+                    torch.jit.freeze(torch.jit.trace(bb.inference_trunk(), ex))
+                )
         else:
             raise ValueError(kind)
 
@@ -173,28 +184,58 @@ def variants(bb, skip: set[str]) -> dict[str, tuple[str, Callable, float]]:
         out[name] = (desc, run, time.perf_counter() - t)
 
     add("naive", "sequential decode, eager encode_image under no_grad, default threads", lambda: naive)
-    add("library", "extract_features() defaults: runtime=auto (ONNX Runtime), decode threads = half the cores",
-        lambda: library())
-    add("library-torch", "extract_features(runtime='torch'): folded BN, channels-last, inference_mode",
-        lambda: library(runtime="torch"))
-    add("seq+channels-last", "sequential decode; trunk channels-last + inference_mode",
-        lambda: sequential(ModelVariant(bb, "cl")))
-    add("seq+folded-bn", "sequential decode; + batch norms folded into convs (the torch runtime)",
-        lambda: sequential(TorchEncoder(bb)))
-    add("seq+folded-bn-1thread", "as seq+folded-bn with torch.set_num_threads(1)",
-        lambda: Threads(sequential(TorchEncoder(bb)), 1))
-    add("seq+onnx", "sequential decode; trunk in ONNX Runtime (2 threads, no spinning)",
-        lambda: sequential(OnnxEncoder(bb)))
-    add("onnx-1thread+decode-threads", "ONNX Runtime with 1 intra-op thread; 4 decode threads",
-        lambda: pipelined(lambda b: OnnxEncoder(b, threads=1), 4))
+    add(
+        "library",
+        "extract_features() defaults: runtime=auto (ONNX Runtime), decode threads = half the cores",
+        lambda: library(),
+    )
+    add(
+        "library-torch",
+        "extract_features(runtime='torch'): folded BN, channels-last, inference_mode",
+        lambda: library(runtime="torch"),
+    )
+    add(
+        "seq+channels-last",
+        "sequential decode; trunk channels-last + inference_mode",
+        lambda: sequential(ModelVariant(bb, "cl")),
+    )
+    add(
+        "seq+folded-bn",
+        "sequential decode; + batch norms folded into convs (the torch runtime)",
+        lambda: sequential(TorchEncoder(bb)),
+    )
+    add(
+        "seq+folded-bn-1thread",
+        "as seq+folded-bn with torch.set_num_threads(1)",
+        lambda: Threads(sequential(TorchEncoder(bb)), 1),
+    )
+    add(
+        "seq+onnx",
+        "sequential decode; trunk in ONNX Runtime (2 threads, no spinning)",
+        lambda: sequential(OnnxEncoder(bb)),
+    )
+    add(
+        "onnx-1thread+decode-threads",
+        "ONNX Runtime with 1 intra-op thread; 4 decode threads",
+        lambda: pipelined(lambda b: OnnxEncoder(b, threads=1), 4),
+    )
     add("onnx+decode-1thread", "library pipeline with 1 decode thread", lambda: library(workers=1))
     add("onnx+decode-2threads", "library pipeline with 2 decode threads", lambda: library(workers=2))
-    add("onnx+decode-2procs", "ONNX Runtime; decoding in 2 forked processes",
-        lambda: process_pool(lambda b: OnnxEncoder(b), 2))
-    add("seq+jit-freeze", "sequential decode; torch.jit.trace + freeze + optimize_for_inference",
-        lambda: sequential(ModelVariant(bb, "jit")))
-    add("seq+compile", "sequential decode; torch.compile (inductor) of the folded trunk",
-            lambda: sequential(ModelVariant(bb, "compile")))
+    add(
+        "onnx+decode-2procs",
+        "ONNX Runtime; decoding in 2 forked processes",
+        lambda: process_pool(lambda b: OnnxEncoder(b), 2),
+    )
+    add(
+        "seq+jit-freeze",
+        "sequential decode; torch.jit.trace + freeze + optimize_for_inference",
+        lambda: sequential(ModelVariant(bb, "jit")),
+    )
+    add(
+        "seq+compile",
+        "sequential decode; torch.compile (inductor) of the folded trunk",
+        lambda: sequential(ModelVariant(bb, "compile")),
+    )
     return out
 
 
@@ -242,11 +283,15 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 out = run(bb, ds)
                 dt = time.perf_counter() - t
-                runs[dname][name].append({"seconds": dt, "images_per_s": len(ds) / dt, "load1_before": la,
-                                          "load1_after": os.getloadavg()[0]})
+                runs[dname][name].append(
+                    {"seconds": dt, "images_per_s": len(ds) / dt, "load1_before": la, "load1_after": os.getloadavg()[0]}
+                )
                 feats[dname].setdefault(name, out)
-                print(f"[{r + 1}/{args.repeats}] {dname:13s} {name:28s} {len(ds) / dt:7.1f} img/s  (load {la:.1f})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{r + 1}/{args.repeats}] {dname:13s} {name:28s} {len(ds) / dt:7.1f} img/s  (load {la:.1f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     rows = []
     for dname, ds in sets.items():
@@ -257,15 +302,24 @@ def main(argv=None) -> int:
             ips = [x["images_per_s"] for x in runs[dname][name]]
             med = statistics.median(ips)
             f = feats[dname][name]
-            rows.append({
-                "dataset": dname, "variant": name, "what": desc, "images": len(ds),
-                "images_per_s_median": med, "images_per_s_runs": ips, "speedup_vs_naive": med / base,
-                "max_abs_diff_image": float((f[0] - ref[0]).abs().max()),
-                "max_abs_diff_pooled": float((f[1] - ref[1]).abs().max()),
-                "max_abs_diff_spatial": float((f[2] - ref[2]).abs().max()),
-                "spatial_fp16_rounding_of_naive": fp16_floor,
-                "setup_s": setup, "warmup_s": warm[name], "runs": runs[dname][name],
-            })
+            rows.append(
+                {
+                    "dataset": dname,
+                    "variant": name,
+                    "what": desc,
+                    "images": len(ds),
+                    "images_per_s_median": med,
+                    "images_per_s_runs": ips,
+                    "speedup_vs_naive": med / base,
+                    "max_abs_diff_image": float((f[0] - ref[0]).abs().max()),
+                    "max_abs_diff_pooled": float((f[1] - ref[1]).abs().max()),
+                    "max_abs_diff_spatial": float((f[2] - ref[2]).abs().max()),
+                    "spatial_fp16_rounding_of_naive": fp16_floor,
+                    "setup_s": setup,
+                    "warmup_s": warm[name],
+                    "runs": runs[dname][name],
+                }
+            )
 
     hdr = f"| data | variant | img/s (median of {args.repeats}) | x naive | max diff image / pooled / spatial |"
     lines = [hdr, "|---|---|---:|---:|---|"]
@@ -280,12 +334,22 @@ def main(argv=None) -> int:
     print(f"load average (1/5/15 min, running/total, last pid) at start: {load_start}; at end: {load_end}")
     result = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        "backbone": bb.identity(), "batch_size": BATCH, "image_size": bb.image_size, "spatial": True,
-        "repeats": args.repeats, "cpu_affinity": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-        "onnx_export_s": export_s, "uptime_start": load_start, "uptime_end": load_end,
+        "backbone": bb.identity(),
+        "batch_size": BATCH,
+        "image_size": bb.image_size,
+        "spatial": True,
+        "repeats": args.repeats,
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "onnx_export_s": export_s,
+        "uptime_start": load_start,
+        "uptime_end": load_end,
         "load1_during_runs": [x["load1_before"] for d in runs.values() for v in d.values() for x in v],
-        "rows": rows, "table_md": table,
+        "rows": rows,
+        "table_md": table,
     }
     try:
         import onnxruntime

@@ -10,6 +10,7 @@ classes, and nearest-class-mean accuracy with K random images per class as proto
 scored), mean over 3 seeds. Adapters (Tip-Adapter, CMM, VT-CLIP) all work in the joint space; the
 linear probe works on the pooled features. Writes JSON to benchmarks/results/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--min-per-class", type=int, default=0, help="drop classes with fewer images (as bench --min-per-class)")
+    ap.add_argument(
+        "--min-per-class", type=int, default=0, help="drop classes with fewer images (as bench --min-per-class)"
+    )
     ap.add_argument("--shots", default="1,4,16")
     ap.add_argument("--backbone", default="effnet-minilm")
     ap.add_argument("--out", default="")
@@ -72,9 +75,20 @@ def main() -> None:
     _, t = cached_template_embeddings(bb, ds.classnames, resolve_templates("select7"))
     zs = float(((F.normalize(fs.image.float(), dim=-1) @ t.T).argmax(-1).numpy() == y).mean())
     shots = [int(k) for k in a.shots.split(",")]
-    res = {"command": "python " + " ".join(sys.argv), "data": a.data, "split": a.split, "n": len(y),
-           "classes": len(ds.classnames), "backbone": a.backbone, "zero_shot_select7": round(100 * zs, 2), "spaces": {}}
-    for name, x in (("image (joint, %d-d)" % fs.image.shape[1], fs.image), ("pooled (%d-d)" % fs.pooled.shape[1], fs.pooled)):
+    res = {
+        "command": "python " + " ".join(sys.argv),
+        "data": a.data,
+        "split": a.split,
+        "n": len(y),
+        "classes": len(ds.classnames),
+        "backbone": a.backbone,
+        "zero_shot_select7": round(100 * zs, 2),
+        "spaces": {},
+    }
+    for name, x in (
+        (f"image (joint, {fs.image.shape[1]}-d)", fs.image),
+        (f"pooled ({fs.pooled.shape[1]}-d)", fs.pooled),
+    ):
         row = cos_stats(x, y)
         for k in shots:
             row[f"ncm_{k}shot"] = ncm(x, y, k)

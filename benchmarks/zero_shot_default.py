@@ -6,6 +6,7 @@ Fashion-MNIST test split. The NLL columns show how `logit_scale` calibrates the 
 
     python benchmarks/zero_shot_default.py [--backbone effnet-minilm] [--out benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,23 @@ def main() -> None:
     rows = []
     tux = load_data("tuxpaint")["all"]
     fm = load_data("fashion-mnist")
-    data = {"tuxpaint (439 photos, 15 classes)": Encoded(tux, extract_features(bb, tux)),
-            "fashion-mnist test (10k, 10 classes)": Encoded(fm["test"], extract_features(bb, fm["test"]))}
+    data = {
+        "tuxpaint (439 photos, 15 classes)": Encoded(tux, extract_features(bb, tux)),
+        "fashion-mnist test (10k, 10 classes)": Encoded(fm["test"], extract_features(bb, fm["test"])),
+    }
     for name, enc in data.items():
         modalities = ["image", "text", "both"] if enc.features.text is not None else ["image"]
         for templates in ["single", "select7", "imagenet80"]:
             for mod in modalities:
                 m = create_method("zero-shot", bb, templates=templates, modality=mod).fit(enc)
-                rows.append({"data": name, "templates": templates, "modality": mod,
-                             "accuracy": accuracy(enc.dataset.labels(), m.predict_proba(enc))})
+                rows.append(
+                    {
+                        "data": name,
+                        "templates": templates,
+                        "modality": mod,
+                        "accuracy": accuracy(enc.dataset.labels(), m.predict_proba(enc)),
+                    }
+                )
     # Calibration: Tux Paint (all photos) and the Fashion-MNIST train split (few-shot pools, seeds 1-3).
     zs = create_method("zero-shot", bb).fit(tux)
     calib = {"tuxpaint": nll_by_scale(zs, data["tuxpaint (439 photos, 15 classes)"])}

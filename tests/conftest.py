@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny stand-in backbone, small on-disk datasets, an isolated cache."""
+
 from __future__ import annotations
 
 import os

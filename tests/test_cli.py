@@ -11,8 +11,24 @@ runner = CliRunner()
 
 def test_fit_eval_predict_on_a_folder(color_folder, tmp_path):
     out = tmp_path / "model"
-    r = runner.invoke(app, ["fit", "-m", "linear-probe", "-d", str(color_folder), "-o", str(out), "--backbone", "toy",
-                            "--test-fraction", "0.34", "--val-fraction", "0.33"])
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            "linear-probe",
+            "-d",
+            str(color_folder),
+            "-o",
+            str(out),
+            "--backbone",
+            "toy",
+            "--test-fraction",
+            "0.34",
+            "--val-fraction",
+            "0.33",
+        ],
+    )
     assert r.exit_code == 0, r.output
     info = json.loads((out / "fit.json").read_text())
     assert info["sizes"]["train"] >= 3 and "val_accuracy" in info
@@ -27,8 +43,27 @@ def test_fit_eval_predict_on_a_folder(color_folder, tmp_path):
 
 
 def test_fewshot_bench_writes_table(color_folder, tmp_path):
-    r = runner.invoke(app, ["bench", "fewshot", "-d", str(color_folder), "--methods", "zero-shot,linear-probe[C_grid=[1.0]]",
-                            "--shots", "1,2", "--seeds", "1,2", "--backbone", "toy", "--out", str(tmp_path), "--name", "t"])
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "fewshot",
+            "-d",
+            str(color_folder),
+            "--methods",
+            "zero-shot,linear-probe[C_grid=[1.0]]",
+            "--shots",
+            "1,2",
+            "--seeds",
+            "1,2",
+            "--backbone",
+            "toy",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "t",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "t.json").read_text())
     assert len(res["runs"]) == 2 * 2 * 2 and "command" in res
@@ -39,16 +74,33 @@ def test_fewshot_bench_writes_table(color_folder, tmp_path):
 def test_errors_are_one_line_without_traceback(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("image,label\nnope.png,a\n")
-    r = subprocess.run([sys.executable, "-m", "vlclassify.cli", "fit", "-m", "zero-shot", "-d", str(bad), "-o",
-                        str(tmp_path / "o"), "--backbone", "toy"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlclassify.cli",
+            "fit",
+            "-m",
+            "zero-shot",
+            "-d",
+            str(bad),
+            "-o",
+            str(tmp_path / "o"),
+            "--backbone",
+            "toy",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "m.csv:2: image file not found" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_eval_on_an_empty_split_is_a_clear_error(color_folder, tmp_path):
     out = tmp_path / "m"
-    r = runner.invoke(app, ["fit", "-m", "linear-probe", "-d", str(color_folder), "-o", str(out), "--backbone", "toy",
-                            "--shots", "5"])
+    r = runner.invoke(
+        app, ["fit", "-m", "linear-probe", "-d", str(color_folder), "-o", str(out), "--backbone", "toy", "--shots", "5"]
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", str(out)])  # 6 images per class: 5 train + 1 val leave no test image
     from vlclassify.errors import DataError

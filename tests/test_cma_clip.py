@@ -1,5 +1,6 @@
 """CMA-CLIP on the toy backbone: three stages, save/load, keyless attention, ablations, bad input,
 and recall at precision on hand-made cases."""
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,30 @@ def make_data(n: int = 48, seed: int = 0) -> Dataset:
     for i in range(n):
         c, s = i % 3, (i // 3) % 2
         arr = np.clip(np.array(list(COLORS.values())[c])[None, None] + rng.normal(0, 20, (24, 24, 3)), 0, 255)
-        items.append(Item(image=arr.astype(np.uint8), label=c, text=f"a {SHAPES[s]} thing",
-                          tasks={"color": c, "shape": s}, key=f"toy{seed}-{i}"))
+        items.append(
+            Item(
+                image=arr.astype(np.uint8),
+                label=c,
+                text=f"a {SHAPES[s]} thing",
+                tasks={"color": c, "shape": s},
+                key=f"toy{seed}-{i}",
+            )
+        )
     return Dataset(items=items, classnames=list(COLORS), name="toyset", tasks={"color": list(COLORS), "shape": SHAPES})
 
 
-FAST = dict(warmup_epochs=6, e2e_epochs=2, tune_epochs=3, width=32, heads=2, layers=1, head_hidden=32,
-            batch_size=16, lr=1e-2, e2e_lr=1e-3)
+FAST = dict(
+    warmup_epochs=6,
+    e2e_epochs=2,
+    tune_epochs=3,
+    width=32,
+    heads=2,
+    layers=1,
+    head_hidden=32,
+    batch_size=16,
+    lr=1e-2,
+    e2e_lr=1e-3,
+)
 
 
 def fit(cache, **opts):
@@ -124,15 +142,23 @@ def test_missing_modalities_and_explain(cache):
 
 def test_bad_input_errors(cache):
     m, test = fit(cache, warmup_epochs=1, e2e_epochs=0, tune_epochs=0)
-    both = Dataset(items=[Item(image=None, text="", label=0, tasks={"color": 0, "shape": 0}, key="empty-row")],
-                   classnames=test.classnames, name="bad", tasks=test.tasks)
+    both = Dataset(
+        items=[Item(image=None, text="", label=0, tasks={"color": 0, "shape": 0}, key="empty-row")],
+        classnames=test.classnames,
+        name="bad",
+        tasks=test.tasks,
+    )
     with pytest.raises(DataError, match="empty-row.*neither an image nor a text"):
         m.predict_tasks(both)
     other = Dataset(items=test.items, classnames=test.classnames, name="other", tasks={"color": test.tasks["color"]})
     with pytest.raises(DataError, match="task column 'shape'"):
         m.check_tasks(other)
-    unknown = Dataset(items=test.items, classnames=test.classnames, name="unk",
-                      tasks={"color": test.tasks["color"], "shape": ["round", "striped"]})
+    unknown = Dataset(
+        items=test.items,
+        classnames=test.classnames,
+        name="unk",
+        tasks={"color": test.tasks["color"], "shape": ["round", "striped"]},
+    )
     with pytest.raises(DataError, match=r"row 3 .*task column 'shape' has label 'striped'"):
         m.check_tasks(unknown)
     with pytest.raises(DataError, match="no task column 'size'"):
@@ -164,8 +190,9 @@ def write_manifest(tmp_path, n: int = 36, extra_row: str | None = None):
     rows = ["image,text,color,shape"]
     for i in range(n):
         c, s = i % 3, (i // 3) % 2
-        arr = np.clip(np.array(list(COLORS.values())[c])[None, None] + np.random.default_rng(i).normal(0, 20, (24, 24, 3)),
-                      0, 255).astype(np.uint8)
+        arr = np.clip(
+            np.array(list(COLORS.values())[c])[None, None] + np.random.default_rng(i).normal(0, 20, (24, 24, 3)), 0, 255
+        ).astype(np.uint8)
         Image.fromarray(arr).save(tmp_path / f"im{i}.png")
         text = "" if i == 5 else f"a {SHAPES[s]} thing"
         rows.append(f"im{i}.png,{text},{list(COLORS)[c]},{SHAPES[s]}")
@@ -185,8 +212,25 @@ def test_cli_fit_eval_explain_bench(tmp_path):
     man = write_manifest(tmp_path)
     opts = [f"--opt={k}={v}" for k, v in FAST.items()]
     out = tmp_path / "model"
-    r = runner.invoke(app, ["fit", "-m", "cma-clip", "-d", str(man), "-o", str(out), "-b", "toy",
-                            "--val-fraction", "0.25", "--test-fraction", "0.25", *opts])
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            "cma-clip",
+            "-d",
+            str(man),
+            "-o",
+            str(out),
+            "-b",
+            "toy",
+            "--val-fraction",
+            "0.25",
+            "--test-fraction",
+            "0.25",
+            *opts,
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["eval", str(out)])
     assert r.exit_code == 0, r.output
@@ -194,19 +238,52 @@ def test_cli_fit_eval_explain_bench(tmp_path):
     assert set(rep["tasks"]) == {"color", "shape"}
     assert {"accuracy", "recall@90P", "lambda"} <= set(rep["tasks"]["shape"])
     assert "recall@90%P" in r.output
-    r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "--text", "a square thing",
-                            "-o", str(tmp_path / "heat.png")])
+    r = runner.invoke(
+        app,
+        ["explain", str(out), str(tmp_path / "im4.png"), "--text", "a square thing", "-o", str(tmp_path / "heat.png")],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "heat.png").stat().st_size > 0
     assert "'square'" in r.output or "'thing'" in r.output  # the default is a content word, never 'a'
-    r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "--text", "a square thing", "--class",
-                            "square", "-o", str(tmp_path / "heat2.png")])
+    r = runner.invoke(
+        app,
+        [
+            "explain",
+            str(out),
+            str(tmp_path / "im4.png"),
+            "--text",
+            "a square thing",
+            "--class",
+            "square",
+            "-o",
+            str(tmp_path / "heat2.png"),
+        ],
+    )
     assert r.exit_code == 0 and "'square'" in r.output, r.output
     r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "-o", str(tmp_path / "heat3.png")])
     assert isinstance(r.exception, DataError) and "--text" in str(r.exception)  # main() prints it as one line
-    r = runner.invoke(app, ["bench", "cma", "-d", str(man), "-b", "toy", "--folds", "3", "--fold-limit", "1",
-                            "--variants", "CMA-CLIP,CMA-CLIP w/o MA", "--out", str(tmp_path), "--name", "b",
-                            *[o for o in opts if "epochs" in o or "width" in o or "heads" in o]])
+    r = runner.invoke(
+        app,
+        [
+            "bench",
+            "cma",
+            "-d",
+            str(man),
+            "-b",
+            "toy",
+            "--folds",
+            "3",
+            "--fold-limit",
+            "1",
+            "--variants",
+            "CMA-CLIP,CMA-CLIP w/o MA",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "b",
+            *[o for o in opts if "epochs" in o or "width" in o or "heads" in o],
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
     assert "CMA-CLIP, text emptied" in res["rows"] and "zero-shot image+text" in res["rows"]
@@ -221,9 +298,25 @@ def test_cli_unknown_task_label_names_row_and_column(tmp_path):
     runner = CliRunner()
     man = write_manifest(tmp_path)
     out = tmp_path / "model"
-    r = runner.invoke(app, ["fit", "-m", "cma-clip", "-d", str(man), "-o", str(out), "-b", "toy",
-                            "--opt=warmup_epochs=1", "--opt=e2e_epochs=0", "--opt=tune_epochs=0", "--opt=width=16",
-                            "--opt=heads=2"])
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            "cma-clip",
+            "-d",
+            str(man),
+            "-o",
+            str(out),
+            "-b",
+            "toy",
+            "--opt=warmup_epochs=1",
+            "--opt=e2e_epochs=0",
+            "--opt=tune_epochs=0",
+            "--opt=width=16",
+            "--opt=heads=2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     other = write_manifest(tmp_path, extra_row="im0.png,a round thing,purple,round")
     m = load_method(out)

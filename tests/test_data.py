@@ -1,12 +1,18 @@
 import json
-import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from vlclassify.data import (
-    coop_split, fashion_mnist, fewshot, image_folder, load_data, load_image, manifest, sample_per_class, tuxpaint,
+    coop_split,
+    fashion_mnist,
+    fewshot,
+    image_folder,
+    load_data,
+    load_image,
+    manifest,
+    sample_per_class,
+    tuxpaint,
 )
 from vlclassify.errors import DataError
 
@@ -40,7 +46,9 @@ def test_csv_manifest_multilabel_and_errors(tmp_path, color_folder):
 
 def test_jsonl_manifest_tasks_and_splits(tmp_path, color_folder):
     img = str(next((color_folder / "red").iterdir()))
-    rows = [{"image": img, "text": "red shirt", "color": "red", "style": "plain", "split": s} for s in ("train", "test")]
+    rows = [
+        {"image": img, "text": "red shirt", "color": "red", "style": "plain", "split": s} for s in ("train", "test")
+    ]
     rows.append({"image": img, "text": "x", "color": "blue", "style": "striped", "split": "train"})
     p = tmp_path / "m.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
@@ -54,8 +62,11 @@ def test_jsonl_manifest_tasks_and_splits(tmp_path, color_folder):
 
 
 def test_coop_split(tmp_path, color_folder):
-    data = {"train": [["red/red_0.png", 0, "red_thing"], ["blue/blue_0.png", 1, "blue"]],
-            "val": [["red/red_1.png", 0, "red_thing"]], "test": [["blue/blue_1.png", 1, "blue"]]}
+    data = {
+        "train": [["red/red_0.png", 0, "red_thing"], ["blue/blue_0.png", 1, "blue"]],
+        "val": [["red/red_1.png", 0, "red_thing"]],
+        "test": [["blue/blue_1.png", 1, "blue"]],
+    }
     p = tmp_path / "split.json"
     p.write_text(json.dumps(data))
     s = coop_split(p, root=color_folder)

@@ -1,4 +1,5 @@
 """DiCLS: phrase grounding, gated fusion, losses, multi-label metrics, composites (toy backbone)."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ def stripes(n: int, seed: int, multilabel: bool = True) -> Dataset:
         for j, c in enumerate(cs):
             arr[:, j * 16 : (j + 1) * 16] = COLORS[NAMES[c]]
         arr = np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)
-        items.append(Item(image=arr, labels=tuple(cs) if multilabel else None, label=None if multilabel else cs[0],
-                          key=f"stripes-{seed}-{multilabel}-{i}"))
+        items.append(
+            Item(
+                image=arr,
+                labels=tuple(cs) if multilabel else None,
+                label=None if multilabel else cs[0],
+                key=f"stripes-{seed}-{multilabel}-{i}",
+            )
+        )
     return Dataset(items=items, classnames=list(NAMES), multilabel=multilabel, name="stripes")
 
 
@@ -54,7 +61,9 @@ def test_fit_multilabel_probs_and_save_load(toy, cache, tmp_path):
     assert not np.allclose(p.sum(1), 1.0)  # independent sigmoids, not a softmax
     assert mean_average_precision(va.multi_hot(), p) > 0.6  # chance is ~0.5
     hist = m.fit_info["history"]
-    assert {"train_loss_focal", "train_loss_aln", "train_loss_cta", "train_loss_cpa", "train_loss_arcface"} <= set(hist[0])
+    assert {"train_loss_focal", "train_loss_aln", "train_loss_cta", "train_loss_cpa", "train_loss_arcface"} <= set(
+        hist[0]
+    )
     m.save_pretrained(tmp_path / "m")
     m2 = load_method(tmp_path / "m", cache=cache)
     np.testing.assert_allclose(m2.predict_proba(va), p, atol=1e-6)
@@ -182,8 +191,12 @@ def test_prompt_tokens_and_missing_class(toy):
 
 def test_bad_input_errors(toy, cache, tmp_path):
     tr = stripes(10, 9)
-    bad = Dataset(items=tr.items[:-1] + [Item(image=tr.items[0].image, labels=(), key="empty")],
-                  classnames=list(NAMES), multilabel=True, name="stripes")
+    bad = Dataset(
+        items=tr.items[:-1] + [Item(image=tr.items[0].image, labels=(), key="empty")],
+        classnames=list(NAMES),
+        multilabel=True,
+        name="stripes",
+    )
     with pytest.raises(DataError, match="no label"):
         small(toy, cache).fit(bad)
     man = tmp_path / "m.csv"
@@ -224,9 +237,10 @@ def test_multilabel_metrics_hand_cases():
 
 # ---- composites ------------------------------------------------------------------------------------
 def test_composites_are_deterministic(tmp_path):
-    from vlclassify.data.composites import tuxpaint_composite
-    from vlclassify.data.builtin import TUXPAINT_ROOT
     from pathlib import Path
+
+    from vlclassify.data.builtin import TUXPAINT_ROOT
+    from vlclassify.data.composites import tuxpaint_composite
 
     if not Path(TUXPAINT_ROOT).is_dir():
         pytest.skip("tuxpaint-stamps-default is not installed")
@@ -240,7 +254,9 @@ def test_composites_are_deterministic(tmp_path):
             assert (tmp_path / "a" / s).exists() and open(x.image, "rb").read() == open(y.image, "rb").read()
         assert all(1 <= len(it.labels) <= 3 for it in a[s].items)
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["counts"] == {"train": 4, "val": 2, "test": 2}
-    assert [open(x.image, "rb").read() for x in a["train"].items] != [open(x.image, "rb").read() for x in c["train"].items]
+    assert [open(x.image, "rb").read() for x in a["train"].items] != [
+        open(x.image, "rb").read() for x in c["train"].items
+    ]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -266,8 +282,26 @@ def test_cli_fit_eval_plots_on_a_multilabel_manifest(tmp_path):
     man = stripes_manifest(tmp_path)
     out = tmp_path / "model"
     runner = CliRunner()
-    r = runner.invoke(app, ["fit", "-m", "dicls", "-d", str(man), "-o", str(out), "--backbone", "toy",
-                            "--opt", "dim=16", "--opt", "heads=2", "--opt", "epochs=3"])
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "-m",
+            "dicls",
+            "-d",
+            str(man),
+            "-o",
+            str(out),
+            "--backbone",
+            "toy",
+            "--opt",
+            "dim=16",
+            "--opt",
+            "heads=2",
+            "--opt",
+            "epochs=3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "val_mAP" in json.loads((out / "fit.json").read_text())
     r = runner.invoke(app, ["eval", str(out), "--plots"])
@@ -280,8 +314,12 @@ def test_cli_fit_eval_plots_on_a_multilabel_manifest(tmp_path):
 
 def test_label_outside_class_list_names_the_item(toy, cache):
     tr = stripes(8, 13)
-    bad = Dataset(items=tr.items[:-1] + [Item(image=tr.items[0].image, labels=(0, 5), key="bad-item")],
-                  classnames=list(NAMES), multilabel=True, name="stripes")
+    bad = Dataset(
+        items=tr.items[:-1] + [Item(image=tr.items[0].image, labels=(0, 5), key="bad-item")],
+        classnames=list(NAMES),
+        multilabel=True,
+        name="stripes",
+    )
     with pytest.raises(DataError, match="bad-item.*label 5"):
         small(toy, cache).fit(bad)
 
@@ -292,9 +330,33 @@ def test_ablation_bench_writes_table(tmp_path):
     from vlclassify.cli import app
 
     man = stripes_manifest(tmp_path)
-    r = CliRunner().invoke(app, ["bench", "dicls", "-d", man, "--rows", "0,3", "--seeds", "0,1", "--jobs", "1",
-                                 "--backbone", "toy", "--opt", "dim=16", "--opt", "heads=2", "--opt", "epochs=2",
-                                 "--out", str(tmp_path), "--name", "t"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "dicls",
+            "-d",
+            man,
+            "--rows",
+            "0,3",
+            "--seeds",
+            "0,1",
+            "--jobs",
+            "1",
+            "--backbone",
+            "toy",
+            "--opt",
+            "dim=16",
+            "--opt",
+            "heads=2",
+            "--opt",
+            "epochs=2",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "t",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "t.json").read_text())
     assert len(res["runs"]) == 1 + 2 and res["total_cpu_s"] > 0  # the linear probe runs once

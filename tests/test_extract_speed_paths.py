@@ -3,6 +3,7 @@
 Real default backbone on a few real images (Tux Paint photos, Fashion-MNIST arrays). Speed itself
 is measured by benchmarks/extract_throughput.py, not here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,16 @@ def _close(fs, ref, spatial=True):
 
 @pytest.mark.parametrize("rt", ["torch", "onnx"])
 def test_runtime_matches_eager(effnet, real_images, eager, rt):
-    fs = extract_features(effnet, real_images, spatial=True, text=False, cache=FeatureCache(enabled=False),
-                          progress=False, runtime=rt, batch_size=4)
+    fs = extract_features(
+        effnet,
+        real_images,
+        spatial=True,
+        text=False,
+        cache=FeatureCache(enabled=False),
+        progress=False,
+        runtime=rt,
+        batch_size=4,
+    )
     _close(fs, eager)
 
 
@@ -75,8 +84,9 @@ def test_fallback_without_onnxruntime(effnet, real_images, eager, monkeypatch):
     assert not runtime.onnxruntime_available()
     assert runtime.resolve_runtime(effnet, "auto") == "torch"
     assert runtime.make_encoder(effnet).name == "torch"
-    fs = extract_features(effnet, real_images, spatial=True, text=False, cache=FeatureCache(enabled=False),
-                          progress=False)
+    fs = extract_features(
+        effnet, real_images, spatial=True, text=False, cache=FeatureCache(enabled=False), progress=False
+    )
     _close(fs, eager)
     with pytest.raises(ConfigError, match="needs onnxruntime"):
         extract_features(effnet, real_images, cache=FeatureCache(enabled=False), progress=False, runtime="onnx")
@@ -110,8 +120,15 @@ def test_damaged_onnx_file_is_exported_again(effnet, real_images, eager, tmp_pat
 
 
 def test_spatial_false_skips_the_cell_head(effnet, real_images, eager):
-    fs = extract_features(effnet, real_images, spatial=False, text=False, cache=FeatureCache(enabled=False),
-                          progress=False, runtime="torch")
+    fs = extract_features(
+        effnet,
+        real_images,
+        spatial=False,
+        text=False,
+        cache=FeatureCache(enabled=False),
+        progress=False,
+        runtime="torch",
+    )
     assert fs.spatial is None
     _close(fs, eager, spatial=False)
 
@@ -138,8 +155,9 @@ def test_numpy_preprocess_is_bit_identical_to_the_torch_formula(effnet, real_ima
         w, h = im.size
         s = 224 / min(w, h)
         nw, nh = max(224, round(w * s)), max(224, round(h * s))
-        crop = im.resize((nw, nh), Image.BICUBIC).crop(((nw - 224) // 2, (nh - 224) // 2, (nw - 224) // 2 + 224,
-                                                        (nh - 224) // 2 + 224))
+        crop = im.resize((nw, nh), Image.BICUBIC).crop(
+            ((nw - 224) // 2, (nh - 224) // 2, (nw - 224) // 2 + 224, (nh - 224) // 2 + 224)
+        )
         old = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         old = old.mul_(2.0).sub_(1.0)
         new = effnet.preprocess(im)

@@ -5,7 +5,7 @@ import torch
 
 from vlclassify.data import image_folder
 from vlclassify.errors import DataError
-from vlclassify.features import FeatureCache, extract_features
+from vlclassify.features import extract_features
 
 
 def test_extract_shapes_views_and_cache_hit(toy, color_folder, cache):

@@ -1,4 +1,5 @@
 """Few-shot adapters (issue 3): CMM, VT-CLIP, Tip-Adapter(-F), cross-modal linear probe, explain."""
+
 import json
 
 import numpy as np
@@ -62,9 +63,11 @@ def test_fit_predict_save_load(name, toy, enc, tmp_path):
 def test_methods_learn_separable_colours(toy, enc):
     """Colour classes are separable in toy features: the trained adapters must fit them well."""
     tr, va, _ = enc
-    for name, opts in [("tip-adapter", {}), ("cmm", {"schedule": "fast", "fast_batch": 16, "iters": 600, "lr": 1e-2,
-                                                     "min_lr": 1e-3, "fusion": "logit"}),
-                       ("cross-modal-linear-probe", {"epochs": 100})]:
+    for name, opts in [
+        ("tip-adapter", {}),
+        ("cmm", {"schedule": "fast", "fast_batch": 16, "iters": 600, "lr": 1e-2, "min_lr": 1e-3, "fusion": "logit"}),
+        ("cross-modal-linear-probe", {"epochs": 100}),
+    ]:
         m = create_method(name, toy, **opts)
         m.progress = False
         acc = (m.fit(tr, va).predict(va) == va.dataset.labels()).mean()
@@ -128,8 +131,12 @@ def test_tip_adapter_search_uses_val_and_changes_with_it(toy, enc):
 def test_cmm_ablation_switches_change_behaviour(toy, enc):
     tr, va, _ = enc
     out = {}
-    for k, o in {"full": {}, "no_w": {"no_w": True}, "no_triplet": {"no_triplet": True},
-                 "no_clip_fusion": {"no_clip_fusion": True}}.items():
+    for k, o in {
+        "full": {},
+        "no_w": {"no_w": True},
+        "no_triplet": {"no_triplet": True},
+        "no_clip_fusion": {"no_clip_fusion": True},
+    }.items():
         m = create_method("cmm", toy, iters=150, lr=1e-2, fixed_alpha=True, **o)
         m.progress = False
         m.fit(tr, va)
@@ -159,8 +166,9 @@ def test_cmm_fusion_and_schedules():
     with pytest.raises(ConfigError, match="schedule"):
         CMMConfig(schedule="slow") and schedule_of(CMMConfig(schedule="slow"))
     x = F.normalize(torch.randn(40, 6), dim=-1)
-    W, T, info = train_cmm(x, torch.arange(4).repeat(10), F.normalize(torch.randn(4, 6), dim=-1), 10.0,
-                           CMMConfig(iters=20, batch_size=8))
+    W, T, info = train_cmm(
+        x, torch.arange(4).repeat(10), F.normalize(torch.randn(4, 6), dim=-1), 10.0, CMMConfig(iters=20, batch_size=8)
+    )
     assert W.shape == (6, 6) and T.shape == (4, 6) and info["steps"] == 20
 
 

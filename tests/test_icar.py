@@ -1,5 +1,6 @@
 """iCAR: cosine/linear heads, the unified contrastive loss, descriptions (file + WordNet), the
 text encoder as classifier with open-vocabulary class sets, pairs, save/load. Toy backbone only."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,11 @@ from PIL import Image
 
 from vlclassify.data import Dataset, load_data
 from vlclassify.data.descriptions import (
-    WordNet, builtin_descriptions, class_sentence, read_description_file, resolve_descriptions,
+    WordNet,
+    builtin_descriptions,
+    class_sentence,
+    read_description_file,
+    resolve_descriptions,
 )
 from vlclassify.errors import ConfigError, DataError
 from vlclassify.methods import create_method, load_method
@@ -100,7 +105,7 @@ def _fake_wordnet(folder):
     """A two-synset WordNet with correct byte offsets, as Debian's wordnet-base lays it out."""
     folder.mkdir()
     header = "  1 This is a licence header line.  \n"
-    s1 = "{off} 05 n 01 sneaker 0 000 | a canvas shoe with a pliable rubber sole; \"he wore sneakers\"  \n"
+    s1 = '{off} 05 n 01 sneaker 0 000 | a canvas shoe with a pliable rubber sole; "he wore sneakers"  \n'
     s2 = "{off} 06 n 02 cat 0 true_cat 0 000 | feline mammal usually having thick soft fur  \n"
     data = header
     off1 = len(data.encode())
@@ -108,8 +113,7 @@ def _fake_wordnet(folder):
     off2 = len(data.encode())
     data += s2.format(off=f"{off2:08d}")
     (folder / "data.noun").write_text(data)
-    (folder / "index.noun").write_text(
-        header + f"cat n 1 1 @ 1 0 {off2:08d}  \nsneaker n 1 0 1 0 {off1:08d}  \n")
+    (folder / "index.noun").write_text(header + f"cat n 1 1 @ 1 0 {off2:08d}  \nsneaker n 1 0 1 0 {off1:08d}  \n")
     return folder
 
 
@@ -183,8 +187,17 @@ def test_cosine_vs_linear_switch_and_training_moves_text(toy, cache, tmp_path):
 
 def test_learns_separable_classes(toy, cache, tmp_path):
     ds = _captioned(tmp_path, n_per_class=8)
-    m = create_method("icar", toy, cache=cache, warmup_epochs=6, epochs=2, min_steps_per_epoch=10, batch_size=16,
-                      lr=3e-2, pairs="none")
+    m = create_method(
+        "icar",
+        toy,
+        cache=cache,
+        warmup_epochs=6,
+        epochs=2,
+        min_steps_per_epoch=10,
+        batch_size=16,
+        lr=3e-2,
+        pairs="none",
+    )
     m.progress = False
     zero = create_method("icar", toy, cache=cache).set_classes(ds.classnames)
     m.fit(ds, ds)
@@ -217,8 +230,11 @@ def test_bad_input(toy, cache, tmp_path):
     # Empty captions are skipped with a warning naming one; only empty captions is an error.
     from dataclasses import replace
 
-    holes = Dataset(items=[replace(it, text="  ") if i % 2 else it for i, it in enumerate(ds.items)],
-                    classnames=ds.classnames, name="holes")
+    holes = Dataset(
+        items=[replace(it, text="  ") if i % 2 else it for i, it in enumerate(ds.items)],
+        classnames=ds.classnames,
+        name="holes",
+    )
     with pytest.warns(UserWarning, match="empty caption"):
         m.fit(ds, None, pairs=holes)
     assert m.fit_info["n_pairs"] == len(ds) // 2
@@ -251,18 +267,38 @@ def test_keeps_the_start_when_training_does_not_beat_it_on_validation(toy, cache
     from dataclasses import replace
 
     ds = _captioned(tmp_path, n_per_class=8)
-    m = create_method("icar", toy, cache=cache, warmup_epochs=6, epochs=1, min_steps_per_epoch=10, batch_size=16,
-                      lr=3e-2, pairs="none")
+    m = create_method(
+        "icar",
+        toy,
+        cache=cache,
+        warmup_epochs=6,
+        epochs=1,
+        min_steps_per_epoch=10,
+        batch_size=16,
+        lr=3e-2,
+        pairs="none",
+    )
     m.progress = False
     m.fit(ds, ds)
     before = m.predict_proba(ds)
     assert (before.argmax(1) == ds.labels()).mean() >= 0.9
-    wrong = Dataset(items=[replace(it, label=(it.label + 1) % 3) for it in ds.items], classnames=ds.classnames,
-                    name="wrong")
+    wrong = Dataset(
+        items=[replace(it, label=(it.label + 1) % 3) for it in ds.items], classnames=ds.classnames, name="wrong"
+    )
     m.finetune(wrong, ds)  # training on wrong labels can only lose validation accuracy
     assert m.fit_info["kept_start"] and np.allclose(m.predict_proba(ds), before, atol=1e-6)
-    m2 = create_method("icar", toy, cache=cache, warmup_epochs=6, epochs=1, min_steps_per_epoch=10, batch_size=16,
-                       lr=3e-2, pairs="none", keep_start=False)
+    m2 = create_method(
+        "icar",
+        toy,
+        cache=cache,
+        warmup_epochs=6,
+        epochs=1,
+        min_steps_per_epoch=10,
+        batch_size=16,
+        lr=3e-2,
+        pairs="none",
+        keep_start=False,
+    )
     m2.progress = False
     m2.fit(ds, ds)
     m2.finetune(wrong, ds)

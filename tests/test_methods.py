@@ -30,7 +30,9 @@ def test_zero_shot_templates_and_roundtrip(toy, colors, tmp_path):
     assert m.class_embeds.shape == (3, 16)
     assert torch.allclose(m.class_embeds.norm(dim=-1), torch.ones(3))
     m.save_pretrained(tmp_path / "zs")
-    np.testing.assert_allclose(load_method(tmp_path / "zs", backbone=toy).predict_proba(colors), m.predict_proba(colors), atol=1e-6)
+    np.testing.assert_allclose(
+        load_method(tmp_path / "zs", backbone=toy).predict_proba(colors), m.predict_proba(colors), atol=1e-6
+    )
     with pytest.raises(ConfigError, match="unknown template set"):
         create_method("zero-shot", toy, templates="nonsense")
 
@@ -48,8 +50,9 @@ def test_zero_shot_on_real_backbone_beats_chance(effnet):
 
 def test_bad_input_errors(toy, colors, tmp_path):
     with pytest.raises(DataError, match="at least 2 classes"):
-        create_method("linear-probe", toy).fit(colors.subset(range(6)).__class__(
-            items=colors.items[:6], classnames=["blue"], name="one"))
+        create_method("linear-probe", toy).fit(
+            colors.subset(range(6)).__class__(items=colors.items[:6], classnames=["blue"], name="one")
+        )
     missing_red = colors.subset([i for i, l in enumerate(colors.labels()) if l != 2])
     with pytest.raises(DataError, match="no training images for class.*red"):
         create_method("linear-probe", toy).fit(missing_red)

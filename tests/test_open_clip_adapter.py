@@ -2,6 +2,7 @@
 
 open_clip itself pulls a CUDA torch build, so CI cannot install it; this checks our adapter's
 use of that API (create_model_and_transforms, get_tokenizer, visual.output_tokens, ln_final)."""
+
 import sys
 import types
 
@@ -53,7 +54,10 @@ def fake_open_clip(monkeypatch):
     def create_model_and_transforms(name, pretrained=None):
         if name != "Tiny":
             raise RuntimeError(f"Model config for {name} not found.")
-        transform = lambda im: torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32) / 255).permute(2, 0, 1)  # noqa: E731
+
+        def transform(im):
+            return torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32) / 255).permute(2, 0, 1)  # noqa: E731
+
         return _CLIP(), None, transform
 
     def get_tokenizer(name):

@@ -22,5 +22,8 @@ def test_core_does_not_import_heavy_optional_packages():
     import subprocess
     import sys
 
-    code = "import sys, vlclassify, vlclassify.cli; bad=[m for m in ('torchvision','timm','open_clip') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, vlclassify, vlclassify.cli; "
+        "bad=[m for m in ('torchvision','timm','open_clip') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

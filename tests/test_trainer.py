@@ -1,4 +1,5 @@
 """The shared multi-stage trainer: learning, best-checkpoint selection, freezing, resume, logs."""
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,15 @@ def accuracy_of(data):
     def metric(model):
         logits = model({"x": data.x, "y": data.y})["logits"]
         return {"acc": float((logits.argmax(-1) == data.y).float().mean())}
+
     return metric
 
 
 def stages():
-    return [Stage("warmup", epochs=3, lr=0.05, trainable=["head."], batch_size=16),
-            Stage("all", epochs=3, lr=0.02, batch_size=16, schedule="linear", warmup=0.2)]
+    return [
+        Stage("warmup", epochs=3, lr=0.05, trainable=["head."], batch_size=16),
+        Stage("all", epochs=3, lr=0.02, batch_size=16, schedule="linear", warmup=0.2),
+    ]
 
 
 def test_trains_logs_and_freezes(tmp_path):
@@ -61,8 +65,17 @@ def test_trains_logs_and_freezes(tmp_path):
         if rec["stage"] == "warmup":  # body frozen in stage 1: params and BatchNorm stats unchanged
             seen.append(all(torch.equal(body0[k], v) for k, v in model.body.state_dict().items()))
 
-    res = Trainer(model, train, val, stages()[:1], metric=accuracy_of(val), monitor="acc", out_dir=tmp_path,
-                  progress=False, callbacks=[check_frozen]).fit()
+    res = Trainer(
+        model,
+        train,
+        val,
+        stages()[:1],
+        metric=accuracy_of(val),
+        monitor="acc",
+        out_dir=tmp_path,
+        progress=False,
+        callbacks=[check_frozen],
+    ).fit()
     assert seen == [True, True, True]
     assert res.stages[0].best_metric >= 0.9
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -84,8 +97,9 @@ def test_best_checkpoint_restored_between_stages(tmp_path):
     def snap(rec):
         snapshots[(rec["stage"], rec["epoch"])] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    res = Trainer(model, train, val, stages(), metric=metric, monitor="score", out_dir=tmp_path, progress=False,
-                  callbacks=[snap]).fit()
+    res = Trainer(
+        model, train, val, stages(), metric=metric, monitor="score", out_dir=tmp_path, progress=False, callbacks=[snap]
+    ).fit()
     assert res.stages[0].best_epoch == 2 and res.stages[1].best_epoch == 3
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["best"] for x in log] == [True, True, False, True, True, True]
@@ -108,10 +122,21 @@ def test_stage_starts_from_previous_best(tmp_path):
     def snap(rec):
         snapshots[(rec["stage"], rec["epoch"])] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    st = [Stage("a", epochs=3, lr=0.05, batch_size=16), Stage("b", epochs=1, lr=0.0, weight_decay=0.0, batch_size=16,
-                                                           trainable=["head."])]
-    Trainer(model, train, val, st, metric=lambda m: {"s": next(scores)}, monitor="s", out_dir=tmp_path,
-            progress=False, callbacks=[snap]).fit()
+    st = [
+        Stage("a", epochs=3, lr=0.05, batch_size=16),
+        Stage("b", epochs=1, lr=0.0, weight_decay=0.0, batch_size=16, trainable=["head."]),
+    ]
+    Trainer(
+        model,
+        train,
+        val,
+        st,
+        metric=lambda m: {"s": next(scores)},
+        monitor="s",
+        out_dir=tmp_path,
+        progress=False,
+        callbacks=[snap],
+    ).fit()
     best_a = snapshots[("a", 2)]
     assert all(torch.equal(v, best_a[k]) for k, v in model.state_dict().items() if k.startswith("head."))
     assert not torch.equal(best_a["head.weight"], snapshots[("a", 3)]["head.weight"])
@@ -120,8 +145,9 @@ def test_stage_starts_from_previous_best(tmp_path):
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     train, val = Blobs(64, 0), Blobs(32, 1)
     ref = Tiny()
-    Trainer(ref, train, val, stages(), metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "ref",
-            progress=False).fit()
+    Trainer(
+        ref, train, val, stages(), metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "ref", progress=False
+    ).fit()
 
     class Killed(Exception):
         pass
@@ -132,17 +158,33 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
     first = Tiny()
     with pytest.raises(Killed):
-        Trainer(first, train, val, stages(), metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "run",
-                progress=False, callbacks=[kill]).fit()
+        Trainer(
+            first,
+            train,
+            val,
+            stages(),
+            metric=accuracy_of(val),
+            monitor="acc",
+            out_dir=tmp_path / "run",
+            progress=False,
+            callbacks=[kill],
+        ).fit()
     pointer = json.loads((tmp_path / "run" / "last.json").read_text())
     assert pointer["stage"] == 1 and pointer["epoch"] == 1
     again = Tiny()  # a fresh process: fresh weights, state comes from disk
-    res = Trainer(again, train, val, stages(), metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "run",
-                  progress=False).fit()
+    res = Trainer(
+        again, train, val, stages(), metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "run", progress=False
+    ).fit()
     for k, v in ref.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
-    assert [(h["stage"], h["epoch"]) for h in res.history] == [("warmup", 1), ("warmup", 2), ("warmup", 3),
-                                                               ("all", 1), ("all", 2), ("all", 3)]
+    assert [(h["stage"], h["epoch"]) for h in res.history] == [
+        ("warmup", 1),
+        ("warmup", 2),
+        ("warmup", 3),
+        ("all", 1),
+        ("all", 2),
+        ("all", 3),
+    ]
     # changing the stages makes resuming refuse instead of silently mixing runs
     with pytest.raises(ConfigError, match="different stages"):
         Trainer(Tiny(), train, val, [Stage("warmup", epochs=9)], out_dir=tmp_path / "run", progress=False).fit()
@@ -170,8 +212,9 @@ def test_schedule_is_per_step_and_sized_in_steps():
 def test_lr_reaches_end_of_schedule(tmp_path):
     """The last epoch's LR is near 0 for a linear schedule: stepped per batch, sized in batches."""
     model = Tiny()
-    res = Trainer(model, Blobs(64), None, [Stage("s", epochs=3, lr=0.1, batch_size=16, schedule="linear")],
-                  progress=False).fit()
+    res = Trainer(
+        model, Blobs(64), None, [Stage("s", epochs=3, lr=0.1, batch_size=16, schedule="linear")], progress=False
+    ).fit()
     assert res.history[-1]["lr"] == pytest.approx(0.1 * (1 - 11 / 12))
 
 
@@ -190,7 +233,7 @@ def test_custom_batch_callable():
     def batches(stage, epoch, seed):
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(data), generator=g)
-        return [{"x": data.x[perm[i:i + 8]], "y": data.y[perm[i:i + 8]]} for i in range(0, len(data), 8)]
+        return [{"x": data.x[perm[i : i + 8]], "y": data.y[perm[i : i + 8]]} for i in range(0, len(data), 8)]
 
     res = Trainer(Tiny(), batches, None, [Stage("s", epochs=2, lr=0.05)], progress=False).fit()
     assert res.history[-1]["step"] == 8

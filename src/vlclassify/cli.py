@@ -1,4 +1,5 @@
 """The `vlclassify` command line: backbones, methods, extract, fit, eval, predict, bench."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -21,7 +21,9 @@ console = Console()
 
 BACKBONE_OPT = typer.Option("effnet-minilm", "--backbone", "-b", help="Backbone name (see `vlclassify backbones`).")
 BACKBONE_OPTS = typer.Option([], "--backbone-opt", help="Backbone option key=value (repeatable), e.g. path=./clip.")
-CACHE_OPT = typer.Option(None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify).")
+CACHE_OPT = typer.Option(
+    None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify)."
+)
 
 
 def _backbone(name: str, opts: list[str]):
@@ -31,7 +33,7 @@ def _backbone(name: str, opts: list[str]):
     return create_backbone(name, **parse_options(opts))
 
 
-def _cache(cache_dir: Optional[Path]):
+def _cache(cache_dir: Path | None):
     from .features import FeatureCache
 
     return FeatureCache(cache_dir)
@@ -81,15 +83,20 @@ def methods() -> None:
 
 @app.command()
 def extract(
-    data: str = typer.Option(..., "--data", "-d", help="Data spec: fashion-mnist, tuxpaint, a folder, a .csv/.jsonl manifest or a CoOp .json."),
-    split: Optional[str] = typer.Option(None, help="Only this split (train, val, test, all)."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Data spec: fashion-mnist, tuxpaint, a folder, a .csv/.jsonl manifest or a CoOp .json.",
+    ),
+    split: str | None = typer.Option(None, help="Only this split (train, val, test, all)."),
     spatial: bool = typer.Option(False, help="Also extract spatial tokens."),
     views: str = typer.Option("orig", help="Comma-separated views: orig, flip."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
     runtime: str = typer.Option("auto", help="Image trunk runtime: auto (ONNX Runtime when installed), torch, onnx."),
     backbone: str = BACKBONE_OPT,
-    backbone_opt: List[str] = BACKBONE_OPTS,
-    cache_dir: Optional[Path] = CACHE_OPT,
+    backbone_opt: list[str] = BACKBONE_OPTS,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Extract and cache features for every split of a dataset."""
     from .data import load_data
@@ -99,8 +106,15 @@ def extract(
     for name, ds in load_data(data).items():
         if split and name != split:
             continue
-        fs = extract_features(bb, ds, views=tuple(views.split(",")), spatial=spatial, cache=_cache(cache_dir),
-                              skip_bad=skip_bad, runtime=runtime)
+        fs = extract_features(
+            bb,
+            ds,
+            views=tuple(views.split(",")),
+            spatial=spatial,
+            cache=_cache(cache_dir),
+            skip_bad=skip_bad,
+            runtime=runtime,
+        )
         msg = f"{name}: {len(ds)} items -> image {tuple(fs.image.shape)}, pooled {tuple(fs.pooled.shape)}"
         if fs.spatial is not None:
             msg += f", spatial {tuple(fs.spatial.shape)}"
@@ -109,7 +123,7 @@ def extract(
         console.print(msg)
 
 
-def _splits_for(data: str, shots: Optional[int], seed: int, val_fraction: float, test_fraction: float):
+def _splits_for(data: str, shots: int | None, seed: int, val_fraction: float, test_fraction: float):
     from .data import fewshot, load_data, train_val_test
 
     raw = load_data(data)
@@ -130,14 +144,14 @@ def fit(
     method: str = typer.Option(..., "--method", "-m", help="Method name (see `vlclassify methods`)."),
     data: str = typer.Option(..., "--data", "-d", help="Data spec (see `vlclassify extract --help`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
-    shots: Optional[int] = typer.Option(None, min=1, help="Few-shot: K training images per class (CoOp protocol)."),
+    shots: int | None = typer.Option(None, min=1, help="Few-shot: K training images per class (CoOp protocol)."),
     seed: int = typer.Option(1, help="Seed for few-shot sampling and splits."),
-    opt: List[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
+    opt: list[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
     backbone: str = BACKBONE_OPT,
-    backbone_opt: List[str] = BACKBONE_OPTS,
-    cache_dir: Optional[Path] = CACHE_OPT,
+    backbone_opt: list[str] = BACKBONE_OPTS,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Train a method and save it (safetensors + JSON) to --out."""
     from .bench.fewshot import parse_options
@@ -151,9 +165,17 @@ def fit(
     console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     m.fit(splits["train"], splits.get("val"))
     m.save_pretrained(out)
-    info = {"command": _command(), "method": method, "data": data, "shots": shots, "seed": seed,
-            "val_fraction": val_fraction, "test_fraction": test_fraction,
-            "sizes": {k: len(v) for k, v in splits.items()}, "fit_info": m.fit_info}
+    info = {
+        "command": _command(),
+        "method": method,
+        "data": data,
+        "shots": shots,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "sizes": {k: len(v) for k, v in splits.items()},
+        "fit_info": m.fit_info,
+    }
     if "val" in splits and len(splits["val"]) and not splits["val"].multilabel and not m.multilabel:
         info["val_accuracy"] = accuracy(splits["val"].labels(), m.predict_proba(splits["val"]))
         console.print(f"validation accuracy: {100 * info['val_accuracy']:.2f}%")
@@ -169,12 +191,14 @@ def fit(
 @app.command("eval")
 def evaluate(
     model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec (default: the one the model was fitted on)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="Data spec (default: the one the model was fitted on)."),
     split: str = typer.Option("test", help="Split to evaluate."),
-    out: Optional[Path] = typer.Option(None, help="Write the metrics JSON here (default: MODEL_DIR/eval-<split>.json)."),
-    plots: bool = typer.Option(False, "--plots", help="Also write PNG figures (ROC/PR curves; t-SNE and alignment matrix for DiCLS)."),
-    plots_dir: Optional[Path] = typer.Option(None, help="Folder for --plots (default: MODEL_DIR/plots-<split>)."),
-    cache_dir: Optional[Path] = CACHE_OPT,
+    out: Path | None = typer.Option(None, help="Write the metrics JSON here (default: MODEL_DIR/eval-<split>.json)."),
+    plots: bool = typer.Option(
+        False, "--plots", help="Also write PNG figures (ROC/PR curves; t-SNE and alignment matrix for DiCLS)."
+    ),
+    plots_dir: Path | None = typer.Option(None, help="Folder for --plots (default: MODEL_DIR/plots-<split>)."),
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Evaluate a saved model: top-1, per-class accuracy, macro-F1, confusion matrix (multi-label
     models: subset accuracy, per-label P/R/F1, mAP, ROC-AUC at the validation-chosen threshold)."""
@@ -187,8 +211,9 @@ def evaluate(
     data = data or info.get("data")
     if not data:
         raise DataError(f"{model_dir}: no fit.json; pass --data")
-    splits = _splits_for(data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2),
-                         info.get("test_fraction", 0.2))
+    splits = _splits_for(
+        data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2), info.get("test_fraction", 0.2)
+    )
     if split not in splits:
         raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)})")
     ds = splits[split]
@@ -203,8 +228,16 @@ def evaluate(
 
         threshold = m.threshold() if hasattr(m, "threshold") else 0.5
         report = multilabel_report(ds.multi_hot(), probs, m.classnames, threshold)
-        keys = ("n", "subset_accuracy", "label_accuracy", "micro_f1", "macro_f1", "macro_mAP", "micro_mAP",
-                "macro_roc_auc")
+        keys = (
+            "n",
+            "subset_accuracy",
+            "label_accuracy",
+            "micro_f1",
+            "macro_f1",
+            "macro_mAP",
+            "micro_mAP",
+            "macro_roc_auc",
+        )
     else:
         report = classification_report(ds.labels(), probs, m.classnames)
         keys = ("n", "top1", "top5", "mean_per_class_accuracy", "macro_f1")
@@ -212,7 +245,9 @@ def evaluate(
         report["tasks"] = m.task_report(ds)
         tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
         for name, r in report["tasks"].items():
-            tt.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{100 * r['recall@90P']:.2f}%", f"{r['lambda']:.2f}")
+            tt.add_row(
+                name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{100 * r['recall@90P']:.2f}%", f"{r['lambda']:.2f}"
+            )
         console.print(tt)
         for note in getattr(m, "notes", []):
             console.print(f"note: {note}")
@@ -224,21 +259,25 @@ def evaluate(
         v = report[k]
         t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
     console.print(t)
-    console.print(f"wrote {report_path} (all metrics, per-class scores, confusion matrix)", markup=False, soft_wrap=True)
+    console.print(
+        f"wrote {report_path} (all metrics, per-class scores, confusion matrix)", markup=False, soft_wrap=True
+    )
     if plots:
         from .plots.report import write_eval_plots
 
-        for p in write_eval_plots(m, ds, probs, plots_dir or model_dir / f"plots-{split}", title=f"{m.name} on {data} ({split})"):
+        for p in write_eval_plots(
+            m, ds, probs, plots_dir or model_dir / f"plots-{split}", title=f"{m.name} on {data} ({split})"
+        ):
             console.print(f"wrote {p}")
 
 
 @app.command()
 def predict(
     model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
-    images: List[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
     top: int = typer.Option(5, help="How many classes to print per image."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
-    cache_dir: Optional[Path] = CACHE_OPT,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Print the top classes with probabilities for each image."""
     import numpy as np
@@ -251,20 +290,32 @@ def predict(
     for path, p in zip(images, probs):
         order = np.argsort(-p)[:top]
         if as_json:
-            console.print_json(json.dumps({"image": str(path), "top": [{"class": m.classnames[i], "p": float(p[i])} for i in order]}))
+            console.print_json(
+                json.dumps({"image": str(path), "top": [{"class": m.classnames[i], "p": float(p[i])} for i in order]})
+            )
         else:
-            console.print(f"{path}: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order),
-                          markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"{path}: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command()
 def explain(
-    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit` (a method with attention, e.g. vt-clip)."),
+    model_dir: Path = typer.Argument(
+        ..., help="A folder written by `vlclassify fit` (a method with attention, e.g. vt-clip)."
+    ),
     image: Path = typer.Argument(..., help="Image file."),
-    class_: Optional[str] = typer.Option(None, "--class", help="Class name (or text token) to explain (default: the predicted class)."),
-    text: Optional[str] = typer.Option(None, "--text", help="The image's paired text (image+text methods: cma-clip explains a token of it)."),
+    class_: str | None = typer.Option(
+        None, "--class", help="Class name (or text token) to explain (default: the predicted class)."
+    ),
+    text: str | None = typer.Option(
+        None, "--text", help="The image's paired text (image+text methods: cma-clip explains a token of it)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write: the attention map over the image."),
-    cache_dir: Optional[Path] = CACHE_OPT,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Draw where a class's text attends in an image, as a heatmap PNG."""
     from .data.images import load_image
@@ -289,24 +340,40 @@ def explain(
 @bench_app.command("fewshot")
 def bench_fewshot(
     data: str = typer.Option("fashion-mnist", "--data", "-d", help="Data spec."),
-    methods_: str = typer.Option("zero-shot,linear-probe", "--methods", help="Comma-separated methods; options in brackets: cmm[alpha=1.0;no_triplet=true]."),
+    methods_: str = typer.Option(
+        "zero-shot,linear-probe",
+        "--methods",
+        help="Comma-separated methods; options in brackets: cmm[alpha=1.0;no_triplet=true].",
+    ),
     shots: str = typer.Option("1,2,4,8,16", help="Comma-separated shots."),
     seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
-    test_limit: Optional[int] = typer.Option(None, help="Score on a fixed stratified subset of this many test images (faster)."),
-    min_per_class: Optional[int] = typer.Option(None, "--min-per-class", help="Drop classes with fewer images than this (tiny classes cannot give K shots + validation + test)."),
+    test_limit: int | None = typer.Option(
+        None, help="Score on a fixed stratified subset of this many test images (faster)."
+    ),
+    min_per_class: int | None = typer.Option(
+        None,
+        "--min-per-class",
+        help="Drop classes with fewer images than this (tiny classes cannot give K shots + validation + test).",
+    ),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
-    name: Optional[str] = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
+    name: str | None = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
     backbone: str = BACKBONE_OPT,
-    backbone_opt: List[str] = BACKBONE_OPTS,
-    cache_dir: Optional[Path] = CACHE_OPT,
+    backbone_opt: list[str] = BACKBONE_OPTS,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Few-shot comparison: methods x shots x seeds, mean ± std, fit times."""
     from .bench.fewshot import markdown_table, parse_method_specs, run_fewshot, write_results
 
     bb = _backbone(backbone, backbone_opt)
     result = run_fewshot(
-        bb, data, parse_method_specs(methods_), [int(k) for k in shots.split(",")], [int(s) for s in seeds.split(",")],
-        test_limit=test_limit, cache=_cache(cache_dir), log=_log,
+        bb,
+        data,
+        parse_method_specs(methods_),
+        [int(k) for k in shots.split(",")],
+        [int(s) for s in seeds.split(",")],
+        test_limit=test_limit,
+        cache=_cache(cache_dir),
+        log=_log,
         min_per_class=min_per_class,
     )
     _report(markdown_table(result), write_results(result, out, name or _stem("fewshot-", data), command=_command()))
@@ -317,66 +384,88 @@ def bench_cma(
     data: str = typer.Option("tuxpaint", "--data", "-d", help="Data spec with image, text and task columns."),
     folds: int = typer.Option(5, help="Cross-validation folds."),
     seed: int = typer.Option(0, help="Seed for folds, validation carving and training."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated task columns (default: all)."),
-    variants: Optional[str] = typer.Option(None, help="Comma-separated CMA-CLIP rows (default: all; see bench/cma.py)."),
-    opt: List[str] = typer.Option([], "--opt", help="CMA-CLIP option key=value for every variant (repeatable)."),
-    fold_limit: Optional[int] = typer.Option(None, help="Run only the first N folds (quick checks)."),
+    tasks: str | None = typer.Option(None, help="Comma-separated task columns (default: all)."),
+    variants: str | None = typer.Option(None, help="Comma-separated CMA-CLIP rows (default: all; see bench/cma.py)."),
+    opt: list[str] = typer.Option([], "--opt", help="CMA-CLIP option key=value for every variant (repeatable)."),
+    fold_limit: int | None = typer.Option(None, help="Run only the first N folds (quick checks)."),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
-    name: Optional[str] = typer.Option(None, help="File name stem (default: cma-<data>)."),
+    name: str | None = typer.Option(None, help="File name stem (default: cma-<data>)."),
     backbone: str = BACKBONE_OPT,
-    backbone_opt: List[str] = BACKBONE_OPTS,
-    cache_dir: Optional[Path] = CACHE_OPT,
+    backbone_opt: list[str] = BACKBONE_OPTS,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """CMA-CLIP benchmark: k-fold CV, per-task accuracy and recall at 90% precision, ablations, noisy modalities."""
     from .bench.cma import markdown_table, run_cma_bench, write_results
     from .bench.fewshot import parse_options
 
     bb = _backbone(backbone, backbone_opt)
-    result = run_cma_bench(bb, data, folds=folds, seed=seed, tasks=tasks.split(",") if tasks else None,
-                           options=parse_options(opt), variants=variants.split(",") if variants else None,
-                           fold_limit=fold_limit, cache=_cache(cache_dir), log=_log)
+    result = run_cma_bench(
+        bb,
+        data,
+        folds=folds,
+        seed=seed,
+        tasks=tasks.split(",") if tasks else None,
+        options=parse_options(opt),
+        variants=variants.split(",") if variants else None,
+        fold_limit=fold_limit,
+        cache=_cache(cache_dir),
+        log=_log,
+    )
     _report(markdown_table(result), write_results(result, out, name or _stem("cma-", data), command=_command()))
 
 
 @bench_app.command("dicls")
 def bench_dicls(
-    data: str = typer.Option("fmnist-mosaic,tuxpaint-composite", "--data", "-d", help="Comma-separated multi-label data specs."),
+    data: str = typer.Option(
+        "fmnist-mosaic,tuxpaint-composite", "--data", "-d", help="Comma-separated multi-label data specs."
+    ),
     seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds."),
-    rows: Optional[str] = typer.Option(None, help="Comma-separated row indices (default: all; see bench/dicls.py ROWS)."),
-    opt: List[str] = typer.Option([], "--opt", help="DiCLS option key=value applied to every row (JSON values)."),
+    rows: str | None = typer.Option(None, help="Comma-separated row indices (default: all; see bench/dicls.py ROWS)."),
+    opt: list[str] = typer.Option([], "--opt", help="DiCLS option key=value applied to every row (JSON values)."),
     jobs: int = typer.Option(2, help="Parallel worker processes (one torch thread each)."),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
     name: str = typer.Option("dicls-ablation", help="File name stem."),
     backbone: str = BACKBONE_OPT,
-    backbone_opt: List[str] = BACKBONE_OPTS,
-    cache_dir: Optional[Path] = CACHE_OPT,
+    backbone_opt: list[str] = BACKBONE_OPTS,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """DiCLS ablation (losses, fusion layers) on cached features: mean ± std over seeds."""
     from .bench.dicls import markdown_table, run_ablation, write_results
     from .bench.fewshot import parse_options
 
-    result = run_ablation(data.split(","), [int(s) for s in seeds.split(",")],
-                          rows=[int(r) for r in rows.split(",")] if rows else None, base=parse_options(opt), jobs=jobs,
-                          backbone=backbone, backbone_opts=parse_options(backbone_opt),
-                          cache_dir=str(cache_dir) if cache_dir else None, log=_log)
+    result = run_ablation(
+        data.split(","),
+        [int(s) for s in seeds.split(",")],
+        rows=[int(r) for r in rows.split(",")] if rows else None,
+        base=parse_options(opt),
+        jobs=jobs,
+        backbone=backbone,
+        backbone_opts=parse_options(backbone_opt),
+        cache_dir=str(cache_dir) if cache_dir else None,
+        log=_log,
+    )
     _report(markdown_table(result), write_results(result, out, name, command=_command()))
 
 
 @bench_app.command("icar")
 def bench_icar(
-    data: str = typer.Option("fashion-mnist,tuxpaint", "--data", "-d", help="Comma-separated: fashion-mnist, tuxpaint."),
+    data: str = typer.Option(
+        "fashion-mnist,tuxpaint", "--data", "-d", help="Comma-separated: fashion-mnist, tuxpaint."
+    ),
     seeds: str = typer.Option("1,2,3", help="Comma-separated seeds (each picks its own held-out classes)."),
     shots: str = typer.Option("1,4,16", help="Comma-separated few-shot sizes on the held-out classes."),
     held_out: int = typer.Option(3, help="Classes held out of training entirely, per dataset and seed."),
     fmnist_per_class: int = typer.Option(150, help="Fashion-MNIST training pool: images per class."),
     fmnist_test_per_class: int = typer.Option(100, help="Fashion-MNIST test set: images per class."),
-    variants: Optional[str] = typer.Option(None, help="Comma-separated row indices (default: all; see bench/icar.py VARIANTS)."),
-    opt: List[str] = typer.Option([], "--opt", help="icar option key=value applied to every row (JSON values)."),
+    variants: str | None = typer.Option(
+        None, help="Comma-separated row indices (default: all; see bench/icar.py VARIANTS)."
+    ),
+    opt: list[str] = typer.Option([], "--opt", help="icar option key=value applied to every row (JSON values)."),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
     name: str = typer.Option("icar", help="File name stem."),
     backbone: str = BACKBONE_OPT,
-    backbone_opt: List[str] = BACKBONE_OPTS,
-    cache_dir: Optional[Path] = CACHE_OPT,
+    backbone_opt: list[str] = BACKBONE_OPTS,
+    cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """iCAR: held-out-class zero-shot, few-shot and seen-class accuracy with the paper's ablations."""
     from .bench.fewshot import parse_options
@@ -384,9 +473,16 @@ def bench_icar(
 
     rows = [VARIANTS[int(i)] for i in variants.split(",")] if variants else list(VARIANTS)
     result = run_icar_bench(
-        _backbone(backbone, backbone_opt), [d.strip() for d in data.split(",")], [int(s) for s in seeds.split(",")],
-        [int(k) for k in shots.split(",")], rows, cache=_cache(cache_dir), fmnist_per_class=fmnist_per_class,
-        fmnist_test_per_class=fmnist_test_per_class, n_held=held_out, options=parse_options(opt),
+        _backbone(backbone, backbone_opt),
+        [d.strip() for d in data.split(",")],
+        [int(s) for s in seeds.split(",")],
+        [int(k) for k in shots.split(",")],
+        rows,
+        cache=_cache(cache_dir),
+        fmnist_per_class=fmnist_per_class,
+        fmnist_test_per_class=fmnist_test_per_class,
+        n_held=held_out,
+        options=parse_options(opt),
         log=_log,
     )
     result["command"] = _command()

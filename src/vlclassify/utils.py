@@ -1,4 +1,5 @@
 """Small helpers shared across the package: atomic writes, hashing, seeding, JSON."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,4 +1,5 @@
 """Drawing helpers: an attention / relevance map as a heatmap over its image."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,14 @@ def heatmap_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.5, 
     return Image.blend(base, Image.fromarray(colored), opacity)
 
 
-def save_heatmap(image: Image.Image, heat: np.ndarray, out: str | Path, title: str | None = None,
-                 opacity: float = 0.5, min_size: int = 224) -> Path:
+def save_heatmap(
+    image: Image.Image,
+    heat: np.ndarray,
+    out: str | Path,
+    title: str | None = None,
+    opacity: float = 0.5,
+    min_size: int = 224,
+) -> Path:
     """Write the overlay as a PNG (upscaled to at least `min_size` px so small images stay readable)."""
     over = heatmap_overlay(image, heat, opacity)
     if min(over.size) < min_size:

@@ -4,10 +4,12 @@ A backbone pairs an image encoder and a text encoder whose outputs live in one j
 width D: global embeddings for zero-shot and adapters, spatial/token features for the
 attention-based methods (VT-CLIP, CMA-CLIP, DiCLS), and the raw pooled visual features for probes.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

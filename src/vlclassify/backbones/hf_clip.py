@@ -1,9 +1,10 @@
 """Hugging Face `CLIPModel` from a local folder (or a hub id, which needs network access)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -60,7 +61,12 @@ class HFCLIP(Backbone):
         return weight_files_fingerprint(self._folder)
 
     def preprocess_config(self) -> dict:
-        return {"resize": "short-side bicubic + centre crop", "size": self.image_size, "mean": self.mean, "std": self.std}
+        return {
+            "resize": "short-side bicubic + centre crop",
+            "size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         x = pil_to_unit_tensor(image, self.image_size)

@@ -2,10 +2,11 @@
 
 open_clip pulls in torchvision and timm, so it is imported only when this backbone is built.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -19,12 +20,16 @@ from .registry import register_backbone
 class OpenCLIP(Backbone):
     name = "open-clip"
 
-    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, logit_scale: float | None = None) -> None:
+    def __init__(
+        self, model: str = "ViT-B-32", pretrained: str | None = None, logit_scale: float | None = None
+    ) -> None:
         super().__init__()
         try:
             import open_clip
         except ImportError:
-            raise ConfigError("open-clip backbone needs the optional extra: pip install 'vlclassify[open-clip]'") from None
+            raise ConfigError(
+                "open-clip backbone needs the optional extra: pip install 'vlclassify[open-clip]'"
+            ) from None
         try:
             self.model, _, self.transform = open_clip.create_model_and_transforms(model, pretrained=pretrained)
         except Exception as e:  # open_clip raises RuntimeError/OSError for unknown tags and missing files
@@ -37,8 +42,11 @@ class OpenCLIP(Backbone):
         visual = self.model.visual
         size = getattr(visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.embed_dim = int(self.model.text_projection.shape[1]) if isinstance(
-            self.model.text_projection, torch.Tensor) else int(self.model.text_projection.out_features)
+        self.embed_dim = (
+            int(self.model.text_projection.shape[1])
+            if isinstance(self.model.text_projection, torch.Tensor)
+            else int(self.model.text_projection.out_features)
+        )
         self.pooled_dim = self.embed_dim
         if hasattr(visual, "output_tokens"):
             visual.output_tokens = True  # ViT: return (pooled, tokens)
@@ -84,8 +92,12 @@ class OpenCLIP(Backbone):
             handle.remove()
         proj = self.model.text_projection
         tokens = seen[-1] @ proj if isinstance(proj, torch.Tensor) else proj(seen[-1])
-        return TextFeatures(embeds=embeds, tokens=tokens, mask=batch["attention_mask"].bool(),
-                            token_strings=[[str(t) for t in row] for row in batch["input_ids"].tolist()])
+        return TextFeatures(
+            embeds=embeds,
+            tokens=tokens,
+            mask=batch["attention_mask"].bool(),
+            token_strings=[[str(t) for t in row] for row in batch["input_ids"].tolist()],
+        )
 
 
 @register_backbone("open-clip", "OpenCLIP model (optional extra); pretrained may be a local file")

@@ -12,9 +12,10 @@ parameters (relative to the backbone) that the top owns, for the trainer's freez
 - any other backbone: no split yet; the encoders stay frozen and the top is empty (stage 2 of
   CMA-CLIP then trains its own modules only, which `trainable_backbone` reports).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,9 @@ class EffNetMiniLMSplit(Split):
         return embeds, tokens
 
     def tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
-        return self.backbone.tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens,
-                                       return_tensors="pt")
+        return self.backbone.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
 
     def text_trunk(self, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenize(texts, max_tokens)
@@ -119,7 +121,7 @@ class EffNetMiniLMSplit(Split):
         ext = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
         ext = ext.masked_fill(~mask, torch.finfo(hidden.dtype).min)[:, None, None, :]  # [N, 1, 1, L] additive
         x = hidden
-        for layer in layers[len(layers) - self.text_layers:]:
+        for layer in layers[len(layers) - self.text_layers :]:
             x = layer(x, ext)
             x = x[0] if isinstance(x, tuple) else x
         return mean_pool(x, mask), x

@@ -1,4 +1,5 @@
 """Backbone registry: `list_backbones()` and `create_backbone(name, **options)`."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,9 +1,10 @@
 """A tiny random stand-in backbone (TorchMultimodal style): tests and examples build models
 with it in milliseconds, no weights needed. Its features mean nothing semantically."""
+
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,31 @@ from .registry import register_backbone
 class ToyBackbone(Backbone):
     name = "toy"
 
-    def __init__(self, dim: int = 16, image_size: int = 32, grid: int = 4, vocab: int = 512, seed: int = 0,
-                 logit_scale: float = 10.0) -> None:
+    def __init__(
+        self,
+        dim: int = 16,
+        image_size: int = 32,
+        grid: int = 4,
+        vocab: int = 512,
+        seed: int = 0,
+        logit_scale: float = 10.0,
+    ) -> None:
         super().__init__()
-        self.options = {"dim": dim, "image_size": image_size, "grid": grid, "vocab": vocab, "seed": seed,
-                        "logit_scale": logit_scale}
-        self.embed_dim, self.pooled_dim, self.image_size, self.grid, self.vocab = dim, 3 * grid * grid, image_size, grid, vocab
+        self.options = {
+            "dim": dim,
+            "image_size": image_size,
+            "grid": grid,
+            "vocab": vocab,
+            "seed": seed,
+            "logit_scale": logit_scale,
+        }
+        self.embed_dim, self.pooled_dim, self.image_size, self.grid, self.vocab = (
+            dim,
+            3 * grid * grid,
+            image_size,
+            grid,
+            vocab,
+        )
         g = torch.Generator().manual_seed(seed)
         self.proj = nn.Linear(3, dim)
         self.word = nn.Embedding(vocab, dim)
@@ -65,8 +85,9 @@ class ToyBackbone(Backbone):
         strings = [t.lower().replace(".", " ").split() or [""] for t in texts]
         L = tokens.shape[1]
         strings = [s + [""] * (L - len(s)) for s in strings]
-        return TextFeatures(embeds=(tokens * m).sum(1) / m.sum(1), tokens=tokens, mask=m.squeeze(-1).bool(),
-                            token_strings=strings)
+        return TextFeatures(
+            embeds=(tokens * m).sum(1) / m.sum(1), tokens=tokens, mask=m.squeeze(-1).bool(), token_strings=strings
+        )
 
 
 @register_backbone("toy", "tiny random stand-in for tests and examples (no weights, meaningless features)")

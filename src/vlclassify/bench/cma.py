@@ -9,11 +9,13 @@ Inside every training fold, 20% (stratified) is held out as validation: it picks
 regularisation and each CMA-CLIP stage's best epoch; the test fold is only scored.
 The trunk activations of the whole pool are computed once and shared by all folds and variants.
 """
+
 from __future__ import annotations
 
 import platform
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +47,13 @@ def _pool(data: str) -> Dataset:
         return raw["all"]
     parts = [raw[k] for k in ("train", "val", "test") if k in raw]
     first = parts[0]
-    return Dataset(items=[it for p in parts for it in p.items], classnames=first.classnames, name=first.name,
-                   tasks=first.tasks, source=first.source)
+    return Dataset(
+        items=[it for p in parts for it in p.items],
+        classnames=first.classnames,
+        name=first.name,
+        tasks=first.tasks,
+        source=first.source,
+    )
 
 
 def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -84,8 +91,13 @@ def _probe(xtr, ytr, xva, yva, xte, n_classes: int) -> np.ndarray:
 def _display(name: str) -> str:
     """'animals/birds' -> 'birds', 'naturalforces' -> 'natural forces', 'body_parts' -> 'body parts'."""
     last = name.split("/")[-1].replace("_", " ")
-    return {"naturalforces": "natural forces", "arttools": "art tools", "newyears": "new years",
-            "masstransit": "mass transit", "roadsigns": "road signs"}.get(last, last)
+    return {
+        "naturalforces": "natural forces",
+        "arttools": "art tools",
+        "newyears": "new years",
+        "masstransit": "mass transit",
+        "roadsigns": "road signs",
+    }.get(last, last)
 
 
 def _noisy(t: TrunkSet, kind: str, labels0: np.ndarray, noise: TrunkSet, rng: np.random.Generator) -> TrunkSet:
@@ -113,10 +125,18 @@ def _noisy(t: TrunkSet, kind: str, labels0: np.ndarray, noise: TrunkSet, rng: np
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "CMA-CLIP + modality-noise training"]  # keeps 5 folds in ~15 min
 
 
-def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, seed: int = 0,
-                  tasks: Sequence[str] | None = None, options: dict[str, Any] | None = None,
-                  variants: Sequence[str] | None = None, fold_limit: int | None = None,
-                  cache: FeatureCache | None = None, log: Callable[[str], None] = print) -> dict:
+def run_cma_bench(
+    backbone: Backbone,
+    data: str = "tuxpaint",
+    folds: int = 5,
+    seed: int = 0,
+    tasks: Sequence[str] | None = None,
+    options: dict[str, Any] | None = None,
+    variants: Sequence[str] | None = None,
+    fold_limit: int | None = None,
+    cache: FeatureCache | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run the benchmark; returns a JSON-able dict (rows x tasks x metrics, per fold and mean ± std)."""
     t_start = time.time()
     cache = cache or FeatureCache()
@@ -139,14 +159,17 @@ def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, se
     t0 = time.time()
     trunk = trunk_features(split, ds, probe_m.config.max_text_tokens, cache=cache)
     rng = np.random.default_rng(seed)
-    noise_items = [Item(image=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), key=f"noise-{seed}-{i}",
-                        text="x") for i in range(32)]
+    noise_items = [
+        Item(image=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), key=f"noise-{seed}-{i}", text="x")
+        for i in range(32)
+    ]
     noise_ds = Dataset(items=noise_items, classnames=["noise"], name="noise-images")
     noise = trunk_features(split, noise_ds, probe_m.config.max_text_tokens, cache=cache, progress=False)
     feats = extract_features(backbone, ds, cache=cache)
     img_emb, txt_emb = feats.image.numpy(), feats.text.numpy()
-    zs_classes = {t: class_text_embeddings(backbone, [_display(c) for c in ds.tasks[t]], ["a photo of a {}."])
-                  for t in task_list}
+    zs_classes = {
+        t: class_text_embeddings(backbone, [_display(c) for c in ds.tasks[t]], ["a photo of a {}."]) for t in task_list
+    }
     prep_s = time.time() - t0
     log(f"shared features ready in {prep_s:.0f}s")
 
@@ -165,12 +188,16 @@ def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, se
         for t in task_list:
             C = len(ds.tasks[t])
             rows.setdefault("image-only (linear probe)", {})[t] = _scores(
-                Y[t][te], _probe(img_emb[tr], Y[t][tr], img_emb[va], Y[t][va], img_emb[te], C))
+                Y[t][te], _probe(img_emb[tr], Y[t][tr], img_emb[va], Y[t][va], img_emb[te], C)
+            )
             rows.setdefault("text-only (linear probe)", {})[t] = _scores(
-                Y[t][te], _probe(txt_emb[tr], Y[t][tr], txt_emb[va], Y[t][va], txt_emb[te], C))
+                Y[t][te], _probe(txt_emb[tr], Y[t][tr], txt_emb[va], Y[t][va], txt_emb[te], C)
+            )
             cls = zs_classes[t]
-            both = (torch.nn.functional.normalize(torch.from_numpy(img_emb[te]), dim=-1) @ cls.T
-                    + torch.nn.functional.normalize(torch.from_numpy(txt_emb[te]), dim=-1) @ cls.T)
+            both = (
+                torch.nn.functional.normalize(torch.from_numpy(img_emb[te]), dim=-1) @ cls.T
+                + torch.nn.functional.normalize(torch.from_numpy(txt_emb[te]), dim=-1) @ cls.T
+            )
             zs = torch.softmax(backbone.logit_scale * both / 2, -1).numpy()
             rows.setdefault("zero-shot image+text", {})[t] = _scores(Y[t][te], zs)
         test_ds = ds.subset(te)
@@ -185,15 +212,23 @@ def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, se
             m.fit(parts["train"], parts["val"])
             fit_seconds.setdefault(v, []).append(time.time() - t1)
             pred = m.predict_tasks(test_ds, trunk=te_trunk)
-            rows[v] = {t: {**_scores(Y[t][te], pred["probs"][t]), "lambda": float(pred["lambda"][t].mean())}
-                       for t in task_list}
+            rows[v] = {
+                t: {**_scores(Y[t][te], pred["probs"][t]), "lambda": float(pred["lambda"][t].mean())} for t in task_list
+            }
             for k, nt in noisy_sets.items():
                 pn = m.predict_tasks(None, trunk=nt)
-                rows[f"{v}, {k}"] = {t: {**_scores(Y[t][te], pn["probs"][t]), "lambda": float(pn["lambda"][t].mean())}
-                                      for t in task_list}
-            log(f"fold {f + 1}/{len(splits)} {v}: " + ", ".join(
-                f"{t} acc {100 * rows[v][t]['accuracy']:.1f} R@90P {100 * rows[v][t]['recall@90P']:.1f} λ {rows[v][t]['lambda']:.2f}"
-                for t in task_list) + f" ({fit_seconds[v][-1]:.0f}s)")
+                rows[f"{v}, {k}"] = {
+                    t: {**_scores(Y[t][te], pn["probs"][t]), "lambda": float(pn["lambda"][t].mean())} for t in task_list
+                }
+            log(
+                f"fold {f + 1}/{len(splits)} {v}: "
+                + ", ".join(
+                    f"{t} acc {100 * rows[v][t]['accuracy']:.1f} R@90P {100 * rows[v][t]['recall@90P']:.1f} "
+                    f"λ {rows[v][t]['lambda']:.2f}"
+                    for t in task_list
+                )
+                + f" ({fit_seconds[v][-1]:.0f}s)"
+            )
         per_fold.append(rows)
 
     summary: dict[str, dict] = {}
@@ -203,15 +238,30 @@ def run_cma_bench(backbone: Backbone, data: str = "tuxpaint", folds: int = 5, se
             summary[row][t] = {}
             for metric in per_fold[0][row][t]:
                 vals = np.array([fr[row][t][metric] for fr in per_fold], dtype=np.float64)
-                summary[row][t][metric] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)),
-                                           "folds": vals.tolist()}
+                summary[row][t][metric] = {
+                    "mean": float(np.nanmean(vals)),
+                    "std": float(np.nanstd(vals)),
+                    "folds": vals.tolist(),
+                }
     return {
-        "benchmark": "cma", "data": data, "n_items": len(ds), "tasks": {t: len(ds.tasks[t]) for t in task_list},
-        "folds": len(splits), "seed": seed, "backbone": backbone.config(), "options": options,
-        "variants": {v: VARIANTS[v] for v in variants}, "rows": summary,
+        "benchmark": "cma",
+        "data": data,
+        "n_items": len(ds),
+        "tasks": {t: len(ds.tasks[t]) for t in task_list},
+        "folds": len(splits),
+        "seed": seed,
+        "backbone": backbone.config(),
+        "options": options,
+        "variants": {v: VARIANTS[v] for v in variants},
+        "rows": summary,
         "fit_seconds_mean": {v: float(np.mean(s)) for v, s in fit_seconds.items()},
-        "prep_seconds": prep_s, "total_seconds": time.time() - t_start,
-        "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "prep_seconds": prep_s,
+        "total_seconds": time.time() - t_start,
+        "platform": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
 
 
@@ -231,13 +281,24 @@ def markdown_table(result: dict) -> str:
         cells = []
         for t in tasks:
             m = per_task[t]
-            cells += [_cell(m, "accuracy"), _cell(m, "recall@90P"), f"{m['lambda']['mean']:.2f}" if "lambda" in m else "–"]
+            cells += [
+                _cell(m, "accuracy"),
+                _cell(m, "recall@90P"),
+                f"{m['lambda']['mean']:.2f}" if "lambda" in m else "–",
+            ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     variants = [v for v in result["variants"] if f"{v}, {NOISES[0]}" in rows]
     if variants:
-        lines += ["", f"Robustness: {tasks[0]} accuracy (%) and mean image weight λ of the {tasks[0]} head, with one "
-                      "modality broken on every test row" + (f"; {tasks[1]} accuracy in brackets" if len(tasks) > 1 else "") + ".",
-                  "", "| method | clean | " + " | ".join(NOISES) + " |", "|---|" + "---|" * (len(NOISES) + 1)]
+        lines += [
+            "",
+            f"Robustness: {tasks[0]} accuracy (%) and mean image weight λ of the {tasks[0]} head, with one "
+            "modality broken on every test row"
+            + (f"; {tasks[1]} accuracy in brackets" if len(tasks) > 1 else "")
+            + ".",
+            "",
+            "| method | clean | " + " | ".join(NOISES) + " |",
+            "|---|" + "---|" * (len(NOISES) + 1),
+        ]
         for v in variants:
             cells = []
             for key in [v] + [f"{v}, {k}" for k in NOISES]:
@@ -254,9 +315,11 @@ def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, 
     from .report import write_json_and_markdown
 
     result = {**result, "command": command}
-    text = (f"# CMA-CLIP benchmark: {result['data']}, {result['folds']}-fold cross-validation\n\n"
-            f"Command: `{command}`\n\n"
-            f"Accuracy and recall at 90% precision (%, mean ± std over folds); λ = mean image weight of the "
-            f"task's modality attention on the test folds. Total time {result['total_seconds']:.0f}s "
-            f"(shared features {result['prep_seconds']:.0f}s).\n\n" + markdown_table(result) + "\n")
+    text = (
+        f"# CMA-CLIP benchmark: {result['data']}, {result['folds']}-fold cross-validation\n\n"
+        f"Command: `{command}`\n\n"
+        f"Accuracy and recall at 90% precision (%, mean ± std over folds); λ = mean image weight of the "
+        f"task's modality attention on the test folds. Total time {result['total_seconds']:.0f}s "
+        f"(shared features {result['prep_seconds']:.0f}s).\n\n" + markdown_table(result) + "\n"
+    )
     return write_json_and_markdown(result, out_dir, stem, text)

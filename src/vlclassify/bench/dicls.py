@@ -7,18 +7,24 @@ features, spatial tokens, prompt token features). Each row is trained with sever
 best epoch and the decision threshold are chosen on the validation split, the test split is
 scored once per run. Rows run in parallel worker processes (one torch thread each).
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 AUX = {"w_aln": 0.0, "w_cta": 0.0, "w_cpa": 0.0, "w_arcface": 0.0}  # focal only
-ALL = {"w_aln": 1.0, "w_cta": 0.1, "w_cpa": 0.1, "w_arcface": 0.1}  # the auxiliary losses brought to the focal loss's scale
+ALL = {
+    "w_aln": 1.0,
+    "w_cta": 0.1,
+    "w_cpa": 0.1,
+    "w_arcface": 0.1,
+}  # the auxiliary losses brought to the focal loss's scale
 ROWS: list[tuple[str, str, dict]] = [
     ("linear probe (pooled features, one-vs-rest logistic)", "linear", {}),
     ("plain backbone + BCE (no fusion, no text)", "dicls", {**AUX, "fusion_layers": 0, "focal_gamma": 0.0}),
@@ -77,8 +83,10 @@ def _linear_probe(enc) -> tuple[np.ndarray, np.ndarray, dict]:
     def fit(C):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return [LogisticRegression(C=C, max_iter=500).fit(xt, yt[:, c]) if 0 < yt[:, c].sum() < len(yt) else None
-                    for c in range(yt.shape[1])]
+            return [
+                LogisticRegression(C=C, max_iter=500).fit(xt, yt[:, c]) if 0 < yt[:, c].sum() < len(yt) else None
+                for c in range(yt.shape[1])
+            ]
 
     def proba(models, xx):
         return np.stack([m.predict_proba(xx)[:, 1] if m is not None else np.zeros(len(xx)) for m in models], 1)
@@ -96,8 +104,8 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from ..metrics.multilabel import best_threshold, multilabel_report
     from ..methods import create_method
+    from ..metrics.multilabel import best_threshold, multilabel_report
 
     bb, cache, enc = _load(job["data"], job["backbone"], job["backbone_opts"], job["cache_dir"])
     yv, ys = enc["val"].dataset.multi_hot(), enc["test"].dataset.multi_hot()
@@ -126,9 +134,17 @@ def run_one(job: dict) -> dict:
     return out
 
 
-def run_ablation(datas: Sequence[str], seeds: Sequence[int], rows: Sequence[int] | None = None, base: dict | None = None,
-                 jobs: int = 2, backbone: str = "effnet-minilm", backbone_opts: dict | None = None,
-                 cache_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
+def run_ablation(
+    datas: Sequence[str],
+    seeds: Sequence[int],
+    rows: Sequence[int] | None = None,
+    base: dict | None = None,
+    jobs: int = 2,
+    backbone: str = "effnet-minilm",
+    backbone_opts: dict | None = None,
+    cache_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every row x dataset x seed (the linear probe is deterministic: one seed). Features are
     extracted (or read from the cache) once in this process before the workers start."""
     backbone_opts = backbone_opts or {}
@@ -139,20 +155,41 @@ def run_ablation(datas: Sequence[str], seeds: Sequence[int], rows: Sequence[int]
     for d in datas:
         for r in chosen:
             label, kind, opts = ROWS[r]
-            for s in (seeds[:1] if kind == "linear" else seeds):
-                todo.append({"data": d, "row": label, "kind": kind, "options": {**(base or {}), **opts}, "seed": s,
-                             "backbone": backbone, "backbone_opts": backbone_opts, "cache_dir": cache_dir})
+            for s in seeds[:1] if kind == "linear" else seeds:
+                todo.append(
+                    {
+                        "data": d,
+                        "row": label,
+                        "kind": kind,
+                        "options": {**(base or {}), **opts},
+                        "seed": s,
+                        "backbone": backbone,
+                        "backbone_opts": backbone_opts,
+                        "cache_dir": cache_dir,
+                    }
+                )
     t0 = time.time()
     results = []
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         for res in pool.map(run_one, todo):
             results.append(res)
-            log(f"[{time.time() - t0:6.0f}s] {res['data']:<20} {res['row']:<52} seed {res['seed']}: "
-                f"mAP {100 * res['head']['macro_mAP']:.1f}" + (f" / align {100 * res['align']['macro_mAP']:.1f}"
-                                                              if "align" in res else "") + f" ({res['fit_s']}s, cpu {res['cpu_s']}s)")
-    return {"datas": list(datas), "seeds": list(seeds), "base_options": base or {}, "backbone": backbone,
-            "rows": [ROWS[r][0] for r in chosen], "runs": results, "total_s": round(time.time() - t0, 1),
-            "total_cpu_s": round(sum(r["cpu_s"] for r in results), 1), "jobs": jobs}
+            log(
+                f"[{time.time() - t0:6.0f}s] {res['data']:<20} {res['row']:<52} seed {res['seed']}: "
+                f"mAP {100 * res['head']['macro_mAP']:.1f}"
+                + (f" / align {100 * res['align']['macro_mAP']:.1f}" if "align" in res else "")
+                + f" ({res['fit_s']}s, cpu {res['cpu_s']}s)"
+            )
+    return {
+        "datas": list(datas),
+        "seeds": list(seeds),
+        "base_options": base or {},
+        "backbone": backbone,
+        "rows": [ROWS[r][0] for r in chosen],
+        "runs": results,
+        "total_s": round(time.time() - t0, 1),
+        "total_cpu_s": round(sum(r["cpu_s"] for r in results), 1),
+        "jobs": jobs,
+    }
 
 
 def summarize(result: dict) -> list[dict]:
@@ -165,9 +202,14 @@ def summarize(result: dict) -> list[dict]:
                 got = [r[src] for r in runs if src in r]
                 if not got:
                     continue
-                rec = {"data": d, "row": row, "output": "p^v" if src == "head" else "S_align", "seeds": len(got),
-                       "fit_s": float(np.mean([r["fit_s"] for r in runs])),
-                       "cpu_s": float(np.mean([r["cpu_s"] for r in runs]))}
+                rec = {
+                    "data": d,
+                    "row": row,
+                    "output": "p^v" if src == "head" else "S_align",
+                    "seeds": len(got),
+                    "fit_s": float(np.mean([r["fit_s"] for r in runs])),
+                    "cpu_s": float(np.mean([r["cpu_s"] for r in runs])),
+                }
                 for k in METRICS:
                     v = np.array([g[k] for g in got], dtype=np.float64)
                     rec[k] = [float(v.mean()), float(v.std())]
@@ -178,9 +220,12 @@ def summarize(result: dict) -> list[dict]:
 def markdown_table(result: dict) -> str:
     lines = []
     for d in result["datas"]:
-        lines += [f"#### {d}", "",
-                  "| row | output | macro mAP | micro mAP | ROC-AUC | micro F1 | subset acc. | CPU s / run |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"#### {d}",
+            "",
+            "| row | output | macro mAP | micro mAP | ROC-AUC | micro F1 | subset acc. | CPU s / run |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in summarize(result):
             if r["data"] != d:
                 continue
@@ -194,7 +239,9 @@ def write_results(result: dict, out: str | Path, stem: str, command: str) -> tup
     from .report import write_json_and_markdown
 
     result = {**result, "command": command, "summary": summarize(result)}
-    text = (f"# DiCLS ablation\n\nCommand: `{command}`\n\nMean ± std over seeds {result['seeds']} (test split; best "
-            f"epoch and threshold chosen on validation). Wall clock {result['total_s']:.0f} s with {result['jobs']} "
-            f"worker(s); {result['total_cpu_s']:.0f} CPU seconds in all.\n\n" + markdown_table(result))
+    text = (
+        f"# DiCLS ablation\n\nCommand: `{command}`\n\nMean ± std over seeds {result['seeds']} (test split; best "
+        f"epoch and threshold chosen on validation). Wall clock {result['total_s']:.0f} s with {result['jobs']} "
+        f"worker(s); {result['total_cpu_s']:.0f} CPU seconds in all.\n\n" + markdown_table(result)
+    )
     return write_json_and_markdown(result, out, stem, text)

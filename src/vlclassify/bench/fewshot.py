@@ -4,15 +4,17 @@ Features are extracted once per split (the few-shot pools of all shots and seeds
 the test set) and every method trains on cached features. Hyper-parameters are chosen by each
 method on the few-shot validation set; the test set is only scored.
 """
+
 from __future__ import annotations
 
 import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +80,9 @@ def _pools(data_spec: str, test_limit: int | None) -> tuple[Dataset, Dataset | N
         raise DataError(f"{data_spec}: no train split")
     test = splits.get("test")
     if test is not None and test_limit and test_limit < len(test):
-        test = stratified_split(test, {"keep": test_limit / len(test), "rest": 1 - test_limit / len(test)}, seed=0)["keep"]
+        test = stratified_split(test, {"keep": test_limit / len(test), "rest": 1 - test_limit / len(test)}, seed=0)[
+            "keep"
+        ]
     return train, splits.get("val"), test
 
 
@@ -100,7 +104,10 @@ def run_fewshot(
     if min_per_class:
         pool, dropped = drop_small_classes(pool, min_per_class)
         if dropped:
-            log(f"{pool.name}: dropped {len(dropped)} class(es) with fewer than {min_per_class} images: {', '.join(dropped)}")
+            log(
+                f"{pool.name}: dropped {len(dropped)} class(es) with fewer than {min_per_class} images: "
+                f"{', '.join(dropped)}"
+            )
     probes = [create_method(m.method, backbone, **m.options) for m in methods]  # validates options early
     views = tuple(dict.fromkeys(v for p in probes for v in p.train_views))
     spatial = any(p.needs_spatial for p in probes)
@@ -122,10 +129,19 @@ def run_fewshot(
         enc_pool, row = encode_rows(pool, {it.key for it in pool.items}, "all", views)
         enc_val, vrow = enc_pool, row
     else:
-        enc_pool, row = encode_rows(pool, {it.key for tr, va in plans.values()
-                                           for it in tr.items + (va.items if val_pool is None else [])}, "fewshot", views)
-        enc_val, vrow = (enc_pool, row) if val_pool is None else encode_rows(
-            val_pool, {it.key for _, va in plans.values() for it in va.items}, "fewshot-val", ("orig",))
+        enc_pool, row = encode_rows(
+            pool,
+            {it.key for tr, va in plans.values() for it in tr.items + (va.items if val_pool is None else [])},
+            "fewshot",
+            views,
+        )
+        enc_val, vrow = (
+            (enc_pool, row)
+            if val_pool is None
+            else encode_rows(
+                val_pool, {it.key for _, va in plans.values() for it in va.items}, "fewshot-val", ("orig",)
+            )
+        )
         enc_test = Encoded(test, extract_features(backbone, test, spatial=spatial, cache=cache, progress=progress))
 
     runs = []
@@ -144,15 +160,33 @@ def run_fewshot(
             m.fit(etr, eva)
             fit_s = time.perf_counter() - t0
             acc = accuracy(ete.dataset.labels(), m.predict_proba(ete))
-            runs.append({"method": spec.label, "shots": k, "seed": s, "test_accuracy": acc, "fit_seconds": fit_s,
-                         "n_train": len(etr), "n_val": len(eva), "n_test": len(ete), "fit_info": m.fit_info})
+            runs.append(
+                {
+                    "method": spec.label,
+                    "shots": k,
+                    "seed": s,
+                    "test_accuracy": acc,
+                    "fit_seconds": fit_s,
+                    "n_train": len(etr),
+                    "n_val": len(eva),
+                    "n_test": len(ete),
+                    "fit_info": m.fit_info,
+                }
+            )
             log(f"shots={k:<2} seed={s} {spec.label:<28} acc={100 * acc:6.2f}  fit {fit_s:6.2f}s")
     return {
-        "data": data_spec, "backbone": backbone.config(), "shots": list(shots), "seeds": list(seeds),
-        "methods": [m.__dict__ for m in methods], "test_limit": test_limit,
-        "min_per_class": min_per_class, "dropped_classes": dropped, "classes": list(pool.classnames),
+        "data": data_spec,
+        "backbone": backbone.config(),
+        "shots": list(shots),
+        "seeds": list(seeds),
+        "methods": [m.__dict__ for m in methods],
+        "test_limit": test_limit,
+        "min_per_class": min_per_class,
+        "dropped_classes": dropped,
+        "classes": list(pool.classnames),
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
-        "runs": runs, "summary": summarize(runs),
+        "runs": runs,
+        "summary": summarize(runs),
     }
 
 
@@ -166,7 +200,10 @@ def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]
     keep = [c for c in range(ds.num_classes) if counts[c] >= min_count]
     dropped = [ds.classnames[c] for c in range(ds.num_classes) if counts[c] < min_count]
     if len(keep) < 2:
-        raise DataError(f"{ds.name}: fewer than 2 classes have {min_count} images (counts: {dict(zip(ds.classnames, counts.tolist()))})")
+        raise DataError(
+            f"{ds.name}: fewer than 2 classes have {min_count} images "
+            f"(counts: {dict(zip(ds.classnames, counts.tolist()))})"
+        )
     new = {c: i for i, c in enumerate(keep)}
     items = [dataclasses.replace(it, label=new[it.label], tasks=None) for it in ds.items if it.label in new]
     # the other tasks' indices would no longer match: the filtered set keeps the main task only
@@ -180,8 +217,15 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         out[r["method"]][str(r["shots"])]["acc"].append(r["test_accuracy"])
         out[r["method"]][str(r["shots"])]["fit"].append(r["fit_seconds"])
     return {
-        m: {k: {"mean": float(np.mean(v["acc"]) * 100), "std": float(np.std(v["acc"]) * 100),
-                "fit_seconds": float(np.mean(v["fit"])), "n_seeds": len(v["acc"])} for k, v in d.items()}
+        m: {
+            k: {
+                "mean": float(np.mean(v["acc"]) * 100),
+                "std": float(np.std(v["acc"]) * 100),
+                "fit_seconds": float(np.mean(v["fit"])),
+                "n_seeds": len(v["acc"]),
+            }
+            for k, v in d.items()
+        }
         for m, d in out.items()
     }
 
@@ -191,10 +235,17 @@ def markdown_table(result: dict, command: str | None = None) -> str:
     lines = []
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [f"Data: `{result['data']}` · backbone: `{result['backbone']['name']}` · seeds {result['seeds']}"
-              + (f" · test limited to {result['test_limit']} images" if result.get("test_limit") else "")
-              + (f" · classes with fewer than {result['min_per_class']} images dropped: {', '.join(result['dropped_classes'])}"
-                 if result.get("dropped_classes") else ""), ""]
+    lines += [
+        f"Data: `{result['data']}` · backbone: `{result['backbone']['name']}` · seeds {result['seeds']}"
+        + (f" · test limited to {result['test_limit']} images" if result.get("test_limit") else "")
+        + (
+            f" · classes with fewer than {result['min_per_class']} images dropped: "
+            f"{', '.join(result['dropped_classes'])}"
+            if result.get("dropped_classes")
+            else ""
+        ),
+        "",
+    ]
     lines.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " | fit s (mean) |")
     lines.append("|---|" + "---|" * (len(shots) + 1))
     for m, d in result["summary"].items():

@@ -15,14 +15,16 @@ Data: Fashion-MNIST (a fixed stratified subset of train as the pool, of test as 
 with the Tux Paint photos + captions as pairs; Tux Paint by category (stratified 60/20/20 split
 per seed) with the seen classes' training photos + captions as pairs (test photos never are).
 """
+
 from __future__ import annotations
 
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,8 +97,9 @@ def _pick_held(rng: np.random.Generator, candidates: Sequence[str], n: int) -> l
     return sorted(rng.choice(list(candidates), size=n, replace=False).tolist())
 
 
-def fashion_mnist_tasks(backbone, seeds, cache, per_class: int, test_per_class: int, n_held: int,
-                        pairs: Encoded, progress: bool) -> list[Task]:
+def fashion_mnist_tasks(
+    backbone, seeds, cache, per_class: int, test_per_class: int, n_held: int, pairs: Encoded, progress: bool
+) -> list[Task]:
     raw = fashion_mnist()
     pool = raw["train"].subset(sample_per_class(raw["train"], per_class, seed=0), name="fashion-mnist")
     test = raw["test"].subset(sample_per_class(raw["test"], test_per_class, seed=0), name="fashion-mnist")
@@ -108,13 +111,20 @@ def fashion_mnist_tasks(backbone, seeds, cache, per_class: int, test_per_class: 
         seen = [c for c in pool.classnames if c not in held]
         seen_pool = class_subset(enc_pool, seen)
         parts = stratified_split(seen_pool.dataset, {"train": 0.8, "val": 0.2}, seed=s)
-        tasks.append(Task(
-            "fashion-mnist", s, seen, held,
-            seen_train=Encoded(parts["train"], seen_pool.features.index(_rows(seen_pool, parts["train"]))),
-            seen_val=Encoded(parts["val"], seen_pool.features.index(_rows(seen_pool, parts["val"]))),
-            seen_test=class_subset(enc_test, seen), held_pool=class_subset(enc_pool, held),
-            held_test=class_subset(enc_test, held), pairs=pairs,
-        ))
+        tasks.append(
+            Task(
+                "fashion-mnist",
+                s,
+                seen,
+                held,
+                seen_train=Encoded(parts["train"], seen_pool.features.index(_rows(seen_pool, parts["train"]))),
+                seen_val=Encoded(parts["val"], seen_pool.features.index(_rows(seen_pool, parts["val"]))),
+                seen_test=class_subset(enc_test, seen),
+                held_pool=class_subset(enc_pool, held),
+                held_test=class_subset(enc_test, held),
+                pairs=pairs,
+            )
+        )
     return tasks
 
 
@@ -131,12 +141,20 @@ def tuxpaint_tasks(enc_all: Encoded, seeds, n_held: int, min_held_images: int) -
         seen_train = class_subset(enc_all, seen, r["train"])
         # Pairs: the seen classes' training photos with their captions (held-out and test photos never).
         cap = [i for i, it in enumerate(seen_train.dataset.items) if it.text and it.text.strip()]
-        tasks.append(Task(
-            "tuxpaint", s, seen, held, seen_train=seen_train,
-            seen_val=class_subset(enc_all, seen, r["val"]), seen_test=class_subset(enc_all, seen, r["test"]),
-            held_pool=class_subset(enc_all, held, r["train"] + r["val"]),
-            held_test=class_subset(enc_all, held, r["test"]), pairs=seen_train.subset(cap),
-        ))
+        tasks.append(
+            Task(
+                "tuxpaint",
+                s,
+                seen,
+                held,
+                seen_train=seen_train,
+                seen_val=class_subset(enc_all, seen, r["val"]),
+                seen_test=class_subset(enc_all, seen, r["test"]),
+                held_pool=class_subset(enc_all, held, r["train"] + r["val"]),
+                held_test=class_subset(enc_all, held, r["test"]),
+                pairs=seen_train.subset(cap),
+            )
+        )
     return tasks
 
 
@@ -144,15 +162,27 @@ def _acc(method, enc: Encoded) -> float:
     return float((method.predict_proba(enc).argmax(-1) == enc.dataset.labels()).mean())
 
 
-def run_task(backbone: Backbone, task: Task, variants: Sequence[Variant], shots: Sequence[int], cache: FeatureCache,
-             base_options: dict[str, Any], log: Callable[[str], None]) -> list[dict]:
+def run_task(
+    backbone: Backbone,
+    task: Task,
+    variants: Sequence[Variant],
+    shots: Sequence[int],
+    cache: FeatureCache,
+    base_options: dict[str, Any],
+    log: Callable[[str], None],
+) -> list[dict]:
     runs = []
     name = task.data
     desc_all = builtin_descriptions(name)
     for v in variants:
         t0 = time.perf_counter()
-        rec: dict[str, Any] = {"data": name, "seed": task.seed, "variant": v.label, "seen": task.seen,
-                               "held_out": task.held}
+        rec: dict[str, Any] = {
+            "data": name,
+            "seed": task.seed,
+            "variant": v.label,
+            "seen": task.seen,
+            "held_out": task.held,
+        }
         if v.probe:
             m = create_method("linear-probe", backbone, cache=cache)
             m.progress = False
@@ -228,8 +258,11 @@ def markdown_table(result: dict) -> str:
     lines = []
     if result.get("command"):
         lines += [f"Command: `{result['command']}`", ""]
-    lines += [f"Backbone `{result['backbone']['name']}` · seeds {result['seeds']} · mean ± std over seeds · "
-              f"total {result['seconds']:.0f} s on {result['threads']} threads", ""]
+    lines += [
+        f"Backbone `{result['backbone']['name']}` · seeds {result['seeds']} · mean ± std over seeds · "
+        f"total {result['seconds']:.0f} s on {result['threads']} threads",
+        "",
+    ]
     for data, rows in result["summary"].items():
         held = sorted({tuple(r["held_out"]) for r in result["runs"] if r["data"] == data})
         lines += [f"### {data}", "", "Held-out classes per seed: " + "; ".join(", ".join(h) for h in held), ""]
@@ -243,11 +276,20 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_icar_bench(backbone: Backbone, datasets: Sequence[str] = ("fashion-mnist", "tuxpaint"),
-                   seeds: Sequence[int] = (1, 2, 3), shots: Sequence[int] = (1, 4, 16),
-                   variants: Sequence[Variant] = tuple(VARIANTS), cache: FeatureCache | None = None,
-                   fmnist_per_class: int = 150, fmnist_test_per_class: int = 100, n_held: int = 3,
-                   options: dict[str, Any] | None = None, progress: bool = True, log=print) -> dict:
+def run_icar_bench(
+    backbone: Backbone,
+    datasets: Sequence[str] = ("fashion-mnist", "tuxpaint"),
+    seeds: Sequence[int] = (1, 2, 3),
+    shots: Sequence[int] = (1, 4, 16),
+    variants: Sequence[Variant] = tuple(VARIANTS),
+    cache: FeatureCache | None = None,
+    fmnist_per_class: int = 150,
+    fmnist_test_per_class: int = 100,
+    n_held: int = 3,
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
     tux = tuxpaint()["all"]
@@ -256,8 +298,9 @@ def run_icar_bench(backbone: Backbone, datasets: Sequence[str] = ("fashion-mnist
     runs: list[dict] = []
     for data in datasets:
         if data == "fashion-mnist":
-            tasks = fashion_mnist_tasks(backbone, seeds, cache, fmnist_per_class, fmnist_test_per_class, n_held,
-                                        tux_pairs, progress)
+            tasks = fashion_mnist_tasks(
+                backbone, seeds, cache, fmnist_per_class, fmnist_test_per_class, n_held, tux_pairs, progress
+            )
         elif data == "tuxpaint":
             tasks = tuxpaint_tasks(enc_tux, seeds, n_held, min_held_images=30)
         else:
@@ -265,12 +308,22 @@ def run_icar_bench(backbone: Backbone, datasets: Sequence[str] = ("fashion-mnist
         for task in tasks:
             runs += run_task(backbone, task, variants, shots, cache, dict(options or {}), log)
     return {
-        "benchmark": "icar", "backbone": backbone.config(), "datasets": list(datasets), "seeds": list(seeds),
-        "shots": list(shots), "n_held_out": n_held, "fmnist_per_class": fmnist_per_class,
-        "fmnist_test_per_class": fmnist_test_per_class, "options": dict(options or {}),
+        "benchmark": "icar",
+        "backbone": backbone.config(),
+        "datasets": list(datasets),
+        "seeds": list(seeds),
+        "shots": list(shots),
+        "n_held_out": n_held,
+        "fmnist_per_class": fmnist_per_class,
+        "fmnist_test_per_class": fmnist_test_per_class,
+        "options": dict(options or {}),
         "variants": [{"label": v.label, "options": v.options, "train": v.train, "probe": v.probe} for v in variants],
-        "runs": runs, "summary": summarize(runs, shots), "seconds": round(time.perf_counter() - t0, 1),
-        "threads": torch.get_num_threads(), "python": sys.version.split()[0], "platform": platform.platform(),
+        "runs": runs,
+        "summary": summarize(runs, shots),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
     }
 
 

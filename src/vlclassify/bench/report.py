@@ -1,4 +1,5 @@
 """Every benchmark writes the same pair: `<stem>.json` (all runs) and `<stem>.md` (the table)."""
+
 from __future__ import annotations
 
 from pathlib import Path

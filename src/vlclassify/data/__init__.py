@@ -1,4 +1,5 @@
 """Datasets: one item model, loaders for user data and the built-in offline data."""
+
 from .builtin import FASHION_MNIST_CLASSES, fashion_mnist, tuxpaint
 from .images import load_image
 from .items import Dataset, Item
@@ -7,7 +8,20 @@ from .spec import load_data, parse_spec, train_val_test
 from .splits import fewshot, kfold, sample_per_class, stratified_split
 
 __all__ = [
-    "Dataset", "Item", "load_image", "load_data", "parse_spec", "train_val_test", "fewshot", "kfold",
-    "sample_per_class", "stratified_split", "fashion_mnist", "tuxpaint", "image_folder", "manifest",
-    "coop_split", "FASHION_MNIST_CLASSES",
+    "Dataset",
+    "Item",
+    "load_image",
+    "load_data",
+    "parse_spec",
+    "train_val_test",
+    "fewshot",
+    "kfold",
+    "sample_per_class",
+    "stratified_split",
+    "fashion_mnist",
+    "tuxpaint",
+    "image_folder",
+    "manifest",
+    "coop_split",
+    "FASHION_MNIST_CLASSES",
 ]

@@ -1,4 +1,5 @@
 """Real data that installs offline from Debian packages: Fashion-MNIST and Tux Paint stamps."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,7 +14,16 @@ from .items import Dataset, Item
 from .loaders import file_key
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "T-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 ]
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 TUXPAINT_ROOT = "/usr/share/tuxpaint/stamps"
@@ -46,7 +56,9 @@ def fashion_mnist(root: str | os.PathLike | None = None) -> dict[str, Dataset]:
         if len(images) != len(labels):
             raise DataError(f"{img_p}: {len(images)} images but {len(labels)} labels")
         src = json_fingerprint([file_fingerprint(img_p, full=False), file_fingerprint(lab_p, full=False)])
-        items = [Item(image=images[i], label=int(labels[i]), key=f"fashion-mnist/{split}/{i}") for i in range(len(images))]
+        items = [
+            Item(image=images[i], label=int(labels[i]), key=f"fashion-mnist/{split}/{i}") for i in range(len(images))
+        ]
         out[split] = Dataset(items=items, classnames=list(FASHION_MNIST_CLASSES), name="fashion-mnist", source=src)
     return out
 
@@ -86,10 +98,20 @@ def tuxpaint(root: str | os.PathLike | None = None) -> dict[str, Dataset]:
     cats = sorted({r[1] for r in rows})
     subs = sorted({r[2] for r in rows})
     items = [
-        Item(image=str(p), label=cats.index(c), text=cap, tasks={"category": cats.index(c), "subcategory": subs.index(s)},
-             key=file_key(p))
+        Item(
+            image=str(p),
+            label=cats.index(c),
+            text=cap,
+            tasks={"category": cats.index(c), "subcategory": subs.index(s)},
+            key=file_key(p),
+        )
         for p, c, s, cap in rows
     ]
-    ds = Dataset(items=items, classnames=cats, name="tuxpaint", tasks={"category": cats, "subcategory": subs},
-                 source=json_fingerprint(str(root)))
+    ds = Dataset(
+        items=items,
+        classnames=cats,
+        name="tuxpaint",
+        tasks={"category": cats, "subcategory": subs},
+        source=json_fingerprint(str(root)),
+    )
     return {"all": ds}

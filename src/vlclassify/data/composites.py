@@ -10,12 +10,13 @@ two splits. Images and a JSONL manifest (`image`, `labels`, `split`) are generat
 fixed seeds (numpy PCG64, identical on every platform), into an atomically written folder under
 `<cache>/composites/` (or `out=`), then read back with the ordinary manifest loader.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -38,8 +39,9 @@ def _int(name: str, value, lo: int = 1) -> int:
     return v
 
 
-def _materialise(name: str, params: dict, out: str | os.PathLike | None,
-                 build: Callable[[Path], list[dict]], classnames: list[str]) -> dict[str, Dataset]:
+def _materialise(
+    name: str, params: dict, out: str | os.PathLike | None, build: Callable[[Path], list[dict]], classnames: list[str]
+) -> dict[str, Dataset]:
     """Generate into `<out or cache>/composites/<name>-<hash>/` once (atomically), then load it."""
     from .loaders import manifest
 
@@ -53,9 +55,17 @@ def _materialise(name: str, params: dict, out: str | os.PathLike | None,
             tmp.mkdir(parents=True, exist_ok=True)
             rows = build(tmp)
             (tmp / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (tmp / "meta.json").write_text(json.dumps({"params": params, "classnames": classnames,
-                                                       "counts": {s: sum(r["split"] == s for r in rows) for s in SPLITS}},
-                                                      indent=1) + "\n")
+            (tmp / "meta.json").write_text(
+                json.dumps(
+                    {
+                        "params": params,
+                        "classnames": classnames,
+                        "counts": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
     splits = manifest(man, classes=classnames)
     for ds in splits.values():
         ds.name = name
@@ -63,9 +73,17 @@ def _materialise(name: str, params: dict, out: str | os.PathLike | None,
 
 
 # ---- Fashion-MNIST mosaics ---------------------------------------------------------------------
-def fmnist_mosaic(n_train: int = 1000, n_val: int = 300, n_test: int = 500, seed: int = 0, cell: int = 28,
-                  min_items: int = 2, max_items: int = 4, root: str | None = None,
-                  out: str | None = None) -> dict[str, Dataset]:
+def fmnist_mosaic(
+    n_train: int = 1000,
+    n_val: int = 300,
+    n_test: int = 500,
+    seed: int = 0,
+    cell: int = 28,
+    min_items: int = 2,
+    max_items: int = 4,
+    root: str | None = None,
+    out: str | None = None,
+) -> dict[str, Dataset]:
     """2x2 mosaics (each cell `cell` px) holding 2-4 Fashion-MNIST items in random cells, black elsewhere.
 
     Train and val draw from disjoint parts of Fashion-MNIST's train set, test from its test set.
@@ -79,8 +97,15 @@ def fmnist_mosaic(n_train: int = 1000, n_val: int = 300, n_test: int = 500, seed
     if not lo <= hi <= 4:
         raise DataError(f"fmnist-mosaic: need 1 <= min_items <= max_items <= 4, got {lo}..{hi}")
     src = fashion_mnist(root)
-    params = {"v": GENERATOR_VERSION, "kind": "fmnist-mosaic", "n": n, "seed": seed, "cell": cell, "items": [lo, hi],
-              "source": [src["train"].source, src["test"].source]}
+    params = {
+        "v": GENERATOR_VERSION,
+        "kind": "fmnist-mosaic",
+        "n": n,
+        "seed": seed,
+        "cell": cell,
+        "items": [lo, hi],
+        "source": [src["train"].source, src["test"].source],
+    }
 
     def build(folder: Path) -> list[dict]:
         rng = np.random.default_rng(seed)
@@ -113,8 +138,9 @@ def fmnist_mosaic(n_train: int = 1000, n_val: int = 300, n_test: int = 500, seed
 
 
 # ---- Tux Paint composites ----------------------------------------------------------------------
-def split_photos(labels: np.ndarray, num_classes: int, rng: np.random.Generator,
-                 fractions: tuple[float, float] = (0.2, 0.2)) -> dict[str, list[int]]:
+def split_photos(
+    labels: np.ndarray, num_classes: int, rng: np.random.Generator, fractions: tuple[float, float] = (0.2, 0.2)
+) -> dict[str, list[int]]:
     """Per class: val/test get round(fraction * n) photos but at least 1 each when n >= 3."""
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
     for c in range(num_classes):
@@ -143,9 +169,17 @@ def _cutout(path: str, max_side: int) -> Image.Image:
     return im
 
 
-def tuxpaint_composite(n_train: int = 800, n_val: int = 200, n_test: int = 400, seed: int = 0, size: int = 224,
-                       min_items: int = 1, max_items: int = 3, root: str | None = None,
-                       out: str | None = None) -> dict[str, Dataset]:
+def tuxpaint_composite(
+    n_train: int = 800,
+    n_val: int = 200,
+    n_test: int = 400,
+    seed: int = 0,
+    size: int = 224,
+    min_items: int = 1,
+    max_items: int = 3,
+    root: str | None = None,
+    out: str | None = None,
+) -> dict[str, Dataset]:
     """`size` x `size` canvases with 1-3 Tux Paint photo cut-outs of distinct categories.
 
     Categories are drawn with probability proportional to sqrt(#photos) (rare ones appear
@@ -162,8 +196,15 @@ def tuxpaint_composite(n_train: int = 800, n_val: int = 200, n_test: int = 400, 
     if not lo <= hi <= src.num_classes:
         raise DataError(f"tuxpaint-composite: need 1 <= min_items <= max_items <= {src.num_classes}, got {lo}..{hi}")
     labels = np.array([it.label for it in src.items])
-    params = {"v": GENERATOR_VERSION, "kind": "tuxpaint-composite", "n": n, "seed": seed, "size": size,
-              "items": [lo, hi], "source": src.fingerprint()}
+    params = {
+        "v": GENERATOR_VERSION,
+        "kind": "tuxpaint-composite",
+        "n": n,
+        "seed": seed,
+        "size": size,
+        "items": [lo, hi],
+        "source": src.fingerprint(),
+    }
 
     def build(folder: Path) -> list[dict]:
         rng = np.random.default_rng(seed)

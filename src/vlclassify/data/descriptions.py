@@ -12,16 +12,17 @@ description anywhere falls back to its name alone.
 WordNet is read from Debian's `wordnet-base` files (`index.noun` + `data.noun`); the folder is
 `$VLCLASSIFY_WORDNET`, else `/usr/share/wordnet`, or passed explicitly.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import ConfigError, DataError
 
@@ -81,7 +82,8 @@ def read_description_file(path: str | os.PathLike, classnames: Sequence[str] | N
         if unknown:
             warnings.warn(
                 f"{p}: {len(unknown)} description(s) name classes that do not exist and are ignored: "
-                f"{', '.join(unknown)} (classes: {', '.join(classnames)})", stacklevel=2,
+                f"{', '.join(unknown)} (classes: {', '.join(classnames)})",
+                stacklevel=2,
             )
         out = {k: v for k, v in out.items() if k in set(classnames)}
     return out
@@ -141,7 +143,11 @@ class WordNet:
     def lemmas(self, name: str) -> list[str]:
         """Spellings tried for a class name: as is, with '_' for spaces/hyphens, singular forms."""
         base = name.strip().lower()
-        cands = [base.replace(" ", "_"), base.replace(" ", "_").replace("-", "_"), base.replace("-", "").replace(" ", "_")]
+        cands = [
+            base.replace(" ", "_"),
+            base.replace(" ", "_").replace("-", "_"),
+            base.replace("-", "").replace(" ", "_"),
+        ]
         for c in list(cands):
             if c.endswith("ies"):
                 cands.append(c[:-3] + "y")
@@ -177,8 +183,9 @@ def wordnet_descriptions(classnames: Sequence[str], folder: str | os.PathLike | 
     return out
 
 
-def resolve_descriptions(classnames: Sequence[str], source: str = "auto", dataset: str = "",
-                         wordnet_dir: str | os.PathLike | None = None) -> dict[str, str]:
+def resolve_descriptions(
+    classnames: Sequence[str], source: str = "auto", dataset: str = "", wordnet_dir: str | os.PathLike | None = None
+) -> dict[str, str]:
     """class -> description for the classes that have one (the rest fall back to the name).
 
     source: auto (built-in for `dataset`, then WordNet if installed) | none | builtin | wordnet |
@@ -202,8 +209,12 @@ def resolve_descriptions(classnames: Sequence[str], source: str = "auto", datase
     raise ConfigError(f"descriptions: {source!r} is not one of {', '.join(SOURCES)} nor a .json/.csv file")
 
 
-def class_sentence(name: str, description: str | None, template: str = "a photo of a {name}, {description}.",
-                   template_no_desc: str = "a photo of a {name}.") -> str:
+def class_sentence(
+    name: str,
+    description: str | None,
+    template: str = "a photo of a {name}, {description}.",
+    template_no_desc: str = "a photo of a {name}.",
+) -> str:
     """T_i = prompt sentence + class name + description (the name alone when there is none)."""
     if description:
         return template.format(name=name, description=_clean(description))

@@ -1,4 +1,5 @@
 """Image decoding with errors that name the file."""
+
 from __future__ import annotations
 
 import numpy as np

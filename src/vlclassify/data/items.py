@@ -1,8 +1,9 @@
 """One item model for every kind of data vlclassify takes."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 
@@ -41,8 +42,12 @@ class Dataset:
     def fingerprint(self) -> str:
         """Changes whenever the items, their labels or the files behind them change."""
         return json_fingerprint(
-            [self.source, self.classnames, self.tasks,
-             [(it.key, it.label, it.labels, it.text, it.tasks) for it in self.items]]
+            [
+                self.source,
+                self.classnames,
+                self.tasks,
+                [(it.key, it.label, it.labels, it.text, it.tasks) for it in self.items],
+            ]
         )
 
     def labels(self) -> np.ndarray:
@@ -64,7 +69,7 @@ class Dataset:
             raise KeyError(f"{self.name}: no task {task!r}; tasks: {', '.join(self.tasks) or 'none'}")
         return np.array([(it.tasks or {}).get(task, -1) for it in self.items], dtype=np.int64)
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "Dataset":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> Dataset:
         return replace(self, items=[self.items[int(i)] for i in indices], name=name or self.name)
 
     def texts(self) -> list[str]:

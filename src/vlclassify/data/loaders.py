@@ -3,14 +3,16 @@
 Each returns a dict of splits (`train`, `val`, `test`, or just `all` when the source has no
 split); `vlclassify.data.splits` fills in what is missing.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..errors import DataError
 from ..utils import json_fingerprint
@@ -116,13 +118,18 @@ def manifest(
         return f"{path}:{r['__line__']}"
 
     if main:
-        seen = sorted({l for r in rows for l in _split_labels(r.get(main))}) if multilabel else sorted(
-            {str(r.get(main, "")).strip() for r in rows if str(r.get(main, "")).strip()})
+        seen = (
+            sorted({l for r in rows for l in _split_labels(r.get(main))})
+            if multilabel
+            else sorted({str(r.get(main, "")).strip() for r in rows if str(r.get(main, "")).strip()})
+        )
         classnames = list(classes) if classes else seen
     else:
         classnames = []
     cindex = {c: i for i, c in enumerate(classnames)}
-    task_classes = {t: sorted({str(r.get(t, "")).strip() for r in rows if str(r.get(t, "")).strip()}) for t in task_cols}
+    task_classes = {
+        t: sorted({str(r.get(t, "")).strip() for r in rows if str(r.get(t, "")).strip()}) for t in task_cols
+    }
     if not main and task_cols:
         classnames = task_classes[task_cols[0]]
         cindex = {c: i for i, c in enumerate(classnames)}
@@ -164,8 +171,14 @@ def manifest(
         if not main and task_cols:
             label = task_vals[task_cols[0]]
         key = file_key(img_path) if img_path else f"text:{r['__line__']}"
-        item = Item(image=str(img_path) if img_path else None, label=label, labels=labels, text=text or None,
-                    tasks=task_vals or None, key=f"{key}|{r['__line__']}")
+        item = Item(
+            image=str(img_path) if img_path else None,
+            label=label,
+            labels=labels,
+            text=text or None,
+            tasks=task_vals or None,
+            key=f"{key}|{r['__line__']}",
+        )
         split = str(r.get("split") or "all").strip().lower()
         if split not in ("train", "val", "test", "all"):
             raise DataError(f"{where(r)}: split must be train, val or test, got {split!r}")
@@ -180,12 +193,16 @@ def manifest(
                     counts[classnames[l]] += 1
         rare = [c for c, n in counts.items() if n == 1]
         if rare and len(rows) >= 4 * len(classnames):
-            warnings.warn(f"{path}: label(s) {', '.join(map(repr, rare))} appear in one row only (a typo?); "
-                          f"pass classes=... to check labels against a fixed list", stacklevel=2)
+            warnings.warn(
+                f"{path}: label(s) {', '.join(map(repr, rare))} appear in one row only (a typo?); "
+                f"pass classes=... to check labels against a fixed list",
+                stacklevel=2,
+            )
     src = json_fingerprint([str(path), os.stat(path).st_mtime_ns])
     return {
-        s: Dataset(items=its, classnames=classnames, name=path.stem, multilabel=multilabel,
-                   tasks=task_classes, source=src)
+        s: Dataset(
+            items=its, classnames=classnames, name=path.stem, multilabel=multilabel, tasks=task_classes, source=src
+        )
         for s, its in splits.items()
     }
 
@@ -221,9 +238,12 @@ def coop_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     return {
         split: Dataset(
             items=[Item(image=str(base / r[0]), label=r[1], key=f"{r[0]}") for r in rows],
-            classnames=classnames, name=path.stem, source=src,
+            classnames=classnames,
+            name=path.stem,
+            source=src,
         )
-        for split, rows in data.items() if split in ("train", "val", "test")
+        for split, rows in data.items()
+        if split in ("train", "val", "test")
     }
 
 

@@ -9,6 +9,7 @@
     PATH.json                CoOp split file
 Options follow after `?`, e.g. `tuxpaint?root=/my/stamps` or `data.csv?tasks=color,style`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,13 +56,16 @@ def load_data(spec: str) -> dict[str, Dataset]:
     raise DataError(f"data {base!r}: expected a folder, .csv, .jsonl or CoOp .json")
 
 
-def train_val_test(splits: dict[str, Dataset], seed: int = 0, val_fraction: float = 0.2,
-                   test_fraction: float = 0.2) -> dict[str, Dataset]:
+def train_val_test(
+    splits: dict[str, Dataset], seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2
+) -> dict[str, Dataset]:
     """Fill in missing splits: `all` -> stratified train/val/test; no `val` -> carved from train."""
     splits = dict(splits)
     if "all" in splits:
         splits = stratified_split(
-            splits.pop("all"), {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed
+            splits.pop("all"),
+            {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction},
+            seed,
         )
     if "train" not in splits:
         raise DataError("data has no 'train' split")

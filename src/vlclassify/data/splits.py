@@ -3,10 +3,11 @@
 Sampling uses numpy's PCG64 generator, whose streams are the same on every platform, so a seed
 gives the same images everywhere.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -41,7 +42,9 @@ def sample_per_class(ds: Dataset, k: int, seed: int, exclude: Sequence[int] = ()
         else:
             chosen.append(np.sort(rng.choice(idx, size=k, replace=False)))
     if short:
-        warnings.warn(f"{ds.name} {what}: fewer than {k} images for {', '.join(short)}; using all of them", stacklevel=2)
+        warnings.warn(
+            f"{ds.name} {what}: fewer than {k} images for {', '.join(short)}; using all of them", stacklevel=2
+        )
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 

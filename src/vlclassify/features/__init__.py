@@ -1,4 +1,5 @@
 """Feature extraction and the on-disk feature cache."""
+
 from .cache import FeatureCache
 from .extract import VIEWS, FeatureSet, encode_texts, extract_features
 

@@ -5,6 +5,7 @@ holding the full key (backbone identity with a weights fingerprint, dataset fing
 preprocessing, view, fields). Entries are written atomically; on load the stored key must equal
 the requested one, so a mismatch (or a damaged entry) is recomputed, never silently reused.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,9 @@ class FeatureCache:
                 tmp.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "features.safetensors"))
                 (tmp / "meta.json").write_text(
-                    json.dumps({"key": key, "shapes": {k: list(v.shape) for k, v in tensors.items()}}, default=str, indent=1)
+                    json.dumps(
+                        {"key": key, "shapes": {k: list(v.shape) for k, v in tensors.items()}}, default=str, indent=1
+                    )
                 )
         except OSError as e:
             log.warning("feature cache: cannot write %s (%s)", d, e)

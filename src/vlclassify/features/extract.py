@@ -1,9 +1,10 @@
 """Batched feature extraction with parallel image decoding, a progress bar and the cache."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,18 +32,22 @@ class FeatureSet:
     spatial: torch.Tensor | None = None  # [N, P, D] spatial tokens (float16 on disk)
     grid: tuple[int, int] | None = None  # (h, w) of the spatial tokens
     text: torch.Tensor | None = None  # [N, D] embeddings of the items' paired texts
-    views: dict[str, "FeatureSet"] = field(default_factory=dict)  # augmentation views, e.g. "flip"
+    views: dict[str, FeatureSet] = field(default_factory=dict)  # augmentation views, e.g. "flip"
     skipped: list[int] = field(default_factory=list)  # indices of unreadable images (skip_bad=True)
 
     def __len__(self) -> int:
         return self.image.shape[0]
 
-    def index(self, idx: Sequence[int] | np.ndarray) -> "FeatureSet":
+    def index(self, idx: Sequence[int] | np.ndarray) -> FeatureSet:
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
         return FeatureSet(
-            image=pick(self.image), pooled=pick(self.pooled), spatial=pick(self.spatial), grid=self.grid,
-            text=pick(self.text), views={k: v.index(idx) for k, v in self.views.items()},
+            image=pick(self.image),
+            pooled=pick(self.pooled),
+            spatial=pick(self.spatial),
+            grid=self.grid,
+            text=pick(self.text),
+            views={k: v.index(idx) for k, v in self.views.items()},
         )
 
 
@@ -61,13 +66,15 @@ def _decode(backbone: Backbone, item: Item, view: str, skip_bad: bool) -> torch.
         raise
 
 
-def iter_batches(backbone: Backbone, items: Sequence[Item], view: str, batch_size: int, workers: int,
-                 skip_bad: bool) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
+def iter_batches(
+    backbone: Backbone, items: Sequence[Item], view: str, batch_size: int, workers: int, skip_bad: bool
+) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
     """Yield (start, pixels [B, 3, H, W], bad offsets) while the next batch decodes in threads."""
     if view not in VIEWS:
         raise DataError(f"unknown view {view!r}; available: {', '.join(VIEWS)}")
     starts = list(range(0, len(items), batch_size))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
         def submit(s: int):
             return [pool.submit(_decode, backbone, it, view, skip_bad) for it in items[s : s + batch_size]]
 
@@ -86,8 +93,18 @@ def iter_batches(backbone: Backbone, items: Sequence[Item], view: str, batch_siz
 
 
 @torch.no_grad()
-def _compute(backbone: Backbone, encoder: Callable, items: Sequence[Item], view: str, spatial: bool,
-             batch_size: int, workers: int, progress: bool, skip_bad: bool, desc: str) -> dict[str, torch.Tensor]:
+def _compute(
+    backbone: Backbone,
+    encoder: Callable,
+    items: Sequence[Item],
+    view: str,
+    spatial: bool,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    skip_bad: bool,
+    desc: str,
+) -> dict[str, torch.Tensor]:
     """Run `encoder` (see runtime.make_encoder) over decoded batches while the next batch decodes."""
     from tqdm.auto import tqdm
 
@@ -121,8 +138,9 @@ def _compute(backbone: Backbone, encoder: Callable, items: Sequence[Item], view:
 
 
 @torch.no_grad()
-def encode_texts(backbone: Backbone, texts: Sequence[str], cache: FeatureCache | None = None,
-                 batch_size: int = 128) -> torch.Tensor:
+def encode_texts(
+    backbone: Backbone, texts: Sequence[str], cache: FeatureCache | None = None, batch_size: int = 128
+) -> torch.Tensor:
     """[N, D] L2-normalised text embeddings (empty texts give zero rows), cached."""
     from ..utils import json_fingerprint
 
@@ -173,15 +191,18 @@ def extract_features(
     accepted = [chosen] + ([r for r in ("onnx", "torch") if r != chosen] if runtime == "auto" else [])
     encoder = None
     base_key = {
-        "kind": "image", "backbone": backbone.identity(), "dataset": dataset.fingerprint(),
-        "preprocess": backbone.preprocess_config(), "skip_bad": skip_bad,
+        "kind": "image",
+        "backbone": backbone.identity(),
+        "dataset": dataset.fingerprint(),
+        "preprocess": backbone.preprocess_config(),
+        "skip_bad": skip_bad,
     }
     sets: dict[str, FeatureSet] = {}
     for view in views:
         names = ["image", "pooled", "skipped"] + (["spatial", "grid"] if spatial else [])
         got = None
         for rt in accepted:
-            for sp in ((True,) if spatial else (False, True)):  # a spatial entry also serves plain requests
+            for sp in (True,) if spatial else (False, True):  # a spatial entry also serves plain requests
                 got = cache.load({**_runtime_key(base_key, rt), "view": view, "spatial": sp}, names)
                 if got is not None:
                     break
@@ -189,12 +210,25 @@ def extract_features(
                 break
         if got is None:
             encoder = encoder or make_encoder(backbone, runtime, cache.root)
-            got = _compute(backbone, encoder, dataset.items, view, spatial, batch_size, workers, progress, skip_bad,
-                           desc=f"features {dataset.name or ''} [{view}]".strip())
+            got = _compute(
+                backbone,
+                encoder,
+                dataset.items,
+                view,
+                spatial,
+                batch_size,
+                workers,
+                progress,
+                skip_bad,
+                desc=f"features {dataset.name or ''} [{view}]".strip(),
+            )
             cache.save({**_runtime_key(base_key, encoder.name), "view": view, "spatial": spatial}, got)
         sets[view] = FeatureSet(
-            image=got["image"], pooled=got["pooled"], spatial=got.get("spatial"),
-            grid=tuple(got["grid"].tolist()) if "grid" in got else None, skipped=got["skipped"].tolist(),
+            image=got["image"],
+            pooled=got["pooled"],
+            spatial=got.get("spatial"),
+            grid=tuple(got["grid"].tolist()) if "grid" in got else None,
+            skipped=got["skipped"].tolist(),
         )
     first = sets[views[0]]
     first.views = {v: s for v, s in sets.items() if v != views[0]}

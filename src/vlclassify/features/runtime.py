@@ -7,6 +7,7 @@ under inference mode; with ONNX Runtime, that trunk exported once to `<cache>/ba
 (keyed by the weights fingerprint, written atomically). The head always runs in torch, so spatial
 tokens come from the same pass. Other backbones run their own `encode_image`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -99,10 +100,14 @@ class OnnxEncoder:
 
 
 def onnx_trunk_path(backbone: Backbone, cache_dir: str | Path | None = None) -> Path:
-    key = json_fingerprint({
-        "name": backbone.name, "weights": backbone.weights_fingerprint(), "image_size": backbone.image_size,
-        "v": ONNX_EXPORT_VERSION,
-    })
+    key = json_fingerprint(
+        {
+            "name": backbone.name,
+            "weights": backbone.weights_fingerprint(),
+            "image_size": backbone.image_size,
+            "v": ONNX_EXPORT_VERSION,
+        }
+    )
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "backbones" / "onnx" / f"{backbone.name}-trunk-{key}.onnx"
 
@@ -117,8 +122,14 @@ def export_onnx_trunk(backbone: Backbone, path: Path) -> Path:
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is chatty about deprecations
         torch.onnx.export(
-            trunk, (example,), str(tmp), dynamo=False, input_names=["pixels"], output_names=["fmap"],
-            dynamic_axes={"pixels": {0: "n"}, "fmap": {0: "n"}}, opset_version=17,
+            trunk,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            input_names=["pixels"],
+            output_names=["fmap"],
+            dynamic_axes={"pixels": {0: "n"}, "fmap": {0: "n"}},
+            opset_version=17,
         )
     return path
 

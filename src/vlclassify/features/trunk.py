@@ -7,6 +7,7 @@ top — the activations where the trainable top begins. `trunk_features` compute
 Missing images (Item.image None) and empty texts are allowed and flagged in `has_image` /
 `has_text`; an unreadable image file is an error naming the file.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,11 @@ class TrunkSet:
     def __len__(self) -> int:
         return self.image.shape[0]
 
-    def index(self, idx) -> "TrunkSet":
+    def index(self, idx) -> TrunkSet:
         i = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        return TrunkSet(*(t.index_select(0, i) for t in (self.image, self.text, self.text_mask, self.has_image,
-                                                         self.has_text)))
+        return TrunkSet(
+            *(t.index_select(0, i) for t in (self.image, self.text, self.text_mask, self.has_image, self.has_text))
+        )
 
 
 def _pixels(split: Split, item: Item) -> torch.Tensor | None:
@@ -49,8 +51,9 @@ def _pixels(split: Split, item: Item) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def compute_trunk(split: Split, items: list[Item], max_tokens: int, batch_size: int = 32, progress: bool = True,
-                  desc: str = "trunk") -> TrunkSet:
+def compute_trunk(
+    split: Split, items: list[Item], max_tokens: int, batch_size: int = 32, progress: bool = True, desc: str = "trunk"
+) -> TrunkSet:
     from tqdm.auto import tqdm
 
     bb = split.backbone
@@ -92,9 +95,20 @@ def compute_trunk(split: Split, items: list[Item], max_tokens: int, batch_size: 
     if ref_img is None:  # no image at all: shape the zeros with one blank image
         blank = torch.zeros(1, 3, bb.image_size, bb.image_size)
         ref_img = split.image_trunk(blank).half()
-    img = torch.cat([p if p is not None else torch.zeros((len(items[i * batch_size:(i + 1) * batch_size]),
-                                                          *ref_img.shape[1:]), dtype=torch.float16)
-                     for i, p in enumerate(img_parts)]) if n else ref_img[:0]
+    img = (
+        torch.cat(
+            [
+                p
+                if p is not None
+                else torch.zeros(
+                    (len(items[i * batch_size : (i + 1) * batch_size]), *ref_img.shape[1:]), dtype=torch.float16
+                )
+                for i, p in enumerate(img_parts)
+            ]
+        )
+        if n
+        else ref_img[:0]
+    )
     ref_txt = next((p for p in txt_parts if p is not None), None)
     H = ref_txt.shape[2] if ref_txt is not None else split.text_trunk(["a"], max_tokens)[0].shape[2]
     L = max([p.shape[1] for p in txt_parts if p is not None] or [1])
@@ -108,13 +122,21 @@ def compute_trunk(split: Split, items: list[Item], max_tokens: int, batch_size: 
     return TrunkSet(img, text, mask, has_image, has_text)
 
 
-def trunk_features(split: Split, dataset: Dataset, max_tokens: int, cache: FeatureCache | None = None,
-                   progress: bool = True) -> TrunkSet:
+def trunk_features(
+    split: Split, dataset: Dataset, max_tokens: int, cache: FeatureCache | None = None, progress: bool = True
+) -> TrunkSet:
     """`compute_trunk` for every item of `dataset`, through the feature cache."""
     cache = cache or FeatureCache()
     bb = split.backbone
-    key = {"kind": "trunk", "v": TRUNK_VERSION, "backbone": bb.identity(), "split": split.config(),
-           "dataset": dataset.fingerprint(), "preprocess": bb.preprocess_config(), "max_tokens": max_tokens}
+    key = {
+        "kind": "trunk",
+        "v": TRUNK_VERSION,
+        "backbone": bb.identity(),
+        "split": split.config(),
+        "dataset": dataset.fingerprint(),
+        "preprocess": bb.preprocess_config(),
+        "max_tokens": max_tokens,
+    }
     names = ["image", "text", "text_mask", "has_image", "has_text"]
     got = cache.load(key, names)
     if got is not None:

@@ -1,4 +1,5 @@
 """Methods: one file per method, registered by name when this package is imported."""
+
 import importlib
 import pkgutil
 

@@ -1,18 +1,20 @@
 """The one interface every method implements, and what it shares.
 
-    method = create_method("zero-shot", backbone, templates="select7")
-    method.fit(train, val)                 # Dataset or Encoded (dataset + cached features)
-    probs = method.predict_proba(test)      # [N, C] numpy
-    method.save_pretrained("out/")          # config.json + model.safetensors (no pickles)
-    same = load_method("out/")              # rebuilds the backbone from the saved config
+method = create_method("zero-shot", backbone, templates="select7")
+method.fit(train, val)                 # Dataset or Encoded (dataset + cached features)
+probs = method.predict_proba(test)      # [N, C] numpy
+method.save_pretrained("out/")          # config.json + model.safetensors (no pickles)
+same = load_method("out/")              # rebuilds the backbone from the saved config
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def subset(self, idx: Sequence[int] | np.ndarray) -> "Encoded":
+    def subset(self, idx: Sequence[int] | np.ndarray) -> Encoded:
         return Encoded(self.dataset.subset(idx), self.features.index(idx))
 
 
@@ -69,7 +71,9 @@ class Method:
         fields = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(options) - fields)
         if unknown:
-            raise ConfigError(f"method {self.name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"method {self.name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+            )
         check_option_types(self.name, self.Config, options)
         self.config = self.Config(**options)
         self.backbone = backbone
@@ -88,12 +92,19 @@ class Method:
             if missing:
                 raise ConfigError(f"method {self.name!r} needs cached view(s) {', '.join(missing)}")
             return data
-        feats = extract_features(self.backbone, data, views=views, spatial=self.needs_spatial, cache=self.cache,
-                                 progress=self.progress, runtime=self.runtime)
+        feats = extract_features(
+            self.backbone,
+            data,
+            views=views,
+            spatial=self.needs_spatial,
+            cache=self.cache,
+            progress=self.progress,
+            runtime=self.runtime,
+        )
         return Encoded(data, feats)
 
     # ---- API ----------------------------------------------------------------------------
-    def fit(self, train: Dataset | Encoded, val: Dataset | Encoded | None = None) -> "Method":
+    def fit(self, train: Dataset | Encoded, val: Dataset | Encoded | None = None) -> Method:
         tr = self.encode(train, self.train_views)
         va = self.encode(val) if val is not None and len(val) else None
         ds = tr.dataset
@@ -179,20 +190,28 @@ class Method:
         import json
 
         with atomic_path(directory / "model.safetensors") as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, str(tmp),
-                      metadata={"method": self.name})
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()},
+                str(tmp),
+                metadata={"method": self.name},
+            )
         with atomic_path(directory / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, backbone: Backbone | None = None,
-                        cache: FeatureCache | None = None) -> "Method":
+    def from_pretrained(
+        cls, directory: str | Path, backbone: Backbone | None = None, cache: FeatureCache | None = None
+    ) -> Method:
         return load_method(directory, backbone=backbone, cache=cache, expect=cls.name or None)
 
 
-def load_method(directory: str | Path, backbone: Backbone | None = None, cache: FeatureCache | None = None,
-                expect: str | None = None) -> Method:
+def load_method(
+    directory: str | Path,
+    backbone: Backbone | None = None,
+    cache: FeatureCache | None = None,
+    expect: str | None = None,
+) -> Method:
     """Rebuild a saved method (and its backbone, unless one is given)."""
     from ..backbones import create_backbone
     from .registry import METHODS
@@ -203,13 +222,16 @@ def load_method(directory: str | Path, backbone: Backbone | None = None, cache: 
     if expect and name != expect:
         raise ConfigError(f"{directory}: holds a {name!r} model, not {expect!r}")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{directory}: format_version {cfg.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        raise ConfigError(
+            f"{directory}: format_version {cfg.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+        )
     if backbone is None:
         bcfg = dict(cfg["backbone"])
         backbone = create_backbone(bcfg.pop("name"), **bcfg)
     if backbone.embed_dim != cfg.get("embed_dim", backbone.embed_dim):
         raise ConfigError(
-            f"{directory}: saved for a {cfg['embed_dim']}-d backbone, but {backbone.name} gives {backbone.embed_dim}-d features"
+            f"{directory}: saved for a {cfg['embed_dim']}-d backbone, "
+            f"but {backbone.name} gives {backbone.embed_dim}-d features"
         )
     method = METHODS.get(name)(backbone, cache=cache, **cfg.get("options", {}))
     method.classnames = list(cfg["classnames"])
@@ -233,8 +255,11 @@ def check_option_types(method: str, config_cls: type, options: dict[str, Any]) -
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if "|" in ann or "Any" in ann or "Optional" in ann or "Union" in ann:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         if default is None:
             continue
         value = options[f.name]

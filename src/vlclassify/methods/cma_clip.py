@@ -10,18 +10,21 @@ Trained in the paper's three stages with the shared trainer (vlclassify.training
 backbone frozen; end-to-end with the backbone's top blocks unfrozen (a `Split`: the frozen trunk's
 activations are cached once, so every stage costs only the top + fusion); tuning of the modality
 attentions and heads with everything else frozen. The default sequence transformer is CPU-sized
-(1 layer, width 256, 4 heads, vs the paper's 12 x 512 x 8; chosen on validation, docs/cma-clip.md): the data it targets here is hundreds
+(1 layer, width 256, 4 heads, vs the paper's 12 x 512 x 8; chosen on validation, docs/cma-clip.md):
+the data it targets here is hundreds
 to thousands of pairs on 2 cores, where a 12-layer transformer trained from scratch over-fits and
 takes minutes per epoch; width/layers/heads are options for larger data.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +43,35 @@ from .registry import register_method
 
 IMAGE, TEXT = 0, 1
 EMBED_KEYS = ("img_emb", "img_tok", "txt_emb", "txt_tok", "tmask")
-STOPWORDS = {"the", "and", "for", "with", "from", "that", "this", "are", "was", "its", "his", "her", "their", "has",
-             "have", "into", "onto", "over", "under", "one", "two", "some", "which", "also", "can", "not", "but"}
+STOPWORDS = {
+    "the",
+    "and",
+    "for",
+    "with",
+    "from",
+    "that",
+    "this",
+    "are",
+    "was",
+    "its",
+    "his",
+    "her",
+    "their",
+    "has",
+    "have",
+    "into",
+    "onto",
+    "over",
+    "under",
+    "one",
+    "two",
+    "some",
+    "which",
+    "also",
+    "can",
+    "not",
+    "but",
+}
 
 
 @dataclass
@@ -67,9 +97,13 @@ class CMAClipConfig:
     weight_decay: float = 1e-4  # Adam weight decay (paper: 1e-4)
     optimizer: str = "adam"  # adam (paper) | adamw
     batch_size: int = 32  # training batch size
-    modality_noise: float = 0.0  # training augmentation: share of rows whose text or image is swapped with another row's
+    modality_noise: float = (
+        0.0  # training augmentation: share of rows whose text or image is swapped with another row's
+    )
     seed: int = 0  # initialisation, data order and augmentation
-    threads: int | None = 1  # torch threads while training (1: fastest for this small model on shared CPUs; None = torch's default)
+    threads: int | None = (
+        1  # torch threads while training (1: fastest for this small model on shared CPUs; None = torch's default)
+    )
     run_dir: str | None = None  # checkpoints + log.jsonl of the three stages (None = a temporary folder)
 
 
@@ -81,8 +115,16 @@ class CMAClipModel(nn.Module):
     {"loss", "loss_<task>", "logits": [[B, C_k]], "lambda": [B, K]}.
     """
 
-    def __init__(self, backbone: nn.Module, split: Split, cfg: CMAClipConfig, task_sizes: Sequence[int],
-                 task_names: Sequence[str], n_patches: int, n_text: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        split: Split,
+        cfg: CMAClipConfig,
+        task_sizes: Sequence[int],
+        task_names: Sequence[str],
+        n_patches: int,
+        n_text: int,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.split = split
@@ -102,8 +144,10 @@ class CMAClipModel(nn.Module):
             out_dim = D
         self.ma = nn.ModuleList(KeylessAttention(out_dim, fixed=not cfg.modality_attention) for _ in task_sizes)
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(out_dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-                          nn.Linear(cfg.head_hidden, c)) for c in task_sizes
+            nn.Sequential(
+                nn.Linear(out_dim, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, c)
+            )
+            for c in task_sizes
         )
         self.n_patches = n_patches
 
@@ -121,15 +165,19 @@ class CMAClipModel(nn.Module):
             return self.in_norm(e["img_emb"]), self.in_norm(e["txt_emb"]), None
         B, P = e["img_tok"].shape[:2]
         t = self.type_embed
-        seq = torch.cat([
-            self.in_proj(e["img_emb"]).unsqueeze(1) + t[0],
-            self.in_proj(e["img_tok"]) + t[1] + self.patch_pos[:P],
-            self.in_proj(e["txt_emb"]).unsqueeze(1) + t[2],
-            self.in_proj(e["txt_tok"]) + t[3],
-        ], 1)  # [B, 1 + P + 1 + L, W]
+        seq = torch.cat(
+            [
+                self.in_proj(e["img_emb"]).unsqueeze(1) + t[0],
+                self.in_proj(e["img_tok"]) + t[1] + self.patch_pos[:P],
+                self.in_proj(e["txt_emb"]).unsqueeze(1) + t[2],
+                self.in_proj(e["txt_tok"]) + t[3],
+            ],
+            1,
+        )  # [B, 1 + P + 1 + L, W]
         no_img, no_txt = ~has_image.bool(), ~has_text.bool()
-        pad = torch.cat([no_img[:, None], no_img[:, None].expand(B, P), no_txt[:, None],
-                         ~(e["tmask"].bool()) | no_txt[:, None]], 1)  # [B, S] True = ignore
+        pad = torch.cat(
+            [no_img[:, None], no_img[:, None].expand(B, P), no_txt[:, None], ~(e["tmask"].bool()) | no_txt[:, None]], 1
+        )  # [B, S] True = ignore
         out, maps = self.encoder(seq, pad)
         return out[:, 0], out[:, 1 + P], (maps if attention else None)
 
@@ -188,8 +236,9 @@ class _Feeder:
     stage — with the weights that stage starts from — and batches carry them instead of trunk
     activations, so a step costs only the fusion and the heads."""
 
-    def __init__(self, method: "CMAClip", trunk: TrunkSet, labels: torch.Tensor, batch_size: int,
-                 frozen_top: set[str]) -> None:
+    def __init__(
+        self, method: CMAClip, trunk: TrunkSet, labels: torch.Tensor, batch_size: int, frozen_top: set[str]
+    ) -> None:
         self.m, self.t, self.y, self.bs, self.frozen_top = method, trunk, labels, batch_size, frozen_top
         self._stage, self._emb = None, None
 
@@ -202,14 +251,19 @@ class _Feeder:
         else:
             rows.update({"image": self.t.image, "text": self.t.text, "text_mask": self.t.text_mask})
         order = torch.randperm(len(self.t), generator=torch.Generator().manual_seed(seed))
-        return [{k: v[order[s: s + self.bs]] for k, v in rows.items()} for s in range(0, len(order), self.bs)]
+        return [{k: v[order[s : s + self.bs]] for k, v in rows.items()} for s in range(0, len(order), self.bs)]
 
 
 def trunk_batches(t: TrunkSet, batch_size: int = 64):
     for s in range(0, len(t), batch_size):
         sl = slice(s, s + batch_size)
-        yield {"image": t.image[sl], "has_image": t.has_image[sl], "text": t.text[sl], "text_mask": t.text_mask[sl],
-               "has_text": t.has_text[sl]}
+        yield {
+            "image": t.image[sl],
+            "has_image": t.has_image[sl],
+            "text": t.text[sl],
+            "text_mask": t.text_mask[sl],
+            "has_text": t.has_text[sl],
+        }
 
 
 @register_method
@@ -264,8 +318,10 @@ class CMAClip(Method):
                 y, names = ds.labels(), list(ds.classnames)
             else:
                 if t not in ds.tasks:
-                    raise DataError(f"{ds.name}: the model was trained with task column {t!r}, which the data lacks "
-                                    f"(data tasks: {', '.join(ds.tasks) or 'none'})")
+                    raise DataError(
+                        f"{ds.name}: the model was trained with task column {t!r}, which the data lacks "
+                        f"(data tasks: {', '.join(ds.tasks) or 'none'})"
+                    )
                 y, names = ds.task_labels(t), list(ds.tasks[t])
             known = {c: i for i, c in enumerate(self.task_classes[t])}
             remap = np.array([known.get(c, -2) for c in names] + [-1], dtype=np.int64)
@@ -273,8 +329,10 @@ class CMAClip(Method):
             bad = np.nonzero(mapped == -2)[0]
             if check and len(bad):
                 r = int(bad[0])
-                raise DataError(f"{ds.name} row {r} ({ds.items[r].key}): task column {t!r} has label "
-                                f"{names[y[r]]!r}, unknown to the model ({len(self.task_classes[t])} classes)")
+                raise DataError(
+                    f"{ds.name} row {r} ({ds.items[r].key}): task column {t!r} has label "
+                    f"{names[y[r]]!r}, unknown to the model ({len(self.task_classes[t])} classes)"
+                )
             cols.append(torch.from_numpy(np.where(mapped == -2, -1, mapped)))
         return torch.stack(cols, 1)
 
@@ -312,8 +370,15 @@ class CMAClip(Method):
     def _build(self, n_patches: int, n_text: int) -> None:
         torch.manual_seed(self.config.seed)
         self.shapes = {"n_patches": n_patches, "n_text": n_text}
-        self.model = CMAClipModel(self.backbone, self.split, self.config,
-                                  [len(self.task_classes[t]) for t in self.tasks], self.tasks, n_patches, n_text)
+        self.model = CMAClipModel(
+            self.backbone,
+            self.split,
+            self.config,
+            [len(self.task_classes[t]) for t in self.tasks],
+            self.tasks,
+            n_patches,
+            n_text,
+        )
 
     def _n_patches(self, t: TrunkSet) -> int:
         with torch.no_grad():
@@ -321,20 +386,22 @@ class CMAClip(Method):
 
     def _stages(self) -> list[Stage]:
         c = self.config
-        cma = ["ma.", "heads."] + (["in_proj.", "type_embed", "patch_pos", "encoder."] if c.sequence_attention
-                                  else ["in_norm."])
+        cma = ["ma.", "heads."] + (
+            ["in_proj.", "type_embed", "patch_pos", "encoder."] if c.sequence_attention else ["in_norm."]
+        )
         top = ["backbone." + p for p in self.split.top_prefixes()]
         common = dict(weight_decay=c.weight_decay, batch_size=c.batch_size, optimizer=c.optimizer)
         stages = [Stage("warmup", epochs=c.warmup_epochs, lr=c.lr, trainable=cma, **common)]
         if c.e2e_epochs > 0:
             # BatchNorm statistics stay fixed: batches of 32 would replace ImageNet's running stats
-            stages.append(Stage("end2end", epochs=c.e2e_epochs, lr=c.e2e_lr, trainable=cma + top, bn_eval=True,
-                                **common))
+            stages.append(
+                Stage("end2end", epochs=c.e2e_epochs, lr=c.e2e_lr, trainable=cma + top, bn_eval=True, **common)
+            )
         if c.tune_epochs > 0:
             stages.append(Stage("tuning", epochs=c.tune_epochs, lr=c.lr, trainable=["ma.", "heads."], **common))
         return stages
 
-    def fit(self, train: Dataset | Encoded, val: Dataset | Encoded | None = None) -> "CMAClip":
+    def fit(self, train: Dataset | Encoded, val: Dataset | Encoded | None = None) -> CMAClip:
         tr = train.dataset if isinstance(train, Encoded) else train
         va = val.dataset if isinstance(val, Encoded) else val
         self.notes = []
@@ -360,12 +427,14 @@ class CMAClip(Method):
         def enter(stage_name):
             def setup(model):
                 current.update(stage=stage_name, emb=None)
+
             return setup
 
         for st in stages:
             st.setup = enter(st.name)
         metric = None
         if tva is not None:
+
             def metric(model):
                 emb = None
                 if current["stage"] in frozen_top:
@@ -373,9 +442,13 @@ class CMAClip(Method):
                         current["emb"] = self._embed_all(tva)
                     emb = current["emb"]
                 out = self._forward_all(tva, emb=emb)
-                accs = {f"acc_{t}": float((z.argmax(-1)[yva[:, k] >= 0] == yva[yva[:, k] >= 0, k]).float().mean())
-                        for k, (t, z) in enumerate(zip(self.tasks, out["logits"])) if bool((yva[:, k] >= 0).any())}
+                accs = {
+                    f"acc_{t}": float((z.argmax(-1)[yva[:, k] >= 0] == yva[yva[:, k] >= 0, k]).float().mean())
+                    for k, (t, z) in enumerate(zip(self.tasks, out["logits"]))
+                    if bool((yva[:, k] >= 0).any())
+                }
                 return {"mean_acc": float(np.mean(list(accs.values()))), **accs}
+
         run_dir = self.config.run_dir
         tmp = None
         if run_dir is None:
@@ -383,10 +456,19 @@ class CMAClip(Method):
             run_dir = tmp.name
         try:
             feeder = _Feeder(self, ttr, ytr, self.config.batch_size, frozen_top)
-            result = Trainer(self.model, feeder, None, stages, metric=metric,
-                             monitor="mean_acc" if metric else None, mode="max" if metric else None,
-                             out_dir=run_dir, seed=self.config.seed, progress=self.progress,
-                             num_threads=self.config.threads).fit()
+            result = Trainer(
+                self.model,
+                feeder,
+                None,
+                stages,
+                metric=metric,
+                monitor="mean_acc" if metric else None,
+                mode="max" if metric else None,
+                out_dir=run_dir,
+                seed=self.config.seed,
+                progress=self.progress,
+                num_threads=self.config.threads,
+            ).fit()
         finally:
             if tmp is not None:
                 tmp.cleanup()
@@ -395,9 +477,14 @@ class CMAClip(Method):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.fit_info = {
-            "tasks": self.tasks, "stages": [vars(s) for s in result.stages], "monitor": result.monitor,
-            "history": result.history, "notes": self.notes,
-            "trainable_backbone": self.split.top_prefixes(), "n_train": len(tr), "n_val": len(va) if va else 0,
+            "tasks": self.tasks,
+            "stages": [vars(s) for s in result.stages],
+            "monitor": result.monitor,
+            "history": result.history,
+            "notes": self.notes,
+            "trainable_backbone": self.split.top_prefixes(),
+            "n_train": len(tr),
+            "n_val": len(va) if va else 0,
         }
         return self
 
@@ -413,8 +500,9 @@ class CMAClip(Method):
             xs = [p[k] for p in parts]
             L = max(x.shape[1] for x in xs) if xs[0].dim() > 1 else 0
             if k in ("txt_tok", "tmask") and any(x.shape[1] != L for x in xs):
-                xs = [F.pad(x, (0, 0, 0, L - x.shape[1])) if x.dim() == 3 else F.pad(x, (0, L - x.shape[1]))
-                      for x in xs]
+                xs = [
+                    F.pad(x, (0, 0, 0, L - x.shape[1])) if x.dim() == 3 else F.pad(x, (0, L - x.shape[1])) for x in xs
+                ]
             out[k] = torch.cat(xs)
         return out
 
@@ -424,8 +512,11 @@ class CMAClip(Method):
         logits, lambdas = [[] for _ in self.tasks], []
         for i, b in enumerate(trunk_batches(t)):
             if emb is not None:
-                b = {**{k: v[i * 64:(i + 1) * 64] for k, v in emb.items()}, "has_image": b["has_image"],
-                     "has_text": b["has_text"]}
+                b = {
+                    **{k: v[i * 64 : (i + 1) * 64] for k, v in emb.items()},
+                    "has_image": b["has_image"],
+                    "has_text": b["has_text"],
+                }
             out = self.model(b)
             for k, z in enumerate(out["logits"]):
                 logits[k].append(z)
@@ -456,9 +547,12 @@ class CMAClip(Method):
             self.notes = []
             trunk = self.trunk(ds)
         out = self._forward_all(trunk)
-        return {"probs": {t: torch.softmax(z, -1).numpy() for t, z in zip(self.tasks, out["logits"])},
-                "lambda": {t: out["lambda"][:, k].numpy() for k, t in enumerate(self.tasks)},
-                "has_image": trunk.has_image.numpy(), "has_text": trunk.has_text.numpy()}
+        return {
+            "probs": {t: torch.softmax(z, -1).numpy() for t, z in zip(self.tasks, out["logits"])},
+            "lambda": {t: out["lambda"][:, k].numpy() for k, t in enumerate(self.tasks)},
+            "has_image": trunk.has_image.numpy(),
+            "has_text": trunk.has_text.numpy(),
+        }
 
     def logits(self, data) -> torch.Tensor:
         self._check_fitted()
@@ -477,10 +571,15 @@ class CMAClip(Method):
             keep = y[:, k] >= 0
             p = out["probs"][t]
             rap = recall_at_precision(y[:, k], p, 0.9)
-            rep[t] = {"n": int(keep.sum()), "accuracy": float((p[keep].argmax(-1) == y[keep, k]).mean()),
-                      "recall@90P": rap["recall"], "threshold@90P": rap["threshold"],
-                      "lambda": float(out["lambda"][t].mean()), "missing_image": int((~out["has_image"]).sum()),
-                      "missing_text": int((~out["has_text"]).sum())}
+            rep[t] = {
+                "n": int(keep.sum()),
+                "accuracy": float((p[keep].argmax(-1) == y[keep, k]).mean()),
+                "recall@90P": rap["recall"],
+                "threshold@90P": rap["threshold"],
+                "lambda": float(out["lambda"][t].mean()),
+                "missing_image": int((~out["has_image"]).sum()),
+                "missing_text": int((~out["has_text"]).sum()),
+            }
         return rep
 
     def labels_of(self, ds: Dataset) -> torch.Tensor:
@@ -498,7 +597,10 @@ class CMAClip(Method):
         if isinstance(item, str):
             item = Item(image=item, key=item)
         if item.image is None or not (item.text or "").strip():
-            raise DataError(f"{item.key or 'item'}: cma-clip explains a text token over the image: give both an image and its text (CLI: --text)")
+            raise DataError(
+                f"{item.key or 'item'}: cma-clip explains a text token over the image: "
+                "give both an image and its text (CLI: --text)"
+            )
         t = compute_trunk(self.split, [item], self.config.max_text_tokens, progress=False)
         self.model.eval()
         with torch.no_grad():
@@ -507,7 +609,7 @@ class CMAClip(Method):
         att = out["attention"][layer][0].mean(0)  # [S, S] averaged over heads
         tokens = self.text_tokens(item.text)
         first_tok = 1 + P + 1
-        raw = att[first_tok: first_tok + len(tokens), 1: 1 + P]  # [L, P]: text token -> image patches
+        raw = att[first_tok : first_tok + len(tokens), 1 : 1 + P]  # [L, P]: text token -> image patches
         rows = raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)
         if target is None:  # the content word that looks at the image most
             cand = [i for i, s in enumerate(tokens) if s.isalpha() and len(s) > 2 and s.lower() not in STOPWORDS]
@@ -565,7 +667,9 @@ class CMAClip(Method):
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
-            raise ConfigError(f"cma-clip: saved tensors do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ConfigError(
+                f"cma-clip: saved tensors do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.model.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)

@@ -8,6 +8,7 @@ Two schedules: `paper` (batch 8, AdamW 1e-4, 50 warm-up steps, cosine to 1e-5, 1
 `fast` (the same number of samples seen in batches of `fast_batch`, learning rates scaled by
 sqrt(batch / 8)), which benchmarks/cmm_speed.py shows to match the paper schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,17 +33,27 @@ ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper
 
 @dataclass
 class CMMConfig:
-    templates: str | list[str] = "select7"  # prompt templates whose mean embedding initialises T (and gives the zero-shot logits)
-    iters: int = 16000  # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
+    templates: str | list[str] = (
+        "select7"  # prompt templates whose mean embedding initialises T (and gives the zero-shot logits)
+    )
+    iters: int = (
+        16000  # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
+    )
     batch_size: int = 8  # paper: 8
     lr: float = 1e-4  # AdamW peak learning rate at batch_size (paper: 1e-4)
     weight_decay: float = 1e-4  # AdamW weight decay (paper: 1e-4)
     min_lr: float = 1e-5  # cosine floor (paper: 1e-5)
-    warmup_iters: int = 50  # linear warm-up steps at batch_size (paper: "50 warm-up"; 16k steps are ~4 epochs, so steps)
+    warmup_iters: int = (
+        50  # linear warm-up steps at batch_size (paper: "50 warm-up"; 16k steps are ~4 epochs, so steps)
+    )
     margin: float = 1.0  # triplet margin (paper: 1.0)
     alpha: float = 1.0  # fusion weight in training, and at inference when fixed_alpha (paper: 1.0)
-    alpha_grid: list[float] = field(default_factory=lambda: list(ALPHA_GRID))  # alphas tried on validation (paper: 0.1..2.0 step 0.1)
-    fusion: str = "prob"  # prob: alpha*softmax(s/tau) + softmax(zero-shot) as in the paper's eq. 9 | logit: the same on logits
+    alpha_grid: list[float] = field(
+        default_factory=lambda: list(ALPHA_GRID)
+    )  # alphas tried on validation (paper: 0.1..2.0 step 0.1)
+    fusion: str = (
+        "prob"  # prob: alpha*softmax(s/tau) + softmax(zero-shot) as in the paper's eq. 9 | logit: the same on logits
+    )
     schedule: str = "paper"  # paper (batch_size steps) | fast (fast_batch, scaled lr, same samples seen)
     fast_batch: int = 256  # batch of the fast schedule
     fast_lr_scale: str = "sqrt"  # learning-rate scaling of the fast schedule with batch: sqrt | linear
@@ -80,7 +91,9 @@ def schedule_of(cfg: CMMConfig) -> Schedule:
     return Schedule(steps, cfg.fast_batch, cfg.lr * k, cfg.min_lr * k, warm, bool(cfg.bf16))
 
 
-def fused_log_probs(cmm_logits: torch.Tensor, zs_logits: torch.Tensor | None, alpha: float, fusion: str) -> torch.Tensor:
+def fused_log_probs(
+    cmm_logits: torch.Tensor, zs_logits: torch.Tensor | None, alpha: float, fusion: str
+) -> torch.Tensor:
     """[N, C] log-probabilities of the fused prediction (eq. 9); with prob fusion the mixture
     alpha*p_cmm + p_clip is renormalised by 1 + alpha so it stays a distribution."""
     if zs_logits is None:
@@ -98,8 +111,9 @@ def cmm_logits(x: torch.Tensor, W: torch.Tensor | None, T: torch.Tensor, scale: 
     return scale * F.normalize(v, dim=-1) @ T.T
 
 
-def train_cmm(x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, scale: float, cfg: CMMConfig,
-              progress: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, Any]]:
+def train_cmm(
+    x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, scale: float, cfg: CMMConfig, progress: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, Any]]:
     """x [N, D] normalised features (all views), y [N], t0 [C, D] normalised class texts -> (W, T, info).
 
     The zero-shot logits of the training rows are computed once (T0 is frozen), the batches are
@@ -126,7 +140,9 @@ def _train(x, y, t0, scale, cfg: CMMConfig, sch: Schedule, progress: bool):
         opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=cfg.weight_decay)
     need = sch.steps * sch.batch
     if n > sch.batch:  # per-epoch permutations cut into batches
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].view(sch.steps, sch.batch)
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].view(
+            sch.steps, sch.batch
+        )
     else:  # the whole set fits in a batch: full-batch steps (the expected gradient of any batch drawn from it)
         order = torch.arange(n).expand(sch.steps, n)
     t_start = time.perf_counter()
@@ -150,12 +166,20 @@ def _train(x, y, t0, scale, cfg: CMMConfig, sch: Schedule, progress: bool):
         opt.step()
         if step % 100 == 0 or step == sch.steps - 1:
             losses.append(float(loss.detach()))
-    info = {"steps": sch.steps, "batch": sch.batch, "peak_lr": sch.lr, "bf16": sch.bf16,
-            "train_seconds": time.perf_counter() - t_start, "final_loss": losses[-1]}
+    info = {
+        "steps": sch.steps,
+        "batch": sch.batch,
+        "peak_lr": sch.lr,
+        "bf16": sch.bf16,
+        "train_seconds": time.perf_counter() - t_start,
+        "final_loss": losses[-1],
+    }
     return (None if W is None else W.detach()), T.detach(), info
 
 
-def search_alpha(cmm: torch.Tensor, zs: torch.Tensor, y: np.ndarray, grid: list[float], fusion: str) -> tuple[float, dict]:
+def search_alpha(
+    cmm: torch.Tensor, zs: torch.Tensor, y: np.ndarray, grid: list[float], fusion: str
+) -> tuple[float, dict]:
     """Best alpha by validation accuracy; ties go to the lower validation NLL."""
     yt = torch.as_tensor(y)
     scores = {}
@@ -213,8 +237,9 @@ class CMM(Method):
         if not self.config.no_clip_fusion and not self.config.fixed_alpha and val is not None and len(val):
             with torch.no_grad(), cpu_threads(len(val) * self.T.shape[1] * max(self.T.shape)):
                 cmm, zs = self._parts(val)
-            self.alpha, info["val_accuracy_by_alpha"] = search_alpha(cmm, zs, val.dataset.labels(), list(self.config.alpha_grid),
-                                                                     self.config.fusion)
+            self.alpha, info["val_accuracy_by_alpha"] = search_alpha(
+                cmm, zs, val.dataset.labels(), list(self.config.alpha_grid), self.config.fusion
+            )
             info["alpha_source"] = "validation"
         info["alpha"] = self.alpha
         self.fit_info = info

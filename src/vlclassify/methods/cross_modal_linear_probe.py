@@ -2,6 +2,7 @@
 embeddings (one per template) are extra labelled training samples beside the few-shot images, in
 the shared embedding space, for a linear head initialised from the zero-shot classifier. Weight
 decay and the number of epochs are chosen on validation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from .templates import cached_template_embeddings, resolve_templates
 @dataclass
 class CrossModalLinearProbeConfig:
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
-    text_samples: bool = True  # add the per-template class texts as training samples (False = image-only, zero-shot init)
+    text_samples: bool = (
+        True  # add the per-template class texts as training samples (False = image-only, zero-shot init)
+    )
     epochs: int = 300  # full-batch AdamW steps
     lr: float = 1e-3  # AdamW learning rate
     wd_grid: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])  # weight decays tried on val
@@ -84,8 +87,12 @@ class CrossModalLinearProbe(Method):
             results = {wd: self._train_once(x, y, w0, wd, xv, yv) for wd in grid}
         wd = max(grid, key=lambda k: (results[k][0], -results[k][1]))  # ties: fewer steps
         acc, step, self.weight, self.bias = results[wd]
-        self.fit_info = {"weight_decay": wd, "steps": step, "val_accuracy": acc,
-                         "val_accuracy_by_wd": {str(k): round(v[0], 4) for k, v in results.items()}}
+        self.fit_info = {
+            "weight_decay": wd,
+            "steps": step,
+            "val_accuracy": acc,
+            "val_accuracy_by_wd": {str(k): round(v[0], 4) for k, v in results.items()},
+        }
 
     def _logits(self, data: Encoded) -> torch.Tensor:
         x = normalize(data.features.image)

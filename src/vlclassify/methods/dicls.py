@@ -14,10 +14,10 @@ computed once (the prompt is fixed). `train_backbone` lists backbone parameter-n
 fine-tune instead (the paper froze the early visual layers); then images go through the backbone
 at every step.
 """
+
 from __future__ import annotations
 
 import copy
-
 import math
 from dataclasses import dataclass, field
 
@@ -50,9 +50,15 @@ class DiCLSConfig:
     dim: int = 64  # width of the fusion module (features are projected to it)
     heads: int = 4  # attention heads in XMA-B and the transformer layers
     fusion_layers: int = 2  # L, the number of XMA-B + vision/text layer pairs (0 = no fusion)
-    dropout: float = 0.0  # dropout in the attention and feed-forward layers (costly on CPU; the best epoch is picked on val)
-    spatial_grid: int | None = 4  # average-pool the backbone's spatial token grid to g x g before fusion (None = keep all)
-    global_feature: str = "pooled"  # global image token from: pooled (raw visual features) | image (joint-space embedding)
+    dropout: float = (
+        0.0  # dropout in the attention and feed-forward layers (costly on CPU; the best epoch is picked on val)
+    )
+    spatial_grid: int | None = (
+        4  # average-pool the backbone's spatial token grid to g x g before fusion (None = keep all)
+    )
+    global_feature: str = (
+        "pooled"  # global image token from: pooled (raw visual features) | image (joint-space embedding)
+    )
     gate_init: float = 0.0  # initial value g of the tanh gates (0 = fusion starts switched off)
     prototypes: int = 32  # K, CPA prototypes
     # losses: total = w_focal * focal + w_aln * ALN + w_cta * CTA + w_cpa * CPA + w_arcface * ArcFace
@@ -82,7 +88,9 @@ class DiCLSConfig:
     seed: int = 0  # initialisation and batch order
     out_dir: str | None = None  # checkpoint folder (resumable); None keeps the best weights in memory
     # backbone
-    train_backbone: list[str] = field(default_factory=list)  # backbone parameter-name prefixes to fine-tune (the later layers); [] = frozen backbone, cached features
+    train_backbone: list[str] = field(
+        default_factory=list
+    )  # backbone parameter-name prefixes to fine-tune (the later layers); [] = frozen backbone, cached features
     num_threads: int | None = 1  # torch threads while training (small batches run best on one core); None = unchanged
 
 
@@ -93,8 +101,16 @@ class DiCLSNet(nn.Module):
     without the text encoder; `phrase_mask` [C, L] marks the tokens of each class.
     """
 
-    def __init__(self, cfg: DiCLSConfig, global_dim: int, token_dim: int, num_tokens: int, text_len: int,
-                 num_classes: int, multilabel: bool) -> None:
+    def __init__(
+        self,
+        cfg: DiCLSConfig,
+        global_dim: int,
+        token_dim: int,
+        num_tokens: int,
+        text_len: int,
+        num_classes: int,
+        multilabel: bool,
+    ) -> None:
         super().__init__()
         d = cfg.dim
         self.cfg, self.multilabel = cfg, multilabel
@@ -102,10 +118,21 @@ class DiCLSNet(nn.Module):
         self.proj_v = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, d))
         self.proj_t = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, d))
         self.pos = nn.Parameter(torch.randn(1, 1 + num_tokens, d) * 0.02)  # [1, 1+P, d]
-        self.fusion = nn.ModuleList(GatedBiCrossAttention(d, cfg.heads, cfg.dropout, cfg.gate_init)
-                                    for _ in range(cfg.fusion_layers))
-        layer = lambda: nn.TransformerEncoderLayer(d, cfg.heads, 2 * d, cfg.dropout, activation="gelu",  # noqa: E731
-                                                   batch_first=True, norm_first=True)
+        self.fusion = nn.ModuleList(
+            GatedBiCrossAttention(d, cfg.heads, cfg.dropout, cfg.gate_init) for _ in range(cfg.fusion_layers)
+        )
+
+        def layer():
+            return nn.TransformerEncoderLayer(
+                d,
+                cfg.heads,
+                2 * d,
+                cfg.dropout,
+                activation="gelu",  # noqa: E731
+                batch_first=True,
+                norm_first=True,
+            )
+
         self.vision_layers = nn.ModuleList(layer() for _ in range(cfg.fusion_layers))
         self.text_layers = nn.ModuleList(layer() for _ in range(cfg.fusion_layers))
         self.norm_o, self.norm_p = nn.LayerNorm(d), nn.LayerNorm(d)
@@ -142,7 +169,9 @@ class DiCLSNet(nn.Module):
         p_tok = self.norm_p(enc["p"])  # [B, L, d]
         a_v = F.normalize(self.align_v(o_glob), dim=-1)  # [B, d]
         a_t = F.normalize(self.align_t(p_tok), dim=-1)  # [B, L, d]
-        align = self.align_scale.exp() * torch.einsum("bd,bld->bl", a_v, a_t) + self.align_bias  # [B, L] logits of S_align
+        align = (
+            self.align_scale.exp() * torch.einsum("bd,bld->bl", a_v, a_t) + self.align_bias
+        )  # [B, L] logits of S_align
         return {**enc, "global": o_glob, "tokens_p": p_tok, "logits": self.head(o_glob), "align_logits": align}
 
     def phrase_probs(self, align_logits: torch.Tensor) -> torch.Tensor:
@@ -170,19 +199,26 @@ class DiCLSNet(nn.Module):
         if cfg.w_cpa > 0:
             valid = (~out["pad"]).float()[..., None]
             p_glob = (out["tokens_p"] * valid).sum(1) / valid.sum(1)  # [B, d] sentence feature
-            parts["cpa"] = prototype_alignment_loss(out["global"], p_glob, self.prototypes, cfg.cpa_temperature,
-                                                    cfg.sinkhorn_eps, cfg.sinkhorn_iters)
+            parts["cpa"] = prototype_alignment_loss(
+                out["global"], p_glob, self.prototypes, cfg.cpa_temperature, cfg.sinkhorn_eps, cfg.sinkhorn_iters
+            )
         if self.arcface is not None:
-            parts["arcface"] = arcface_loss(self.arcface(out["global"]), targets, self.multilabel,
-                                            cfg.arcface_scale, cfg.arcface_margin)
+            parts["arcface"] = arcface_loss(
+                self.arcface(out["global"]), targets, self.multilabel, cfg.arcface_scale, cfg.arcface_margin
+            )
         return parts
 
     def forward(self, batch: dict) -> dict:
         """batch: glob [B, G], spatial [B, P, D], targets [B, C] (+ text_tokens [L, D] when fine-tuning)."""
         out = self.outputs(batch["glob"], batch["spatial"], batch.get("text_tokens"))
         parts = self.losses(out, batch["targets"])
-        w = {"focal": self.cfg.w_focal, "aln": self.cfg.w_aln, "cta": self.cfg.w_cta, "cpa": self.cfg.w_cpa,
-             "arcface": self.cfg.w_arcface}
+        w = {
+            "focal": self.cfg.w_focal,
+            "aln": self.cfg.w_aln,
+            "cta": self.cfg.w_cta,
+            "cpa": self.cfg.w_cpa,
+            "arcface": self.cfg.w_arcface,
+        }
         loss = sum(w[k] * v for k, v in parts.items())
         return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in parts.items()}}
 
@@ -208,7 +244,9 @@ class DiCLS(Method):
         if c.predict_from == "align" and c.w_aln <= 0:
             raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
         if c.threshold_metric not in ("micro_f1", "macro_f1", "subset_accuracy"):
-            raise ConfigError(f"dicls: threshold_metric must be micro_f1, macro_f1 or subset_accuracy, got {c.threshold_metric!r}")
+            raise ConfigError(
+                f"dicls: threshold_metric must be micro_f1, macro_f1 or subset_accuracy, got {c.threshold_metric!r}"
+            )
         if c.prototypes < 1 or c.sinkhorn_iters < 1 or c.sinkhorn_eps <= 0:
             raise ConfigError("dicls: prototypes >= 1, sinkhorn_iters >= 1 and sinkhorn_eps > 0 required")
         if c.train_backbone:
@@ -228,14 +266,17 @@ class DiCLS(Method):
     def _encode_prompt(self, classnames: list[str]):
         """-> (text tokens [L, D], valid [L] bool, phrase mask [C, L]); errors name a class not found."""
         c = self.config
-        self.prompt, spans = build_prompt(classnames, c.prefix, c.suffix, c.separator, c.descriptions,
-                                          c.description_format)
+        self.prompt, spans = build_prompt(
+            classnames, c.prefix, c.suffix, c.separator, c.descriptions, c.description_format
+        )
         with torch.no_grad():
             tf = self.backbone.encode_text([self.prompt])
         valid = tf.mask[0].bool()
         self.token_strings = list(tf.token_strings[0]) if tf.token_strings else []
         if len(self.token_strings) != tf.tokens.shape[1]:
-            raise ConfigError(f"dicls: backbone {self.backbone.name!r} gives no token strings to find the class names in")
+            raise ConfigError(
+                f"dicls: backbone {self.backbone.name!r} gives no token strings to find the class names in"
+            )
         mask = phrase_token_mask(self.prompt, spans, classnames, self.token_strings, valid.tolist())
         return tf.tokens[0].float(), valid, mask
 
@@ -260,8 +301,10 @@ class DiCLS(Method):
         empty = (y.sum(1) == 0).nonzero().flatten()
         if len(empty):
             i = int(empty[0])
-            raise DataError(f"{ds.name}: item {i} ({ds.items[i].key}) has no label; DiCLS trains on labelled images "
-                            f"only ({len(empty)} unlabelled)")
+            raise DataError(
+                f"{ds.name}: item {i} ({ds.items[i].key}) has no label; DiCLS trains on labelled images "
+                f"only ({len(empty)} unlabelled)"
+            )
 
     def _batches(self, tensors: dict[str, torch.Tensor], shuffle: bool):
         n = len(next(iter(tensors.values())))
@@ -292,14 +335,23 @@ class DiCLS(Method):
         f = train.features
         sp = self._spatial(f)  # [N, P, D]
         seed_everything(c.seed)
-        self.net = DiCLSNet(c, self._glob(f).shape[1], sp.shape[2], sp.shape[1], text.shape[0],
-                            ds.num_classes, self.multilabel)
+        self.net = DiCLSNet(
+            c, self._glob(f).shape[1], sp.shape[2], sp.shape[1], text.shape[0], ds.num_classes, self.multilabel
+        )
         self.net.text_tokens.copy_(text)
         self.net.text_valid.copy_(valid)
         self.net.phrase_mask.copy_(mask)
         yv = self._targets(val.dataset).numpy() if val is not None else None
-        stage = Stage("dicls", epochs=c.epochs, lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size,
-                      warmup=c.warmup, grad_clip=c.grad_clip, schedule="cosine")
+        stage = Stage(
+            "dicls",
+            epochs=c.epochs,
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            batch_size=c.batch_size,
+            warmup=c.warmup,
+            grad_clip=c.grad_clip,
+            schedule="cosine",
+        )
         if c.train_backbone:
             model = _EndToEnd(self, self.net)
             stage.trainable = ["net."] + [f"backbone.{p}" for p in c.train_backbone]
@@ -314,22 +366,42 @@ class DiCLS(Method):
         def metric(m):
             return {"mAP": mean_average_precision(yv, probs(m))}
 
-        trainer = Trainer(model, batches, None, [stage], metric=metric if val is not None else None,
-                          monitor="mAP" if val is not None else None, mode="max", out_dir=c.out_dir, seed=c.seed,
-                          progress=self.progress)
+        trainer = Trainer(
+            model,
+            batches,
+            None,
+            [stage],
+            metric=metric if val is not None else None,
+            monitor="mAP" if val is not None else None,
+            mode="max",
+            out_dir=c.out_dir,
+            seed=c.seed,
+            progress=self.progress,
+        )
         result = trainer.fit()
         self.net.eval()
         if c.train_backbone:  # the prompt's token features under the fine-tuned text layers
             self.backbone.eval()
             with torch.no_grad():
                 self.net.text_tokens.copy_(self.backbone.encode_text([self.prompt]).tokens[0].float())
-        info = {"multilabel": self.multilabel, "prompt": self.prompt, "token_strings": self.token_strings,
-                "shapes": {"global_dim": self._glob(f).shape[1], "token_dim": sp.shape[2],
-                           "num_tokens": sp.shape[1], "text_len": text.shape[0]},
-                "frozen": "backbone except " + ", ".join(c.train_backbone) if c.train_backbone else "whole backbone",
-                "best_epoch": result.stages[0].best_epoch, "best_val_mAP": result.stages[0].best_metric,
-                "history": [{k: v for k, v in r.items() if k.startswith(("epoch", "train_loss", "val_", "time"))}
-                            for r in result.history]}
+        info = {
+            "multilabel": self.multilabel,
+            "prompt": self.prompt,
+            "token_strings": self.token_strings,
+            "shapes": {
+                "global_dim": self._glob(f).shape[1],
+                "token_dim": sp.shape[2],
+                "num_tokens": sp.shape[1],
+                "text_len": text.shape[0],
+            },
+            "frozen": "backbone except " + ", ".join(c.train_backbone) if c.train_backbone else "whole backbone",
+            "best_epoch": result.stages[0].best_epoch,
+            "best_val_mAP": result.stages[0].best_metric,
+            "history": [
+                {k: v for k, v in r.items() if k.startswith(("epoch", "train_loss", "val_", "time"))}
+                for r in result.history
+            ],
+        }
         if val is not None:
             info["thresholds"] = {}
             val_feats = self.encode(val.dataset).features if c.train_backbone else val.features
@@ -344,8 +416,10 @@ class DiCLS(Method):
         names = [n for n, _ in self.backbone.named_parameters()]
         for pre in self.config.train_backbone:
             if not any(n.startswith(pre) for n in names):
-                raise ConfigError(f"dicls: train_backbone prefix {pre!r} matches no parameter of backbone "
-                                  f"{self.backbone.name!r} (e.g. {', '.join(names[:3])}, ..., {names[-1]})")
+                raise ConfigError(
+                    f"dicls: train_backbone prefix {pre!r} matches no parameter of backbone "
+                    f"{self.backbone.name!r} (e.g. {', '.join(names[:3])}, ..., {names[-1]})"
+                )
 
     def _pixels(self, ds) -> torch.Tensor:
         """[N, 3, H, W] float16 preprocessed images, decoded once for the whole run."""
@@ -353,11 +427,15 @@ class DiCLS(Method):
 
         from ..data.images import load_image
 
-        return torch.stack([self.backbone.preprocess(load_image(it)).half()
-                            for it in tqdm(ds.items, desc="decode", leave=False, disable=not self.progress)])
+        return torch.stack(
+            [
+                self.backbone.preprocess(load_image(it)).half()
+                for it in tqdm(ds.items, desc="decode", leave=False, disable=not self.progress)
+            ]
+        )
 
     @torch.no_grad()
-    def _probs_e2e(self, pixels: torch.Tensor, model: "_EndToEnd", batch: int = 64) -> np.ndarray:
+    def _probs_e2e(self, pixels: torch.Tensor, model: _EndToEnd, batch: int = 64) -> np.ndarray:
         model.eval()
         text = model.text_tokens()
         outs = []
@@ -375,8 +453,10 @@ class DiCLS(Method):
         was = net.training
         net.eval()
         glob, sp = self._glob(feats), self._spatial(feats)
-        for x, want, what in ((glob, net.proj_g[1].in_features, "global feature"),
-                              (sp, net.proj_v[1].in_features, "spatial tokens")):
+        for x, want, what in (
+            (glob, net.proj_g[1].in_features, "global feature"),
+            (sp, net.proj_v[1].in_features, "spatial tokens"),
+        ):
             if x.shape[-1] != want:
                 raise ConfigError(f"dicls: {what} are {x.shape[-1]}-d but the saved model expects {want}-d")
         outs: dict[str, list] = {"logits": [], "align_logits": [], "global": []}
@@ -420,9 +500,11 @@ class DiCLS(Method):
         out = self._forward_all(enc.features)
         y = torch.from_numpy(enc.dataset.multi_hot())
         valid = self.net.text_valid
-        return {"pred": torch.sigmoid(out["align_logits"])[:, valid].numpy(),
-                "truth": (y @ self.net.phrase_mask).clamp(max=1)[:, valid].numpy(),
-                "tokens": [t for t, v in zip(self.fit_info.get("token_strings", []), valid.tolist()) if v]}
+        return {
+            "pred": torch.sigmoid(out["align_logits"])[:, valid].numpy(),
+            "truth": (y @ self.net.phrase_mask).clamp(max=1)[:, valid].numpy(),
+            "tokens": [t for t, v in zip(self.fit_info.get("token_strings", []), valid.tolist()) if v],
+        }
 
     # ---- persistence ------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -437,15 +519,24 @@ class DiCLS(Method):
         self.prompt = self.fit_info.get("prompt", "")
         self.token_strings = self.fit_info.get("token_strings", [])
         s = self.fit_info["shapes"]
-        self.net = DiCLSNet(self.config, s["global_dim"], s["token_dim"], s["num_tokens"], s["text_len"],
-                            len(self.classnames), self.multilabel)
+        self.net = DiCLSNet(
+            self.config,
+            s["global_dim"],
+            s["token_dim"],
+            s["num_tokens"],
+            s["text_len"],
+            len(self.classnames),
+            self.multilabel,
+        )
         own = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-        tuned = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        tuned = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
         self.net.load_state_dict(own)
         if tuned:
             missing = set(tuned) - set(self.backbone.state_dict())
             if missing:
-                raise ConfigError(f"dicls: saved backbone weights {sorted(missing)[:3]} do not fit backbone {self.backbone.name!r}")
+                raise ConfigError(
+                    f"dicls: saved backbone weights {sorted(missing)[:3]} do not fit backbone {self.backbone.name!r}"
+                )
             self.backbone.load_state_dict(tuned, strict=False)
         self.net.eval()
 
@@ -461,7 +552,9 @@ class _EndToEnd(nn.Module):
 
     def image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.backbone.encode_image(pixels.float())
-        return (f.pooled if self.use_pooled else f.embeds).float(), pool_grid(f.tokens.float(), f.grid, self.grid)  # [B, G], [B, P, D]
+        return (f.pooled if self.use_pooled else f.embeds).float(), pool_grid(
+            f.tokens.float(), f.grid, self.grid
+        )  # [B, G], [B, P, D]
 
     def text_tokens(self) -> torch.Tensor:
         return self.backbone.encode_text([self.prompt]).tokens[0].float()  # [L, D]

@@ -18,15 +18,17 @@ Images enter as cached backbone features: a trainable residual projection on the
 embedding and on the pooled visual features (zero-initialised, so an untrained model is the
 backbone's zero-shot classifier) stands in for fine-tuning the image encoder.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,18 +51,25 @@ IMAGE_INPUTS = ("embed", "pooled", "both")
 
 @dataclass
 class ICARConfig:
-    head: str = "text"  # text: class weights = f_t(class sentence) (iCAR) | cosine | linear: parametric split heads (ablation)
+    head: str = (
+        "text"  # text: class weights = f_t(class sentence) (iCAR) | cosine | linear: parametric split heads (ablation)
+    )
     tau: float = 0.05  # temperature of the cosine classifier and the contrastive loss (paper: 0.05)
     learn_tau: bool = False  # learn tau (log-parametrised, floored at 0.01)
-    descriptions: str = "auto"  # auto (built-in for known data, else WordNet) | none | builtin | wordnet | path.json/.csv
+    descriptions: str = (
+        "auto"  # auto (built-in for known data, else WordNet) | none | builtin | wordnet | path.json/.csv
+    )
     wordnet_dir: str = ""  # WordNet folder with index.noun + data.noun ("" = $VLCLASSIFY_WORDNET or /usr/share/wordnet)
     sentence: str = "a photo of a {name}, {description}."  # class sentence with a description
     sentence_no_desc: str = "a photo of a {name}."  # class sentence for classes without one
-    pairs: str = "auto"  # image-text pairs: auto (the training items' own texts, if any) | none | self | a data spec, e.g. tuxpaint
+    # image-text pairs: auto (the training items' own texts, if any) | none | self | a data spec, e.g. tuxpaint
+    pairs: str = "auto"
     pair_fraction: float = 0.5  # share of each batch that is image-text pairs (paper: 0.5)
     text_layers: int = 1  # top text-encoder layers trained (MiniLM has 6); 0 = frozen text encoder
     text_proj: bool = True  # residual D x D projection on the text embedding (zero-initialised)
-    image_input: str = "both"  # embed: residual map of the joint-space embedding | pooled: map of pooled visual features | both
+    image_input: str = (
+        "both"  # embed: residual map of the joint-space embedding | pooled: map of pooled visual features | both
+    )
     batch_size: int = 64  # images per step (classification + pairs)
     warmup_epochs: int = 3  # stage 1: image projection (and parametric head) only, at lr
     epochs: int = 3  # stage 2: image projection + text tower (+ head) jointly, at joint_lr
@@ -151,8 +160,13 @@ def _resolve_pairs(spec: str, train: Dataset, val: Dataset | None) -> Dataset | 
         has = [it for it in train.items if it.text and it.text.strip()]
         if spec == "self" and not has:
             raise DataError(f"{train.name}: pairs=self but no training item has a caption/text")
-        return train.subset([i for i, it in enumerate(train.items) if it.text and it.text.strip()],
-                            name=f"{train.name}-pairs") if has else None
+        return (
+            train.subset(
+                [i for i, it in enumerate(train.items) if it.text and it.text.strip()], name=f"{train.name}-pairs"
+            )
+            if has
+            else None
+        )
     from ..data import load_data
 
     splits = load_data(spec)
@@ -166,8 +180,11 @@ def _resolve_pairs(spec: str, train: Dataset, val: Dataset | None) -> Dataset | 
         # so validation and test images never appear as pairs.
         keep = [i for i, it in enumerate(ds.items) if it.key in train_keys]
         if len(keep) < len(ds):
-            warnings.warn(f"pairs {spec!r} overlaps the classification data; using only the {len(keep)} "
-                          f"training images' captions (of {len(ds)}) so held-out images stay unseen", stacklevel=3)
+            warnings.warn(
+                f"pairs {spec!r} overlaps the classification data; using only the {len(keep)} "
+                f"training images' captions (of {len(ds)}) so held-out images stay unseen",
+                stacklevel=3,
+            )
     else:
         keep = [i for i, it in enumerate(ds.items) if it.key not in blocked]
     ds = ds.subset(keep, name=f"{ds.name}-pairs")
@@ -212,14 +229,15 @@ class ICAR(Method):
 
     # ---- classes ------------------------------------------------------------------------
     def _descriptions_for(self, names: Sequence[str], dataset: str = "") -> dict[str, str]:
-        return resolve_descriptions(names, self.config.descriptions, dataset=dataset,
-                                    wordnet_dir=self.config.wordnet_dir or None)
+        return resolve_descriptions(
+            names, self.config.descriptions, dataset=dataset, wordnet_dir=self.config.wordnet_dir or None
+        )
 
     def sentences_for(self, names: Sequence[str], descriptions: dict[str, str]) -> list[str]:
         c = self.config
         return [class_sentence(n, descriptions.get(n), c.sentence, c.sentence_no_desc) for n in names]
 
-    def set_classes(self, classnames: Sequence[str], descriptions: dict[str, str] | None = None) -> "ICAR":
+    def set_classes(self, classnames: Sequence[str], descriptions: dict[str, str] | None = None) -> ICAR:
         """Score these classes from now on (open vocabulary): their weights come from the text tower.
 
         descriptions: class -> description; classes missing from it are looked up with the
@@ -237,8 +255,11 @@ class ICAR(Method):
         given = {k: v for k, v in (descriptions or {}).items() if v and str(v).strip()}
         unknown = sorted(set(given) - set(names))
         if unknown:
-            warnings.warn(f"icar: descriptions given for classes that are not among the classes and ignored: "
-                          f"{', '.join(unknown)}", stacklevel=2)
+            warnings.warn(
+                f"icar: descriptions given for classes that are not among the classes and ignored: "
+                f"{', '.join(unknown)}",
+                stacklevel=2,
+            )
         missing = [n for n in names if n not in given]
         found = self._descriptions_for(missing) if missing and self.config.descriptions != "none" else {}
         self.descriptions = {n: (given.get(n) or found.get(n)) for n in names if given.get(n) or found.get(n)}
@@ -255,7 +276,7 @@ class ICAR(Method):
         return self.config.head != "text" and self.classnames == self.trained_classes
 
     # ---- training -----------------------------------------------------------------------
-    def fit(self, train, val=None, pairs: Dataset | Encoded | None = None) -> "ICAR":
+    def fit(self, train, val=None, pairs: Dataset | Encoded | None = None) -> ICAR:
         """Train on `train` (classification) mixed with image-text `pairs` (default: the `pairs` option)."""
         self._pairs = pairs
         try:
@@ -263,7 +284,7 @@ class ICAR(Method):
         finally:
             self._pairs = None
 
-    def finetune(self, train, val=None, pairs: Dataset | Encoded | None = None) -> "ICAR":
+    def finetune(self, train, val=None, pairs: Dataset | Encoded | None = None) -> ICAR:
         """Continue training this model on `train`, whose classes may be new: the (trained) text
         encoder is the initial classifier, so a few labelled images improve on zero-shot."""
         if self.net is None:
@@ -274,7 +295,7 @@ class ICAR(Method):
         finally:
             self._continue = False
 
-    def clone(self) -> "ICAR":
+    def clone(self) -> ICAR:
         """An independent copy of the trained state (same backbone; the frozen-text cache is shared)."""
         other = type(self)(self.backbone, self.cache, **dataclasses.asdict(self.config))
         other.progress = self.progress
@@ -304,8 +325,10 @@ class ICAR(Method):
             raise DataError(f"{enc.dataset.name}: image-text pairs have only empty captions")
         if len(keep) < len(texts):
             first = next(enc.dataset.items[i].key for i, t in enumerate(texts) if not (t and t.strip()))
-            warnings.warn(f"{enc.dataset.name}: skipping {len(texts) - len(keep)} pair(s) with an empty caption "
-                          f"(first: {first})", stacklevel=3)
+            warnings.warn(
+                f"{enc.dataset.name}: skipping {len(texts) - len(keep)} pair(s) with an empty caption (first: {first})",
+                stacklevel=3,
+            )
             enc = enc.subset(keep)
         if len({t.strip() for t in enc.dataset.texts()}) < 2:
             raise DataError(f"{enc.dataset.name}: image-text pairs need at least 2 distinct captions to contrast")
@@ -339,14 +362,27 @@ class ICAR(Method):
             out = []
             for s in range(steps):
                 idx = order[s * n_cls : (s + 1) * n_cls]
-                b = {"cls_embeds": x_e[idx], "cls_pooled": x_p[idx], "cls_y": y[idx],
-                     "pair_embeds": empty_e, "pair_pooled": empty_p, "pair_idx": y[:0], "captions": []}
+                b = {
+                    "cls_embeds": x_e[idx],
+                    "cls_pooled": x_p[idx],
+                    "cls_y": y[idx],
+                    "pair_embeds": empty_e,
+                    "pair_pooled": empty_p,
+                    "pair_idx": y[:0],
+                    "captions": [],
+                }
                 if pairs is not None:
                     pidx = porder[s * n_pair : (s + 1) * n_pair]
                     texts = [caps[i] for i in pidx.tolist()]
                     uniq = list(dict.fromkeys(texts))  # identical captions are one text, not false negatives
-                    b.update({"pair_embeds": p_e[pidx], "pair_pooled": p_p[pidx], "captions": uniq,
-                              "pair_idx": torch.tensor([uniq.index(t) for t in texts], dtype=torch.long)})
+                    b.update(
+                        {
+                            "pair_embeds": p_e[pidx],
+                            "pair_pooled": p_p[pidx],
+                            "captions": uniq,
+                            "pair_idx": torch.tensor([uniq.index(t) for t in texts], dtype=torch.long),
+                        }
+                    )
                 out.append(b)
             return out
 
@@ -383,8 +419,13 @@ class ICAR(Method):
                 w = model.text(model.sentences) if model.head == "text" else None
                 return {"accuracy": float((model.class_logits(v, w).argmax(-1) == yv).float().mean())}
 
-        common = dict(weight_decay=c.weight_decay, batch_size=c.batch_size, optimizer="adamw", schedule="cosine",
-                      grad_clip=c.grad_clip)
+        common = dict(
+            weight_decay=c.weight_decay,
+            batch_size=c.batch_size,
+            optimizer="adamw",
+            schedule="cosine",
+            grad_clip=c.grad_clip,
+        )
         head_prefix = ["cos.", "linear."]
         stages = []
         if c.warmup_epochs > 0:
@@ -401,8 +442,17 @@ class ICAR(Method):
             with torch.no_grad():
                 start_acc = metric(self.net)["accuracy"]  # the model before training: zero-shot (or the finetune start)
             start_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        result = Trainer(self.net, batches, None, stages, metric=metric, monitor="accuracy" if metric else None,
-                         mode="max" if metric else None, seed=c.seed, progress=self.progress).fit()
+        result = Trainer(
+            self.net,
+            batches,
+            None,
+            stages,
+            metric=metric,
+            monitor="accuracy" if metric else None,
+            mode="max" if metric else None,
+            seed=c.seed,
+            progress=self.progress,
+        ).fit()
         trained_acc = result.stages[-1].best_metric
         kept_start = start_acc is not None and trained_acc is not None and start_acc > trained_acc
         if kept_start:
@@ -412,17 +462,26 @@ class ICAR(Method):
         self.classnames = list(ds.classnames)
         self._update_class_weights()
         self.fit_info = {
-            "trained_classes": self.trained_classes, "finetuned": self._continue,
+            "trained_classes": self.trained_classes,
+            "finetuned": self._continue,
             "descriptions": self.descriptions,
-            "n_train": len(train), "n_pairs": 0 if pairs is None else len(pairs),
+            "n_train": len(train),
+            "n_pairs": 0 if pairs is None else len(pairs),
             "pairs": self.config.pairs if self._pairs is None else "given",
-            "text_tower": self.net.text.kind, "text_layers_trained": self.net.text.train_layers,
+            "text_tower": self.net.text.kind,
+            "text_layers_trained": self.net.text.train_layers,
             "tau": float(1.0 / self.net.cos.scale.detach()),
-            "start_val_accuracy": start_acc, "kept_start": kept_start,
+            "start_val_accuracy": start_acc,
+            "kept_start": kept_start,
             "best": {s.name: {"epoch": s.best_epoch, "val_accuracy": s.best_metric} for s in result.stages},
-            "history": [{k: v for k, v in r.items() if k in ("stage", "epoch", "train_loss", "train_loss_cls",
-                                                            "train_loss_pair", "val_accuracy")}
-                        for r in result.history],
+            "history": [
+                {
+                    k: v
+                    for k, v in r.items()
+                    if k in ("stage", "epoch", "train_loss", "train_loss_cls", "train_loss_pair", "val_accuracy")
+                }
+                for r in result.history
+            ],
             "fit_seconds": round(time.perf_counter() - t0, 2),
         }
 
@@ -466,8 +525,10 @@ class ICAR(Method):
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ConfigError(f"icar: saved weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                              "was it saved with another backbone or text_layers?")
+            raise ConfigError(
+                f"icar: saved weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "was it saved with another backbone or text_layers?"
+            )
         self.net.sentences = self.sentences_for(self.trained_classes, self.descriptions)
         self.net.eval()
         self.class_weights = tensors.get("class_weights")

@@ -1,4 +1,5 @@
 """Linear probe: logistic regression on frozen features, regularisation chosen on validation."""
+
 from __future__ import annotations
 
 import warnings
@@ -15,7 +16,9 @@ from .registry import register_method
 @dataclass
 class LinearProbeConfig:
     feature: str = "pooled"  # pooled (raw visual features) | image (joint-space embedding)
-    C_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0])  # inverse L2 strengths tried
+    C_grid: list[float] = field(
+        default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+    )  # inverse L2 strengths tried
     max_iter: int = 1000  # L-BFGS iterations
 
 
@@ -78,7 +81,9 @@ class LinearProbe(Method):
     def _logits(self, data: Encoded) -> torch.Tensor:
         x = torch.from_numpy(self._x(data))
         if x.shape[1] != self.weight.shape[1]:
-            raise ConfigError(f"linear-probe: features are {x.shape[1]}-d but the saved head expects {self.weight.shape[1]}-d")
+            raise ConfigError(
+                f"linear-probe: features are {x.shape[1]}-d but the saved head expects {self.weight.shape[1]}-d"
+            )
         return x @ self.weight.T + self.bias
 
     def tensors(self) -> dict[str, torch.Tensor]:

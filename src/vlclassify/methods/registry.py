@@ -1,4 +1,5 @@
 """Method registry: `list_methods()` and `create_method(name, backbone, **options)`."""
+
 from __future__ import annotations
 
 from typing import Any

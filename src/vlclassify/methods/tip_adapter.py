@@ -5,6 +5,7 @@ labels; logits = zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. Alpha and beta
 the validation set, never on test. Alpha is in units of CLIP logits at scale 100 (it is rescaled
 by logit_scale / 100 so the grid means the same on any backbone).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,12 @@ from .templates import cached_template_embeddings, resolve_templates
 @dataclass
 class TipAdapterConfig:
     templates: str | list[str] = "select7"  # prompt templates for the zero-shot classifier
-    alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0])  # residual weights tried on val
-    beta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0])  # sharpness values tried on val
+    alpha_grid: list[float] = field(
+        default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+    )  # residual weights tried on val
+    beta_grid: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0]
+    )  # sharpness values tried on val
     alpha: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
     beta: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
 
@@ -77,11 +82,18 @@ class TipAdapter(Method):
                 if best is None or (acc, -nll) > best[0]:
                     best = ((acc, -nll), a, b)
         self.alpha, self.beta = best[1], best[2]
-        return {"alpha": self.alpha, "beta": self.beta, "source": "validation", "val_accuracy": best[0][0],
-                "val_accuracy_by_alpha_beta": table}
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "source": "validation",
+            "val_accuracy": best[0][0],
+            "val_accuracy_by_alpha_beta": table,
+        }
 
     def _build(self, train: Encoded) -> None:
-        self.class_embeds = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[1].clone()
+        self.class_embeds = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[
+            1
+        ].clone()
         self.keys = self._cache_keys(train)
         self.values = F.one_hot(torch.as_tensor(train.dataset.labels()), len(self.classnames)).float()
 
@@ -95,8 +107,12 @@ class TipAdapter(Method):
         return self._combine(zs, aff, self.alpha, self.beta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds, "keys": self.keys, "values": self.values,
-                "alpha_beta": torch.tensor([self.alpha, self.beta], dtype=torch.float64)}
+        return {
+            "class_embeds": self.class_embeds,
+            "keys": self.keys,
+            "values": self.values,
+            "alpha_beta": torch.tensor([self.alpha, self.beta], dtype=torch.float64),
+        }
 
     def load_tensors(self, tensors) -> None:
         self.class_embeds, self.keys, self.values = tensors["class_embeds"], tensors["keys"], tensors["values"]

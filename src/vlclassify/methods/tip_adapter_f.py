@@ -1,6 +1,7 @@
 """Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule, CE on the
 fused logits), then alpha/beta searched again on validation. The epoch to keep is chosen on
 validation too (the public code picks it on test; that is a known bug, not repeated here)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,8 +24,12 @@ class TipAdapterFConfig(TipAdapterConfig):
     train_alpha: float = 1.0  # alpha during fine-tuning (Tip-Adapter-F's init)
     train_beta: float = 1.0  # beta during fine-tuning (Tip-Adapter-F's init)
     seed: int = 0  # batch order
-    alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0])  # residual weights tried on val
-    beta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0])  # sharpness values tried on val
+    alpha_grid: list[float] = field(
+        default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+    )  # residual weights tried on val
+    beta_grid: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0]
+    )  # sharpness values tried on val
 
 
 @register_method
@@ -58,7 +63,7 @@ class TipAdapterF(TipAdapter):
         for epoch in range(cfg.epochs):
             perm = torch.randperm(len(x), generator=g)
             for s in range(steps_per_epoch):
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                 set_lr(opt, warmup_cosine(step, total, cfg.lr))
                 with torch.enable_grad():
                     aff = x[idx] @ F.normalize(keys, dim=-1).T
@@ -71,8 +76,14 @@ class TipAdapterF(TipAdapter):
             if val is not None and len(val):
                 with torch.no_grad():
                     zv, av = self._parts(val, F.normalize(keys.detach(), dim=-1))
-                    acc = float((self._combine(zv, av, cfg.train_alpha, cfg.train_beta).argmax(-1)
-                                 == torch.as_tensor(val.dataset.labels())).float().mean())
+                    acc = float(
+                        (
+                            self._combine(zv, av, cfg.train_alpha, cfg.train_beta).argmax(-1)
+                            == torch.as_tensor(val.dataset.labels())
+                        )
+                        .float()
+                        .mean()
+                    )
                 history.append(round(acc, 4))
                 if acc > best[0]:
                     best = (acc, epoch + 1, F.normalize(keys.detach(), dim=-1).clone())

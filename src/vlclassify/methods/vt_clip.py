@@ -7,6 +7,7 @@ cross-attention map is the `explain` output: where a class's text looked in the 
 The block's output is gated by a scalar initialised at 0, so training starts from zero-shot; the
 step count is chosen on validation (the best of periodic checks is kept).
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,7 +73,9 @@ class VTCLIP(Method):
         super().__init__(backbone, cache, **options)
         c = self.config
         if c.heads < 1 or c.layers < 1 or backbone.embed_dim % c.heads:
-            raise ConfigError(f"vt-clip: heads ({c.heads}) must divide the feature width {backbone.embed_dim}; layers >= 1")
+            raise ConfigError(
+                f"vt-clip: heads ({c.heads}) must divide the feature width {backbone.embed_dim}; layers >= 1"
+            )
         self.templates = resolve_templates(c.templates)
         torch.manual_seed(c.seed)
         self.head = VTCLIPHead(backbone.embed_dim, c.heads, c.layers, c.ffn_mult, c.dropout)
@@ -99,8 +102,13 @@ class VTCLIP(Method):
             raise ConfigError("vt-clip needs spatial features; extract with spatial=True")
         check_dim(f.image, self.texts.shape[1], self.name)
         self.head.eval()
-        return torch.cat([self._forward(f.image[i:i + batch], f.spatial[i:i + batch])[0] for i in range(0, len(f), batch)]) \
-            if len(f) else torch.zeros(0, len(self.classnames))
+        return (
+            torch.cat(
+                [self._forward(f.image[i : i + batch], f.spatial[i : i + batch])[0] for i in range(0, len(f), batch)]
+            )
+            if len(f)
+            else torch.zeros(0, len(self.classnames))
+        )
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         f = train.features
@@ -121,7 +129,9 @@ class VTCLIP(Method):
         g = torch.Generator().manual_seed(cfg.seed)
         yv = torch.as_tensor(val.dataset.labels()) if val is not None and len(val) else None
         best, history = (-1.0, 0, copy.deepcopy(self.head.state_dict())), []
-        order = torch.cat([torch.randperm(len(y), generator=g) for _ in range(math.ceil(cfg.iters * cfg.batch_size / len(y)) + 1)])
+        order = torch.cat(
+            [torch.randperm(len(y), generator=g) for _ in range(math.ceil(cfg.iters * cfg.batch_size / len(y)) + 1)]
+        )
         for step in range(cfg.iters + 1):
             if yv is not None and (step % cfg.eval_every == 0 or step == cfg.iters):
                 with torch.no_grad():
@@ -132,7 +142,7 @@ class VTCLIP(Method):
             if step == cfg.iters:
                 break
             self.head.train()
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             set_lr(opt, warmup_cosine(step, cfg.iters, cfg.lr, 0.0, cfg.warmup_iters))
             with torch.enable_grad():
                 loss = F.cross_entropy(self._forward(img[idx], tok[idx])[0], y[idx])
@@ -142,8 +152,12 @@ class VTCLIP(Method):
         if yv is not None:
             self.head.load_state_dict(best[2])
         self.head.eval()
-        self.fit_info = {"steps": best[1] if yv is not None else cfg.iters, "val_accuracy": best[0],
-                         "val_accuracy_by_check": history, "eval_every": cfg.eval_every}
+        self.fit_info = {
+            "steps": best[1] if yv is not None else cfg.iters,
+            "val_accuracy": best[0],
+            "val_accuracy_by_check": history,
+            "eval_every": cfg.eval_every,
+        }
 
     def _logits(self, data: Encoded) -> torch.Tensor:
         return self._batched(data)
@@ -176,5 +190,7 @@ class VTCLIP(Method):
         try:
             self.head.load_state_dict(state)
         except RuntimeError as e:
-            raise ConfigError(f"vt-clip: saved head does not fit this configuration/backbone: {str(e).splitlines()[0]}") from e
+            raise ConfigError(
+                f"vt-clip: saved head does not fit this configuration/backbone: {str(e).splitlines()[0]}"
+            ) from e
         self.head.eval()

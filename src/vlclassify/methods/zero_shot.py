@@ -1,4 +1,5 @@
 """Zero-shot: class names in prompt templates, nearest class text by cosine similarity."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,14 +36,14 @@ class ZeroShot(Method):
     def requires_all_classes(self) -> bool:
         return False  # zero-shot needs names, not images
 
-    def set_classes(self, classnames: list[str]) -> "ZeroShot":
+    def set_classes(self, classnames: list[str]) -> ZeroShot:
         """Zero-shot needs no images: set (or change) the classes by name."""
         self.classnames = list(classnames)
         with torch.inference_mode():
             self.class_embeds = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
         return self
 
-    def fit(self, train, val=None) -> "ZeroShot":
+    def fit(self, train, val=None) -> ZeroShot:
         """Only the class names of `train` are used: nothing is learned from its images."""
         ds = train.dataset if isinstance(train, Encoded) else train
         if ds.num_classes < 2:

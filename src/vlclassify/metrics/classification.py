@@ -1,4 +1,5 @@
 """Classification metrics (single-label); multi-label metrics and recall@precision live beside them."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ precision (mAP), ROC-AUC, and the decision threshold chosen on validation data.
 Classes without a positive (or without a negative) in the evaluated set have no AP (no ROC-AUC):
 they are reported as None and left out of the macro means, and the number used is reported.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,9 @@ THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.025), 4)
 def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 2:
-        raise ValueError(f"multi-label metrics need y_true and probs of the same [N, C] shape, got {y.shape} and {p.shape}")
+        raise ValueError(
+            f"multi-label metrics need y_true and probs of the same [N, C] shape, got {y.shape} and {p.shape}"
+        )
     return y, p
 
 
@@ -44,13 +47,17 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)))
 
 
-def best_threshold(y_true: np.ndarray, probs: np.ndarray, criterion: str = "micro_f1",
-                   grid: np.ndarray | None = None) -> float:
+def best_threshold(
+    y_true: np.ndarray, probs: np.ndarray, criterion: str = "micro_f1", grid: np.ndarray | None = None
+) -> float:
     """One global threshold maximising `criterion` (micro_f1 | macro_f1 | subset_accuracy) on the
     given (validation) data; ties go to the threshold closest to 0.5."""
     y, p = _check(y_true, probs)
-    fns = {"micro_f1": _micro_f1, "macro_f1": _macro_f1,
-           "subset_accuracy": lambda yy, pp: float((pp == yy).all(1).mean())}
+    fns = {
+        "micro_f1": _micro_f1,
+        "macro_f1": _macro_f1,
+        "subset_accuracy": lambda yy, pp: float((pp == yy).all(1).mean()),
+    }
     if criterion not in fns:
         raise ValueError(f"threshold criterion must be one of {', '.join(fns)}, got {criterion!r}")
     grid = THRESHOLD_GRID if grid is None else np.asarray(grid)
@@ -75,8 +82,14 @@ def multilabel_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[st
     ok_ap, ok_auc = [a for a in aps if a is not None], [a for a in aucs if a is not None]
     has_both = y.any() and (1 - y).any()
     per_class = {
-        name: {"precision": float(prec[c]), "recall": float(rec[c]), "f1": float(f1[c]), "ap": aps[c],
-               "roc_auc": aucs[c], "support": int(y[:, c].sum())}
+        name: {
+            "precision": float(prec[c]),
+            "recall": float(rec[c]),
+            "f1": float(f1[c]),
+            "ap": aps[c],
+            "roc_auc": aucs[c],
+            "support": int(y[:, c].sum()),
+        }
         for c, name in enumerate(classnames)
     }
     mtp, mfp, mfn = tp.sum(), fp.sum(), fn.sum()
@@ -85,8 +98,11 @@ def multilabel_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[st
         "threshold": float(threshold),
         "subset_accuracy": float((pred == y).all(1).mean()) if len(y) else float("nan"),
         "label_accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "macro_precision": float(prec.mean()), "macro_recall": float(rec.mean()), "macro_f1": float(f1.mean()),
-        "micro_precision": float(mtp / max(mtp + mfp, 1e-12)), "micro_recall": float(mtp / max(mtp + mfn, 1e-12)),
+        "macro_precision": float(prec.mean()),
+        "macro_recall": float(rec.mean()),
+        "macro_f1": float(f1.mean()),
+        "micro_precision": float(mtp / max(mtp + mfp, 1e-12)),
+        "micro_recall": float(mtp / max(mtp + mfn, 1e-12)),
         "micro_f1": float(2 * mtp / max(2 * mtp + mfp + mfn, 1e-12)),
         "macro_mAP": float(np.mean(ok_ap)) if ok_ap else float("nan"),
         "micro_mAP": float(average_precision_score(y.ravel(), p.ravel())) if y.any() else float("nan"),

@@ -9,6 +9,7 @@ accepted or withheld together, as a threshold would). Recall at precision p is t
 recall_k with precision_k >= p, and 0.0 when no cut point reaches p. The threshold returned is
 the confidence of the last accepted prediction.
 """
+
 from __future__ import annotations
 
 import numpy as np

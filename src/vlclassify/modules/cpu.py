@@ -1,10 +1,11 @@
 """CPU threading for small training loops: on tiny matrices extra intra-op threads only add
 synchronisation (and, on a shared machine, contention), so small problems run single-threaded."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

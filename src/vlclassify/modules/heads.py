@@ -5,6 +5,7 @@ so the logits live on the same scale as an InfoNCE image-text loss. Its weights 
 parameter (a plain classifier) or handed in per call (`weights=`), which is how a text encoder
 acts as a meta classifier: the class weights are the text embeddings of the class sentences.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ class LinearClassifier(nn.Module):
 class CosineClassifier(nn.Module):
     """logits = cos(W_j, v) / tau (Eq. 3); tau fixed (paper: 0.05) or learnable (log-parametrised)."""
 
-    def __init__(self, dim: int, num_classes: int = 0, tau: float = 0.05, learnable_tau: bool = False,
-                 tau_min: float = 0.01) -> None:
+    def __init__(
+        self, dim: int, num_classes: int = 0, tau: float = 0.05, learnable_tau: bool = False, tau_min: float = 0.01
+    ) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"cosine classifier: tau must be > 0, got {tau}")

@@ -10,11 +10,12 @@ token strings spell the input (WordPiece `##`, BPE `</w>` / `Ġ`, SentencePiece 
 words): both sides are reduced to lower-case letters and digits and compared character by
 character, and a class must start and end on token boundaries.
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -38,9 +39,14 @@ def normalize_token(tok: str) -> str:
     return normalize_text(tok)
 
 
-def build_prompt(classnames: Sequence[str], prefix: str = "Detect: ", suffix: str = ".", separator: str = ", ",
-                 descriptions: Mapping[str, str] | None = None,
-                 description_format: str = "{name} ({description})") -> tuple[str, list[tuple[int, int]]]:
+def build_prompt(
+    classnames: Sequence[str],
+    prefix: str = "Detect: ",
+    suffix: str = ".",
+    separator: str = ", ",
+    descriptions: Mapping[str, str] | None = None,
+    description_format: str = "{name} ({description})",
+) -> tuple[str, list[tuple[int, int]]]:
     """prefix + body + suffix, the body listing the classes (each optionally with its description).
 
     Returns the prompt and each class name's character span in it.
@@ -66,8 +72,13 @@ def build_prompt(classnames: Sequence[str], prefix: str = "Detect: ", suffix: st
     return prefix + "".join(parts) + suffix, spans
 
 
-def phrase_token_mask(prompt: str, spans: Sequence[tuple[int, int]], classnames: Sequence[str],
-                      token_strings: Sequence[str], valid: Sequence[bool] | None = None) -> torch.Tensor:
+def phrase_token_mask(
+    prompt: str,
+    spans: Sequence[tuple[int, int]],
+    classnames: Sequence[str],
+    token_strings: Sequence[str],
+    valid: Sequence[bool] | None = None,
+) -> torch.Tensor:
     """[C, L] float 0/1: row c marks the tokens that spell class c at its span in the prompt.
 
     The expected position comes from the span; if the tokenizer dropped or changed characters
@@ -86,11 +97,14 @@ def phrase_token_mask(prompt: str, spans: Sequence[tuple[int, int]], classnames:
             pos += len(t)
     joined = "".join(norm)
     mask = torch.zeros(len(classnames), L)
-    for c, (name, (a, b)) in enumerate(zip(classnames, spans)):
+    for c, (name, (a, _b)) in enumerate(zip(classnames, spans)):
         target = normalize_text(name)
         expected = len(normalize_text(prompt[:a]))
-        hits = [m.start() for m in re.finditer(f"(?={re.escape(target)})", joined)
-                if m.start() in starts and m.start() + len(target) in ends]
+        hits = [
+            m.start()
+            for m in re.finditer(f"(?={re.escape(target)})", joined)
+            if m.start() in starts and m.start() + len(target) in ends
+        ]
         if not hits:
             raise ConfigError(
                 f"class {name!r} cannot be found among the prompt's tokens ({len([t for t in norm if t])} tokens; "

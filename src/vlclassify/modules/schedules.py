@@ -1,4 +1,5 @@
 """Learning-rate schedules shared by the few-shot trainers."""
+
 from __future__ import annotations
 
 import math

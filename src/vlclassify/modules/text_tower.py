@@ -11,10 +11,11 @@ Supported backbones:
 - the `toy` backbone (`backbone.word`): train a copy of its word table;
 - anything else: the backbone's text embeddings are frozen and cached; only the projection trains.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ class TrainableTextTower(nn.Module):
         if self.kind == "bert":
             layers = backbone.text.encoder.layer
             if train_layers > len(layers):
-                raise ConfigError(f"text tower: train_layers={train_layers} but the text encoder has {len(layers)} layers")
+                raise ConfigError(
+                    f"text tower: train_layers={train_layers} but the text encoder has {len(layers)} layers"
+                )
             self.train_layers = train_layers
             self.top = nn.ModuleList(copy.deepcopy(layers[len(layers) - train_layers + i]) for i in range(train_layers))
         elif self.kind == "toy" and train_layers > 0:
@@ -89,7 +92,11 @@ class TrainableTextTower(nn.Module):
                 hidden = out.hidden_states[n - self.train_layers]  # [B, L, H]: input of the first trained layer
                 lengths = batch["attention_mask"].sum(1).tolist()
                 for t, h, ln in zip(chunk, hidden, lengths):
-                    self._cache[t] = h[: int(ln)].clone() if self.train_layers else _masked_mean(h[None, : int(ln)], torch.ones(1, int(ln), dtype=torch.bool))[0]
+                    self._cache[t] = (
+                        h[: int(ln)].clone()
+                        if self.train_layers
+                        else _masked_mean(h[None, : int(ln)], torch.ones(1, int(ln), dtype=torch.bool))[0]
+                    )
             elif self.kind == "toy" and self.train_layers:
                 ids = bb.tokenize(chunk)
                 for t, row, m in zip(chunk, ids["input_ids"], ids["attention_mask"]):

@@ -1,9 +1,10 @@
 """The DiCLS paper's figures: per-class ROC and PR curves (Fig. 4), t-SNE of fused vs plain
 features (Fig. 5), and the token-image alignment matrix, ground truth vs prediction (Fig. 6)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,8 +34,9 @@ def _colors(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def roc_pr_curves(y_true: np.ndarray, probs: np.ndarray, classnames: Sequence[str], path: str | Path,
-                  title: str = "") -> Path:
+def roc_pr_curves(
+    y_true: np.ndarray, probs: np.ndarray, classnames: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
     """y_true [N, C] 0/1, probs [N, C] -> one PNG: ROC (left) and precision-recall (right), a curve per class."""
     from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
@@ -70,8 +72,16 @@ def _color_labels(y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     return idx, y_true[idx].argmax(1), "coloured by first label"
 
 
-def tsne_features(plain: np.ndarray, fused: np.ndarray, y_true: np.ndarray, classnames: Sequence[str],
-                  path: str | Path, seed: int = 0, max_points: int = 600, title: str = "") -> Path:
+def tsne_features(
+    plain: np.ndarray,
+    fused: np.ndarray,
+    y_true: np.ndarray,
+    classnames: Sequence[str],
+    path: str | Path,
+    seed: int = 0,
+    max_points: int = 600,
+    title: str = "",
+) -> Path:
     """plain [N, F] backbone features, fused [N, d] fused features, y_true [N, C] -> side-by-side t-SNE."""
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
@@ -86,8 +96,17 @@ def tsne_features(plain: np.ndarray, fused: np.ndarray, y_true: np.ndarray, clas
         x = np.asarray(x, dtype=np.float64)[idx]
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         with threadpool_limits(1):  # OpenMP threads spin for seconds per call on a busy machine
-            z = TSNE(n_components=2, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), init="pca", random_state=seed,
-                     max_iter=750).fit_transform(x) if len(x) > 3 else np.zeros((len(x), 2))
+            z = (
+                TSNE(
+                    n_components=2,
+                    perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)),
+                    init="pca",
+                    random_state=seed,
+                    max_iter=750,
+                ).fit_transform(x)
+                if len(x) > 3
+                else np.zeros((len(x), 2))
+            )
         for c in np.unique(lab):
             sel = lab == c
             ax.scatter(z[sel, 0], z[sel, 1], s=9, color=cols[c], label=classnames[c], alpha=0.8)
@@ -100,8 +119,9 @@ def tsne_features(plain: np.ndarray, fused: np.ndarray, y_true: np.ndarray, clas
     return _save(fig, path)
 
 
-def alignment_matrix(truth: np.ndarray, pred: np.ndarray, tokens: Sequence[str], path: str | Path,
-                     rows: int = 16, title: str = "") -> Path:
+def alignment_matrix(
+    truth: np.ndarray, pred: np.ndarray, tokens: Sequence[str], path: str | Path, rows: int = 16, title: str = ""
+) -> Path:
     """truth / pred [N, L] (target mask M and predicted S_align) for the first `rows` images -> two heatmaps."""
     plt = _plt()
     truth, pred = np.asarray(truth)[:rows], np.asarray(pred)[:rows]

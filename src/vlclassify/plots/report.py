@@ -1,4 +1,5 @@
 """The figures `vlclassify eval --plots` writes for a fitted method and an evaluated split."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -15,6 +15,7 @@ which checkpoint is current, so a crash at any moment leaves a consistent state 
 Under `torchrun` (WORLD_SIZE > 1) it wraps the model in DistributedDataParallel and shards the
 data with a DistributedSampler; launched as a plain process it runs single-process unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,9 +24,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -64,10 +66,19 @@ class Stage:
         """The settings that must not change between a killed run and its resumption."""
         t = self.trainable
         trainable = None if t is None else (list(t) if not callable(t) else getattr(t, "__qualname__", "callable"))
-        return {"name": self.name, "epochs": self.epochs, "lr": self.lr, "trainable": trainable,
-                "weight_decay": self.weight_decay, "batch_size": self.batch_size, "optimizer": self.optimizer,
-                "schedule": self.schedule, "warmup": self.warmup, "start_from": self.start_from,
-                "bn_eval": self.bn_eval}
+        return {
+            "name": self.name,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "trainable": trainable,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "warmup": self.warmup,
+            "start_from": self.start_from,
+            "bn_eval": self.bn_eval,
+        }
 
     def is_trainable(self, name: str) -> bool:
         t = self.trainable
@@ -154,12 +165,28 @@ class Trainer:
     num_threads: torch intra-op threads during fit (1 is often fastest for small models on busy CPUs).
     """
 
-    def __init__(self, model: nn.Module, train: Any, val: Any = None, stages: Sequence[Stage] = (), *,
-                 collate: Callable | None = None, metric: Callable[[nn.Module], Mapping[str, float]] | None = None,
-                 monitor: str | None = None, mode: str | None = None, out_dir: str | os.PathLike | None = None,
-                 seed: int = 0, device: str | torch.device | None = None, progress: bool = True, resume: bool = True,
-                 num_workers: int = 0, steps_per_epoch: int | None = None, find_unused_parameters: bool = False,
-                 callbacks: Sequence[Callable[[dict], None]] = (), num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Any,
+        val: Any = None,
+        stages: Sequence[Stage] = (),
+        *,
+        collate: Callable | None = None,
+        metric: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        monitor: str | None = None,
+        mode: str | None = None,
+        out_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        resume: bool = True,
+        num_workers: int = 0,
+        steps_per_epoch: int | None = None,
+        find_unused_parameters: bool = False,
+        callbacks: Sequence[Callable[[dict], None]] = (),
+        num_threads: int | None = None,
+    ) -> None:
         if not stages:
             raise ConfigError("trainer: give at least one Stage")
         names = [s.name for s in stages]
@@ -188,7 +215,11 @@ class Trainer:
         self.num_threads = num_threads
         self.rank, self.world, self.distributed = _dist()
         if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and self.distributed else "cpu"
+            device = (
+                f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                if torch.cuda.is_available() and self.distributed
+                else "cpu"
+            )
         self.device = torch.device(device)
         self.model.to(self.device)
         names_all = [n for n, _ in self.model.named_parameters()]
@@ -209,8 +240,15 @@ class Trainer:
         return (self.seed * 1_000_003 + stage_idx * 10_007 + epoch) % (2**31 - 1)
 
     def _run_fingerprint(self) -> str:
-        return json_fingerprint({"stages": [s.fingerprint() for s in self.stages], "seed": self.seed,
-                                 "world": self.world, "monitor": self.monitor, "mode": self.mode})
+        return json_fingerprint(
+            {
+                "stages": [s.fingerprint() for s in self.stages],
+                "seed": self.seed,
+                "world": self.world,
+                "monitor": self.monitor,
+                "mode": self.mode,
+            }
+        )
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None or not math.isfinite(best):
@@ -226,7 +264,9 @@ class Trainer:
         missing, unexpected = unwrap(self.model).load_state_dict(dict(tensors), strict=False)
         missing = [k for k in missing if k in self._saved or k not in dict(unwrap(self.model).named_parameters())]
         if missing or unexpected:
-            raise ConfigError(f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ConfigError(
+                f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
 
     def _loader(self, data: Any, stage: Stage, stage_idx: int, epoch: int, shuffle: bool, collate: Callable | None):
         seed = self._epoch_seed(stage_idx, epoch)
@@ -236,11 +276,15 @@ class Trainer:
                 batches = list(batches)
                 n = len(batches) // self.world * self.world
                 if n == 0:
-                    raise ConfigError(f"stage {stage.name!r}: {len(batches)} batch(es) cannot be shared by {self.world} processes")
-                batches = batches[self.rank:n:self.world]
+                    raise ConfigError(
+                        f"stage {stage.name!r}: {len(batches)} batch(es) cannot be shared by {self.world} processes"
+                    )
+                batches = batches[self.rank : n : self.world]
             return batches
         if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-            raise ConfigError("trainer: data must be a map-style dataset (__len__ + __getitem__) or a callable(stage, epoch, seed)")
+            raise ConfigError(
+                "trainer: data must be a map-style dataset (__len__ + __getitem__) or a callable(stage, epoch, seed)"
+            )
         from torch.utils.data import DataLoader, DistributedSampler
 
         g = torch.Generator().manual_seed(seed)
@@ -248,8 +292,16 @@ class Trainer:
         if self.distributed:
             sampler = DistributedSampler(data, num_replicas=self.world, rank=self.rank, shuffle=shuffle, seed=seed)
             sampler.set_epoch(epoch)
-        return DataLoader(data, batch_size=stage.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          collate_fn=collate, num_workers=self.num_workers, generator=g, drop_last=False)
+        return DataLoader(
+            data,
+            batch_size=stage.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            generator=g,
+            drop_last=False,
+        )
 
     def _steps_per_epoch(self, stage: Stage, stage_idx: int, train: Any, collate: Callable | None) -> int:
         loader = self._loader(train, stage, stage_idx, 0, True, collate)
@@ -315,8 +367,9 @@ class Trainer:
         state = json.loads((d / "state.json").read_text())
         self._load_model_tensors(load_file(str(d / "model.safetensors"), device=str(self.device)), str(d))
         if optimizer is not None and (d / "optimizer.safetensors").is_file():
-            sd = _unflatten_optimizer(load_file(str(d / "optimizer.safetensors"), device=str(self.device)),
-                                      state["optimizer"])
+            sd = _unflatten_optimizer(
+                load_file(str(d / "optimizer.safetensors"), device=str(self.device)), state["optimizer"]
+            )
             optimizer.load_state_dict(sd)
         return state
 
@@ -372,27 +425,52 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         fp = self._run_fingerprint()
-        pointer = {"run": fp, "stage": 0, "epoch": 0, "step": 0, "last": None, "best": {}, "best_metric": {},
-                   "best_epoch": {}, "done": False}
+        pointer = {
+            "run": fp,
+            "stage": 0,
+            "epoch": 0,
+            "step": 0,
+            "last": None,
+            "best": {},
+            "best_metric": {},
+            "best_epoch": {},
+            "done": False,
+        }
         resumed = False
         if self.out_dir is not None and self.resume and (self.out_dir / "last.json").is_file():
             old = json.loads((self.out_dir / "last.json").read_text())
             if old.get("run") != fp:
-                raise ConfigError(f"{self.out_dir}: holds a run with different stages/seed; use a new out_dir or resume=False")
+                raise ConfigError(
+                    f"{self.out_dir}: holds a run with different stages/seed; use a new out_dir or resume=False"
+                )
             pointer, resumed = old, True
         elif self.out_dir is not None and self.is_main and (self.out_dir / "log.jsonl").exists():
             (self.out_dir / "log.jsonl").unlink()
         if resumed and self.out_dir is not None and (self.out_dir / "log.jsonl").is_file():
-            self.history = [json.loads(line) for line in (self.out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+            self.history = [
+                json.loads(line) for line in (self.out_dir / "log.jsonl").read_text().splitlines() if line.strip()
+            ]
         results: list[StageResult] = []
         for si, stage in enumerate(self.stages):
             if si < pointer["stage"]:
-                results.append(StageResult(stage.name, pointer["best_metric"].get(stage.name),
-                                           pointer["best_epoch"].get(stage.name, -1), stage.epochs))
+                results.append(
+                    StageResult(
+                        stage.name,
+                        pointer["best_metric"].get(stage.name),
+                        pointer["best_epoch"].get(stage.name, -1),
+                        stage.epochs,
+                    )
+                )
                 continue
             self._run_stage(si, stage, pointer, resumed and si == pointer["stage"])
-            results.append(StageResult(stage.name, pointer["best_metric"].get(stage.name),
-                                       pointer["best_epoch"].get(stage.name, -1), stage.epochs))
+            results.append(
+                StageResult(
+                    stage.name,
+                    pointer["best_metric"].get(stage.name),
+                    pointer["best_epoch"].get(stage.name, -1),
+                    stage.epochs,
+                )
+            )
         # end on the final stage's best weights (read on rank 0, then copied to every rank)
         self.model = unwrap(self.model)
         if self.is_main:
@@ -438,8 +516,9 @@ class Trainer:
         model: nn.Module = self.model
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
-                                                        find_unused_parameters=self.find_unused_parameters)
+            model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=self.find_unused_parameters
+            )
         self.model = model
         spe = self._steps_per_epoch(stage, si, train, collate)
         total = spe * stage.epochs
@@ -451,15 +530,23 @@ class Trainer:
             self._train_mode(stage)
             t0, sums, n = time.time(), {}, 0
             batches = self._loader(train, stage, si, epoch, True, collate)
-            bar = tqdm(batches, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False,
-                       disable=not (self.progress and self.is_main), total=_len_or_none(batches))
+            bar = tqdm(
+                batches,
+                desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                leave=False,
+                disable=not (self.progress and self.is_main),
+                total=_len_or_none(batches),
+            )
             for batch in bar:
                 for g in optimizer.param_groups:
                     g["lr"] = stage.lr * lr_factor(stage.schedule, step, total, warm)
                 out = model(to_device(batch, self.device))
                 loss = out["loss"]
                 if not torch.isfinite(loss):
-                    raise ConfigError(f"stage {stage.name!r} epoch {epoch + 1} step {step}: loss is {float(loss.detach())}; lower the lr")
+                    raise ConfigError(
+                        f"stage {stage.name!r} epoch {epoch + 1} step {step}: "
+                        f"loss is {float(loss.detach())}; lower the lr"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if stage.grad_clip is not None:
@@ -483,12 +570,28 @@ class Trainer:
                 best = value
                 pointer["best_metric"][stage.name] = value
                 pointer["best_epoch"][stage.name] = epoch + 1
-            record = {"stage": stage.name, "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                      **train_logs, **{f"val_{k}": v for k, v in vals.items()}, "best": improved,
-                      "seed": seed, "time_s": round(time.time() - t0, 3)}
+            record = {
+                "stage": stage.name,
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": optimizer.param_groups[0]["lr"],
+                **train_logs,
+                **{f"val_{k}": v for k, v in vals.items()},
+                "best": improved,
+                "seed": seed,
+                "time_s": round(time.time() - t0, 3),
+            }
             if self.is_main:
-                state = {"stage": si, "stage_name": stage.name, "epoch": epoch + 1, "step": step, "seed": self.seed,
-                         "epoch_seed": seed, "best_metric": best, "monitor": self.monitor}
+                state = {
+                    "stage": si,
+                    "stage_name": stage.name,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "seed": self.seed,
+                    "epoch_seed": seed,
+                    "best_metric": best,
+                    "monitor": self.monitor,
+                }
                 if self.out_dir is not None:
                     tag = f"{si}-{stage.name}-e{epoch + 1}"
                     rel = self._save_checkpoint(tag, optimizer, state)

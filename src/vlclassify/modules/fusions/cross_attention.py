@@ -4,6 +4,7 @@ General on purpose (VT-CLIP, CMA-CLIP, DiCLS use it): queries, keys and values m
 different modalities, keys can be masked (padding), and the attention weights are returned so a
 method can explain what a query looked at.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,15 @@ class MultiHeadAttention(nn.Module):
     (True = ignore) | None) -> (out [B, Lq, dim], weights [B, heads, Lq, Lk]).
     """
 
-    def __init__(self, dim: int, heads: int = 1, kdim: int | None = None, vdim: int | None = None,
-                 dropout: float = 0.0, zero_init_out: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 1,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        dropout: float = 0.0,
+        zero_init_out: bool = False,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
@@ -38,14 +46,21 @@ class MultiHeadAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # [B, H, N, hd]
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         value = key if value is None else value
         lq, lk, kd = query.shape[1], key.shape[1], key.shape[2]
         q = self._split(self.q(query))  # [B, H, Lq, hd]
         factor = value is key and lq * (self.dim + self.heads * lk) < lk * self.dim
         if factor:  # few queries, many keys: fold the key/value projections into the queries (same result)
-            wk = self.k.weight.view(self.heads, self.head_dim, kd)  # k bias adds a per-query constant: softmax ignores it
+            wk = self.k.weight.view(
+                self.heads, self.head_dim, kd
+            )  # k bias adds a per-query constant: softmax ignores it
             scores = torch.einsum("bhqk,blk->bhql", torch.einsum("bhqd,hdk->bhqk", q, wk), key)
         else:
             scores = q @ self._split(self.k(key)).transpose(-1, -2)
@@ -75,17 +90,31 @@ class DecoderBlock(nn.Module):
     """Transformer decoder layer (Vaswani et al.): self-attention over the queries, cross-attention
     queries -> memory, feed-forward; post-norm residuals inside the layer."""
 
-    def __init__(self, dim: int, heads: int = 2, ffn_mult: int = 4, dropout: float = 0.0, kdim: int | None = None,
-                 zero_init: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 2,
+        ffn_mult: int = 4,
+        dropout: float = 0.0,
+        kdim: int | None = None,
+        zero_init: bool = False,
+    ) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout)
         self.cross_attn = MultiHeadAttention(dim, heads, kdim=kdim, dropout=dropout)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * dim, dim)
+        )
         self.n1, self.n2, self.n3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.gate = nn.Parameter(torch.zeros(1)) if zero_init else None  # output scale; 0 = identity start
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, Lq, D], memory [B, Lk, Dk] -> (delta [B, Lq, D], cross weights [B, H, Lq, Lk])."""
         x = self.n1(queries + self.self_attn(queries, queries, key_padding_mask=query_mask)[0])
         c, w = self.cross_attn(x, memory, key_padding_mask=memory_mask)
@@ -102,8 +131,17 @@ class CrossAttentionDecoder(nn.Module):
     With `residual=True` the input queries are added back (VT-CLIP eq. 5: VT = CrossAttn(V, V, T) + T).
     """
 
-    def __init__(self, dim: int, heads: int = 2, layers: int = 1, ffn_mult: int = 4, dropout: float = 0.0,
-                 kdim: int | None = None, residual: bool = True, zero_init: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 2,
+        layers: int = 1,
+        ffn_mult: int = 4,
+        dropout: float = 0.0,
+        kdim: int | None = None,
+        residual: bool = True,
+        zero_init: bool = True,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, ffn_mult, dropout, kdim=kdim, zero_init=zero_init and i == layers - 1)
@@ -111,8 +149,13 @@ class CrossAttentionDecoder(nn.Module):
         )
         self.residual = residual
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None) -> DecoderOutput:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> DecoderOutput:
         x, w = queries, None
         for blk in self.blocks:
             x, w = blk(x, memory, memory_mask, query_mask)

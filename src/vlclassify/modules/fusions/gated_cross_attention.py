@@ -9,6 +9,7 @@ shifts features by a constant and never switches the attention off). With g init
 the block starts as the identity of its residual path, so pre-trained features pass through
 unchanged until the gates open. Gates are per channel (a "gate matrix" per direction) or scalar.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ class GatedCrossOutput:
 class GatedBiCrossAttention(nn.Module):
     """XMA-B: pre-norm cross-attention both ways, outputs scaled by tanh of learnable gates."""
 
-    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.0, gate_init: float = 0.0,
-                 per_channel: bool = True) -> None:
+    def __init__(
+        self, dim: int, heads: int = 4, dropout: float = 0.0, gate_init: float = 0.0, per_channel: bool = True
+    ) -> None:
         super().__init__()
         self.norm_v, self.norm_t = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.t2i = MultiHeadAttention(dim, heads, dropout=dropout)  # image queries, text keys/values
@@ -40,8 +42,13 @@ class GatedBiCrossAttention(nn.Module):
         self.gate_v = nn.Parameter(torch.full(shape, float(gate_init)))  # [D] or [1]
         self.gate_t = nn.Parameter(torch.full(shape, float(gate_init)))
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, image_pad: torch.Tensor | None = None,
-                text_pad: torch.Tensor | None = None) -> GatedCrossOutput:
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        image_pad: torch.Tensor | None = None,
+        text_pad: torch.Tensor | None = None,
+    ) -> GatedCrossOutput:
         """image [B, Nv, D], text [B, Nt, D], *_pad [B, N*] True = padding (ignored as keys)."""
         v, t = self.norm_v(image), self.norm_t(text)
         a_v, w_v = self.t2i(v, t, key_padding_mask=text_pad)  # [B, Nv, D]

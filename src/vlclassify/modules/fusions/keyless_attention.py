@@ -5,6 +5,7 @@ embedding is the softmax-weighted sum: with two modalities, c = lambda I' + (1 -
 "Keyless" because there is no query: the weights say how much each modality matters for the task
 the block belongs to, so one block per task lets color trust the image and style the text.
 """
+
 from __future__ import annotations
 
 import torch

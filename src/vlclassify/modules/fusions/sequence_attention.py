@@ -1,5 +1,6 @@
 """A pre-norm transformer encoder over a mixed image/text token sequence (CMA-CLIP's sequence-wise
 attention), built on the shared `MultiHeadAttention` so the attention maps can be returned."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout, zero_init_out=zero_init)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(ffn_mult * dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * dim, dim)
+        )
         if zero_init:  # both residual branches start at 0: the block starts as the identity
             nn.init.zeros_(self.ffn[-1].weight)
             nn.init.zeros_(self.ffn[-1].bias)
@@ -34,8 +36,9 @@ class EncoderBlock(nn.Module):
 class SequenceEncoder(nn.Module):
     """`layers` encoder blocks and a final LayerNorm; returns every layer's attention map."""
 
-    def __init__(self, dim: int, heads: int, layers: int, ffn_mult: int = 4, dropout: float = 0.1,
-                 zero_init: bool = False) -> None:
+    def __init__(
+        self, dim: int, heads: int, layers: int, ffn_mult: int = 4, dropout: float = 0.1, zero_init: bool = False
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads, ffn_mult, dropout, zero_init) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)

@@ -5,6 +5,7 @@ angle between the L2-normalised feature and class weight c. Single-label data us
 cross-entropy (the original); multi-label data applies the same margin to every true class and
 BCE-with-logits, so each label is pushed `m` radians past its decision boundary.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def arcface_logits(cos: torch.Tensor, targets: torch.Tensor, scale: float = 16.0
     return scale * torch.where(targets.bool(), phi, cos)
 
 
-def arcface_loss(cos: torch.Tensor, targets: torch.Tensor, multilabel: bool, scale: float = 16.0,
-                 margin: float = 0.3) -> torch.Tensor:
+def arcface_loss(
+    cos: torch.Tensor, targets: torch.Tensor, multilabel: bool, scale: float = 16.0, margin: float = 0.3
+) -> torch.Tensor:
     """cos [N, C], targets [N, C] multi-hot (one-hot for single-label data) -> scalar loss."""
     logits = arcface_logits(cos, targets, scale, margin)
     if multilabel:

@@ -6,14 +6,20 @@ For every image i the loss is -log softmax_j(cos(f_t(T_j), v_i) / tau)[pos_i] ov
 Both kinds are scored against their own text set and averaged over all images of the batch,
 which is Eq. 6 with D the union of the two datasets.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def info_nce(images: torch.Tensor, texts: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float,
-             reduction: str = "mean") -> torch.Tensor:
+def info_nce(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor | float,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """images [N, D], texts [T, D], targets [N] (index into texts) -> loss (scalar or [N]).
 
     Cosine similarity times `scale` (= 1 / tau), cross-entropy against the positive text.

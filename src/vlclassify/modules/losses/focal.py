@@ -3,14 +3,16 @@
 DiCLS keeps it as the fixed component supervising the classification head p^v. gamma = 0 and
 alpha = None give plain (binary) cross-entropy, which is how the ablation's "+ BCE" row is run.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float | None = None,
-                       reduction: str = "mean") -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float | None = None, reduction: str = "mean"
+) -> torch.Tensor:
     """Multi-label: logits [N, C], targets [N, C] in {0, 1} -> mean over all N*C entries (or [N, C]).
 
     One sigmoid, inside the numerically stable BCE-with-logits; alpha weights positives by
@@ -27,8 +29,9 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float
     return ce.mean() if reduction == "mean" else ce
 
 
-def softmax_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0,
-                       reduction: str = "mean") -> torch.Tensor:
+def softmax_focal_loss(
+    logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, reduction: str = "mean"
+) -> torch.Tensor:
     """Single-label: logits [N, C], labels [N] class indices -> mean over N (or [N])."""
     logp = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)  # [N] log p_y
     loss = -logp if not gamma else -((1 - logp.exp()).pow(gamma) * logp)

@@ -4,6 +4,7 @@ Image and text global features are softly clustered onto K shared, learnable pro
 Sinkhorn-Knopp assignments q (equal-partition constraint, no gradient) of one modality are the
 targets for the other modality's prototype softmax h (swapped prediction, eq. 14-17).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,14 @@ def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> t
     return (q * b).T.to(scores.dtype)  # [B, K]
 
 
-def prototype_alignment_loss(image: torch.Tensor, text: torch.Tensor, prototypes: torch.Tensor,
-                             temperature: float = 0.1, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+def prototype_alignment_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: float = 0.1,
+    eps: float = 0.05,
+    iters: int = 3,
+) -> torch.Tensor:
     """image [N, D], text [N, D] global features, prototypes [K, D] -> L_CPA (scalar).
 
     L(o) = -sum_k q_t,k log h_o,k and L(p) = -sum_k q_o,k log h_p,k, averaged over the batch;

@@ -4,14 +4,16 @@ CMM (paper 002, eq. 6-8): D_ij = 1 - v̂_i · t̂_j (cosine distance, both sides
 because learnable prototypes drift off the unit sphere), positive = the true class, negative =
 the closest wrong class, loss = mean_i max(0, D_pos - D_neg + margin).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def prototype_triplet_loss(feats: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
-                           margin: float = 1.0) -> torch.Tensor:
+def prototype_triplet_loss(
+    feats: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
     """feats [B, D], protos [C, D], labels [B] -> scalar.
 
     The hardest negative is found without gradient on the full [B, C] distance matrix, then the
@@ -31,8 +33,9 @@ def prototype_triplet_loss(feats: torch.Tensor, protos: torch.Tensor, labels: to
     return torch.clamp(d_pos - d_neg + margin, min=0.0).mean()
 
 
-def prototype_triplet_loss_dense(feats: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
-                                 margin: float = 1.0) -> torch.Tensor:
+def prototype_triplet_loss_dense(
+    feats: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
     """Reference form (full distance matrix with gradient); used to check the fast one."""
     v = F.normalize(feats.float(), dim=-1)
     t = F.normalize(protos.float(), dim=-1)
