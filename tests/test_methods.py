@@ -18,7 +18,8 @@ def test_linear_probe_learns_separable_classes_and_roundtrips(toy, colors, tmp_p
     p = m.predict_proba(colors)
     assert p.shape == (18, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert (p.argmax(1) == colors.labels()).mean() == 1.0
-    assert m.fit_info["C"] in m.config.C_grid and len(m.fit_info["val_accuracy_by_C"]) == len(m.config.C_grid)
+    assert m.fit_info["C"] in m.config.C_grid and len(m.fit_info["val_score_by_C"]) == len(m.config.C_grid)
+    assert m.fit_info["C_tied"] >= 1 and m.fit_info["C_candidates"] == len(m.config.C_grid)
     m.save_pretrained(tmp_path / "lp")
     assert sorted(f.name for f in (tmp_path / "lp").iterdir()) == ["config.json", "model.safetensors"]
     m2 = load_method(tmp_path / "lp", backbone=toy)
@@ -27,8 +28,8 @@ def test_linear_probe_learns_separable_classes_and_roundtrips(toy, colors, tmp_p
 
 def test_zero_shot_templates_and_roundtrip(toy, colors, tmp_path):
     m = create_method("zero-shot", toy, templates="select7").fit(colors)
-    assert m.class_embeds.shape == (3, 16)
-    assert torch.allclose(m.class_embeds.norm(dim=-1), torch.ones(3))
+    assert m.head.class_embeds.shape == (3, 16)
+    assert torch.allclose(m.head.class_embeds.norm(dim=-1), torch.ones(3))
     m.save_pretrained(tmp_path / "zs")
     np.testing.assert_allclose(
         load_method(tmp_path / "zs", backbone=toy).predict_proba(colors), m.predict_proba(colors), atol=1e-6
@@ -57,7 +58,7 @@ def test_bad_input_errors(toy, colors, tmp_path):
     with pytest.raises(DataError, match="no training images for class.*red"):
         create_method("linear-probe", toy).fit(missing_red)
     fs = extract_features(toy, colors, progress=False)
-    fs.image[3, 0] = float("nan")
+    fs.pooled[3, 0] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         create_method("linear-probe", toy).fit(Encoded(colors, fs))
     m = create_method("linear-probe", toy).fit(colors, colors)

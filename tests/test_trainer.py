@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlclassify.errors import ConfigError
-from vlclassify.training import Stage, Trainer, lr_factor
+from vlclassify.training import Stage, Trainer, shard_rows
 
 
 class Blobs(torch.utils.data.Dataset):
@@ -51,7 +51,7 @@ def accuracy_of(data):
 def stages():
     return [
         Stage("warmup", epochs=3, lr=0.05, trainable=["head."], batch_size=16),
-        Stage("all", epochs=3, lr=0.02, batch_size=16, schedule="linear", warmup=0.2),
+        Stage("all", epochs=3, lr=0.02, batch_size=16, schedule="linear", warmup_steps=2),
     ]
 
 
@@ -87,7 +87,8 @@ def test_trains_logs_and_freezes(tmp_path):
 
 def test_best_checkpoint_restored_between_stages(tmp_path):
     train, val = Blobs(64, 0), Blobs(32, 1)
-    scores = iter([0.5, 0.9, 0.6, 0.1, 0.2, 0.3])  # stage 1 peaks at epoch 2, stage 2 at its last epoch
+    # each stage's starting weights are scored first (round 0); stage 1 peaks at epoch 2, stage 2 at its last
+    scores = iter([0.0, 0.5, 0.9, 0.6, 0.05, 0.1, 0.2, 0.3])
     snapshots = {}
     model = Tiny()
 
@@ -105,7 +106,7 @@ def test_best_checkpoint_restored_between_stages(tmp_path):
     assert [x["best"] for x in log] == [True, True, False, True, True, True]
     # the model after stage 1 best (epoch 2) differs from epoch 3; stage 2 must start from epoch 2
     pointer = json.loads((tmp_path / "last.json").read_text())
-    assert pointer["best"]["warmup"].endswith("warmup-e2")
+    assert pointer["best"]["warmup"].endswith("warmup-s8")  # 4 steps an epoch
     e2, e3 = snapshots[("warmup", 2)], snapshots[("warmup", 3)]
     assert not torch.equal(e2["head.weight"], e3["head.weight"])
     # final weights = best of the last stage
@@ -115,7 +116,7 @@ def test_best_checkpoint_restored_between_stages(tmp_path):
 def test_stage_starts_from_previous_best(tmp_path):
     """Stage 2 with lr 0 leaves the weights where it started: they must equal stage 1's best epoch."""
     train, val = Blobs(64, 0), Blobs(32, 1)
-    scores = iter([0.5, 0.9, 0.6, 0.0])
+    scores = iter([0.0, 0.5, 0.9, 0.6, 0.0, 0.0])
     snapshots = {}
     model = Tiny()
 
@@ -170,7 +171,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
             callbacks=[kill],
         ).fit()
     pointer = json.loads((tmp_path / "run" / "last.json").read_text())
-    assert pointer["stage"] == 1 and pointer["epoch"] == 1
+    assert pointer["stage"] == 1 and pointer["step"] == 4  # killed after the first epoch of stage 2
     again = Tiny()  # a fresh process: fresh weights, state comes from disk
     res = Trainer(
         again, train, val, stages(), metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "run", progress=False
@@ -202,11 +203,12 @@ def test_no_out_dir_uses_val_loss_and_keeps_best_in_memory():
 
 def test_schedule_is_per_step_and_sized_in_steps():
     total = 10
-    f = [lr_factor("cosine", s, total, 0) for s in range(total)]
-    assert f[0] == 1.0 and all(a > b for a, b in zip(f, f[1:])) and f[-1] > 0
-    assert [lr_factor("linear", s, 4, 2) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
-    with pytest.raises(ConfigError):
-        lr_factor("step", 0, 1, 0)
+    cos = Stage("c", lr=1.0, min_lr=0.1)
+    f = [cos.lr_at(s, total) for s in range(total)]
+    assert f[0] == 1.0 and all(a > b for a, b in zip(f, f[1:])) and f[-1] > 0.1
+    assert [Stage("l", lr=1.0, schedule="linear", warmup_steps=2).lr_at(s, 4) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    with pytest.raises(ConfigError, match="unknown LR schedule"):
+        Stage("s", schedule="step").check()
 
 
 def test_lr_reaches_end_of_schedule(tmp_path):
@@ -237,3 +239,88 @@ def test_custom_batch_callable():
 
     res = Trainer(Tiny(), batches, None, [Stage("s", epochs=2, lr=0.05)], progress=False).fit()
     assert res.history[-1]["step"] == 8
+
+
+def test_steps_stage_rounds_keep_last_and_resume(tmp_path):
+    """A stage sized in optimizer steps validates every eval_every steps; keep=last ends on the
+    last round even when an earlier one scored better; a kill mid-stage resumes bit-identically."""
+    train, val = Blobs(64, 0), Blobs(32, 1)
+    st = [Stage("s", steps=10, eval_every=4, lr=0.05, batch_size=16, keep="last")]
+    ref = Tiny()
+    res = Trainer(
+        ref, train, val, st, metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "ref", progress=False
+    ).fit()
+    assert [h["step"] for h in res.history] == [4, 8, 10]
+    assert res.stages[0].best_step == 10 and res.stages[0].best_epoch == 3
+
+    class Killed(Exception):
+        pass
+
+    def kill(rec):
+        if rec["step"] == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(
+            Tiny(),
+            train,
+            val,
+            st,
+            metric=accuracy_of(val),
+            monitor="acc",
+            out_dir=tmp_path / "run",
+            progress=False,
+            callbacks=[kill],
+        ).fit()
+    again = Tiny()
+    Trainer(
+        again, train, val, st, metric=accuracy_of(val), monitor="acc", out_dir=tmp_path / "run", progress=False
+    ).fit()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_a_stage_that_only_hurts_keeps_its_starting_weights():
+    train, val = Blobs(64, 0), Blobs(32, 1)
+    model = Tiny()
+    Trainer(
+        model,
+        train,
+        val,
+        [Stage("a", epochs=3, lr=0.05, batch_size=16)],
+        metric=accuracy_of(val),
+        monitor="acc",
+        progress=False,
+    ).fit()
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    # a huge learning rate on the head only ruins it: stage b's round 0 (= stage a's weights) is kept
+    res = Trainer(
+        model,
+        train,
+        val,
+        [Stage("b", epochs=2, lr=50.0, batch_size=16, trainable=["head."])],
+        metric=lambda m: {"acc": accuracy_of(val)(m)["acc"] - 1e-3 * float(m.head.weight.abs().sum())},
+        monitor="acc",
+        progress=False,
+    ).fit()
+    assert res.stages[0].best_epoch == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in good.items())
+
+
+def test_training_leaves_the_global_rng_alone():
+    model, data = Tiny(), Blobs(32)  # (the test model seeds its own initialisation)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    Trainer(model, data, None, [Stage("s", epochs=1, lr=0.05, batch_size=16)], progress=False).fit()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_shard_rows_splits_a_global_batch():
+    b = {"x": torch.arange(10).view(5, 2), "y": torch.arange(5), "texts": list("abcde"), "w": torch.ones(3)}
+    parts = [shard_rows(b, r, 2) for r in range(2)]
+    assert parts[0]["y"].tolist() == [0, 2, 4] and parts[1]["y"].tolist() == [1, 3]
+    assert parts[1]["texts"] == ["b", "d"] and torch.equal(parts[1]["w"], b["w"])
+    assert shard_rows(b, 0, 1) is b
+    with pytest.raises(ConfigError, match="cannot be shared"):
+        shard_rows({"y": torch.arange(1)}, 0, 2)

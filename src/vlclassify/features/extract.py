@@ -38,6 +38,17 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.image.shape[0]
 
+    def tensor(self, key: str) -> torch.Tensor:
+        """One field; errors name a missing one."""
+        x = getattr(self, key)
+        if x is None:
+            raise DataError(f"features: no {key!r} features were extracted")
+        return x
+
+    def batch(self, keys: Sequence[str], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows start:stop of the fields `keys` as float32 (spatial tokens are stored as float16): a head's input."""
+        return {k: self.tensor(k)[start:stop].float() for k in keys}
+
     def index(self, idx: Sequence[int] | np.ndarray) -> FeatureSet:
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731

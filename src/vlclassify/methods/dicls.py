@@ -324,7 +324,6 @@ class DiCLS(Method):
     def _fit_inner(self, train: Encoded, val: Encoded | None) -> None:
         from ..metrics.multilabel import best_threshold, mean_average_precision
         from ..training import Stage, Trainer
-        from ..utils import seed_everything
 
         c = self.config
         ds = train.dataset
@@ -334,7 +333,7 @@ class DiCLS(Method):
         text, valid, mask = self._encode_prompt(self.classnames)
         f = train.features
         sp = self._spatial(f)  # [N, P, D]
-        seed_everything(c.seed)
+        torch.manual_seed(c.seed)  # TODO(port): seeded()
         self.net = DiCLSNet(
             c, self._glob(f).shape[1], sp.shape[2], sp.shape[1], text.shape[0], ds.num_classes, self.multilabel
         )

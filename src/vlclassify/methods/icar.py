@@ -41,7 +41,6 @@ from ..modules.heads import CosineClassifier, LinearClassifier
 from ..modules.losses.contrastive import info_nce
 from ..modules.text_tower import TrainableTextTower
 from ..training import Stage, Trainer
-from ..utils import seed_everything
 from .base import Encoded, Method, check_finite
 from .registry import register_method
 
@@ -400,7 +399,7 @@ class ICAR(Method):
     def _train(self, train: Encoded, val: Encoded | None) -> None:
         c = self.config
         ds = train.dataset
-        seed_everything(c.seed)
+        torch.manual_seed(c.seed)  # TODO(port): seeded()
         t0 = time.perf_counter()
         pairs = self._pair_set(train, val)
         self.descriptions = self._descriptions_for(ds.classnames, ds.name) if c.descriptions != "none" else {}

@@ -1,13 +1,20 @@
-"""Zero-shot: class names in prompt templates, nearest class text by cosine similarity."""
+"""Zero-shot: class names (and descriptions) in prompt templates, nearest class text by cosine.
+
+Nothing is learned from images. Validation data, when given, only chooses the decision rule:
+multi-label thresholds, or the per-class thresholds of a target precision.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
-from .base import Encoded, Method, normalize
+from .base import MAIN, MULTI, SINGLE, TEXT, Encoded, Method, normalize
+from .decision import DecisionRule
 from .registry import register_method
 from .templates import class_text_embeddings, resolve_templates
 
@@ -19,50 +26,90 @@ class ZeroShotConfig:
     text_weight: float = 1.0  # weight of the paired-text score when modality == "both"
 
 
+class ZeroShotHead(nn.Module):
+    """Cosine similarity to fixed class text embeddings, on the image and/or its paired text.
+
+    batch {"image": [B, D], "text": [B, D]} -> {"logits": [B, C]}."""
+
+    def __init__(self, num_classes: int, dim: int, scale: float, modality: str, text_weight: float) -> None:
+        super().__init__()
+        self.scale, self.modality, self.text_weight = scale, modality, text_weight
+        self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] normalised
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = self.class_embeds.T
+        if self.modality == "image":
+            return {"logits": self.scale * normalize(batch["image"]) @ w}
+        txt = self.scale * normalize(batch["text"]) @ w  # empty texts are zero rows: no vote
+        if self.modality == "text":
+            return {"logits": txt}
+        return {"logits": self.scale * normalize(batch["image"]) @ w + self.text_weight * txt}
+
+
 @register_method
 class ZeroShot(Method):
     """Zero-shot CLIP-style classification with template ensembles (no training)."""
 
     name = "zero-shot"
     Config = ZeroShotConfig
+    kinds = frozenset({SINGLE, MULTI, TEXT})
+    trains_on_images = False
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
         if self.config.modality not in ("image", "text", "both"):
             raise ConfigError(f"zero-shot: modality must be image, text or both, got {self.config.modality!r}")
         self.templates = resolve_templates(self.config.templates)
-        self.class_embeds: torch.Tensor | None = None  # [C, D]
+        self.descriptions: dict[str, str] = {}
+
+    def takes(self) -> frozenset[str]:
+        return self.kinds if self.config.modality != "image" else self.kinds - {TEXT}
+
+    def feature_needs(self) -> frozenset[str]:
+        return frozenset({"image": {"image"}, "text": {"text"}, "both": {"image", "text"}}[self.config.modality])
 
     def requires_all_classes(self) -> bool:
         return False  # zero-shot needs names, not images
 
-    def set_classes(self, classnames: list[str]) -> ZeroShot:
-        """Zero-shot needs no images: set (or change) the classes by name."""
+    def build_head(self, spec: dict[str, Any]) -> nn.Module:
+        c = self.config
+        return ZeroShotHead(
+            spec["num_classes"], spec["dim"], float(self.backbone.logit_scale), c.modality, c.text_weight
+        )
+
+    def set_classes(self, classnames: list[str], descriptions: dict[str, str] | None = None) -> ZeroShot:
+        """Zero-shot needs no images: set (or change) the classes by name (and description)."""
+        if len(classnames) < 2:
+            raise ConfigError(f"zero-shot: need at least 2 classes, got {list(classnames)}")
         self.classnames = list(classnames)
-        with torch.inference_mode():
-            self.class_embeds = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        self.task_classes = {MAIN: list(classnames)}
+        self.descriptions = dict(descriptions or {})
+        emb = class_text_embeddings(self.backbone, self.classnames, self.templates, self.descriptions, self.cache)
+        self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]})
+        self.head.class_embeds.copy_(emb)
+        self.decisions = {}
         return self
 
-    def fit(self, train, val=None) -> ZeroShot:
-        """Only the class names of `train` are used: nothing is learned from its images."""
-        ds = train.dataset if isinstance(train, Encoded) else train
-        if ds.num_classes < 2:
-            raise ConfigError(f"{ds.name}: need at least 2 classes, got {ds.num_classes}")
-        return self.set_classes(ds.classnames)
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        self.set_classes(self.classnames)
+        self.fit_info = {"templates": len(self.templates)}
 
-    def _logits(self, data: Encoded) -> torch.Tensor:
-        f = data.features
-        scale = self.backbone.logit_scale
-        img = scale * normalize(f.image) @ self.class_embeds.T
-        if self.config.modality == "image":
-            return img
-        if f.text is None:
-            raise ConfigError("zero-shot: modality needs paired texts, but the items have none")
-        txt = scale * normalize(f.text) @ self.class_embeds.T
-        return txt if self.config.modality == "text" else img + self.config.text_weight * txt
+    def default_decision(self, task: str, num_classes: int) -> DecisionRule:
+        if not self.multilabel:
+            return super().default_decision(task, num_classes)
+        return DecisionRule(
+            "thresholds",
+            [1.0 / num_classes] * num_classes,
+            source="default",
+            note=f"no validation set: multi-label decisions are the labels scoring above 1/C "
+            f"(= {1.0 / num_classes:.3f}); give validation data to choose thresholds",
+        )
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeds": self.class_embeds}
+    def _scores(self, logits: torch.Tensor, task: str = MAIN):
+        return torch.softmax(logits.float(), -1).numpy()  # CLIP-style scores are relative, also for multi-label
 
-    def load_tensors(self, tensors) -> None:
-        self.class_embeds = tensors["class_embeds"]
+    def extra_config(self) -> dict[str, Any]:
+        return {"descriptions": self.descriptions}
+
+    def load_extra_config(self, cfg: dict[str, Any]) -> None:
+        self.descriptions = dict(cfg.get("descriptions") or {})

@@ -1,19 +1,32 @@
-"""A small multi-stage trainer shared by the trainable methods (CMA-CLIP, DiCLS, iCAR).
+"""The one training loop: every method that optimises parameters trains here.
 
     stages = [Stage("warmup", epochs=5, lr=1e-3, trainable=["fusion.", "heads."]),
-              Stage("finetune", epochs=2, lr=1e-5)]
-    result = Trainer(model, train_ds, val_ds, stages, collate=collate, metric=accuracy,
-                     out_dir="runs/x").fit()
+              Stage("finetune", steps=2000, eval_every=250, lr=1e-5, warmup_steps=50)]
+    result = Trainer(model, train, val, stages, metric=accuracy, monitor="acc", out_dir="runs/x").fit()
 
 Why it exists: every paper here trains in stages (freeze, unfreeze, re-freeze), picks the best
-epoch on validation, and must survive being killed. The model is any nn.Module whose forward
-takes a collated batch and returns a dict with a scalar "loss" (other 0-d "loss_*" entries are
-logged). The LR schedule is sized in optimizer steps and stepped once per step (the public
-DiCLS code sized it in epochs and stepped per batch). Checkpoints are safetensors (tensors)
-plus JSON (everything else), written atomically; `last.json` is the single pointer that says
-which checkpoint is current, so a crash at any moment leaves a consistent state to resume from.
-Under `torchrun` (WORLD_SIZE > 1) it wraps the model in DistributedDataParallel and shards the
-data with a DistributedSampler; launched as a plain process it runs single-process unchanged.
+checkpoint on validation, and must survive being killed. The model is any nn.Module whose forward
+takes a batch and returns a dict with a scalar "loss" (other 0-d "loss_*" entries are logged).
+
+- Length: a stage runs `epochs` passes over the data, or exactly `steps` optimizer steps (CMM's
+  16,000); validation and checkpoints happen every `eval_every` steps (default: every epoch, or
+  once at the end of a step-sized stage). Each such span is a *round*.
+- Schedule: sized in optimizer steps and stepped once per step (the public DiCLS code sized it in
+  epochs and stepped per batch): `warmup_steps` of linear warm-up, then constant / cosine /
+  linear decay to `min_lr`.
+- Keep-best: a later round must strictly beat the best so far (ties keep the earlier weights, the
+  selection rule of training/selection.py in time order); `keep="last"` ends on the last round.
+- Seeds: the batch order of every epoch comes from an explicit generator, and each round trains
+  under `utils.seeded(...)` (dropout draws), so a run is reproducible and resumable and the
+  caller's global RNG is left as it was.
+- Threads: `utils.torch_threads` (the package's one thread policy) around the whole fit.
+- Checkpoints: safetensors (tensors) plus JSON (everything else), written atomically at the end
+  of every round; `last.json` is the single pointer to the current one, so a crash at any moment
+  leaves a consistent state, and a re-run resumes bit-identically.
+- Processes: under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
+  and every global batch of `batch_size` rows is split across the ranks (map-style data: a
+  DistributedSampler with batch_size / world rows per rank), so one and N processes take the
+  same optimizer steps on the same global batches.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +48,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..utils import atomic_path, json_fingerprint, seed_everything, write_json
+from ..utils import atomic_path, json_fingerprint, seeded, torch_threads, write_json
 
 Trainable = Sequence[str] | Callable[[str], bool] | None
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -45,16 +59,20 @@ class Stage:
     """One training stage: which parameters move, for how long, how fast."""
 
     name: str  # unique within a run; used in logs and checkpoint names
-    epochs: int = 1  # passes over the training data
+    epochs: int = 1  # passes over the training data (ignored when `steps` is set)
+    steps: int | None = None  # optimizer steps of the stage; overrides `epochs`
     lr: float = 1e-3  # peak learning rate
+    min_lr: float = 0.0  # where the cosine / linear decay ends
     trainable: Any = None  # None = all params; list of name prefixes; or predicate(name) -> bool
     weight_decay: float = 1e-4  # Adam(W) weight decay
-    batch_size: int = 32  # per process (global batch = batch_size * world size)
+    batch_size: int = 32  # global batch (rows per optimizer step, split across processes under torchrun)
     optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 added to the gradient, as torch.optim.Adam)
-    schedule: str = "cosine"  # constant | cosine | linear (decay to 0 over the stage's steps)
-    warmup: float = 0.0  # fraction of the stage's steps with a linear LR warm-up
+    eps: float = 1e-8  # Adam(W) epsilon (Tip-Adapter-F: 1e-4)
+    schedule: str = "cosine"  # constant | cosine | linear
+    warmup_steps: int = 0  # optimizer steps of linear LR warm-up at the start of the stage
     grad_clip: float | None = None  # max global grad norm; None = no clipping
-    start_from: str = "best"  # best | last: weights the stage starts from (of the previous stage)
+    eval_every: int | None = None  # steps between validations + checkpoints (None: every epoch; end of a steps stage)
+    keep: str = "best"  # best | last: the weights that end the stage (and start the next one)
     eval_frozen: bool = True  # put fully frozen sub-modules in eval mode (BatchNorm stats/dropout stay fixed)
     bn_eval: bool = False  # keep every BatchNorm in eval mode (fixed running stats), e.g. small-batch fine-tuning
     setup: Callable[[nn.Module], None] | None = None  # called on the bare model when the stage (re)starts
@@ -66,19 +84,23 @@ class Stage:
         """The settings that must not change between a killed run and its resumption."""
         t = self.trainable
         trainable = None if t is None else (list(t) if not callable(t) else getattr(t, "__qualname__", "callable"))
-        return {
-            "name": self.name,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "trainable": trainable,
-            "weight_decay": self.weight_decay,
-            "batch_size": self.batch_size,
-            "optimizer": self.optimizer,
-            "schedule": self.schedule,
-            "warmup": self.warmup,
-            "start_from": self.start_from,
-            "bn_eval": self.bn_eval,
-        }
+        keys = (
+            "name",
+            "epochs",
+            "steps",
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "batch_size",
+            "optimizer",
+            "eps",
+            "schedule",
+            "warmup_steps",
+            "eval_every",
+            "keep",
+            "bn_eval",
+        )
+        return {**{k: getattr(self, k) for k in keys}, "trainable": trainable}
 
     def is_trainable(self, name: str) -> bool:
         t = self.trainable
@@ -90,20 +112,28 @@ class Stage:
             raise ConfigError(f"stage {self.name!r}: trainable must be a list of prefixes, not the string {t!r}")
         return any(name.startswith(p) for p in t)
 
+    def check(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0 or (self.steps is not None and self.steps < 0):
+            raise ConfigError(f"stage {self.name!r}: epochs >= 0, steps >= 0, batch_size >= 1 and lr >= 0 required")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"stage {self.name!r}: optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"stage {self.name!r}: keep must be best or last, got {self.keep!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown LR schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0 or (self.eval_every is not None and self.eval_every < 1):
+            raise ConfigError(f"stage {self.name!r}: warmup_steps >= 0 and eval_every >= 1 required")
 
-def lr_factor(schedule: str, step: int, total: int, warmup_steps: int) -> float:
-    """Multiplier of the peak LR before optimizer step `step` (0-based) of a stage of `total` steps."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / span)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-    if schedule == "linear":
-        return 1.0 - t
-    raise ConfigError(f"unknown LR schedule {schedule!r}; known: constant, cosine, linear")
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) of a stage of `total` steps."""
+        w = self.warmup_steps
+        if w > 0 and step < w:
+            return self.lr * (step + 1) / w
+        if self.schedule == "constant":
+            return self.lr
+        t = min(1.0, (step - w) / max(1, total - w))
+        f = 0.5 * (1.0 + math.cos(math.pi * t)) if self.schedule == "cosine" else 1.0 - t
+        return self.min_lr + (self.lr - self.min_lr) * f
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -117,6 +147,32 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def shard_rows(batch: Any, rank: int, world: int) -> Any:
+    """This rank's share of a global batch: rows rank, rank + world, ... of every tensor (or list)
+    whose length is the batch's row count (the first tensor's), other values unchanged. A batch
+    object with its own `shard(rank, world)` method decides for itself."""
+    if world == 1:
+        return batch
+    if hasattr(batch, "shard"):
+        return batch.shard(rank, world)
+    if not isinstance(batch, Mapping):
+        raise ConfigError("trainer: under torchrun, batches must be dicts of row-aligned tensors (or have .shard())")
+    rows = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+    if rows is None:
+        return batch
+    if rows < world:
+        raise ConfigError(f"trainer: a batch of {rows} row(s) cannot be shared by {world} processes")
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows:
+            out[k] = v[rank::world]
+        elif isinstance(v, list) and len(v) == rows:
+            out[k] = v[rank::world]
+        else:
+            out[k] = v
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -138,31 +194,32 @@ def _dist() -> tuple[int, int, bool]:
 @dataclass
 class StageResult:
     name: str
-    best_metric: float | None
-    best_epoch: int
-    epochs_run: int
+    best_metric: float | None  # validation value of the kept weights (None without validation)
+    best_epoch: int  # round (epoch, or eval_every span) of the kept weights; 0 = the stage's start
+    best_step: int  # optimizer step of the kept weights
+    rounds: int  # rounds run
 
 
 @dataclass
 class TrainResult:
     stages: list[StageResult]
-    history: list[dict]  # one record per epoch, as in log.jsonl
-    monitor: str  # the validation key that chose the best checkpoints
+    history: list[dict]  # one record per round, as in log.jsonl
+    monitor: str  # the validation key that chose the kept checkpoints
 
 
 class Trainer:
-    """Run `stages` in order; each starts from the previous stage's best (or last) weights.
+    """Run `stages` in order; each starts from the previous stage's kept (best or last) weights.
 
     train / val: a map-style dataset (`__len__` + `__getitem__`, batched here with `collate`) or a
-    callable `(stage, epoch, seed) -> iterable of batches` for custom batching (its `len()` is used
-    to size the schedule if it has one, else `steps_per_epoch` must be given).
+    callable `(stage, epoch, seed) -> iterable of global batches` (its `len()` sizes an epoch).
     metric: `metric(model) -> {name: value}` evaluated on the bare model in eval mode under no_grad;
-    `monitor` names the value that picks the best epoch (`mode` max or min). Without `metric` the
+    `monitor` names the value that picks the kept round (`mode` max or min). Without `metric` the
     trainer computes the mean validation "loss" and monitors it with mode "min". Without
-    validation data the last epoch of a stage counts as its best.
+    validation data a stage keeps its last round.
     out_dir: where checkpoints and `log.jsonl` go; None keeps the best weights in memory only
     (no resume). A run with an existing `last.json` resumes from it when `resume` is True.
-    num_threads: torch intra-op threads during fit (1 is often fastest for small models on busy CPUs).
+    threads: torch intra-op threads during fit (utils.torch_threads: 0 = auto from `work`, a rough
+    multiply-add count per step; None = leave as is).
     """
 
     def __init__(
@@ -182,10 +239,10 @@ class Trainer:
         progress: bool = True,
         resume: bool = True,
         num_workers: int = 0,
-        steps_per_epoch: int | None = None,
         find_unused_parameters: bool = False,
         callbacks: Sequence[Callable[[dict], None]] = (),
-        num_threads: int | None = None,
+        threads: int | None = None,
+        work: int | None = None,
     ) -> None:
         if not stages:
             raise ConfigError("trainer: give at least one Stage")
@@ -193,13 +250,7 @@ class Trainer:
         if len(set(names)) != len(names):
             raise ConfigError(f"trainer: stage names must be unique, got {names}")
         for s in stages:
-            if s.epochs < 0 or s.batch_size < 1 or s.lr < 0:
-                raise ConfigError(f"stage {s.name!r}: epochs >= 0, batch_size >= 1 and lr >= 0 required")
-            if s.optimizer not in ("adam", "adamw"):
-                raise ConfigError(f"stage {s.name!r}: optimizer must be adam or adamw, got {s.optimizer!r}")
-            if s.start_from not in ("best", "last"):
-                raise ConfigError(f"stage {s.name!r}: start_from must be best or last, got {s.start_from!r}")
-            lr_factor(s.schedule, 0, 1, 0)
+            s.check()
         self.model, self.train, self.val, self.stages = model, train, val, list(stages)
         self.collate, self.metric = collate, metric
         self.monitor = monitor or ("loss" if metric is None else None)
@@ -210,16 +261,13 @@ class Trainer:
             raise ConfigError(f"trainer: mode must be min or max, got {self.mode!r}")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.seed, self.progress, self.resume = seed, progress, resume
-        self.num_workers, self.steps_per_epoch = num_workers, steps_per_epoch
+        self.num_workers = num_workers
         self.find_unused_parameters, self.callbacks = find_unused_parameters, list(callbacks)
-        self.num_threads = num_threads
+        self.threads, self.work = threads, work
         self.rank, self.world, self.distributed = _dist()
         if device is None:
-            device = (
-                f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                if torch.cuda.is_available() and self.distributed
-                else "cpu"
-            )
+            cuda = torch.cuda.is_available() and self.distributed
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
         self.device = torch.device(device)
         self.model.to(self.device)
         names_all = [n for n, _ in self.model.named_parameters()]
@@ -229,30 +277,32 @@ class Trainer:
         # parameters frozen in every stage never change: checkpoints leave them out
         self._saved = {n for n in names_all if any(s.is_trainable(n) for s in self.stages)}
         self.history: list[dict] = []
-        self._mem_best: dict[str, dict[str, torch.Tensor]] = {}
+        self._mem: dict[str, dict[str, torch.Tensor]] = {}  # stage -> kept weights (no out_dir)
 
     # ---- helpers -------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _epoch_seed(self, stage_idx: int, epoch: int) -> int:
-        return (self.seed * 1_000_003 + stage_idx * 10_007 + epoch) % (2**31 - 1)
+    def _seed(self, stage_idx: int, kind: int, index: int) -> int:
+        """Data order of epoch `index` (kind 0) or the RNG of round `index` (kind 1)."""
+        return (self.seed * 1_000_003 + stage_idx * 10_007 + kind * 7_919 + index) % (2**31 - 1)
 
     def _run_fingerprint(self) -> str:
         return json_fingerprint(
             {
                 "stages": [s.fingerprint() for s in self.stages],
                 "seed": self.seed,
-                "world": self.world,
                 "monitor": self.monitor,
                 "mode": self.mode,
             }
         )
 
-    def _better(self, value: float, best: float | None) -> bool:
+    def _better(self, value: float | None, best: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return best is None
         if best is None or not math.isfinite(best):
-            return math.isfinite(value) or best is None
+            return True
         return value > best if self.mode == "max" else value < best
 
     def _model_tensors(self) -> dict[str, torch.Tensor]:
@@ -262,25 +312,18 @@ class Trainer:
 
     def _load_model_tensors(self, tensors: Mapping[str, torch.Tensor], where: str) -> None:
         missing, unexpected = unwrap(self.model).load_state_dict(dict(tensors), strict=False)
-        missing = [k for k in missing if k in self._saved or k not in dict(unwrap(self.model).named_parameters())]
+        params = dict(unwrap(self.model).named_parameters())
+        missing = [k for k in missing if k in self._saved or k not in params]
         if missing or unexpected:
             raise ConfigError(
                 f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
 
     def _loader(self, data: Any, stage: Stage, stage_idx: int, epoch: int, shuffle: bool, collate: Callable | None):
-        seed = self._epoch_seed(stage_idx, epoch)
+        """The (global) batches of one epoch, this rank's share of each."""
+        seed = self._seed(stage_idx, 0, epoch)
         if callable(data) and not hasattr(data, "__getitem__"):
-            batches = data(stage, epoch, seed)
-            if self.distributed:  # every rank builds the same list (same seed): take every world-th batch
-                batches = list(batches)
-                n = len(batches) // self.world * self.world
-                if n == 0:
-                    raise ConfigError(
-                        f"stage {stage.name!r}: {len(batches)} batch(es) cannot be shared by {self.world} processes"
-                    )
-                batches = batches[self.rank : n : self.world]
-            return batches
+            return [shard_rows(b, self.rank, self.world) for b in data(stage, epoch, seed)]
         if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
             raise ConfigError(
                 "trainer: data must be a map-style dataset (__len__ + __getitem__) or a callable(stage, epoch, seed)"
@@ -290,11 +333,15 @@ class Trainer:
         g = torch.Generator().manual_seed(seed)
         sampler = None
         if self.distributed:
+            if stage.batch_size % self.world:
+                raise ConfigError(
+                    f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by {self.world} processes"
+                )
             sampler = DistributedSampler(data, num_replicas=self.world, rank=self.rank, shuffle=shuffle, seed=seed)
             sampler.set_epoch(epoch)
         return DataLoader(
             data,
-            batch_size=stage.batch_size,
+            batch_size=stage.batch_size // self.world,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             collate_fn=collate,
@@ -303,14 +350,16 @@ class Trainer:
             drop_last=False,
         )
 
-    def _steps_per_epoch(self, stage: Stage, stage_idx: int, train: Any, collate: Callable | None) -> int:
-        loader = self._loader(train, stage, stage_idx, 0, True, collate)
-        try:
-            return max(1, len(loader))
-        except TypeError:
-            if self.steps_per_epoch is None:
-                raise ConfigError("trainer: the training batches have no len(); pass steps_per_epoch") from None
-            return self.steps_per_epoch
+    def _batches(
+        self, data: Any, stage: Stage, si: int, collate: Callable | None, spe: int, start: int
+    ) -> Iterator[Any]:
+        """Training batches from optimizer step `start` on, epoch after epoch."""
+        epoch, skip = divmod(start, spe)
+        while True:
+            for i, batch in enumerate(self._loader(data, stage, si, epoch, True, collate)):
+                if i >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
 
     def _set_trainable(self, stage: Stage) -> list[tuple[str, nn.Parameter]]:
         model = unwrap(self.model)
@@ -333,7 +382,11 @@ class Trainer:
 
     def _optimizer(self, stage: Stage, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
-        return cls([p for _, p in params], lr=stage.lr, weight_decay=stage.weight_decay)
+        kw = dict(lr=stage.lr, weight_decay=stage.weight_decay, eps=stage.eps)
+        try:  # one fused kernel per step: CMM's 16,000 tiny steps spend most of their time here otherwise
+            return cls([p for _, p in params], fused=True, **kw)
+        except (RuntimeError, TypeError):
+            return cls([p for _, p in params], **kw)
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _save_checkpoint(self, tag: str, optimizer: torch.optim.Optimizer | None, state: dict) -> str:
@@ -373,6 +426,19 @@ class Trainer:
             optimizer.load_state_dict(sd)
         return state
 
+    def _keep(self, stage: str, pointer: dict, rel: str | None) -> None:
+        """Remember the current weights as the ones this stage keeps."""
+        if self.out_dir is not None and rel is not None:
+            pointer["best"][stage] = rel
+        else:
+            self._mem[stage] = self._model_tensors()
+
+    def _restore_kept(self, stage: str, pointer: dict) -> None:
+        if self.out_dir is not None and stage in pointer["best"]:
+            self._read_checkpoint(pointer["best"][stage], None)
+        elif stage in self._mem:
+            self._load_model_tensors(self._mem[stage], f"stage {stage}")
+
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.out_dir is not None and self.is_main:
@@ -411,15 +477,12 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        threads = torch.get_num_threads()
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
         # stages flip requires_grad; the caller's flags (e.g. a frozen backbone) come back afterwards
         flags = {id(p): p.requires_grad for p in self.model.parameters()}
         try:
-            return self._fit()
+            with torch_threads(self.threads, self.work) if self.threads is not None else _nothing():
+                return self._fit()
         finally:
-            torch.set_num_threads(threads)
             for p in self.model.parameters():
                 p.requires_grad_(flags.get(id(p), True))
 
@@ -428,13 +491,13 @@ class Trainer:
         pointer = {
             "run": fp,
             "stage": 0,
-            "epoch": 0,
             "step": 0,
             "last": None,
             "best": {},
             "best_metric": {},
-            "best_epoch": {},
-            "done": False,
+            "best_round": {},
+            "best_step": {},
+            "rounds": {},
         }
         resumed = False
         if self.out_dir is not None and self.resume and (self.out_dir / "last.json").is_file():
@@ -447,36 +510,27 @@ class Trainer:
         elif self.out_dir is not None and self.is_main and (self.out_dir / "log.jsonl").exists():
             (self.out_dir / "log.jsonl").unlink()
         if resumed and self.out_dir is not None and (self.out_dir / "log.jsonl").is_file():
-            self.history = [
-                json.loads(line) for line in (self.out_dir / "log.jsonl").read_text().splitlines() if line.strip()
-            ]
-        results: list[StageResult] = []
+            lines = (self.out_dir / "log.jsonl").read_text().splitlines()
+            self.history = [json.loads(line) for line in lines if line.strip()]
         for si, stage in enumerate(self.stages):
-            if si < pointer["stage"]:
-                results.append(
-                    StageResult(
-                        stage.name,
-                        pointer["best_metric"].get(stage.name),
-                        pointer["best_epoch"].get(stage.name, -1),
-                        stage.epochs,
-                    )
-                )
-                continue
-            self._run_stage(si, stage, pointer, resumed and si == pointer["stage"])
-            results.append(
-                StageResult(
-                    stage.name,
-                    pointer["best_metric"].get(stage.name),
-                    pointer["best_epoch"].get(stage.name, -1),
-                    stage.epochs,
-                )
-            )
-        # end on the final stage's best weights (read on rank 0, then copied to every rank)
+            if si >= pointer["stage"]:
+                self._run_stage(si, stage, pointer, resumed and si == pointer["stage"])
+        # end on the final stage's kept weights (read on rank 0, then copied to every rank)
         self.model = unwrap(self.model)
         if self.is_main:
-            self._restore_best(self.stages[-1].name, pointer)
+            self._restore_kept(self.stages[-1].name, pointer)
         self._sync_from_main()
         self.model.eval()
+        results = [
+            StageResult(
+                s.name,
+                pointer["best_metric"].get(s.name),
+                pointer["best_round"].get(s.name, 0),
+                pointer["best_step"].get(s.name, 0),
+                pointer["rounds"].get(s.name, 0),
+            )
+            for s in self.stages
+        ]
         return TrainResult(results, self.history, self.monitor)
 
     def _sync_from_main(self) -> None:
@@ -488,11 +542,11 @@ class Trainer:
         for v in unwrap(self.model).state_dict().values():
             dist.broadcast(v.data, src=0)
 
-    def _restore_best(self, stage_name: str, pointer: dict) -> None:
-        if self.out_dir is not None and stage_name in pointer["best"]:
-            self._read_checkpoint(pointer["best"][stage_name], None)
-        elif stage_name in self._mem_best:
-            self._load_model_tensors(self._mem_best[stage_name], f"stage {stage_name}")
+    def _steps_per_epoch(self, stage: Stage, si: int, train: Any, collate: Callable | None) -> int:
+        try:
+            return max(1, len(self._loader(train, stage, si, 0, True, collate)))
+        except TypeError:
+            raise ConfigError(f"stage {stage.name!r}: the training batches have no len()") from None
 
     def _run_stage(self, si: int, stage: Stage, pointer: dict, resuming: bool) -> None:
         train = stage.train if stage.train is not None else self.train
@@ -503,16 +557,14 @@ class Trainer:
             stage.setup(self.model)
         params = self._set_trainable(stage)
         optimizer = self._optimizer(stage, params)
-        start_epoch, step = 0, 0
-        if resuming and pointer["epoch"] > 0 and pointer["last"] is not None:
-            st = self._read_checkpoint(pointer["last"], optimizer)
-            start_epoch, step = st["epoch"], st["step"]
+        spe = self._steps_per_epoch(stage, si, train, collate)
+        total = stage.steps if stage.steps is not None else spe * stage.epochs
+        every = stage.eval_every or (spe if stage.steps is None else max(1, total))
+        step = 0
+        if resuming and pointer["step"] > 0 and pointer["last"] is not None:
+            step = self._read_checkpoint(pointer["last"], optimizer)["step"]
         elif si > 0 and self.is_main:  # other ranks receive these weights when DDP wraps the model
-            prev = self.stages[si - 1].name
-            if stage.start_from == "best":
-                self._restore_best(prev, pointer)
-            elif self.out_dir is not None and pointer["last"] is not None:
-                self._read_checkpoint(pointer["last"], None)
+            self._restore_kept(self.stages[si - 1].name, pointer)
         model: nn.Module = self.model
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -520,112 +572,125 @@ class Trainer:
                 self.model, device_ids=ids, find_unused_parameters=self.find_unused_parameters
             )
         self.model = model
-        spe = self._steps_per_epoch(stage, si, train, collate)
-        total = spe * stage.epochs
-        warm = int(round(stage.warmup * total))
-        best = pointer["best_metric"].get(stage.name)
-        for epoch in range(start_epoch, stage.epochs):
-            seed = self._epoch_seed(si, epoch)
-            seed_everything(seed)
-            self._train_mode(stage)
+        has_val = val is not None or self.metric is not None
+        if step == 0 and (total == 0 or (has_val and stage.keep == "best")):
+            # the stage's starting weights compete too: a stage that only hurts keeps them
+            self._round_end(si, stage, val, collate, optimizer, pointer, 0, 0, {}, None, has_val, total)
+        batches = self._batches(train, stage, si, collate, spe, step)
+        bar = tqdm(
+            total=total, initial=step, desc=stage.name, leave=False, disable=not (self.progress and self.is_main)
+        )
+        while step < total:
+            rnd = step // every
+            end = min(total, (rnd + 1) * every)
             t0, sums, n = time.time(), {}, 0
-            batches = self._loader(train, stage, si, epoch, True, collate)
-            bar = tqdm(
-                batches,
-                desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-                leave=False,
-                disable=not (self.progress and self.is_main),
-                total=_len_or_none(batches),
-            )
-            for batch in bar:
-                for g in optimizer.param_groups:
-                    g["lr"] = stage.lr * lr_factor(stage.schedule, step, total, warm)
-                out = model(to_device(batch, self.device))
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise ConfigError(
-                        f"stage {stage.name!r} epoch {epoch + 1} step {step}: "
-                        f"loss is {float(loss.detach())}; lower the lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if stage.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip)
-                optimizer.step()
-                step, n = step + 1, n + 1
-                for k, v in out.items():
-                    if k.startswith("loss") and isinstance(v, torch.Tensor) and v.dim() == 0:
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            bar.close()
-            train_logs = {f"train_{k}": v / max(1, n) for k, v in sums.items()}
+            with seeded(self._seed(si, 1, rnd)):
+                self._train_mode(stage)
+                while step < end:
+                    lr = stage.lr_at(step, total)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    out = model(to_device(next(batches), self.device))
+                    loss = out["loss"]
+                    if not torch.isfinite(loss):
+                        raise ConfigError(
+                            f"stage {stage.name!r} step {step}: loss is {float(loss.detach())}; lower the lr"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if stage.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip)
+                    optimizer.step()
+                    step, n = step + 1, n + 1
+                    for k, v in out.items():
+                        if k.startswith("loss") and isinstance(v, torch.Tensor) and v.dim() == 0:
+                            sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    bar.update(1)
+            logs = {f"train_{k}": v / max(1, n) for k, v in sums.items()}
             if self.distributed:
-                train_logs = _mean_over_ranks(train_logs)
-            has_val = val is not None or self.metric is not None
-            vals = self._validate(val, stage, si, collate) if (has_val and self.is_main) else {}
-            vals = self._broadcast(vals)
-            value = vals.get(self.monitor) if has_val else None
-            improved = (not has_val) or self._better(value, best)
-            if improved:
-                best = value
-                pointer["best_metric"][stage.name] = value
-                pointer["best_epoch"][stage.name] = epoch + 1
-            record = {
-                "stage": stage.name,
-                "epoch": epoch + 1,
-                "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
-                **train_logs,
-                **{f"val_{k}": v for k, v in vals.items()},
-                "best": improved,
-                "seed": seed,
-                "time_s": round(time.time() - t0, 3),
-            }
-            if self.is_main:
-                state = {
-                    "stage": si,
-                    "stage_name": stage.name,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "seed": self.seed,
-                    "epoch_seed": seed,
-                    "best_metric": best,
-                    "monitor": self.monitor,
-                }
-                if self.out_dir is not None:
-                    tag = f"{si}-{stage.name}-e{epoch + 1}"
-                    rel = self._save_checkpoint(tag, optimizer, state)
-                    pointer.update({"stage": si, "epoch": epoch + 1, "step": step, "last": rel})
-                    if improved:
-                        pointer["best"][stage.name] = rel
-                    self._write_pointer(pointer)
-                elif improved:
-                    self._mem_best[stage.name] = self._model_tensors()
-                self._log(record)
-            else:
-                self.history.append(record)
-            if self.distributed:
-                pointer.update(self._broadcast(pointer))
-            for cb in self.callbacks:
-                cb(record)
-        if stage.epochs == 0 and self.is_main:
-            self._mem_best[stage.name] = self._model_tensors()
-            if self.out_dir is not None:
-                rel = self._save_checkpoint(f"{si}-{stage.name}-e0", None, {"stage": si, "epoch": 0, "step": 0})
-                pointer["best"][stage.name] = rel
-                pointer.update({"last": rel})
-        # the next stage starts fresh from this one's best
-        pointer.update({"stage": si + 1, "epoch": 0, "step": 0})
+                logs = _mean_over_ranks(logs)
+            self._round_end(si, stage, val, collate, optimizer, pointer, rnd + 1, step, logs, t0, has_val, total)
+        bar.close()
+        # the next stage starts fresh from this one's kept weights
+        pointer.update({"stage": si + 1, "step": 0})
         if self.out_dir is not None and self.is_main:
             self._write_pointer(pointer)
         if self.distributed:
             pointer.update(self._broadcast(pointer))
 
+    def _round_end(
+        self,
+        si: int,
+        stage: Stage,
+        val: Any,
+        collate: Callable | None,
+        optimizer: torch.optim.Optimizer,
+        pointer: dict,
+        rnd: int,
+        step: int,
+        logs: dict,
+        t0: float | None,
+        has_val: bool,
+        total: int,
+    ) -> None:
+        """Validate, keep the round if it is the best (or the last), checkpoint, log."""
+        vals = self._validate(val, stage, si, collate) if (has_val and self.is_main) else {}
+        vals = self._broadcast(vals)
+        value = vals.get(self.monitor) if has_val else None
+        best = pointer["best_metric"].get(stage.name)
+        if stage.keep == "last" or not has_val:
+            keep = step == total
+        else:
+            keep = stage.name not in pointer["best_round"] or self._better(value, best)
+        if keep:
+            pointer["best_metric"][stage.name] = value
+            pointer["best_round"][stage.name] = rnd
+            pointer["best_step"][stage.name] = step
+        pointer["rounds"][stage.name] = rnd
+        record = {
+            "stage": stage.name,
+            "epoch": rnd,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            **logs,
+            **{f"val_{k}": v for k, v in vals.items()},
+            "best": keep,
+            "time_s": round(time.time() - t0, 3) if t0 else 0.0,
+        }
+        if self.is_main:
+            rel = None
+            if self.out_dir is not None:
+                state = {
+                    "stage": si,
+                    "stage_name": stage.name,
+                    "epoch": rnd,
+                    "step": step,
+                    "seed": self.seed,
+                    "best_metric": pointer["best_metric"].get(stage.name),
+                    "monitor": self.monitor,
+                }
+                rel = self._save_checkpoint(f"{si}-{stage.name}-s{step}", optimizer, state)
+                pointer.update({"stage": si, "step": step, "last": rel})
+            if keep:
+                self._keep(stage.name, pointer, rel)
+            if self.out_dir is not None:
+                self._write_pointer(pointer)
+            if rnd > 0:
+                self._log(record)
+        elif rnd > 0:
+            self.history.append(record)
+        if self.distributed:
+            pointer.update(self._broadcast(pointer))
+        if rnd > 0:
+            for cb in self.callbacks:
+                cb(record)
 
-def _len_or_none(x: Any) -> int | None:
-    try:
-        return len(x)
-    except TypeError:
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
         return None
 
 
@@ -648,7 +713,7 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [dict(g.items()) for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
