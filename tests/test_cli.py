@@ -31,15 +31,20 @@ def test_fit_eval_predict_on_a_folder(color_folder, tmp_path):
     )
     assert r.exit_code == 0, r.output
     info = json.loads((out / "fit.json").read_text())
-    assert info["sizes"]["train"] >= 3 and "val_accuracy" in info
+    assert info["sizes"]["train"] >= 3 and 0 <= info["validation"]["accuracy"] <= 1
+    assert info["decisions"]["label"] == "the top class"
     r = runner.invoke(app, ["eval", str(out)])
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "eval-test.json").read_text())
     assert rep["top1"] == 1.0 and len(rep["confusion_matrix"]) == 3
     img = next((color_folder / "green").iterdir())
-    r = runner.invoke(app, ["predict", str(out), str(img), "--top", "2", "--json"])
+    r = runner.invoke(app, ["predict", str(out), str(img), str(img), "--top", "2", "--json"])
     assert r.exit_code == 0, r.output
-    assert '"class": "green"' in r.output.split("top")[1].split("}")[0]
+    lines = [json.loads(x) for x in r.output.strip().splitlines()]  # JSON lines: one object per image
+    assert len(lines) == 2 and lines[0]["labels"] == ["green"] and lines[0]["scores"][0]["label"] == "green"
+    assert len(lines[0]["scores"]) == 2 and not lines[0]["uncertain"]
+    r = runner.invoke(app, ["predict", str(out), str(img)])
+    assert r.exit_code == 0 and r.output.startswith(f"{img}: green (")
 
 
 def test_fewshot_bench_writes_table(color_folder, tmp_path):

@@ -1,7 +1,7 @@
 """The fast extraction paths give the plain eager features; the optional ONNX Runtime path falls back.
 
 Real default backbone on a few real images (Tux Paint photos, Fashion-MNIST arrays). Speed itself
-is measured by benchmarks/extract_throughput.py, not here.
+is measured by benchmarks/speed/extract_throughput.py, not here.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,9 +27,64 @@ CACHE_OPT = typer.Option(
 )
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings (`--opt`, `--backbone-opt`) -> dict; values are JSON when they parse, else strings."""
+    from .errors import DataError
+
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if not p.strip():
+            continue
+        k, eq, v = p.partition("=")
+        if not eq:
+            raise DataError(f"option {p!r} must be key=value")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def parse_method_specs(text: str):
+    """`zero-shot,linear-probe,cmm[no_triplet=true]` -> MethodSpecs (options in brackets, `;`-separated)."""
+    from .bench.fewshot import MethodSpec
+    from .errors import DataError
+
+    specs, depth, cur = [], 0, ""
+    for ch in text + ",":
+        if ch == "," and depth == 0:
+            if cur.strip():
+                specs.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    out = []
+    for s in specs:
+        name, _, rest = s.partition("[")
+        if rest and not rest.endswith("]"):
+            raise DataError(f"method spec {s!r}: options must be in brackets, e.g. cmm[alpha=1.0;steps=500]")
+        out.append(MethodSpec(label=s, method=name, options=parse_options(rest[:-1].split(";")) if rest else {}))
+    return out
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4]; a value that is not a positive integer is a one-line error naming it."""
+    from .errors import DataError
+
+    out = []
+    for part in text.split(","):
+        try:
+            v = int(part)
+        except ValueError:
+            raise DataError(f"--{what}: {part.strip()!r} is not an integer (expected e.g. 1,2,4)") from None
+        out.append(v)
+    return out
+
+
 def _backbone(name: str, opts: list[str]):
     from .backbones import create_backbone
-    from .bench.fewshot import parse_options
 
     return create_backbone(name, **parse_options(opts))
 
@@ -74,10 +130,16 @@ def backbones() -> None:
 
 
 @app.command()
-def methods() -> None:
-    """List the registered methods."""
+def methods(
+    contract: bool = typer.Option(False, "--contract", help="Print the method contract table (markdown)."),
+) -> None:
+    """List the registered methods (with --contract: the kinds of data each takes, and more)."""
     from .methods import METHODS
+    from .methods.registry import contract_table
 
+    if contract:
+        console.print(contract_table(), markup=False, highlight=False, soft_wrap=True)
+        return
     _print_registry(METHODS, "method")
 
 
@@ -147,24 +209,30 @@ def fit(
     shots: int | None = typer.Option(None, min=1, help="Few-shot: K training images per class (CoOp protocol)."),
     seed: int = typer.Option(1, help="Seed for few-shot sampling and splits."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
+    precision: float | None = typer.Option(
+        None, help="Single-label: answer only at this precision on validation (e.g. 0.9), else 'uncertain'."
+    ),
+    thresholds: str = typer.Option("per-class", help="Multi-label decision thresholds: per-class | global."),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Train a method and save it (safetensors + JSON) to --out."""
-    from .bench.fewshot import parse_options
+    """Train a method, choose its decision rule on validation, save it (safetensors + JSON) to --out."""
     from .methods import create_method
-    from .metrics import accuracy
     from .utils import write_json
 
     splits = _splits_for(data, shots, seed, val_fraction, test_fraction)
     bb = _backbone(backbone, backbone_opt)
     m = create_method(method, bb, cache=_cache(cache_dir), **parse_options(opt))
+    m.check_data(splits["train"])  # a kind the method does not take stops here, before any extraction
     console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    m.fit(splits["train"], splits.get("val"))
+    val = splits.get("val")
+    m.fit(splits["train"], val, precision=precision, thresholds=thresholds)
     m.save_pretrained(out)
+    for note in m.fit_info.get("ignored", []):
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
     info = {
         "command": _command(),
         "method": method,
@@ -174,18 +242,28 @@ def fit(
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "sizes": {k: len(v) for k, v in splits.items()},
+        "decisions": {t: r.describe() for t, r in m.decisions.items()},
         "fit_info": m.fit_info,
     }
-    if "val" in splits and len(splits["val"]) and not splits["val"].multilabel and not m.multilabel:
-        info["val_accuracy"] = accuracy(splits["val"].labels(), m.predict_proba(splits["val"]))
-        console.print(f"validation accuracy: {100 * info['val_accuracy']:.2f}%")
-    if "val" in splits and len(splits["val"]) and (splits["val"].multilabel or m.multilabel):
-        from .metrics import mean_average_precision
-
-        info["val_mAP"] = mean_average_precision(splits["val"].multi_hot(), m.predict_proba(splits["val"]))
-        console.print(f"validation mAP: {100 * info['val_mAP']:.2f}%")
+    if val is not None and len(val):
+        info["validation"] = _scores(m, val)
+        for k, v in info["validation"].items():
+            console.print(f"validation {k}: {100 * v:.2f}%")
+    for task, rule in m.decisions.items():
+        console.print(f"decision ({task}): {rule.describe()}", markup=False, soft_wrap=True)
     write_json(out / "fit.json", info)
     console.print(f"saved to {out}")
+
+
+def _scores(m, ds) -> dict[str, float]:
+    """Headline validation numbers: accuracy (or mAP and micro-F1 for multi-label models)."""
+    from .metrics import accuracy, mean_average_precision, multilabel_report
+
+    probs = m.predict_proba(ds)
+    if m.multilabel:
+        rep = multilabel_report(ds.multi_hot(), probs, m.classnames, m.decision().thresholds)
+        return {"mAP": mean_average_precision(ds.multi_hot(), probs), "micro-F1": rep["micro_f1"]}
+    return {"accuracy": accuracy(ds.labels(), probs)}
 
 
 @app.command("eval")
@@ -200,8 +278,9 @@ def evaluate(
     plots_dir: Path | None = typer.Option(None, help="Folder for --plots (default: MODEL_DIR/plots-<split>)."),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Evaluate a saved model: top-1, per-class accuracy, macro-F1, confusion matrix (multi-label
-    models: subset accuracy, per-label P/R/F1, mAP, ROC-AUC at the validation-chosen threshold)."""
+    """Evaluate a saved model with its decision rule: top-1, per-class accuracy, macro-F1, confusion
+    matrix, the answered share at a target precision (multi-label models: subset accuracy,
+    per-label P/R/F1, mAP, ROC-AUC at the validation-chosen thresholds)."""
     from .errors import DataError
     from .methods import load_method
     from .metrics import classification_report
@@ -223,11 +302,11 @@ def evaluate(
     if ds.classnames != m.classnames:
         raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
     probs = m.predict_proba(ds)
+    rule = m.decision()
     if ds.multilabel or m.multilabel:
         from .metrics import multilabel_report
 
-        threshold = m.threshold() if hasattr(m, "threshold") else 0.5
-        report = multilabel_report(ds.multi_hot(), probs, m.classnames, threshold)
+        report = multilabel_report(ds.multi_hot(), probs, m.classnames, rule.thresholds)
         keys = (
             "n",
             "subset_accuracy",
@@ -241,6 +320,15 @@ def evaluate(
     else:
         report = classification_report(ds.labels(), probs, m.classnames)
         keys = ("n", "top1", "top5", "mean_per_class_accuracy", "macro_f1")
+        if rule.kind == "precision":
+            decided = rule.apply(probs)
+            answered = decided >= 0
+            report["answered"] = float(answered.mean())
+            report["precision_answered"] = (
+                float((decided[answered] == ds.labels()[answered]).mean()) if answered.any() else float("nan")
+            )
+            keys += ("answered", "precision_answered")
+    report["decision"] = {"rule": rule.describe(), **rule.to_dict()}
     if hasattr(m, "task_report"):  # multi-task methods (CMA-CLIP): accuracy, recall at 90% precision, λ per task
         report["tasks"] = m.task_report(ds)
         tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
@@ -259,6 +347,7 @@ def evaluate(
         v = report[k]
         t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
     console.print(t)
+    console.print(f"decision: {rule.describe()}", markup=False, soft_wrap=True)
     console.print(
         f"wrote {report_path} (all metrics, per-class scores, confusion matrix)", markup=False, soft_wrap=True
     )
@@ -274,32 +363,93 @@ def evaluate(
 @app.command()
 def predict(
     model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
-    top: int = typer.Option(5, help="How many classes to print per image."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    images: list[Path] = typer.Argument(None, help="Image files."),
+    text: list[str] = typer.Option(
+        [], "--text", help="Each image's paired text, in order (e.g. a product title; methods that take paired text)."
+    ),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="Predict every item of a data spec (its images, texts and tasks)."
+    ),
+    top: int = typer.Option(5, min=1, help="How many classes to print per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line instead of text."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Also write the predictions as a CSV table."),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Print the top classes with probabilities for each image."""
-    import numpy as np
-
+    """Print each image's decision (the class, 'uncertain', or the labels found) and top scores."""
+    from .data import Dataset, Item, load_data
+    from .data.loaders import file_key
+    from .errors import DataError
     from .methods import load_method
+    from .methods.base import TEXT
 
+    images = list(images or [])
+    if bool(images) == bool(data):
+        raise DataError(
+            "predict: give image files or --data, not both" if images else "predict: give image files or --data"
+        )
+    if text and len(text) != len(images):
+        raise DataError(f"predict: {len(text)} --text value(s) for {len(images)} image(s); give one per image")
     m = load_method(model_dir, cache=_cache(cache_dir))
     m.progress = False
-    probs = m.predict_proba([str(p) for p in images])
-    for path, p in zip(images, probs):
-        order = np.argsort(-p)[:top]
+    if data:
+        parts = load_data(data)
+        items = [it for ds in parts.values() for it in ds.items]
+    else:
+        for p in images:
+            if not p.is_file():
+                raise DataError(f"{p}: image file not found")
+        items = [
+            Item(image=str(p), text=t or None, key=file_key(p)) for p, t in zip(images, text or [None] * len(images))
+        ]
+    if any(it.text for it in items) and TEXT not in m.takes():
+        console.print(f"note: {m.name} reads images only; the texts are ignored", markup=False)
+    results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top)
+    for r in results:
         if as_json:
-            console.print_json(
-                json.dumps({"image": str(path), "top": [{"class": m.classnames[i], "p": float(p[i])} for i in order]})
-            )
+            print(json.dumps(r.to_dict()), flush=True)
         else:
-            console.print(
-                f"{path}: " + ", ".join(f"{m.classnames[i]} {100 * p[i]:.1f}%" for i in order),
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
+            console.print(_result_line(r), markup=False, highlight=False, soft_wrap=True)
+    if csv_out is not None:
+        _write_predictions_csv(csv_out, results)
+
+
+def _decision_text(t) -> str:
+    if t.uncertain:
+        return "uncertain"
+    if not t.labels:
+        return "no label found"
+    scores = dict(t.scores)
+    return ", ".join(f"{c} ({100 * scores[c]:.1f}%)" if c in scores else c for c in t.labels)
+
+
+def _result_line(r) -> str:
+    """`image: decision | top scores` (one line per task for multi-task models, with modality weights)."""
+    lines = []
+    for task, t in r.tasks.items():
+        head = r.item if len(r.tasks) == 1 else f"  {task}"
+        line = f"{head}: {_decision_text(t)}  | " + ", ".join(f"{c} {100 * s:.1f}%" for c, s in t.scores)
+        if r.modality_weights and task in r.modality_weights:
+            w = r.modality_weights[task]
+            line += f"  [weights: image {w['image']:.2f}, text {w['text']:.2f}]"
+        lines.append(line)
+    return "\n".join(([r.item] if len(r.tasks) > 1 else []) + lines)
+
+
+def _write_predictions_csv(path: Path, results) -> None:
+    """One row per item and task: item, task, decision, top scores (label:score;...)."""
+    import csv
+
+    from .utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item", "task", "decision", "uncertain", "scores"])
+        for r in results:
+            for task, t in r.tasks.items():
+                w.writerow(
+                    [r.item, task, ";".join(t.labels), int(t.uncertain), ";".join(f"{c}:{s:.6f}" for c, s in t.scores)]
+                )
+    console.print(f"wrote {path}")
 
 
 @app.command()
@@ -362,15 +512,15 @@ def bench_fewshot(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Few-shot comparison: methods x shots x seeds, mean ± std, fit times."""
-    from .bench.fewshot import markdown_table, parse_method_specs, run_fewshot, write_results
+    from .bench.fewshot import markdown_table, run_fewshot, write_results
 
     bb = _backbone(backbone, backbone_opt)
     result = run_fewshot(
         bb,
         data,
         parse_method_specs(methods_),
-        [int(k) for k in shots.split(",")],
-        [int(s) for s in seeds.split(",")],
+        parse_ints(shots, "shots"),
+        parse_ints(seeds, "seeds"),
         test_limit=test_limit,
         cache=_cache(cache_dir),
         log=_log,
@@ -396,7 +546,6 @@ def bench_cma(
 ) -> None:
     """CMA-CLIP benchmark: k-fold CV, per-task accuracy and recall at 90% precision, ablations, noisy modalities."""
     from .bench.cma import markdown_table, run_cma_bench, write_results
-    from .bench.fewshot import parse_options
 
     bb = _backbone(backbone, backbone_opt)
     result = run_cma_bench(
@@ -431,12 +580,11 @@ def bench_dicls(
 ) -> None:
     """DiCLS ablation (losses, fusion layers) on cached features: mean ± std over seeds."""
     from .bench.dicls import markdown_table, run_ablation, write_results
-    from .bench.fewshot import parse_options
 
     result = run_ablation(
         data.split(","),
-        [int(s) for s in seeds.split(",")],
-        rows=[int(r) for r in rows.split(",")] if rows else None,
+        parse_ints(seeds, "seeds"),
+        rows=parse_ints(rows, "rows") if rows else None,
         base=parse_options(opt),
         jobs=jobs,
         backbone=backbone,
@@ -468,15 +616,14 @@ def bench_icar(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """iCAR: held-out-class zero-shot, few-shot and seen-class accuracy with the paper's ablations."""
-    from .bench.fewshot import parse_options
     from .bench.icar import VARIANTS, markdown_table, run_icar_bench, write_icar_results
 
-    rows = [VARIANTS[int(i)] for i in variants.split(",")] if variants else list(VARIANTS)
+    rows = [VARIANTS[i] for i in parse_ints(variants, "variants")] if variants else list(VARIANTS)
     result = run_icar_bench(
         _backbone(backbone, backbone_opt),
         [d.strip() for d in data.split(",")],
-        [int(s) for s in seeds.split(",")],
-        [int(k) for k in shots.split(",")],
+        parse_ints(seeds, "seeds"),
+        parse_ints(shots, "shots"),
         rows,
         cache=_cache(cache_dir),
         fmnist_per_class=fmnist_per_class,

@@ -7,7 +7,6 @@ method on the few-shot validation set; the test set is only scored.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -31,44 +30,6 @@ class MethodSpec:
     label: str  # row name in the table
     method: str  # registry name
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_method_specs(text: str) -> list[MethodSpec]:
-    """`zero-shot,linear-probe,cmm[no_triplet=true]` -> specs (options in brackets, JSON values)."""
-    specs, depth, cur = [], 0, ""
-    for ch in text + ",":
-        if ch == "," and depth == 0:
-            if cur.strip():
-                specs.append(cur.strip())
-            cur = ""
-            continue
-        depth += ch == "["
-        depth -= ch == "]"
-        cur += ch
-    out = []
-    for s in specs:
-        name, _, rest = s.partition("[")
-        if rest and not rest.endswith("]"):
-            raise DataError(f"method spec {s!r}: options must be in brackets, e.g. cmm[alpha=1.0;iters=500]")
-        opts = parse_options(rest[:-1].split(";")) if rest else {}
-        out.append(MethodSpec(label=s, method=name, options=opts))
-    return out
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """`key=value` strings -> dict; values are JSON when they parse, else strings."""
-    out: dict[str, Any] = {}
-    for p in pairs:
-        if not p.strip():
-            continue
-        k, eq, v = p.partition("=")
-        if not eq:
-            raise DataError(f"option {p!r} must be key=value")
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
 
 
 def _pools(data_spec: str, test_limit: int | None) -> tuple[Dataset, Dataset | None, Dataset | None]:
@@ -109,8 +70,8 @@ def run_fewshot(
                 f"{', '.join(dropped)}"
             )
     probes = [create_method(m.method, backbone, **m.options) for m in methods]  # validates options early
-    views = tuple(dict.fromkeys(v for p in probes for v in p.train_views))
-    spatial = any(p.needs_spatial for p in probes)
+    views = ("orig", "flip") if any("flip" in p.feature_needs() for p in probes) else ("orig",)
+    spatial = any("spatial" in p.feature_needs() for p in probes)
 
     # Every (shots, seed) split, sampled up front so features are extracted once.
     plans = {}

@@ -259,6 +259,7 @@ class Method:
         self.fit_info = {}
         with torch.enable_grad():
             self._fit(tr, va)
+        self.head.requires_grad_(False).eval()  # a fitted model is for inference; training re-enables what it trains
         if notes:
             self.fit_info["ignored"] = notes
         self.choose_decisions(va, precision=precision, per_class=thresholds == "per-class")
@@ -305,12 +306,15 @@ class Method:
         batches: Callable | None = None,
         metric: Callable[[nn.Module], dict[str, float]] | None = None,
         work: int | None = None,
+        run: str = "",
     ) -> TrainResult:
         """Train `self.head` with the Trainer: batches of cached features (default), validated on
-        the main task's score (accuracy, or mAP for multi-label data) unless `metric` is given."""
+        the main task's score (accuracy, or mAP for multi-label data) unless `metric` is given.
+        `run` names a sub-folder of `run_dir` when one fit trains several heads (a grid)."""
         cfg = self.config
         if metric is None and val is not None:
             metric = self.val_metric(val)
+        run_dir = getattr(cfg, "run_dir", None)
         result = Trainer(
             self.head,
             batches or self.feature_batches(train),
@@ -319,7 +323,7 @@ class Method:
             metric=metric,
             monitor="score" if metric else None,
             mode="max" if metric else None,
-            out_dir=getattr(cfg, "run_dir", None),
+            out_dir=(Path(run_dir) / run if run else run_dir) if run_dir else None,
             seed=getattr(cfg, "seed", 0),
             progress=self.progress,
             threads=getattr(cfg, "threads", 0),
@@ -475,7 +479,7 @@ class Method:
             self.head.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"{where}: the saved weights do not fit the model ({str(e).splitlines()[0]})") from None
-        self.head.eval()
+        self.head.requires_grad_(False).eval()
 
     def extra_config(self) -> dict[str, Any]:
         """More JSON for config.json (what `load_extra_config` reads back)."""

@@ -6,89 +6,82 @@ validation.
 
 Two schedules: `paper` (batch 8, AdamW 1e-4, 50 warm-up steps, cosine to 1e-5, 16,000 steps) and
 `fast` (the same number of samples seen in batches of `fast_batch`, learning rates scaled by
-sqrt(batch / 8)), which benchmarks/cmm_speed.py shows to match the paper schedule.
+sqrt(batch / 8); benchmarks/speed/cmm_speed.py measures both). Both train with the shared Trainer
+and end on the last step, as the paper does; validation is logged every `eval_every` steps.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError
-from ..modules.cpu import cpu_threads
 from ..modules.losses.triplet import prototype_triplet_loss
-from ..modules.schedules import set_lr, warmup_cosine
-from .base import Encoded, Method, check_dim, normalize
+from ..training import Stage, select_best
+from .base import Encoded, Method, TrainOptions, check_dim, normalize
 from .registry import register_method
-from .templates import cached_template_embeddings, resolve_templates
+from .templates import class_text_embeddings, resolve_templates
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper's search
 
 
 @dataclass
-class CMMConfig:
+class CMMConfig(TrainOptions):
     templates: str | list[str] = (
-        "select7"  # prompt templates whose mean embedding initialises T (and gives the zero-shot logits)
+        "select7"  # templates whose mean embedding initialises T (and gives the zero-shot logits)
     )
-    iters: int = (
+    steps: int = (
         16000  # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
     )
     batch_size: int = 8  # paper: 8
     lr: float = 1e-4  # AdamW peak learning rate at batch_size (paper: 1e-4)
     weight_decay: float = 1e-4  # AdamW weight decay (paper: 1e-4)
     min_lr: float = 1e-5  # cosine floor (paper: 1e-5)
-    warmup_iters: int = (
-        50  # linear warm-up steps at batch_size (paper: "50 warm-up"; 16k steps are ~4 epochs, so steps)
-    )
+    warmup_steps: int = 50  # linear warm-up steps at batch_size (paper: "50 warm-up")
+    eval_every: int = 0  # steps between validation logs and checkpoints (0: ten per run)
     margin: float = 1.0  # triplet margin (paper: 1.0)
     alpha: float = 1.0  # fusion weight in training, and at inference when fixed_alpha (paper: 1.0)
-    alpha_grid: list[float] = field(
-        default_factory=lambda: list(ALPHA_GRID)
-    )  # alphas tried on validation (paper: 0.1..2.0 step 0.1)
-    fusion: str = (
-        "prob"  # prob: alpha*softmax(s/tau) + softmax(zero-shot) as in the paper's eq. 9 | logit: the same on logits
-    )
+    alpha_grid: list[float] = field(default_factory=lambda: list(ALPHA_GRID))  # alphas tried on validation, in order
+    fusion: str = "prob"  # prob: alpha*softmax(s/tau) + softmax(zero-shot) as in the paper's eq. 9 | logit
     schedule: str = "paper"  # paper (batch_size steps) | fast (fast_batch, scaled lr, same samples seen)
     fast_batch: int = 256  # batch of the fast schedule
     fast_lr_scale: str = "sqrt"  # learning-rate scaling of the fast schedule with batch: sqrt | linear
-    bf16: bool = False  # bf16 autocast for the matmuls (measured in benchmarks/cmm_speed.py; off by default)
+    bf16: bool = False  # bf16 autocast for the matmuls (measured in benchmarks/speed/cmm_speed.py; off by default)
     no_w: bool = False  # ablation: no mapping W (only T is learned)
     no_triplet: bool = False  # ablation: cross-entropy only
     no_clip_fusion: bool = False  # ablation: Logits_CMM alone, no zero-shot logits (train and test)
     fixed_alpha: bool = False  # ablation: keep alpha at `alpha` instead of searching it on validation
-    seed: int = 0  # batch sampling seed
-    threads: int = 0  # torch threads while training; 0 = auto (1 for small problems, where more threads only contend)
 
 
-@dataclass
-class Schedule:
-    steps: int
-    batch: int
-    lr: float
-    min_lr: float
-    warmup: int
-    bf16: bool
-
-
-def schedule_of(cfg: CMMConfig) -> Schedule:
+def schedule_of(cfg: CMMConfig) -> Stage:
     """The paper's schedule, or the fast one: same samples seen, larger batch, scaled learning rate."""
-    if cfg.schedule == "paper":
-        return Schedule(cfg.iters, cfg.batch_size, cfg.lr, cfg.min_lr, cfg.warmup_iters, bool(cfg.bf16))
-    if cfg.schedule != "fast":
+    if cfg.schedule not in ("paper", "fast"):
         raise ConfigError(f"cmm: schedule must be paper or fast, got {cfg.schedule!r}")
-    ratio = cfg.fast_batch / cfg.batch_size
     if cfg.fast_lr_scale not in ("sqrt", "linear"):
         raise ConfigError(f"cmm: fast_lr_scale must be sqrt or linear, got {cfg.fast_lr_scale!r}")
-    k = math.sqrt(ratio) if cfg.fast_lr_scale == "sqrt" else ratio
-    steps = max(1, math.ceil(cfg.iters * cfg.batch_size / cfg.fast_batch))
-    warm = math.ceil(cfg.warmup_iters * cfg.batch_size / cfg.fast_batch)
-    return Schedule(steps, cfg.fast_batch, cfg.lr * k, cfg.min_lr * k, warm, bool(cfg.bf16))
+    steps, batch, k, warm = cfg.steps, cfg.batch_size, 1.0, cfg.warmup_steps
+    if cfg.schedule == "fast":
+        ratio = cfg.fast_batch / cfg.batch_size
+        k = math.sqrt(ratio) if cfg.fast_lr_scale == "sqrt" else ratio
+        steps = max(1, math.ceil(cfg.steps * cfg.batch_size / cfg.fast_batch))
+        warm, batch = math.ceil(cfg.warmup_steps * cfg.batch_size / cfg.fast_batch), cfg.fast_batch
+    return Stage(
+        "cmm",
+        steps=steps,
+        batch_size=batch,
+        lr=cfg.lr * k,
+        min_lr=cfg.min_lr * k,
+        warmup_steps=warm,
+        weight_decay=cfg.weight_decay,
+        schedule="cosine",
+        keep="last",
+        eval_every=cfg.eval_every or max(1, steps // 10),
+    )
 
 
 def fused_log_probs(
@@ -100,94 +93,48 @@ def fused_log_probs(
         return F.log_softmax(cmm_logits, dim=-1)
     if fusion == "logit":
         return F.log_softmax(alpha * cmm_logits + zs_logits, dim=-1)
-    a = torch.log(torch.tensor(alpha / (1 + alpha)))
-    b = torch.log(torch.tensor(1 / (1 + alpha)))
+    a = math.log(alpha / (1 + alpha)) if alpha > 0 else -math.inf
+    b = math.log(1 / (1 + alpha))
     return torch.logaddexp(F.log_softmax(cmm_logits, dim=-1) + a, F.log_softmax(zs_logits, dim=-1) + b)
 
 
-def cmm_logits(x: torch.Tensor, W: torch.Tensor | None, T: torch.Tensor, scale: float) -> torch.Tensor:
-    """x [N, D] normalised image features -> [N, C] scale * normalise(x W + x) · T."""
-    v = x @ W + x if W is not None else x
-    return scale * F.normalize(v, dim=-1) @ T.T
+class CMMHead(nn.Module):
+    """x -> scale * normalise(x W + x) · T, fused with the frozen zero-shot logits.
 
-
-def train_cmm(
-    x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, scale: float, cfg: CMMConfig, progress: bool = False
-) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, Any]]:
-    """x [N, D] normalised features (all views), y [N], t0 [C, D] normalised class texts -> (W, T, info).
-
-    The zero-shot logits of the training rows are computed once (T0 is frozen), the batches are
-    index draws from per-epoch permutations, and the triplet backward touches two prototype rows.
+    batch {"image": [B, D]} -> {"logits": [B, C] fused log-probabilities, "cmm": [B, C], "zs": [B, C]};
+    with "targets": {"loss": NLL of the fused prediction (+ the triplet loss on the pre-mapping features)}.
     """
-    sch = schedule_of(cfg)
-    with cpu_threads(min(sch.batch, x.shape[0]) * x.shape[1] * max(x.shape[1], t0.shape[0]), cfg.threads, small=2**26):
-        return _train(x, y, t0, scale, cfg, sch, progress)
 
+    def __init__(self, num_classes: int, dim: int, scale: float, cfg: CMMConfig) -> None:
+        super().__init__()
+        self.scale, self.cfg = scale, cfg
+        self.W = None if cfg.no_w else nn.Parameter(torch.zeros(dim, dim))  # [D, D]; 0 = start at zero-shot
+        self.T = nn.Parameter(torch.zeros(num_classes, dim))  # [C, D] learnable prototypes
+        self.register_buffer("t0", torch.zeros(num_classes, dim))  # [C, D] frozen zero-shot class texts
+        self.register_buffer("alpha", torch.tensor([cfg.alpha], dtype=torch.float64))  # fusion weight
 
-def _train(x, y, t0, scale, cfg: CMMConfig, sch: Schedule, progress: bool):
-    from tqdm.auto import tqdm
+    def parts(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (CMM logits [B, C], zero-shot logits [B, C] or None)."""
+        check_dim(image, self.T.shape[1], "cmm")
+        x = normalize(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            v = x @ self.W + x if self.W is not None else x
+            s = self.scale * F.normalize(v, dim=-1) @ self.T.T
+        zs = None if self.cfg.no_clip_fusion else self.scale * x @ self.t0.T
+        return s.float(), zs
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    n = x.shape[0]
-    x = x.float().contiguous()
-    zs = None if cfg.no_clip_fusion else (scale * x @ t0.T)  # [N, C], fixed
-    T = torch.nn.Parameter(t0.clone().float())  # [C, D]
-    W = None if cfg.no_w else torch.nn.Parameter(torch.zeros(x.shape[1], x.shape[1]))  # [D, D]; 0 = start at zero-shot
-    params = [p for p in (W, T) if p is not None]
-    try:
-        opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(params, lr=sch.lr, weight_decay=cfg.weight_decay)
-    need = sch.steps * sch.batch
-    if n > sch.batch:  # per-epoch permutations cut into batches
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].view(
-            sch.steps, sch.batch
-        )
-    else:  # the whole set fits in a batch: full-batch steps (the expected gradient of any batch drawn from it)
-        order = torch.arange(n).expand(sch.steps, n)
-    t_start = time.perf_counter()
-    losses = []
-    for step in tqdm(range(sch.steps), desc="cmm", disable=not progress, leave=False):
-        set_lr(opt, warmup_cosine(step, sch.steps, sch.lr, sch.min_lr, sch.warmup))
-        idx = order[step]
-        xb, yb = x[idx], y[idx]  # [B, D], [B]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sch.bf16):
-            s = cmm_logits(xb, W, T, scale)  # [B, C]
-        s = s.float()
-        if zs is None:
-            loss = F.cross_entropy(s, yb)
-        else:
-            loss = F.nll_loss(fused_log_probs(s, zs[idx], cfg.alpha, cfg.fusion), yb)
-        if not cfg.no_triplet:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sch.bf16):
-                loss = loss + prototype_triplet_loss(xb, T, yb, cfg.margin)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == sch.steps - 1:
-            losses.append(float(loss.detach()))
-    info = {
-        "steps": sch.steps,
-        "batch": sch.batch,
-        "peak_lr": sch.lr,
-        "bf16": sch.bf16,
-        "train_seconds": time.perf_counter() - t_start,
-        "final_loss": losses[-1],
-    }
-    return (None if W is None else W.detach()), T.detach(), info
-
-
-def search_alpha(
-    cmm: torch.Tensor, zs: torch.Tensor, y: np.ndarray, grid: list[float], fusion: str
-) -> tuple[float, dict]:
-    """Best alpha by validation accuracy; ties go to the lower validation NLL."""
-    yt = torch.as_tensor(y)
-    scores = {}
-    for a in grid:
-        lp = fused_log_probs(cmm, zs, a, fusion)
-        scores[a] = (float((lp.argmax(-1) == yt).float().mean()), float(F.nll_loss(lp, yt)))
-    best = max(grid, key=lambda a: (scores[a][0], -scores[a][1]))
-    return best, {str(a): round(v[0], 4) for a, v in scores.items()}
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s, zs = self.parts(batch["image"])
+        logp = fused_log_probs(s, zs, float(self.alpha), self.cfg.fusion)
+        out = {"logits": logp}
+        if "targets" in batch:
+            y = batch["targets"]
+            loss = F.nll_loss(logp, y)
+            if not self.cfg.no_triplet:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                    loss = loss + prototype_triplet_loss(batch["image"], self.T, y, self.cfg.margin)
+            out["loss"] = loss
+        return out
 
 
 @register_method
@@ -196,67 +143,54 @@ class CMM(Method):
 
     name = "cmm"
     Config = CMMConfig
-    train_views = ("orig", "flip")
+    needs = frozenset({"image", "flip"})
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
-        if self.config.fusion not in ("prob", "logit"):
-            raise ConfigError(f"cmm: fusion must be prob or logit, got {self.config.fusion!r}")
-        schedule_of(self.config)  # validates the schedule options now
-        if not self.config.alpha_grid or min(self.config.alpha_grid) < 0:
-            raise ConfigError(f"cmm: alpha_grid must be non-empty and >= 0, got {self.config.alpha_grid}")
-        self.templates = resolve_templates(self.config.templates)
-        self.t0: torch.Tensor | None = None  # [C, D] frozen zero-shot class texts
-        self.T: torch.Tensor | None = None  # [C, D] learned prototypes
-        self.W: torch.Tensor | None = None  # [D, D] learned map (None with no_w)
-        self.alpha = self.config.alpha
+        c = self.config
+        if c.fusion not in ("prob", "logit"):
+            raise ConfigError(f"cmm: fusion must be prob or logit, got {c.fusion!r}")
+        schedule_of(c).check()  # validates the schedule options now
+        if not c.alpha_grid or min(c.alpha_grid) < 0:
+            raise ConfigError(f"cmm: alpha_grid must be non-empty and >= 0, got {c.alpha_grid}")
+        self.templates = resolve_templates(c.templates)
 
     @property
     def scale(self) -> float:
         return float(self.backbone.logit_scale)
 
-    def _train_xy(self, train: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        f = train.features
-        views = [f.image] + [f.views[v].image for v in self.train_views[1:] if v in f.views]
-        y = torch.as_tensor(train.dataset.labels())
-        return normalize(torch.cat(views)), y.repeat(len(views))
+    def build_head(self, spec: dict[str, Any]) -> nn.Module:
+        return CMMHead(spec["num_classes"], spec["dim"], self.scale, self.config)
 
-    def _parts(self, data: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = normalize(data.features.image)
-        check_dim(x, self.T.shape[1], "cmm")
-        zs = None if self.config.no_clip_fusion else self.scale * x @ self.t0.T
-        return cmm_logits(x, self.W, self.T, self.scale), zs
+    def stages(self, train: Encoded) -> list[Stage]:
+        return [schedule_of(self.config)]
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        self.t0 = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[1].clone()
-        x, y = self._train_xy(train)
-        with torch.enable_grad():
-            self.W, self.T, info = train_cmm(x, y, self.t0, self.scale, self.config, progress=self.progress)
-        info["alpha_source"] = "fixed"
-        self.alpha = self.config.alpha
-        if not self.config.no_clip_fusion and not self.config.fixed_alpha and val is not None and len(val):
-            with torch.no_grad(), cpu_threads(len(val) * self.T.shape[1] * max(self.T.shape)):
-                cmm, zs = self._parts(val)
-            self.alpha, info["val_accuracy_by_alpha"] = search_alpha(
-                cmm, zs, val.dataset.labels(), list(self.config.alpha_grid), self.config.fusion
+        c = self.config
+        t0 = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        head = self.init_head({"num_classes": len(self.classnames), "dim": t0.shape[1]})
+        with torch.no_grad():
+            head.t0.copy_(t0)
+            head.T.copy_(t0)
+        st = self.stages(train)[0]
+        d = t0.shape[1]
+        self.train_head(train, val, [st], work=st.batch_size * d * max(d, len(self.classnames)))
+        info: dict[str, Any] = {
+            "steps": st.steps,
+            "batch": st.batch_size,
+            "peak_lr": st.lr,
+            "bf16": c.bf16,
+            "alpha_source": "fixed",
+        }
+        if not c.no_clip_fusion and not c.fixed_alpha and val is not None and len(val):
+            with torch.no_grad():
+                s, zs = head.parts(val.features.image)
+            y = torch.as_tensor(val.dataset.labels())
+            sel = select_best(
+                list(c.alpha_grid),
+                lambda a: float((fused_log_probs(s, zs, a, c.fusion).argmax(-1) == y).float().mean()),
             )
-            info["alpha_source"] = "validation"
-        info["alpha"] = self.alpha
-        self.fit_info = info
-
-    def _logits(self, data: Encoded) -> torch.Tensor:
-        cmm, zs = self._parts(data)
-        return fused_log_probs(cmm, zs, self.alpha, self.config.fusion)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"T": self.T, "t0": self.t0, "alpha": torch.tensor([self.alpha], dtype=torch.float64)}
-        if self.W is not None:
-            out["W"] = self.W
-        return out
-
-    def load_tensors(self, tensors) -> None:
-        self.T, self.t0 = tensors["T"], tensors["t0"]
-        self.W = tensors.get("W")
-        if self.W is None and not self.config.no_w:
-            raise ConfigError("cmm: saved model has no W but its config says no_w=false")
-        self.alpha = float(tensors["alpha"][0])
+            head.alpha.fill_(sel.best)
+            info.update({**sel.info("alpha"), "alpha_source": "validation"})
+        info["alpha"] = float(head.alpha)
+        self.fit_info.update(info)

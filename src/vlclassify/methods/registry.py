@@ -30,3 +30,28 @@ def create_method(name: str, backbone=None, **options: Any):
 
         backbone = create_backbone("effnet-minilm")
     return METHODS.get(name)(backbone, **options)
+
+
+def contract_table() -> str:
+    """Markdown table of every registered method's declarations (docs/methods.md is this table)."""
+    from .base import MULTI, TASKS, TEXT, Method
+
+    lines = [
+        "| method | single-label | multi-label | paired text | several tasks | features | trains | decision |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in list_methods():
+        cls = METHODS.get(name)
+        k = cls.kinds
+        yes = lambda kind: "yes" if kind in k else "—"  # noqa: E731
+        decision = "top class, or per-class thresholds for a target precision"
+        if MULTI in k:
+            decision += "; multi-label: per-class thresholds"
+        if TASKS in k:
+            decision += "; one rule per task"
+        trains = "Trainer" if cls.stages is not Method.stages else "no (validation grid)"
+        lines.append(
+            f"| `{name}` | {yes('single-label')} | {yes(MULTI)} | {yes(TEXT)} | {yes(TASKS)} | "
+            f"{', '.join(sorted(cls.needs))} | {trains} | {decision} |"
+        )
+    return "\n".join(lines) + "\n"

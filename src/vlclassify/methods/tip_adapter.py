@@ -2,34 +2,79 @@
 
 Keys K = the normalised training features (orig and flipped views averaged), values L = one-hot
 labels; logits = zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. Alpha and beta are searched on
-the validation set, never on test. Alpha is in units of CLIP logits at scale 100 (it is rescaled
-by logit_scale / 100 so the grid means the same on any backbone).
+the validation set, never on test (beta outer, alpha inner, in grid order: ties go to the first,
+the smallest residual on top of zero-shot). Alpha is in units of CLIP logits at scale 100 (it is
+rescaled by logit_scale / 100 so the grid means the same on any backbone).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..modules.cpu import cpu_threads
+from ..training import select_best
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
-from .templates import cached_template_embeddings, resolve_templates
+from .templates import class_text_embeddings, resolve_templates
 
 
 @dataclass
 class TipAdapterConfig:
     templates: str | list[str] = "select7"  # prompt templates for the zero-shot classifier
-    alpha_grid: list[float] = field(
-        default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
-    )  # residual weights tried on val
-    beta_grid: list[float] = field(
-        default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0]
-    )  # sharpness values tried on val
+    # residual weights tried on val, smallest (nearest zero-shot) first
+    alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0])
+    beta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0])  # sharpness
     alpha: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
     beta: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
+
+
+class CacheHead(nn.Module):
+    """Zero-shot logits plus the cache model's affinity-weighted one-hot labels.
+
+    batch {"image": [B, D]} -> {"logits": [B, C]}; with "targets" also {"loss"} (cross-entropy on
+    the fused logits, for Tip-Adapter-F's fine-tuning of the keys)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_keys: int,
+        dim: int,
+        scale: float,
+        train_keys: bool = False,
+        normalize_keys: bool = True,
+    ) -> None:
+        super().__init__()
+        self.scale, self.normalize_keys = scale, normalize_keys
+        self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] zero-shot classifier
+        keys = torch.zeros(num_keys, dim)  # [N, D] normalised training features
+        if train_keys:
+            self.keys = nn.Parameter(keys)
+        else:
+            self.register_buffer("keys", keys)
+        self.register_buffer("values", torch.zeros(num_keys, num_classes))  # [N, C] one-hot labels
+        self.register_buffer("alpha_beta", torch.tensor([1.0, 1.0], dtype=torch.float64))  # current (alpha, beta)
+
+    def parts(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B, D] -> zero-shot logits [B, C], affinities f·Kᵀ [B, N]."""
+        check_dim(image, self.class_embeds.shape[1], "tip-adapter")
+        x = normalize(image)
+        keys = F.normalize(self.keys, dim=-1) if self.normalize_keys else self.keys
+        return self.scale * x @ self.class_embeds.T, x @ keys.T
+
+    def combine(self, zs: torch.Tensor, aff: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        return zs + alpha * (self.scale / 100.0) * (torch.exp(-beta * (1 - aff)) @ self.values)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        alpha, beta = (float(v) for v in self.alpha_beta)
+        z = self.combine(*self.parts(batch["image"]), alpha, beta)
+        out = {"logits": z}
+        if "targets" in batch:
+            out["loss"] = F.cross_entropy(z, batch["targets"])
+        return out
 
 
 @register_method
@@ -38,82 +83,55 @@ class TipAdapter(Method):
 
     name = "tip-adapter"
     Config = TipAdapterConfig
-    train_views = ("orig", "flip")
+    needs = frozenset({"image", "flip"})
+    train_keys = False  # Tip-Adapter-F fine-tunes them
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
         self.templates = resolve_templates(self.config.templates)
-        self.class_embeds: torch.Tensor | None = None  # [C, D]
-        self.keys: torch.Tensor | None = None  # [N, D]
-        self.values: torch.Tensor | None = None  # [N, C] one-hot
-        self.alpha, self.beta = self.config.alpha, self.config.beta
 
     @property
     def scale(self) -> float:
         return float(self.backbone.logit_scale)
 
-    def _cache_keys(self, train: Encoded) -> torch.Tensor:
+    def build_head(self, spec: dict[str, Any]) -> nn.Module:
+        return CacheHead(
+            spec["num_classes"],
+            spec["num_keys"],
+            spec["dim"],
+            self.scale,
+            self.train_keys,
+            getattr(self.config, "normalize_keys", True),
+        )
+
+    def _build(self, train: Encoded) -> CacheHead:
+        """The cache model of `train`: keys, one-hot values, the zero-shot classifier."""
         f = train.features
-        views = [normalize(f.image)] + [normalize(f.views[v].image) for v in self.train_views[1:] if v in f.views]
-        return normalize(torch.stack(views).mean(0))  # [N, D] augmentation-averaged keys
+        views = [normalize(f.image)] + ([normalize(f.views["flip"].image)] if "flip" in f.views else [])
+        keys = normalize(torch.stack(views).mean(0))  # [N, D] augmentation-averaged keys
+        text = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        head = self.init_head({"num_classes": len(self.classnames), "num_keys": len(keys), "dim": keys.shape[1]})
+        with torch.no_grad():
+            head.class_embeds.copy_(text)
+            head.keys.copy_(keys)
+            head.values.copy_(F.one_hot(torch.as_tensor(train.dataset.labels()), len(self.classnames)).float())
+        return head
 
-    def _parts(self, data: Encoded, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> zero-shot logits [N, C], affinities f·Kᵀ [N, N_train]."""
-        x = normalize(data.features.image)
-        check_dim(x, self.class_embeds.shape[1], self.name)
-        return self.scale * x @ self.class_embeds.T, x @ (self.keys if keys is None else keys).T
-
-    def _combine(self, zs, aff, alpha, beta, values=None) -> torch.Tensor:
-        cache = torch.exp(-beta * (1 - aff)) @ (self.values if values is None else values)  # [N, C]
-        return zs + alpha * (self.scale / 100.0) * cache
-
-    def _search(self, val: Encoded | None, keys=None) -> dict:
+    def search(self, val: Encoded | None) -> dict[str, Any]:
+        """Choose (alpha, beta) on validation (the selection rule; beta outer, alpha inner)."""
+        head = self.head
+        c = self.config
         if val is None or not len(val):
-            return {"alpha": self.alpha, "beta": self.beta, "source": "default"}
-        zs, aff = self._parts(val, keys)
+            head.alpha_beta.copy_(torch.tensor([c.alpha, c.beta], dtype=torch.float64))
+            return {"alpha": c.alpha, "beta": c.beta, "alpha_beta_source": "default (no validation set)"}
+        with torch.no_grad():
+            zs, aff = head.parts(val.features.image)
         y = torch.as_tensor(val.dataset.labels())
-        best, table = None, {}
-        for b in self.config.beta_grid:
-            for a in self.config.alpha_grid:
-                z = self._combine(zs, aff, a, b)
-                acc = float((z.argmax(-1) == y).float().mean())
-                nll = float(F.cross_entropy(z, y))
-                table[f"{a},{b}"] = round(acc, 4)
-                if best is None or (acc, -nll) > best[0]:
-                    best = ((acc, -nll), a, b)
-        self.alpha, self.beta = best[1], best[2]
-        return {
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "source": "validation",
-            "val_accuracy": best[0][0],
-            "val_accuracy_by_alpha_beta": table,
-        }
-
-    def _build(self, train: Encoded) -> None:
-        self.class_embeds = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[
-            1
-        ].clone()
-        self.keys = self._cache_keys(train)
-        self.values = F.one_hot(torch.as_tensor(train.dataset.labels()), len(self.classnames)).float()
+        grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
+        sel = select_best(grid, lambda ab: float((head.combine(zs, aff, *ab).argmax(-1) == y).float().mean()))
+        head.alpha_beta.copy_(torch.tensor(sel.best, dtype=torch.float64))
+        return {**sel.info("alpha_beta"), "alpha": sel.best[0], "beta": sel.best[1]}
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         self._build(train)
-        with torch.no_grad(), cpu_threads(len(val or []) * len(self.keys) * self.keys.shape[1]):
-            self.fit_info = self._search(val)
-
-    def _logits(self, data: Encoded) -> torch.Tensor:
-        zs, aff = self._parts(data)
-        return self._combine(zs, aff, self.alpha, self.beta)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "class_embeds": self.class_embeds,
-            "keys": self.keys,
-            "values": self.values,
-            "alpha_beta": torch.tensor([self.alpha, self.beta], dtype=torch.float64),
-        }
-
-    def load_tensors(self, tensors) -> None:
-        self.class_embeds, self.keys, self.values = tensors["class_embeds"], tensors["keys"], tensors["values"]
-        self.alpha, self.beta = (float(v) for v in tensors["alpha_beta"])
+        self.fit_info = self.search(val)

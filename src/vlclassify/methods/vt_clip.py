@@ -5,14 +5,14 @@ P = softmax(V_c · VT_cᵀ / τ). Only the block trains (CE); the backbone stays
 cross-attention map is the `explain` output: where a class's text looked in the image.
 
 The block's output is gated by a scalar initialised at 0, so training starts from zero-shot; the
-step count is chosen on validation (the best of periodic checks is kept).
+step to keep is chosen on validation (every `eval_every` steps, the start included).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,43 +21,52 @@ from torch import nn
 
 from ..data.items import Item
 from ..errors import ConfigError
-from ..modules.cpu import cpu_threads
 from ..modules.fusions.cross_attention import CrossAttentionDecoder
-from ..modules.schedules import set_lr, warmup_cosine
-from .base import Encoded, Method, as_dataset, check_dim, normalize
+from ..training import Stage
+from .base import Encoded, Method, TrainOptions, as_dataset, check_dim, normalize
 from .registry import register_method
-from .templates import cached_template_embeddings, resolve_templates
+from .templates import class_text_embeddings, resolve_templates
 
 
 @dataclass
-class VTCLIPConfig:
+class VTCLIPConfig(TrainOptions):
     templates: str | list[str] = "select7"  # prompt templates for the class text features T_c
     heads: int = 2  # attention heads (paper: 2 best)
     layers: int = 1  # decoder layers (paper: 1 best)
     ffn_mult: int = 4  # feed-forward width as a multiple of the feature width
     dropout: float = 0.0  # attention / FFN dropout
-    iters: int = 300  # training steps
+    steps: int = 300  # training steps
     batch_size: int = 32  # paper: 32
     lr: float = 2e-3  # AdamW learning rate (paper: 2e-3)
     weight_decay: float = 1e-4  # AdamW weight decay
-    warmup_iters: int = 10  # linear warm-up steps before the cosine decay
+    warmup_steps: int = 10  # linear warm-up steps before the cosine decay
     eval_every: int = 25  # steps between validation checks; the best checkpoint is kept
-    seed: int = 0  # initialisation and batch order
 
 
 class VTCLIPHead(nn.Module):
-    """texts [C, D], tokens [B, P, D] -> (VT [B, C, D], cross-attention [B, H, C, P])."""
+    """batch {"image": [B, D], "spatial": [B, P, D]} -> {"logits": [B, C], "attention": [B, H, C, P]}
+    (+ "loss" with targets): class texts [C, D] (a buffer) cross-attend to the spatial tokens."""
 
-    def __init__(self, dim: int, heads: int, layers: int, ffn_mult: int, dropout: float) -> None:
+    def __init__(self, num_classes: int, dim: int, scale: float, cfg: VTCLIPConfig) -> None:
         super().__init__()
-        self.decoder = CrossAttentionDecoder(dim, heads, layers, ffn_mult, dropout, residual=False, zero_init=True)
-        self.dim = dim
+        self.decoder = CrossAttentionDecoder(
+            dim, cfg.heads, cfg.layers, cfg.ffn_mult, cfg.dropout, residual=False, zero_init=True
+        )
+        self.dim, self.scale = dim, scale
+        self.register_buffer("texts", torch.zeros(num_classes, dim))  # [C, D] template-mean class texts
 
-    def forward(self, texts: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, tokens = batch["image"], batch["spatial"]
+        check_dim(image, self.dim, "vt-clip")
         s = math.sqrt(self.dim)  # unit vectors scaled to LayerNorm's magnitude
-        q = (F.normalize(texts, dim=-1) * s).unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [B, C, D]
+        q = (F.normalize(self.texts, dim=-1) * s).unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [B, C, D]
         out = self.decoder(q, F.normalize(tokens.float(), dim=-1) * s)
-        return texts.unsqueeze(0) + out.out / s, out.cross_weights
+        vt = self.texts.unsqueeze(0) + out.out / s  # [B, C, D]
+        z = self.scale * torch.einsum("bd,bcd->bc", normalize(image), F.normalize(vt, dim=-1))
+        res = {"logits": z, "attention": out.cross_weights}
+        if "targets" in batch:
+            res["loss"] = F.cross_entropy(z, batch["targets"])
+        return res
 
 
 @register_method
@@ -66,8 +75,8 @@ class VTCLIP(Method):
 
     name = "vt-clip"
     Config = VTCLIPConfig
-    needs_spatial = True
-    train_views = ("orig", "flip")
+    needs = frozenset({"image", "spatial", "flip"})
+    infer_batch = 256
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
@@ -77,120 +86,54 @@ class VTCLIP(Method):
                 f"vt-clip: heads ({c.heads}) must divide the feature width {backbone.embed_dim}; layers >= 1"
             )
         self.templates = resolve_templates(c.templates)
-        torch.manual_seed(c.seed)
-        self.head = VTCLIPHead(backbone.embed_dim, c.heads, c.layers, c.ffn_mult, c.dropout)
-        self.texts: torch.Tensor | None = None  # [C, D]
-        self.grid: tuple[int, int] | None = None
 
-    @property
-    def scale(self) -> float:
-        return float(self.backbone.logit_scale)
+    def build_head(self, spec: dict[str, Any]) -> nn.Module:
+        return VTCLIPHead(spec["num_classes"], spec["dim"], float(self.backbone.logit_scale), self.config)
 
-    def _forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image [B, D], tokens [B, P, D] -> logits [B, C], attention [B, H, C, P]."""
-        vt, w = self.head(self.texts, tokens)
-        return self.scale * torch.einsum("bd,bcd->bc", normalize(image), F.normalize(vt, dim=-1)), w
-
-    def _batched(self, data: Encoded, batch: int = 256) -> torch.Tensor:
-        f = data.features
-        with cpu_threads(batch * f.image.shape[-1] ** 2 * (f.spatial.shape[1] if f.spatial is not None else 1)):
-            return self._batched_logits(data, batch)
-
-    def _batched_logits(self, data: Encoded, batch: int) -> torch.Tensor:
-        f = data.features
-        if f.spatial is None:
-            raise ConfigError("vt-clip needs spatial features; extract with spatial=True")
-        check_dim(f.image, self.texts.shape[1], self.name)
-        self.head.eval()
-        return (
-            torch.cat(
-                [self._forward(f.image[i : i + batch], f.spatial[i : i + batch])[0] for i in range(0, len(f), batch)]
+    def stages(self, train: Encoded) -> list[Stage]:
+        c = self.config
+        return [
+            Stage(
+                "vt-clip",
+                steps=c.steps,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                weight_decay=c.weight_decay,
+                warmup_steps=c.warmup_steps,
+                schedule="cosine",
+                eval_every=c.eval_every,
             )
-            if len(f)
-            else torch.zeros(0, len(self.classnames))
-        )
+        ]
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        f = train.features
-        work = self.config.batch_size * f.spatial.shape[1] * f.image.shape[1] ** 2 if f.spatial is not None else 0
-        with cpu_threads(work):
-            self._train(train, val)
-
-    def _train(self, train: Encoded, val: Encoded | None) -> None:
-        cfg = self.config
-        self.texts = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)[1].clone()
-        f = train.features
-        self.grid = tuple(f.grid) if f.grid else None
-        views = [f] + [f.views[v] for v in self.train_views[1:] if v in f.views]
-        img = torch.cat([v.image for v in views]).float()  # [V*N, D]
-        tok = torch.cat([v.spatial for v in views]).float()  # [V*N, P, D]
-        y = torch.as_tensor(train.dataset.labels()).repeat(len(views))
-        opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        g = torch.Generator().manual_seed(cfg.seed)
-        yv = torch.as_tensor(val.dataset.labels()) if val is not None and len(val) else None
-        best, history = (-1.0, 0, copy.deepcopy(self.head.state_dict())), []
-        order = torch.cat(
-            [torch.randperm(len(y), generator=g) for _ in range(math.ceil(cfg.iters * cfg.batch_size / len(y)) + 1)]
+        texts = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        head = self.init_head(
+            {"num_classes": len(self.classnames), "dim": texts.shape[1], "grid": list(train.features.grid or ())}
         )
-        for step in range(cfg.iters + 1):
-            if yv is not None and (step % cfg.eval_every == 0 or step == cfg.iters):
-                with torch.no_grad():
-                    acc = float((self._batched(val).argmax(-1) == yv).float().mean())
-                history.append(round(acc, 4))
-                if acc > best[0]:
-                    best = (acc, step, copy.deepcopy(self.head.state_dict()))
-            if step == cfg.iters:
-                break
-            self.head.train()
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            set_lr(opt, warmup_cosine(step, cfg.iters, cfg.lr, 0.0, cfg.warmup_iters))
-            with torch.enable_grad():
-                loss = F.cross_entropy(self._forward(img[idx], tok[idx])[0], y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        if yv is not None:
-            self.head.load_state_dict(best[2])
-        self.head.eval()
-        self.fit_info = {
-            "steps": best[1] if yv is not None else cfg.iters,
-            "val_accuracy": best[0],
-            "val_accuracy_by_check": history,
-            "eval_every": cfg.eval_every,
-        }
-
-    def _logits(self, data: Encoded) -> torch.Tensor:
-        return self._batched(data)
+        head.texts.copy_(texts)
+        f = train.features
+        work = self.config.batch_size * f.spatial.shape[1] * f.image.shape[1] ** 2
+        res = self.train_head(train, val, self.stages(train), work=work)
+        self.fit_info.update(
+            {
+                "steps": res.stages[0].best_step,
+                "val_accuracy": res.stages[0].best_metric,
+                "eval_every": self.config.eval_every,
+            }
+        )
 
     def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
         """[h, w] attention of `target`'s text (a class name; None = the predicted class) over the grid."""
-        if not self.classnames:
-            raise ConfigError("vt-clip is not fitted; call fit() or load a saved model")
+        self._check_fitted()
         enc = self.encode(as_dataset([item], self.classnames))
-        f = enc.features
-        check_dim(f.image, self.texts.shape[1], self.name)
-        with torch.no_grad():
-            self.head.eval()
-            logits, w = self._forward(f.image, f.spatial)  # [1, C], [1, H, C, P]
+        out = self._forward(self.head, enc)
+        logits, w = out["logits"], out["attention"]  # [1, C], [1, H, C, P]
         if target is None:
             c = int(logits.argmax(-1))
         elif target in self.classnames:
             c = self.classnames.index(target)
         else:
             raise ConfigError(f"vt-clip: unknown class {target!r}; classes: {', '.join(self.classnames)}")
+        f = enc.features
         h, wd = tuple(f.grid) if f.grid else (1, w.shape[-1])
         return w[0, :, c].mean(0).reshape(h, wd).numpy()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"texts": self.texts, **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
-
-    def load_tensors(self, tensors) -> None:
-        self.texts = tensors["texts"]
-        state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
-        try:
-            self.head.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"vt-clip: saved head does not fit this configuration/backbone: {str(e).splitlines()[0]}"
-            ) from e
-        self.head.eval()

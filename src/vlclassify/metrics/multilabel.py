@@ -7,6 +7,8 @@ they are reported as None and left out of the macro means, and the number used i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.025), 4)
@@ -65,14 +67,20 @@ def best_threshold(
     return max(scores)[2]
 
 
-def multilabel_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[str], threshold: float = 0.5) -> dict:
-    """Everything the DiCLS paper reports (and more) at a given decision threshold."""
+def multilabel_report(
+    y_true: np.ndarray, probs: np.ndarray, classnames: list[str], threshold: float | Sequence[float | None] = 0.5
+) -> dict:
+    """Everything the DiCLS paper reports (and more) at the decision threshold(s): one for every
+    class, or one per class (None = never predicted)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     y, p = _check(y_true, probs)
     if y.shape[1] != len(classnames):
         raise ValueError(f"{y.shape[1]} label columns but {len(classnames)} class names")
-    pred = (p >= threshold).astype(np.float64)
+    thr = np.broadcast_to(
+        np.array([np.inf if t is None else t for t in np.atleast_1d(threshold)], float), (y.shape[1],)
+    )
+    pred = (p >= thr[None]).astype(np.float64)
     tp, fp, fn = (pred * y).sum(0), (pred * (1 - y)).sum(0), ((1 - pred) * y).sum(0)
     prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
     rec = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1e-12), 0.0)
@@ -95,7 +103,7 @@ def multilabel_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[st
     mtp, mfp, mfn = tp.sum(), fp.sum(), fn.sum()
     return {
         "n": int(len(y)),
-        "threshold": float(threshold),
+        "threshold": float(thr[0]) if np.ndim(threshold) == 0 else [None if np.isinf(t) else float(t) for t in thr],
         "subset_accuracy": float((pred == y).all(1).mean()) if len(y) else float("nan"),
         "label_accuracy": float((pred == y).mean()) if len(y) else float("nan"),
         "macro_precision": float(prec.mean()),

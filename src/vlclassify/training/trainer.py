@@ -220,6 +220,8 @@ class Trainer:
     (no resume). A run with an existing `last.json` resumes from it when `resume` is True.
     threads: torch intra-op threads during fit (utils.torch_threads: 0 = auto from `work`, a rough
     multiply-add count per step; None = leave as is).
+    find_unused_parameters: DDP's search for parameters a step did not use (on by default: heads
+    skip some, e.g. the key bias that attention's softmax cancels; the search is cheap for them).
     """
 
     def __init__(
@@ -239,7 +241,7 @@ class Trainer:
         progress: bool = True,
         resume: bool = True,
         num_workers: int = 0,
-        find_unused_parameters: bool = False,
+        find_unused_parameters: bool = True,
         callbacks: Sequence[Callable[[dict], None]] = (),
         threads: int | None = None,
         work: int | None = None,

@@ -1,7 +1,7 @@
 """Feature-extraction throughput of the default backbone (effnet-minilm), end to end, in one run.
 
-    python benchmarks/extract_throughput.py                       # all variants, 3 repeats
-    python benchmarks/extract_throughput.py --repeats 1 --tux 64 --fmnist 64 --skip compile,jit
+    python benchmarks/speed/extract_throughput.py                       # all variants, 3 repeats
+    python benchmarks/speed/extract_throughput.py --repeats 1 --tux 64 --fmnist 64 --skip compile,jit
 
 Every variant decodes and encodes the same images (Tux Paint photo PNGs, RGBA pasted onto white,
 and Fashion-MNIST test arrays) at 224 px, batch 64, with spatial tokens, and is timed from the
@@ -36,7 +36,7 @@ from vlclassify.features.extract import iter_batches
 from vlclassify.features.runtime import OnnxEncoder, TorchEncoder, onnx_trunk_path
 from vlclassify.utils import write_json
 
-OUT = Path(__file__).resolve().parent / "results" / "extract_throughput.json"
+OUT = Path(__file__).resolve().parent.parent / "results" / "extract_throughput.json"
 BATCH = 64
 _BB = None  # the backbone, inherited by forked decode processes
 

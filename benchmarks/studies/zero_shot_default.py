@@ -4,7 +4,7 @@ Zero-shot learns nothing from images, so it is scored on every Tux Paint photo a
 Fashion-MNIST test split. The NLL columns show how `logit_scale` calibrates the softmax
 (Fashion-MNIST NLL on its *train* split: the scale is a backbone default, not tuned on test).
 
-    python benchmarks/zero_shot_default.py [--backbone effnet-minilm] [--out benchmarks/results]
+    python benchmarks/studies/zero_shot_default.py [--backbone effnet-minilm] [--out benchmarks/results]
 """
 
 from __future__ import annotations

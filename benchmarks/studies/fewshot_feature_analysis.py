@@ -1,8 +1,8 @@
 """Why the adapters behave as they do on a backbone: how much class information its joint-space
 embedding keeps compared with its raw pooled visual features.
 
-    python benchmarks/fewshot_feature_analysis.py --data fashion-mnist --split test
-    python benchmarks/fewshot_feature_analysis.py --data tuxpaint?min=16 --split all
+    python benchmarks/studies/fewshot_feature_analysis.py --data fashion-mnist --split test
+    python benchmarks/studies/fewshot_feature_analysis.py --data tuxpaint?min=16 --split all
 
 Training-free, so it isolates the features from the methods: per feature space (joint `image`
 embedding vs `pooled`), the mean cosine between images of the same class and of different
@@ -96,7 +96,7 @@ def main() -> None:
         print(name, json.dumps(row))
     print("zero-shot (select7):", res["zero_shot_select7"])
     stem = "".join(c if c.isalnum() else "-" for c in a.data.split("?")[0])
-    out = Path(a.out or Path(__file__).parent / "results" / f"feature_analysis_{stem}.json")
+    out = Path(a.out or Path(__file__).resolve().parent.parent / "results" / f"feature_analysis_{stem}.json")
     write_json(out, res)
     print(f"wrote {out}")
 

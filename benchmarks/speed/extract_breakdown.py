@@ -1,6 +1,6 @@
 """Where one batch's extraction time goes, and what the ConSE join costs (effnet-minilm, batch 64).
 
-    python benchmarks/extract_breakdown.py
+    python benchmarks/speed/extract_breakdown.py
 
 On 64 Tux Paint photos: decode + preprocess (one thread), the one-off ONNX export, the image trunk (eager torch, the
 folded channels-last torch trunk, ONNX Runtime), the ImageNet head on the pooled vector and the
@@ -27,7 +27,7 @@ from vlclassify.data.images import load_image
 from vlclassify.features.runtime import OnnxEncoder, export_onnx_trunk, onnx_trunk_path
 from vlclassify.utils import write_json
 
-OUT = Path(__file__).resolve().parent / "results" / "extract_breakdown.json"
+OUT = Path(__file__).resolve().parent.parent / "results" / "extract_breakdown.json"
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

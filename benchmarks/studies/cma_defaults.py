@@ -2,7 +2,7 @@
 5-fold split and print the VALIDATION mean accuracy (over tasks) of each stage's best epoch —
 the number the choice was made on — next to the test-fold scores (reported, not used to choose).
 
-    python benchmarks/cma_defaults.py '{}' '{"width": 256, "layers": 1, "warmup_epochs": 15}' ...
+    python benchmarks/studies/cma_defaults.py '{}' '{"width": 256, "layers": 1, "warmup_epochs": 15}' ...
 
 Each argument is a JSON dict of CMA-CLIP options on top of: 8 warm-up epochs, no stage 2, 4 tuning epochs.
 """

@@ -1,7 +1,7 @@
 """CMM training speed on ImageNet-shaped synthetic features: the paper's batch-8 schedule vs fast ones.
 
-    python benchmarks/cmm_speed.py                 # all schedules, JSON to benchmarks/results/
-    python benchmarks/cmm_speed.py --only fast-b256-bf16
+    python benchmarks/speed/cmm_speed.py                 # all schedules, JSON to benchmarks/results/
+    python benchmarks/speed/cmm_speed.py --only fast-b256-bf16
 
 1000 classes x 16 shots (+ a flipped view each), d = 1024, features drawn around class centres;
 class texts sit off the image centres (a modality gap) so zero-shot is imperfect and training
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cmm_speed.json"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "cmm_speed.json"))
     ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
