@@ -347,3 +347,11 @@ def test_parse_classes_errors_name_the_line(tmp_path):
     write(f, "# only comments\n\n")
     with pytest.raises(DataError, match=r"c.txt: no classes"):
         parse_classes(str(f))
+
+
+def test_a_multi_word_label_alone_is_kept_whole_when_the_class_list_names_it(tmp_path, imgs):
+    p = write(tmp_path / "m.csv", f"image,labels\n{imgs[0]},ankle boot\n{imgs[1]},sandal bag\n")
+    ds = load_data(f"{p}?classes=ankle boot,sandal,bag")["all"]
+    assert [names(ds, it) for it in ds.items] == [["ankle boot"], ["sandal", "bag"]]
+    with pytest.raises(DataError, match=r"m.csv:2: label 'ankle' is not in the class list"):
+        load_data(f"{p}?classes=ankle boot,sandal,bag&labels_sep=space")

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +356,3 @@ def check_labels(ds: Dataset) -> None:
         for l in (it.labels or ()) + ((it.label,) if it.label is not None else ()):
             if not 0 <= l < ds.num_classes:
                 raise DataError(f"{ds.name}: item {i} ({it.key}) has label {l} outside 0..{ds.num_classes - 1}")
-
-
-def iter_nonempty(xs: Iterable[str]) -> list[str]:
-    return [x for x in xs if x]
