@@ -318,7 +318,7 @@ def test_cli_unknown_task_label_names_row_and_column(tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
-    other = write_manifest(tmp_path, extra_row="im0.png,a round thing,purple,round")
+    other = write_manifest(tmp_path, extra_row="im0.png,a purple round thing,purple,round")  # not a copy of row 2
     m = load_method(out)
     from vlclassify.data import load_data
 

@@ -45,11 +45,12 @@ def test_csv_manifest_multilabel_and_errors(tmp_path, color_folder):
 
 
 def test_jsonl_manifest_tasks_and_splits(tmp_path, color_folder):
-    img = str(next((color_folder / "red").iterdir()))
+    imgs = sorted(str(p) for p in (color_folder / "red").iterdir())  # distinct images: copies would be dropped
     rows = [
-        {"image": img, "text": "red shirt", "color": "red", "style": "plain", "split": s} for s in ("train", "test")
+        {"image": imgs[i], "text": "red shirt", "color": "red", "style": "plain", "split": s}
+        for i, s in enumerate(("train", "test"))
     ]
-    rows.append({"image": img, "text": "x", "color": "blue", "style": "striped", "split": "train"})
+    rows.append({"image": imgs[2], "text": "x", "color": "blue", "style": "striped", "split": "train"})
     p = tmp_path / "m.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     splits = manifest(p)
@@ -133,8 +134,9 @@ def test_data_spec_errors():
 
 
 def test_label_seen_once_warns_as_a_possible_typo(tmp_path, color_folder):
-    imgs = sorted(str(p) for p in (color_folder / "red").iterdir())
+    imgs = sorted(str(p) for p in color_folder.rglob("*.png"))  # 18 distinct images
     p = tmp_path / "m.csv"
-    p.write_text("image,label\n" + "".join(f"{i},{c}\n" for i in imgs for c in ("rust", "scab")) + f"{imgs[0]},rsut\n")
+    p.write_text("image,label\n" + "".join(f"{i},{('rust', 'scab')[j % 2]}\n" for j, i in enumerate(imgs[:12])))
+    p.write_text(p.read_text() + f"{imgs[12]},rsut\n")
     with pytest.warns(UserWarning, match="'rsut' appear in one row only"):
         manifest(p)

@@ -471,7 +471,7 @@ def explain(
     from .data.images import load_image
     from .errors import DataError
     from .methods import load_method
-    from .viz import save_heatmap
+    from .plots.heatmap import save_heatmap
 
     if not image.is_file():
         raise DataError(f"{image}: image file not found")

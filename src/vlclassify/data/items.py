@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..errors import DataError
 from ..utils import json_fingerprint
 
 
@@ -18,6 +19,7 @@ class Item:
     text: str | None = None  # optional paired text (caption, product title)
     tasks: dict[str, int] | None = None  # per-task class index, for multi-task data
     key: str = ""  # stable identity (path + size + mtime, or source + index): the cache key
+    origin: str = ""  # where the item was read ("labels.csv:17", a file path), for error messages only
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Dataset:
         return len(self.classnames)
 
     def fingerprint(self) -> str:
-        """Changes whenever the items, their labels or the files behind them change."""
+        """Changes whenever the items, their labels or the files behind them change (not with `origin`)."""
         return json_fingerprint(
             [
                 self.source,
@@ -53,7 +55,10 @@ class Dataset:
     def labels(self) -> np.ndarray:
         """[N] int64 class indices (single-label data)."""
         if self.multilabel:
-            raise ValueError(f"{self.name}: multi-label data has no single label per item; use multi_hot()")
+            raise DataError(
+                f"{self.name}: multi-label data (a 'labels' column) has no single label per item; "
+                "this needs single-label data (a 'label' column)"
+            )
         return np.array([-1 if it.label is None else it.label for it in self.items], dtype=np.int64)
 
     def multi_hot(self) -> np.ndarray:
@@ -66,7 +71,7 @@ class Dataset:
 
     def task_labels(self, task: str) -> np.ndarray:
         if task not in self.tasks:
-            raise KeyError(f"{self.name}: no task {task!r}; tasks: {', '.join(self.tasks) or 'none'}")
+            raise DataError(f"{self.name}: no task {task!r}; tasks: {', '.join(self.tasks) or 'none'}")
         return np.array([(it.tasks or {}).get(task, -1) for it in self.items], dtype=np.int64)
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> Dataset:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
 from ..utils import json_fingerprint
+from .classes import check_classes
+from .duplicates import drop_duplicates
 from .items import Dataset, Item
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -28,19 +31,26 @@ def file_key(path: str | os.PathLike) -> str:
 
 
 def image_folder(root: str | os.PathLike, name: str | None = None) -> dict[str, Dataset]:
-    """One sub-folder per class; a folder that has `train/` (and `val/`, `test/`) is read per split."""
+    """One sub-folder per class; a folder that has `train/` (and `val/`, `test/`) is read per split.
+
+    Copies of one image (same content) are dropped, as for manifests (`data.duplicates`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
+    name = name or root.name
     split_dirs = [s for s in ("train", "val", "test") if (root / s).is_dir()]
     if split_dirs:
         classnames = sorted({p.name for s in split_dirs for p in (root / s).iterdir() if p.is_dir()})
-        return {s: _read_class_dirs(root / s, classnames, name or root.name) for s in split_dirs}
-    classnames = sorted(p.name for p in root.iterdir() if p.is_dir())
-    return {"all": _read_class_dirs(root, classnames, name or root.name)}
+        splits = {s: _read_class_dirs(root / s, classnames) for s in split_dirs}
+    else:
+        classnames = sorted(p.name for p in root.iterdir() if p.is_dir())
+        splits = {"all": _read_class_dirs(root, classnames)}
+    splits = drop_duplicates(splits, str(root), classnames)
+    return {s: Dataset(items=its, classnames=classnames, name=name) for s, its in splits.items()}
 
 
-def _read_class_dirs(root: Path, classnames: list[str], name: str) -> Dataset:
+def _read_class_dirs(root: Path, classnames: list[str]) -> list[Item]:
     if len(classnames) < 2:
         raise DataError(f"{root}: need at least 2 class sub-folders, found {len(classnames)}")
     items = []
@@ -49,35 +59,75 @@ def _read_class_dirs(root: Path, classnames: list[str], name: str) -> Dataset:
         files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
         if not files and root.name not in ("val", "test"):
             raise DataError(f"{d}: class {c!r} has no images")
-        items += [Item(image=str(p), label=ci, key=file_key(p)) for p in files]
-    return Dataset(items=items, classnames=classnames, name=name)
+        items += [Item(image=str(p), label=ci, key=file_key(p), origin=str(p)) for p in files]
+    return items
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for ln, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{ln}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{ln}: each line must be a JSON object")
-            rows.append({"__line__": ln, **row})
-        return rows
-    with path.open(newline="") as f:
+    """Rows as dicts with their line number under `__line__`; a BOM is ignored."""
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path)
+        return _read_csv(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for ln, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{ln}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{ln}: each line must be a JSON object")
+        rows.append({"__line__": ln, **row})
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             raise DataError(f"{path}: empty CSV")
-        return [{"__line__": i + 2, **r} for i, r in enumerate(reader)]
+        header = [c.strip() for c in reader.fieldnames]
+        for c in header:
+            if c and header.count(c) > 1:
+                raise DataError(f"{path}:1: column {c!r} appears twice in the header")
+        reader.fieldnames = header
+        rows = []
+        for r in reader:
+            ln = reader.line_num
+            if None in r:
+                n = len(header) + len(r[None])
+                raise DataError(
+                    f"{path}:{ln}: {n} values but the header has {len(header)} column(s) ({', '.join(header)}); "
+                    f"add the missing column names to line 1, or quote values that contain a comma"
+                )
+            if r.get("", None):
+                raise DataError(f"{path}:{ln}: a value ({r['']!r}) in a column without a name in the header")
+            r.pop("", None)
+            rows.append({"__line__": ln, **r})
+    return rows
 
 
-def _split_labels(value: Any) -> list[str]:
-    if isinstance(value, list):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [v for v in str(value or "").split() if v]
+LABEL_SEPARATORS = ",;|"
+
+
+def split_labels(value: str, sep: str | None = None, known: Container[str] = ()) -> list[str]:
+    """One `labels` value -> label names (the rule is in `manifest`'s docstring)."""
+    if sep is not None:
+        parts = value.split() if sep == "space" else value.split(sep)
+    elif any(c in value for c in LABEL_SEPARATORS):
+        parts = re.split(f"[{re.escape(LABEL_SEPARATORS)}]", value)
+    elif value.strip() in known:
+        parts = [value]
+    else:
+        parts = value.split()
+    return [p.strip() for p in parts if p.strip()]
 
 
 def manifest(
@@ -87,13 +137,27 @@ def manifest(
     root: str | os.PathLike | None = None,
     allow_missing_image: bool = False,
     allow_empty_labels: bool = False,
+    labels_sep: str | None = None,
 ) -> dict[str, Dataset]:
     """CSV or JSONL with `image`, `label` or `labels`, optional `text`, `split` and task columns.
 
-    `labels` (space-separated in CSV, a list in JSONL) makes the data multi-label. Task columns:
-    the names in `tasks`, or, when there is no `label`/`labels` column, every other column.
-    `classes` fixes the class list (a label outside it is an error); by default it is the sorted
-    set of labels seen. Image paths are relative to `root` (default: the manifest's folder).
+    A `labels` column makes the data multi-label. In JSONL it is a list of names. In CSV (or a
+    JSONL string) the value is split into names by this rule:
+
+    - a value containing `,` `;` or `|` is split on those, and spaces inside a name are kept:
+      `"animal, mammal"` -> animal, mammal; `"ankle boot;sandal"` -> ankle boot, sandal;
+    - any other value is split on whitespace (`"scab rust"` -> scab, rust), unless the whole value
+      is a class name seen in another row's separated list or given in `classes` (`"ankle boot"`
+      alone stays one label when `ankle boot` appears elsewhere, or write it `"ankle boot;"`);
+    - `labels_sep=` forces one separator for every value (`labels_sep=;`, or `space` for
+      whitespace); a trailing or doubled separator never makes an empty label.
+
+    A row without a label is an error unless `allow_empty_labels` (it is then kept unlabelled;
+    an empty task value likewise). Task columns: the names in `tasks`, or, when there is no
+    `label`/`labels` column, every other column. `classes` fixes the class list (a label outside
+    it is an error); by default it is the sorted set of labels seen. Image paths are relative to
+    `root` (default: the manifest's folder). Copies of one image are dropped (`data.duplicates`).
+    Each item's `origin` is its row, `path:line`.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,39 +168,69 @@ def manifest(
     base = Path(root) if root else path.parent
     cols = set().union(*(r.keys() for r in rows)) - {"__line__"}
     if "image" not in cols and "text" not in cols:
-        raise DataError(f"{path}: needs an 'image' column (found: {', '.join(sorted(cols))})")
+        found = ", ".join(sorted(cols))
+        hint = next((f"; the file seems to use {d!r} between values, not ','" for d in ";\t" if d in found), "")
+        raise DataError(f"{path}: needs an 'image' column (found: {found}){hint}")
+    if "label" in cols and "labels" in cols:
+        raise DataError(f"{path}: has both a 'label' and a 'labels' column; keep one ('labels' for several per row)")
     multilabel = "labels" in cols
     main = "labels" if multilabel else ("label" if "label" in cols else None)
+    if labels_sep is not None and (not multilabel or not labels_sep):
+        raise DataError(
+            f"{path}: labels_sep={labels_sep!r} " + ("is empty" if not labels_sep else "needs a 'labels' column")
+        )
     task_cols = list(tasks) if tasks else ([] if main else sorted(cols - RESERVED))
     for t in task_cols:
         if t not in cols:
             raise DataError(f"{path}: task column {t!r} not found (columns: {', '.join(sorted(cols))})")
     if main is None and not task_cols:
         raise DataError(f"{path}: needs a 'label' or 'labels' column, or task columns")
+    if classes is not None:
+        classes = check_classes(classes, f"{path}: classes=")
 
     def where(r: dict) -> str:
         return f"{path}:{r['__line__']}"
 
+    def cell(r: dict, col: str) -> str:
+        v = r.get(col)
+        if isinstance(v, (list, dict)):
+            hint = " (use a 'labels' column for several labels)" if col == "label" else ""
+            raise DataError(f"{where(r)}: {col!r} must be a single value, got {v!r}{hint}")
+        return "" if v is None else str(v).strip()
+
+    def label_names(r: dict, known: Container[str] = ()) -> list[str]:
+        if not multilabel:
+            v = cell(r, main)
+            return [v] if v else []
+        v = r.get(main)
+        if isinstance(v, list):
+            if any(isinstance(x, (list, dict)) for x in v):
+                raise DataError(f"{where(r)}: 'labels' must be a list of names, got {v!r}")
+            return [str(x).strip() for x in v if x is not None and str(x).strip()]
+        return split_labels(cell(r, main), labels_sep, known)
+
     if main:
-        seen = (
-            sorted({l for r in rows for l in _split_labels(r.get(main))})
-            if multilabel
-            else sorted({str(r.get(main, "")).strip() for r in rows if str(r.get(main, "")).strip()})
-        )
-        classnames = list(classes) if classes else seen
+        known = set(classes or ())
+        if multilabel and labels_sep is None:
+            separated = [
+                r for r in rows if isinstance(r.get(main), str) and any(c in r[main] for c in LABEL_SEPARATORS)
+            ]
+            known |= {n for r in separated for n in label_names(r)}
+        names_of = {id(r): label_names(r, known) for r in rows}
+        classnames = classes if classes else sorted({n for ns in names_of.values() for n in ns})
     else:
         classnames = []
     cindex = {c: i for i, c in enumerate(classnames)}
-    task_classes = {
-        t: sorted({str(r.get(t, "")).strip() for r in rows if str(r.get(t, "")).strip()}) for t in task_cols
-    }
+    task_classes = {t: sorted({cell(r, t) for r in rows} - {""}) for t in task_cols}
     if not main and task_cols:
         classnames = task_classes[task_cols[0]]
-        cindex = {c: i for i, c in enumerate(classnames)}
 
     splits: dict[str, list[Item]] = {}
     for r in rows:
-        img = str(r.get("image") or "").strip()
+        img = r.get("image")
+        if img is not None and not isinstance(img, str):
+            raise DataError(f"{where(r)}: 'image' must be a file path, got {img!r}")
+        img = (img or "").strip()
         text = r.get("text")
         text = str(text).strip() if text is not None else None
         img_path = None
@@ -151,25 +245,29 @@ def manifest(
             raise DataError(f"{where(r)}: row has neither an image nor a text")
         label = labels = None
         if main:
-            names = _split_labels(r.get(main)) if multilabel else [str(r.get(main, "")).strip()]
-            names = [n for n in names if n]
+            names = names_of[id(r)]
             for n in names:
                 if n not in cindex:
                     raise DataError(f"{where(r)}: label {n!r} is not in the class list ({', '.join(classnames)})")
             if not names and not allow_empty_labels:
-                raise DataError(f"{where(r)}: empty {main!r}")
+                raise DataError(
+                    f"{where(r)}: empty {main!r} value (pass allow_empty_labels=true to keep unlabelled rows)"
+                )
             if multilabel:
                 labels = tuple(sorted({cindex[n] for n in names}))
             elif names:
                 label = cindex[names[0]]
         task_vals = {}
         for t in task_cols:
-            v = str(r.get(t, "")).strip()
-            if not v:
-                raise DataError(f"{where(r)}: empty value in task column {t!r}")
-            task_vals[t] = task_classes[t].index(v)
+            v = cell(r, t)
+            if v:
+                task_vals[t] = task_classes[t].index(v)
+            elif not allow_empty_labels:
+                raise DataError(
+                    f"{where(r)}: empty value in task column {t!r} (pass allow_empty_labels=true to keep it unlabelled)"
+                )
         if not main and task_cols:
-            label = task_vals[task_cols[0]]
+            label = task_vals.get(task_cols[0])
         key = file_key(img_path) if img_path else f"text:{r['__line__']}"
         item = Item(
             image=str(img_path) if img_path else None,
@@ -178,13 +276,15 @@ def manifest(
             text=text or None,
             tasks=task_vals or None,
             key=f"{key}|{r['__line__']}",
+            origin=where(r),
         )
-        split = str(r.get("split") or "all").strip().lower()
+        split = cell(r, "split").lower() or "all"
         if split not in ("train", "val", "test", "all"):
             raise DataError(f"{where(r)}: split must be train, val or test, got {split!r}")
         splits.setdefault(split, []).append(item)
     if "all" in splits and len(splits) > 1:
-        raise DataError(f"{path}: some rows have a 'split' value and some do not")
+        raise DataError(f"{splits['all'][0].origin}: empty 'split' value, while other rows have one")
+    splits = drop_duplicates(splits, str(path), classnames, task_classes)
     if main and not classes:
         counts = {c: 0 for c in classnames}
         for its in splits.values():
@@ -237,7 +337,10 @@ def coop_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     src = json_fingerprint([str(path.resolve()), os.stat(path).st_mtime_ns, str(base.resolve())])
     return {
         split: Dataset(
-            items=[Item(image=str(base / r[0]), label=r[1], key=f"{r[0]}") for r in rows],
+            items=[
+                Item(image=str(base / r[0]), label=r[1], key=f"{r[0]}", origin=f"{path}:{split}[{i}]")
+                for i, r in enumerate(rows)
+            ],
             classnames=classnames,
             name=path.stem,
             source=src,
@@ -253,7 +356,3 @@ def check_labels(ds: Dataset) -> None:
         for l in (it.labels or ()) + ((it.label,) if it.label is not None else ()):
             if not 0 <= l < ds.num_classes:
                 raise DataError(f"{ds.name}: item {i} ({it.key}) has label {l} outside 0..{ds.num_classes - 1}")
-
-
-def iter_nonempty(xs: Iterable[str]) -> list[str]:
-    return [x for x in xs if x]

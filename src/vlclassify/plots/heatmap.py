@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
-from .utils import atomic_path
+from ..errors import DataError
+from ..utils import atomic_path
 
 
 def heatmap_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.5, cmap: str = "jet") -> Image.Image:
