@@ -32,12 +32,10 @@ ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper
 
 @dataclass
 class CMMConfig(TrainOptions):
-    templates: str | list[str] = (
-        "select7"  # templates whose mean embedding initialises T (and gives the zero-shot logits)
-    )
-    steps: int = (
-        16000  # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
-    )
+    # templates whose mean embedding initialises T (and gives the zero-shot logits)
+    templates: str | list[str] = "select7"
+    # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
+    steps: int = 16000
     batch_size: int = 8  # paper: 8
     lr: float = 1e-4  # AdamW peak learning rate at batch_size (paper: 1e-4)
     weight_decay: float = 1e-4  # AdamW weight decay (paper: 1e-4)

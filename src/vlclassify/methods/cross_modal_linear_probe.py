@@ -21,9 +21,8 @@ from .templates import cached_template_embeddings, resolve_templates
 @dataclass
 class CrossModalLinearProbeConfig(TrainOptions):
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
-    text_samples: bool = (
-        True  # add the per-template class texts as training samples (False = image-only, zero-shot init)
-    )
+    # add the per-template class texts as training samples (False = image-only, zero-shot init)
+    text_samples: bool = True
     steps: int = 300  # full-batch AdamW steps
     lr: float = 1e-3  # AdamW learning rate (constant)
     wd_grid: list[float] = field(

@@ -26,9 +26,8 @@ FEATURES = ("pooled", "image", "text")
 
 @dataclass
 class LinearProbeConfig:
-    feature: str = (
-        "pooled"  # pooled (raw visual features) | image (joint-space embedding) | text (paired-text embedding)
-    )
+    # pooled (raw visual features) | image (joint-space embedding) | text (paired-text embedding)
+    feature: str = "pooled"
     C_grid: list[float] = field(
         default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
     )  # inverse L2 strengths tried

@@ -43,7 +43,7 @@ def contract_table() -> str:
     for name in list_methods():
         cls = METHODS.get(name)
         k = cls.kinds
-        yes = lambda kind: "yes" if kind in k else "—"  # noqa: E731
+        yes = {kind: "yes" if kind in k else "—" for kind in ("single-label", MULTI, TEXT, TASKS)}
         decision = "top class, or per-class thresholds for a target precision"
         if MULTI in k:
             decision += "; multi-label: per-class thresholds"
@@ -51,7 +51,7 @@ def contract_table() -> str:
             decision += "; one rule per task"
         trains = "Trainer" if cls.stages is not Method.stages else "no (validation grid)"
         lines.append(
-            f"| `{name}` | {yes('single-label')} | {yes(MULTI)} | {yes(TEXT)} | {yes(TASKS)} | "
+            f"| `{name}` | {yes['single-label']} | {yes[MULTI]} | {yes[TEXT]} | {yes[TASKS]} | "
             f"{', '.join(sorted(cls.needs))} | {trains} | {decision} |"
         )
     return "\n".join(lines) + "\n"

@@ -22,9 +22,8 @@ class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
     batch_size: int = 256  # (Tip-Adapter-F: 256)
     train_alpha: float = 1.0  # alpha during fine-tuning (Tip-Adapter-F: the dataset's init_alpha)
     train_beta: float = 1.0  # beta during fine-tuning (Tip-Adapter-F: the dataset's init_beta)
-    normalize_keys: bool = (
-        True  # keys re-normalised in every forward (False: a plain linear layer, as the paper's code)
-    )
+    # keys re-normalised in every forward (False: a plain linear layer, as the paper's code)
+    normalize_keys: bool = True
 
 
 @register_method
