@@ -204,8 +204,13 @@ def _splits_for(data: str, shots: int | None, seed: int, val_fraction: float, te
 @app.command()
 def fit(
     method: str = typer.Option(..., "--method", "-m", help="Method name (see `vlclassify methods`)."),
-    data: str = typer.Option(..., "--data", "-d", help="Data spec (see `vlclassify extract --help`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the trained model (new or empty)."),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="Data spec (see `vlclassify extract --help`); zero-shot needs only --classes."
+    ),
+    classes: str | None = typer.Option(
+        None, help="Classes as 'a,b,c' or a file with one `name` or `name: description` a line."
+    ),
     shots: int | None = typer.Option(None, min=1, help="Few-shot: K training images per class (CoOp protocol)."),
     seed: int = typer.Option(1, help="Seed for few-shot sampling and splits."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
@@ -215,28 +220,56 @@ def fit(
     thresholds: str = typer.Option("per-class", help="Multi-label decision thresholds: per-class | global."),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model in a non-empty --out folder."),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Train a method, choose its decision rule on validation, save it (safetensors + JSON) to --out."""
+    from .data.classes import parse_classes
+    from .errors import DataError
     from .methods import create_method
-    from .utils import write_json
+    from .utils import atomic_path, write_json
 
-    splits = _splits_for(data, shots, seed, val_fraction, test_fraction)
+    _check_out(out, overwrite)
+    if data is None and classes is None:
+        raise DataError("fit: give --data (labelled images), or --classes for a zero-shot model")
+    names, descriptions = parse_classes(classes) if classes else ([], {})
     bb = _backbone(backbone, backbone_opt)
     m = create_method(method, bb, cache=_cache(cache_dir), **parse_options(opt))
-    m.check_data(splits["train"])  # a kind the method does not take stops here, before any extraction
-    console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    val = splits.get("val")
-    m.fit(splits["train"], val, precision=precision, thresholds=thresholds)
-    m.save_pretrained(out)
+    m.skip_bad = skip_bad
+    splits: dict = {}
+    if data is None:
+        if not hasattr(m, "set_classes") or m.trains_on_images:
+            raise DataError(f"fit: {method} learns from images; give --data (names alone make a zero-shot model)")
+        m.set_classes(names, descriptions)
+        console.print(f"{method}: {len(names)} classes by name, no images")
+    else:
+        splits = _splits_for(_absolute_spec(data), shots, seed, val_fraction, test_fraction)
+        train = splits["train"]
+        if names and names != train.classnames:
+            raise DataError(f"--classes {names[:5]}... do not match the data's classes {train.classnames[:5]}...")
+        m.check_data(train)  # a kind the method does not take stops here, before any extraction
+        console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        for name in ("val", "test"):
+            if name in splits and not len(splits[name]):
+                console.print(
+                    f"warning: no images are left for {name} ({len(train)} train)"
+                    + (f"; every class has at most {shots} images" if shots else ""),
+                    markup=False,
+                )
+        if descriptions and hasattr(m, "descriptions"):
+            m.descriptions = descriptions
+        m.fit(train, splits.get("val"), precision=precision, thresholds=thresholds)
     for note in m.fit_info.get("ignored", []):
         console.print(f"note: {note}", markup=False, soft_wrap=True)
     info = {
         "command": _command(),
         "method": method,
-        "data": data,
+        "data": _absolute_spec(data) if data else None,
+        "data_as_typed": data,
+        "classes": classes,
         "shots": shots,
         "seed": seed,
         "val_fraction": val_fraction,
@@ -245,14 +278,34 @@ def fit(
         "decisions": {t: r.describe() for t, r in m.decisions.items()},
         "fit_info": m.fit_info,
     }
+    val = splits.get("val")
     if val is not None and len(val):
         info["validation"] = _scores(m, val)
         for k, v in info["validation"].items():
             console.print(f"validation {k}: {100 * v:.2f}%")
     for task, rule in m.decisions.items():
         console.print(f"decision ({task}): {rule.describe()}", markup=False, soft_wrap=True)
-    write_json(out / "fit.json", info)
+    with atomic_path(out, is_dir=True) as tmp:  # the new model replaces an old one whole, never mixed
+        m.save_pretrained(tmp)
+        write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """--out must be a new or empty folder (or --overwrite): checked before any work."""
+    from .errors import DataError
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"--out {out}: folder is not empty; pass --overwrite to replace what it holds")
+
+
+def _absolute_spec(spec: str) -> str:
+    """A data spec whose path is absolute (fit.json then works from any directory); built-ins unchanged."""
+    base, sep, query = spec.partition("?")
+    p = Path(base)
+    return str(p.resolve()) + sep + query if p.exists() else spec
 
 
 def _scores(m, ds) -> dict[str, float]:
@@ -286,16 +339,22 @@ def evaluate(
     from .metrics import classification_report
     from .utils import read_json, write_json
 
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir}: no such model folder")
     info = read_json(model_dir / "fit.json") if (model_dir / "fit.json").exists() else {}
-    data = data or info.get("data")
+    fitted_on = info.get("data")
+    data = _absolute_spec(data) if data else fitted_on
     if not data:
-        raise DataError(f"{model_dir}: no fit.json; pass --data")
-    splits = _splits_for(
-        data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2), info.get("test_fraction", 0.2)
-    )
-    if split not in splits:
-        raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)})")
-    ds = splits[split]
+        raise DataError(f"{model_dir}: no data to evaluate on (no fit.json, or a model fitted by name); pass --data")
+    if data != fitted_on or split == "all":
+        ds = _rows_of(data, split)  # another file (e.g. the test images): every row it has for `split`
+    else:
+        splits = _splits_for(
+            data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2), info.get("test_fraction", 0.2)
+        )
+        if split not in splits:
+            raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)}, all)")
+        ds = splits[split]
     if not len(ds):
         raise DataError(f"{data}: the {split!r} split is empty (too few images per class for this split)")
     m = load_method(model_dir, cache=_cache(cache_dir))
@@ -342,6 +401,11 @@ def evaluate(
     report.update({"data": data, "split": split, "model": str(model_dir)})
     report_path = out or model_dir / f"eval-{split}.json"
     write_json(report_path, report)
+    _write_predictions_csv(
+        report_path.with_name(f"predictions-{split}.csv"),
+        m.predict_results(ds, top=3),
+        [";".join(ds.classnames[c] for c in _true(ds, i)) for i in range(len(ds))],
+    )
     t = Table("metric", "value")
     for k in keys:
         v = report[k]
@@ -435,21 +499,50 @@ def _result_line(r) -> str:
     return "\n".join(([r.item] if len(r.tasks) > 1 else []) + lines)
 
 
-def _write_predictions_csv(path: Path, results) -> None:
-    """One row per item and task: item, task, decision, top scores (label:score;...)."""
+def _write_predictions_csv(path: Path, results, truth: list[str] | None = None) -> None:
+    """One row per item and task: item, task, decision, top scores (label:score;...), and the true
+    label(s) of the main task when known."""
     import csv
 
     from .utils import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["item", "task", "decision", "uncertain", "scores"])
-        for r in results:
-            for task, t in r.tasks.items():
-                w.writerow(
-                    [r.item, task, ";".join(t.labels), int(t.uncertain), ";".join(f"{c}:{s:.6f}" for c, s in t.scores)]
-                )
+        w.writerow(["item", "task", "decision", "uncertain", "scores"] + (["truth"] if truth is not None else []))
+        for i, r in enumerate(results):
+            for k, (task, t) in enumerate(r.tasks.items()):
+                row = [
+                    r.item,
+                    task,
+                    ";".join(t.labels),
+                    int(t.uncertain),
+                    ";".join(f"{c}:{s:.6f}" for c, s in t.scores),
+                ]
+                w.writerow(row + ([truth[i] if k == 0 else ""] if truth is not None else []))
     console.print(f"wrote {path}")
+
+
+def _true(ds, i: int) -> list[int]:
+    it = ds.items[i]
+    return list(it.labels) if it.labels is not None else ([it.label] if it.label is not None and it.label >= 0 else [])
+
+
+def _rows_of(data: str, split: str):
+    """The rows of `data` for `split`: a file without splits gives all of its rows; `all` joins every split."""
+    import dataclasses
+
+    from .data import load_data
+    from .errors import DataError
+
+    raw = load_data(data)
+    if split in raw:
+        return raw[split]
+    if "all" in raw and split in ("test", "all"):
+        return raw["all"]
+    if split == "all":
+        first = next(iter(raw.values()))
+        return dataclasses.replace(first, items=[it for ds in raw.values() for it in ds.items])
+    raise DataError(f"{data}: no {split!r} split (have: {', '.join(raw)}, all)")
 
 
 @app.command()

@@ -144,6 +144,7 @@ class Method:
         self.fit_info: dict[str, Any] = {}
         self.progress = True
         self.runtime = "auto"  # extraction runtime; "torch" once a method changes the backbone's weights
+        self.skip_bad = False  # unreadable images: skipped with a warning (True) or an error naming them
 
     # ---- declarations (per instance: some depend on options) ------------------------------
     def takes(self) -> frozenset[str]:
@@ -218,8 +219,18 @@ class Method:
             cache=self.cache,
             progress=self.progress,
             runtime=self.runtime,
+            skip_bad=self.skip_bad,
         )
-        return Encoded(data, feats)
+        enc = Encoded(data, feats)
+        if feats.skipped:
+            bad = set(feats.skipped)
+            first = data.items[min(bad)]
+            warnings.warn(
+                f"{data.name}: skipped {len(bad)} unreadable image(s) (first: {first.origin or first.key})",
+                stacklevel=2,
+            )
+            enc = enc.subset([i for i in range(len(data)) if i not in bad])
+        return enc
 
     # ---- fitting ------------------------------------------------------------------------
     def fit(

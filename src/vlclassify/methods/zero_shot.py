@@ -91,7 +91,7 @@ class ZeroShot(Method):
         return self
 
     def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        self.set_classes(self.classnames)
+        self.set_classes(self.classnames, self.descriptions)
         self.fit_info = {"templates": len(self.templates)}
 
     def default_decision(self, task: str, num_classes: int) -> DecisionRule:
