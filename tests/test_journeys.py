@@ -1,0 +1,170 @@
+"""Issue 10's table, row by row, through the command line: every bad input ends as one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlclassify.cli import app
+
+runner = CliRunner()
+TOY = ["--backbone", "toy"]
+
+
+def run(*args, ok=True):
+    r = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert r.exit_code == 0, r.output + repr(r.exception)
+    return r
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code != 0
+    msg = str(r.exception) if r.exception and not isinstance(r.exception, SystemExit) else r.output
+    assert "Traceback" not in r.output and "\n" not in msg.strip(), msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+@pytest.fixture
+def lp_model(color_folder, tmp_path):
+    out = tmp_path / "lp"
+    run(
+        "fit",
+        "-m",
+        "linear-probe",
+        "-d",
+        color_folder,
+        "-o",
+        out,
+        *TOY,
+        "--val-fraction",
+        "0.34",
+        "--test-fraction",
+        "0.33",
+    )
+    return out
+
+
+def test_out_folder_rules(color_folder, lp_model, tmp_path):
+    (lp_model / "eval-test.json").write_text("{}")  # an old run's output
+    r = run("fit", "-m", "zero-shot", "-d", color_folder, "-o", lp_model, *TOY, ok=False)
+    one_line_error(r, "not empty", "--overwrite")
+    run("fit", "-m", "zero-shot", "-d", color_folder, "-o", lp_model, *TOY, "--overwrite")
+    assert sorted(p.name for p in lp_model.iterdir()) == ["config.json", "fit.json", "model.safetensors"]
+    assert json.loads((lp_model / "config.json").read_text())["method"] == "zero-shot"
+    f = tmp_path / "afile"
+    f.write_text("x")
+    one_line_error(run("fit", "-m", "zero-shot", "-d", color_folder, "-o", f, *TOY, ok=False), "is a file")
+
+
+def test_damaged_model_folders_are_named(lp_model, color_folder, tmp_path):
+    w = lp_model / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    rng = np.random.default_rng(0)
+    pos = rng.integers(200, len(raw) - 100)
+    raw[pos : pos + 100] = rng.integers(0, 256, 100, dtype=np.uint8).tobytes()
+    w.write_bytes(bytes(raw))
+    img = next((color_folder / "red").iterdir())
+    one_line_error(run("predict", lp_model, img, ok=False), "model.safetensors", "damaged")
+    w.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
+    one_line_error(run("predict", lp_model, img, ok=False), "damaged")
+    cfg_path = lp_model / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "method": "nonsense"}))
+    one_line_error(run("predict", lp_model, img, ok=False), "config.json", "unknown method 'nonsense'")
+    one_line_error(run("eval", tmp_path / "nope", ok=False), "no such model folder")
+
+
+def test_a_class_removed_from_config_is_named(lp_model, color_folder):
+    cfg_path = lp_model / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["classnames"] = cfg["classnames"][:2]
+    cfg["tasks"]["label"] = cfg["classnames"]
+    cfg_path.write_text(json.dumps(cfg))
+    img = next((color_folder / "red").iterdir())
+    one_line_error(run("predict", lp_model, img, ok=False), "config.json")
+
+
+def test_eval_from_another_directory_and_on_a_file_of_test_images(lp_model, color_folder, tmp_path):
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        run("eval", lp_model)
+    finally:
+        os.chdir(here)
+    rows = [{"image": str(p), "label": p.parent.name} for p in sorted(color_folder.rglob("*.png"))]
+    test_csv = tmp_path / "test.csv"
+    with open(test_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    run("eval", lp_model, "--data", test_csv)
+    rep = json.loads((lp_model / "eval-test.json").read_text())
+    assert rep["n"] == len(rows)  # every row of a file without a split column
+    table = list(csv.DictReader(open(lp_model / "predictions-test.csv")))
+    assert len(table) == len(rows) and {"item", "decision", "scores", "truth"} <= set(table[0])
+
+
+def test_bench_shots_that_are_not_numbers(color_folder):
+    one_line_error(run("bench", "fewshot", "-d", color_folder, "--shots", "1,a", *TOY, ok=False), "'a'", "--shots")
+
+
+def test_shots_larger_than_every_class_warn_at_fit(color_folder, tmp_path):
+    r = run("fit", "-m", "linear-probe", "-d", color_folder, "-o", tmp_path / "m", "--shots", "50", *TOY)
+    assert "no images are left for" in r.output
+
+
+def test_corrupt_image_during_fit_is_named_and_skippable(tmp_path):
+    rows = []
+    for c, rgb in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+        for i in range(5):
+            p = tmp_path / f"{c}{i}.png"
+            Image.fromarray(np.full((16, 16, 3), rgb, np.uint8)).save(p)
+            rows.append({"image": p.name, "label": c})
+    (tmp_path / "red3.png").write_bytes(b"not a png at all")
+    man = tmp_path / "m.csv"
+    with open(man, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    r = run("fit", "-m", "linear-probe", "-d", man, "-o", tmp_path / "m1", *TOY, ok=False)
+    one_line_error(r, "m.csv:5", "red3.png", "cannot read image")
+    r = run("fit", "-m", "linear-probe", "-d", man, "-o", tmp_path / "m2", *TOY, "--skip-bad")
+    assert (tmp_path / "m2" / "model.safetensors").is_file()
+
+
+def test_multilabel_csv_with_linear_probe_fits_evals_and_predicts_decisions(tmp_path):
+    from test_contract import write_manifest
+
+    man = write_manifest(tmp_path / "ml", "multi")
+    out = tmp_path / "lp"
+    r = run("fit", "-m", "linear-probe", "-d", man, "-o", out, *TOY)
+    assert "decision (label): every label scoring >= its threshold" in r.output
+    run("eval", out)
+    rep = json.loads((out / "eval-test.json").read_text())
+    assert isinstance(rep["threshold"], list) and len(rep["threshold"]) == 3 and 0 <= rep["micro_f1"] <= 1
+    img = next((tmp_path / "ml").glob("red_*.png"))
+    line = json.loads(run("predict", out, img, "--json").output.strip())
+    assert set(line["labels"]) <= {"red", "green", "blue"} and len(line["scores"]) == 3
+
+
+def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red: the colour of blood\ngreen\nblue: the colour of the sky\n")
+    out = tmp_path / "zs"
+    run("fit", "-m", "zero-shot", "--classes", classes, "-o", out, *TOY)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["classnames"] == ["red", "green", "blue"] and cfg["descriptions"]["red"] == "the colour of blood"
+    img = next((color_folder / "red").iterdir())
+    r = run("predict", out, img, "--csv", tmp_path / "p.csv")
+    assert r.output.startswith(str(img)) and (tmp_path / "p.csv").is_file()
+    one_line_error(
+        run("fit", "-m", "linear-probe", "--classes", "a,b", "-o", tmp_path / "x", *TOY, ok=False), "learns from images"
+    )
