@@ -123,20 +123,12 @@ def extract(
         console.print(msg)
 
 
-def _splits_for(data: str, shots: int | None, seed: int, val_fraction: float, test_fraction: float):
-    from .data import fewshot, load_data, train_val_test
+def _splits_for(
+    data: str, shots: int | None, seed: int, val_fraction: float, test_fraction: float, split_file: Path | None = None
+):
+    from .data import plan_splits
 
-    raw = load_data(data)
-    if shots:
-        if "all" in raw:
-            pool = raw["all"]
-            tr, va = fewshot(pool, shots, seed)
-            used = {it.key for it in tr.items + va.items}
-            test = pool.subset([i for i, it in enumerate(pool.items) if it.key not in used])
-            return {"train": tr, "val": va, "test": test}
-        tr, va = fewshot(raw["train"], shots, seed, val_pool=raw.get("val"))
-        return {"train": tr, "val": va, **({"test": raw["test"]} if "test" in raw else {})}
-    return train_val_test(raw, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return plan_splits(data, shots, seed, val_fraction, test_fraction, split_file)
 
 
 @app.command()
@@ -149,28 +141,34 @@ def fit(
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
+    split_file: Path | None = typer.Option(
+        None, "--split-file", help="Train/val items from this split.json (written by every fit) instead of sampling."
+    ),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Train a method and save it (safetensors + JSON) to --out."""
+    """Train a method and save it (safetensors + JSON) to --out, with split.json: the items used."""
     from .bench.fewshot import parse_options
+    from .data import write_split_file
     from .methods import create_method
     from .metrics import accuracy
     from .utils import write_json
 
-    splits = _splits_for(data, shots, seed, val_fraction, test_fraction)
+    splits = _splits_for(data, shots, seed, val_fraction, test_fraction, split_file)
     bb = _backbone(backbone, backbone_opt)
     m = create_method(method, bb, cache=_cache(cache_dir), **parse_options(opt))
     console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     m.fit(splits["train"], splits.get("val"))
     m.save_pretrained(out)
+    write_split_file(out / "split.json", splits, data)
     info = {
         "command": _command(),
         "method": method,
         "data": data,
         "shots": shots,
         "seed": seed,
+        "split_file": str(split_file) if split_file else None,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "sizes": {k: len(v) for k, v in splits.items()},
@@ -211,8 +209,14 @@ def evaluate(
     data = data or info.get("data")
     if not data:
         raise DataError(f"{model_dir}: no fit.json; pass --data")
+    own = model_dir / "split.json"  # the fit's own items, when evaluating on the data it was fitted on
     splits = _splits_for(
-        data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2), info.get("test_fraction", 0.2)
+        data,
+        info.get("shots"),
+        info.get("seed", 1),
+        info.get("val_fraction", 0.2),
+        info.get("test_fraction", 0.2),
+        own if own.exists() and data == info.get("data") else None,
     )
     if split not in splits:
         raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)})")

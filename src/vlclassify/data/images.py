@@ -13,7 +13,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Any PIL mode -> RGB; transparent pixels are pasted onto `background` (Tux Paint stamps)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if "A" in image.getbands() or image.info.get("transparency") is not None:  # as transformers' convert_to_rgb
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, background + (255,))
         canvas.alpha_composite(rgba)

@@ -7,6 +7,7 @@
     PATH/                    image folder (one sub-folder per class; optional train/val/test)
     PATH.csv | PATH.jsonl    manifest
     PATH.json                CoOp split file
+    PATH.safetensors | .npz  precomputed features: embeddings, labels, class names (data/precomputed.py)
 Options follow after `?`, e.g. `tuxpaint?root=/my/stamps` or `data.csv?tasks=color,style`.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from . import builtin, composites, loaders
+from . import builtin, composites, loaders, precomputed
 from .items import Dataset
 from .splits import stratified_split
 
@@ -53,7 +54,9 @@ def load_data(spec: str) -> dict[str, Dataset]:
         return loaders.manifest(p, **opts)
     if suffix == ".json":
         return loaders.coop_split(p, **opts)
-    raise DataError(f"data {base!r}: expected a folder, .csv, .jsonl or CoOp .json")
+    if suffix in precomputed.SUFFIXES:
+        return precomputed.load_precomputed(p, **opts)
+    raise DataError(f"data {base!r}: expected a folder, .csv, .jsonl, CoOp .json, or .safetensors / .npz features")
 
 
 def train_val_test(
