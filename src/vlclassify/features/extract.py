@@ -181,7 +181,6 @@ def precomputed_feature_set(
             f"{pre.path}: this method trains on view(s) {', '.join(views)}; the file has no "
             + ", ".join(f"{v!r} ('{v}.image')" for v in missing)
         )
-
     lacking = [v for v in views if spatial and sources[v].spatial is None]
     if lacking:
         raise DataError(
