@@ -185,20 +185,12 @@ def extract(
         console.print(msg)
 
 
-def _splits_for(data: str, shots: int | None, seed: int, val_fraction: float, test_fraction: float):
-    from .data import fewshot, load_data, train_val_test
+def _splits_for(
+    data: str, shots: int | None, seed: int, val_fraction: float, test_fraction: float, split_file: Path | None = None
+):
+    from .data import plan_splits
 
-    raw = load_data(data)
-    if shots:
-        if "all" in raw:
-            pool = raw["all"]
-            tr, va = fewshot(pool, shots, seed)
-            used = {it.key for it in tr.items + va.items}
-            test = pool.subset([i for i, it in enumerate(pool.items) if it.key not in used])
-            return {"train": tr, "val": va, "test": test}
-        tr, va = fewshot(raw["train"], shots, seed, val_pool=raw.get("val"))
-        return {"train": tr, "val": va, **({"test": raw["test"]} if "test" in raw else {})}
-    return train_val_test(raw, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return plan_splits(data, shots, seed, val_fraction, test_fraction, split_file)
 
 
 @app.command()
@@ -222,11 +214,16 @@ def fit(
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model in a non-empty --out folder."),
+    split_file: Path | None = typer.Option(
+        None, "--split-file", help="Train/val items from this split.json (written by every fit) instead of sampling."
+    ),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Train a method, choose its decision rule on validation, save it (safetensors + JSON) to --out."""
+    """Train a method, choose its decision rule on validation, save it (safetensors + JSON) to --out,
+    with split.json: the items used."""
+    from .data import write_split_file
     from .data.classes import parse_classes
     from .errors import DataError
     from .methods import create_method
@@ -246,7 +243,7 @@ def fit(
         m.set_classes(names, descriptions)
         console.print(f"{method}: {len(names)} classes by name, no images")
     else:
-        splits = _splits_for(_absolute_spec(data), shots, seed, val_fraction, test_fraction)
+        splits = _splits_for(_absolute_spec(data), shots, seed, val_fraction, test_fraction, split_file)
         train = splits["train"]
         if names and names != train.classnames:
             raise DataError(f"--classes {names[:5]}... do not match the data's classes {train.classnames[:5]}...")
@@ -272,6 +269,7 @@ def fit(
         "classes": classes,
         "shots": shots,
         "seed": seed,
+        "split_file": str(split_file) if split_file else None,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "sizes": {k: len(v) for k, v in splits.items()},
@@ -287,6 +285,8 @@ def fit(
         console.print(f"decision ({task}): {rule.describe()}", markup=False, soft_wrap=True)
     with atomic_path(out, is_dir=True) as tmp:  # the new model replaces an old one whole, never mixed
         m.save_pretrained(tmp)
+        if splits:
+            write_split_file(tmp / "split.json", splits, _absolute_spec(data))
         write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
 
@@ -349,8 +349,14 @@ def evaluate(
     if data != fitted_on or split == "all":
         ds = _rows_of(data, split)  # another file (e.g. the test images): every row it has for `split`
     else:
+        own = model_dir / "split.json"  # the fit's own items, when evaluating on the data it was fitted on
         splits = _splits_for(
-            data, info.get("shots"), info.get("seed", 1), info.get("val_fraction", 0.2), info.get("test_fraction", 0.2)
+            data,
+            info.get("shots"),
+            info.get("seed", 1),
+            info.get("val_fraction", 0.2),
+            info.get("test_fraction", 0.2),
+            own if own.exists() else None,
         )
         if split not in splits:
             raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)}, all)")

@@ -1,4 +1,15 @@
-"""Hugging Face `CLIPModel` from a local folder (or a hub id, which needs network access)."""
+"""Hugging Face `CLIPModel` from a local folder (or a hub id, which needs network access).
+
+Images are preprocessed exactly as transformers' `CLIPImageProcessor` (its PIL implementation)
+does with the folder's `preprocessor_config.json` (defaults: CLIP's): bicubic resize of the short
+side to `shortest_edge` with the long side *truncated* (`int(size * long / short)`), centre crop
+with the offset rounded down (OpenAI's CenterCrop rounds it), x / 255 in float64 cast to float32,
+then (x - mean) / std: bit for bit the same pixels on real images (max abs difference 0.0,
+tests/test_hf_clip_preprocess.py). Transparency: vlclassify composites
+transparent pixels onto white when it decodes (data/images.py), as transformers' `convert_to_rgb`
+does (the installed transformers 5; OpenAI's CLIP and older transformers releases call
+`convert("RGB")`, which drops the alpha channel and keeps whatever colour transparent pixels hold).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +17,75 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import ConfigError
 from ..utils import file_fingerprint, json_fingerprint
-from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_tensor, quiet_from_pretrained
+from .base import Backbone, ImageFeatures, TextFeatures, quiet_from_pretrained
 from .registry import register_backbone
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(
+    image: Image.Image,
+    resize: int | tuple[int, int],
+    crop: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    resample: int = Image.BICUBIC,
+) -> np.ndarray:
+    """RGB PIL image -> [3, crop_h, crop_w] float32, as `CLIPImageProcessor` computes it.
+
+    `resize`: the short side's length (aspect kept, long side truncated) or an exact (h, w)."""
+    w, h = image.size
+    if isinstance(resize, int):
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(resize * long / short)
+        nw, nh = (resize, new_long) if w <= h else (new_long, resize)
+    else:
+        nh, nw = resize
+    image = image.resize((nw, nh), resample)
+    ch, cw = crop
+    top, left = (nh - ch) // 2, (nw - cw) // 2
+    arr = np.asarray(image, dtype=np.uint8)[top : top + ch, left : left + cw]  # [h, w, 3]
+    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _preprocessor_settings(cfg: dict, image_size: int, where: str) -> dict:
+    """resize / crop / resample / mean / std from a `preprocessor_config.json` (CLIP's defaults)."""
+    size = cfg.get("size", {"shortest_edge": image_size})
+    if isinstance(size, int):
+        resize: int | tuple[int, int] = size
+    elif size.get("shortest_edge"):
+        resize = int(size["shortest_edge"])
+    elif size.get("height") and size.get("width"):
+        resize = (int(size["height"]), int(size["width"]))
+    else:
+        raise ConfigError(f"{where}: unsupported 'size' {size!r} (use shortest_edge or height/width)")
+    if not cfg.get("do_center_crop", True):
+        if not isinstance(resize, tuple):
+            raise ConfigError(f"{where}: do_center_crop false needs a square height/width 'size'")
+        crop = resize
+    else:
+        c = cfg.get("crop_size", image_size)
+        crop = (c, c) if isinstance(c, int) else (int(c["height"]), int(c["width"]))
+    if crop != (image_size, image_size):
+        raise ConfigError(f"{where}: images would be {crop} pixels but the model takes {image_size}x{image_size}")
+    if isinstance(resize, int) and resize < image_size:
+        raise ConfigError(f"{where}: shortest_edge {resize} is smaller than the {image_size}-pixel crop")
+    return {
+        "resize": resize,
+        "crop": crop,
+        "resample": int(cfg.get("resample", Image.BICUBIC)),
+        "mean": tuple(cfg.get("image_mean", CLIP_MEAN)),
+        "std": tuple(cfg.get("image_std", CLIP_STD)),
+    }
 
 
 def weight_files_fingerprint(folder: Path) -> str:
@@ -49,11 +119,9 @@ class HFCLIP(Backbone):
         self.pooled_dim = int(vc.hidden_size)
         self.patch_grid = self.image_size // int(vc.patch_size)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
-        self.mean, self.std = CLIP_MEAN, CLIP_STD
-        if self._folder is not None and (self._folder / "preprocessor_config.json").exists():
-            cfg = json.loads((self._folder / "preprocessor_config.json").read_text())
-            self.mean = tuple(cfg.get("image_mean", CLIP_MEAN))
-            self.std = tuple(cfg.get("image_std", CLIP_STD))
+        pp = self._folder / "preprocessor_config.json" if self._folder is not None else None
+        cfg = json.loads(pp.read_text()) if pp is not None and pp.exists() else {}
+        self.pixels = _preprocessor_settings(cfg, self.image_size, str(pp or path))
 
     def weights_fingerprint(self) -> str:
         if self._folder is None:
@@ -61,18 +129,10 @@ class HFCLIP(Backbone):
         return weight_files_fingerprint(self._folder)
 
     def preprocess_config(self) -> dict:
-        return {
-            "resize": "short-side bicubic + centre crop",
-            "size": self.image_size,
-            "mean": self.mean,
-            "std": self.std,
-        }
+        return {"recipe": "CLIPImageProcessor", **self.pixels}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        x = pil_to_unit_tensor(image, self.image_size)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return torch.from_numpy(clip_pixels(image, **self.pixels))
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         vm = self.model.vision_model

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..backbones.base import Backbone
-from ..data import Dataset, fewshot, load_data, stratified_split
+from ..data import Dataset, load_data, plan_splits, stratified_split
 from ..errors import DataError
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
@@ -74,11 +74,12 @@ def run_fewshot(
     spatial = any("spatial" in p.feature_needs() for p in probes)
 
     # Every (shots, seed) split, sampled up front so features are extracted once.
+    raw = {"train": pool, **({"val": val_pool} if val_pool is not None else {})}  # the test set is handled below
     plans = {}
     for k in shots:
         for s in seeds:
-            tr, va = fewshot(pool, k, s, val_pool=val_pool)
-            plans[(k, s)] = (tr, va)
+            plan = plan_splits(raw, shots=k, seed=s)
+            plans[(k, s)] = (plan["train"], plan["val"])
 
     def encode_rows(ds: Dataset, keys: set[str], tag: str, v: Sequence[str]) -> tuple[Encoded, dict[str, int]]:
         """Features of the items of `ds` whose key is in `keys` (one cache entry), and key -> row."""
@@ -166,9 +167,10 @@ def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]
             f"(counts: {dict(zip(ds.classnames, counts.tolist()))})"
         )
     new = {c: i for i, c in enumerate(keep)}
-    items = [dataclasses.replace(it, label=new[it.label], tasks=None) for it in ds.items if it.label in new]
+    sub = ds.subset([i for i, it in enumerate(ds.items) if it.label in new])  # keeps precomputed features aligned
+    items = [dataclasses.replace(it, label=new[it.label], tasks=None) for it in sub.items]
     # the other tasks' indices would no longer match: the filtered set keeps the main task only
-    return dataclasses.replace(ds, items=items, classnames=[ds.classnames[c] for c in keep], tasks={}), dropped
+    return dataclasses.replace(sub, items=items, classnames=[ds.classnames[c] for c in keep], tasks={}), dropped
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:

@@ -4,7 +4,10 @@ from .builtin import FASHION_MNIST_CLASSES, fashion_mnist, tuxpaint
 from .images import load_image
 from .items import Dataset, Item
 from .loaders import coop_split, image_folder, manifest
+from .plan import plan_splits
+from .precomputed import load_precomputed, save_precomputed
 from .spec import load_data, parse_spec, train_val_test
+from .splitfile import read_split_file, write_split_file
 from .splits import fewshot, kfold, sample_per_class, stratified_split
 
 __all__ = [
@@ -14,6 +17,11 @@ __all__ = [
     "load_data",
     "parse_spec",
     "train_val_test",
+    "plan_splits",
+    "read_split_file",
+    "write_split_file",
+    "load_precomputed",
+    "save_precomputed",
     "fewshot",
     "kfold",
     "sample_per_class",

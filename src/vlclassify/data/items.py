@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import DataError
 from ..utils import json_fingerprint
+
+if TYPE_CHECKING:
+    from .precomputed import PrecomputedFeatures
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Dataset:
     multilabel: bool = False
     tasks: dict[str, list[str]] = field(default_factory=dict)  # task -> its class names
     source: str = ""  # content signature of the files behind the items
+    features: PrecomputedFeatures | None = None  # features read from a file, row-aligned (data/precomputed.py)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -75,7 +80,9 @@ class Dataset:
         return np.array([(it.tasks or {}).get(task, -1) for it in self.items], dtype=np.int64)
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> Dataset:
-        return replace(self, items=[self.items[int(i)] for i in indices], name=name or self.name)
+        items = [self.items[int(i)] for i in indices]
+        features = None if self.features is None else self.features.index(indices)
+        return replace(self, items=items, name=name or self.name, features=features)
 
     def texts(self) -> list[str]:
         return [it.text or "" for it in self.items]

@@ -7,6 +7,7 @@
     PATH/                    image folder (one sub-folder per class; optional train/val/test)
     PATH.csv | PATH.jsonl    manifest
     PATH.json                CoOp split file
+    PATH.safetensors | .npz  precomputed features: embeddings, labels, class names (data/precomputed.py)
 Options follow after `?`, e.g. `tuxpaint?root=/my/stamps`, `data.csv?tasks=color,style`,
 `data.csv?labels_sep=;` or `data.csv?classes=classes.txt`; an unknown option is an error.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from . import builtin, composites, loaders
+from . import builtin, composites, loaders, precomputed
 from .classes import parse_classes
 from .items import Dataset
 from .splits import stratified_split
@@ -83,7 +84,9 @@ def load_data(spec: str) -> dict[str, Dataset]:
         return _call(loaders.manifest, spec, opts, p)
     if suffix == ".json":
         return _call(loaders.coop_split, spec, opts, p)
-    raise DataError(f"data {base!r}: expected a folder, .csv, .jsonl or CoOp .json")
+    if suffix in precomputed.SUFFIXES:
+        return _call(precomputed.load_precomputed, spec, opts, p)
+    raise DataError(f"data {base!r}: expected a folder, .csv, .jsonl, CoOp .json, or .safetensors / .npz features")
 
 
 def _fraction(name: str, value: Any) -> float:

@@ -1,13 +1,19 @@
 """Few-shot sampling (the CoOp protocol) and stratified splits for data without them.
 
-Sampling uses numpy's PCG64 generator, whose streams are the same on every platform, so a seed
-gives the same images everywhere.
+Few-shot items are drawn exactly as CoOp's code draws them (Dassl's `generate_fewshot_dataset`
+after `random.seed(seed)`), so a CoOp split file, K and a seed give the very images CoOp trains
+on. Python's `random` (Mersenne Twister) gives the same stream on every platform; a private
+`random.Random(seed)` gives that stream without touching the global generator.
+
+The stratified splits and folds for data without splits use numpy's PCG64 (also the same on
+every platform); they are not part of CoOp's protocol.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -21,50 +27,119 @@ def _class_indices(ds: Dataset) -> list[np.ndarray]:
 
 
 def _primary_labels(ds: Dataset) -> np.ndarray:
-    """Single-label: the label; multi-label: the first label (used only to stratify)."""
+    """Single-label: the label; multi-label: the first (smallest) label; -1 for unlabelled items."""
     if ds.multilabel:
         return np.array([it.labels[0] if it.labels else -1 for it in ds.items], dtype=np.int64)
     return ds.labels()
 
 
+def dassl_sample(
+    labels: Sequence[int], k: int, rng: random.Random, repeat: bool = False
+) -> tuple[list[int], dict[int, int]]:
+    """Positions chosen by Dassl's `generate_fewshot_dataset` on a list with these labels.
+
+    Group the positions by label in order of first appearance; for each group in that order
+    `rng.sample(group, k)`, or, when the group is shorter, the whole group (`repeat=False`) or
+    `rng.choices(group, k=k)` (`repeat=True`, with replacement). The result is in that order
+    (groups concatenated, each in the order drawn). Labels < 0 (unlabelled items) are skipped.
+    Returns (positions, {label: group size} of the groups shorter than k).
+    """
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        if y >= 0:
+            groups.setdefault(int(y), []).append(i)
+    chosen: list[int] = []
+    short: dict[int, int] = {}
+    for y, group in groups.items():
+        if len(group) >= k:
+            chosen += rng.sample(group, k)
+        else:
+            short[y] = len(group)
+            chosen += rng.choices(group, k=k) if repeat else group
+    return chosen, short
+
+
+def _warn_short(ds: Dataset, k: int, counts: dict[int, int], what: str, repeat: bool) -> None:
+    if counts:
+        names = ", ".join(f"{ds.classnames[c]} ({n})" for c, n in sorted(counts.items()))
+        how = "sampling them with replacement" if repeat else "using all of them"
+        warnings.warn(f"{ds.name} {what}: fewer than {k} images for {names}; {how}", stacklevel=3)
+
+
+def _sample(
+    ds: Dataset, positions: Sequence[int], k: int, rng: random.Random, what: str, repeat: bool = False
+) -> list[int]:
+    """`dassl_sample` on the items of `ds` at `positions` (in that order) -> indices into `ds`."""
+    y = _primary_labels(ds)
+    chosen, short = dassl_sample([int(y[i]) for i in positions], k, rng, repeat)
+    present = {int(y[i]) for i in positions}
+    short.update({c: 0 for c in range(ds.num_classes) if c not in present})  # absent classes: warn too
+    _warn_short(ds, k, short, what, repeat)
+    return [int(positions[j]) for j in chosen]
+
+
 def sample_per_class(ds: Dataset, k: int, seed: int, exclude: Sequence[int] = (), what: str = "train") -> np.ndarray:
-    """K indices per class without replacement (all of them, with a warning, if fewer)."""
+    """K indices per class, drawn as CoOp draws few-shot items (see `dassl_sample`); all of a
+    class's images, with a warning, if it has fewer. Items at `exclude` are never drawn."""
     if k < 1:
         raise DataError(f"shots must be >= 1, got {k}")
-    rng = np.random.default_rng(seed)
-    excluded = set(int(i) for i in exclude)
-    chosen, short = [], []
-    for c, idx in enumerate(_class_indices(ds)):
-        idx = np.array([i for i in idx if i not in excluded], dtype=np.int64)
-        if len(idx) < k:
-            short.append(f"{ds.classnames[c]} ({len(idx)})")
-            chosen.append(idx)
-        else:
-            chosen.append(np.sort(rng.choice(idx, size=k, replace=False)))
-    if short:
-        warnings.warn(
-            f"{ds.name} {what}: fewer than {k} images for {', '.join(short)}; using all of them", stacklevel=2
-        )
-    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    excluded = {int(i) for i in exclude}
+    positions = [i for i in range(len(ds)) if i not in excluded]
+    return np.array(_sample(ds, positions, k, random.Random(seed), what), dtype=np.int64)
 
 
-def fewshot(train_pool: Dataset, shots: int, seed: int, val_pool: Dataset | None = None) -> tuple[Dataset, Dataset]:
-    """CoOp few-shot split: K per class for training, min(K, 4) per class for validation.
-
-    Validation comes from `val_pool` when the data has a val split, else from the images of
-    `train_pool` not chosen for training.
-    """
-    tr = sample_per_class(train_pool, shots, seed, what="train")
+def fewshot_indices(
+    train_pool: Dataset, shots: int, seed: int, val_pool: Dataset | None = None, repeat: bool = False
+) -> tuple[list[int], list[int]]:
+    """(train indices into `train_pool`, val indices into `val_pool`, or into `train_pool` when
+    there is no val split): the items of `fewshot`, in the order CoOp lists them."""
+    if shots < 1:
+        raise DataError(f"shots must be >= 1, got {shots}")
+    rng = random.Random(seed)  # == random.seed(seed): nothing else draws before the sampling
+    train = _sample(train_pool, range(len(train_pool)), shots, rng, "train", repeat)
     k_val = min(shots, 4)
     if val_pool is not None:
-        va_ds = val_pool.subset(sample_per_class(val_pool, k_val, seed + 1, what="val"), name=f"{val_pool.name}")
-    else:
-        va_ds = train_pool.subset(sample_per_class(train_pool, k_val, seed + 1, exclude=tr, what="val"))
-    train = train_pool.subset(tr)
-    missing = [train.classnames[c] for c in range(train.num_classes) if not np.any(_primary_labels(train) == c)]
+        val = _sample(val_pool, range(len(val_pool)), k_val, rng, "val")
+    else:  # the same procedure on the training images not sampled, in their order, same stream
+        used = set(train)
+        val = _sample(train_pool, [i for i in range(len(train_pool)) if i not in used], k_val, rng, "val")
+    have = set(_primary_labels(train_pool)[train].tolist())
+    missing = [c for i, c in enumerate(train_pool.classnames) if i not in have]
     if missing:
         raise DataError(f"{train_pool.name}: no training images for class(es) {', '.join(missing)}")
-    return train, va_ds
+    return train, val
+
+
+def fewshot(
+    data: Dataset | Mapping[str, Dataset],
+    shots: int,
+    seed: int,
+    val_pool: Dataset | None = None,
+    repeat: bool = False,
+) -> tuple[Dataset, Dataset]:
+    """CoOp few-shot split: K per class for training, min(K, 4) per class for validation.
+
+    `data` is the dict of splits `load_data` returns (its `train`, or `all`, is the training
+    pool and its `val`, if any, the validation pool) or a training Dataset (with `val_pool`).
+    Exactly CoOp's items: `random.seed(seed)`; the pool's items grouped by label in order of
+    first appearance; per group `random.sample(group, K)`, or the whole group if shorter (a
+    warning; `repeat=True` samples short training classes with replacement instead, as
+    Tip-Adapter does);
+    then the val split the same way with min(K, 4), continuing the same stream. Without a val
+    split, validation is drawn the same way from the training images not sampled, in their
+    order, continuing the stream. Multi-label items are grouped by their first label.
+    """
+    if isinstance(data, Mapping):
+        if val_pool is not None:
+            raise DataError("fewshot: pass the val split inside the dict of splits, not as val_pool")
+        if "train" not in data and "all" not in data:
+            raise DataError(f"fewshot: the data has no 'train' (or 'all') split; it has {', '.join(data) or 'none'}")
+        train_pool = data["train"] if "train" in data else data["all"]
+        val_pool = data.get("val") if "train" in data else None
+    else:
+        train_pool = data
+    tr, va = fewshot_indices(train_pool, shots, seed, val_pool, repeat)
+    return train_pool.subset(tr), (val_pool if val_pool is not None else train_pool).subset(va)
 
 
 def stratified_split(ds: Dataset, fractions: dict[str, float], seed: int) -> dict[str, Dataset]:

@@ -173,6 +173,44 @@ def _runtime_key(base_key: dict, runtime: str) -> dict:
     return base_key if runtime == "torch" else {**base_key, "runtime": runtime}
 
 
+def precomputed_feature_set(
+    backbone: Backbone, dataset: Dataset, views: Sequence[str], spatial: bool, text: bool | None
+) -> FeatureSet:
+    """The FeatureSet of a dataset read from a feature file; what the file lacks is named."""
+    pre = dataset.features
+    if pre.image.shape[1] != backbone.embed_dim:
+        raise DataError(
+            f"{pre.path}: image embeddings are {pre.image.shape[1]}-d but backbone {backbone.name!r} has a "
+            f"{backbone.embed_dim}-d joint space; pass the backbone the features came from (--backbone)"
+        )
+    if text:
+        raise DataError(f"{pre.path}: this method needs the items' paired texts; a feature file has none")
+    sources = {"orig": pre, **pre.views}
+    missing = [v for v in views if v not in sources]
+    if missing:
+        raise DataError(
+            f"{pre.path}: this method trains on view(s) {', '.join(views)}; the file has no "
+            + ", ".join(f"{v!r} ('{v}.image')" for v in missing)
+        )
+    lacking = [v for v in views if spatial and sources[v].spatial is None]
+    if lacking:
+        raise DataError(
+            f"{pre.path}: this method needs spatial tokens of view(s) {', '.join(lacking)}; the file has none"
+        )
+
+    def to_set(p) -> FeatureSet:
+        return FeatureSet(
+            image=p.image,
+            pooled=p.image if p.pooled is None else p.pooled,  # without pooled features the embeddings stand in
+            spatial=p.spatial if spatial else None,
+            grid=p.grid if spatial else None,
+        )
+
+    first = to_set(sources[views[0]])
+    first.views = {v: to_set(sources[v]) for v in views[1:]}
+    return first
+
+
 def extract_features(
     backbone: Backbone,
     dataset: Dataset,
@@ -194,8 +232,11 @@ def extract_features(
     threads only contend with the model on a busy CPU, see docs/benchmarks.md). `runtime` runs the
     image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable); see
     features/runtime.py. Non-torch runtimes are part of the cache key (their floats differ in
-    the last bits); "auto" accepts an entry made by either runtime.
+    the last bits); "auto" accepts an entry made by either runtime. Data read from a feature
+    file (`dataset.features`, data/precomputed.py) is returned as it is: nothing is computed.
     """
+    if dataset.features is not None:
+        return precomputed_feature_set(backbone, dataset, views, spatial, text)
     cache = cache or FeatureCache()
     workers = workers or max(1, min(cpu_count() // 2, 8))
     chosen = resolve_runtime(backbone, runtime)

@@ -119,6 +119,7 @@ DATASET_TEMPLATES = {
     "caltech101": ["a photo of a {}."],
     "food101": ["a photo of {}, a type of food."],
     "ucf101": ["a photo of a person doing {}."],
+    "imagenet": SELECT7,  # Tip-Adapter's ImageNet ensemble (CoOp's zero-shot CLIP: "a photo of a {}.")
     "fashion-mnist": ["a photo of a {}, a type of clothing."],
     "tuxpaint": ["a photo of {}."],
 }
@@ -152,9 +153,10 @@ def class_text_embeddings(
     templates: Sequence[str],
     descriptions: dict[str, str] | None = None,
     cache=None,
+    class_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[C, D]: per class, the mean of its normalised template embeddings, normalised (CLIP's ensemble)."""
-    return cached_template_embeddings(backbone, classnames, templates, cache, descriptions)[1]
+    return cached_template_embeddings(backbone, classnames, templates, cache, descriptions, class_text)[1]
 
 
 def cached_template_embeddings(
@@ -163,11 +165,22 @@ def cached_template_embeddings(
     templates: Sequence[str],
     cache=None,
     descriptions: dict[str, str] | None = None,
+    class_text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-template [C, L, D], ensemble [C, D]) normalised class text embeddings, through the
     feature cache: few-shot sweeps refit many times on the same classes, so encode them once.
-    A class's description, if given, follows each of its prompts."""
+    A class's description, if given, follows each of its prompts.
+
+    `class_text` [C, D], class text embeddings given with the data (a feature file's entry, see
+    `data.precomputed.class_text_of`), replaces the prompts: ([C, 1, D], [C, D]), both normalised,
+    and the backbone encodes nothing."""
     import torch
+
+    if class_text is not None:
+        if class_text.shape[0] != len(classnames):
+            raise ConfigError(f"class_text has {class_text.shape[0]} rows for {len(classnames)} classes")
+        ens = torch.nn.functional.normalize(class_text.float(), dim=-1)
+        return ens[:, None, :], ens
 
     from ..features import encode_texts
 

@@ -1,0 +1,289 @@
+"""The few-shot protocol against an independent reference written from its published description
+(CoOp / Dassl `generate_fewshot_dataset`, docs: shared README "Few-shot protocol"), the split file
+of every fit, and the template ensemble."""
+
+import json
+import random
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlclassify.cli import app
+from vlclassify.data import (
+    Dataset,
+    Item,
+    fewshot,
+    image_folder,
+    load_data,
+    plan_splits,
+    read_split_file,
+    write_split_file,
+)
+from vlclassify.errors import DataError
+
+runner = CliRunner()
+SEEDS = (1, 2, 3)
+SHOTS = (1, 2, 4, 8, 16)
+# class sizes: some classes shorter than K (1, 2, 3 images), labels interleaved so that the order
+# of first appearance (5, 2, 0, 6, ...) is not the index order
+TRAIN_SIZES = {0: 20, 1: 3, 2: 17, 3: 1, 4: 9, 5: 16, 6: 2}
+VAL_SIZES = {0: 6, 1: 1, 2: 4, 3: 2, 4: 5, 5: 3, 6: 0}
+
+
+def _interleaved(sizes: dict[int, int], seed: int) -> list[int]:
+    labels = [c for c, n in sizes.items() for _ in range(n)]
+    np.random.default_rng(seed).shuffle(labels)
+    return labels
+
+
+def reference_fewshot(rows: list, k: int) -> list:
+    """The published procedure on a list of (path, label) rows, drawing from the global `random`
+    (CoOp calls `random.seed(seed)` first): group by label in order of first appearance; per
+    group, `random.sample(group, k)` or the whole group when it is shorter."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row[1]].append(row)
+    out = []
+    for group in groups.values():
+        out.extend(random.sample(group, k) if len(group) >= k else group)
+    return out
+
+
+@pytest.fixture
+def coop_json(tmp_path):
+    """A CoOp split file (train, val, test) with interleaved labels and short classes."""
+    names = [f"class_{c}" for c in range(len(TRAIN_SIZES))]
+    split = {}
+    for s, sizes, seed in (("train", TRAIN_SIZES, 0), ("val", VAL_SIZES, 1), ("test", VAL_SIZES, 2)):
+        split[s] = [[f"{names[y]}/{s}_{i:03d}.jpg", y, names[y]] for i, y in enumerate(_interleaved(sizes, seed))]
+    p = tmp_path / "split_zhou_Synthetic.json"
+    p.write_text(json.dumps(split))
+    return p, split
+
+
+def _paths(ds: Dataset) -> list[str]:
+    return [it.key for it in ds.items]  # a CoOp split item's key is its relative path
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k", SHOTS)
+def test_sampler_equals_the_published_procedure(coop_json, seed, k):
+    path, split = coop_json
+    state = random.getstate()
+    random.seed(seed)
+    ref_train = reference_fewshot(split["train"], k)
+    ref_val = reference_fewshot(split["val"], min(k, 4))  # the same stream, continued
+    random.setstate(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = random.getstate()
+        train, val = fewshot(load_data(str(path)), shots=k, seed=seed)
+        assert random.getstate() == before  # the global generator is left alone
+        planned = plan_splits(str(path), shots=k, seed=seed)
+    assert _paths(train) == [r[0] for r in ref_train]  # same items, same order
+    assert _paths(val) == [r[0] for r in ref_val]
+    assert _paths(planned["train"]) == _paths(train) and _paths(planned["val"]) == _paths(val)
+    assert len(planned["test"]) == len(split["test"])
+    assert [it.label for it in train.items] == [r[1] for r in ref_train]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k", SHOTS)
+def test_without_a_val_split_val_continues_the_stream_on_the_images_not_sampled(coop_json, seed, k):
+    path, split = coop_json
+    state = random.getstate()
+    random.seed(seed)
+    ref_train = reference_fewshot(split["train"], k)
+    rest = [r for r in split["train"] if r not in ref_train]  # in their order
+    ref_val = reference_fewshot(rest, min(k, 4))
+    random.setstate(state)
+    raw = load_data(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, val = fewshot(raw["train"], shots=k, seed=seed)  # the Dataset form: no val split given
+        planned = plan_splits({"train": raw["train"], "test": raw["test"]}, shots=k, seed=seed)
+    assert _paths(train) == [r[0] for r in ref_train]
+    assert _paths(val) == [r[0] for r in ref_val]
+    assert _paths(planned["val"]) == _paths(val)
+    assert not set(_paths(train)) & set(_paths(val))
+
+
+def test_dict_form_takes_the_val_split_and_equals_the_dataset_form(coop_json):
+    raw = load_data(str(coop_json[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = fewshot(raw, shots=4, seed=2)
+        b = fewshot(raw["train"], shots=4, seed=2, val_pool=raw["val"])
+        c = fewshot(raw["train"], shots=4, seed=2)
+    assert _paths(a[0]) == _paths(b[0]) and _paths(a[1]) == _paths(b[1])
+    assert all(p.split("/")[1].startswith("val_") for p in _paths(a[1]))  # from the val split
+    assert all(p.split("/")[1].startswith("train_") for p in _paths(c[1]))  # carved from train
+    with pytest.raises(DataError, match="inside the dict"):
+        fewshot(raw, shots=4, seed=2, val_pool=raw["val"])
+
+
+def test_short_classes_warn_by_name(coop_json):
+    raw = load_data(str(coop_json[0]))
+    with pytest.warns(UserWarning, match=r"fewer than 4 images for class 1 \(3\), class 3 \(1\), class 6 \(2\)"):
+        fewshot(raw, shots=4, seed=1)
+
+
+def test_repeat_samples_short_training_classes_with_replacement(coop_json):
+    path, split = coop_json
+    state = random.getstate()
+    random.seed(1)
+    groups = defaultdict(list)
+    for row in split["train"]:
+        groups[row[1]].append(row)
+    ref = []
+    for g in groups.values():  # Tip-Adapter: random.choices for short classes
+        ref.extend(random.sample(g, 8) if len(g) >= 8 else random.choices(g, k=8))
+    ref_val = reference_fewshot(split["val"], 4)
+    random.setstate(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, val = fewshot(load_data(str(path)), shots=8, seed=1, repeat=True)
+    assert _paths(train) == [r[0] for r in ref] and len(train) == 8 * len(TRAIN_SIZES)
+    assert _paths(val) == [r[0] for r in ref_val]
+
+
+def test_multilabel_items_are_grouped_by_their_first_label():
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(60):
+        labels = tuple(sorted(set(rng.integers(0, 4, size=rng.integers(1, 3)).tolist())))
+        items.append(Item(image=None, labels=labels, key=f"m{i}"))
+    ds = Dataset(items=items, classnames=list("abcd"), name="ml", multilabel=True)
+    rows = [(it.key, it.labels[0]) for it in items]
+    state = random.getstate()
+    random.seed(3)
+    ref_train = reference_fewshot(rows, 2)
+    rest = [r for r in rows if r not in ref_train]
+    ref_val = reference_fewshot(rest, 2)
+    random.setstate(state)
+    train, val = fewshot(ds, shots=2, seed=3)
+    assert _paths(train) == [r[0] for r in ref_train] and _paths(val) == [r[0] for r in ref_val]
+
+
+def test_data_without_splits_tests_on_every_image_not_sampled(color_folder):
+    raw = image_folder(color_folder)
+    p = plan_splits(raw, shots=2, seed=1)
+    keys = [set(_paths(p[s])) for s in ("train", "val", "test")]
+    assert len(p["train"]) == 6 and len(p["val"]) == 6 and len(p["test"]) == 18 - 12
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert p.test_from == "all"
+
+
+# ---- split.json ---------------------------------------------------------------------------
+
+
+def _images_for(split: dict, root):
+    """Real (tiny) image files for every row of a split, coloured by class."""
+    for rows in split.values():
+        for rel, y, _ in rows:
+            f = root / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 30 * y, dtype=np.uint8)).save(f, format="PNG")
+
+
+def test_fit_on_a_coop_split_file_writes_the_described_choice(coop_json, tmp_path):
+    path, split = coop_json
+    _images_for(split, path.parent)
+    out = tmp_path / "model"
+    args = ["fit", "-m", "linear-probe", "-d", str(path), "-o", str(out), "--shots", "4", "--seed", "3"]
+    r = runner.invoke(app, args + ["--backbone", "toy", "--opt", "C_grid=[1.0]"])
+    assert r.exit_code == 0, r.output
+    written = json.loads((out / "split.json").read_text())
+    state = random.getstate()
+    random.seed(3)
+    ref_train = reference_fewshot(split["train"], 4)
+    ref_val = reference_fewshot(split["val"], 4)
+    random.setstate(state)
+    clean = lambda rows: [[p, y, c.replace("_", " ")] for p, y, c in rows]  # noqa: E731 (CoOp's prompt names)
+    assert written["train"] == clean(ref_train) and written["val"] == clean(ref_val)  # [path, label, classname]
+    assert written["test"] == {"source": f"{path}#test"} and written["data"] == str(path)
+    # reused: the same items, and the same model
+    out2 = tmp_path / "model2"
+    r = runner.invoke(
+        app,
+        ["fit", "-m", "linear-probe", "-d", str(path), "-o", str(out2), "--split-file", str(out / "split.json")]
+        + ["--backbone", "toy", "--opt", "C_grid=[1.0]"],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((out2 / "split.json").read_text()) == written
+    w1 = (out / "model.safetensors").read_bytes()
+    assert w1 == (out2 / "model.safetensors").read_bytes()
+    r = runner.invoke(app, ["eval", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "eval-test.json").read_text())["n"] == len(split["test"])
+
+
+def test_split_file_round_trip_on_a_folder_without_splits(color_folder, tmp_path):
+    spec = str(color_folder)
+    p = plan_splits(spec, shots=2, seed=2)
+    f = write_split_file(tmp_path / "split.json", p, spec)
+    data = json.loads(f.read_text())
+    assert data["train"][0][0].count("/") == 1 and not data["train"][0][0].startswith("/")  # relative to the folder
+    assert data["test"] == {"source": f"{spec}#all", "minus": ["train", "val"]}
+    back = read_split_file(f, load_data(spec))
+    for s in ("train", "val", "test"):
+        assert _paths(back[s]) == _paths(p[s])
+    assert back.test_from == "all"
+
+
+def test_split_file_round_trip_of_arrays_and_non_fewshot_splits(tmp_path):
+    raw = load_data("fashion-mnist")
+    small = {"train": raw["train"].subset(range(300)), "test": raw["test"].subset(range(50))}
+    p = plan_splits(small, val_fraction=0.25)  # no shots: val carved from train
+    f = write_split_file(tmp_path / "split.json", p, "fashion-mnist")
+    rows = json.loads(f.read_text())["train"]
+    assert rows[0][0].startswith("fashion-mnist/train/") and rows[0][2] in raw["train"].classnames
+    back = read_split_file(f, small)
+    assert _paths(back["train"]) == _paths(p["train"]) and _paths(back["val"]) == _paths(p["val"])
+    assert len(back["test"]) == 50
+
+
+def test_split_file_rows_not_in_the_data_are_named(coop_json, tmp_path):
+    path, split = coop_json
+    raw = load_data(str(path))
+    f = tmp_path / "split.json"
+    good = {"data": str(path), "train": split["train"][:3], "val": split["val"][:2], "test": None}
+    f.write_text(json.dumps({**good, "train": good["train"] + [["nope/x.jpg", 0, "class_0"]]}))
+    with pytest.raises(DataError, match=r"train\[3\] 'nope/x.jpg' is not an item"):
+        read_split_file(f, raw)
+    bad_label = [[split["train"][0][0], (split["train"][0][1] + 1) % 7, "class_x"]]
+    f.write_text(json.dumps({**good, "train": bad_label}))
+    with pytest.raises(DataError, match=r"train\[0\].*has label"):
+        read_split_file(f, raw)
+    bad_name = [[split["train"][0][0], split["train"][0][1], "class_x"]]
+    f.write_text(json.dumps({**good, "train": bad_name}))
+    with pytest.raises(DataError, match=r"class 'class_x'"):
+        read_split_file(f, raw)
+    f.write_text(json.dumps(good))
+    back = read_split_file(f, raw)
+    assert _paths(back["train"]) == [r[0] for r in split["train"][:3]] and "test" not in back
+
+
+# ---- the template ensemble ----------------------------------------------------------------
+
+
+def test_template_ensemble_is_normalise_average_renormalise(toy, cache):
+    from vlclassify.methods.templates import SELECT7, cached_template_embeddings
+
+    classes = ["red apple", "blue sky", "green grass"]
+    per, ens = cached_template_embeddings(toy, classes, SELECT7, cache)
+    with torch.no_grad():
+        raw = torch.stack([toy.encode_text([t.format(c) for t in SELECT7]).embeds.float() for c in classes])
+    unit = raw / raw.norm(dim=-1, keepdim=True)  # [C, T, D]
+    mean = unit.mean(dim=1)
+    ref = mean / mean.norm(dim=-1, keepdim=True)
+    assert per.shape == unit.shape and (per - unit).abs().max() < 1e-6
+    assert (ens - ref).abs().max() < 1e-6
+    given = torch.randn(3, ens.shape[1])  # class text embeddings given with the data replace the prompts
+    per2, ens2 = cached_template_embeddings(toy, classes, SELECT7, cache, class_text=given)
+    assert torch.allclose(ens2, given / given.norm(dim=-1, keepdim=True)) and per2.shape == (3, 1, ens.shape[1])
