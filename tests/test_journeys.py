@@ -57,7 +57,7 @@ def test_out_folder_rules(color_folder, lp_model, tmp_path):
     r = run("fit", "-m", "zero-shot", "-d", color_folder, "-o", lp_model, *TOY, ok=False)
     one_line_error(r, "not empty", "--overwrite")
     run("fit", "-m", "zero-shot", "-d", color_folder, "-o", lp_model, *TOY, "--overwrite")
-    assert sorted(p.name for p in lp_model.iterdir()) == ["config.json", "fit.json", "model.safetensors"]
+    assert sorted(p.name for p in lp_model.iterdir()) == ["config.json", "fit.json", "model.safetensors", "split.json"]
     assert json.loads((lp_model / "config.json").read_text())["method"] == "zero-shot"
     f = tmp_path / "afile"
     f.write_text("x")

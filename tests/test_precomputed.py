@@ -204,3 +204,35 @@ def test_bench_fewshot_on_a_feature_file_drops_small_classes_with_their_rows(col
     assert res["dropped_classes"] == ["red"]
     assert [(x["n_train"], x["n_val"], x["n_test"]) for x in res["runs"]] == [(2, 2, 8), (4, 4, 4)]
     assert all(x["test_accuracy"] == 1.0 for x in res["runs"])
+
+
+def test_methods_use_the_files_class_texts(colors, tmp_path, toy, cache):
+    """Zero-shot on a file with class_text scores against those rows, not the backbone's prompts."""
+    import torch.nn.functional as F
+
+    from vlclassify.methods import create_method
+
+    ds, f, split = colors
+    ct = torch.randn(3, toy.embed_dim)
+    p = _write(tmp_path / "ct.safetensors", ds, f, split, class_text=ct)
+    splits = load_data(str(p))
+    zs = create_method("zero-shot", toy, cache=cache).fit(splits["train"])
+    test = splits["test"]
+    expected = torch.softmax(toy.logit_scale * F.normalize(test.features.image, dim=-1) @ F.normalize(ct, dim=-1).T, -1)
+    np.testing.assert_allclose(zs.predict_proba(test), expected.numpy(), atol=1e-5)
+    plain = create_method("zero-shot", toy, cache=cache).fit(
+        load_data(str(_write(tmp_path / "no.safetensors", ds, f, split)))["train"]
+    )
+    assert not np.allclose(plain.predict_proba(test), expected.numpy(), atol=1e-3)
+    flip = _write(
+        tmp_path / "flip.safetensors",
+        ds,
+        f,
+        split,
+        class_text=ct,
+        views={"flip": {"image": f.image.clone(), "pooled": f.pooled.clone()}},
+    )
+    cmm = create_method("cmm", toy, cache=cache, steps=1, fixed_alpha=True)
+    cmm.progress = False
+    cmm.fit(load_data(str(flip))["train"])
+    torch.testing.assert_close(cmm.head.t0, F.normalize(ct, dim=-1))

@@ -41,11 +41,13 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..data.items import Dataset, Item
+from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
 from ..training import Stage, Trainer, TrainResult
 from ..utils import atomic_path, read_json, seeded
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
+from .templates import cached_template_embeddings
 
 FORMAT_VERSION = 2
 SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
@@ -145,6 +147,7 @@ class Method:
         self.progress = True
         self.runtime = "auto"  # extraction runtime; "torch" once a method changes the backbone's weights
         self.skip_bad = False  # unreadable images: skipped with a warning (True) or an error naming them
+        self.class_text: torch.Tensor | None = None  # [C, D] class texts given with the data (a feature file)
 
     # ---- declarations (per instance: some depend on options) ------------------------------
     def takes(self) -> frozenset[str]:
@@ -177,7 +180,7 @@ class Method:
                 f"{ds.name or 'data'}: {self.name} does not take {label} data; methods that do: "
                 f"{', '.join(methods_taking(label))}"
             )
-        if "image" in self.feature_needs() or "pooled" in self.feature_needs():
+        if ds.features is None and ("image" in self.feature_needs() or "pooled" in self.feature_needs()):
             blank = next((it for it in ds.items if it.image is None), None)
             if blank is not None:
                 raise DataError(
@@ -265,6 +268,7 @@ class Method:
             if enc is not None:
                 check_features(enc.features, self.feature_needs(), f"{what} ")
         self.classnames = list(ds.classnames)
+        self.class_text = class_text_of(ds)
         self.multilabel = bool(ds.multilabel)
         self.task_classes = {MAIN: list(ds.classnames)}
         self.fit_info = {}
@@ -296,6 +300,15 @@ class Method:
         for task, rule in rules.items():
             if rule.note:
                 warnings.warn(f"{self.name} ({task}): {rule.note}", stacklevel=3)
+
+    def class_texts(
+        self, templates: Sequence[str], descriptions: dict[str, str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-template [C, L, D], ensemble [C, D]) normalised class text embeddings of the current
+        classes: the data's own when it brought them (`class_text`), else the prompts encoded."""
+        return cached_template_embeddings(
+            self.backbone, self.classnames, templates, self.cache, descriptions, self.class_text
+        )
 
     def default_decision(self, task: str, num_classes: int) -> DecisionRule:
         """The rule without validation data."""

@@ -25,7 +25,7 @@ from ..modules.losses.triplet import prototype_triplet_loss
 from ..training import Stage, select_best
 from .base import Encoded, Method, TrainOptions, check_dim, normalize
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import resolve_templates
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper's search
 
@@ -165,7 +165,7 @@ class CMM(Method):
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         c = self.config
-        t0 = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        t0 = self.class_texts(self.templates)[1]
         head = self.init_head({"num_classes": len(self.classnames), "dim": t0.shape[1]})
         with torch.no_grad():
             head.t0.copy_(t0)

@@ -15,7 +15,7 @@ from torch import nn
 from ..training import Stage, select_best
 from .base import Encoded, Method, TrainOptions, check_dim, normalize
 from .registry import register_method
-from .templates import cached_template_embeddings, resolve_templates
+from .templates import resolve_templates
 
 
 @dataclass
@@ -80,7 +80,7 @@ class CrossModalLinearProbe(Method):
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         c = self.config
-        per_t, w0 = cached_template_embeddings(self.backbone, self.classnames, self.templates, self.cache)
+        per_t, w0 = self.class_texts(self.templates)
         rows = self.train_tensors(train)  # images (every view)
         if c.text_samples:
             C, L, _ = per_t.shape

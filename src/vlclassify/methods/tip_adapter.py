@@ -19,7 +19,7 @@ from torch import nn
 from ..training import select_best
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import resolve_templates
 
 
 @dataclass
@@ -109,7 +109,7 @@ class TipAdapter(Method):
         f = train.features
         views = [normalize(f.image)] + ([normalize(f.views["flip"].image)] if "flip" in f.views else [])
         keys = normalize(torch.stack(views).mean(0))  # [N, D] augmentation-averaged keys
-        text = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        text = self.class_texts(self.templates)[1]
         head = self.init_head({"num_classes": len(self.classnames), "num_keys": len(keys), "dim": keys.shape[1]})
         with torch.no_grad():
             head.class_embeds.copy_(text)

@@ -25,7 +25,7 @@ from ..modules.fusions.cross_attention import CrossAttentionDecoder
 from ..training import Stage
 from .base import Encoded, Method, TrainOptions, as_dataset, check_dim, normalize
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import resolve_templates
 
 
 @dataclass
@@ -106,7 +106,7 @@ class VTCLIP(Method):
         ]
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        texts = class_text_embeddings(self.backbone, self.classnames, self.templates, cache=self.cache)
+        texts = self.class_texts(self.templates)[1]
         head = self.init_head(
             {"num_classes": len(self.classnames), "dim": texts.shape[1], "grid": list(train.features.grid or ())}
         )

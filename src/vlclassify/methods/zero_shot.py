@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .base import MAIN, MULTI, SINGLE, TEXT, Encoded, Method, normalize
 from .decision import DecisionRule
 from .registry import register_method
-from .templates import class_text_embeddings, resolve_templates
+from .templates import resolve_templates
 
 
 @dataclass
@@ -81,10 +81,12 @@ class ZeroShot(Method):
         """Zero-shot needs no images: set (or change) the classes by name (and description)."""
         if len(classnames) < 2:
             raise ConfigError(f"zero-shot: need at least 2 classes, got {list(classnames)}")
+        if list(classnames) != self.classnames:
+            self.class_text = None  # the data's class texts were for the old classes
         self.classnames = list(classnames)
         self.task_classes = {MAIN: list(classnames)}
         self.descriptions = dict(descriptions or {})
-        emb = class_text_embeddings(self.backbone, self.classnames, self.templates, self.descriptions, self.cache)
+        emb = self.class_texts(self.templates, self.descriptions)[1]
         self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]})
         self.head.class_embeds.copy_(emb)
         self.decisions = {}
