@@ -161,10 +161,60 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
     out = tmp_path / "zs"
     run("fit", "-m", "zero-shot", "--classes", classes, "-o", out, *TOY)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["classnames"] == ["red", "green", "blue"] and cfg["descriptions"]["red"] == "the colour of blood"
+    assert cfg["classnames"] == [
+        "green",
+        "red",
+        "blue",
+    ]  # the old classes (sorted by the loader), then the new and cfg["descriptions"]["red"] == "the colour of blood"
     img = next((color_folder / "red").iterdir())
     r = run("predict", out, img, "--csv", tmp_path / "p.csv")
     assert r.output.startswith(str(img)) and (tmp_path / "p.csv").is_file()
     one_line_error(
         run("fit", "-m", "linear-probe", "--classes", "a,b", "-o", tmp_path / "x", *TOY, ok=False), "learns from images"
     )
+
+
+def _colour_csv(root, colours, per_class=6):
+    from test_contract import COLORS, _image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c in colours:
+        for i in range(per_class):
+            p = root / f"{c}{i}.png"
+            _image(p, c, seed=i)
+            rows.append({"image": p.name, "label": c})
+    path = root / "data.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_update_adds_classes_and_examples_without_refitting(tmp_path):
+    old = _colour_csv(tmp_path / "old", ["red", "green"])
+    new = _colour_csv(tmp_path / "new", ["blue", "red"])
+    run("fit", "-m", "tip-adapter", "-d", old, "-o", tmp_path / "tip", *TOY)
+    r = run("update", tmp_path / "tip", "-d", new, "-o", tmp_path / "tip2")
+    assert "key(s) added to the cache" in r.output and "classes added: blue" in r.output
+    cfg = json.loads((tmp_path / "tip2" / "config.json").read_text())
+    assert cfg["classnames"] == ["green", "red", "blue"]  # the old classes (sorted by the loader), then the new
+    blue = next((tmp_path / "new").glob("blue*.png"))
+    assert json.loads(run("predict", tmp_path / "tip2", blue, "--json").output)["labels"] == ["blue"]
+    run("fit", "-m", "zero-shot", "--classes", "red,green", "-o", tmp_path / "zs", *TOY)
+    (tmp_path / "more.txt").write_text("blue: the colour of the sky\n")
+    r = run("update", tmp_path / "zs", "--classes", tmp_path / "more.txt", "-o", tmp_path / "zs2")
+    assert "classes added by name" in r.output
+    assert json.loads((tmp_path / "zs2" / "config.json").read_text())["descriptions"] == {
+        "blue": "the colour of the sky"
+    }
+    run("fit", "-m", "cmm", "-d", old, "-o", tmp_path / "cmm", *TOY, "--opt", "steps=5")
+    one_line_error(
+        run("update", tmp_path / "cmm", "-d", new, "-o", tmp_path / "cmm2", ok=False),
+        "cannot add to a fitted model",
+        "no images of green",
+        "tip-adapter",
+    )
+    every = _colour_csv(tmp_path / "every", ["red", "green", "blue"])
+    assert "refit from scratch" in run("update", tmp_path / "cmm", "-d", every, "-o", tmp_path / "cmm3").output

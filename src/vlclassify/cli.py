@@ -291,6 +291,61 @@ def fit(
     console.print(f"saved to {out}")
 
 
+@app.command()
+def update(
+    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit` (or update)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the updated model (new or empty)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="New labelled images (a data spec)."),
+    classes: str | None = typer.Option(
+        None, help="Classes to add: 'a,b,c' or a file with one `name` or `name: description` a line."
+    ),
+    val_fraction: float = typer.Option(0.2, help="Validation fraction of the new data when it has no val split."),
+    seed: int = typer.Option(1, help="Seed for the split of the new data."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model in a non-empty --out folder."),
+    cache_dir: Path | None = CACHE_OPT,
+) -> None:
+    """Add examples and classes to a fitted model: without refitting for zero-shot, Tip-Adapter,
+    the linear probe and iCAR; the other methods refit on the new data and say so."""
+    import time
+
+    from .data.classes import parse_classes
+    from .errors import DataError
+    from .methods import load_method
+    from .utils import atomic_path, read_json, write_json
+
+    _check_out(out, overwrite)
+    if data is None and classes is None:
+        raise DataError("update: give --data (new labelled images) and/or --classes (new class names)")
+    names, descriptions = parse_classes(classes) if classes else ([], {})
+    m = load_method(model_dir, cache=_cache(cache_dir))
+    splits = _splits_for(_absolute_spec(data), None, seed, val_fraction, 0.0) if data else {}
+    t0 = time.perf_counter()
+    m.update(splits.get("train"), splits.get("val"), classes=names, descriptions=descriptions)
+    seconds = time.perf_counter() - t0
+    u = m.fit_info["update"]
+    console.print(
+        f"update {m.name}: {u['how']}; classes added: {', '.join(u['added_classes']) or 'none'} ({seconds:.1f} s)",
+        markup=False,
+        soft_wrap=True,
+    )
+    old = read_json(model_dir / "fit.json") if (model_dir / "fit.json").exists() else {}
+    info = {
+        **old,
+        "data": None,
+        "command": _command(),
+        "updated_from": str(model_dir.resolve()),
+        "update": u,
+        "update_seconds": round(seconds, 3),
+        "update_data": _absolute_spec(data) if data else None,
+        "decisions": {t: r.describe() for t, r in m.decisions.items()},
+        "fit_info": m.fit_info,
+    }
+    with atomic_path(out, is_dir=True) as tmp:
+        m.save_pretrained(tmp)
+        write_json(tmp / "fit.json", info)
+    console.print(f"saved to {out}")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """--out must be a new or empty folder (or --overwrite): checked before any work."""
     from .errors import DataError

@@ -84,5 +84,26 @@ class Dataset:
         features = None if self.features is None else self.features.index(indices)
         return replace(self, items=items, name=name or self.name, features=features)
 
+    def with_classes(self, classnames: Sequence[str]) -> Dataset:
+        """The same items under a longer class list (labels re-indexed by name), e.g. a model's classes
+        plus new ones; a class of this dataset missing from `classnames` is an error naming it."""
+        names = list(classnames)
+        index = {c: i for i, c in enumerate(names)}
+        missing = [c for c in self.classnames if c not in index]
+        if missing:
+            raise DataError(f"{self.name}: class(es) {', '.join(missing)} not in {', '.join(names)}")
+        if names == self.classnames:
+            return self
+        new = [index[c] for c in self.classnames]
+        items = [
+            replace(
+                it,
+                label=None if it.label is None or it.label < 0 else new[it.label],
+                labels=None if it.labels is None else tuple(sorted(new[c] for c in it.labels)),
+            )
+            for it in self.items
+        ]
+        return replace(self, items=items, classnames=names)
+
     def texts(self) -> list[str]:
         return [it.text or "" for it in self.items]

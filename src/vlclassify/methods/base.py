@@ -280,6 +280,51 @@ class Method:
         self.choose_decisions(va, precision=precision, per_class=thresholds == "per-class")
         return self
 
+    def update(
+        self,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        *,
+        classes: Sequence[str] = (),
+        descriptions: dict[str, str] | None = None,
+        precision: float | None = None,
+        thresholds: str = "per-class",
+    ) -> Method:
+        """Add labelled examples (`train`) and classes (`classes`, or new ones in `train`) to a fitted
+        model. Methods that can add to what they learnt override `_update` (zero-shot, Tip-Adapter,
+        linear probe, iCAR); the others refit on `train` alone, and fit_info["update"] says so."""
+        self._check_fitted()
+        merged = list(dict.fromkeys([*self.classnames, *classes, *(train.classnames if train is not None else [])]))
+        added = [c for c in merged if c not in self.classnames]
+        train = train.with_classes(merged) if train is not None else None
+        val = val.with_classes(merged) if val is not None and len(val) else None
+        how = self._update(train, val, merged, descriptions or {})
+        if how is None:
+            if train is None:
+                raise DataError(f"{self.name} learns from images and cannot add to a fitted model: give new data")
+            absent = [c for i, c in enumerate(merged) if not train.multilabel and not np.any(train.labels() == i)]
+            if absent and self.requires_all_classes():
+                from .registry import METHODS
+
+                adders = [n for n in METHODS.names() if METHODS.get(n)._update is not Method._update]
+                raise DataError(
+                    f"{self.name} cannot add to a fitted model, so update refits it on the new data, which has no "
+                    f"images of {', '.join(absent)}: give data with every class, or use {', '.join(adders)}"
+                )
+            self.fit(train, val, precision=precision, thresholds=thresholds)
+            how = f"refit from scratch on the new data ({self.name} cannot add to a fitted model)"
+        else:
+            self.choose_decisions(self.encode(val) if val is not None else None, precision, thresholds == "per-class")
+        self.fit_info["update"] = {"how": how, "added_classes": added, "new_examples": len(train or [])}
+        return self
+
+    def _update(
+        self, train: Dataset | None, val: Dataset | None, classes: list[str], descriptions: dict[str, str]
+    ) -> str | None:
+        """Add `train`'s examples and the classes `classes` (the old ones first) in place; -> how it
+        was done, or None when this method cannot (update then refits)."""
+        return None
+
     def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
         """Build `self.head` (`init_head`) and train it or choose its grid on `val`; `train` is
         None for methods that do not train on images (`trains_on_images = False`)."""

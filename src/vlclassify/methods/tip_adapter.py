@@ -135,3 +135,27 @@ class TipAdapter(Method):
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         self._build(train)
         self.fit_info = self.search(val)
+
+    def _update(self, train, val, classes, descriptions):
+        """The cache model grows: new examples become keys, new classes get zero-shot rows."""
+        old = self.head
+        n_old, c_old = old.keys.shape[0], len(self.classnames)
+        self.classnames, self.task_classes = list(classes), {"label": list(classes)}
+        self.class_text = None
+        extra = self._build(self.encode(train, training=True)) if train is not None else None
+        keys = old.keys.detach() if extra is None else torch.cat([old.keys.detach(), extra.keys.detach()])
+        values = F.pad(old.values, (0, len(classes) - c_old))  # [N_old, C]: old keys keep their labels
+        if extra is not None:
+            values = torch.cat([values, extra.values])
+        head = self.init_head({"num_classes": len(classes), "num_keys": len(keys), "dim": keys.shape[1]})
+        with torch.no_grad():
+            head.class_embeds.copy_(self.class_texts(self.templates)[1])
+            head.keys.copy_(keys)
+            head.values.copy_(values)
+            head.alpha_beta.copy_(old.alpha_beta)
+        if val is not None:
+            self.fit_info.update(self.search(self.encode(val)))
+        self.head.requires_grad_(False).eval()
+        return f"{len(keys) - n_old} key(s) added to the cache" + (
+            "; new keys are not fine-tuned (refit to fine-tune them)" if self.train_keys else ""
+        )

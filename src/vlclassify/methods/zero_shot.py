@@ -115,3 +115,7 @@ class ZeroShot(Method):
 
     def load_extra_config(self, cfg: dict[str, Any]) -> None:
         self.descriptions = dict(cfg.get("descriptions") or {})
+
+    def _update(self, train, val, classes, descriptions):
+        self.set_classes(classes, {**self.descriptions, **descriptions})
+        return "classes added by name (zero-shot learns nothing from images)"
