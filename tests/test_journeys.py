@@ -175,7 +175,7 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
 
 
 def _colour_csv(root, colours, per_class=6):
-    from test_contract import COLORS, _image
+    from test_contract import _image
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
