@@ -215,3 +215,14 @@ def test_every_trainable_method_under_torchrun_matches_one_process(datasets, tmp
         assert b[name]["world"] == 2 and a[name]["world"] == 1
         assert abs(a[name]["val_accuracy"] - b[name]["val_accuracy"]) <= 1e-9, name
         assert np.abs(np.array(a[name]["probs"]) - np.array(b[name]["probs"])).max() < 0.02, name
+
+
+def test_the_contract_page_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    from vlclassify.methods.registry import contract_table
+
+    page = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    start = page.index("<!-- contract table")
+    table = page[page.index("\n", start) + 1 : page.index("<!-- end of the contract table")]
+    assert table.strip() == contract_table().strip(), "regenerate docs/methods.md: vlclassify methods --contract"

@@ -14,9 +14,11 @@ What a method file declares (docs/methods.md is generated from these, `vlclassif
 | declaration | meaning |
 |---|---|
 | `kinds` | the data it takes: single-label, multi-label, paired-text (an image's text as input), multi-task |
+| `optional_kinds` | kinds that an option enables (a probe on paired texts, zero-shot on them) |
 | `needs` | the features it reads: image (joint embedding), pooled, spatial, text (paired-text embedding), flip |
 | `build_head(spec)` | the nn.Module whose forward maps a feature batch to `{"logits"}` (and, with targets, `"loss"`) |
 | `stages(train)` | the Trainer stages that train the head; none for training-free methods |
+| `selects` | what validation chooses (C, alpha, the training step, ...) with the one selection rule |
 | decision | chosen on validation by `fit`: argmax, a target precision, or per-class thresholds |
 
 A kind the method does not take is refused with one line *before any feature is extracted*,
@@ -96,7 +98,7 @@ def data_kinds(ds: Dataset) -> set[str]:
 def methods_taking(kind: str) -> list[str]:
     from .registry import METHODS
 
-    return [n for n in METHODS.names() if kind in METHODS.get(n).kinds]
+    return [n for n in METHODS.names() if kind in METHODS.get(n).kinds | METHODS.get(n).optional_kinds]
 
 
 def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequence[str]) -> Dataset:
@@ -122,6 +124,8 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     kinds: ClassVar[frozenset[str]] = frozenset({SINGLE})
+    optional_kinds: ClassVar[frozenset[str]] = frozenset()  # kinds an option enables (e.g. feature="text")
+    selects: ClassVar[str] = ""  # what validation chooses besides the decision rule (docs/methods.md)
     needs: ClassVar[frozenset[str]] = frozenset({"image"})
     infer_batch: ClassVar[int] = 1024  # rows per head forward at inference
     trains_on_images: ClassVar[bool] = True  # False: fit reads only the class names (and validation images)

@@ -142,6 +142,7 @@ class CMM(Method):
     name = "cmm"
     Config = CMMConfig
     needs = frozenset({"image", "flip"})
+    selects = "alpha (training ends on its last step)"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)

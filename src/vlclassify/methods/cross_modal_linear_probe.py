@@ -56,6 +56,7 @@ class CrossModalLinearProbe(Method):
     name = "cross-modal-linear-probe"
     Config = CrossModalLinearProbeConfig
     needs = frozenset({"image", "flip"})
+    selects = "weight decay, step"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)

@@ -55,7 +55,9 @@ class LinearProbe(Method):
 
     name = "linear-probe"
     Config = LinearProbeConfig
-    kinds = frozenset({SINGLE, MULTI, TEXT})
+    kinds = frozenset({SINGLE, MULTI})
+    optional_kinds = frozenset({TEXT})  # feature="text": a probe on the paired texts' embeddings
+    selects = "C (regularisation)"
     needs = frozenset({"pooled"})
 
     def __init__(self, backbone, cache=None, **options) -> None:
@@ -68,7 +70,7 @@ class LinearProbe(Method):
             raise ConfigError(f"linear-probe: C_grid must be non-empty and > 0, got {self.config.C_grid}")
 
     def takes(self) -> frozenset[str]:
-        return self.kinds if self.config.feature == "text" else self.kinds - {TEXT}
+        return self.kinds | ({TEXT} if self.config.feature == "text" else set())
 
     def feature_needs(self) -> frozenset[str]:
         return frozenset({self.config.feature})

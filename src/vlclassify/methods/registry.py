@@ -34,24 +34,29 @@ def create_method(name: str, backbone=None, **options: Any):
 
 def contract_table() -> str:
     """Markdown table of every registered method's declarations (docs/methods.md is this table)."""
-    from .base import MULTI, TASKS, TEXT, Method
+    from .base import MULTI, SINGLE, TASKS, TEXT, Method
 
-    lines = [
-        "| method | single-label | multi-label | paired text | several tasks | features | trains | decision |",
-        "|---|---|---|---|---|---|---|---|",
+    head = [
+        "method",
+        "single-label",
+        "multi-label",
+        "paired text",
+        "several tasks",
+        "features",
+        "trains",
+        "chosen on validation",
     ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in list_methods():
         cls = METHODS.get(name)
-        k = cls.kinds
-        yes = {kind: "yes" if kind in k else "—" for kind in ("single-label", MULTI, TEXT, TASKS)}
-        decision = "top class, or per-class thresholds for a target precision"
-        if MULTI in k:
-            decision += "; multi-label: per-class thresholds"
-        if TASKS in k:
-            decision += "; one rule per task"
-        trains = "Trainer" if cls.stages is not Method.stages else "no (validation grid)"
+        cell = {
+            k: "yes" if k in cls.kinds else ("option" if k in cls.optional_kinds else "—")
+            for k in (SINGLE, MULTI, TEXT, TASKS)
+        }
+        trains = "Trainer" if cls.stages is not Method.stages else "—"
+        chosen = ", ".join(filter(None, [cls.selects, "decision rule" + (" per task" if TASKS in cls.kinds else "")]))
         lines.append(
-            f"| `{name}` | {yes['single-label']} | {yes[MULTI]} | {yes[TEXT]} | {yes[TASKS]} | "
-            f"{', '.join(sorted(cls.needs))} | {trains} | {decision} |"
+            f"| `{name}` | {cell[SINGLE]} | {cell[MULTI]} | {cell[TEXT]} | {cell[TASKS]} | "
+            f"{', '.join(sorted(cls.needs))} | {trains} | {chosen} |"
         )
     return "\n".join(lines) + "\n"

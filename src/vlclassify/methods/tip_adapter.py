@@ -84,6 +84,7 @@ class TipAdapter(Method):
     name = "tip-adapter"
     Config = TipAdapterConfig
     needs = frozenset({"image", "flip"})
+    selects = "alpha, beta"
     train_keys = False  # Tip-Adapter-F fine-tunes them
 
     def __init__(self, backbone, cache=None, **options) -> None:

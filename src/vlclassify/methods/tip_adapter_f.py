@@ -33,6 +33,7 @@ class TipAdapterF(TipAdapter):
     name = "tip-adapter-f"
     Config = TipAdapterFConfig
     train_keys = True
+    selects = "epoch, alpha, beta"
 
     def stages(self, train: Encoded) -> list[Stage]:
         c = self.config

@@ -76,6 +76,7 @@ class VTCLIP(Method):
     name = "vt-clip"
     Config = VTCLIPConfig
     needs = frozenset({"image", "spatial", "flip"})
+    selects = "step"
     infer_batch = 256
 
     def __init__(self, backbone, cache=None, **options) -> None:

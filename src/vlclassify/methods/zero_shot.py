@@ -52,7 +52,8 @@ class ZeroShot(Method):
 
     name = "zero-shot"
     Config = ZeroShotConfig
-    kinds = frozenset({SINGLE, MULTI, TEXT})
+    kinds = frozenset({SINGLE, MULTI})
+    optional_kinds = frozenset({TEXT})  # modality="text" | "both": scores the image's paired text too
     trains_on_images = False
 
     def __init__(self, backbone, cache=None, **options) -> None:
@@ -63,7 +64,7 @@ class ZeroShot(Method):
         self.descriptions: dict[str, str] = {}
 
     def takes(self) -> frozenset[str]:
-        return self.kinds if self.config.modality != "image" else self.kinds - {TEXT}
+        return self.kinds | ({TEXT} if self.config.modality != "image" else set())
 
     def feature_needs(self) -> frozenset[str]:
         return frozenset({"image": {"image"}, "text": {"text"}, "both": {"image", "text"}}[self.config.modality])
