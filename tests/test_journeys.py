@@ -218,3 +218,22 @@ def test_update_adds_classes_and_examples_without_refitting(tmp_path):
     )
     every = _colour_csv(tmp_path / "every", ["red", "green", "blue"])
     assert "refit from scratch" in run("update", tmp_path / "cmm", "-d", every, "-o", tmp_path / "cmm3").output
+
+
+@pytest.mark.parametrize("kind", ["single", "multi", "text", "tasks"])
+def test_data_export_writes_a_manifest_that_reads_back_the_same(kind, tmp_path):
+    from test_contract import write_manifest
+
+    from vlclassify.data import load_data
+
+    src = load_data(str(write_manifest(tmp_path / "src", kind)))
+    run("data", "export", tmp_path / "src" / "data.csv", tmp_path / "out")
+    back = load_data(str(tmp_path / "out" / "labels.csv"))
+    assert set(back) == set(src)
+    for split in src:
+        a, b = src[split], back[split]
+        assert a.classnames == b.classnames and a.tasks == b.tasks and a.multilabel == b.multilabel
+        assert [(x.label, x.labels, x.text, x.tasks) for x in a.items] == [
+            (x.label, x.labels, x.text, x.tasks) for x in b.items
+        ]
+    one_line_error(run("data", "export", tmp_path / "src" / "data.csv", tmp_path / "out", ok=False), "not an empty")

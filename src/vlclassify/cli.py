@@ -18,6 +18,8 @@ from .errors import VLClassifyError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: few-shot comparison tables.")
 app.add_typer(bench_app, name="bench")
+data_app = typer.Typer(no_args_is_help=True, help="Data: write a data spec out as images + a CSV manifest.")
+app.add_typer(data_app, name="data")
 console = Console()
 
 BACKBONE_OPT = typer.Option("effnet-minilm", "--backbone", "-b", help="Backbone name (see `vlclassify backbones`).")
@@ -289,6 +291,20 @@ def fit(
             write_split_file(tmp / "split.json", splits, _absolute_spec(data))
         write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
+
+
+@data_app.command("export")
+def data_export(
+    spec: str = typer.Argument(..., help="Data spec, e.g. tuxpaint, tuxpaint-composite, fashion-mnist."),
+    out: Path = typer.Argument(..., help="New folder: images/ and labels.csv are written there."),
+    limit: int | None = typer.Option(None, min=1, help="Keep the first N items of each split."),
+) -> None:
+    """Write a data spec out as a folder of images and a CSV manifest (a file like a user's own)."""
+    from .data import load_data
+    from .data.export import export_manifest
+
+    path = export_manifest(load_data(spec), out, limit)
+    console.print(f"wrote {path}")
 
 
 @app.command()

@@ -1,0 +1,68 @@
+"""Write any data spec out as a plain folder: the images and one CSV manifest.
+
+    vlclassify data export tuxpaint-composite demo/leaves     # images/ + labels.csv (multi-label)
+
+The CSV has the columns a user's own manifest would have (`image`, `label` or `labels`, `text`,
+`split`; for data with several tasks one column per task instead of `label`), so the walkthroughs in the README start from a file exactly like
+the one a user brings. Files are copied (arrays are written as PNG); the folder is written
+atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import DataError
+from ..utils import atomic_path
+from .items import Dataset
+
+
+def export_manifest(splits: dict[str, Dataset], folder: str | os.PathLike, limit: int | None = None) -> Path:
+    """splits -> folder/images/* + folder/labels.csv; `limit` keeps the first N items of each split."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"{folder}: exists and is not an empty folder")
+    first = next(iter(splits.values()))
+    tasks = list(first.tasks) if len(first.tasks) >= 2 else []  # several tasks: task columns, no label column
+    multi = first.multilabel
+    with atomic_path(folder, is_dir=True) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        rows = []
+        for split, ds in splits.items():
+            for i, it in enumerate(ds.items[:limit]):
+                row: dict[str, str] = {}
+                if it.image is None:
+                    row["image"] = ""
+                elif isinstance(it.image, str):
+                    src = Path(it.image)
+                    rel = f"images/{split}-{i:05d}-{src.name}"
+                    shutil.copyfile(src, tmp / rel)
+                    row["image"] = rel
+                else:
+                    rel = f"images/{split}-{i:05d}.png"
+                    Image.fromarray(it.image).save(tmp / rel)
+                    row["image"] = rel
+                if multi:
+                    row["labels"] = ",".join(ds.classnames[c] for c in (it.labels or ()))
+                elif not tasks:
+                    row["label"] = ds.classnames[it.label] if it.label is not None and it.label >= 0 else ""
+                row["text"] = it.text or ""
+                if split != "all":
+                    row["split"] = split
+                for t in tasks:
+                    v = (it.tasks or {}).get(t, -1)
+                    row[t] = ds.tasks[t][v] if v >= 0 else ""
+                rows.append(row)
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        if not any(r.get("text") for r in rows):
+            fields.remove("text")
+        with open(tmp / "labels.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return folder / "labels.csv"
