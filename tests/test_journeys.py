@@ -223,7 +223,6 @@ def test_update_adds_classes_and_examples_without_refitting(tmp_path):
 @pytest.mark.parametrize("kind", ["single", "multi", "text", "tasks"])
 def test_data_export_writes_a_manifest_that_reads_back_the_same(kind, tmp_path):
     from test_contract import write_manifest
-
     from vlclassify.data import load_data
 
     src = load_data(str(write_manifest(tmp_path / "src", kind)))
