@@ -3,9 +3,9 @@
     vlclassify data export tuxpaint-composite demo/leaves     # images/ + labels.csv (multi-label)
 
 The CSV has the columns a user's own manifest would have (`image`, `label` or `labels`, `text`,
-`split`; for data with several tasks one column per task instead of `label`), so the walkthroughs in the README start from a file exactly like
-the one a user brings. Files are copied (arrays are written as PNG); the folder is written
-atomically.
+`split`; for data with several tasks one column per task instead of `label`), so the README's
+walkthroughs start from a file exactly like the one a user brings. Files are copied (arrays are
+written as PNG); the folder is written atomically.
 """
 
 from __future__ import annotations
