@@ -30,7 +30,33 @@ from vlclassify.methods import Encoded, create_method
 from vlclassify.methods.cmm import fused_log_probs
 from vlclassify.training import select_best
 
-RULES = ("first", "loss")
+RULES = ("first", "loss", "middle", "default")
+DEFAULTS = {  # each search's default candidate (what the method uses without validation data)
+    "linear-probe (C)": lambda grid: grid.index(10.0),  # the middle of the grid, as LinearProbe without val
+    "tip-adapter (alpha, beta)": lambda grid: grid.index((1.0, 1.0)),
+    "cmm (alpha)": lambda grid: grid.index(1.0),
+}
+
+
+def pick_all(row: dict) -> dict:
+    """The candidate each rule picks among those tied at the best validation accuracy, and its test accuracy.
+
+    first: the first in the method's order of preference; loss: the lowest validation NLL; middle:
+    the median position among the tied; default: the tied one nearest (in grid position) the default."""
+    val, test, d = row["val"], row["test"], row["default"]
+    out = {}
+    for rule in RULES:
+        sel = select_best(list(range(len(val))), lambda i: val[i][0], default=d if rule == "default" else None)
+        ties = [i for i, v in enumerate(val) if v[0] >= sel.score - 1e-9]
+        pick = {
+            "first": sel.best,
+            "default": sel.best,
+            "middle": ties[len(ties) // 2],
+            "loss": min(ties, key=lambda i: val[i][1]),
+        }[rule]
+        tied = sel.tied
+        out[rule] = {"pick": row["grid"][pick], "test_accuracy": test[pick], "tied": tied}
+    return out
 
 
 def _grid_scores(logits_val, y_val, logits_test, y_test):
@@ -107,37 +133,43 @@ def run(spec: str, shots: list[int], seeds: list[int], min_per_class: int | None
             for study, fn in STUDIES.items():
                 t0 = time.perf_counter()
                 grid, val, test = fn(backbone, None, etr, eva, ete)
-                row = {"data": spec, "study": study, "shots": k, "seed": s, "candidates": len(grid)}
-                for rule in RULES:
-                    score = (lambda i, v=val: v[i]) if rule == "loss" else (lambda i, v=val: v[i][0])
-                    sel = select_best(list(range(len(grid))), score, rule=rule)
-                    row[rule] = {"pick": grid[sel.best], "test_accuracy": test[sel.best], "tied": sel.tied}
+                row = {
+                    "data": spec,
+                    "study": study,
+                    "shots": k,
+                    "seed": s,
+                    "grid": grid,
+                    "val": val,
+                    "test": test,
+                    "default": DEFAULTS[study](grid),
+                }
+                row.update(pick_all(row))
                 rows.append(row)
                 log(
                     f"{spec} {study:<26} K={k:<2} seed={s} tied {row['first']['tied']:>3}/{len(grid):<3} "
-                    f"first {100 * row['first']['test_accuracy']:5.1f}  loss {100 * row['loss']['test_accuracy']:5.1f}"
-                    f"  ({time.perf_counter() - t0:.1f}s)"
+                    + " ".join(f"{r} {100 * row[r]['test_accuracy']:5.1f}" for r in RULES)
+                    + f"  ({time.perf_counter() - t0:.1f}s)"
                 )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = [
-        "| data | search | shots | tied (mean) / candidates | test acc, ties to the first | ties to lowest val NLL |",
-        "|---|---|---|---|---|---|",
-    ]
-    keys = sorted({(r["data"], r["study"], r["shots"]) for r in rows}, key=lambda x: (x[0], x[1], x[2]))
+    """Test accuracy (mean ± std over seeds) under each tie rule, per data, search and shots."""
+    head = ["data", "search", "shots", "tied / candidates"] + [f"ties: {r}" for r in RULES]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({(r["data"], r["study"], r["shots"]) for r in rows})
     for d, st, k in keys:
         rs = [r for r in rows if (r["data"], r["study"], r["shots"]) == (d, st, k)]
-        first = [100 * r["first"]["test_accuracy"] for r in rs]
-        loss = [100 * r["loss"]["test_accuracy"] for r in rs]
+        cells = []
+        for rule in RULES:
+            acc = [100 * r[rule]["test_accuracy"] for r in rs]
+            cells.append(f"{np.mean(acc):.1f} ± {np.std(acc):.1f}")
         tied = np.mean([r["first"]["tied"] for r in rs])
-        out.append(
-            f"| {d} | {st} | {k} | {tied:.1f} / {rs[0]['candidates']} | {np.mean(first):.1f} ± {np.std(first):.1f} "
-            f"| {np.mean(loss):.1f} ± {np.std(loss):.1f} |"
-        )
-    means = {rule: 100 * np.mean([r[rule]["test_accuracy"] for r in rows]) for rule in RULES}
-    out.append(f"| all | all | all | | {means['first']:.2f} | {means['loss']:.2f} |")
+        out.append(f"| {d} | {st} | {k} | {tied:.1f} / {len(rs[0]['grid'])} | " + " | ".join(cells) + " |")
+    for st in sorted({r["study"] for r in rows}) + ["all"]:
+        rs = [r for r in rows if st in ("all", r["study"])]
+        means = [f"**{100 * np.mean([r[rule]['test_accuracy'] for r in rs]):.2f}**" for rule in RULES]
+        out.append(f"| mean | {st} | all | | " + " | ".join(means) + " |")
     return "\n".join(out) + "\n"
 
 

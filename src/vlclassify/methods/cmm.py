@@ -188,6 +188,7 @@ class CMM(Method):
             sel = select_best(
                 list(c.alpha_grid),
                 lambda a: float((fused_log_probs(s, zs, a, c.fusion).argmax(-1) == y).float().mean()),
+                default=c.alpha if c.alpha in c.alpha_grid else None,
             )
             head.alpha.fill_(sel.best)
             info.update({**sel.info("alpha"), "alpha_source": "validation"})

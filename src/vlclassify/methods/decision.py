@@ -26,8 +26,8 @@ from ..training.selection import select_best
 
 KINDS = ("argmax", "precision", "thresholds")
 MIN_EVIDENCE = 10  # validation predictions of a class before it gets a threshold of its own
-# multi-label candidates, nearest 0.5 first (the tie-break prefers them); small values serve softmax scores
-GRID = sorted({*np.round(THRESHOLD_GRID, 4).tolist(), 0.01, 0.02, 0.03, 0.04}, key=lambda t: (abs(t - 0.5), t))
+# multi-label threshold candidates (ties go to the one nearest 0.5); small values serve softmax scores
+GRID = sorted({*np.round(THRESHOLD_GRID, 4).tolist(), 0.01, 0.02, 0.03, 0.04})
 UNCERTAIN = "uncertain"
 
 
@@ -223,13 +223,14 @@ def _f1(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def _multilabel_rule(p: np.ndarray, y: np.ndarray, per_class: bool) -> DecisionRule:
-    glob = select_best(GRID, lambda t: _f1(y, (p >= t).astype(np.float64))).best
+    glob = select_best(GRID, lambda t: _f1(y, (p >= t).astype(np.float64)), default=0.5).best
     thr: list[float | None] = [float(glob)] * p.shape[1]
     own = 0
     if per_class:
         for c in range(p.shape[1]):
             if y[:, c].any():
-                thr[c] = float(select_best(GRID, lambda t, c=c: _f1(y[:, c], (p[:, c] >= t).astype(np.float64))).best)
+                f1 = lambda t, c=c: _f1(y[:, c], (p[:, c] >= t).astype(np.float64))  # noqa: E731
+                thr[c] = float(select_best(GRID, f1, default=0.5).best)
                 own += 1
     note = (
         ""

@@ -2,8 +2,8 @@
 
 Single-label data: multinomial logistic regression, C chosen by validation accuracy.
 Multi-label data: one-vs-rest logistic regressions, C chosen by validation mean average precision.
-The C grid is searched in order of decreasing regularisation with the package's one selection rule
-(training/selection.py: best validation score, ties to the first = the most regularised).
+C is chosen with the package's one selection rule (training/selection.py: the best validation
+score, ties to the C nearest the one used without validation data, the middle of the grid).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class LinearProbe(Method):
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         x, y = self._x(train), self._targets(train)
         n = len(self.classnames)
-        grid = sorted(self.config.C_grid)  # most regularised first: the tie-break prefers it
+        grid = sorted(self.config.C_grid)
         if val is not None and len(grid) > 1:
             xv, yv = self._x(val), self._targets(val)
             fits: dict[float, tuple[np.ndarray, np.ndarray]] = {}
@@ -132,7 +132,7 @@ class LinearProbe(Method):
                 fits[C] = self._train(x, y, C, n)
                 return self._score(*fits[C], xv, yv)
 
-            sel = select_best(grid, evaluate)
+            sel = select_best(grid, evaluate, default=grid[len(grid) // 2])  # the C used without validation
             w, b = fits[sel.best]
             self.fit_info = {
                 **sel.info("C"),

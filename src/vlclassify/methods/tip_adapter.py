@@ -2,8 +2,8 @@
 
 Keys K = the normalised training features (orig and flipped views averaged), values L = one-hot
 labels; logits = zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. Alpha and beta are searched on
-the validation set, never on test (beta outer, alpha inner, in grid order: ties go to the first,
-the smallest residual on top of zero-shot). Alpha is in units of CLIP logits at scale 100 (it is
+the validation set, never on test (the one selection rule: ties go to the pair nearest the
+default alpha, beta, in the beta-major grid order). Alpha is in units of CLIP logits at scale 100 (it is
 rescaled by logit_scale / 100 so the grid means the same on any backbone).
 """
 
@@ -129,7 +129,8 @@ class TipAdapter(Method):
             zs, aff = head.parts(val.features.image)
         y = torch.as_tensor(val.dataset.labels())
         grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
-        sel = select_best(grid, lambda ab: float((head.combine(zs, aff, *ab).argmax(-1) == y).float().mean()))
+        default = (c.alpha, c.beta) if (c.alpha, c.beta) in grid else None
+        sel = select_best(grid, lambda ab: float((head.combine(zs, aff, *ab).argmax(-1) == y).float().mean()), default)
         head.alpha_beta.copy_(torch.tensor(sel.best, dtype=torch.float64))
         return {**sel.info("alpha_beta"), "alpha": sel.best[0], "beta": sel.best[1]}
 
