@@ -69,7 +69,7 @@ class Dataset:
             raise KeyError(f"{self.name}: no task {task!r}; tasks: {', '.join(self.tasks) or 'none'}")
         return np.array([(it.tasks or {}).get(task, -1) for it in self.items], dtype=np.int64)
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> Dataset:
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Dataset:
         return replace(self, items=[self.items[int(i)] for i in indices], name=name or self.name)
 
     def texts(self) -> list[str]:

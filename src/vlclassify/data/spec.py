@@ -12,6 +12,7 @@ Options follow after `?`, e.g. `tuxpaint?root=/my/stamps` or `data.csv?tasks=col
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from . import builtin, composites, loaders
 from .items import Dataset
 from .splits import stratified_split
 
-BUILTIN = {"fashion-mnist": builtin.fashion_mnist, "tuxpaint": builtin.tuxpaint}
+BUILTIN: dict[str, Callable[..., dict[str, Dataset]]] = {
+    "fashion-mnist": builtin.fashion_mnist,
+    "tuxpaint": builtin.tuxpaint,
+}
 BUILTIN.update({"fmnist-mosaic": composites.fmnist_mosaic, "tuxpaint-composite": composites.tuxpaint_composite})
 
 
