@@ -45,7 +45,7 @@ demo: setup data
 	  --shots 1,4,16 --seeds 1,2,3 --test-limit 1000 --out runs/demo --name fewshot-fashion-mnist-demo
 
 test: setup data check
-	$(call timed,pytest,$(PY) -m pytest)
+	$(PY) -m pytest  # last, so its summary line closes the output
 
 # In this order; the first failing step stops the run.
 check: lint types wheel-check docs docstrings

@@ -55,7 +55,8 @@ print(f"  {len(shipped)} package files in the wheel, none missing")
 EOF
 
 # 3. The venv: reused while the dependency set is the same.
-KEY="$("$PY" - "$WHEEL" "$TORCH_SPEC" <<'EOF'
+BASE_PY="${BASE_PYTHON:-python3}"
+KEY="$("$BASE_PY" - "$WHEEL" "$TORCH_SPEC" <<'EOF'
 import hashlib, sys, zipfile
 wheel, torch_spec = sys.argv[1], sys.argv[2]
 z = zipfile.ZipFile(wheel)
@@ -72,13 +73,13 @@ for old in "$CACHE"/wheel-venv-*; do
   [ -d "$old" ] && [ "$old" != "$VENV" ] && rm -rf "$old" # a stale dependency set
 done
 pip_install() {
-  "$VENV/bin/python" -m pip install -q "$@" >"$TMP/pip.log" 2>&1 ||
+  "$VENV/bin/python" -m pip install -q --no-compile "$@" >"$TMP/pip.log" 2>&1 ||
     { grep -v 'is ignored' "$TMP/pip.log" >&2; fail "pip install $*"; }
 }
 if [ ! -f "$VENV/.ready" ]; then
   step "fresh venv $VENV ($TORCH_SPEC first, then the wheel and its dependencies)"
   rm -rf "$VENV" "$CACHE/features"
-  "${BASE_PYTHON:-python3}" -m venv "$VENV"
+  "$BASE_PY" -m venv "$VENV"
   pip_install "$TORCH_SPEC"
   pip_install "$WHEEL"
   touch "$VENV/.ready"
