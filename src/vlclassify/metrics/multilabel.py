@@ -7,6 +7,8 @@ they are reported as None and left out of the macro means, and the number used i
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.025), 4)
@@ -47,6 +49,10 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)))
 
 
+def _subset_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    return float((pred == y).all(1).mean())
+
+
 def best_threshold(
     y_true: np.ndarray, probs: np.ndarray, criterion: str = "micro_f1", grid: np.ndarray | None = None
 ) -> float:
@@ -56,7 +62,7 @@ def best_threshold(
     fns = {
         "micro_f1": _micro_f1,
         "macro_f1": _macro_f1,
-        "subset_accuracy": lambda yy, pp: float((pp == yy).all(1).mean()),
+        "subset_accuracy": _subset_accuracy,
     }
     if criterion not in fns:
         raise ValueError(f"threshold criterion must be one of {', '.join(fns)}, got {criterion!r}")
@@ -65,7 +71,9 @@ def best_threshold(
     return max(scores)[2]
 
 
-def multilabel_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[str], threshold: float = 0.5) -> dict:
+def multilabel_report(
+    y_true: np.ndarray, probs: np.ndarray, classnames: list[str], threshold: float = 0.5
+) -> dict[str, Any]:
     """Everything the DiCLS paper reports (and more) at a given decision threshold."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
