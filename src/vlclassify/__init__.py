@@ -1,11 +1,13 @@
 """vlclassify: text-aware image classification with vision-language models.
 
+```python
 from vlclassify import create_backbone, create_method, load_data, fewshot
 backbone = create_backbone("effnet-minilm")
 splits = load_data("fashion-mnist")
 train, val = fewshot(splits["train"], shots=4, seed=1)
 model = create_method("linear-probe", backbone).fit(train, val)
 probs = model.predict_proba(splits["test"])
+```
 """
 
 from .backbones import create_backbone, list_backbones

@@ -95,7 +95,9 @@ class Backbone(nn.Module):
         return torch.nn.functional.normalize(emb.float(), dim=-1)
 
 
-def pil_to_unit_array(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> np.ndarray:
+def pil_to_unit_array(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> np.ndarray:
     """Resize the short side to `size`, centre-crop to size x size -> [3, size, size] float32 in [0, 1].
 
     Pure PIL + numpy on purpose: decode threads then never start torch's intra-op thread pool,
@@ -112,12 +114,14 @@ def pil_to_unit_array(image: Image.Image, size: int, resample: int = Image.BICUB
     return arr
 
 
-def pil_to_unit_tensor(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> torch.Tensor:
+def pil_to_unit_tensor(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> torch.Tensor:
     """`pil_to_unit_array` as a tensor: [3, size, size] in [0, 1]."""
     return torch.from_numpy(pil_to_unit_array(image, size, resample))
 
 
-def quiet_from_pretrained(cls, path: str, **kwargs):
+def quiet_from_pretrained(cls: Any, path: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained` without transformers' per-load progress bar."""
     from transformers.utils import logging as hf_logging
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class EffNetMiniLM(Backbone):
     name = "effnet-minilm"
     pooled_dim = 1280
+    class_text: torch.Tensor  # [1000, D] buffer, set in __init__
 
     def __init__(
         self,
@@ -99,7 +101,7 @@ class EffNetMiniLM(Backbone):
             [_fingerprint(self._weights_path), _fingerprint(str(self._text_dir / "model.safetensors"))]
         )
 
-    def preprocess_config(self) -> dict:
+    def preprocess_config(self) -> dict[str, Any]:
         return {"resize": "short-side bicubic + centre crop", "size": self.image_size, "range": [-1, 1]}
 
     # ---- images -------------------------------------------------------------------------
@@ -174,7 +176,7 @@ class EffNetMiniLM(Backbone):
                 fold(block, "_project_conv", "_bn2")
         for p in net.parameters():
             p.requires_grad_(False)
-        return _Trunk(net).eval().to(memory_format=torch.channels_last)
+        return _Trunk(net).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
 
     # ---- texts --------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -190,7 +192,7 @@ class EffNetMiniLM(Backbone):
         batch = self.tokenize(texts)
         hidden = self.text(**batch).last_hidden_state  # [N, L, D]
         mask = batch["attention_mask"].bool()
-        strings = [self.tokenizer.convert_ids_to_tokens(ids) for ids in batch["input_ids"].tolist()]
+        strings = [cast(list[str], self.tokenizer.convert_ids_to_tokens(ids)) for ids in batch["input_ids"].tolist()]
         return TextFeatures(embeds=mean_pool(hidden, mask), tokens=hidden, mask=mask, token_strings=strings)
 
     def _imagenet_text_embeddings(self) -> torch.Tensor:
@@ -227,6 +229,8 @@ class EffNetMiniLM(Backbone):
 class _Trunk(nn.Module):
     """EfficientNet's `extract_features` as a module's forward (for copies and graph export)."""
 
+    net: Any  # efficientnet_lite_pytorch.EfficientNet (untyped)
+
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
@@ -235,7 +239,7 @@ class _Trunk(nn.Module):
         return self.net.extract_features(pixels)
 
 
-def _quiet_load_effnet(cls, weights_path: str):
+def _quiet_load_effnet(cls: Any, weights_path: str) -> Any:
     import contextlib
     import io
 
@@ -244,5 +248,5 @@ def _quiet_load_effnet(cls, weights_path: str):
 
 
 @register_backbone("effnet-minilm", "EfficientNet-Lite0 + all-MiniLM-L6-v2 joined ConSE-style (offline default)")
-def effnet_minilm(**options) -> EffNetMiniLM:
+def effnet_minilm(**options: Any) -> EffNetMiniLM:
     return EffNetMiniLM(**options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ class HFCLIP(Backbone):
         batch = self.tokenize(texts)
         out = self.model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         proj = self.model.text_projection
-        strings = [self.tokenizer.convert_ids_to_tokens(ids) for ids in batch["input_ids"].tolist()]
+        strings = [cast(list[str], self.tokenizer.convert_ids_to_tokens(ids)) for ids in batch["input_ids"].tolist()]
         return TextFeatures(
             embeds=proj(out.pooler_output),  # [N, D] from the EOS token, as CLIP
             tokens=proj(out.last_hidden_state),  # [N, L, D]

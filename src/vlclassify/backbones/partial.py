@@ -16,11 +16,16 @@ parameters (relative to the backbone) that the top owns, for the trainer's freez
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .base import Backbone
+
+if TYPE_CHECKING:
+    from .effnet_minilm import EffNetMiniLM
+    from .toy import ToyBackbone
 
 
 class Split:
@@ -30,7 +35,7 @@ class Split:
         self.backbone = backbone
         self.image_blocks, self.text_layers = image_blocks, text_layers
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"split": type(self).__name__, "image_blocks": self.image_blocks, "text_layers": self.text_layers}
 
     def top_prefixes(self) -> list[str]:
@@ -67,7 +72,14 @@ class Split:
 
 
 class EffNetMiniLMSplit(Split):
-    def _vision(self):
+    backbone: EffNetMiniLM
+
+    def __init__(self, backbone: EffNetMiniLM, image_blocks: int = 1, text_layers: int = 1) -> None:
+        image_blocks = max(0, min(image_blocks, len(backbone.vision._blocks)))
+        text_layers = max(0, min(text_layers, len(backbone.text.encoder.layer)))
+        super().__init__(backbone, image_blocks, text_layers)
+
+    def _vision(self) -> Any:  # efficientnet_lite_pytorch.EfficientNet (untyped)
         return self.backbone.vision
 
     def top_prefixes(self) -> list[str]:
@@ -134,6 +146,8 @@ class EffNetMiniLMSplit(Split):
 
 
 class ToySplit(Split):
+    backbone: ToyBackbone
+
     def top_prefixes(self) -> list[str]:
         return ["proj."]
 
@@ -163,8 +177,5 @@ class ToySplit(Split):
 
 def make_split(backbone: Backbone, image_blocks: int = 1, text_layers: int = 1) -> Split:
     """The split for `backbone` (see the module docstring for what each one trains)."""
-    cls = {"effnet-minilm": EffNetMiniLMSplit, "toy": ToySplit}.get(backbone.name, Split)
-    if cls is EffNetMiniLMSplit:
-        image_blocks = max(0, min(image_blocks, len(backbone.vision._blocks)))
-        text_layers = max(0, min(text_layers, len(backbone.text.encoder.layer)))
+    cls: type[Split] = {"effnet-minilm": EffNetMiniLMSplit, "toy": ToySplit}.get(backbone.name, Split)
     return cls(backbone, image_blocks, text_layers)

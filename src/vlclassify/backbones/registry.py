@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..registry import Registry
+from .base import Backbone
 
-BACKBONES: Registry = Registry("backbone")
+BACKBONES: Registry[Backbone] = Registry("backbone")
 register_backbone = BACKBONES.register
 
 
@@ -14,7 +15,7 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-def create_backbone(name: str = "effnet-minilm", **options: Any):
+def create_backbone(name: str = "effnet-minilm", **options: Any) -> Backbone:
     """Build a backbone by registry name; options are the backbone's own keyword arguments."""
     from ..errors import ConfigError
 

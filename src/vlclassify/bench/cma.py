@@ -30,7 +30,7 @@ from ..methods import create_method
 from ..methods.templates import class_text_embeddings
 from ..metrics.ranking import recall_at_precision
 
-VARIANTS = {  # label -> CMA-CLIP options
+VARIANTS: dict[str, dict[str, Any]] = {  # label -> CMA-CLIP options
     "CMA-CLIP": {},
     "CMA-CLIP w/o MA": {"modality_attention": False},
     "CMA-CLIP w/o MA and SA": {"modality_attention": False, "sequence_attention": False},
@@ -166,6 +166,8 @@ def run_cma_bench(
     noise_ds = Dataset(items=noise_items, classnames=["noise"], name="noise-images")
     noise = trunk_features(split, noise_ds, probe_m.config.max_text_tokens, cache=cache, progress=False)
     feats = extract_features(backbone, ds, cache=cache)
+    if feats.text is None:
+        raise DataError(f"{ds.name}: the CMA-CLIP benchmark needs paired texts, but the items have none")
     img_emb, txt_emb = feats.image.numpy(), feats.text.numpy()
     zs_classes = {
         t: class_text_embeddings(backbone, [_display(c) for c in ds.tasks[t]], ["a photo of a {}."]) for t in task_list

@@ -174,11 +174,11 @@ def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}  # method -> shots -> acc / fit values
     for r in runs:
-        out.setdefault(r["method"], {}).setdefault(str(r["shots"]), {"acc": [], "fit": []})
-        out[r["method"]][str(r["shots"])]["acc"].append(r["test_accuracy"])
-        out[r["method"]][str(r["shots"])]["fit"].append(r["fit_seconds"])
+        cell = out.setdefault(r["method"], {}).setdefault(str(r["shots"]), {"acc": [], "fit": []})
+        cell["acc"].append(r["test_accuracy"])
+        cell["fit"].append(r["fit_seconds"])
     return {
         m: {
             k: {

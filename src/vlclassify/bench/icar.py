@@ -66,8 +66,9 @@ def class_subset(enc: Encoded, classes: Sequence[str], rows: Sequence[int] | Non
     keep = set(classes)
     pos = {c: i for i, c in enumerate(classes)}
     rows = range(len(ds)) if rows is None else rows
-    idx = [i for i in rows if ds.items[i].label is not None and names[ds.items[i].label] in keep]
-    items = [replace(ds.items[i], label=pos[names[ds.items[i].label]]) for i in idx]
+    y = ds.labels()  # [N], -1 where an item has no label
+    idx = [i for i in rows if y[i] >= 0 and names[y[i]] in keep]
+    items = [replace(ds.items[i], label=pos[names[y[i]]]) for i in idx]
     sub = Dataset(items=items, classnames=list(classes), name=ds.name, source=ds.source)
     return Encoded(sub, enc.features.index(idx))
 
@@ -240,7 +241,7 @@ def summarize(runs: list[dict], shots: Sequence[int]) -> dict:
         out[data] = {}
         for label in dict.fromkeys(r["variant"] for r in runs if r["data"] == data):
             rs = [r for r in runs if r["data"] == data and r["variant"] == label]
-            row = {}
+            row: dict[str, Any] = {}
             for c in cols:
                 vals = [r[c] for r in rs if c in r]
                 if vals:

@@ -116,6 +116,7 @@ def fmnist_mosaic(
         rows = []
         for split in SPLITS:
             ds, pool = pools[split]
+            y = ds.labels()  # [N] class indices
             (folder / split).mkdir()
             for i in range(n[split]):
                 k = int(rng.integers(lo, hi + 1))
@@ -124,13 +125,14 @@ def fmnist_mosaic(
                 canvas = np.zeros((2 * cell, 2 * cell), dtype=np.uint8)
                 for c, j in zip(cells, picks):
                     img = ds.items[int(j)].image  # [28, 28] uint8
+                    assert isinstance(img, np.ndarray)  # fashion_mnist() items hold arrays
                     if cell != img.shape[0]:
-                        img = np.asarray(Image.fromarray(img).resize((cell, cell), Image.BILINEAR))
+                        img = np.asarray(Image.fromarray(img).resize((cell, cell), Image.Resampling.BILINEAR))
                     r0, c0 = (int(c) // 2) * cell, (int(c) % 2) * cell
                     canvas[r0 : r0 + cell, c0 : c0 + cell] = img
                 rel = f"{split}/{i:05d}.png"
                 Image.fromarray(canvas, "L").save(folder / rel)
-                labels = sorted({FASHION_MNIST_CLASSES[ds.items[int(j)].label] for j in picks})
+                labels = sorted({FASHION_MNIST_CLASSES[y[int(j)]] for j in picks})
                 rows.append({"image": rel, "labels": labels, "split": split})
         return rows
 
@@ -157,15 +159,15 @@ def split_photos(
 def _cutout(path: str, max_side: int) -> Image.Image:
     """RGBA photo cropped to its alpha bounding box and shrunk to `max_side` (the mask is the alpha)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGBA")
+        with Image.open(path) as f:
+            im = f.convert("RGBA")
     except Exception as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     box = im.getchannel("A").point(lambda a: 255 if a > 16 else 0).getbbox()
     if box is None:
         raise DataError(f"{path}: fully transparent, no cut-out")
     im = im.crop(box)
-    im.thumbnail((max_side, max_side), Image.LANCZOS)
+    im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return im
 
 
@@ -227,12 +229,14 @@ def tuxpaint_composite(
                 for c in chosen:
                     j = int(rng.choice(by_cat[int(c)]))
                     if j not in cut:
-                        cut[j] = _cutout(src.items[j].image, 2 * size)
+                        cut[j] = _cutout(str(src.items[j].image), 2 * size)
                     im = cut[j].copy()
                     side = int(rng.uniform(0.40, 0.65) * size)
                     scale = side / max(im.size)
-                    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
-                    best = None
+                    im = im.resize(
+                        (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS
+                    )
+                    best: tuple[float, tuple[int, int, int, int]] | None = None  # (overlap, box)
                     for _ in range(12):
                         x = int(rng.integers(0, size - im.width + 1))
                         y = int(rng.integers(0, size - im.height + 1))
@@ -242,6 +246,7 @@ def tuxpaint_composite(
                             best = (ov, box)
                         if ov < 0.15:
                             break
+                    assert best is not None  # the loop above ran
                     box = best[1]
                     canvas.alpha_composite(im, dest=box[:2])
                     boxes.append(box)

@@ -79,7 +79,7 @@ class Dataset:
             raise DataError(f"{self.name}: no task {task!r}; tasks: {', '.join(self.tasks) or 'none'}")
         return np.array([(it.tasks or {}).get(task, -1) for it in self.items], dtype=np.int64)
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> Dataset:
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Dataset:
         items = [self.items[int(i)] for i in indices]
         features = None if self.features is None else self.features.index(indices)
         return replace(self, items=items, name=name or self.name, features=features)

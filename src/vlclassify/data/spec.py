@@ -25,7 +25,10 @@ from .classes import parse_classes
 from .items import Dataset
 from .splits import stratified_split
 
-BUILTIN = {"fashion-mnist": builtin.fashion_mnist, "tuxpaint": builtin.tuxpaint}
+BUILTIN: dict[str, Callable[..., dict[str, Dataset]]] = {
+    "fashion-mnist": builtin.fashion_mnist,
+    "tuxpaint": builtin.tuxpaint,
+}
 BUILTIN.update({"fmnist-mosaic": composites.fmnist_mosaic, "tuxpaint-composite": composites.tuxpaint_composite})
 
 

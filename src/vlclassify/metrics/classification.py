@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def classification_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[str]) -> dict:
+def classification_report(y_true: np.ndarray, probs: np.ndarray, classnames: list[str]) -> dict[str, Any]:
     """top-1, top-5, per-class accuracy, macro-F1 and the confusion matrix (rows = true class)."""
     from sklearn.metrics import confusion_matrix, f1_score
 

@@ -8,6 +8,7 @@ they are reported as None and left out of the macro means, and the number used i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,10 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1e-12), 0.0)))
 
 
+def _subset_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    return float((pred == y).all(1).mean())
+
+
 def best_threshold(
     y_true: np.ndarray, probs: np.ndarray, criterion: str = "micro_f1", grid: np.ndarray | None = None
 ) -> float:
@@ -58,7 +63,7 @@ def best_threshold(
     fns = {
         "micro_f1": _micro_f1,
         "macro_f1": _macro_f1,
-        "subset_accuracy": lambda yy, pp: float((pp == yy).all(1).mean()),
+        "subset_accuracy": _subset_accuracy,
     }
     if criterion not in fns:
         raise ValueError(f"threshold criterion must be one of {', '.join(fns)}, got {criterion!r}")
@@ -69,7 +74,7 @@ def best_threshold(
 
 def multilabel_report(
     y_true: np.ndarray, probs: np.ndarray, classnames: list[str], threshold: float | Sequence[float | None] = 0.5
-) -> dict:
+) -> dict[str, Any]:
     """Everything the DiCLS paper reports (and more) at the decision threshold(s): one for every
     class, or one per class (None = never predicted)."""
     from sklearn.metrics import average_precision_score, roc_auc_score

@@ -12,10 +12,12 @@ the confidence of the last accepted prediction.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def recall_at_precision(y_true: np.ndarray, probs: np.ndarray, precision: float = 0.9) -> dict:
+def recall_at_precision(y_true: np.ndarray, probs: np.ndarray, precision: float = 0.9) -> dict[str, Any]:
     """{'recall', 'threshold', 'accepted', 'n'} for single-label `probs` [N, C]; labels < 0 are ignored."""
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def tower_kind(backbone) -> str:
+def tower_kind(backbone: Any) -> str:
     text = getattr(backbone, "text", None)
     if text is not None and hasattr(getattr(text, "encoder", None), "layer") and hasattr(backbone, "tokenize"):
         return "bert"
@@ -45,7 +46,9 @@ class TrainableTextTower(nn.Module):
     0 freezes the encoder. proj: add a zero-initialised residual D x D projection (starts as identity).
     """
 
-    def __init__(self, backbone, train_layers: int = 1, proj: bool = True, batch_size: int = 64) -> None:
+    backbone: Any  # duck-typed (see `tower_kind`): modules sit below backbones and never import them
+
+    def __init__(self, backbone: Any, train_layers: int = 1, proj: bool = True, batch_size: int = 64) -> None:
         super().__init__()
         if train_layers < 0:
             raise ConfigError(f"text tower: train_layers must be >= 0, got {train_layers}")

@@ -24,7 +24,7 @@ def heatmap_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.5, 
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     base = image.convert("RGB")
     small = Image.fromarray((norm * 255).astype(np.uint8), mode="L")
-    big = np.asarray(small.resize(base.size, Image.BILINEAR), dtype=np.float64) / 255.0
+    big = np.asarray(small.resize(base.size, Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
     colored = (matplotlib.colormaps[cmap](big)[..., :3] * 255).astype(np.uint8)
     return Image.blend(base, Image.fromarray(colored), opacity)
 
@@ -41,7 +41,7 @@ def save_heatmap(
     over = heatmap_overlay(image, heat, opacity)
     if min(over.size) < min_size:
         k = min_size / min(over.size)
-        over = over.resize((round(over.size[0] * k), round(over.size[1] * k)), Image.NEAREST)
+        over = over.resize((round(over.size[0] * k), round(over.size[1] * k)), Image.Resampling.NEAREST)
     if title:
         from PIL import ImageDraw
 

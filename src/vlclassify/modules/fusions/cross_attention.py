@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...errors import ConfigError
+
 
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention with `heads` heads; q/k/v projections of width `dim`.
@@ -143,6 +145,8 @@ class CrossAttentionDecoder(nn.Module):
         zero_init: bool = True,
     ) -> None:
         super().__init__()
+        if layers < 1:
+            raise ConfigError(f"cross-attention decoder: layers must be >= 1, got {layers}")
         self.blocks = nn.ModuleList(
             DecoderBlock(dim, heads, ffn_mult, dropout, kdim=kdim, zero_init=zero_init and i == layers - 1)
             for i in range(layers)
@@ -159,5 +163,6 @@ class CrossAttentionDecoder(nn.Module):
         x, w = queries, None
         for blk in self.blocks:
             x, w = blk(x, memory, memory_mask, query_mask)
+        assert w is not None  # __init__ requires layers >= 1
         out = x + queries if self.residual else x
         return DecoderOutput(out=out, cross_weights=w)

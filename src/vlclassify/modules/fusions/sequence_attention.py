@@ -16,12 +16,11 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout, zero_init_out=zero_init)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * dim, dim)
-        )
+        ffn_out = nn.Linear(ffn_mult * dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), ffn_out)
         if zero_init:  # both residual branches start at 0: the block starts as the identity
-            nn.init.zeros_(self.ffn[-1].weight)
-            nn.init.zeros_(self.ffn[-1].bias)
+            nn.init.zeros_(ffn_out.weight)
+            nn.init.zeros_(ffn_out.bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

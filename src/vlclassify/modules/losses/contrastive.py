@@ -52,8 +52,12 @@ def unified_contrastive_loss(
     """
     losses = []
     if cls_images is not None and cls_images.shape[0]:
+        if class_texts is None or cls_targets is None:
+            raise ValueError("unified contrastive loss: cls_images need class_texts and cls_targets")
         losses.append(info_nce(cls_images, class_texts, cls_targets, scale, reduction="none"))  # [Nc]
     if pair_images is not None and pair_images.shape[0]:
+        if pair_texts is None or pair_targets is None:
+            raise ValueError("unified contrastive loss: pair_images need pair_texts and pair_targets")
         losses.append(info_nce(pair_images, pair_texts, pair_targets, scale, reduction="none"))  # [Np]
     if not losses:
         raise ValueError("unified contrastive loss: the batch holds neither classification images nor pairs")
