@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base
+DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base chromium chromium-driver
 
 .PHONY: setup data demo test bench-extract clean
 
