@@ -184,8 +184,8 @@ def test_bad_requests_get_one_line_errors(client):
     assert_one_line_error(client.post("/predict", files=two), 400)
     assert_one_line_error(client.post("/predict/batch", files=two, data={"text": "only one"}), 400)
     assert_one_line_error(client.post("/predict/batch", content=b""), 400)
-    assert client.get("/predict").status_code == 405
-    assert client.get("/nowhere").status_code == 404
+    assert_one_line_error(client.get("/predict"), 405)
+    assert_one_line_error(client.get("/nowhere"), 404)
 
 
 def test_no_request_reads_a_path(client):

@@ -178,3 +178,64 @@ def test_page_draws_the_attention_map(browser, toy, tmp_path):
     top = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")[0].get_attribute("data-label")
     assert caption == f"where the model looked for \u201c{top}\u201d"
     assert browser.execute_script("return arguments[0].naturalWidth", heat) >= 24
+
+
+def test_page_shows_tasks_modality_weights_and_sends_the_title(browser, toy, tmp_path):
+    """The page's rendering of the full answer shape (a second task, cma-clip's modality weights) and
+    its title box, on an in-process server: a zero-shot model reading image + text, whose answers get
+    a second task and modality weights added (until cma-clip is on the method contract)."""
+    import threading
+
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from vlclassify.features import FeatureCache
+    from vlclassify.methods import create_method
+    from vlclassify.methods.decision import TaskPrediction
+    from vlclassify.serve import create_app
+
+    m = create_method("zero-shot", toy, modality="both", cache=FeatureCache(enabled=False))
+    m.set_classes(["red", "green", "blue"])
+    m.task_classes["shade"] = ["warm", "cold"]
+    texts = []
+    plain = m.predict_results
+
+    def with_tasks(data, top=5):
+        texts.extend(it.text for it in data.items)
+        out = plain(data, top=top)
+        for p in out:
+            p.tasks["shade"] = TaskPrediction(["warm"], [("warm", 0.7), ("cold", 0.3)])
+            p.modality_weights = {"label": {"image": 0.62, "text": 0.38}, "shade": {"image": 0.25, "text": 0.75}}
+        return out
+
+    m.predict_results = with_tasks
+    photo = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.new("RGB", (48, 40), (220, 30, 30)).save(photo)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(m), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "tasks: label, shade" in d.find_element(By.ID, "model").text)
+        assert browser.find_element(By.ID, "title-box").is_displayed()
+        browser.find_element(By.ID, "title").send_keys("a bright red square")
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#tasks [data-task="shade"] .bar'))
+        shade = browser.find_element(By.CSS_SELECTOR, '#tasks [data-task="shade"] h3').text
+        legends = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#weights .legend")]
+        browser.save_screenshot(str(tmp_path / "page-tasks.png"))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert shade == "shade: warm"
+    assert legends == ["label: image 0.62 \u00b7 text 0.38", "shade: image 0.25 \u00b7 text 0.75"]
+    assert "a bright red square" in texts  # the title went with the image

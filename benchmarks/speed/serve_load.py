@@ -136,21 +136,34 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def batch_totals(port: int) -> tuple[float, float]:
-    """(images, forward passes) so far, from the server's /metrics."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (a load-independent cost measure)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def batch_totals(port: int) -> dict[str, float]:
+    """Images, forward passes and seconds in forward passes so far, from the server's /metrics."""
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
-    vals = dict(ln.split(" ", 1) for ln in text.splitlines() if ln.startswith("vlclassify_batch_size_"))
-    return float(vals["vlclassify_batch_size_sum"]), float(vals["vlclassify_batch_size_count"])
+    vals = dict(ln.split(" ", 1) for ln in text.splitlines() if ln.startswith("vlclassify_batch_"))
+    keys = ("vlclassify_batch_size_sum", "vlclassify_batch_size_count", "vlclassify_batch_seconds_sum")
+    return dict(zip(("images", "batches", "seconds"), (float(vals[k]) for k in keys)))
 
 
 def served(model: Path, images: list[bytes], clients: int, requests: int, max_batch: int, args, log: Path) -> dict:
     proc, port = start_server(model, max_batch, queue=max(128, 2 * clients), log=log)
     try:
         asyncio.run(run_clients(port, images, clients, min(clients * 2, 32), args.time_limit))  # warm the pools
-        s0, n0 = batch_totals(port)
+        b0, c0 = batch_totals(port), cpu_seconds(proc.pid)
         res = asyncio.run(run_clients(port, images, clients, requests, args.time_limit))
-        s1, n1 = batch_totals(port)
-        return {**res, "mean_batch": (s1 - s0) / max(1.0, n1 - n0)}
+        b1, c1 = batch_totals(port), cpu_seconds(proc.pid)
+        d = {k: b1[k] - b0[k] for k in b0}
+        return {
+            **res,
+            "mean_batch": d["images"] / max(1.0, d["batches"]),
+            "cpu_ms_per_image": 1000 * (c1 - c0) / res["ok"],
+            "model_busy": d["seconds"] / res["wall_s"],  # share of the wall time the model thread ran a batch
+        }
     finally:
         stop_server(proc)
 
@@ -164,10 +177,15 @@ def offline(model: Path, paths: list[str]) -> dict:
     m.progress = False
     ds = Dataset([Item(image=p, key=p) for p in paths], m.classnames, "offline")
     m.predict_results(ds, top=1)  # warm: the runtime's session
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     m.predict_results(ds, top=1)
-    wall = time.perf_counter() - t
-    return {"images": len(paths), "wall_s": wall, "images_per_s": len(paths) / wall}
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {
+        "images": len(paths),
+        "wall_s": wall,
+        "images_per_s": len(paths) / wall,
+        "cpu_ms_per_image": 1000 * cpu / len(paths),
+    }
 
 
 def make_model(out: Path) -> Path:
@@ -184,16 +202,19 @@ def make_model(out: Path) -> Path:
 
 def markdown(result: dict) -> str:
     rows = [
-        "| variant | clients | images/s | vs offline | p50 ms | p95 ms | p99 ms | mean batch | answers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | clients | images/s | vs offline | p50 ms | p95 ms | p99 ms | mean batch | CPU ms/image "
+        "| answers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     off = result["offline"]["images_per_s"]
-    rows.append(f"| offline `predict_results` (batch 64) | — | {off:.1f} | 100% | — | — | — | 64 | — |")
+    cpu = result["offline"]["cpu_ms_per_image"]
+    rows.append(f"| offline `predict_results` (batch 64) | — | {off:.1f} | 100% | — | — | — | 64 | {cpu:.0f} | — |")
     for r in result["served"]:
         rows.append(
             f"| served, micro-batching {'on' if r['max_batch'] > 1 else 'off'} (max batch {r['max_batch']}) | "
             f"{r['clients']} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / off:.0f}% | {r['p50_ms']:.0f} | "
-            f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['ok']}/{r['requests']} |"
+            f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['cpu_ms_per_image']:.0f} | "
+            f"{r['ok']}/{r['requests']} |"
         )
     return "\n".join(rows)
 
@@ -220,14 +241,17 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for rep in range(args.repeats):
             runs.setdefault("offline", []).append({**offline(model, paths), "load": loadavg()})
-            print(f"repeat {rep + 1}: offline {runs['offline'][-1]['images_per_s']:.1f} img/s", flush=True)
+            o = runs["offline"][-1]
+            print(f"repeat {rep + 1}: offline {o['images_per_s']:.1f} img/s, CPU {o['cpu_ms_per_image']:.0f} ms/image")
             for c in clients:
                 for mb in (32, 1):
                     r = {**served(model, images, c, args.requests, mb, args, log), "load": loadavg()}
                     runs.setdefault(f"{c}:{mb}", []).append(r)
                     print(
                         f"repeat {rep + 1}: {c} clients, max batch {mb}: {r['images_per_s']:.1f} img/s, "
-                        f"p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']:.1f}, {r['statuses']}",
+                        f"p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']:.1f}, "
+                        f"CPU {r['cpu_ms_per_image']:.0f} ms/image, model busy {100 * r['model_busy']:.0f}%, "
+                        f"{r['statuses']}",
                         flush=True,
                     )
 

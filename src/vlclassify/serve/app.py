@@ -40,6 +40,7 @@ from starlette.routing import Route
 from ..data.images import to_rgb
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
+from ..features import FeatureCache
 from ..methods.base import TEXT, Method
 from .batching import BatchConfig, MicroBatcher, QueueFull
 
@@ -268,8 +269,6 @@ class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
     def __init__(self, method: Method, config: ServeConfig) -> None:
-        from ..features import FeatureCache
-
         method.progress = False
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
@@ -318,7 +317,7 @@ class Service:
             or getattr(m, "explained_token", None)
             or m.predict_results([Item(image=image, key=name)], top=1)[0].scores[0][0]
         )
-        from ..plots.heatmap import heatmap_overlay
+        from ..plots.heatmap import heatmap_overlay  # matplotlib: imported only when a map is drawn
 
         base = Image.fromarray(image)
         base.thumbnail((512, 512))  # the map is coarse: a smaller canvas keeps the answer small
@@ -537,7 +536,6 @@ def serve(
     """Load the model once and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from ..features import FeatureCache
     from ..methods import load_method
 
     config = config or ServeConfig()
