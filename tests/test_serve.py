@@ -312,6 +312,9 @@ def test_token_on_every_route_but_healthz(zero_shot):
         assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
         assert c.get("/model").status_code == 200  # the client keeps the cookie
         assert c.post("/predict", content=img).status_code == 200
+        r = c.get("/?token=wrong", follow_redirects=False)  # signed in by the cookie: a wrong token is not kept
+        assert r.status_code == 303 and "set-cookie" not in r.headers
+        assert c.get("/model").status_code == 200
     with TestClient(create_app(zero_shot, ServeConfig(token=None))) as c:
         assert c.get("/model").status_code == 200 and c.post("/predict", content=img).status_code == 200
 

@@ -447,9 +447,11 @@ class Service:
         return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def page(self, request: Request) -> Response:
-        if "token" in request.query_params:  # signed in by the guard: keep the token in a cookie, drop it from the URL
+        if "token" in request.query_params:  # the sign-in: keep a right token in a cookie, drop it from the URL
+            given, token = request.query_params["token"], self.config.token
             resp = RedirectResponse("/", status_code=303)
-            resp.set_cookie(TOKEN_COOKIE, request.query_params["token"], httponly=True, samesite="strict")
+            if token and hmac.compare_digest(given.encode(), token.encode()):
+                resp.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
             return resp
         return self._asset("page.html")
 
