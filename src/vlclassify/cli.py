@@ -1,4 +1,4 @@
-"""The `vlclassify` command line: backbones, methods, extract, fit, eval, predict, bench."""
+"""The `vlclassify` command line: backbones, methods, extract, fit, eval, predict, explain, serve, export, bench."""
 
 from __future__ import annotations
 
@@ -655,6 +655,69 @@ def explain(
         class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict([target])[0])]
     save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
     console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; beyond loopback a --token is required."),
+    port: int = typer.Option(8000, help="TCP port."),
+    token: str | None = typer.Option(
+        None, envvar="VLCLASSIFY_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every route but /healthz."
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
+    max_batch: int = typer.Option(32, min=1, help="Most images in one forward pass (1 = no micro-batching)."),
+    max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch waits for more requests (ms)."),
+    queue_size: int = typer.Option(128, min=1, help="Images waiting at most; more are refused with 503."),
+    max_bytes: int = typer.Option(20 * 2**20, min=1, help="Largest request body in bytes (413)."),
+    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image, width x height (413, never decoded)."),
+    max_images: int = typer.Option(32, min=1, help="Images in one /predict/batch call."),
+    timeout: float = typer.Option(30.0, min=0.001, help="Seconds a request may take, upload included (504)."),
+    decode_workers: int = typer.Option(2, min=1, help="Threads decoding uploaded images."),
+    log_level: str = typer.Option("info", help="uvicorn and service log level."),
+) -> None:
+    """Serve a fitted model over HTTP: /predict, /predict/batch, /explain, a web page at /, /metrics."""
+    from .serve import BatchConfig, ServeConfig
+    from .serve import serve as run_server
+
+    config = ServeConfig(
+        token=token or None,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        max_images=max_images,
+        timeout=timeout,
+        decode_workers=decode_workers,
+        batching=BatchConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size),
+    )
+    run_server(str(model_dir), host=host, port=port, config=config, insecure=insecure, log_level=log_level)
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
+    format_: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Graph file (default: MODEL_DIR/model.onnx)."),
+    check: list[Path] = typer.Option(
+        [], "--check", help="Image files to check the graph against the model on (repeatable; default: generated)."
+    ),
+    cache_dir: Path | None = CACHE_OPT,
+) -> None:
+    """Export a fitted model to one ONNX graph (pixels -> class probabilities) + a JSON sidecar."""
+    from .errors import ConfigError
+    from .export import export_onnx
+    from .methods import load_method
+
+    if format_ != "onnx":
+        raise ConfigError(f"--format {format_!r} is not supported; formats: onnx")
+    m = load_method(model_dir, cache=_cache(cache_dir))
+    m.progress = False
+    result = export_onnx(m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None)
+    console.print(
+        f"wrote {result.graph} and {result.sidecar}: {result.inputs} -> probabilities of {len(m.classnames)} "
+        f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @bench_app.command("fewshot")
