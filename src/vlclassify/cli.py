@@ -493,11 +493,14 @@ def evaluate(
         f"wrote {report_path} (all metrics, per-class scores, confusion matrix)", markup=False, soft_wrap=True
     )
     if plots:
-        from .plots.report import write_eval_plots
+        from .plots.report import TaskScores, write_eval_plots
 
-        for p in write_eval_plots(
-            m, ds, probs, plots_dir or model_dir / f"plots-{split}", title=f"{m.name} on {data} ({split})"
-        ):
+        tasks = None
+        if len(m.task_classes) > 1:  # every task gets its own figure, named in its title
+            per_task = m.task_probs(ds)
+            tasks = {t: TaskScores(c, m.task_targets(ds, t), per_task[t]) for t, c in m.task_classes.items()}
+        folder = plots_dir or model_dir / f"plots-{split}"
+        for p in write_eval_plots(m, ds, probs, folder, title=f"{m.name} on {data} ({split})", tasks=tasks):
             console.print(f"wrote {p}")
 
 
