@@ -161,11 +161,7 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
     out = tmp_path / "zs"
     run("fit", "-m", "zero-shot", "--classes", classes, "-o", out, *TOY)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["classnames"] == [
-        "green",
-        "red",
-        "blue",
-    ]  # the old classes (sorted by the loader), then the new and cfg["descriptions"]["red"] == "the colour of blood"
+    assert cfg["classnames"] == ["red", "green", "blue"] and cfg["descriptions"]["red"] == "the colour of blood"
     img = next((color_folder / "red").iterdir())
     r = run("predict", out, img, "--csv", tmp_path / "p.csv")
     assert r.output.startswith(str(img)) and (tmp_path / "p.csv").is_file()
