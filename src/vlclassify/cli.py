@@ -127,6 +127,19 @@ def _print_registry(registry, column: str) -> None:
     console.print(t)
 
 
+def _log_presets(presets, data: str | None, methods: list[str]) -> None:
+    """Which presets apply and why (named, or the data's file name), and what they set."""
+    for p in presets.presets:
+        why = "named"
+        if p.name == presets.automatic and data:
+            why = f"automatic for {Path(data.partition('?')[0]).name}; --preset none turns it off"
+        _log(f"preset {p.name} ({why}): {p.description}")
+    if presets.presets:
+        for m in methods:
+            _log(f"  {m} options set: {', '.join(sorted(presets.options(m))) or 'none'}")
+        _log(f"  protocol: {presets.protocol.describe()}")
+
+
 @app.command()
 def backbones() -> None:
     """List the registered backbones."""
@@ -319,19 +332,6 @@ def fit(
             write_split_file(tmp / "split.json", splits, _absolute_spec(data))
         write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
-
-
-def _log_presets(presets, data: str | None, methods: list[str]) -> None:
-    """Which presets apply and why (named, or the data's file name), and what they set."""
-    for p in presets.presets:
-        why = "named"
-        if p.name == presets.automatic and data:
-            why = f"automatic for {Path(data.partition('?')[0]).name}; --preset none turns it off"
-        _log(f"preset {p.name} ({why}): {p.description}")
-    if presets.presets:
-        for m in methods:
-            _log(f"  {m} options set: {', '.join(sorted(presets.options(m))) or 'none'}")
-        _log(f"  protocol: {presets.protocol.describe()}")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
