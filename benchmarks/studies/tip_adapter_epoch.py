@@ -72,7 +72,8 @@ def main() -> None:
     cache = FeatureCache()
     raw = load_data("fashion-mnist")
     n = len(raw["train"])
-    parts = stratified_split(raw["train"], {"pool": 1 - 10 * args.val_per_class / n, "val": 10 * args.val_per_class / n}, 0)
+    frac = raw["train"].num_classes * args.val_per_class / n
+    parts = stratified_split(raw["train"], {"pool": 1 - frac, "val": frac}, 0)
     data = {"train": parts["pool"], "val": parts["val"], "test": raw["test"]}
     presets = resolve_presets("tip-adapter")
     options = {**presets.options("tip-adapter-f"), "templates": "fashion-mnist"}  # the dataset's prompt
@@ -84,7 +85,8 @@ def main() -> None:
             for s in seeds:
                 plans[(k, s)] = plan_splits(data, shots=k, seed=s, protocol=presets.protocol)
     keys = {it.key for p in plans.values() for it in p["train"].items}
-    pool = data["train"].subset([i for i, it in enumerate(data["train"].items) if it.key in keys], name="fmnist-tip-pool")
+    rows = [i for i, it in enumerate(data["train"].items) if it.key in keys]
+    pool = data["train"].subset(rows, name="fmnist-tip-pool")
     probe = EpochProbe(bb, None, **options)
     t0 = time.perf_counter()
     enc_pool = Encoded(pool, extract_features(bb, pool, views=probe.training_views(), cache=cache))
@@ -134,7 +136,10 @@ def main() -> None:
             "gap_min": float(np.min(gap)),
             "gap_max": float(np.max(gap)),
         }
-    lines = ["| shots | epoch on val (ours) | epoch on test (Tip-Adapter's code) | gap, mean (min..max) |", "|---|---|---|---|"]
+    lines = [
+        "| shots | epoch on val (ours) | epoch on test (Tip-Adapter's code) | gap, mean (min..max) |",
+        "|---|---|---|---|",
+    ]
     for k, v in summary.items():
         lines.append(
             f"| {k} | {v['epoch_on_val']:.2f} | {v['epoch_on_test']:.2f} | "
@@ -146,8 +151,10 @@ def main() -> None:
         out,
         {
             "command": "python benchmarks/studies/tip_adapter_epoch.py "
-            + f"--backbone {args.backbone} --shots {args.shots} --seeds {args.seeds} --val-per-class {args.val_per_class}",
-            "data": f"fashion-mnist: val {len(data['val'])} carved from train (stratified, seed 0), test {len(data['test'])}",
+            f"--backbone {args.backbone} --shots {args.shots} --seeds {args.seeds} "
+            f"--val-per-class {args.val_per_class}",
+            "data": f"fashion-mnist: val {len(data['val'])} carved from train (stratified, seed 0), "
+            f"test {len(data['test'])}",
             "options": {k: v for k, v in options.items() if k not in ("alpha_grid", "beta_grid")},
             "extract_seconds": extract_s,
             "summary": summary,

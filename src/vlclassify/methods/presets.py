@@ -22,6 +22,7 @@ docs/reproducing.md gives the command for each paper's table.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -263,7 +264,7 @@ class Resolved:
         for p in self.presets:
             if p.templates is not None and "templates" in fields:
                 out["templates"] = p.templates
-            out.update(p.options.get(method, {}))
+            out.update(copy.deepcopy(dict(p.options.get(method, {}))))  # a fit never shares the registry's lists
         return out
 
     def record(self, methods: Sequence[str] = ()) -> dict[str, Any]:
