@@ -357,8 +357,9 @@ def reference_tip_adapter(train_rows, k, seed, feats, y, text, val_rows, test_ro
     return picked, best, logits(test_rows, *best)
 
 
-@pytest.mark.parametrize(("presets", "scales"), [("tip-adapter", (7, 3)), ("tip-adapter,coop-dtd", (13, 13))])
-@pytest.mark.parametrize("k", (4, 8))
+@pytest.mark.parametrize(
+    ("presets", "scales", "k"), [("tip-adapter", (7, 3), 4), ("tip-adapter,coop-dtd", (13, 13), 8)]
+)
 def test_tip_adapter_preset_equals_the_published_search(tmp_path, presets, scales, k):
     from vlclassify.backbones import create_backbone
     from vlclassify.methods import create_method
