@@ -70,6 +70,16 @@ def test_tip_adapter_values_are_its_yaml_per_dataset():
         assert o["train_alpha"] == o["alpha"] == init_alpha and o["train_beta"] == 1 and o["epochs"] == epochs
 
 
+def test_tip_adapter_init_values_are_off_its_grids():
+    """Tip-Adapter keeps the first strict improvement (ties: the first in beta-major order); a
+    selection rule that gives ties to the method's default pair can only do that when the pair is
+    a grid point, so each preset's (init_alpha, init_beta) must not be one."""
+    for name in list_presets():
+        o = resolve_presets(name).options("tip-adapter")
+        if "beta_grid" in o:
+            assert (o["alpha"], o["beta"]) not in [(a, b) for b in o["beta_grid"] for a in o["alpha_grid"]], name
+
+
 def test_cmm_and_vt_clip_get_their_papers_settings_and_every_method_the_dataset_prompt(toy):
     r = resolve_presets("coop-eurosat")
     cmm = create_method("cmm", toy, **r.options("cmm"))
