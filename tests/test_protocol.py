@@ -287,3 +287,114 @@ def test_template_ensemble_is_normalise_average_renormalise(toy, cache):
     given = torch.randn(3, ens.shape[1])  # class text embeddings given with the data replace the prompts
     per2, ens2 = cached_template_embeddings(toy, classes, SELECT7, cache, class_text=given)
     assert torch.allclose(ens2, given / given.norm(dim=-1, keepdim=True)) and per2.shape == (3, 1, ens.shape[1])
+
+
+# ---- Tip-Adapter's protocol (`--preset tip-adapter`) --------------------------------------
+# The reference below is written from Tip-Adapter's published description (shared README,
+# "Few-shot protocol"): random.seed(1); per label in order of first appearance random.sample(K),
+# or random.choices(K) for a short class; keys = the normalised mean of the raw features of the
+# augmented views; search on the whole val split, beta in [0.1, s0) with 200 steps outside, alpha
+# in [0.1, s1) with 20 steps inside, the first strict improvement wins; logits =
+# 100 f·T + alpha exp(-beta (1 - f·K)) one-hot.
+
+TIP_CLASSES = 6
+TIP_TRAIN = {0: 9, 1: 2, 2: 7, 3: 1, 4: 8, 5: 5}  # several classes shorter than K
+
+
+def _tip_feature_file(path):
+    """Fixed synthetic CLIP-like features: clusters per class, poor class texts (so the cache
+    matters), 10 augmented views of every image, interleaved labels, a val and a test split."""
+    from vlclassify.data import save_precomputed
+
+    g = torch.Generator().manual_seed(11)
+    d = 16
+    centers = torch.randn(TIP_CLASSES, d, generator=g)
+    train_y = _interleaved(TIP_TRAIN, 5)
+    val_y = _interleaved({c: 12 for c in range(TIP_CLASSES)}, 6)
+    test_y = _interleaved({c: 15 for c in range(TIP_CLASSES)}, 7)
+    y = torch.tensor(train_y + val_y + test_y)
+    x = centers[y] + 1.1 * torch.randn(len(y), d, generator=g)
+    views = {f"rrc{i}": {"image": x + 0.5 * torch.randn(x.shape, generator=g)} for i in range(10)}
+    text = centers + 1.3 * torch.randn(centers.shape, generator=g)
+    split = ["train"] * len(train_y) + ["val"] * len(val_y) + ["test"] * len(test_y)
+    names = [f"class_{c}" for c in range(TIP_CLASSES)]
+    save_precomputed(path, x, y, names, split=split, class_text=text, views=views)
+    return x, y, views, text, len(train_y), len(val_y)
+
+
+def _unit(t):
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def reference_tip_adapter(train_rows, k, seed, feats, y, text, val_rows, test_rows, s0, s1):
+    """Tip-Adapter's protocol on row indices: (sampled rows, (alpha, beta), test logits)."""
+    state = random.getstate()
+    random.seed(seed)
+    groups = defaultdict(list)
+    for r in train_rows:
+        groups[int(y[r])].append(r)
+    picked = []
+    for g in groups.values():
+        picked += random.sample(g, k) if len(g) >= k else random.choices(g, k=k)
+    random.setstate(state)
+    raw = torch.stack([feats[f"rrc{i}"][picked] for i in range(10)])  # [10 views, N, D] raw features
+    keys = _unit(raw.mean(0))
+    values = torch.nn.functional.one_hot(y[picked], TIP_CLASSES).float()
+    weights = _unit(text)
+
+    def logits(rows, alpha, beta):
+        f = _unit(feats["orig"][rows])
+        return 100.0 * f @ weights.T + alpha * torch.exp(-beta * (1 - f @ keys.T)) @ values
+
+    betas = [i * (s0 - 0.1) / 200 + 0.1 for i in range(200)]
+    alphas = [i * (s1 - 0.1) / 20 + 0.1 for i in range(20)]
+    best_acc, best = 0.0, (0.0, 0.0)
+    for beta in betas:
+        for alpha in alphas:
+            acc = 100 * float((logits(val_rows, alpha, beta).argmax(-1) == y[val_rows]).float().sum()) / len(val_rows)
+            if acc > best_acc:
+                best_acc, best = acc, (alpha, beta)
+    return picked, best, logits(test_rows, *best)
+
+
+@pytest.mark.parametrize(
+    ("presets", "scales", "k"), [("tip-adapter", (7, 3), 4), ("tip-adapter,coop-dtd", (13, 13), 8)]
+)
+def test_tip_adapter_preset_equals_the_published_search(tmp_path, presets, scales, k):
+    from vlclassify.backbones import create_backbone
+    from vlclassify.methods import create_method
+    from vlclassify.methods.presets import resolve_presets
+
+    path = tmp_path / "feats.safetensors"
+    x, y, views, text, n_train, n_val = _tip_feature_file(path)
+    train_rows = list(range(n_train))
+    val_rows = list(range(n_train, n_train + n_val))
+    test_rows = list(range(n_train + n_val, len(y)))
+    picked, (alpha, beta), ref_logits = reference_tip_adapter(
+        train_rows,
+        k,
+        1,
+        {"orig": x, **{v: e["image"] for v, e in views.items()}},
+        y,
+        text,
+        val_rows,
+        test_rows,
+        *scales,
+    )
+    assert (alpha, beta) != (0.1, 0.1)  # the search decides something here (else the test proves little)
+
+    resolved = resolve_presets(presets, str(path))
+    assert resolved.seeds == (1,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short classes
+        splits = plan_splits(str(path), shots=k, seed=resolved.seeds[0], protocol=resolved.protocol)
+    assert [it.key for it in splits["train"].items] == [f"feats.safetensors#{r}" for r in picked]
+    assert len(splits["val"]) == n_val  # the whole val split, not min(K, 4) per class
+    toy100 = create_backbone("toy", logit_scale=100.0)
+    m = create_method("tip-adapter", toy100, **resolved.options("tip-adapter"))
+    m.progress = False
+    m.fit(splits["train"], splits["val"])
+    assert m.fit_info["alpha"] == alpha and m.fit_info["beta"] == beta
+    assert m.fit_info["alpha_beta_candidates"] == 4000
+    got = m.logits(splits["test"])
+    assert (got - ref_logits).abs().max() < 1e-4

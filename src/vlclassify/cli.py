@@ -27,6 +27,12 @@ BACKBONE_OPTS = typer.Option([], "--backbone-opt", help="Backbone option key=val
 CACHE_OPT = typer.Option(
     None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify)."
 )
+PRESET_OPT = typer.Option(
+    None,
+    "--preset",
+    help="Settings by name, comma-separated (see `vlclassify methods --presets`); a CoOp split file applies its "
+    "dataset's preset (coop-<dataset>) unless 'none'.",
+)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -123,6 +129,19 @@ def _print_registry(registry, column: str) -> None:
     console.print(t)
 
 
+def _log_presets(presets, data: str | None, methods: list[str]) -> None:
+    """Which presets apply and why (named, or the data's file name), and what they set."""
+    for p in presets.presets:
+        why = "named"
+        if p.name == presets.automatic and data:
+            why = f"automatic for {Path(data.partition('?')[0]).name}; --preset none turns it off"
+        _log(f"preset {p.name} ({why}): {p.description}")
+    if presets.presets:
+        for m in methods:
+            _log(f"  {m} options set: {', '.join(sorted(presets.options(m))) or 'none'}")
+        _log(f"  protocol: {presets.protocol.describe()}")
+
+
 @app.command()
 def backbones() -> None:
     """List the registered backbones."""
@@ -134,6 +153,7 @@ def backbones() -> None:
 @app.command()
 def methods(
     contract: bool = typer.Option(False, "--contract", help="Print the method contract table (markdown)."),
+    presets: bool = typer.Option(False, "--presets", help="List the presets (`fit --preset NAME`)."),
 ) -> None:
     """List the registered methods (with --contract: the kinds of data each takes, and more)."""
     from .methods import METHODS
@@ -141,6 +161,11 @@ def methods(
 
     if contract:
         console.print(contract_table(), markup=False, highlight=False, soft_wrap=True)
+        return
+    if presets:
+        from .methods.presets import PRESETS
+
+        _print_registry(PRESETS, "preset")
         return
     _print_registry(METHODS, "method")
 
@@ -188,11 +213,20 @@ def extract(
 
 
 def _splits_for(
-    data: str, shots: int | None, seed: int, val_fraction: float, test_fraction: float, split_file: Path | None = None
+    data: str,
+    shots: int | None,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    split_file: Path | None = None,
+    protocol: dict | None = None,
 ):
+    """A fit's splits again, from what its fit.json recorded (`protocol`: the presets' data side)."""
     from .data import plan_splits
+    from .data.plan import DEFAULT, Protocol
 
-    return plan_splits(data, shots, seed, val_fraction, test_fraction, split_file)
+    proto = Protocol(**protocol) if protocol else DEFAULT
+    return plan_splits(data, shots, seed, val_fraction, test_fraction, split_file, proto)
 
 
 @app.command()
@@ -206,8 +240,9 @@ def fit(
         None, help="Classes as 'a,b,c' or a file with one `name` or `name: description` a line."
     ),
     shots: int | None = typer.Option(None, min=1, help="Few-shot: K training images per class (CoOp protocol)."),
-    seed: int = typer.Option(1, help="Seed for few-shot sampling and splits."),
+    seed: int | None = typer.Option(None, help="Seed for few-shot sampling and splits (default 1, or the preset's)."),
     opt: list[str] = typer.Option([], "--opt", help="Method option key=value (repeatable; JSON values)."),
+    preset: str | None = PRESET_OPT,
     precision: float | None = typer.Option(
         None, help="Single-label: answer only at this precision on validation (e.g. 0.9), else 'uncertain'."
     ),
@@ -225,18 +260,22 @@ def fit(
 ) -> None:
     """Train a method, choose its decision rule on validation, save it (safetensors + JSON) to --out,
     with split.json: the items used."""
-    from .data import write_split_file
+    from .data import plan_splits, write_split_file
     from .data.classes import parse_classes
     from .errors import DataError
     from .methods import create_method
+    from .methods.presets import resolve_presets
     from .utils import atomic_path, write_json
 
     _check_out(out, overwrite)
     if data is None and classes is None:
         raise DataError("fit: give --data (labelled images), or --classes for a zero-shot model")
     names, descriptions = parse_classes(classes) if classes else ([], {})
+    presets = resolve_presets(preset, _absolute_spec(data) if data else None)
+    seed = seed if seed is not None else (presets.seeds or (1,))[0]
+    _log_presets(presets, data, [method])
     bb = _backbone(backbone, backbone_opt)
-    m = create_method(method, bb, cache=_cache(cache_dir), **parse_options(opt))
+    m = create_method(method, bb, cache=_cache(cache_dir), **{**presets.options(method), **parse_options(opt)})
     m.skip_bad = skip_bad
     splits: dict = {}
     if data is None:
@@ -245,7 +284,8 @@ def fit(
         m.set_classes(names, descriptions)
         console.print(f"{method}: {len(names)} classes by name, no images")
     else:
-        splits = _splits_for(_absolute_spec(data), shots, seed, val_fraction, test_fraction, split_file)
+        spec = _absolute_spec(data)
+        splits = plan_splits(spec, shots, seed, val_fraction, test_fraction, split_file, presets.protocol)
         train = splits["train"]
         if names and names != train.classnames:
             raise DataError(f"--classes {names[:5]}... do not match the data's classes {train.classnames[:5]}...")
@@ -263,6 +303,8 @@ def fit(
         m.fit(train, splits.get("val"), precision=precision, thresholds=thresholds)
     for note in m.fit_info.get("ignored", []):
         console.print(f"note: {note}", markup=False, soft_wrap=True)
+    if presets.presets:
+        m.fit_info["preset"] = presets.record([method])  # config.json records it with the fit
     info = {
         "command": _command(),
         "method": method,
@@ -271,6 +313,7 @@ def fit(
         "classes": classes,
         "shots": shots,
         "seed": seed,
+        "preset": presets.record([method]) if presets.presets else None,
         "split_file": str(split_file) if split_file else None,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
@@ -428,6 +471,7 @@ def evaluate(
             info.get("val_fraction", 0.2),
             info.get("test_fraction", 0.2),
             own if own.exists() else None,
+            (info.get("preset") or {}).get("protocol"),
         )
         if split not in splits:
             raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)}, all)")
@@ -732,7 +776,7 @@ def bench_fewshot(
         help="Comma-separated methods; options in brackets: cmm[alpha=1.0;no_triplet=true].",
     ),
     shots: str = typer.Option("1,2,4,8,16", help="Comma-separated shots."),
-    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
+    seeds: str | None = typer.Option(None, help="Comma-separated seeds (default 1,2,3, or the preset's)."),
     test_limit: int | None = typer.Option(
         None, help="Score on a fixed stratified subset of this many test images (faster)."
     ),
@@ -743,24 +787,30 @@ def bench_fewshot(
     ),
     out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
     name: str | None = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
+    preset: str | None = PRESET_OPT,
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Few-shot comparison: methods x shots x seeds, mean ± std, fit times."""
     from .bench.fewshot import markdown_table, run_fewshot, write_results
+    from .methods.presets import resolve_presets
 
+    specs = parse_method_specs(methods_)
+    presets = resolve_presets(preset, _absolute_spec(data))
+    _log_presets(presets, data, list(dict.fromkeys(s.method for s in specs)))
     bb = _backbone(backbone, backbone_opt)
     result = run_fewshot(
         bb,
         data,
-        parse_method_specs(methods_),
+        specs,
         parse_ints(shots, "shots"),
-        parse_ints(seeds, "seeds"),
+        parse_ints(seeds, "seeds") if seeds else list(presets.seeds or (1, 2, 3)),
         test_limit=test_limit,
         cache=_cache(cache_dir),
         log=_log,
         min_per_class=min_per_class,
+        presets=presets,
     )
     _report(markdown_table(result), write_results(result, out, name or _stem("fewshot-", data), command=_command()))
 

@@ -2,7 +2,9 @@
 
 Features are extracted once per split (the few-shot pools of all shots and seeds together, and
 the test set) and every method trains on cached features. Hyper-parameters are chosen by each
-method on the few-shot validation set; the test set is only scored.
+method on the few-shot validation set; the test set is only scored. Presets (methods/presets.py)
+change the protocol for the whole table (e.g. `tip-adapter`: the whole val split, short classes
+sampled with replacement) and the options of the methods they name.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from ..backbones.base import Backbone
-from ..data import Dataset, load_data, plan_splits, stratified_split
+from ..data import Dataset, plan_splits, stratified_split
+from ..data.plan import prepare_data
 from ..errors import DataError
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
+from ..methods.presets import Resolved
 from ..metrics import accuracy
 
 
@@ -32,8 +36,8 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _pools(data_spec: str, test_limit: int | None) -> tuple[Dataset, Dataset | None, Dataset | None]:
-    splits = load_data(data_spec)
+def _pools(data_spec: str, test_limit: int | None, presets: Resolved) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    splits = prepare_data(data_spec, presets.protocol)
     if "all" in splits:
         return splits["all"], None, None
     train = splits.get("train")
@@ -58,9 +62,13 @@ def run_fewshot(
     progress: bool = True,
     log=print,
     min_per_class: int | None = None,
+    presets: Resolved | None = None,
 ) -> dict[str, Any]:
+    """`presets` (methods/presets.py `resolve_presets`): their protocol plans every split, their
+    options come before each method spec's own."""
     cache = cache or FeatureCache()
-    pool, val_pool, test = _pools(data_spec, test_limit)
+    presets = presets or Resolved()
+    pool, val_pool, test = _pools(data_spec, test_limit, presets)
     dropped: list[str] = []
     if min_per_class:
         pool, dropped = drop_small_classes(pool, min_per_class)
@@ -69,8 +77,9 @@ def run_fewshot(
                 f"{pool.name}: dropped {len(dropped)} class(es) with fewer than {min_per_class} images: "
                 f"{', '.join(dropped)}"
             )
-    probes = [create_method(m.method, backbone, **m.options) for m in methods]  # validates options early
-    views = ("orig", "flip") if any("flip" in p.feature_needs() for p in probes) else ("orig",)
+    options = {m.label: {**presets.options(m.method), **m.options} for m in methods}
+    probes = [create_method(m.method, backbone, **options[m.label]) for m in methods]  # validates options early
+    views = tuple(dict.fromkeys(v for p in probes for v in p.training_views()))  # "orig" first
     spatial = any("spatial" in p.feature_needs() for p in probes)
 
     # Every (shots, seed) split, sampled up front so features are extracted once.
@@ -78,7 +87,7 @@ def run_fewshot(
     plans = {}
     for k in shots:
         for s in seeds:
-            plan = plan_splits(raw, shots=k, seed=s)
+            plan = plan_splits(raw, shots=k, seed=s, protocol=presets.protocol)
             plans[(k, s)] = (plan["train"], plan["val"])
 
     def encode_rows(ds: Dataset, keys: set[str], tag: str, v: Sequence[str]) -> tuple[Encoded, dict[str, int]]:
@@ -116,7 +125,7 @@ def run_fewshot(
         else:
             ete = enc_test
         for spec in methods:
-            m = create_method(spec.method, backbone, cache=cache, **spec.options)
+            m = create_method(spec.method, backbone, cache=cache, **options[spec.label])
             m.progress = False
             t0 = time.perf_counter()
             m.fit(etr, eva)
@@ -142,6 +151,7 @@ def run_fewshot(
         "shots": list(shots),
         "seeds": list(seeds),
         "methods": [m.__dict__ for m in methods],
+        "presets": presets.record([m.method for m in methods]) if presets.presets else None,
         "test_limit": test_limit,
         "min_per_class": min_per_class,
         "dropped_classes": dropped,

@@ -89,16 +89,24 @@ def sample_per_class(ds: Dataset, k: int, seed: int, exclude: Sequence[int] = ()
 
 
 def fewshot_indices(
-    train_pool: Dataset, shots: int, seed: int, val_pool: Dataset | None = None, repeat: bool = False
+    train_pool: Dataset,
+    shots: int,
+    seed: int,
+    val_pool: Dataset | None = None,
+    repeat: bool = False,
+    draw_val: bool = True,
 ) -> tuple[list[int], list[int]]:
     """(train indices into `train_pool`, val indices into `val_pool`, or into `train_pool` when
-    there is no val split): the items of `fewshot`, in the order CoOp lists them."""
+    there is no val split): the items of `fewshot`, in the order CoOp lists them. `draw_val=False`
+    draws the training items only (Tip-Adapter, which validates on the whole val split): val is []."""
     if shots < 1:
         raise DataError(f"shots must be >= 1, got {shots}")
     rng = random.Random(seed)  # == random.seed(seed): nothing else draws before the sampling
     train = _sample(train_pool, range(len(train_pool)), shots, rng, "train", repeat)
     k_val = min(shots, 4)
-    if val_pool is not None:
+    if not draw_val:
+        val = []
+    elif val_pool is not None:
         val = _sample(val_pool, range(len(val_pool)), k_val, rng, "val")
     else:  # the same procedure on the training images not sampled, in their order, same stream
         used = set(train)

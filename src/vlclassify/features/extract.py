@@ -17,9 +17,52 @@ from ..errors import DataError
 from .cache import FeatureCache
 from .runtime import cpu_count, make_encoder, resolve_runtime
 
+RRC_VIEWS, RRC_SIZE, RRC_SCALE, RRC_RATIO = 10, 224, (0.5, 1.0), (3 / 4, 4 / 3)  # Tip-Adapter's augmentation
+
+
+def random_resized_crop(index: int) -> Callable[[Image.Image], Image.Image]:
+    """View `rrc<index>`: a random-resized crop (area RRC_SCALE of the image, aspect RRC_RATIO,
+    torchvision's RandomResizedCrop draw) resized to RRC_SIZE² with bicubic, then a horizontal flip
+    with probability 1/2 (Tip-Adapter's training augmentation). The draw is seeded by the view index
+    and the image's pixels, so a view of an image is the same in every run and on every machine."""
+
+    def view(im: Image.Image) -> Image.Image:
+        import hashlib
+        import math
+        import random
+
+        digest = hashlib.sha256(f"rrc{index}/{im.mode}/{im.size}".encode() + im.tobytes()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        w, h = im.size
+        area, log_ratio = w * h, (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
+        box = None
+        for _ in range(10):
+            target = area * rng.uniform(*RRC_SCALE)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+                box = (left, top, left + cw, top + ch)
+                break
+        if box is None:  # torchvision's fallback: the central crop within the aspect bounds
+            if w / h < RRC_RATIO[0]:
+                cw, ch = w, round(w / RRC_RATIO[0])
+            elif w / h > RRC_RATIO[1]:
+                cw, ch = round(h * RRC_RATIO[1]), h
+            else:
+                cw, ch = w, h
+            left, top = (w - cw) // 2, (h - ch) // 2
+            box = (left, top, left + cw, top + ch)
+        out = im.crop(box).resize((RRC_SIZE, RRC_SIZE), Image.BICUBIC)
+        return ImageOps.mirror(out) if rng.random() < 0.5 else out
+
+    return view
+
+
 VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "orig": lambda im: im,
     "flip": ImageOps.mirror,
+    **{f"rrc{i}": random_resized_crop(i) for i in range(RRC_VIEWS)},  # Tip-Adapter's 10 augmented cache views
 }
 
 

@@ -162,6 +162,11 @@ class Method:
         """The features this configured method reads."""
         return type(self).needs
 
+    def training_views(self) -> tuple[str, ...]:
+        """The image views `fit` extracts for the training images, "orig" first (features/extract.py
+        VIEWS): with "flip" in `needs`, the original and the mirror image."""
+        return ("orig", "flip") if "flip" in self.feature_needs() else ("orig",)
+
     def stages(self, train: Encoded) -> list[Stage]:
         """The Trainer stages that train the head (none: training-free)."""
         return []
@@ -209,7 +214,7 @@ class Method:
     def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
         """The features this method needs (training: with the augmented views it trains on)."""
         needs = self.feature_needs()
-        views = ("orig", "flip") if training and "flip" in needs else ("orig",)
+        views = self.training_views() if training else ("orig",)
         if isinstance(data, Encoded):
             if "spatial" in needs and data.features.spatial is None:
                 raise ConfigError(f"method {self.name!r} needs spatial features; extract with spatial=True")

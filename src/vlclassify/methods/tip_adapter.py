@@ -1,10 +1,14 @@
 """Tip-Adapter (Zhang et al. 2021): a training-free cache model over the few-shot features.
 
-Keys K = the normalised training features (orig and flipped views averaged), values L = one-hot
-labels; logits = zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. Alpha and beta are searched on
-the validation set, never on test (the one selection rule: ties go to the pair nearest the
-default alpha, beta, in the beta-major grid order). Alpha is in units of CLIP logits at scale 100 (it is
-rescaled by logit_scale / 100 so the grid means the same on any backbone).
+Keys K = the normalised training features averaged over augmented views (default: orig and flip,
+each normalised; Tip-Adapter's protocol, `--preset tip-adapter`: the raw features of 10
+random-resized-crop + flip views averaged, then normalised), values L = one-hot labels;
+logits = zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. Alpha and beta are searched on the
+validation set, never on test (the one selection rule over the beta-major grid: the best accuracy
+wins, ties go to the pair nearest the default alpha, beta; Tip-Adapter's "first strict
+improvement" when the default is off the grid, as in its preset). Alpha is in
+units of CLIP logits at scale 100 (it is rescaled by logit_scale / 100 so the grid means the same
+on any backbone).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+from ..features import FeatureSet
+from ..features.extract import VIEWS
 from ..training import select_best
 from .base import Encoded, Method, check_dim, normalize
 from .registry import register_method
@@ -30,6 +37,26 @@ class TipAdapterConfig:
     beta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0])  # sharpness
     alpha: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
     beta: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
+    # training-image views whose features make the keys (features/extract.py VIEWS; Tip-Adapter: rrc0..rrc9)
+    views: list[str] = field(default_factory=lambda: ["orig", "flip"])
+    # normalized: each view's features normalised, then averaged | raw: the raw features averaged
+    # (Tip-Adapter's code); the mean is normalised either way
+    key_mean: str = "normalized"
+
+
+def search_grid(top: float, steps: int, start: float = 0.1) -> list[float]:
+    """Tip-Adapter's search values: `steps` evenly spaced from `start`, below `top` (its yaml's
+    search_scale / search_step: i * (top - start) / steps + start for i in 0..steps-1)."""
+    return [i * (top - start) / steps + start for i in range(steps)]
+
+
+def view_features(f: FeatureSet, view: str, method: str) -> FeatureSet:
+    """The features of one extracted view ("orig" is the FeatureSet itself)."""
+    if view == "orig":
+        return f
+    if view not in f.views:
+        raise ConfigError(f"method {method!r}: the training features have no {view!r} view")
+    return f.views[view]
 
 
 class CacheHead(nn.Module):
@@ -65,8 +92,12 @@ class CacheHead(nn.Module):
         keys = F.normalize(self.keys, dim=-1) if self.normalize_keys else self.keys
         return self.scale * x @ self.class_embeds.T, x @ keys.T
 
+    def cache_logits(self, aff: torch.Tensor, beta: float) -> torch.Tensor:
+        """affinities [B, N] -> the cache model's logits [B, C] at alpha = 1 (in zero-shot logit units)."""
+        return (self.scale / 100.0) * (torch.exp(-beta * (1 - aff)) @ self.values)
+
     def combine(self, zs: torch.Tensor, aff: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-        return zs + alpha * (self.scale / 100.0) * (torch.exp(-beta * (1 - aff)) @ self.values)
+        return zs + alpha * self.cache_logits(aff, beta)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alpha, beta = (float(v) for v in self.alpha_beta)
@@ -89,7 +120,18 @@ class TipAdapter(Method):
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
-        self.templates = resolve_templates(self.config.templates)
+        c = self.config
+        self.templates = resolve_templates(c.templates)
+        unknown = [v for v in c.views if v not in VIEWS]
+        if not c.views or unknown:
+            raise ConfigError(
+                f"{self.name}: views must be a non-empty list of {', '.join(VIEWS)}; got {unknown or c.views}"
+            )
+        if c.key_mean not in ("normalized", "raw"):
+            raise ConfigError(f"{self.name}: key_mean must be normalized or raw, got {c.key_mean!r}")
+
+    def training_views(self) -> tuple[str, ...]:
+        return ("orig", *dict.fromkeys(v for v in self.config.views if v != "orig"))
 
     @property
     def scale(self) -> float:
@@ -107,8 +149,10 @@ class TipAdapter(Method):
 
     def _build(self, train: Encoded) -> CacheHead:
         """The cache model of `train`: keys, one-hot values, the zero-shot classifier."""
-        f = train.features
-        views = [normalize(f.image)] + ([normalize(f.views["flip"].image)] if "flip" in f.views else [])
+        c = self.config
+        views = [view_features(train.features, v, self.name).image.float() for v in c.views]  # V x [N, D]
+        if c.key_mean == "normalized":
+            views = [normalize(x) for x in views]
         keys = normalize(torch.stack(views).mean(0))  # [N, D] augmentation-averaged keys
         text = self.class_texts(self.templates)[1]
         head = self.init_head({"num_classes": len(self.classnames), "num_keys": len(keys), "dim": keys.shape[1]})
@@ -129,8 +173,16 @@ class TipAdapter(Method):
             zs, aff = head.parts(val.features.image)
         y = torch.as_tensor(val.dataset.labels())
         grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
-        default = (c.alpha, c.beta) if (c.alpha, c.beta) in grid else None
-        sel = select_best(grid, lambda ab: float((head.combine(zs, aff, *ab).argmax(-1) == y).float().mean()), default)
+        memo: dict[float, torch.Tensor] = {}  # the cache logits of the current beta (the grid is beta-major)
+
+        def accuracy(ab: tuple[float, float]) -> float:
+            alpha, beta = ab
+            if beta not in memo:
+                memo.clear()
+                memo[beta] = head.cache_logits(aff, beta)
+            return float(((zs + alpha * memo[beta]).argmax(-1) == y).float().mean())
+
+        sel = select_best(grid, accuracy, (c.alpha, c.beta) if (c.alpha, c.beta) in grid else None)
         head.alpha_beta.copy_(torch.tensor(sel.best, dtype=torch.float64))
         return {**sel.info("alpha_beta"), "alpha": sel.best[0], "beta": sel.best[1]}
 

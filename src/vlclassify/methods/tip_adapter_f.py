@@ -1,6 +1,13 @@
 """Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule, CE on the
 fused logits at the training alpha/beta), then alpha/beta searched again on validation. The epoch
-to keep is chosen on validation too (the public code picks it on test; a known flaw, not repeated)."""
+to keep is chosen on validation too (the public code picks it on test; a known flaw, not repeated:
+docs/reproducing.md measures what it changes).
+
+Training samples per epoch (`epoch_views`): `all` trains on every cached view of every image each
+epoch (orig + flip: 2N rows); `cycle` trains epoch e on view e mod len(views) only, N rows an epoch.
+With Tip-Adapter's 10 augmented views (`--preset tip-adapter`) that is its "N freshly augmented
+samples an epoch" on cached features: the views are fixed per image, so 20 epochs see each twice.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..training import Stage
 from .base import Encoded, TrainOptions
 from .registry import register_method
-from .tip_adapter import TipAdapter, TipAdapterConfig
+from .tip_adapter import TipAdapter, TipAdapterConfig, view_features
 
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
-    epochs: int = 20  # fine-tuning epochs over the (flip-augmented) training set (Tip-Adapter-F: 20)
+    epochs: int = 20  # fine-tuning epochs (Tip-Adapter-F: 20, EuroSAT 100)
     lr: float = 1e-3  # AdamW learning rate (Tip-Adapter-F: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (Tip-Adapter-F: torch's default, 0.01)
     batch_size: int = 256  # (Tip-Adapter-F: 256)
@@ -24,6 +32,8 @@ class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
     train_beta: float = 1.0  # beta during fine-tuning (Tip-Adapter-F: the dataset's init_beta)
     # keys re-normalised in every forward (False: a plain linear layer, as the paper's code)
     normalize_keys: bool = True
+    # all: every view of every image each epoch | cycle: epoch e trains on view e mod len(views) (Tip-Adapter-F)
+    epoch_views: str = "all"
 
 
 @register_method
@@ -34,6 +44,11 @@ class TipAdapterF(TipAdapter):
     Config = TipAdapterFConfig
     train_keys = True
     selects = "epoch, alpha, beta"
+
+    def __init__(self, backbone, cache=None, **options) -> None:
+        super().__init__(backbone, cache, **options)
+        if self.config.epoch_views not in ("all", "cycle"):
+            raise ConfigError(f"tip-adapter-f: epoch_views must be all or cycle, got {self.config.epoch_views!r}")
 
     def stages(self, train: Encoded) -> list[Stage]:
         c = self.config
@@ -49,11 +64,23 @@ class TipAdapterF(TipAdapter):
             )
         ]
 
+    def view_batches(self, train: Encoded):
+        """The Trainer's batches: the views' features as samples, all of them or one view an epoch."""
+        c = self.config
+        feats = [view_features(train.features, v, self.name).image.float() for v in c.views]  # V x [N, D]
+        y = torch.as_tensor(train.dataset.labels())
+        if c.epoch_views == "all":
+            return self.feature_batches(train, {"image": torch.cat(feats), "targets": y.repeat(len(feats))})
+        per_view = [self.feature_batches(train, {"image": x, "targets": y}) for x in feats]
+        return lambda stage, epoch, seed: per_view[epoch % len(per_view)](stage, epoch, seed)
+
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         c = self.config
         head = self._build(train)
         head.alpha_beta.copy_(torch.tensor([c.train_alpha, c.train_beta], dtype=torch.float64))
-        n = 2 * len(train)
-        result = self.train_head(train, val, self.stages(train), work=min(n, c.batch_size) * n * head.keys.shape[1])
+        n = len(train) * (len(c.views) if c.epoch_views == "all" else 1)  # rows an epoch
+        result = self.train_head(
+            train, val, self.stages(train), self.view_batches(train), work=min(n, c.batch_size) * n * head.keys.shape[1]
+        )
         self.fit_info.update(self.search(val))
         self.fit_info["epoch"] = result.stages[0].best_epoch
