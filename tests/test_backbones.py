@@ -117,3 +117,38 @@ def test_hf_clip_method_save_load(tmp_path, color_folder):
     m2 = load_method(tmp_path / "lp")  # rebuilds hf-clip from the saved config
     assert m2.backbone.name == "hf-clip"
     np.testing.assert_allclose(m.predict_proba(ds), m2.predict_proba(ds), atol=1e-5)
+
+
+# ---- backbone.split: a frozen trunk and a trainable top of its own copies ---------------------------
+TEXTS = ["a frog.", "a small red apple on a wooden table next to a blue cup", "x"]
+
+
+@pytest.mark.parametrize("cut", [(0, 0), (1, 1), (1, None), (None, 1)])
+def test_toy_split(toy, check_split, cut):
+    if None in cut:
+        split = toy.split(*cut)
+        side = "image" if cut[0] is None else "text"
+        with pytest.raises(ConfigError, match=f"no {side} top"):
+            split.image_trunk(torch.rand(1, 3, 32, 32)) if side == "image" else split.text_trunk(["a"])
+        return
+    check_split(toy, cut, torch.rand(2, 3, 32, 32), TEXTS)
+
+
+@pytest.mark.parametrize("cut", [(0, 0), (1, 1), (3, 6)])
+def test_effnet_minilm_split(effnet, check_split, cut):
+    from vlclassify.data import load_image
+
+    pixels = torch.stack([effnet.preprocess(load_image(TUX_FROG)), torch.rand(3, 224, 224) * 2 - 1])
+    split = check_split(effnet, cut, pixels, TEXTS)
+    assert split.config() == {"image_blocks": cut[0], "text_layers": cut[1]}
+    with pytest.raises(ConfigError, match=r"image_blocks must be an integer in 0..16"):
+        effnet.split(17, 0)
+
+
+@pytest.mark.parametrize("cut", [(0, 0), (1, 1), (2, 2)])
+def test_hf_clip_split(tmp_path, check_split, cut):
+    folder, _ = _tiny_clip(tmp_path)
+    bb = create_backbone("hf-clip", path=str(folder))
+    check_split(bb, cut, torch.randn(2, 3, 32, 32), TEXTS)
+    with pytest.raises(ConfigError, match=r"text_layers must be an integer in 0..2"):
+        bb.split(0, 3)
