@@ -86,3 +86,44 @@ def _check_split(bb, cut, pixels, texts, atol=1e-5):
 @pytest.fixture
 def check_split():
     return _check_split
+
+
+@pytest.fixture
+def tiny_clip(tmp_path):
+    """(folder, model): a randomly initialised CLIP with a character-level tokenizer, saved like a real checkpoint."""
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(cfg)
+    out = tmp_path / "tiny-clip"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model

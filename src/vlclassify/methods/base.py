@@ -14,7 +14,7 @@ What a method file declares (docs/methods.md is generated from these, `vlclassif
 | declaration | meaning |
 |---|---|
 | `kinds` | the data it takes: single-label, multi-label, paired-text (an image's text as input), multi-task |
-| `needs` | the features it reads: image (joint embedding), pooled, spatial, text (paired-text embedding), flip |
+| `needs` | the features it reads: image (joint embedding), pooled, spatial, text (paired-text embedding), flip, trunk |
 | `build_head(spec)` | the nn.Module whose forward maps a feature batch to `{"logits"}` (and, with targets, `"loss"`) |
 | `stages(train)` | the Trainer stages that train the head; none for training-free methods |
 | decision | chosen on validation by `fit`: argmax, a target precision, or per-class thresholds |
@@ -50,7 +50,7 @@ from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_
 FORMAT_VERSION = 2
 SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
 KINDS = (SINGLE, MULTI, TEXT, TASKS)
-FEATURES = ("image", "pooled", "spatial", "text", "flip")
+FEATURES = ("image", "pooled", "spatial", "text", "flip", "trunk")  # trunk: activations at a backbone.split cut
 MAIN = "label"  # the task name of a dataset's main label
 
 
