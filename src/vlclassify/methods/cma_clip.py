@@ -278,6 +278,7 @@ class CMAClip(Method):
     Config = CMAClipConfig
     kinds = frozenset({SINGLE, TEXT, TASKS})
     needs = frozenset({"trunk"})
+    selects = "the epoch kept in each stage"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)

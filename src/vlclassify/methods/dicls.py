@@ -274,6 +274,7 @@ class DiCLS(Method):
     Config = DiCLSConfig
     kinds = frozenset({SINGLE, MULTI})
     needs = frozenset({"pooled", "spatial"})
+    selects = "the epoch kept"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)

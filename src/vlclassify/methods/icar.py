@@ -211,6 +211,7 @@ class ICAR(Method):
     Config = ICARConfig
     kinds = frozenset({SINGLE, TEXT})
     needs = frozenset({"image", "pooled"})
+    selects = "the epoch kept in each stage (the start if none beats it)"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
