@@ -51,3 +51,79 @@ def make_color_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 @pytest.fixture
 def color_folder(tmp_path) -> Path:
     return make_color_folder(tmp_path / "colors")
+
+
+def _check_split(bb, cut, pixels, texts, atol=1e-5):
+    """`bb.split(*cut)` recomputes encode_image / encode_text untrained, and training its top moves
+    the top's own copies while the shared backbone stays as it was."""
+    import torch
+
+    split = bb.split(*cut)
+    with torch.no_grad():
+        f, t = bb.encode_image(pixels), bb.encode_text(texts)
+        g = split.image_top(split.image_trunk(pixels))
+        u = split.text_top(*split.text_trunk(texts))
+    for a, b in ((f.embeds, g.embeds), (f.tokens, g.tokens), (f.pooled, g.pooled), (t.embeds, u.embeds)):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    torch.testing.assert_close(t.tokens[t.mask], u.tokens[u.mask], atol=atol, rtol=0)
+    assert g.grid == f.grid and torch.equal(t.mask, u.mask)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    top0 = {k: v.clone() for k, v in split.state_dict().items()}
+    acts, (hidden, mask) = split.image_trunk(pixels), split.text_trunk(texts)
+    opt = torch.optim.SGD(split.parameters(), lr=0.5)
+    for _ in range(2):
+        loss = split.image_top(acts).embeds.square().sum() + split.text_top(hidden, mask).embeds.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(top0[k], v) for k, v in split.state_dict().items())  # the top's copies moved...
+    for k, v in bb.state_dict().items():
+        assert torch.equal(before[k], v), k  # ...the shared backbone did not
+    assert all(p.grad is None for p in bb.parameters())
+    return split
+
+
+@pytest.fixture
+def check_split():
+    return _check_split
+
+
+@pytest.fixture
+def tiny_clip(tmp_path):
+    """(folder, model): a randomly initialised CLIP with a character-level tokenizer, saved like a real checkpoint."""
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(cfg)
+    out = tmp_path / "tiny-clip"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model

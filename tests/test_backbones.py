@@ -42,47 +42,8 @@ def test_effnet_minilm_option_errors():
         create_backbone("effnet-minilm", bogus=1)
 
 
-def _tiny_clip(tmp_path):
-    """A randomly initialised CLIP with a character-level tokenizer, saved like a real checkpoint."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    chars = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=40,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=24,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg)
-    out = tmp_path / "tiny-clip"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out, model
-
-
-def test_hf_clip_roundtrip_through_registry(tmp_path):
-    folder, model = _tiny_clip(tmp_path)
+def test_hf_clip_roundtrip_through_registry(tiny_clip):
+    folder, model = tiny_clip
     bb = create_backbone("hf-clip", path=str(folder))
     assert (bb.embed_dim, bb.pooled_dim, bb.image_size) == (24, 32, 32)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
@@ -105,11 +66,11 @@ def test_hf_clip_missing_weights_is_a_clear_error(tmp_path):
         create_backbone("hf-clip")
 
 
-def test_hf_clip_method_save_load(tmp_path, color_folder):
+def test_hf_clip_method_save_load(tmp_path, tiny_clip, color_folder):
     from vlclassify.data import image_folder
     from vlclassify.methods import create_method, load_method
 
-    folder, _ = _tiny_clip(tmp_path)
+    folder, _ = tiny_clip
     bb = create_backbone("hf-clip", path=str(folder))
     ds = image_folder(color_folder)["all"]
     m = create_method("linear-probe", bb).fit(ds, ds)
@@ -117,3 +78,38 @@ def test_hf_clip_method_save_load(tmp_path, color_folder):
     m2 = load_method(tmp_path / "lp")  # rebuilds hf-clip from the saved config
     assert m2.backbone.name == "hf-clip"
     np.testing.assert_allclose(m.predict_proba(ds), m2.predict_proba(ds), atol=1e-5)
+
+
+# ---- backbone.split: a frozen trunk and a trainable top of its own copies ---------------------------
+TEXTS = ["a frog.", "a small red apple on a wooden table next to a blue cup", "x"]
+
+
+@pytest.mark.parametrize("cut", [(0, 0), (1, 1), (1, None), (None, 1)])
+def test_toy_split(toy, check_split, cut):
+    if None in cut:
+        split = toy.split(*cut)
+        side = "image" if cut[0] is None else "text"
+        with pytest.raises(ConfigError, match=f"no {side} top"):
+            split.image_trunk(torch.rand(1, 3, 32, 32)) if side == "image" else split.text_trunk(["a"])
+        return
+    check_split(toy, cut, torch.rand(2, 3, 32, 32), TEXTS)
+
+
+@pytest.mark.parametrize("cut", [(0, 0), (1, 1), (3, 6)])
+def test_effnet_minilm_split(effnet, check_split, cut):
+    from vlclassify.data import load_image
+
+    pixels = torch.stack([effnet.preprocess(load_image(TUX_FROG)), torch.rand(3, 224, 224) * 2 - 1])
+    split = check_split(effnet, cut, pixels, TEXTS)
+    assert split.config() == {"image_blocks": cut[0], "text_layers": cut[1]}
+    with pytest.raises(ConfigError, match=r"image_blocks must be an integer in 0..16"):
+        effnet.split(17, 0)
+
+
+@pytest.mark.parametrize("cut", [(0, 0), (1, 1), (2, 2)])
+def test_hf_clip_split(tiny_clip, check_split, cut):
+    folder, _ = tiny_clip
+    bb = create_backbone("hf-clip", path=str(folder))
+    check_split(bb, cut, torch.randn(2, 3, 32, 32), TEXTS)
+    with pytest.raises(ConfigError, match=r"text_layers must be an integer in 0..2"):
+        bb.split(0, 3)

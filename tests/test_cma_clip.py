@@ -1,5 +1,5 @@
-"""CMA-CLIP on the toy backbone: three stages, save/load, keyless attention, ablations, bad input,
-and recall at precision on hand-made cases."""
+"""CMA-CLIP on the toy backbone (and stage 2 on a tiny random CLIP): three stages, save/load,
+keyless attention, ablations, bad input, and recall at precision on hand-made cases."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def make_data(n: int = 48, seed: int = 0) -> Dataset:
 
 
 FAST = dict(
-    warmup_epochs=6,
+    frozen_epochs=6,
     e2e_epochs=2,
     tune_epochs=3,
     width=32,
@@ -61,32 +61,88 @@ def fit(cache, **opts):
     return m, make_data(24, seed=1)
 
 
+def _task_acc(m, ds):
+    probs = m.task_probs(ds)  # {"label": main task (color), "shape": [N, 2]}
+    return {
+        "color": float((probs["label"].argmax(-1) == ds.task_labels("color")).mean()),
+        "shape": float((probs["shape"].argmax(-1) == ds.task_labels("shape")).mean()),
+    }
+
+
 def test_fits_three_stages_multitask_and_roundtrips(cache, tmp_path):
     run = tmp_path / "run"
-    m, test = fit(cache, run_dir=str(run))
+    bb = create_backbone("toy")
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    m = create_method("cma-clip", bb, cache=cache, **{**FAST, "run_dir": str(run)})
+    m.progress = False
+    data, test = make_data(48), make_data(24, seed=1)
+    m.fit(data.subset(range(36)), data.subset(range(36, 48)))
     assert m.tasks == ["color", "shape"] and m.classnames == list(COLORS)
-    stages = [s["name"] for s in m.fit_info["stages"]]
-    assert stages == ["warmup", "end2end", "tuning"]
+    assert m.task_classes == {"label": list(COLORS), "shape": SHAPES}
+    stages = [s["name"] for s in m.fit_info["training"]["stages"]]
+    assert stages == ["frozen", "end2end", "tuning"]
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert [x["stage"] for x in log] == ["warmup"] * 6 + ["end2end"] * 2 + ["tuning"] * 3
-    out = m.predict_tasks(test)
-    acc = {t: float((out["probs"][t].argmax(-1) == test.task_labels(t)).mean()) for t in m.tasks}
+    assert [x["stage"] for x in log] == ["frozen"] * 6 + ["end2end"] * 2 + ["tuning"] * 3
+    acc = _task_acc(m, test)
     assert acc["color"] >= 0.9 and acc["shape"] >= 0.9, acc  # each task needs its own modality
-    for t in m.tasks:
-        lam = out["lambda"][t]
-        assert lam.shape == (24,) and ((lam >= 0) & (lam <= 1)).all()
-    # stage 2 trained a private copy of the backbone's top, never the caller's
-    assert m.backbone is not create_backbone("toy")
+    lam = m.outputs(test)["modality_weights"].numpy()
+    assert lam.shape == (24, 2) and ((lam >= 0) & (lam <= 1)).all()
+    # stage 2 trains the head's own copy of the backbone's top (test below), never the shared backbone
+    assert {n.split(".")[0] for n, _ in m.head.top.named_parameters()} == {"cell_blocks", "proj", "word_blocks"}
+    for k, v in bb.state_dict().items():
+        assert torch.equal(before[k], v), k
+    # decisions per task, and results that name the modality weights
+    assert (m.predict(test) == m.task_probs(test)["label"].argmax(-1)).all()
+    assert m.decision("shape").kind == "argmax"
+    res = m.predict_results(list(test.items[:2]))
+    assert set(res[0].tasks) == {"label", "shape"} and res[0].tasks["shape"].labels[0] in SHAPES
+    assert res[0].modality_weights["shape"]["image"] == pytest.approx(float(lam[0, 1]), abs=1e-6)
     m.save_pretrained(tmp_path / "model")
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert cfg["tasks"] == {"color": list(COLORS), "shape": SHAPES}
+    assert cfg["tasks"] == {"label": list(COLORS), "shape": SHAPES} and cfg["task_columns"] == ["color", "shape"]
     again = load_method(tmp_path / "model", cache=cache)
     again.progress = False
-    out2 = again.predict_tasks(test)
-    for t in m.tasks:
-        np.testing.assert_allclose(out2["probs"][t], out["probs"][t], atol=1e-6)
-        np.testing.assert_allclose(out2["lambda"][t], out["lambda"][t], atol=1e-6)
-    np.testing.assert_allclose(again.predict_proba(test), out["probs"]["color"], atol=1e-6)
+    p1, p2 = m.task_probs(test), again.task_probs(test)
+    for t in p1:
+        np.testing.assert_allclose(p2[t], p1[t], atol=1e-6)
+    np.testing.assert_allclose(again.outputs(test)["modality_weights"].numpy(), lam, atol=1e-6)
+    np.testing.assert_allclose(again.predict_proba(test), p1["label"], atol=1e-6)
+
+
+def test_end_to_end_stage_trains_the_top_of_a_clip(cache, tiny_clip):
+    """hf-clip: stage 2 moves the head's copy of the last vision / text layers and projections
+    (without validation every stage keeps its last round, so the moves are not undone by keep-best)."""
+    folder, _ = tiny_clip
+    bb = create_backbone("hf-clip", path=str(folder))
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    m = create_method(
+        "cma-clip", bb, cache=cache, **{**FAST, "frozen_epochs": 1, "e2e_epochs": 2, "tune_epochs": 0, "e2e_lr": 1e-2}
+    )
+    m.progress = False
+    m.fit(make_data(18))
+    top = m.head.top
+    assert {"vision_layers", "post_layernorm", "visual_projection", "language_layers", "final_layer_norm"} <= {
+        n.split(".")[0] for n, _ in top.named_parameters()
+    }
+    start = bb.split(1, 1).state_dict()
+    moved = {n for n, p in top.named_parameters() if not torch.equal(p, start[n])}
+    assert any(n.startswith("vision_layers.") for n in moved) and any(n.startswith("language_layers.") for n in moved)
+    assert "visual_projection.weight" in moved and "text_projection.weight" in moved
+    for k, v in bb.state_dict().items():
+        assert torch.equal(before[k], v), k  # the shared backbone is untouched
+
+
+def test_refuses_multilabel_data_before_extraction(cache):
+    ds = Dataset(
+        items=[Item(image=np.zeros((8, 8, 3), np.uint8), labels=(0, 1), key=f"m{i}") for i in range(4)],
+        classnames=["a", "b"],
+        multilabel=True,
+        name="multi",
+    )
+    m = create_method("cma-clip", create_backbone("toy"), cache=cache)
+    with pytest.raises(DataError, match="cma-clip does not take multi-label data; methods that do: .*dicls"):
+        m.fit(ds)
+    assert not (cache.root / "features").exists()  # refused before any trunk was computed
 
 
 def test_keyless_attention_weights():
@@ -115,12 +171,13 @@ def test_ablations_change_outputs(cache):
     full, test = fit(cache)
     no_ma, _ = fit(cache, modality_attention=False)
     no_sa, _ = fit(cache, modality_attention=False, sequence_attention=False)
-    p = [m.predict_tasks(test) for m in (full, no_ma, no_sa)]
-    assert np.allclose(p[1]["lambda"]["color"], 0.5) and np.allclose(p[2]["lambda"]["shape"], 0.5)
-    assert not np.allclose(p[0]["lambda"]["color"], 0.5)
-    assert not np.allclose(p[0]["probs"]["color"], p[1]["probs"]["color"])
-    assert not np.allclose(p[1]["probs"]["color"], p[2]["probs"]["color"])
-    assert not hasattr(no_sa.model, "encoder")
+    lam = [m.outputs(test)["modality_weights"].numpy() for m in (full, no_ma, no_sa)]
+    p = [m.predict_proba(test) for m in (full, no_ma, no_sa)]
+    assert np.allclose(lam[1][:, 0], 0.5) and np.allclose(lam[2][:, 1], 0.5)
+    assert not np.allclose(lam[0][:, 0], 0.5)
+    assert not np.allclose(p[0], p[1])
+    assert not np.allclose(p[1], p[2])
+    assert not hasattr(no_sa.head, "encoder")
     with pytest.raises(ConfigError, match="without sequence attention"):
         no_sa.explain(test.items[0])
 
@@ -131,8 +188,8 @@ def test_missing_modalities_and_explain(cache):
     items[0] = Item(image=None, label=items[0].label, text=items[0].text, tasks=items[0].tasks, key="noimg")
     items[1] = Item(image=items[1].image, label=items[1].label, text="", tasks=items[1].tasks, key="notext")
     ds = Dataset(items=items, classnames=test.classnames, name="holes", tasks=test.tasks)
-    out = m.predict_tasks(ds)
-    assert out["lambda"]["color"][0] == 0.0 and out["lambda"]["color"][1] == 1.0  # the other modality carries it
+    lam = m.outputs(ds)["modality_weights"]
+    assert lam[0, 0] == 0.0 and lam[1, 0] == 1.0  # the other modality carries it
     assert any("without an image" in n for n in m.notes) and any("empty text" in n for n in m.notes)
     heat = m.explain(test.items[2], target="square" if "square" in test.items[2].text else "round")
     assert heat.shape == (4, 4) and np.isclose(heat.sum(), 1.0, atol=1e-5) and (heat >= 0).all()
@@ -141,7 +198,7 @@ def test_missing_modalities_and_explain(cache):
 
 
 def test_bad_input_errors(cache):
-    m, test = fit(cache, warmup_epochs=1, e2e_epochs=0, tune_epochs=0)
+    m, test = fit(cache, frozen_epochs=1, e2e_epochs=0, tune_epochs=0)
     both = Dataset(
         items=[Item(image=None, text="", label=0, tasks={"color": 0, "shape": 0}, key="empty-row")],
         classnames=test.classnames,
@@ -149,10 +206,10 @@ def test_bad_input_errors(cache):
         tasks=test.tasks,
     )
     with pytest.raises(DataError, match="empty-row.*neither an image nor a text"):
-        m.predict_tasks(both)
+        m.outputs(both)
     other = Dataset(items=test.items, classnames=test.classnames, name="other", tasks={"color": test.tasks["color"]})
     with pytest.raises(DataError, match="task column 'shape'"):
-        m.check_tasks(other)
+        m.task_report(other)
     unknown = Dataset(
         items=test.items,
         classnames=test.classnames,
@@ -160,7 +217,7 @@ def test_bad_input_errors(cache):
         tasks={"color": test.tasks["color"], "shape": ["round", "striped"]},
     )
     with pytest.raises(DataError, match=r"row 3 .*task column 'shape' has label 'striped'"):
-        m.check_tasks(unknown)
+        m.task_report(unknown)
     with pytest.raises(DataError, match="no task column 'size'"):
         fit(cache, tasks=["size"])
     with pytest.raises(ConfigError, match="unknown option"):
@@ -310,7 +367,7 @@ def test_cli_unknown_task_label_names_row_and_column(tmp_path):
             str(out),
             "-b",
             "toy",
-            "--opt=warmup_epochs=1",
+            "--opt=frozen_epochs=1",
             "--opt=e2e_epochs=0",
             "--opt=tune_epochs=0",
             "--opt=width=16",
@@ -324,4 +381,4 @@ def test_cli_unknown_task_label_names_row_and_column(tmp_path):
 
     ds = load_data(str(other))["all"]
     with pytest.raises(DataError, match=r"task column 'color' has label 'purple'"):
-        m.check_tasks(ds)
+        m.task_report(ds)

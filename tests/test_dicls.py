@@ -60,14 +60,21 @@ def test_fit_multilabel_probs_and_save_load(toy, cache, tmp_path):
     assert p.shape == (24, 3) and (p >= 0).all() and (p <= 1).all()
     assert not np.allclose(p.sum(1), 1.0)  # independent sigmoids, not a softmax
     assert mean_average_precision(va.multi_hot(), p) > 0.6  # chance is ~0.5
-    hist = m.fit_info["history"]
+    hist = m.fit_info["losses"]
     assert {"train_loss_focal", "train_loss_aln", "train_loss_cta", "train_loss_cpa", "train_loss_arcface"} <= set(
         hist[0]
     )
+    rule = m.decision()  # per-class thresholds chosen on validation
+    assert rule.kind == "thresholds" and rule.source == "validation" and len(rule.thresholds) == 3
+    found = m.predict(va)
+    assert found.shape == (24, 3) and found.dtype == bool
+    np.testing.assert_array_equal(found, p >= np.array(rule.thresholds)[None])
     m.save_pretrained(tmp_path / "m")
     m2 = load_method(tmp_path / "m", cache=cache)
     np.testing.assert_allclose(m2.predict_proba(va), p, atol=1e-6)
-    assert m2.threshold() == m.threshold()
+    assert m2.decision() == rule and (m2.predict(va) == found).all()
+    res = m2.predict_results(va)[0]
+    assert res.labels == [NAMES[c] for c in np.nonzero(found[0])[0]]
 
 
 def test_single_label_is_softmax(toy, cache):
@@ -81,33 +88,46 @@ def test_single_label_is_softmax(toy, cache):
 def test_predict_from_align_uses_phrase_mean(toy, cache):
     tr = stripes(30, 4)
     m = small(toy, cache, predict_from="align").fit(tr)
-    enc = m.encode(tr)
-    out = m._forward_all(enc.features)
-    probs = torch.sigmoid(out["align_logits"])  # [N, L]
-    mask = m.net.phrase_mask  # [C, L]
+    probs = torch.sigmoid(m.outputs(tr)["align_logits"])  # [N, L]
+    mask = m.head.net.phrase_mask  # [C, L]
     expected = torch.stack([probs[:, mask[c].bool()].mean(1) for c in range(3)], 1)
     np.testing.assert_allclose(m.predict_proba(tr), expected.numpy(), atol=1e-5)
+    head = m.set_output("head").predict_proba(tr)  # the same model, scored by p^v
+    assert not np.allclose(head, m.set_output("align").predict_proba(tr))
 
 
-def test_backbone_fine_tuning_changes_only_listed_layers(cache, tmp_path):
+@pytest.mark.parametrize("cut", [(1, None), (None, 1), (1, 1)])
+def test_backbone_fine_tuning_trains_a_copy_of_the_top(cache, tmp_path, cut):
     from vlclassify.backbones import create_backbone
 
     bb = create_backbone("toy")
     before = {k: v.clone() for k, v in bb.state_dict().items()}
-    m = create_method("dicls", bb, cache=cache, dim=16, heads=2, epochs=2, train_backbone=["proj"])
+    image_blocks, text_layers = cut
+    m = create_method(
+        "dicls", bb, cache=cache, dim=16, heads=2, epochs=2, image_blocks=image_blocks, text_layers=text_layers
+    )
     m.progress = False
-    m.fit(stripes(24, 5), stripes(12, 6))
-    after = m.backbone.state_dict()
-    assert not torch.equal(before["proj.weight"], after["proj.weight"])  # fine-tuned
-    assert torch.equal(before["word.weight"], after["word.weight"])  # frozen
-    assert torch.equal(before["proj.weight"], bb.state_dict()["proj.weight"])  # the caller's backbone is untouched
-    assert m.runtime == "torch"  # tuned weights never go through the cache or the ONNX trunk
+    m.fit(stripes(24, 5))  # no validation: the last epoch is kept, so the fine-tuning shows
+    start = bb.split(*cut).state_dict()
+    moved = {k.split(".")[0] for k, v in m.head.top.state_dict().items() if not torch.equal(v, start[k])}
+    expect = ({"cell_blocks", "proj"} if image_blocks is not None else set()) | (
+        {"word_blocks"} if text_layers is not None else set()
+    )
+    assert moved == expect
+    for k, v in bb.state_dict().items():
+        assert torch.equal(before[k], v), k  # the caller's backbone is untouched
+    assert m.feature_needs() == ({"trunk"} if image_blocks is not None else {"pooled", "spatial"})
     va = stripes(12, 6)
     p = m.predict_proba(va)
     m.save_pretrained(tmp_path / "ft")
     np.testing.assert_allclose(load_method(tmp_path / "ft", cache=cache).predict_proba(va), p, atol=1e-6)
-    with pytest.raises(ConfigError, match="nothing"):
-        create_method("dicls", bb, train_backbone=["nothing"])
+
+
+def test_fine_tuning_options_are_checked(toy):
+    with pytest.raises(ConfigError, match="image_blocks must be an integer in 0..1"):
+        create_method("dicls", toy, image_blocks=5)
+    with pytest.raises(ConfigError, match="text_layers must be an integer"):
+        create_method("dicls", toy, text_layers=-1)
 
 
 # ---- fusion and losses ---------------------------------------------------------------------------
@@ -126,9 +146,9 @@ def test_gates_multiply_and_zero_gate_is_identity():
 
 def test_alignment_loss_applies_one_sigmoid(toy, cache):
     m = small(toy, cache, epochs=1).fit(stripes(16, 7))
-    net = m.net
+    net = m.head.net
     enc = m.encode(stripes(8, 8))
-    glob, sp = m._glob(enc.features), m._spatial(enc.features)
+    glob, sp, _ = m.head.inputs(enc.features.batch(["pooled", "spatial"], 0, len(enc)))
     y = torch.from_numpy(enc.dataset.multi_hot())
     out = net.outputs(glob, sp)
     z = out["align_logits"]  # [N, L]

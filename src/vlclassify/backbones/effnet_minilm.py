@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,16 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..utils import default_cache_dir, file_fingerprint, json_fingerprint
-from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_array, quiet_from_pretrained
+from .base import (
+    Backbone,
+    BackboneSplit,
+    ImageFeatures,
+    TextFeatures,
+    copy_module,
+    first_output,
+    pil_to_unit_array,
+    quiet_from_pretrained,
+)
 from .registry import register_backbone
 
 
@@ -179,21 +188,35 @@ class EffNetMiniLM(Backbone):
         return _Trunk(net).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
 
     # ---- texts --------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.options["max_length"],
-            return_tensors="pt",
-        )
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        n = self.options["max_length"] if max_tokens is None else min(max_tokens, self.options["max_length"])
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt")
+
+    def token_strings(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
+        batch = self.tokenize(texts, max_tokens)
+        return [
+            [t if real else "" for t, real in zip(self.tokenizer.convert_ids_to_tokens(ids), m)]
+            for ids, m in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+        ]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
         batch = self.tokenize(texts)
         hidden = self.text(**batch).last_hidden_state  # [N, L, D]
         mask = batch["attention_mask"].bool()
-        strings = [cast(list[str], self.tokenizer.convert_ids_to_tokens(ids)) for ids in batch["input_ids"].tolist()]
-        return TextFeatures(embeds=mean_pool(hidden, mask), tokens=hidden, mask=mask, token_strings=strings)
+        return TextFeatures(
+            embeds=mean_pool(hidden, mask), tokens=hidden, mask=mask, token_strings=self.token_strings(texts)
+        )
+
+    # ---- partial fine-tuning ------------------------------------------------------------------
+    def split(self, image_blocks: int | None = 0, text_layers: int | None = 0) -> EffNetMiniLMSplit:
+        return EffNetMiniLMSplit(self, image_blocks, text_layers).eval()  # eval like the backbone; trainers set modes
+
+    def _run_blocks(self, blocks, x: torch.Tensor, start: int) -> torch.Tensor:
+        """EfficientNet's MBConv loop over `blocks` (block `start` onwards), with its drop-connect schedule."""
+        n, rate = len(self.vision._blocks), self.vision._global_params.drop_connect_rate
+        for i, block in enumerate(blocks, start):
+            x = block(x, drop_connect_rate=rate * float(i) / n if rate else rate)
+        return x
 
     def _imagenet_text_embeddings(self) -> torch.Tensor:
         """Computed once per (weights, prompt) and kept in the cache folder (safetensors)."""
@@ -224,6 +247,57 @@ class EffNetMiniLM(Backbone):
         except OSError:
             pass  # a read-only cache folder only costs the recomputation
         return emb
+
+
+class EffNetMiniLMSplit(BackboneSplit):
+    """Image top: the last `image_blocks` MBConv blocks + conv head + ImageNet head + the ConSE map
+    into MiniLM's space. Text top: the last `text_layers` MiniLM layers + mean pooling."""
+
+    def __init__(self, backbone: EffNetMiniLM, image_blocks: int | None, text_layers: int | None) -> None:
+        v, layers = backbone.vision, backbone.text.encoder.layer
+        super().__init__(backbone, image_blocks, text_layers, (len(v._blocks), len(layers)))
+        if image_blocks is not None:
+            n = len(v._blocks)
+            self.blocks = nn.ModuleList(copy_module(b) for b in v._blocks[n - image_blocks :])
+            self.conv_head, self.bn1, self.fc = (copy_module(m) for m in (v._conv_head, v._bn1, v._fc))
+        if text_layers is not None:
+            self.layers = nn.ModuleList(copy_module(m) for m in layers[len(layers) - text_layers :])
+
+    def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        v = self.backbone.vision
+        x = v._swish(v._bn0(v._conv_stem(pixels)))
+        return self.backbone._run_blocks(v._blocks[: len(v._blocks) - self.image_blocks], x, 0)  # [N, C, h, w]
+
+    def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
+        bb = self.backbone
+        x = bb._run_blocks(self.blocks, acts, len(bb.vision._blocks) - self.image_blocks)
+        fmap = bb.vision._swish(self.bn1(self.conv_head(x)))  # [N, 1280, h, w]
+        n, _, h, w = fmap.shape
+        pooled = fmap.mean(dim=(2, 3))  # [N, 1280]
+        embeds = bb._to_text_space(self.fc(pooled))  # [N, D]
+        tokens = bb._to_text_space(self.fc(fmap.flatten(2).transpose(1, 2)))  # [N, h*w, D]
+        return ImageFeatures(embeds=embeds, tokens=tokens, pooled=pooled, grid=(h, w))
+
+    def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        text, mask = self.backbone.text, batch["attention_mask"].bool()
+        x = text.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        layers = text.encoder.layer
+        for layer in layers[: len(layers) - self.text_layers]:
+            x = first_output(layer(x, _additive(mask, x.dtype)))
+        return x, mask  # [N, L, H], [N, L]
+
+    def _text_top(self, hidden: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        x = hidden
+        for layer in self.layers:
+            x = first_output(layer(x, _additive(mask, x.dtype)))
+        return TextFeatures(embeds=mean_pool(x, mask), tokens=x, mask=mask)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, L] bool -> [N, 1, 1, L] additive attention mask (BERT's extended mask)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)[
+        :, None, None, :
+    ]
 
 
 class _Trunk(nn.Module):

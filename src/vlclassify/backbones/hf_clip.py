@@ -13,18 +13,28 @@ does (the installed transformers 5; OpenAI's CLIP and older transformers release
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from ..errors import ConfigError
 from ..utils import file_fingerprint, json_fingerprint
-from .base import Backbone, ImageFeatures, TextFeatures, quiet_from_pretrained
+from .base import (
+    Backbone,
+    BackboneSplit,
+    ImageFeatures,
+    TextFeatures,
+    copy_module,
+    first_output,
+    last_real,
+    quiet_from_pretrained,
+)
 from .registry import register_backbone
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -144,22 +154,97 @@ class HFCLIP(Backbone):
         g = self.patch_grid
         return ImageFeatures(embeds=proj(pooled), tokens=proj(patches), pooled=pooled, grid=(g, g))
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        n = self.max_length if max_tokens is None else min(max_tokens, self.max_length)
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt")
+
+    def token_strings(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
+        batch = self.tokenize(texts, max_tokens)
+        return [
+            [t if real else "" for t, real in zip(self.tokenizer.convert_ids_to_tokens(ids), m)]
+            for ids, m in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+        ]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
         batch = self.tokenize(texts)
         out = self.model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         proj = self.model.text_projection
-        strings = [cast(list[str], self.tokenizer.convert_ids_to_tokens(ids)) for ids in batch["input_ids"].tolist()]
         return TextFeatures(
             embeds=proj(out.pooler_output),  # [N, D] from the EOS token, as CLIP
             tokens=proj(out.last_hidden_state),  # [N, L, D]
             mask=batch["attention_mask"].bool(),
-            token_strings=strings,
+            token_strings=self.token_strings(texts),
         )
+
+    def split(self, image_blocks: int | None = 0, text_layers: int | None = 0) -> HFCLIPSplit:
+        return HFCLIPSplit(self, image_blocks, text_layers).eval()  # eval like the backbone; trainers set modes
+
+
+class HFCLIPSplit(BackboneSplit):
+    """Image top: the last `image_blocks` vision encoder layers + post_layernorm + visual_projection.
+    Text top: the last `text_layers` text encoder layers (causal attention) + final_layer_norm +
+    EOS pooling + text_projection."""
+
+    def __init__(self, backbone: HFCLIP, image_blocks: int | None, text_layers: int | None) -> None:
+        m = backbone.model
+        vl, tl = m.vision_model.encoder.layers, m.text_model.encoder.layers
+        super().__init__(backbone, image_blocks, text_layers, (len(vl), len(tl)))
+        if image_blocks is not None:
+            self.vision_layers = nn.ModuleList(copy_module(x) for x in vl[len(vl) - image_blocks :])
+            self.post_layernorm = copy_module(m.vision_model.post_layernorm)
+            self.visual_projection = copy_module(m.visual_projection)
+        if text_layers is not None:
+            self.language_layers = nn.ModuleList(copy_module(x) for x in tl[len(tl) - text_layers :])
+            self.final_layer_norm = copy_module(m.text_model.final_layer_norm)
+            self.text_projection = copy_module(m.text_projection)
+
+    def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        vm = self.backbone.model.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixels))  # [N, 1 + P, W]
+        for layer in vm.encoder.layers[: len(vm.encoder.layers) - self.image_blocks]:
+            x = _layer(layer, x, None)
+        return x
+
+    def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
+        x = acts
+        for layer in self.vision_layers:
+            x = _layer(layer, x, None)
+        pooled = self.post_layernorm(x[:, 0])  # [N, W] the CLS token
+        patches = self.post_layernorm(x[:, 1:])  # [N, P, W]
+        g = self.backbone.patch_grid
+        return ImageFeatures(
+            embeds=self.visual_projection(pooled), tokens=self.visual_projection(patches), pooled=pooled, grid=(g, g)
+        )
+
+    def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tm = self.backbone.model.text_model
+        mask = batch["attention_mask"].bool()
+        x = tm.embeddings(input_ids=batch["input_ids"])  # [N, L, W] with positions
+        for layer in tm.encoder.layers[: len(tm.encoder.layers) - self.text_layers]:
+            x = _layer(layer, x, _causal(mask, x.dtype))
+        return x, mask
+
+    def _text_top(self, hidden: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        x = hidden
+        for layer in self.language_layers:
+            x = _layer(layer, x, _causal(mask, x.dtype))
+        x = self.final_layer_norm(x)
+        return TextFeatures(embeds=self.text_projection(last_real(x, mask)), tokens=self.text_projection(x), mask=mask)
+
+
+def _causal(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, L] bool (real tokens) -> [N, 1, L, L] additive mask: causal, padding keys masked."""
+    L = mask.shape[1]
+    keep = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()[None] & mask[:, None, :]  # [N, L, L]
+    out = torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return out[:, None]
+
+
+def _layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One CLIPEncoderLayer: transformers 5 takes (hidden, mask); 4 also a separate causal mask."""
+    if "causal_attention_mask" in inspect.signature(layer.forward).parameters:
+        return first_output(layer(x, mask, None))
+    return first_output(layer(x, mask))
 
 
 @register_backbone("hf-clip", "Hugging Face CLIPModel from a local folder (path=...) or hub id")

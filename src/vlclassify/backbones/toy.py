@@ -1,5 +1,12 @@
 """A tiny random stand-in backbone (TorchMultimodal style): tests and examples build models
-with it in milliseconds, no weights needed. Its features mean nothing semantically."""
+with it in milliseconds, no weights needed. Its features mean nothing semantically.
+
+    image: pixels -> g x g cell means [N, P, 3] -> image blocks -> proj -> tokens [N, P, D]; embeds = mean
+    text:  words -> hashed ids -> word table [N, L, D] -> text blocks -> tokens; embeds = masked mean
+
+The blocks are residual (x + W tanh(x)) with W = 0, so they change no feature until a split's
+copy of them is trained: the toy has something to fine-tune on either side.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,26 @@ from PIL import Image
 from torch import nn
 
 from ..utils import json_fingerprint
-from .base import Backbone, ImageFeatures, TextFeatures, pil_to_unit_tensor
+from .base import Backbone, BackboneSplit, ImageFeatures, TextFeatures, copy_module, pil_to_unit_tensor
 from .registry import register_backbone
+
+
+class ResidualBlock(nn.Module):
+    """x + W tanh(x), W initialised to 0 (the identity until trained)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(torch.tanh(x))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 class ToyBackbone(Backbone):
@@ -50,6 +75,9 @@ class ToyBackbone(Backbone):
         with torch.no_grad():
             for p in (*self.proj.parameters(), self.word.weight):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.cell_blocks = nn.ModuleList([ResidualBlock(3)])
+        self.word_blocks = nn.ModuleList([ResidualBlock(dim)])
+        self.eval()
 
     def weights_fingerprint(self) -> str:
         return json_fingerprint(self.options)
@@ -61,33 +89,83 @@ class ToyBackbone(Backbone):
         return pil_to_unit_tensor(image, self.image_size)
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
-        cells = F.adaptive_avg_pool2d(pixels, self.grid)  # [N, 3, g, g]
-        tokens = self.proj(cells.flatten(2).transpose(1, 2))  # [N, g*g, D]
-        return ImageFeatures(embeds=tokens.mean(1), tokens=tokens, pooled=cells.flatten(1), grid=(self.grid, self.grid))
+        return _image_head(self._cells(pixels, 0), self.cell_blocks, self.proj, self.grid)
 
-    def _ids(self, text: str) -> list[int]:
-        return [zlib.crc32(w.encode()) % self.vocab for w in text.lower().replace(".", " ").split()] or [0]
+    def _cells(self, pixels: torch.Tensor, stop: int) -> torch.Tensor:
+        """pixels -> [N, g*g, 3] cell means after image blocks 0..stop-1."""
+        x = F.adaptive_avg_pool2d(pixels, self.grid).flatten(2).transpose(1, 2)
+        for block in self.cell_blocks[:stop]:
+            x = block(x)
+        return x
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        ids = [self._ids(t) for t in texts]
-        L = max(len(i) for i in ids)
-        input_ids = torch.zeros(len(ids), L, dtype=torch.long)
-        mask = torch.zeros(len(ids), L, dtype=torch.long)
-        for r, row in enumerate(ids):
-            input_ids[r, : len(row)] = torch.tensor(row)
+    def _words(self, text: str) -> list[str]:
+        return text.lower().replace(".", " ").split() or [""]
+
+    def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        words = [self._words(t)[:max_tokens] for t in texts]
+        L = max(len(w) for w in words)
+        input_ids = torch.zeros(len(words), L, dtype=torch.long)
+        mask = torch.zeros(len(words), L, dtype=torch.long)
+        for r, row in enumerate(words):
+            input_ids[r, : len(row)] = torch.tensor([zlib.crc32(w.encode()) % self.vocab if w else 0 for w in row])
             mask[r, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
+    def token_strings(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
+        words = [self._words(t)[:max_tokens] for t in texts]
+        L = max(len(w) for w in words)
+        return [w + [""] * (L - len(w)) for w in words]
+
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
         batch = self.tokenize(texts)
-        tokens = self.word(batch["input_ids"])
-        m = batch["attention_mask"].unsqueeze(-1).float()
-        strings = [t.lower().replace(".", " ").split() or [""] for t in texts]
-        L = tokens.shape[1]
-        strings = [s + [""] * (L - len(s)) for s in strings]
-        return TextFeatures(
-            embeds=(tokens * m).sum(1) / m.sum(1), tokens=tokens, mask=m.squeeze(-1).bool(), token_strings=strings
-        )
+        x = self.word(batch["input_ids"])
+        for block in self.word_blocks:
+            x = block(x)
+        mask = batch["attention_mask"].bool()
+        return TextFeatures(embeds=_masked_mean(x, mask), tokens=x, mask=mask, token_strings=self.token_strings(texts))
+
+    def split(self, image_blocks: int | None = 0, text_layers: int | None = 0) -> ToySplit:
+        return ToySplit(self, image_blocks, text_layers).eval()  # eval like the backbone; trainers set modes
+
+
+def _image_head(cells: torch.Tensor, blocks, proj: nn.Module, g: int) -> ImageFeatures:
+    for block in blocks:
+        cells = block(cells)
+    tokens = proj(cells)  # [N, P, D]
+    return ImageFeatures(embeds=tokens.mean(1), tokens=tokens, pooled=cells.flatten(1), grid=(g, g))
+
+
+class ToySplit(BackboneSplit):
+    """Image top: the last `image_blocks` image blocks + proj; text top: the last `text_layers`
+    text blocks + masked mean pooling."""
+
+    def __init__(self, backbone: ToyBackbone, image_blocks: int | None, text_layers: int | None) -> None:
+        super().__init__(backbone, image_blocks, text_layers, (len(backbone.cell_blocks), len(backbone.word_blocks)))
+        if image_blocks is not None:
+            n = len(backbone.cell_blocks)
+            self.cell_blocks = nn.ModuleList(copy_module(b) for b in backbone.cell_blocks[n - image_blocks :])
+            self.proj = copy_module(backbone.proj)
+        if text_layers is not None:
+            n = len(backbone.word_blocks)
+            self.word_blocks = nn.ModuleList(copy_module(b) for b in backbone.word_blocks[n - text_layers :])
+
+    def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone._cells(pixels, len(self.backbone.cell_blocks) - self.image_blocks)  # [N, P, 3]
+
+    def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
+        return _image_head(acts, self.cell_blocks, self.proj, self.backbone.grid)
+
+    def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.backbone.word(batch["input_ids"])
+        for block in self.backbone.word_blocks[: len(self.backbone.word_blocks) - self.text_layers]:
+            x = block(x)
+        return x, batch["attention_mask"].bool()  # [N, L, D], [N, L]
+
+    def _text_top(self, hidden: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        x = hidden
+        for block in self.word_blocks:
+            x = block(x)
+        return TextFeatures(embeds=_masked_mean(x, mask), tokens=x, mask=mask)
 
 
 @register_backbone("toy", "tiny random stand-in for tests and examples (no weights, meaningless features)")

@@ -1,6 +1,8 @@
 """The CMA-CLIP benchmark: k-fold cross-validation on image+text data with several tasks.
 
-Rows: image-only and text-only linear probes, zero-shot image+text, CMA-CLIP, CMA-CLIP without
+Rows: image-only and text-only linear probes (`linear-probe` on the joint-space image embedding /
+the paired-text embedding), zero-shot image+text (`zero-shot[modality=both]`, the class names as
+words), CMA-CLIP, CMA-CLIP without
 modality attention (MA), without MA and sequence attention (SA), optionally CMA-CLIP trained with
 modality noise; then the noisy-modality rows (text emptied / replaced by an unrelated caption,
 image replaced by noise / an unrelated image) for the CMA-CLIP variants. Per task: accuracy and
@@ -15,22 +17,21 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..backbones.base import Backbone
-from ..backbones.partial import make_split
 from ..data import Dataset, Item, kfold, load_data, stratified_split
 from ..errors import DataError
-from ..features import FeatureCache, extract_features
-from ..features.trunk import TrunkSet, trunk_features
-from ..methods import create_method
-from ..methods.templates import class_text_embeddings
+from ..features import FeatureCache, FeatureSet, extract_features
+from ..features.trunk import TrunkSet
+from ..methods import Encoded, create_method
 from ..metrics.ranking import recall_at_precision
 
-VARIANTS: dict[str, dict[str, Any]] = {  # label -> CMA-CLIP options
+VARIANTS = {  # label -> CMA-CLIP options
     "CMA-CLIP": {},
     "CMA-CLIP w/o MA": {"modality_attention": False},
     "CMA-CLIP w/o MA and SA": {"modality_attention": False, "sequence_attention": False},
@@ -62,30 +63,36 @@ def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {"accuracy": acc, "recall@90P": recall_at_precision(y, probs, 0.9)["recall"]}
 
 
-def _probe(xtr, ytr, xva, yva, xte, n_classes: int) -> np.ndarray:
-    """Logistic regression on L2-normalised features, C picked on validation -> test probs [N, C]."""
-    import warnings
+def _as_task(ds: Dataset, feats: FeatureSet, task: str, rows: np.ndarray, classes: list[str]) -> Encoded:
+    """Rows of `ds` whose main label is task `task`'s, among `classes` (-1 outside them)."""
+    names = ds.tasks[task]
+    pos = {c: i for i, c in enumerate(classes)}
+    y = ds.task_labels(task)
+    items = [replace(ds.items[i], label=pos.get(names[y[i]], -1) if y[i] >= 0 else None) for i in rows]
+    return Encoded(Dataset(items=items, classnames=list(classes), name=f"{ds.name}-{task}"), feats.index(rows))
 
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
-    def norm(x):
-        return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-9, None)
+def _probe(backbone, ds, feats, task: str, feature: str, tr, va, te, cache) -> np.ndarray:
+    """`linear-probe` on `feature`, C chosen on validation -> test probs [N, C] over all the task's
+    classes (classes absent from the fold's training rows score 0)."""
+    y = ds.task_labels(task)
+    seen = sorted(set(y[tr][y[tr] >= 0].tolist()))
+    classes = [ds.tasks[task][c] for c in seen]
+    m = create_method("linear-probe", backbone, cache=cache, feature=feature)
+    m.progress = False
+    m.fit(_as_task(ds, feats, task, tr[y[tr] >= 0], classes), _as_task(ds, feats, task, va, classes))
+    probs = np.zeros((len(te), len(ds.tasks[task])))
+    probs[:, seen] = m.predict_proba(_as_task(ds, feats, task, te, classes))
+    return probs
 
-    xtr, xva, xte = norm(xtr), norm(xva), norm(xte)
 
-    def train(C):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return LogisticRegression(C=C, max_iter=500).fit(xtr, ytr)
-
-    def full(clf, x):
-        p = np.zeros((len(x), n_classes))
-        p[:, clf.classes_] = clf.predict_proba(x)
-        return p
-
-    best = max([0.1, 1.0, 10.0, 100.0], key=lambda C: (float((full(train(C), xva).argmax(-1) == yva).mean()), -C))
-    return full(train(best), xte)
+def _predict(m, enc: Encoded) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A fitted CMA-CLIP's scores and image weights lambda per task column of `enc`."""
+    out = m.outputs(enc)
+    logits = [out["logits"], *out["task_logits"].values()]
+    lam = out["modality_weights"].numpy()
+    probs = {t: torch.softmax(z.float(), -1).numpy() for t, z in zip(m.tasks, logits)}
+    return probs, {t: lam[:, k] for k, t in enumerate(m.tasks)}
 
 
 def _display(name: str) -> str:
@@ -155,23 +162,17 @@ def run_cma_bench(
 
     # shared, computed once: trunk activations of the pool, noise images, global embeddings
     probe_m = create_method("cma-clip", backbone, cache=cache, **options)
-    split = make_split(backbone, probe_m.config.image_blocks, probe_m.config.text_layers)
     t0 = time.time()
-    trunk = trunk_features(split, ds, probe_m.config.max_text_tokens, cache=cache)
+    trunk = probe_m.trunk(ds)
     rng = np.random.default_rng(seed)
     noise_items = [
         Item(image=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), key=f"noise-{seed}-{i}", text="x")
         for i in range(32)
     ]
     noise_ds = Dataset(items=noise_items, classnames=["noise"], name="noise-images")
-    noise = trunk_features(split, noise_ds, probe_m.config.max_text_tokens, cache=cache, progress=False)
-    feats = extract_features(backbone, ds, cache=cache)
-    if feats.text is None:
-        raise DataError(f"{ds.name}: the CMA-CLIP benchmark needs paired texts, but the items have none")
-    img_emb, txt_emb = feats.image.numpy(), feats.text.numpy()
-    zs_classes = {
-        t: class_text_embeddings(backbone, [_display(c) for c in ds.tasks[t]], ["a photo of a {}."]) for t in task_list
-    }
+    probe_m.progress = False
+    noise = probe_m.trunk(noise_ds)
+    feats = extract_features(backbone, ds, cache=cache)  # joint-space image + paired-text embeddings
     prep_s = time.time() - t0
     log(f"shared features ready in {prep_s:.0f}s")
 
@@ -188,20 +189,16 @@ def run_cma_bench(
         te = np.asarray(te_idx)
         rows: dict[str, dict] = {}
         for t in task_list:
-            C = len(ds.tasks[t])
-            rows.setdefault("image-only (linear probe)", {})[t] = _scores(
-                Y[t][te], _probe(img_emb[tr], Y[t][tr], img_emb[va], Y[t][va], img_emb[te], C)
+            for row, feature in (("image-only (linear probe)", "image"), ("text-only (linear probe)", "text")):
+                probs = _probe(backbone, ds, feats, t, feature, tr, va, te, cache)
+                rows.setdefault(row, {})[t] = _scores(Y[t][te], probs)
+            names = [_display(c) for c in ds.tasks[t]]
+            zs = create_method("zero-shot", backbone, cache=cache, modality="both")
+            zs.progress = False
+            zs.fit(_as_task(ds, feats, t, tr, names))
+            rows.setdefault("zero-shot image+text", {})[t] = _scores(
+                Y[t][te], zs.predict_proba(_as_task(ds, feats, t, te, names))
             )
-            rows.setdefault("text-only (linear probe)", {})[t] = _scores(
-                Y[t][te], _probe(txt_emb[tr], Y[t][tr], txt_emb[va], Y[t][va], txt_emb[te], C)
-            )
-            cls = zs_classes[t]
-            both = (
-                torch.nn.functional.normalize(torch.from_numpy(img_emb[te]), dim=-1) @ cls.T
-                + torch.nn.functional.normalize(torch.from_numpy(txt_emb[te]), dim=-1) @ cls.T
-            )
-            zs = torch.softmax(backbone.logit_scale * both / 2, -1).numpy()
-            rows.setdefault("zero-shot image+text", {})[t] = _scores(Y[t][te], zs)
         test_ds = ds.subset(te)
         te_trunk = trunk.index(te)
         noise_rng = np.random.default_rng(seed * 1000 + f)
@@ -213,15 +210,9 @@ def run_cma_bench(
             t1 = time.time()
             m.fit(parts["train"], parts["val"])
             fit_seconds.setdefault(v, []).append(time.time() - t1)
-            pred = m.predict_tasks(test_ds, trunk=te_trunk)
-            rows[v] = {
-                t: {**_scores(Y[t][te], pred["probs"][t]), "lambda": float(pred["lambda"][t].mean())} for t in task_list
-            }
-            for k, nt in noisy_sets.items():
-                pn = m.predict_tasks(None, trunk=nt)
-                rows[f"{v}, {k}"] = {
-                    t: {**_scores(Y[t][te], pn["probs"][t]), "lambda": float(pn["lambda"][t].mean())} for t in task_list
-                }
+            for key, t_set in ((v, te_trunk), *((f"{v}, {k}", nt) for k, nt in noisy_sets.items())):
+                probs, lam = _predict(m, Encoded(test_ds, t_set))
+                rows[key] = {t: {**_scores(Y[t][te], probs[t]), "lambda": float(lam[t].mean())} for t in task_list}
             log(
                 f"fold {f + 1}/{len(splits)} {v}: "
                 + ", ".join(

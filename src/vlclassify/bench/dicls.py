@@ -1,11 +1,13 @@
 """The DiCLS ablation (the paper's Sec. 4.2) on the multi-label benchmarks, on cached features.
 
-Rows: a linear probe, the plain backbone + BCE, DiCLS with focal loss only, focal + each of
-ALN / CTA / CPA / ArcFace, all losses, and the number of fusion layers 0 / 1 / 3 (2 is "all
-losses"). The backbone is frozen: every row trains on the same cached features (pooled global
-features, spatial tokens, prompt token features). Each row is trained with several seeds; the
-best epoch and the decision threshold are chosen on the validation split, the test split is
-scored once per run. Rows run in parallel worker processes (one torch thread each).
+Rows: a linear probe (`linear-probe`, one-vs-rest on the pooled features, C chosen by validation
+mAP), the plain backbone + BCE, DiCLS with focal loss only, focal + each of ALN / CTA / CPA /
+ArcFace, all losses, and the number of fusion layers 0 / 1 / 3 (2 is "all losses"). The backbone
+is frozen: every row trains on the same cached features (pooled global features, spatial tokens,
+prompt token features). Each row is trained with several seeds; the best epoch and the decision
+rule (one global threshold, best micro-F1: `fit(..., thresholds="global")`) are chosen on the
+validation split, the test split is scored once per run. Rows run in parallel worker processes
+(one torch thread each).
 """
 
 from __future__ import annotations
@@ -64,71 +66,40 @@ def _load_uncached(data: str, backbone_name: str, backbone_opts: dict, cache_dir
     return bb, cache, enc
 
 
-def _linear_probe(enc) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One-vs-rest logistic regression on L2-normalised pooled features; C chosen on val macro mAP."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    from ..metrics.multilabel import mean_average_precision
-
-    def x(e):
-        f = e.features.pooled.numpy().astype(np.float64)
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-
-    xt, xv, xs = x(enc["train"]), x(enc["val"]), x(enc["test"])
-    yt, yv = enc["train"].dataset.multi_hot(), enc["val"].dataset.multi_hot()
-
-    def fit(C):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return [
-                LogisticRegression(C=C, max_iter=500).fit(xt, yt[:, c]) if 0 < yt[:, c].sum() < len(yt) else None
-                for c in range(yt.shape[1])
-            ]
-
-    def proba(models, xx):
-        return np.stack([m.predict_proba(xx)[:, 1] if m is not None else np.zeros(len(xx)) for m in models], 1)
-
-    scores = {}
-    for C in (1.0, 3.0, 10.0, 30.0):
-        scores[C] = mean_average_precision(yv, proba(fit(C), xv))
-    best = max(scores, key=lambda c: (scores[c], -c))
-    models = fit(best)
-    return proba(models, xv), proba(models, xs), {"C": best, "val_mAP_by_C": scores}
-
-
 def run_one(job: dict) -> dict:
     """One (data, row, seed) run in a worker process -> test metrics at the val-chosen threshold."""
-    import torch
+    from ..utils import torch_threads
 
-    torch.set_num_threads(1)
+    with torch_threads(1):
+        return _run_one(job)
+
+
+def _run_one(job: dict) -> dict:
     from ..methods import create_method
-    from ..metrics.multilabel import best_threshold, multilabel_report
+    from ..metrics.multilabel import multilabel_report
 
     bb, cache, enc = _load(job["data"], job["backbone"], job["backbone_opts"], job["cache_dir"])
-    yv, ys = enc["val"].dataset.multi_hot(), enc["test"].dataset.multi_hot()
+    ys = enc["test"].dataset.multi_hot()
     names = enc["test"].dataset.classnames
     t0, c0 = time.time(), time.process_time()
     out = {"data": job["data"], "row": job["row"], "seed": job["seed"]}
     if job["kind"] == "linear":
-        pv, ps, info = _linear_probe(enc)
-        outputs = {"head": (pv, ps)}
-        out["fit_info"] = info
+        m = create_method("linear-probe", bb, cache=cache, feature="pooled")
     else:
-        m = create_method("dicls", bb, cache=cache, seed=job["seed"], **job["options"])
-        m.progress = False
-        m.fit(enc["train"], enc["val"])
-        outputs = {}
-        for src in ("head", "align") if m.config.w_aln > 0 else ("head",):
-            m.config.predict_from = src
-            outputs[src] = (m.predict_proba(enc["val"]), m.predict_proba(enc["test"]))
-        out["fit_info"] = {k: m.fit_info[k] for k in ("best_epoch", "best_val_mAP")}
+        m = create_method("dicls", bb, cache=cache, seed=job["seed"], threads=1, **job["options"])
+    m.progress = False
+    m.fit(enc["train"], enc["val"], thresholds="global")
+    sources = ("head", "align") if job["kind"] != "linear" and m.config.w_aln > 0 else ("head",)
+    outputs = {}
+    for src in sources:
+        if job["kind"] != "linear":
+            m.set_output(src, enc["val"], per_class=False)
+        outputs[src] = (m.predict_proba(enc["test"]), m.decision().thresholds[0])
+    info = m.fit_info
+    out["fit_info"] = info["training"]["stages"][0] if "training" in info else {k: info[k] for k in ("C", "C_score")}
     out["fit_s"] = round(time.time() - t0, 2)  # wall clock (depends on what else runs on the machine)
     out["cpu_s"] = round(time.process_time() - c0, 2)  # CPU seconds of this run (one thread)
-    for src, (pv, ps) in outputs.items():
-        t = best_threshold(yv, pv, "micro_f1")
+    for src, (ps, t) in outputs.items():
         rep = multilabel_report(ys, ps, names, t)
         out[src] = {k: rep[k] for k in METRICS} | {"threshold": t}
     return out

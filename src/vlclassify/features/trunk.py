@@ -1,9 +1,9 @@
 """Cached activations of a backbone's frozen trunk (image feature maps, text hidden states).
 
-Trainable multimodal methods (CMA-CLIP) need more than the global embeddings of
-`extract_features`: the text token features, and — for end-to-end fine-tuning of the backbone's
-top — the activations where the trainable top begins. `trunk_features` computes them once per
-(backbone, split, dataset) and keeps them in the feature cache (float16 safetensors).
+Methods that fine-tune a backbone's top (CMA-CLIP, DiCLS with image_blocks / text_layers) train
+on the activations where the top of a `backbone.split(...)` begins, not on the features of
+`extract_features`. `trunk_features` computes them once per (backbone, split, dataset) and keeps
+them in the feature cache (float16 safetensors), so a training step runs only the top.
 Missing images (Item.image None) and empty texts are allowed and flagged in `has_image` /
 `has_text`; an unreadable image file is an error naming the file.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backbones.partial import Split
+from ..backbones.base import BackboneSplit
 from ..data.images import load_image
 from ..data.items import Dataset, Item
 from .cache import FeatureCache
 
-TRUNK_VERSION = 1
+TRUNK_VERSION = 2
 
 
 @dataclass
@@ -29,7 +29,7 @@ class TrunkSet:
     """Row-aligned trunk activations of a dataset."""
 
     image: torch.Tensor  # [N, ...] image trunk activations (float16), zeros where has_image is False
-    text: torch.Tensor  # [N, L, H] text trunk hidden states (float16), zeros where has_text is False
+    text: torch.Tensor  # [N, L, H] text trunk hidden states (float16), zeros where has_text is False ([N, 0, 0]: none)
     text_mask: torch.Tensor  # [N, L] bool, True for real tokens
     has_image: torch.Tensor  # [N] bool
     has_text: torch.Tensor  # [N] bool
@@ -44,7 +44,7 @@ class TrunkSet:
         )
 
 
-def _pixels(split: Split, item: Item) -> torch.Tensor | None:
+def _pixels(split: BackboneSplit, item: Item) -> torch.Tensor | None:
     if item.image is None:
         return None
     return split.backbone.preprocess(load_image(item))
@@ -52,8 +52,15 @@ def _pixels(split: Split, item: Item) -> torch.Tensor | None:
 
 @torch.no_grad()
 def compute_trunk(
-    split: Split, items: list[Item], max_tokens: int, batch_size: int = 32, progress: bool = True, desc: str = "trunk"
+    split: BackboneSplit,
+    items: list[Item],
+    max_tokens: int | None,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "trunk",
+    texts: bool = True,
 ) -> TrunkSet:
+    """Trunk activations of `items`' images and (`texts`) paired texts, truncated to `max_tokens`."""
     from tqdm.auto import tqdm
 
     bb = split.backbone
@@ -62,7 +69,7 @@ def compute_trunk(
     n = len(items)
     img_parts, txt_parts, mask_parts = [], [], []
     has_image = torch.zeros(n, dtype=torch.bool)
-    has_text = torch.tensor([bool((it.text or "").strip()) for it in items], dtype=torch.bool)
+    has_text = torch.tensor([texts and bool((it.text or "").strip()) for it in items], dtype=torch.bool)
     bar = tqdm(total=n, desc=desc, unit="item", disable=not progress, leave=False)
     with ThreadPoolExecutor(max_workers=4) as pool:
         for s in range(0, n, batch_size):
@@ -77,10 +84,10 @@ def compute_trunk(
             else:
                 full = None
             img_parts.append(full)
-            texts = [(it.text or "").strip() for it in chunk]
-            idx = [i for i, t in enumerate(texts) if t]
+            strings = [(it.text or "").strip() if texts else "" for it in chunk]
+            idx = [i for i, t in enumerate(strings) if t]
             if idx:
-                h, m = split.text_trunk([texts[i] for i in idx], max_tokens)
+                h, m = split.text_trunk([strings[i] for i in idx], max_tokens)
                 hh = torch.zeros(len(chunk), h.shape[1], h.shape[2], dtype=torch.float16)
                 mm = torch.zeros(len(chunk), m.shape[1], dtype=torch.bool)
                 hh[idx], mm[idx] = h.half(), m
@@ -110,8 +117,12 @@ def compute_trunk(
         else ref_img[:0]
     )
     ref_txt = next((p for p in txt_parts if p is not None), None)
-    H = ref_txt.shape[2] if ref_txt is not None else split.text_trunk(["a"], max_tokens)[0].shape[2]
-    L = max([p.shape[1] for p in txt_parts if p is not None] or [1])
+    if ref_txt is not None:
+        H, L = ref_txt.shape[2], max(p.shape[1] for p in txt_parts if p is not None)
+    elif texts:  # no item has a text: shape the zeros with one short text
+        H, L = split.text_trunk(["a"], max_tokens)[0].shape[2], 1
+    else:
+        H, L = 0, 0
     text = torch.zeros(n, L, H, dtype=torch.float16)
     mask = torch.zeros(n, L, dtype=torch.bool)
     for i, (h, m) in enumerate(zip(txt_parts, mask_parts)):
@@ -123,7 +134,12 @@ def compute_trunk(
 
 
 def trunk_features(
-    split: Split, dataset: Dataset, max_tokens: int, cache: FeatureCache | None = None, progress: bool = True
+    split: BackboneSplit,
+    dataset: Dataset,
+    max_tokens: int | None,
+    cache: FeatureCache | None = None,
+    progress: bool = True,
+    texts: bool = True,
 ) -> TrunkSet:
     """`compute_trunk` for every item of `dataset`, through the feature cache."""
     cache = cache or FeatureCache()
@@ -136,11 +152,14 @@ def trunk_features(
         "dataset": dataset.fingerprint(),
         "preprocess": bb.preprocess_config(),
         "max_tokens": max_tokens,
+        "texts": texts,
     }
     names = ["image", "text", "text_mask", "has_image", "has_text"]
     got = cache.load(key, names)
     if got is not None:
         return TrunkSet(*(got[k] for k in names))
-    ts = compute_trunk(split, dataset.items, max_tokens, progress=progress, desc=f"trunk {dataset.name}".strip())
+    ts = compute_trunk(
+        split, dataset.items, max_tokens, progress=progress, desc=f"trunk {dataset.name}".strip(), texts=texts
+    )
     cache.save(key, {k: getattr(ts, k) for k in names})
     return ts

@@ -15,7 +15,7 @@ What a method file declares (docs/methods.md is generated from these, `vlclassif
 |---|---|
 | `kinds` | the data it takes: single-label, multi-label, paired-text (an image's text as input), multi-task |
 | `optional_kinds` | kinds that an option enables (a probe on paired texts, zero-shot on them) |
-| `needs` | the features it reads: image (joint embedding), pooled, spatial, text (paired-text embedding), flip |
+| `needs` | the features it reads: image (joint embedding), pooled, spatial, text (paired-text embedding), flip, trunk |
 | `build_head(spec)` | the nn.Module whose forward maps a feature batch to `{"logits"}` (and, with targets, `"loss"`) |
 | `stages(train)` | the Trainer stages that train the head; none for training-free methods |
 | `selects` | what validation chooses (C, alpha, the training step, ...) with the one selection rule |
@@ -54,7 +54,7 @@ from .templates import cached_template_embeddings
 FORMAT_VERSION = 2
 SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
 KINDS = (SINGLE, MULTI, TEXT, TASKS)
-FEATURES = ("image", "pooled", "spatial", "text", "flip")
+FEATURES = ("image", "pooled", "spatial", "text", "flip", "trunk")  # trunk: activations at a backbone.split cut
 MAIN = "label"  # the task name of a dataset's main label
 
 

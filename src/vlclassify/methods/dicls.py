@@ -6,27 +6,30 @@ the prompt's token features P meet in L XMA-B layers (gated bidirectional cross-
 vision and a text transformer layer each). Outputs: the classification head p^v (sigmoid;
 softmax on single-label data), and the word-image alignment S_align = sigmoid(O . P^T) whose
 phrase probability is the mean over the tokens that spell the class. Which one predicts is
-selectable (`predict_from`); the decision threshold is chosen on validation data.
+selectable (`predict_from`); the decisions (per-class thresholds on multi-label data) are chosen
+on validation by the method contract (methods/decision.py).
 
 The backbone is frozen by default and training runs on cached features: the global feature
 (pooled visual features by default), the spatial tokens, and the prompt's token features,
-computed once (the prompt is fixed). `train_backbone` lists backbone parameter-name prefixes to
-fine-tune instead (the paper froze the early visual layers); then images go through the backbone
-at every step.
+computed once (the prompt is fixed). `image_blocks` / `text_layers` fine-tune the top of the
+backbone instead (the paper froze the early visual layers), through `backbone.split`: the frozen
+trunk's activations are cached once and the head holds its own copy of the top.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.base import BackboneSplit
+from ..data.items import Dataset
 from ..errors import ConfigError, DataError
+from ..features.trunk import TrunkSet, trunk_features
 from ..modules.fusions.cross_attention import MultiHeadAttention
 from ..modules.fusions.gated_cross_attention import GatedBiCrossAttention
 from ..modules.losses.arcface import ArcFaceHead, arcface_loss
@@ -34,12 +37,14 @@ from ..modules.losses.focal import sigmoid_focal_loss, softmax_focal_loss
 from ..modules.losses.prototype import prototype_alignment_loss
 from ..modules.losses.token_alignment import cta_loss
 from ..modules.phrases import build_prompt, phrase_token_mask
-from .base import Encoded, Method
+from .base import MULTI, SINGLE, Encoded, Method, TrainOptions, _concat_outputs, check_dim, dataset_of
 from .registry import register_method
+
+SOURCES = ("head", "align")
 
 
 @dataclass
-class DiCLSConfig:
+class DiCLSConfig(TrainOptions):
     # prompt = prefix + body + suffix; the body lists the classes joined by `separator`
     prefix: str = "Detect: "  # text before the class list
     suffix: str = "."  # text after the class list
@@ -50,15 +55,9 @@ class DiCLSConfig:
     dim: int = 64  # width of the fusion module (features are projected to it)
     heads: int = 4  # attention heads in XMA-B and the transformer layers
     fusion_layers: int = 2  # L, the number of XMA-B + vision/text layer pairs (0 = no fusion)
-    dropout: float = (
-        0.0  # dropout in the attention and feed-forward layers (costly on CPU; the best epoch is picked on val)
-    )
-    spatial_grid: int | None = (
-        4  # average-pool the backbone's spatial token grid to g x g before fusion (None = keep all)
-    )
-    global_feature: str = (
-        "pooled"  # global image token from: pooled (raw visual features) | image (joint-space embedding)
-    )
+    dropout: float = 0.0  # dropout in attention and feed-forward layers (costly on CPU; the best epoch is kept)
+    spatial_grid: int | None = 4  # average-pool the spatial token grid to g x g before fusion (None = keep all)
+    global_feature: str = "pooled"  # global image token from: pooled (raw visual features) | image (joint space)
     gate_init: float = 0.0  # initial value g of the tanh gates (0 = fusion starts switched off)
     prototypes: int = 32  # K, CPA prototypes
     # losses: total = w_focal * focal + w_aln * ALN + w_cta * CTA + w_cpa * CPA + w_arcface * ArcFace
@@ -77,21 +76,16 @@ class DiCLSConfig:
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations
     # prediction
     predict_from: str = "head"  # head (p^v) | align (phrase probabilities from S_align)
-    threshold_metric: str = "micro_f1"  # what the validation-chosen decision threshold maximises
-    # training (shared Trainer, one stage, cosine LR sized and stepped in optimizer steps)
-    epochs: int = 10  # passes over the training data; the best epoch on validation mAP is kept
+    # training (the shared Trainer, one stage, cosine LR sized and stepped in optimizer steps)
+    epochs: int = 10  # passes over the training data; the best epoch on validation (mAP) is kept
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
     batch_size: int = 64  # images per step
-    warmup: float = 0.05  # fraction of steps with linear LR warm-up
+    warmup_steps: int = 8  # optimizer steps of linear LR warm-up (5% of 10 epochs of 1,000 images at batch 64)
     grad_clip: float | None = 1.0  # max gradient norm (None = no clipping)
-    seed: int = 0  # initialisation and batch order
-    out_dir: str | None = None  # checkpoint folder (resumable); None keeps the best weights in memory
-    # backbone
-    train_backbone: list[str] = field(
-        default_factory=list
-    )  # backbone parameter-name prefixes to fine-tune (the later layers); [] = frozen backbone, cached features
-    num_threads: int | None = 1  # torch threads while training (small batches run best on one core); None = unchanged
+    # fine-tuning the backbone's top (backbone.split); None = that encoder frozen, its features cached
+    image_blocks: int | None = None  # last image-encoder blocks fine-tuned, plus the image head (projection)
+    text_layers: int | None = None  # last text-encoder layers fine-tuned (prompt tokens), plus the text head
 
 
 class DiCLSNet(nn.Module):
@@ -208,10 +202,9 @@ class DiCLSNet(nn.Module):
             )
         return parts
 
-    def forward(self, batch: dict) -> dict:
-        """batch: glob [B, G], spatial [B, P, D], targets [B, C] (+ text_tokens [L, D] when fine-tuning)."""
-        out = self.outputs(batch["glob"], batch["spatial"], batch.get("text_tokens"))
-        parts = self.losses(out, batch["targets"])
+    def loss(self, out: dict, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"loss": the weighted sum of `losses`, "loss_<name>": each part (detached, for the log)}."""
+        parts = self.losses(out, targets)
         w = {
             "focal": self.cfg.w_focal,
             "aln": self.cfg.w_aln,
@@ -223,48 +216,114 @@ class DiCLSNet(nn.Module):
         return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in parts.items()}}
 
 
+class DiCLSHead(nn.Module):
+    """The method's head: DiCLSNet on a feature batch, or on trunk activations through the head's
+    own backbone top (fine-tuning).
+
+    batch: {"pooled" or "image": [B, G], "spatial": [B, P, D]} (frozen image encoder) or
+    {"trunk": [B, ...] image trunk activations}; optional "targets" [B, C] multi-hot (one-hot on
+    single-label data) -> {"logits": [B, C] from `source`, "global": [B, d], "align_logits": [B, L],
+    "loss", "loss_<part>"}.
+    """
+
+    def __init__(
+        self, net: DiCLSNet, top: BackboneSplit | None, cfg: DiCLSConfig, grid: tuple[int, int], text_dim: int
+    ) -> None:
+        super().__init__()
+        self.net, self.top, self.cfg, self.grid = net, top, cfg, tuple(grid)
+        self.source = cfg.predict_from
+        if top is not None and top.text_layers is not None:  # the prompt's trunk states: text_top runs per step
+            self.register_buffer("prompt_hidden", torch.zeros(1, net.text_tokens.shape[0], text_dim))  # [1, L, H]
+            self.register_buffer("prompt_mask", torch.zeros(1, net.text_tokens.shape[0], dtype=torch.bool))  # [1, L]
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> global feature [B, G], pooled spatial tokens [B, P', D], prompt tokens [L, D] (None: the buffer)."""
+        if "trunk" in batch:
+            f = self.top.image_top(batch["trunk"].float())
+            glob = f.pooled if self.cfg.global_feature == "pooled" else f.embeds
+            glob, sp, grid = glob.float(), f.tokens.float(), f.grid
+        else:
+            glob, sp, grid = batch[self.cfg.global_feature].float(), batch["spatial"].float(), self.grid
+        check_dim(glob, self.net.proj_g[1].in_features, "dicls global feature")
+        check_dim(sp, self.net.proj_v[1].in_features, "dicls spatial tokens")
+        text = None
+        if hasattr(self, "prompt_hidden"):
+            text = self.top.text_top(self.prompt_hidden, self.prompt_mask).tokens[0].float()
+        return glob, pool_grid(sp, grid, self.cfg.spatial_grid), text
+
+    def class_logits(self, out: dict) -> torch.Tensor:
+        """[B, C] logits of `source`: p^v's, or the phrase probabilities' (sigmoid / softmax give them back)."""
+        if self.source == "head":
+            return out["logits"]
+        p = self.net.phrase_probs(out["align_logits"]).clamp(1e-6, 1 - 1e-6)  # [B, C]
+        return torch.log(p) - torch.log1p(-p) if self.net.multilabel else torch.log(p)
+
+    def forward(self, batch: dict) -> dict:
+        out = self.net.outputs(*self.inputs(batch))
+        res = {"logits": self.class_logits(out), "global": out["global"], "align_logits": out["align_logits"]}
+        if "targets" in batch:
+            res.update(self.net.loss(out, batch["targets"].float()))
+        return res
+
+
 @register_method
 class DiCLS(Method):
     """DiCLS: multi-label as phrase grounding, XMA-B fusion, ALN/CTA/CPA/focal/ArcFace losses."""
 
     name = "dicls"
     Config = DiCLSConfig
-    needs_spatial = True
-    multilabel = True  # per instance: False after fitting on single-label data (softmax)
+    kinds = frozenset({SINGLE, MULTI})
+    needs = frozenset({"pooled", "spatial"})
+    selects = "the epoch kept"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
         c = self.config
         if c.global_feature not in ("pooled", "image"):
             raise ConfigError(f"dicls: global_feature must be pooled or image, got {c.global_feature!r}")
-        if c.predict_from not in ("head", "align"):
+        if c.predict_from not in SOURCES:
             raise ConfigError(f"dicls: predict_from must be head or align, got {c.predict_from!r}")
         if c.fusion_layers < 0 or c.dim < 1 or c.dim % c.heads:
             raise ConfigError(f"dicls: need fusion_layers >= 0 and dim ({c.dim}) divisible by heads ({c.heads})")
         if c.predict_from == "align" and c.w_aln <= 0:
             raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
-        if c.threshold_metric not in ("micro_f1", "macro_f1", "subset_accuracy"):
-            raise ConfigError(
-                f"dicls: threshold_metric must be micro_f1, macro_f1 or subset_accuracy, got {c.threshold_metric!r}"
-            )
         if c.prototypes < 1 or c.sinkhorn_iters < 1 or c.sinkhorn_eps <= 0:
             raise ConfigError("dicls: prototypes >= 1, sinkhorn_iters >= 1 and sinkhorn_eps > 0 required")
-        if c.train_backbone:
-            from ..features import FeatureCache
-
-            self._check_trainable_backbone()
-            # Fine-tuning changes the weights in memory: train a private copy, never use cached
-            # features or the ONNX trunk (both are keyed by the weights on disk).
-            self.backbone = copy.deepcopy(self.backbone)
-            self.cache = FeatureCache(self.cache.root, enabled=False)
-            self.runtime = "torch"
-        self.net: DiCLSNet | None = None
+        if c.warmup_steps < 0:
+            raise ConfigError(f"dicls: warmup_steps must be >= 0, got {c.warmup_steps}")
+        if self.fine_tunes():
+            self._trunk_split = backbone.split(c.image_blocks, c.text_layers)  # checks the counts; cuts the trunk
         self.prompt = ""
-        self.token_strings: list[str] = []
+
+    def fine_tunes(self) -> bool:
+        return self.config.image_blocks is not None or self.config.text_layers is not None
+
+    def feature_needs(self) -> frozenset[str]:
+        if self.config.image_blocks is not None:
+            return frozenset({"trunk"})
+        return frozenset({self.config.global_feature, "spatial"})
+
+    def check_data(self, ds: Dataset) -> list[str]:
+        notes = super().check_data(ds)  # refuses items without an image when reading cached features
+        blank = next((it for it in ds.items if it.image is None), None)
+        if blank is not None and self.config.image_blocks is not None:
+            raise DataError(f"{ds.name}: item {blank.key} has no image; dicls classifies images")
+        return notes
+
+    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+        """Image trunk activations when the image top is fine-tuned, else the cached features."""
+        if self.config.image_blocks is None:
+            return super().encode(data, training)
+        if isinstance(data, Encoded) and isinstance(data.features, TrunkSet):
+            return data
+        ds = dataset_of(data)
+        t = trunk_features(self._trunk_split, ds, None, cache=self.cache, progress=self.progress, texts=False)
+        return Encoded(ds, t)
 
     # ---- prompt ---------------------------------------------------------------------------
     def _encode_prompt(self, classnames: list[str]):
-        """-> (text tokens [L, D], valid [L] bool, phrase mask [C, L]); errors name a class not found."""
+        """-> (text tokens [L, D], valid [L] bool, phrase mask [C, L], token strings [L]); errors name a
+        class not found."""
         c = self.config
         self.prompt, spans = build_prompt(
             classnames, c.prefix, c.suffix, c.separator, c.descriptions, c.description_format
@@ -272,23 +331,15 @@ class DiCLS(Method):
         with torch.no_grad():
             tf = self.backbone.encode_text([self.prompt])
         valid = tf.mask[0].bool()
-        self.token_strings = list(tf.token_strings[0]) if tf.token_strings else []
-        if len(self.token_strings) != tf.tokens.shape[1]:
+        strings = list(tf.token_strings[0]) if tf.token_strings else []
+        if len(strings) != tf.tokens.shape[1]:
             raise ConfigError(
                 f"dicls: backbone {self.backbone.name!r} gives no token strings to find the class names in"
             )
-        mask = phrase_token_mask(self.prompt, spans, classnames, self.token_strings, valid.tolist())
-        return tf.tokens[0].float(), valid, mask
+        mask = phrase_token_mask(self.prompt, spans, classnames, strings, valid.tolist())
+        return tf.tokens[0].float(), valid, mask, strings
 
     # ---- data -----------------------------------------------------------------------------
-    def _spatial(self, feats) -> torch.Tensor:
-        if feats.spatial is None:
-            raise ConfigError("dicls needs spatial features; extract with spatial=True")
-        return pool_grid(feats.spatial.float(), feats.grid, self.config.spatial_grid)
-
-    def _glob(self, feats) -> torch.Tensor:
-        return (feats.pooled if self.config.global_feature == "pooled" else feats.image).float()
-
     @staticmethod
     def _targets(ds) -> torch.Tensor:
         """[N, C] multi-hot (one-hot for single-label data); a label outside the classes is an error naming the item."""
@@ -306,261 +357,145 @@ class DiCLS(Method):
                 f"only ({len(empty)} unlabelled)"
             )
 
-    def _batches(self, tensors: dict[str, torch.Tensor], shuffle: bool):
-        n = len(next(iter(tensors.values())))
-        bs = self.config.batch_size
+    # ---- the head ---------------------------------------------------------------------------
+    def build_head(self, spec: dict[str, Any]) -> nn.Module:
+        c = self.config
+        net = DiCLSNet(
+            c,
+            spec["global_dim"],
+            spec["token_dim"],
+            spec["num_tokens"],
+            spec["text_len"],
+            spec["num_classes"],
+            bool(spec["multilabel"]),
+        )
+        top = self.backbone.split(c.image_blocks, c.text_layers) if self.fine_tunes() else None
+        return DiCLSHead(net, top, c, tuple(spec["grid"]), spec.get("text_dim", 0))
 
-        def make(stage, epoch, seed):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-            return [{k: v[order[i : i + bs]] for k, v in tensors.items()} for i in range(0, n, bs)]
-
-        return make
-
-    # ---- fitting --------------------------------------------------------------------------
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        with _threads(self.config.num_threads):
-            self._fit_inner(train, val)
-
-    def _fit_inner(self, train: Encoded, val: Encoded | None) -> None:
-        from ..metrics.multilabel import best_threshold, mean_average_precision
-        from ..training import Stage, Trainer
+    def stages(self, train: Encoded) -> list:
+        """One stage training the whole head: DiCLSNet, and the backbone top when fine-tuning."""
+        from ..training import Stage
 
         c = self.config
-        ds = train.dataset
-        self.multilabel = bool(ds.multilabel)
+        return [
+            Stage(
+                "dicls",
+                epochs=c.epochs,
+                lr=c.lr,
+                weight_decay=c.weight_decay,
+                batch_size=c.batch_size,
+                warmup_steps=c.warmup_steps,
+                grad_clip=c.grad_clip,
+                schedule="cosine",
+            )
+        ]
+
+    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+        c, ds = self.config, train.dataset
         y = self._targets(ds)
         self._check_targets(ds, y)
-        text, valid, mask = self._encode_prompt(self.classnames)
-        f = train.features
-        sp = self._spatial(f)  # [N, P, D]
-        torch.manual_seed(c.seed)  # TODO(port): seeded()
-        self.net = DiCLSNet(
-            c, self._glob(f).shape[1], sp.shape[2], sp.shape[1], text.shape[0], ds.num_classes, self.multilabel
-        )
-        self.net.text_tokens.copy_(text)
-        self.net.text_valid.copy_(valid)
-        self.net.phrase_mask.copy_(mask)
-        yv = self._targets(val.dataset).numpy() if val is not None else None
-        stage = Stage(
-            "dicls",
-            epochs=c.epochs,
-            lr=c.lr,
-            weight_decay=c.weight_decay,
-            batch_size=c.batch_size,
-            warmup=c.warmup,
-            grad_clip=c.grad_clip,
-            schedule="cosine",
-        )
-        if c.train_backbone:
-            model = _EndToEnd(self, self.net)
-            stage.trainable = ["net."] + [f"backbone.{p}" for p in c.train_backbone]
-            batches = self._batches({"pixels": self._pixels(ds), "targets": y}, True)
-            val_pixels = self._pixels(val.dataset) if val is not None else None
-            probs = lambda m: self._probs_e2e(val_pixels, m)  # noqa: E731
-        else:
-            model = self.net
-            batches = self._batches({"glob": self._glob(f), "spatial": sp, "targets": y}, True)
-            probs = lambda m: self._probs(val.features, m)  # noqa: E731
-
-        def metric(m):
-            return {"mAP": mean_average_precision(yv, probs(m))}
-
-        trainer = Trainer(
-            model,
-            batches,
-            None,
-            [stage],
-            metric=metric if val is not None else None,
-            monitor="mAP" if val is not None else None,
-            mode="max",
-            out_dir=c.out_dir,
-            seed=c.seed,
-            progress=self.progress,
-        )
-        result = trainer.fit()
-        self.net.eval()
-        if c.train_backbone:  # the prompt's token features under the fine-tuned text layers
-            self.backbone.eval()
-            with torch.no_grad():
-                self.net.text_tokens.copy_(self.backbone.encode_text([self.prompt]).tokens[0].float())
-        info = {
+        text, valid, mask, strings = self._encode_prompt(self.classnames)
+        with torch.no_grad():  # the shapes the head sees: what the backbone (and so its top) gives
+            f = self.backbone.encode_image(torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size))
+        glob = f.pooled if c.global_feature == "pooled" else f.embeds
+        spec = {
+            "num_classes": len(self.classnames),
             "multilabel": self.multilabel,
-            "prompt": self.prompt,
-            "token_strings": self.token_strings,
-            "shapes": {
-                "global_dim": self._glob(f).shape[1],
-                "token_dim": sp.shape[2],
-                "num_tokens": sp.shape[1],
-                "text_len": text.shape[0],
-            },
-            "frozen": "backbone except " + ", ".join(c.train_backbone) if c.train_backbone else "whole backbone",
-            "best_epoch": result.stages[0].best_epoch,
-            "best_val_mAP": result.stages[0].best_metric,
-            "history": [
-                {k: v for k, v in r.items() if k.startswith(("epoch", "train_loss", "val_", "time"))}
-                for r in result.history
-            ],
+            "global_dim": int(glob.shape[1]),
+            "token_dim": int(f.tokens.shape[2]),
+            "num_tokens": int(pool_grid(f.tokens, f.grid, c.spatial_grid).shape[1]),
+            "grid": list(f.grid),
+            "text_len": int(text.shape[0]),
         }
-        if val is not None:
-            info["thresholds"] = {}
-            val_feats = self.encode(val.dataset).features if c.train_backbone else val.features
-            for src in ("head", "align") if c.w_aln > 0 else ("head",):
-                p = self._probs(val_feats, self.net, src)
-                info["thresholds"][src] = best_threshold(yv, p, c.threshold_metric) if self.multilabel else None
-                info[f"val_mAP_{src}"] = mean_average_precision(yv, p)
-        self.fit_info = info
-
-    # ---- backbone fine-tuning ---------------------------------------------------------------
-    def _check_trainable_backbone(self) -> None:
-        names = [n for n, _ in self.backbone.named_parameters()]
-        for pre in self.config.train_backbone:
-            if not any(n.startswith(pre) for n in names):
-                raise ConfigError(
-                    f"dicls: train_backbone prefix {pre!r} matches no parameter of backbone "
-                    f"{self.backbone.name!r} (e.g. {', '.join(names[:3])}, ..., {names[-1]})"
-                )
-
-    def _pixels(self, ds) -> torch.Tensor:
-        """[N, 3, H, W] float16 preprocessed images, decoded once for the whole run."""
-        from tqdm.auto import tqdm
-
-        from ..data.images import load_image
-
-        return torch.stack(
-            [
-                self.backbone.preprocess(load_image(it)).half()
-                for it in tqdm(ds.items, desc="decode", leave=False, disable=not self.progress)
-            ]
+        hidden = None
+        if c.text_layers is not None:
+            hidden, pmask = self._trunk_split.text_trunk([self.prompt])
+            spec["text_dim"] = int(hidden.shape[2])
+        head = self.init_head(spec)
+        head.net.text_tokens.copy_(text)
+        head.net.text_valid.copy_(valid)
+        head.net.phrase_mask.copy_(mask)
+        if hidden is not None:
+            head.prompt_hidden.copy_(hidden)
+            head.prompt_mask.copy_(pmask)
+        if c.image_blocks is not None:
+            rows = {"trunk": train.features.image}
+        else:
+            rows = {
+                c.global_feature: train.features.tensor(c.global_feature).float(),
+                "spatial": train.features.spatial,
+            }
+        rows["targets"] = y
+        n_params = sum(p.numel() for p in head.parameters())
+        result = self.train_head(
+            train,
+            val,
+            self.stages(train),
+            batches=self.feature_batches(train, rows),
+            work=c.batch_size * (1 + spec["num_tokens"] + spec["text_len"]) * n_params,
         )
-
-    @torch.no_grad()
-    def _probs_e2e(self, pixels: torch.Tensor, model: _EndToEnd, batch: int = 64) -> np.ndarray:
-        model.eval()
-        text = model.text_tokens()
-        outs = []
-        for i in range(0, len(pixels), batch):
-            glob, sp = model.image(pixels[i : i + batch])
-            o = model.net.outputs(glob, sp, text)
-            outs.append(self._logits_from(o, model.net, self.config.predict_from))
-        z = torch.cat(outs)
-        return (torch.sigmoid(z) if self.multilabel else torch.softmax(z, -1)).numpy()
+        self.fit_info.update(
+            {
+                "prompt": self.prompt,
+                "token_strings": strings,
+                "frozen": "backbone except its top (image_blocks / text_layers)"
+                if self.fine_tunes()
+                else "whole backbone",
+                "losses": [{k: v for k, v in r.items() if k.startswith("train_loss")} for r in result.history],
+            }
+        )
 
     # ---- inference ------------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward_all(self, feats, net: DiCLSNet | None = None, batch: int = 256) -> dict[str, torch.Tensor]:
-        net = net or self.net
-        was = net.training
-        net.eval()
-        glob, sp = self._glob(feats), self._spatial(feats)
-        for x, want, what in (
-            (glob, net.proj_g[1].in_features, "global feature"),
-            (sp, net.proj_v[1].in_features, "spatial tokens"),
-        ):
-            if x.shape[-1] != want:
-                raise ConfigError(f"dicls: {what} are {x.shape[-1]}-d but the saved model expects {want}-d")
-        outs: dict[str, list] = {"logits": [], "align_logits": [], "global": []}
-        for i in range(0, glob.shape[0], batch):
-            o = net.outputs(glob[i : i + batch], sp[i : i + batch].float())
-            for k in outs:
-                outs[k].append(o[k])
-        net.train(was)
-        d = glob.shape[0]
-        return {k: torch.cat(v) if v else torch.zeros(d, 0) for k, v in outs.items()}
+    def _forward(self, head: nn.Module, data: Encoded) -> dict[str, Any]:
+        if not isinstance(data.features, TrunkSet):
+            return super()._forward(head, data)
+        was = head.training
+        head.eval()
+        acts = data.features.image
+        with torch.no_grad():
+            parts = [head({"trunk": acts[s : s + 256]}) for s in range(0, max(1, len(acts)), 256)]
+        head.train(was)
+        return _concat_outputs(parts)
 
-    def _logits_from(self, out: dict, net: DiCLSNet, source: str) -> torch.Tensor:
-        if source == "head":
-            return out["logits"]
-        p = net.phrase_probs(out["align_logits"]).clamp(1e-6, 1 - 1e-6)  # [N, C]
-        return torch.log(p) - torch.log1p(-p) if self.multilabel else torch.log(p)
-
-    def _probs(self, feats, net: DiCLSNet, source: str | None = None) -> np.ndarray:
-        z = self._logits_from(self._forward_all(feats, net), net, source or self.config.predict_from)
-        p = torch.sigmoid(z) if self.multilabel else torch.softmax(z, -1)
-        return p.numpy()
-
-    def _logits(self, data: Encoded) -> torch.Tensor:
-        return self._logits_from(self._forward_all(data.features), self.net, self.config.predict_from)
-
-    def threshold(self) -> float:
-        """The decision threshold chosen on validation for the current `predict_from` (0.5 without)."""
-        t = (self.fit_info.get("thresholds") or {}).get(self.config.predict_from)
-        return 0.5 if t is None else float(t)
+    def set_output(self, source: str, val: Dataset | Encoded | None = None, **decision: Any) -> DiCLS:
+        """Predict from `source` (head: p^v | align: phrase probabilities) from now on; with `val`, the
+        decision rule is chosen again for it (`decision`: choose_decisions' options)."""
+        if source not in SOURCES:
+            raise ConfigError(f"dicls: predict_from must be head or align, got {source!r}")
+        if source == "align" and self.config.w_aln <= 0:
+            raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
+        self._check_fitted()
+        self.config.predict_from = self.head.source = source
+        if val is not None:
+            self.choose_decisions(self.encode(val), **decision)
+        return self
 
     # ---- what the plots need ----------------------------------------------------------------
-    def embeddings(self, data) -> dict[str, np.ndarray]:
-        """{'plain': backbone global features [N, G], 'fused': fused global features [N, d]}."""
+    def embeddings(self, data) -> dict[str, torch.Tensor]:
+        """{'plain': the frozen backbone's global features [N, G], 'fused': fused global features [N, d]}."""
+        ds = dataset_of(data)
+        plain = Method.encode(self, ds).features.tensor(self.config.global_feature) if self.fine_tunes() else None
         enc = self.encode(data)
-        out = self._forward_all(enc.features)
-        return {"plain": self._glob(enc.features).numpy(), "fused": out["global"].numpy()}
+        out = self._forward(self.head, enc)
+        if plain is None:
+            plain = enc.features.tensor(self.config.global_feature)
+        return {"plain": plain.float().numpy(), "fused": out["global"].numpy()}
 
     def alignment(self, data) -> dict:
         """Token-image alignment: predicted S_align [N, L], ground truth M [N, L], token strings."""
         enc = self.encode(data)
-        out = self._forward_all(enc.features)
+        out = self._forward(self.head, enc)
         y = torch.from_numpy(enc.dataset.multi_hot())
-        valid = self.net.text_valid
+        net = self.head.net
+        valid = net.text_valid
         return {
             "pred": torch.sigmoid(out["align_logits"])[:, valid].numpy(),
-            "truth": (y @ self.net.phrase_mask).clamp(max=1)[:, valid].numpy(),
+            "truth": (y @ net.phrase_mask).clamp(max=1)[:, valid].numpy(),
             "tokens": [t for t, v in zip(self.fit_info.get("token_strings", []), valid.tolist()) if v],
         }
 
-    # ---- persistence ------------------------------------------------------------------------
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(self.net.state_dict())
-        for n, t in self.backbone.state_dict().items():
-            if any(n.startswith(p) for p in self.config.train_backbone):
-                out[f"backbone.{n}"] = t
-        return out
-
-    def load_tensors(self, tensors) -> None:
-        self.multilabel = bool(self.fit_info.get("multilabel", True))
+    def load_extra_config(self, cfg: dict) -> None:
         self.prompt = self.fit_info.get("prompt", "")
-        self.token_strings = self.fit_info.get("token_strings", [])
-        s = self.fit_info["shapes"]
-        self.net = DiCLSNet(
-            self.config,
-            s["global_dim"],
-            s["token_dim"],
-            s["num_tokens"],
-            s["text_len"],
-            len(self.classnames),
-            self.multilabel,
-        )
-        own = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-        tuned = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-        self.net.load_state_dict(own)
-        if tuned:
-            missing = set(tuned) - set(self.backbone.state_dict())
-            if missing:
-                raise ConfigError(
-                    f"dicls: saved backbone weights {sorted(missing)[:3]} do not fit backbone {self.backbone.name!r}"
-                )
-            self.backbone.load_state_dict(tuned, strict=False)
-        self.net.eval()
-
-
-class _EndToEnd(nn.Module):
-    """Backbone + DiCLSNet as one module, for fine-tuning the backbone's later layers."""
-
-    def __init__(self, method: DiCLS, net: DiCLSNet) -> None:
-        super().__init__()
-        self.backbone, self.net = method.backbone, net
-        self.prompt, self.use_pooled = method.prompt, method.config.global_feature == "pooled"
-        self.grid = method.config.spatial_grid
-
-    def image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.backbone.encode_image(pixels.float())
-        return (f.pooled if self.use_pooled else f.embeds).float(), pool_grid(
-            f.tokens.float(), f.grid, self.grid
-        )  # [B, G], [B, P, D]
-
-    def text_tokens(self) -> torch.Tensor:
-        return self.backbone.encode_text([self.prompt]).tokens[0].float()  # [L, D]
-
-    def forward(self, batch: dict) -> dict:
-        glob, sp = self.image(batch["pixels"])
-        return self.net({"glob": glob, "spatial": sp, "targets": batch["targets"], "text_tokens": self.text_tokens()})
 
 
 def pool_grid(sp: torch.Tensor, grid: tuple[int, int] | None, g: int | None) -> torch.Tensor:
@@ -570,17 +505,3 @@ def pool_grid(sp: torch.Tensor, grid: tuple[int, int] | None, g: int | None) -> 
         return sp
     x = sp.view(sp.shape[0], h, w, -1).permute(0, 3, 1, 2)  # [N, D, h, w]
     return F.adaptive_avg_pool2d(x, (min(g, h), min(g, w))).flatten(2).transpose(1, 2).contiguous()
-
-
-class _threads:
-    """Context manager: run with `n` torch threads (None = unchanged), then restore."""
-
-    def __init__(self, n: int | None) -> None:
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)

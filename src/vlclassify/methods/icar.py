@@ -7,11 +7,12 @@ image-text pairs with one contrastive loss.
   classification has its own weights and only the image-text pairs train the text encoder.
 - Text encoder as meta classifier (Eq. 4-5, `head=text`, the default): the class weights are
   f_t(T_i), the text embeddings of the class sentences T_i = prompt + name + description,
-  recomputed from text at every step. The text tower trains with the image side (the top
-  `text_layers` MiniLM layers + a residual projection; see modules/text_tower.py).
-- Unified contrastive loss (Eq. 6): each batch mixes classification images (text set = all
-  class sentences) and image-text pairs (text set = the batch's captions); `pair_fraction` of
-  the batch are pairs (paper: 0.5).
+  recomputed from text at every step. The text tower trains with the image side (the top of
+  `backbone.split(None, text_layers)`: its own copies of the last text layers, + a residual
+  projection; see modules/text_tower.py).
+- Unified contrastive loss (Eq. 6, modules/losses/contrastive.py): each batch mixes
+  classification images (text set = all class sentences) and image-text pairs (text set = the
+  batch's captions); `pair_fraction` of the batch are pairs (paper: 0.5).
 
 Because classes are text, `set_classes(names, descriptions)` scores classes never trained on.
 Images enter as cached backbone features: a trainable residual projection on the joint-space
@@ -27,7 +28,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,10 +38,10 @@ from ..data.descriptions import class_sentence, resolve_descriptions
 from ..data.items import Dataset
 from ..errors import ConfigError, DataError
 from ..modules.heads import CosineClassifier, LinearClassifier
-from ..modules.losses.contrastive import info_nce
+from ..modules.losses.contrastive import unified_contrastive_loss
 from ..modules.text_tower import TrainableTextTower
-from ..training import Stage, Trainer
-from .base import Encoded, Method, check_finite
+from ..training import Stage
+from .base import MAIN, SINGLE, TEXT, Encoded, Method, TrainOptions, check_finite
 from .registry import register_method
 
 HEADS = ("text", "cosine", "linear")
@@ -49,10 +49,8 @@ IMAGE_INPUTS = ("embed", "pooled", "both")
 
 
 @dataclass
-class ICARConfig:
-    head: str = (
-        "text"  # text: class weights = f_t(class sentence) (iCAR) | cosine | linear: parametric split heads (ablation)
-    )
+class ICARConfig(TrainOptions):
+    head: str = "text"  # text: class weights = f_t(class sentence) (iCAR) | cosine | linear: split heads (ablation)
     tau: float = 0.05  # temperature of the cosine classifier and the contrastive loss (paper: 0.05)
     learn_tau: bool = False  # learn tau (log-parametrised, floored at 0.01)
     descriptions: str = (
@@ -64,22 +62,17 @@ class ICARConfig:
     # image-text pairs: auto (the training items' own texts, if any) | none | self | a data spec, e.g. tuxpaint
     pairs: str = "auto"
     pair_fraction: float = 0.5  # share of each batch that is image-text pairs (paper: 0.5)
-    text_layers: int = 1  # top text-encoder layers trained (MiniLM has 6); 0 = frozen text encoder
+    text_layers: int | None = 1  # last text-encoder layers trained, with the text head (None = frozen text encoder)
     text_proj: bool = True  # residual D x D projection on the text embedding (zero-initialised)
-    image_input: str = (
-        "both"  # embed: residual map of the joint-space embedding | pooled: map of pooled visual features | both
-    )
+    image_input: str = "both"  # embed: residual map of the joint-space embedding | pooled: of pooled features | both
     batch_size: int = 64  # images per step (classification + pairs)
-    warmup_epochs: int = 3  # stage 1: image projection (and parametric head) only, at lr
-    epochs: int = 3  # stage 2: image projection + text tower (+ head) jointly, at joint_lr
+    image_epochs: int = 3  # stage 1 "image": image projection (and parametric head) only, at lr
+    joint_epochs: int = 3  # stage 2 "joint": image projection + text tower (+ head) jointly, at joint_lr
     lr: float = 1e-3  # AdamW peak learning rate of stage 1 (cosine schedule)
     joint_lr: float = 1e-4  # AdamW peak learning rate of stage 2 (gentle: it moves pretrained text layers)
     weight_decay: float = 0.01  # AdamW weight decay (pulls the zero-initialised residuals back towards the backbone)
-    min_steps_per_epoch: int = 10  # an "epoch" of a tiny (few-shot) set still takes this many steps
+    min_steps_per_epoch: int = 10  # an epoch of a tiny (few-shot) set still takes this many steps
     grad_clip: float = 5.0  # max gradient norm (paper: 5)
-    keep_start: bool = True  # keep the model as it was before training unless training beats it on validation
-    seed: int = 0  # batch sampling seed
-    threads: int = 1  # torch threads while training (small ops: 1 avoids thread-pool contention); 0 = leave as is
 
 
 class ImageSide(nn.Module):
@@ -107,16 +100,20 @@ class ImageSide(nn.Module):
 
 
 class ICARNet(nn.Module):
-    """The trainable part: image side, text tower and (for split heads) a parametric classifier."""
+    """The head: image side, text tower and (for split heads) a parametric classifier.
 
-    def __init__(self, backbone, cfg: ICARConfig, num_classes: int) -> None:
+    forward(mixed batch) -> {"loss": Eq. 6, "loss_cls", "loss_pair"}; `class_logits` scores images.
+    """
+
+    def __init__(self, split, cfg: ICARConfig, num_classes: int) -> None:
         super().__init__()
-        self.image = ImageSide(backbone.embed_dim, backbone.pooled_dim, cfg.image_input)
-        self.text = TrainableTextTower(backbone, cfg.text_layers, cfg.text_proj)
+        dim = split.backbone.embed_dim
+        self.image = ImageSide(dim, split.backbone.pooled_dim, cfg.image_input)
+        self.text = TrainableTextTower(split, cfg.text_proj)
         # tau lives in the cosine classifier; for head=text its weights come from the text tower.
         n_param = num_classes if cfg.head == "cosine" else 0
-        self.cos = CosineClassifier(backbone.embed_dim, n_param, tau=cfg.tau, learnable_tau=cfg.learn_tau)
-        self.linear = LinearClassifier(backbone.embed_dim, num_classes) if cfg.head == "linear" else None
+        self.cos = CosineClassifier(dim, n_param, tau=cfg.tau, learnable_tau=cfg.learn_tau)
+        self.linear = LinearClassifier(dim, num_classes) if cfg.head == "linear" else None
         self.head = cfg.head
         self.sentences: list[str] = []  # the training classes' sentences T_i
 
@@ -129,25 +126,38 @@ class ICARNet(nn.Module):
         return self.cos(v)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Eq. 6 on a mixed batch; split heads use cross-entropy on their own head for the images."""
-        per_image = []
-        out: dict[str, torch.Tensor] = {}
+        """Eq. 6 on a mixed batch; split heads score their images with their own head."""
+        cls: dict[str, torch.Tensor] = {}
         if batch["cls_embeds"].shape[0]:
             v = self.image(batch["cls_embeds"], batch["cls_pooled"])  # [Nc, D]
             if self.head == "text":
-                w = self.text(self.sentences)  # [C, D] class weights from text, on the fly
-                lc = info_nce(v, w, batch["cls_y"], self.cos.scale, reduction="none")  # [Nc]
+                cls = {"cls_images": v, "class_texts": self.text(self.sentences)}  # [C, D] class weights from text
             else:
-                lc = F.cross_entropy(self.class_logits(v), batch["cls_y"], reduction="none")  # [Nc]
-            per_image.append(lc)
-            out["loss_cls"] = lc.mean()
+                cls = {"cls_logits": self.class_logits(v)}
+        pairs: dict[str, torch.Tensor] = {}
         if batch["pair_embeds"].shape[0] and len(batch["captions"]) >= 2:
-            v = self.image(batch["pair_embeds"], batch["pair_pooled"])  # [Np, D]
-            t = self.text(batch["captions"])  # [U, D] the batch's distinct captions
-            lp = info_nce(v, t, batch["pair_idx"], self.cos.scale, reduction="none")  # [Np]
-            per_image.append(lp)
-            out["loss_pair"] = lp.mean()
-        out["loss"] = torch.cat(per_image).mean()
+            pairs = {
+                "pair_images": self.image(batch["pair_embeds"], batch["pair_pooled"]),  # [Np, D]
+                "pair_texts": self.text(batch["captions"]),  # [U, D] the batch's distinct captions
+                "pair_targets": batch["pair_idx"],
+            }
+        return unified_contrastive_loss(self.cos.scale, cls_targets=batch["cls_y"], **cls, **pairs)
+
+
+class MixedBatch(dict):
+    """One training batch: classification rows (cls_*) and image-text pairs (pair_*, captions: the
+    distinct captions, pair_idx: each pair's caption). Under torchrun each part is split across the
+    processes on its own, and each process keeps the captions its pairs point to."""
+
+    def shard(self, rank: int, world: int) -> MixedBatch:
+        rows = slice(rank, None, world)
+        out = MixedBatch(self)
+        for k in ("cls_embeds", "cls_pooled", "cls_y", "pair_embeds", "pair_pooled"):
+            out[k] = self[k][rows]
+        idx = self["pair_idx"][rows].tolist()
+        used = sorted(set(idx))
+        out["captions"] = [self["captions"][i] for i in used]
+        out["pair_idx"] = torch.tensor([used.index(i) for i in idx], dtype=torch.long)
         return out
 
 
@@ -199,6 +209,9 @@ class ICAR(Method):
 
     name = "icar"
     Config = ICARConfig
+    kinds = frozenset({SINGLE, TEXT})
+    needs = frozenset({"image", "pooled"})
+    selects = "the epoch kept in each stage (the start if none beats it)"
 
     def __init__(self, backbone, cache=None, **options) -> None:
         super().__init__(backbone, cache, **options)
@@ -216,15 +229,21 @@ class ICAR(Method):
                 raise ConfigError(f"icar: {key} must contain '{{name}}', got {getattr(c, key)!r}")
         if "{description}" not in c.sentence:
             raise ConfigError(f"icar: sentence must contain '{{description}}', got {c.sentence!r}")
-        self.net: ICARNet | None = None
+        if c.image_epochs < 0 or c.joint_epochs < 0 or c.image_epochs + c.joint_epochs == 0:
+            raise ConfigError("icar: image_epochs and joint_epochs must be >= 0, not both 0 (nothing to train)")
+        backbone.split(None, c.text_layers or 0)  # checks text_layers against the text encoder
         self.trained_classes: list[str] = []  # the classes the parametric head (if any) knows
         self.descriptions: dict[str, str] = {}  # class -> description for the current classes
         self.class_weights: torch.Tensor | None = None  # [C, D] text class weights of the current classes
         self._pairs: Dataset | Encoded | None = None
-        self._continue = False  # finetune(): train the current net instead of a fresh one
+        self._continue = False  # finetune(): train the current head instead of a fresh one
 
     def requires_all_classes(self) -> bool:
-        return self.config.head == "text"  # a text classifier can still score a class with no images
+        return self.config.head == "text"  # parametric split heads leave a class without images unpredicted
+
+    def build_head(self, spec: dict[str, Any]) -> nn.Module:
+        split = self.backbone.split(None, self.config.text_layers or 0)
+        return ICARNet(split, self.config, spec["trained_classes"])
 
     # ---- classes ------------------------------------------------------------------------
     def _descriptions_for(self, names: Sequence[str], dataset: str = "") -> dict[str, str]:
@@ -241,6 +260,7 @@ class ICAR(Method):
 
         descriptions: class -> description; classes missing from it are looked up with the
         `descriptions` source (built-in / WordNet / file), then fall back to the name alone.
+        The decision rule goes back to the top class (a threshold chosen for other classes does not apply).
         """
         names = [str(n) for n in classnames]
         if len(names) < 2:
@@ -248,9 +268,9 @@ class ICAR(Method):
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"icar: duplicate class name(s) {', '.join(dup)}")
-        if self.net is None:
-            self.net = ICARNet(self.backbone, self.config, 0)  # untrained: the backbone's zero-shot classifier
-            self.net.eval()
+        if self.head is None:  # untrained: the backbone's zero-shot classifier
+            self.init_head({"trained_classes": 0})
+            self.head.eval()
         given = {k: v for k, v in (descriptions or {}).items() if v and str(v).strip()}
         unknown = sorted(set(given) - set(names))
         if unknown:
@@ -263,34 +283,36 @@ class ICAR(Method):
         found = self._descriptions_for(missing) if missing and self.config.descriptions != "none" else {}
         self.descriptions = {n: (given.get(n) or found.get(n)) for n in names if given.get(n) or found.get(n)}
         self.classnames = names
+        self.task_classes = {MAIN: list(names)}
+        self.decisions = {}
         self._update_class_weights()
         return self
 
     @torch.no_grad()
     def _update_class_weights(self) -> None:
-        self.net.eval()
-        self.class_weights = self.net.text(self.sentences_for(self.classnames, self.descriptions)).detach()  # [C, D]
+        self.head.eval()
+        self.class_weights = self.head.text(self.sentences_for(self.classnames, self.descriptions)).detach()  # [C, D]
 
     def _uses_parametric_head(self) -> bool:
         return self.config.head != "text" and self.classnames == self.trained_classes
 
     # ---- training -----------------------------------------------------------------------
-    def fit(self, train, val=None, pairs: Dataset | Encoded | None = None) -> ICAR:
+    def fit(self, train, val=None, pairs: Dataset | Encoded | None = None, **kwargs: Any) -> ICAR:
         """Train on `train` (classification) mixed with image-text `pairs` (default: the `pairs` option)."""
         self._pairs = pairs
         try:
-            return super().fit(train, val)
+            return super().fit(train, val, **kwargs)
         finally:
             self._pairs = None
 
-    def finetune(self, train, val=None, pairs: Dataset | Encoded | None = None) -> ICAR:
+    def finetune(self, train, val=None, pairs: Dataset | Encoded | None = None, **kwargs: Any) -> ICAR:
         """Continue training this model on `train`, whose classes may be new: the (trained) text
         encoder is the initial classifier, so a few labelled images improve on zero-shot."""
-        if self.net is None:
+        if self.head is None:
             raise ConfigError("icar: finetune needs a trained (or loaded) model; use fit() to train from the backbone")
         self._continue = True
         try:
-            return self.fit(train, val, pairs)
+            return self.fit(train, val, pairs, **kwargs)
         finally:
             self._continue = False
 
@@ -299,14 +321,17 @@ class ICAR(Method):
         other = type(self)(self.backbone, self.cache, **dataclasses.asdict(self.config))
         other.progress = self.progress
         other.classnames, other.trained_classes = list(self.classnames), list(self.trained_classes)
+        other.task_classes = {t: list(c) for t, c in self.task_classes.items()}
         other.descriptions, other.fit_info = dict(self.descriptions), dict(self.fit_info)
-        if self.net is not None:
-            n = len(self.trained_classes) if self.config.head != "text" else 0
-            other.net = ICARNet(self.backbone, self.config, n)
-            other.net.load_state_dict({k: v.clone() for k, v in self.net.state_dict().items()})
-            other.net.sentences = list(self.net.sentences)
-            other.net.text._cache = self.net.text._cache
-            other.net.eval()
+        other.decisions = dict(self.decisions)
+        if self.head is not None:
+            other.head_spec = dict(self.head_spec)
+            other.head = other.build_head(other.head_spec)
+            other.head.load_state_dict({k: v.clone() for k, v in self.head.state_dict().items()})
+            other.head.sentences = list(self.head.sentences)
+            other.head.head = self.head.head
+            other.head.text._cache = self.head.text._cache
+            other.head.eval()
         other.class_weights = None if self.class_weights is None else self.class_weights.clone()
         return other
 
@@ -361,15 +386,17 @@ class ICAR(Method):
             out = []
             for s in range(steps):
                 idx = order[s * n_cls : (s + 1) * n_cls]
-                b = {
-                    "cls_embeds": x_e[idx],
-                    "cls_pooled": x_p[idx],
-                    "cls_y": y[idx],
-                    "pair_embeds": empty_e,
-                    "pair_pooled": empty_p,
-                    "pair_idx": y[:0],
-                    "captions": [],
-                }
+                b = MixedBatch(
+                    {
+                        "cls_embeds": x_e[idx],
+                        "cls_pooled": x_p[idx],
+                        "cls_y": y[idx],
+                        "pair_embeds": empty_e,
+                        "pair_pooled": empty_p,
+                        "pair_idx": y[:0],
+                        "captions": [],
+                    }
+                )
                 if pairs is not None:
                     pidx = porder[s * n_pair : (s + 1) * n_pair]
                     texts = [caps[i] for i in pidx.tolist()]
@@ -387,37 +414,8 @@ class ICAR(Method):
 
         return make
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
-        threads = torch.get_num_threads()
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
-        try:
-            self._train(train, val)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _train(self, train: Encoded, val: Encoded | None) -> None:
+    def stages(self, train: Encoded) -> list[Stage]:
         c = self.config
-        ds = train.dataset
-        torch.manual_seed(c.seed)  # TODO(port): seeded()
-        t0 = time.perf_counter()
-        pairs = self._pair_set(train, val)
-        self.descriptions = self._descriptions_for(ds.classnames, ds.name) if c.descriptions != "none" else {}
-        if self._continue:
-            self.net.head = "text"  # new classes have no parametric weights: the text encoder classifies
-        else:
-            self.trained_classes = list(ds.classnames)
-            self.net = ICARNet(self.backbone, c, len(ds.classnames))
-        self.net.sentences = self.sentences_for(ds.classnames, self.descriptions)
-        metric = None
-        if val is not None and len(val):
-            yv = torch.as_tensor(val.dataset.labels())
-
-            def metric(model: ICARNet) -> dict[str, float]:
-                v = model.image(val.features.image, val.features.pooled)
-                w = model.text(model.sentences) if model.head == "text" else None
-                return {"accuracy": float((model.class_logits(v, w).argmax(-1) == yv).float().mean())}
-
         common = dict(
             weight_decay=c.weight_decay,
             batch_size=c.batch_size,
@@ -425,109 +423,93 @@ class ICAR(Method):
             schedule="cosine",
             grad_clip=c.grad_clip,
         )
-        head_prefix = ["cos.", "linear."]
+        head = ["cos.", "linear."]
+        text = ["text.proj."] + (["text.top."] if c.text_layers is not None else [])
         stages = []
-        if c.warmup_epochs > 0:
-            stages.append(Stage("image", epochs=c.warmup_epochs, lr=c.lr, trainable=["image."] + head_prefix, **common))
-        if c.epochs > 0:
-            trainable = ["image.", "text."] + head_prefix
-            stages.append(Stage("joint", epochs=c.epochs, lr=c.joint_lr, trainable=trainable, **common))
-        if not stages:
-            raise ConfigError("icar: warmup_epochs and epochs are both 0: nothing to train")
+        if c.image_epochs > 0:
+            stages.append(Stage("image", epochs=c.image_epochs, lr=c.lr, trainable=["image."] + head, **common))
+        if c.joint_epochs > 0:
+            stages.append(
+                Stage("joint", epochs=c.joint_epochs, lr=c.joint_lr, trainable=["image."] + text + head, **common)
+            )
+        return stages
+
+    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+        c, ds = self.config, train.dataset
+        t0 = time.perf_counter()
+        pairs = self._pair_set(train, val)
+        self.descriptions = self._descriptions_for(ds.classnames, ds.name) if c.descriptions != "none" else {}
+        if self._continue:
+            self.head.head = "text"  # new classes have no parametric weights: the text encoder classifies
+        else:
+            self.trained_classes = list(ds.classnames)
+            self.init_head({"trained_classes": len(ds.classnames) if c.head != "text" else 0})
+        net = self.head
+        net.sentences = self.sentences_for(ds.classnames, self.descriptions)
+        metric = None
+        if val is not None and len(val):
+            yv = torch.as_tensor(val.dataset.labels())
+
+            def metric(model: ICARNet) -> dict[str, float]:
+                v = model.image(val.features.image, val.features.pooled)
+                w = model.text(model.sentences) if model.head == "text" else None
+                return {"score": float((model.class_logits(v, w).argmax(-1) == yv).float().mean())}
+
+        n_text = len(net.sentences) + int(round(c.batch_size * c.pair_fraction))  # texts encoded per step
+        work = (c.batch_size + 16 * n_text) * sum(p.numel() for p in net.parameters())
         batches = self._batches(train, pairs)
-        start_acc, start_state = None, None
-        if metric is not None and c.keep_start:
-            self.net.eval()
-            with torch.no_grad():
-                start_acc = metric(self.net)["accuracy"]  # the model before training: zero-shot (or the finetune start)
-            start_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        result = Trainer(
-            self.net,
-            batches,
-            None,
-            stages,
-            metric=metric,
-            monitor="accuracy" if metric else None,
-            mode="max" if metric else None,
-            seed=c.seed,
-            progress=self.progress,
-        ).fit()
-        trained_acc = result.stages[-1].best_metric
-        kept_start = start_acc is not None and trained_acc is not None and start_acc > trained_acc
-        if kept_start:
-            self.net.load_state_dict(start_state)
-        self.net.head = c.head
-        self.net.eval()
+        result = self.train_head(train, val, self.stages(train), batches=batches, metric=metric, work=work)
+        net.head = c.head
+        net.eval()
         self.classnames = list(ds.classnames)
         self._update_class_weights()
-        self.fit_info = {
-            "trained_classes": self.trained_classes,
-            "finetuned": self._continue,
-            "descriptions": self.descriptions,
-            "n_train": len(train),
-            "n_pairs": 0 if pairs is None else len(pairs),
-            "pairs": self.config.pairs if self._pairs is None else "given",
-            "text_tower": self.net.text.kind,
-            "text_layers_trained": self.net.text.train_layers,
-            "tau": float(1.0 / self.net.cos.scale.detach()),
-            "start_val_accuracy": start_acc,
-            "kept_start": kept_start,
-            "best": {s.name: {"epoch": s.best_epoch, "val_accuracy": s.best_metric} for s in result.stages},
-            "history": [
-                {
-                    k: v
-                    for k, v in r.items()
-                    if k in ("stage", "epoch", "train_loss", "train_loss_cls", "train_loss_pair", "val_accuracy")
-                }
-                for r in result.history
-            ],
-            "fit_seconds": round(time.perf_counter() - t0, 2),
-        }
+        self.fit_info.update(
+            {
+                "trained_classes": self.trained_classes,
+                "finetuned": self._continue,
+                "descriptions": self.descriptions,
+                "n_train": len(train),
+                "n_pairs": 0 if pairs is None else len(pairs),
+                "pairs": self.config.pairs if self._pairs is None else "given",
+                "text_layers_trained": c.text_layers,
+                "tau": float(1.0 / net.cos.scale.detach()),
+                "kept_start": metric is not None and all(s.best_epoch == 0 for s in result.stages),
+                "best": {s.name: {"epoch": s.best_epoch, "val_accuracy": s.best_metric} for s in result.stages},
+                "losses": [
+                    {k: v for k, v in r.items() if k in ("stage", "epoch") or k.startswith("train_loss")}
+                    for r in result.history
+                ],
+                "fit_seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
 
     # ---- inference ------------------------------------------------------------------------
     def image_embeddings(self, data: Encoded) -> torch.Tensor:
         """[N, D] trained image embeddings (for retrieval or custom scoring)."""
-        return self.net.image(data.features.image, data.features.pooled)
+        return self.head.image(data.features.image, data.features.pooled)
 
-    def _logits(self, data: Encoded) -> torch.Tensor:
-        self.net.eval()
-        v = self.image_embeddings(data)  # [N, D]
-        if self._uses_parametric_head():
-            return self.net.class_logits(v)
-        if self.class_weights is None or self.class_weights.shape[0] != len(self.classnames):
-            self._update_class_weights()
-        return self.net.cos(v, self.class_weights)  # [N, C]
-
-    def text_logits(self, data: Encoded, texts: Sequence[str]) -> torch.Tensor:
-        """[N, T] image-to-text scores against arbitrary texts (captions, queries)."""
+    def _outputs(self, enc: Encoded) -> dict[str, Any]:
+        self.head.eval()
         with torch.no_grad():
-            self.net.eval()
-            return self.net.cos(self.image_embeddings(data), self.net.text(list(texts)))
+            v = self.image_embeddings(enc)  # [N, D]
+            if self._uses_parametric_head():
+                return {"logits": self.head.class_logits(v)}
+            if self.class_weights is None or self.class_weights.shape[0] != len(self.classnames):
+                self._update_class_weights()
+            return {"logits": self.head.cos(v, self.class_weights)}  # [N, C]
 
     # ---- persistence ------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        self.fit_info = {**self.fit_info, "trained_classes": self.trained_classes, "descriptions": self.descriptions}
-        return super().save_pretrained(directory)
-
     def tensors(self) -> dict[str, torch.Tensor]:
-        if self.net is None:
-            raise ConfigError("icar: nothing to save; fit or set_classes first")
-        sd = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        sd["class_weights"] = self.class_weights
-        return sd
+        return {**super().tensors(), "class_weights": self.class_weights}
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.trained_classes = list(self.fit_info.get("trained_classes", self.classnames))
-        self.descriptions = dict(self.fit_info.get("descriptions", {}))
-        n = len(self.trained_classes) if self.config.head != "text" else 0
-        self.net = ICARNet(self.backbone, self.config, n)
-        state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"icar: saved weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                "was it saved with another backbone or text_layers?"
-            )
-        self.net.sentences = self.sentences_for(self.trained_classes, self.descriptions)
-        self.net.eval()
+    def extra_config(self) -> dict[str, Any]:
+        return {"trained_classes": self.trained_classes, "descriptions": self.descriptions}
+
+    def load_extra_config(self, cfg: dict[str, Any]) -> None:
+        self.trained_classes = [str(c) for c in cfg.get("trained_classes", self.classnames)]
+        self.descriptions = dict(cfg.get("descriptions") or {})
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        super().load_tensors(tensors, where)
+        self.head.sentences = self.sentences_for(self.trained_classes, self.descriptions)
         self.class_weights = tensors.get("class_weights")

@@ -43,22 +43,31 @@ def unified_contrastive_loss(
     pair_images: torch.Tensor | None = None,
     pair_texts: torch.Tensor | None = None,
     pair_targets: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Eq. 6 over a mixed batch: the mean per-image InfoNCE of both parts.
+    cls_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Eq. 6 over a mixed batch and its parts: {"loss": the mean per-image loss over both parts,
+    "loss_cls": the classification images' mean, "loss_pair": the pairs' mean} (a part only if given).
 
     cls_images [Nc, D] vs class_texts [C, D] with cls_targets [Nc] in 0..C-1;
     pair_images [Np, D] vs pair_texts [U, D] (the batch's distinct captions) with pair_targets [Np].
-    Either part may be None; at least one must be given.
+    cls_logits [Nc, C]: a parametric classifier's logits scored by cross-entropy instead of the
+    InfoNCE against class_texts (the "split heads" ablation: only the pairs train the text encoder).
     """
-    losses = []
-    if cls_images is not None and cls_images.shape[0]:
-        if class_texts is None or cls_targets is None:
-            raise ValueError("unified contrastive loss: cls_images need class_texts and cls_targets")
-        losses.append(info_nce(cls_images, class_texts, cls_targets, scale, reduction="none"))  # [Nc]
+    per_image, out = [], {}
+    if cls_logits is not None and cls_logits.shape[0]:
+        lc = F.cross_entropy(cls_logits, cls_targets, reduction="none")  # [Nc]
+    elif cls_images is not None and cls_images.shape[0]:
+        lc = info_nce(cls_images, class_texts, cls_targets, scale, reduction="none")  # [Nc]
+    else:
+        lc = None
+    if lc is not None:
+        per_image.append(lc)
+        out["loss_cls"] = lc.mean()
     if pair_images is not None and pair_images.shape[0]:
-        if pair_texts is None or pair_targets is None:
-            raise ValueError("unified contrastive loss: pair_images need pair_texts and pair_targets")
-        losses.append(info_nce(pair_images, pair_texts, pair_targets, scale, reduction="none"))  # [Np]
-    if not losses:
+        lp = info_nce(pair_images, pair_texts, pair_targets, scale, reduction="none")  # [Np]
+        per_image.append(lp)
+        out["loss_pair"] = lp.mean()
+    if not per_image:
         raise ValueError("unified contrastive loss: the batch holds neither classification images nor pairs")
-    return torch.cat(losses).mean()
+    out["loss"] = torch.cat(per_image).mean()
+    return out
