@@ -28,7 +28,7 @@ from vlclassify.methods.presets import (
     preset_for_data,
     resolve_presets,
 )
-from vlclassify.methods.templates import DATASET_TEMPLATES
+from vlclassify.methods.templates import dataset_templates
 
 runner = CliRunner()
 COOP_NAMES = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101"]
@@ -54,7 +54,7 @@ def test_every_coop_dataset_has_a_preset_and_every_preset_builds_its_methods(toy
         for method in set(p.options) | {"zero-shot"}:  # every option a preset sets exists, with the right type
             create_method(method, toy, **r.options(method))
         if p.templates:
-            assert p.templates in DATASET_TEMPLATES
+            assert p.templates in dataset_templates()
 
 
 def test_tip_adapter_values_are_its_yaml_per_dataset():
@@ -91,7 +91,7 @@ def test_cmm_and_vt_clip_get_their_papers_settings_and_every_method_the_dataset_
     assert create_method("zero-shot", toy, **r.options("zero-shot")).config.templates == "eurosat"
     assert r.options("linear-probe") == {}  # no templates, no paper settings
     assert resolve_presets("coop-imagenet").options("tip-adapter")["templates"] == "imagenet"
-    assert len(DATASET_TEMPLATES["imagenet"]) == 7  # ImageNet: the 7-template ensemble
+    assert len(dataset_templates()["imagenet"]) == 7  # ImageNet: the 7-template ensemble
 
 
 def test_resolution_order_and_errors():

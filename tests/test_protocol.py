@@ -273,7 +273,9 @@ def test_split_file_rows_not_in_the_data_are_named(coop_json, tmp_path):
 
 
 def test_template_ensemble_is_normalise_average_renormalise(toy, cache):
-    from vlclassify.methods.templates import SELECT7, cached_template_embeddings
+    from vlclassify.methods.templates import cached_template_embeddings, resolve_templates
+
+    SELECT7 = resolve_templates("select7")
 
     classes = ["red apple", "blue sky", "green grass"]
     per, ens = cached_template_embeddings(toy, classes, SELECT7, cache)

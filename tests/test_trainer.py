@@ -324,3 +324,17 @@ def test_shard_rows_splits_a_global_batch():
     assert shard_rows(b, 0, 1) is b
     with pytest.raises(ConfigError, match="cannot be shared"):
         shard_rows({"y": torch.arange(1)}, 0, 2)
+
+
+def test_ties_go_to_the_later_round_and_the_start_loses_ties():
+    train, val = Blobs(64, 0), Blobs(32, 1)
+    res = Trainer(
+        Tiny(),
+        train,
+        val,
+        [Stage("s", epochs=3, lr=0.05, batch_size=16)],
+        metric=lambda m: {"acc": 0.5},
+        monitor="acc",
+        progress=False,
+    ).fit()
+    assert res.stages[0].best_epoch == 3  # every round ties with the start: the last one is kept

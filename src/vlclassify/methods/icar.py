@@ -316,6 +316,14 @@ class ICAR(Method):
         finally:
             self._continue = False
 
+    def _update(self, train, val, classes, descriptions):
+        """New classes are scored by their text at once; new images continue training (finetune)."""
+        if train is None:
+            self.set_classes(classes, {**self.descriptions, **descriptions})
+            return "classes added by name (the text encoder classifies them)"
+        self.finetune(train, val)
+        return f"fine-tuned on {len(train)} new image(s), the trained text encoder as the start"
+
     def clone(self) -> ICAR:
         """An independent copy of the trained state (same backbone; the frozen-text cache is shared)."""
         other = type(self)(self.backbone, self.cache, **dataclasses.asdict(self.config))

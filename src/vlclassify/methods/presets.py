@@ -161,7 +161,7 @@ VTCLIP_PAPER = {"batch_size": 32, "lr": 2e-3, "heads": 2, "layers": 1}
 class CoOpDataset:
     name: str  # the preset is coop-<name>
     coop: str  # CoOp's dataset class name: its split file is split_zhou_<coop>.json
-    templates: str  # methods/templates.py DATASET_TEMPLATES key: CoOp's / Tip-Adapter's prompt
+    templates: str  # a methods/templates.py dataset_templates() key: CoOp's / Tip-Adapter's prompt
     tip: TipConfig  # Tip-Adapter's yaml values
     rename: Mapping[str, str] = field(default_factory=dict)  # CoOp's NEW_CNAMES (already applied in its split files)
     protocol: Mapping[str, Any] = field(default_factory=dict)  # more of the dataset's data side

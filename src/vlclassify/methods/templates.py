@@ -21,6 +21,11 @@ def _templates() -> dict[str, dict[str, list[str]]]:
     return json.loads(resources.files("vlclassify").joinpath("resources", "templates.json").read_text("utf-8"))
 
 
+def dataset_templates() -> dict[str, list[str]]:
+    """The per-dataset prompt sets (CoOp's and Tip-Adapter's, and the offline data's), by dataset name."""
+    return {k: list(v) for k, v in _templates()["datasets"].items()}
+
+
 def resolve_templates(templates: str | Sequence[str]) -> list[str]:
     """A named set (single, select7, imagenet80, or a dataset name) or a list of `{}` templates."""
     if isinstance(templates, str):

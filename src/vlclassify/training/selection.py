@@ -5,8 +5,9 @@
 
 The best validation score wins; among the candidates tied at it, the one nearest the method's
 default (the value it uses without validation data; distance = position in the candidate list)
-wins, and with no default the first. The trainer's keep-best rule is the same rule in time order:
-a later checkpoint must strictly beat the earlier ones.
+wins, and with no default the first. The trainer's keep-best rule is the same rule over the
+rounds of a stage, its default being the last round (what the stage ends on without validation):
+ties go to the later round, and the starting weights are kept only when no round matches them.
 
 Why this tie-break (docs/results/tie-break.md, `python benchmarks/studies/tie_break.py --data
 fashion-mnist --data tuxpaint`): on few-shot validation sets (1-4 images per class) many

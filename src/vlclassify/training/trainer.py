@@ -14,8 +14,10 @@ takes a batch and returns a dict with a scalar "loss" (other 0-d "loss_*" entrie
 - Schedule: sized in optimizer steps and stepped once per step (the public DiCLS code sized it in
   epochs and stepped per batch): `warmup_steps` of linear warm-up, then constant / cosine /
   linear decay to `min_lr`.
-- Keep-best: a later round must strictly beat the best so far (ties keep the earlier weights, the
-  selection rule of training/selection.py in time order); `keep="last"` ends on the last round.
+- Keep-best: a round is kept when it scores at least as well as the best so far, so ties go to
+  the later round (training/selection.py's rule, whose default here is the last round: what a
+  stage without validation ends on); the stage's starting weights (round 0) are kept only when
+  no round matches them. `keep="last"` ends on the last round.
 - Seeds: the batch order of every epoch comes from an explicit generator, and each round trains
   under `utils.seeded(...)` (dropout draws), so a run is reproducible and resumable and the
   caller's global RNG is left as it was.
@@ -49,6 +51,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..utils import atomic_path, json_fingerprint, seeded, torch_threads, write_json
+from .selection import TIE_TOLERANCE
 
 Trainable = Sequence[str] | Callable[[str], bool] | None
 SCHEDULES = ("constant", "cosine", "linear")
@@ -300,12 +303,14 @@ class Trainer:
             }
         )
 
-    def _better(self, value: float | None, best: float | None) -> bool:
+    def _at_least_as_good(self, value: float | None, best: float | None) -> bool:
+        """Ties go to the later round: the one selection rule (training/selection.py) with the
+        no-validation choice, the last round, as the default."""
         if value is None or not math.isfinite(value):
             return best is None
         if best is None or not math.isfinite(best):
             return True
-        return value > best if self.mode == "max" else value < best
+        return value >= best - TIE_TOLERANCE if self.mode == "max" else value <= best + TIE_TOLERANCE
 
     def _model_tensors(self) -> dict[str, torch.Tensor]:
         sd = unwrap(self.model).state_dict()
@@ -643,7 +648,7 @@ class Trainer:
         if stage.keep == "last" or not has_val:
             keep = step == total
         else:
-            keep = stage.name not in pointer["best_round"] or self._better(value, best)
+            keep = stage.name not in pointer["best_round"] or self._at_least_as_good(value, best)
         if keep:
             pointer["best_metric"][stage.name] = value
             pointer["best_round"][stage.name] = rnd
