@@ -51,3 +51,23 @@ def make_color_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 @pytest.fixture
 def color_folder(tmp_path) -> Path:
     return make_color_folder(tmp_path / "colors")
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    """Every image-encoder call of feature extraction: a list of (encoder name, images in the batch)."""
+    import vlclassify.features.extract as ex
+
+    calls: list[tuple[str, int]] = []
+    real = ex.make_encoder
+
+    class Counting:
+        def __init__(self, enc):
+            self.enc, self.name = enc, enc.name
+
+        def __call__(self, pixels, spatial=True):
+            calls.append((self.name, pixels.shape[0]))
+            return self.enc(pixels, spatial=spatial)
+
+    monkeypatch.setattr(ex, "make_encoder", lambda *a, **k: Counting(real(*a, **k)))
+    return calls

@@ -22,6 +22,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 
 def load_image(item: Item | str | np.ndarray) -> Image.Image:
+    from .webdataset import decode_image, describe, parse_member_ref, read_member
+
     src = item.image if isinstance(item, Item) else item
     if src is None:
         raise DataError(f"{getattr(item, 'key', '?')}: item has no image")
@@ -32,6 +34,8 @@ def load_image(item: Item | str | np.ndarray) -> Image.Image:
         if arr.ndim == 2:
             return Image.fromarray(arr, "L").convert("RGB")
         return to_rgb(Image.fromarray(arr))
+    if parse_member_ref(src):  # an image inside a WebDataset tar
+        return decode_image(read_member(src), describe(src))
     try:
         with Image.open(src) as im:
             im.load()

@@ -7,6 +7,7 @@
     PATH/                    image folder (one sub-folder per class; optional train/val/test)
     PATH.csv | PATH.jsonl    manifest
     PATH.json                CoOp split file
+    PATH-{000..009}.tar      WebDataset tar shards (data/webdataset.py)
 Options follow after `?`, e.g. `tuxpaint?root=/my/stamps` or `data.csv?tasks=color,style`.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from . import builtin, composites, loaders
+from . import builtin, composites, loaders, webdataset
 from .items import Dataset
 from .splits import stratified_split
 
@@ -43,6 +44,8 @@ def load_data(spec: str) -> dict[str, Dataset]:
     base, opts = parse_spec(spec)
     if base in BUILTIN:
         return BUILTIN[base](**opts)
+    if webdataset.is_webdataset(base):
+        return webdataset.load_webdataset(base, **opts)
     p = Path(base)
     if not p.exists():
         raise DataError(f"data {base!r}: no such file or folder, and not one of: {', '.join(BUILTIN)}")
