@@ -111,23 +111,32 @@ def _image_ext(exts: Sequence[str]) -> str | None:
 def iter_samples(tar: str, text: str = "txt") -> Iterator[tuple[str, bytes | None, str | None]]:
     """Stream one tar with the webdataset package, in tar order: (where = tar:key, image bytes or
     None when the sample has no image member, caption per `text` = txt | json:FIELD | none)."""
-    from webdataset import tarfile_samples
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     kind, name = _field(text, "text")
-    for sample in tarfile_samples([{"url": tar}]):
-        where = f"{tar}:{sample['__key__']}"
-        ext = _image_ext([k for k in sample if not k.startswith("__")])
-        caption = None
-        if kind == "txt" and "txt" in sample:
-            caption = sample["txt"].decode("utf-8", errors="replace").strip() or None
-        elif kind == "json" and "json" in sample:
+    with open(tar, "rb") as stream:
+        samples = group_by_keys(tar_file_expander([{"url": tar, "stream": stream}]))
+        while True:
             try:
-                meta = json.loads(sample["json"])
-            except ValueError as e:
-                raise DataError(f"{where}.json: invalid JSON ({e})") from None
-            value = meta.get(name) if isinstance(meta, dict) else None
-            caption = str(value).strip() or None if value is not None else None
-        yield where, (sample[ext] if ext else None), caption
+                sample = next(samples, None)
+            except (tarfile.TarError, OSError, ValueError) as e:
+                msg = e.args[0] if e.args else e
+                raise DataError(f"{tar}: cannot read the tar shard ({type(e).__name__}: {msg})") from None
+            if sample is None:
+                return
+            where = f"{tar}:{sample['__key__']}"
+            ext = _image_ext([k for k in sample if not k.startswith("__")])
+            caption = None
+            if kind == "txt" and "txt" in sample:
+                caption = sample["txt"].decode("utf-8", errors="replace").strip() or None
+            elif kind == "json" and "json" in sample:
+                try:
+                    meta = json.loads(sample["json"])
+                except ValueError as e:
+                    raise DataError(f"{where}.json: invalid JSON ({e})") from None
+                value = meta.get(name) if isinstance(meta, dict) else None
+                caption = (str(value).strip() or None) if value is not None else None
+            yield where, (sample[ext] if ext else None), caption
 
 
 def _field(spec: str, what: str) -> tuple[str, str | None]:
@@ -281,3 +290,58 @@ def load_webdataset(
 def shard_signature(tar: str) -> str:
     """Path, size and mtime of a tar: a finished-input mark for resumable extraction."""
     return file_key(os.fspath(tar))
+
+
+def dataset_samples(ds: Dataset, label_field: str = "label") -> Iterator[dict[str, Any]]:
+    """A `Dataset` as WebDataset samples: the image file's own bytes (so its content hash, hence its
+    stored features, stay the same; arrays become PNG), `json` with the class name(s) under
+    `label_field` and the task columns, `txt` with the paired text."""
+    for i, it in enumerate(ds.items):
+        if it.image is None:
+            raise DataError(f"{ds.name}: item {i} ({it.key}) has no image; a WebDataset sample needs one")
+        if isinstance(it.image, str) and not parse_member_ref(it.image):
+            ext = Path(it.image).suffix.lower().lstrip(".") or "png"
+            data = Path(it.image).read_bytes()
+        elif isinstance(it.image, str):
+            ext, data = parse_member_ref(it.image)[1].rsplit(".", 1)[-1], read_member(it.image)
+        else:
+            from .images import load_image
+
+            buf = io.BytesIO()
+            load_image(it).save(buf, format="PNG")
+            ext, data = "png", buf.getvalue()
+        meta: dict[str, Any] = {}
+        if it.labels is not None:
+            meta[label_field] = [ds.classnames[l] for l in it.labels]
+        elif it.label is not None:
+            meta[label_field] = ds.classnames[it.label]
+        for t, v in (it.tasks or {}).items():
+            meta[t] = ds.tasks[t][v]
+        sample = {"__key__": f"{i:08d}", ext: data, "json": json.dumps(meta).encode()}
+        if it.text:
+            sample["txt"] = it.text.encode()
+        yield sample
+
+
+def write_webdataset(
+    samples: Iterator[dict[str, Any]], out_dir: str | os.PathLike, per_shard: int = 1000, prefix: str = "shard"
+) -> list[Path]:
+    """Write samples ({"__key__": key, ext: bytes, ...}) as `out_dir/{prefix}-00000.tar`, ... with
+    the webdataset package's TarWriter, `per_shard` samples each, every tar written atomically."""
+    from webdataset import TarWriter
+
+    from ..utils import atomic_path
+
+    out, paths = Path(out_dir), []
+    it = iter(samples)
+    while True:
+        first = next(it, None)
+        if first is None:
+            return paths
+        path = out / f"{prefix}-{len(paths):05d}.tar"
+        with atomic_path(path) as tmp:
+            with TarWriter(str(tmp), encoder=False) as w:
+                w.write(first)
+                for _, s in zip(range(per_shard - 1), it):
+                    w.write(s)
+        paths.append(path)
