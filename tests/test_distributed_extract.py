@@ -158,3 +158,62 @@ def test_ranks_take_every_nth_input(tar_spec):
     inputs, sizes = plan_inputs(tar_spec, None, SHARD_ROWS, DistEnv(1, 3))
     assert sizes == {"tars": 12}
     assert [Path(sig.split("|")[0]).name for sig, _ in inputs] == [f"shard-{i:05d}.tar" for i in (1, 4, 7, 10)]
+
+
+def test_device_selection_one_gpu_per_local_rank():
+    from vlclassify.errors import ConfigError
+    from vlclassify.features.runtime import resolve_device, resolve_precision, resolve_runtime
+
+    def dev(spec, local_rank=None, gpus=0):
+        return str(resolve_device(spec, local_rank, cuda_available=lambda: gpus > 0, device_count=lambda: gpus))
+
+    assert dev("auto") == "cpu" and dev("cpu", gpus=2) == "cpu"
+    assert dev("auto", gpus=1) == "cuda:0" and dev("cuda", gpus=4) == "cuda:0"
+    assert [dev("auto", r, gpus=2) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]  # torchrun LOCAL_RANK
+    assert dev("cuda:1", 0, gpus=2) == "cuda:1"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        dev("cuda")
+    with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\)"):
+        dev("cuda:2", gpus=2)
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda"):
+        dev("tpu")
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_precision(gpu, "auto", bf16_supported=lambda: True) == "bf16"
+    assert resolve_precision(gpu, "auto", bf16_supported=lambda: False) == "fp16"
+    assert resolve_precision(cpu) == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        resolve_precision(cpu, "fp8")
+    effnet_like = type("B", (), {"name": "b", "image_trunk": id, "image_head": id, "inference_trunk": id})()
+    assert resolve_runtime(effnet_like, "auto", gpu) == "torch"  # ONNX Runtime is the CPU path
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        resolve_runtime(effnet_like, "onnx", gpu)
+
+
+def test_reduced_precision_rows_are_kept_apart(toy, color_folder, cache, encoder_calls):
+    """The autocast path (here bf16 on CPU: the code a GPU runs) stores under its own runtime name;
+    runtime "auto" also accepts fp32 rows (more exact), an explicit runtime only its own."""
+    from vlclassify.data import image_folder
+
+    ds = image_folder(color_folder)["all"]
+    kw = dict(cache=cache, progress=False, device="cpu")
+    fp32 = extract_features(toy, ds, **kw)
+    bf16 = extract_features(toy, ds, runtime="torch", precision="bf16", **kw)
+    assert [name for name, _ in encoder_calls] == ["torch", "torch-cpu-bf16"]
+    assert not torch.equal(fp32.image, bf16.image) and torch.allclose(fp32.image, bf16.image, atol=0.1)
+    assert torch.equal(extract_features(toy, ds, runtime="torch", precision="bf16", **kw).image, bf16.image)
+    assert torch.equal(extract_features(toy, ds, **kw).image, fp32.image)
+    assert len(encoder_calls) == 2
+    assert sorted(s["key"]["runtime"] for s in cache.store.spaces()) == ["torch", "torch-cpu-bf16"]
+
+
+def test_cli_device_cuda_without_a_gpu_is_a_one_line_error(color_folder, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "vlclassify", "extract", "-d", str(color_folder), "-b", "toy", "--device", "cuda"]
+        + ["--cache-dir", str(tmp_path)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: device 'cuda': CUDA is not available")
