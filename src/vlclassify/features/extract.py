@@ -132,7 +132,7 @@ def _decode(backbone: Backbone, src: Source, view: str, skip_bad: bool) -> torch
         raise
 
 
-def _batches(
+def iter_batches(
     backbone: Backbone, sources: Iterable[Source], view: str, batch_size: int, workers: int, skip_bad: bool
 ) -> Iterator[tuple[list[Source], torch.Tensor | None, list[bool]]]:
     """Yield (sources, pixels [B_ok, 3, H, W] of the readable ones or None, ok flags) while the next batch decodes."""
@@ -172,7 +172,7 @@ def _encode_sources(
     _set_threads()
     backbone.eval()
     bad: list[str] = []
-    for chunk, pixels, ok in _batches(backbone, sources, view, batch_size, workers, skip_bad):
+    for chunk, pixels, ok in iter_batches(backbone, sources, view, batch_size, workers, skip_bad):
         bad += [s.key for s, o in zip(chunk, ok) if not o]
         if pixels is not None:
             out = encoder(pixels, spatial=spatial)  # inference mode inside; copied to numpy below
