@@ -255,6 +255,7 @@ def extract_features(
             rows = store.lookup(sid, lookup_keys, spatial)
             rows.row[have] = -1  # already read from a preferred runtime
             got, out = store.read(rows, fields, out)
+            rows.row[~got] = -1  # rows of a shard dropped as damaged
             if got.any():
                 grid = grid or store.grid(rows)
             have |= got

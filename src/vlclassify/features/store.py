@@ -315,9 +315,9 @@ class FeatureStore:
 
     def grid(self, rows: Rows) -> tuple[int, int] | None:
         """The spatial grid (h, w) recorded by the shards of `rows` (one per space), or None."""
-        names = {s for s in rows.shard if s}
-        for n in names:
-            g = self._shard_info(n)[2]
+        for n in dict.fromkeys(rows.shard[rows.found]):
+            r = self.db.execute("SELECT grid FROM shards WHERE name=?", (n,)).fetchone()
+            g = json.loads(r[0]) if r else None  # a shard dropped as damaged has no row any more
             if g:
                 return (int(g[0]), int(g[1]))
         return None
@@ -355,9 +355,11 @@ class FeatureStore:
                     out[f] = np.zeros((len(rows), *src.shape[1:]), dtype=src.dtype)
                 out[f][idx_a[order]] = src[r[order]]
             touched.append(name)
-        if touched and not self.read_only:
+        if touched and not self.read_only:  # last use, for `cache prune --older-than/--max-size`
             now = time.time()
+            self.db.execute("BEGIN")
             self.db.executemany("UPDATE shards SET used=? WHERE name=?", [(now, n) for n in touched])
+            self.db.execute("COMMIT")
         return ok, out
 
     # ---- writing ------------------------------------------------------------------------------
