@@ -181,6 +181,14 @@ def test_cache_info_and_prune(toy, color_folder, tmp_path):
     assert info["stale_entries"] == 1 and info["store_bytes"] > 0
     r = run("info")
     assert r.exit_code == 0 and "toy" in r.output and "1 from an older cache version" in r.output
+    victim = next((root / "store").glob("*/*.safetensors"))
+        (root / "store").glob("*/*0.safetensors")
+    )
+    victim.write_bytes(victim.read_bytes()[:-4] + b"\0\0\0\1")
+    r = run("info", "--verify")
+    assert r.exit_code == 0 and "verified: 1 damaged shard(s) dropped" in r.output
+    extract_features(toy, ds, views=("orig", "flip"), cache=FeatureCache(root, shard_rows=8), progress=False)
+    extract_features(create_backbone("toy", seed=5), ds, cache=FeatureCache(root), progress=False)  # refilled
     r = run("prune", "--backbone", "toy", "--dry-run")
     assert "would remove 7 shard(s) (54 rows), 1 entr" in r.output
     assert len(FeatureCache(root).store.shards()) == 7
