@@ -182,8 +182,6 @@ def test_cache_info_and_prune(toy, color_folder, tmp_path):
     r = run("info")
     assert r.exit_code == 0 and "toy" in r.output and "1 from an older cache version" in r.output
     victim = next((root / "store").glob("*/*.safetensors"))
-        (root / "store").glob("*/*0.safetensors")
-    )
     victim.write_bytes(victim.read_bytes()[:-4] + b"\0\0\0\1")
     r = run("info", "--verify")
     assert r.exit_code == 0 and "verified: 1 damaged shard(s) dropped" in r.output
