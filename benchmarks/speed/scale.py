@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -109,6 +110,12 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process tree (torchrun waits for its workers)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _hwm_kb(pid: int) -> tuple[int, str]:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -126,7 +133,7 @@ def run_extract(spec: str, cache: Path, backbone: str, nproc: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd += ["-m", "vlclassify", "extract"]
     cmd += ["--data", spec, "--backbone", backbone, "--cache-dir", str(cache)]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, int] = {}
     while proc.poll() is None:
@@ -136,13 +143,14 @@ def run_extract(spec: str, cache: Path, backbone: str, nproc: int) -> dict:
                 peaks[pid] = max(peaks.get(pid, 0), kb)
         time.sleep(0.25)
     out, err = proc.communicate()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}\n{err[-3000:]}")
     m = re.search(r"(\d+) extracted", out)
     workers = sorted(peaks.values(), reverse=True)[:nproc]
     return {
         "seconds": wall,
+        "cpu_seconds": cpu,
         "extracted": int(m.group(1)) if m else None,
         "peak_rss_mb": [round(k / 1024, 1) for k in workers],
         "command": " ".join(shlex.quote(c) for c in cmd),
@@ -168,11 +176,12 @@ def probe(pooled: torch.Tensor, labels: list[int], sklearn: bool) -> dict:
     def acc(W, b):
         return float(((xv @ W.T + b).argmax(-1) == yv).float().mean())
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     path = fit_logistic_path(x, y, GRID, num_classes=10)
-    ours = time.perf_counter() - t
+    ours, ours_cpu = time.perf_counter() - t, time.process_time() - c
     accs = [acc(W, b) for W, b in path]
-    res = {"n_train": len(y), "torch_seconds": ours, "torch_C": GRID[int(np.argmax(accs))], "torch_acc": max(accs)}
+    res = {"n_train": len(y), "torch_seconds": ours, "torch_cpu_seconds": ours_cpu}
+    res |= {"torch_C": GRID[int(np.argmax(accs))], "torch_acc": max(accs)}
     if sklearn:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
@@ -183,11 +192,12 @@ def probe(pooled: torch.Tensor, labels: list[int], sklearn: bool) -> dict:
                 clf = LogisticRegression(C=C, max_iter=1000).fit(x.numpy(), y.numpy())
             return torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
 
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         sk = [acc(*fit(C)) for C in GRID]
         best = GRID[int(np.argmax(sk))]
         fit(best)  # LinearProbe's refit at the chosen C
-        res |= {"sklearn_seconds": time.perf_counter() - t, "sklearn_C": best, "sklearn_acc": max(sk)}
+        res |= {"sklearn_seconds": time.perf_counter() - t, "sklearn_cpu_seconds": time.process_time() - c}
+        res |= {"sklearn_C": best, "sklearn_acc": max(sk)}
     return res
 
 
@@ -203,19 +213,20 @@ def markdown(res: dict) -> str:
         "Data: Fashion-MNIST (train + test, 70,000 images) as PNG samples in WebDataset tars of 1,000; "
         "past 70,000, augmented copies (rolled, mirrored every other copy), so every image is new to the store.",
         "",
-        "| backbone | images | procs | wall s | images/s | images/s excl. start-up | start-up s "
-        "| peak RSS / process MB | = 1 process | probe: torch s (C, val acc) | probe: sklearn s (C, val acc) "
-        "| cma-clip head fit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | images | procs | wall s | images/s | images/s excl. start-up | start-up s | CPU s "
+        "| images / CPU s | peak RSS / process MB | = 1 process | probe: torch s, CPU s (C, val acc) "
+        "| probe: sklearn s, CPU s (C, val acc) | cma-clip head fit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['backbone']} | {r['size']:,} | | skipped: {r['skipped']} | | | | | | | | |")
+            lines.append(f"| {r['backbone']} | {r['size']:,} | | skipped: {r['skipped']} | | | | | | | | | | |")
             continue
         p = r.get("probe", {})
-        tp = f"{p['torch_seconds']:.1f} ({p['torch_C']:g}, {100 * p['torch_acc']:.2f}%)" if p else ""
+        tp = f"{p['torch_seconds']:.1f}, {p['torch_cpu_seconds']:.1f} ({p['torch_C']:g}, {100 * p['torch_acc']:.2f}%)"
         sp = (
-            f"{p['sklearn_seconds']:.1f} ({p['sklearn_C']:g}, {100 * p['sklearn_acc']:.2f}%)"
+            f"{p['sklearn_seconds']:.1f}, {p['sklearn_cpu_seconds']:.1f} ({p['sklearn_C']:g}, "
+            f"{100 * p['sklearn_acc']:.2f}%)"
             if "sklearn_seconds" in p
             else "not run (size)"
         )
@@ -226,7 +237,8 @@ def markdown(res: dict) -> str:
             first = e["nproc"] == 1
             lines.append(
                 f"| {r['backbone']} | {r['size']:,} | {e['nproc']} | {e['seconds']:.0f} | {e['rate']:.1f} "
-                f"| {excl} | {e['startup']:.0f} | {rss} | {same} | {tp if first else ''} | {sp if first else ''} "
+                f"| {excl} | {e['startup']:.0f} | {e['cpu_seconds']:.0f} | {e['size'] / e['cpu_seconds']:.1f} "
+                f"| {rss} | {same} | {tp if first else ''} | {sp if first else ''} "
                 f"| {'pending (Trainer rewrite)' if first else ''} |"
             )
     lines += ["", *res["notes"]]
@@ -273,7 +285,7 @@ def main() -> None:
                 print(f"{name} {n:,} x {nproc} process(es): extracting; load {loadavg()}", flush=True)
                 e = run_extract(spec, cache, name, nproc)
                 again = run_extract(spec, cache, name, nproc)  # all stored: start-up and skipping only
-                e |= {"nproc": nproc, "startup": again["seconds"], "rerun_extracted": again["extracted"]}
+                e |= {"nproc": nproc, "size": n, "startup": again["seconds"], "rerun_extracted": again["extracted"]}
                 e["rate"] = n / e["seconds"]
                 work_s = e["seconds"] - again["seconds"]  # noisy when start-up dominates: then not shown
                 e["rate_excl"] = n / work_s if work_s > 0.25 * e["seconds"] else None
@@ -296,6 +308,10 @@ def main() -> None:
     res["notes"].append(
         "peak RSS: VmHWM of each extracting process (torchrun's agent excluded), polled every 0.25 s. "
         "start-up: the wall time of the same command once everything is stored (model load, tar skip, index sync)."
+    )
+    res["notes"].append(
+        "CPU s: user + system seconds of the extracting process tree (torchrun included); on a shared machine it "
+        "moves far less with the load than wall time does. images / CPU s: size / CPU s, start-up included."
     )
     res["notes"].append(
         "2 processes on this 2-core machine share the cores the 1-process run already uses (each process gets "
