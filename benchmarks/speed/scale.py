@@ -304,25 +304,31 @@ def main() -> None:
             row["probe"] = probe(ref[1], ref[2], sklearn=n <= args.sklearn_max)
             shutil.rmtree(args.work / f"cache-{name}-{n}-1", ignore_errors=True)
             res["rows"].append(row)
+            write(res, args.name)
+    write(res, args.name, final=True)
+
+
+NOTES = [
+    "peak RSS: VmHWM of each extracting process (torchrun's agent excluded), polled every 0.25 s. "
+    "start-up: the wall time of the same command once everything is stored (model load, tar skip, index sync).",
+    "CPU s: user + system seconds of the extracting process tree (torchrun included); on a shared machine it "
+    "moves far less with the load than wall time does. images / CPU s: size / CPU s, start-up included.",
+    "2 processes on this 2-core machine share the cores the 1-process run already uses (each process gets "
+    "half: LOCAL_WORLD_SIZE), so they check correctness and overhead, not speed-up.",
+]
+
+
+def write(res: dict, name: str, final: bool = False) -> None:
+    """JSON + markdown after every size (a long run stopped early keeps what it measured)."""
     res["load_end"] = loadavg()
-    res["notes"].append(
-        "peak RSS: VmHWM of each extracting process (torchrun's agent excluded), polled every 0.25 s. "
-        "start-up: the wall time of the same command once everything is stored (model load, tar skip, index sync)."
-    )
-    res["notes"].append(
-        "CPU s: user + system seconds of the extracting process tree (torchrun included); on a shared machine it "
-        "moves far less with the load than wall time does. images / CPU s: size / CPU s, start-up included."
-    )
-    res["notes"].append(
-        "2 processes on this 2-core machine share the cores the 1-process run already uses (each process gets "
-        "half: LOCAL_WORLD_SIZE), so they check correctness and overhead, not speed-up."
-    )
-    md = markdown(res)
-    print(md)
-    write_json(ROOT / "benchmarks" / "results" / f"{args.name}.json", res)
-    with atomic_path(ROOT / "docs" / "results" / f"{args.name}.md") as tmp:
+    out = {**res, "notes": res["notes"] + NOTES + ([] if final else ["(partial: the run was still going)"])}
+    md = markdown(out)
+    write_json(ROOT / "benchmarks" / "results" / f"{name}.json", out)
+    with atomic_path(ROOT / "docs" / "results" / f"{name}.md") as tmp:
         tmp.write_text(md)
-    print(f"wrote benchmarks/results/{args.name}.json and docs/results/{args.name}.md")
+    if final:
+        print(md)
+        print(f"wrote benchmarks/results/{name}.json and docs/results/{name}.md")
 
 
 if __name__ == "__main__":

@@ -67,12 +67,13 @@ def _lbfgs(
     v = ((w @ pre.U) / d).requires_grad_()  # [K, F] in the scaled eigenbasis
     c = (b + w @ pre.mu).requires_grad_()  # [K] bias of the centred features
     reg = 0.5 / (C * n)
+    chunk = 10  # iterations between checks of sklearn's stopping rule; L-BFGS keeps its history across them
     opt = torch.optim.LBFGS(
         [v, c],
         lr=1.0,
-        max_iter=max_iter,
-        max_eval=int(max_iter * 1.25),
-        tolerance_grad=tol,
+        max_iter=chunk,
+        max_eval=chunk * 3,
+        tolerance_grad=0.0,
         tolerance_change=1e-12,
         history_size=10,
         line_search_fn="strong_wolfe",
@@ -86,7 +87,14 @@ def _lbfgs(
         loss.backward()
         return loss
 
-    opt.step(closure)
+    last = None
+    for _ in range(0, max_iter, chunk):
+        start = float(opt.step(closure).detach())  # the loss where this chunk started
+        with torch.no_grad():  # the gradient in the original (W, b): dW = (dV / d) U^T + db mu^T, db = dc
+            g_w = (v.grad / d) @ pre.U.T + torch.outer(c.grad, pre.mu)
+            if max(float(g_w.abs().max()), float(c.grad.abs().max())) <= tol or start == last:
+                break  # converged as sklearn defines it, or no progress left at float32 precision
+        last = start
     with torch.no_grad():
         W = (v * d) @ pre.U.T
         return W, c - W @ pre.mu
