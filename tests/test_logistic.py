@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from vlclassify.modules.logistic import ABSENT_BIAS, fit_logistic, fit_logistic_path
+from vlclassify.training.logistic import ABSENT_BIAS, fit_logistic, fit_logistic_path
 
 
 def _data(n: int, f: int, k: int, seed: int = 0, scale: float = 3.0):

@@ -10,7 +10,7 @@ the feature store; the first run extracts them, ~6-8 min on 2 quiet cores), spli
 
 - sklearn: what methods/linear_probe.py does today: `LogisticRegression(C, max_iter=1000)` per C
   (lbfgs, float64), C chosen by val accuracy (ties: val NLL), then the refit at that C.
-- torch: `modules.logistic.fit_logistic_path(x, y, grid)`: float32 full-batch L-BFGS, warm-started
+- torch: `training.logistic.fit_logistic_path(x, y, grid)`: float32 full-batch L-BFGS, warm-started
   from one C to the next, same objective and stopping rule; the chosen C's weights are the model
   (the refit would solve the same problem again, so it is not run).
 
@@ -34,7 +34,7 @@ from vlclassify.backbones import create_backbone
 from vlclassify.data import fashion_mnist, train_val_test
 from vlclassify.features import extract_features
 from vlclassify.methods.base import normalize
-from vlclassify.modules.logistic import fit_logistic_path
+from vlclassify.training.logistic import fit_logistic_path
 from vlclassify.utils import atomic_path, write_json
 
 ROOT = Path(__file__).resolve().parents[2]

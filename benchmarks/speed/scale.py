@@ -14,7 +14,7 @@ copies: copy c of an image is rolled c pixels sideways, and mirrored when c is o
 - the same under `torchrun --standalone --nproc_per_node 2`, and whether its rows equal the
   one-process rows bit for bit (max |difference| otherwise).
 - the linear probe on the stored pooled features (80/20 stratified train/val, the default C grid):
-  `modules.logistic.fit_logistic_path` against scikit-learn's per-C LogisticRegression + refit (what
+  `training.logistic.fit_logistic_path` against scikit-learn's per-C LogisticRegression + refit (what
   methods/linear_probe.py does today; skipped above --sklearn-max rows).
 - cma-clip head training: not measured yet (it waits for the Trainer rewrite); the column says so.
 
@@ -49,7 +49,7 @@ from vlclassify.data.splits import stratified_split
 from vlclassify.data.webdataset import load_webdataset, write_webdataset
 from vlclassify.features import FeatureCache, extract_features
 from vlclassify.methods.base import normalize
-from vlclassify.modules.logistic import fit_logistic_path
+from vlclassify.training.logistic import fit_logistic_path
 from vlclassify.utils import atomic_path, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
