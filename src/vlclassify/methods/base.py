@@ -526,19 +526,24 @@ class Method:
         results = []
         for i, it in enumerate(enc.dataset.items):
             tasks = {
-                t: task_prediction(probs[t][i], decided[t][i], self.task_classes[t], top)
+                self.task_name(t): task_prediction(probs[t][i], decided[t][i], self.task_classes[t], top)
                 for t in self.task_classes
                 if t in probs
             }
             weights = None
             if lam is not None:
                 weights = {
-                    t: {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
+                    self.task_name(t): {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
                     for k, t in enumerate(self.task_classes)
                 }
             name = it.image if isinstance(it.image, str) else it.key
             results.append(Prediction(tasks, weights, str(name)))
         return results
+
+    def task_name(self, task: str) -> str:
+        """The name `task` is shown under in predictions: the data column it answers (the main
+        label of single-task data is `label`)."""
+        return task
 
     def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
         """[h, w] map of where the model looked in `item` (an Item or an image path) for `target`

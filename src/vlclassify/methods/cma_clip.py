@@ -563,6 +563,9 @@ class CMAClip(Method):
     def extra_config(self) -> dict:
         return {"task_columns": self.tasks}
 
+    def task_name(self, task: str) -> str:
+        return self.tasks[0] if task == MAIN and self.tasks else task
+
     def load_extra_config(self, cfg: dict) -> None:
         cols = cfg.get("task_columns")
         if not isinstance(cols, list) or len(cols) != len(self.task_classes):

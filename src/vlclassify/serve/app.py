@@ -424,9 +424,9 @@ class Service:
             {
                 "method": m.name,
                 "classes": m.classnames,
-                "tasks": m.task_classes,
+                "tasks": {m.task_name(t): names for t, names in m.task_classes.items()},
                 "multilabel": m.multilabel,
-                "decisions": {t: {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
+                "decisions": {m.task_name(t): {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
                 "explain": has_attention(m),
