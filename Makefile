@@ -41,7 +41,7 @@ data:
 
 demo: setup data
 	$(VENV)/bin/vlclassify bench fewshot --data fashion-mnist \
-	  --methods 'zero-shot,linear-probe,tip-adapter,cmm[schedule="fast";iters=4000]' \
+	  --methods 'zero-shot,linear-probe,tip-adapter,cmm[schedule="fast";steps=4000]' \
 	  --shots 1,4,16 --seeds 1,2,3 --test-limit 1000 --out runs/demo --name fewshot-fashion-mnist-demo
 
 test: setup data check
