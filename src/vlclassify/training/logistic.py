@@ -35,7 +35,11 @@ class _Preconditioner:
     with U the eigenvectors of the (sub-sampled) feature covariance S and d = (a S + 1 / (C N))^-1/2
     scales each direction by an approximate inverse square root of the objective's curvature there
     (`a` stands in for the softmax's). The minimiser, mapped back, is the same W: only the path to
-    it is shorter. Costs one covariance of at most `rows` rows and an F x F eigendecomposition."""
+    it is shorter. Costs one covariance of at most `rows` rows and an F x F eigendecomposition.
+
+    With fewer rows than features (few-shot: 10 x 1280) the basis is the centred rows' own span, from
+    a thin SVD: the solution lies there (the loss only sees that span, and the penalty pulls the
+    rest to 0), and the F x F eigendecomposition was most of a 1-shot fit."""
 
     CURVATURE = 0.1  # typical softmax/sigmoid curvature p(1 - p) near a fitted optimum
     ROWS = 8192  # rows the covariance is estimated from: enough for a preconditioner
@@ -43,9 +47,13 @@ class _Preconditioner:
     def __init__(self, x: torch.Tensor) -> None:
         self.mu = x.mean(0)  # [F]
         sub = x[torch.linspace(0, len(x) - 1, min(len(x), self.ROWS), device=x.device).long()] - self.mu
-        evals, self.U = torch.linalg.eigh((sub.T @ sub / len(sub)).double())  # [F], [F, F]
-        self.S = evals.clamp_min(0).float()
-        self.U = self.U.float()
+        if len(sub) == len(x) and len(x) < x.shape[1]:  # every row, fewer than the features
+            _, sv, vh = torch.linalg.svd(sub.double(), full_matrices=False)  # vh [N, F]
+            evals, basis = sv.pow(2) / len(sub), vh.T
+        else:
+            evals, basis = torch.linalg.eigh((sub.T @ sub / len(sub)).double())  # [F], [F, F]
+        self.S = evals.clamp_min(0).float()  # [R]
+        self.U = basis.float()  # [F, R]: R = F, or N for fewer rows than features
 
     def scale(self, C: float, n: int) -> torch.Tensor:
         return (self.CURVATURE * self.S + 1.0 / (C * n)).rsqrt()  # [F]
