@@ -349,7 +349,7 @@ def fit(
         for k, v in info["validation"].items():
             console.print(f"validation {k}: {100 * v:.2f}%")
     for task, rule in m.decisions.items():
-        console.print(f"decision ({task}): {rule.describe()}", markup=False, soft_wrap=True)
+        console.print(f"decision ({m.task_name(task)}): {rule.describe()}", markup=False, soft_wrap=True)
     with atomic_path(out, is_dir=True) as tmp:  # the new model replaces an old one whole, never mixed
         m.save_pretrained(tmp)
         if splits:

@@ -79,7 +79,8 @@ class DecisionRule:
         if self.kind == "precision":
             return (
                 f"the top class when its score reaches the threshold for {100 * self.target_precision:.0f}% "
-                f"precision on validation ({self.per_class} class thresholds of {len(self.thresholds)}), else "
+                f"precision on validation ({self.per_class} of {len(self.thresholds)} classes with a threshold of "
+                f"their own), else "
                 f"'{UNCERTAIN}'"
             )
         vals = [t for t in self.thresholds if t is not None]
