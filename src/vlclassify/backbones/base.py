@@ -127,6 +127,8 @@ class BackboneSplit(nn.Module):
     text_layers: the same for the text encoder (final norm, pooling, projection). None: no text top.
     """
 
+    backbone: Backbone  # the shared backbone (kept out of the sub-modules: see __init__)
+
     def __init__(
         self, backbone: Backbone, image_blocks: int | None, text_layers: int | None, sizes: tuple[int, int]
     ) -> None:
@@ -206,7 +208,7 @@ def copy_module(module: nn.Module) -> nn.Module:
     return out
 
 
-def first_output(out: Any) -> torch.Tensor:
+def first_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """A transformer layer's hidden states, whether it returns them alone or first in a tuple
     (transformers 5 and 4 respectively)."""
     return out[0] if isinstance(out, tuple) else out

@@ -331,7 +331,7 @@ class FeatureStore:
         index and its rows come back False, for the caller to recompute."""
         ok = rows.found.copy()
         by_shard: dict[str, list[int]] = {}
-        for i in np.flatnonzero(ok):
+        for i in np.flatnonzero(ok).tolist():
             by_shard.setdefault(rows.shard[i], []).append(i)
         out = {} if out is None else out
         touched = []
@@ -472,7 +472,7 @@ class ShardWriter:
         for f, a in arrays.items():
             self.parts.setdefault(f, []).append(np.ascontiguousarray(a))
         if grid is not None:
-            self.grid = tuple(grid)
+            self.grid = (int(grid[0]), int(grid[1]))
         while len(self.keys) >= self.shard_rows:
             self._write(self.shard_rows, ())
 

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
 from ..training import Stage, Trainer, TrainResult
+from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
 from .templates import cached_template_embeddings
@@ -105,15 +106,16 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
     """Accept a Dataset, a list of Items or a list of image paths."""
     if isinstance(items, Dataset):
         return items
-    items = list(items)
-    if items and isinstance(items[0], str):
+    rows = list(items)
+    if rows and isinstance(rows[0], str):
         from ..data.loaders import file_key
 
-        missing = [p for p in items if not Path(p).is_file()]
+        paths = cast(list[str], rows)
+        missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise DataError(f"{missing[0]}: image file not found")
-        items = [Item(image=p, key=file_key(p)) for p in items]
-    return Dataset(items=items, classnames=list(classnames), name="input")
+        rows = [Item(image=p, key=file_key(p)) for p in paths]
+    return Dataset(items=cast(list[Item], rows), classnames=list(classnames), name="input")
 
 
 class Method:
@@ -283,6 +285,7 @@ class Method:
         self.fit_info = {}
         with torch.enable_grad():
             self._fit(tr, va)
+        assert self.head is not None, f"{self.name}: _fit must build self.head"
         self.head.requires_grad_(False).eval()  # a fitted model is for inference; training re-enables what it trains
         if notes:
             self.fit_info["ignored"] = notes
@@ -381,7 +384,7 @@ class Method:
         train: Encoded,
         val: Encoded | None,
         stages: Sequence[Stage],
-        batches: Callable | None = None,
+        batches: BatchFn | None = None,
         metric: Callable[[nn.Module], dict[str, float]] | None = None,
         work: int | None = None,
         run: str = "",
@@ -390,6 +393,7 @@ class Method:
         the main task's score (accuracy, or mAP for multi-label data) unless `metric` is given.
         `run` names a sub-folder of `run_dir` when one fit trains several heads (a grid)."""
         cfg = self.config
+        assert self.head is not None, "train_head trains the head init_head built"
         if metric is None and val is not None:
             metric = self.val_metric(val)
         run_dir = getattr(cfg, "run_dir", None)
@@ -427,7 +431,7 @@ class Method:
         out["targets"] = y.repeat(len(views), *([1] * (y.dim() - 1)))
         return out
 
-    def feature_batches(self, train: Encoded, tensors: dict[str, torch.Tensor] | None = None):
+    def feature_batches(self, train: Encoded, tensors: dict[str, torch.Tensor] | None = None) -> BatchFn:
         """The Trainer's batches: a fresh permutation of the rows every epoch, cut into global batches."""
         rows = tensors if tensors is not None else self.train_tensors(train)
         n = len(rows["targets"])
@@ -481,6 +485,7 @@ class Method:
         return self._outputs(enc)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
+        assert self.head is not None, "callers check that the model is fitted"
         return self._forward(self.head, enc)
 
     def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
@@ -489,7 +494,9 @@ class Method:
         return (torch.sigmoid(z) if self.multilabel and task == MAIN else torch.softmax(z, -1)).numpy()
 
     def logits(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> torch.Tensor:
-        return self.outputs(data)["logits"]
+        """[N, C] main-task logits (before the sigmoid / softmax of `predict_proba`)."""
+        logits: torch.Tensor = self.outputs(data)["logits"]
+        return logits
 
     def predict_proba(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> np.ndarray:
         """[N, C] scores of the main task."""
@@ -548,6 +555,7 @@ class Method:
     # ---- persistence --------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """What model.safetensors holds: the head's state (methods may add more)."""
+        assert self.head is not None, "save_pretrained checks that the model is fitted"
         return {f"head.{k}": v for k, v in self.head.state_dict().items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -634,7 +642,7 @@ def load_method(
             "refit the model with this version)"
         )
     name = cfg.get("method")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"{cpath}: unknown method {name!r}; available: {', '.join(METHODS.names())}")
     if expect and name != expect:
         raise ConfigError(f"{directory}: holds a {name!r} model, not {expect!r}")

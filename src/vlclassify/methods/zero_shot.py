@@ -7,7 +7,7 @@ multi-label thresholds, or the per-class thresholds of a target precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ class ZeroShotHead(nn.Module):
     """Cosine similarity to fixed class text embeddings, on the image and/or its paired text.
 
     batch {"image": [B, D], "text": [B, D]} -> {"logits": [B, C]}."""
+
+    class_embeds: torch.Tensor  # [C, D] buffer
 
     def __init__(self, num_classes: int, dim: int, scale: float, modality: str, text_weight: float) -> None:
         super().__init__()
@@ -88,8 +90,8 @@ class ZeroShot(Method):
         self.task_classes = {MAIN: list(classnames)}
         self.descriptions = dict(descriptions or {})
         emb = self.class_texts(self.templates, self.descriptions)[1]
-        self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]})
-        self.head.class_embeds.copy_(emb)
+        head = cast(ZeroShotHead, self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]}))
+        head.class_embeds.copy_(emb)
         self.decisions = {}
         return self
 
