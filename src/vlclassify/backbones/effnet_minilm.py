@@ -105,8 +105,8 @@ class EffNetMiniLM(Backbone):
 
     # ---- the text tower, loaded on first use ---------------------------------------------------
     @property
-    def text(self) -> nn.Module:
-        """MiniLM (a sub-module once loaded). Loading it (transformers + 90 MB) is most of a cold
+    def text(self) -> Any:
+        """MiniLM (a sub-module once loaded; transformers' model, untyped here). Loading it (transformers + 90 MB) is most of a cold
         start, and predicting with an image-only model (a linear probe, zero-shot's saved classes)
         never needs it: the ConSE class texts come from the cache file."""
         if "text" not in self._modules:
@@ -274,6 +274,8 @@ class EffNetMiniLMSplit(BackboneSplit):
     """Image top: the last `image_blocks` MBConv blocks + conv head + ImageNet head + the ConSE map
     into MiniLM's space. Text top: the last `text_layers` MiniLM layers + mean pooling."""
 
+    backbone: EffNetMiniLM
+
     def __init__(self, backbone: EffNetMiniLM, image_blocks: int | None, text_layers: int | None) -> None:
         v, layers = backbone.vision, backbone.text.encoder.layer
         super().__init__(backbone, image_blocks, text_layers, (len(v._blocks), len(layers)))
@@ -285,11 +287,13 @@ class EffNetMiniLMSplit(BackboneSplit):
             self.layers = nn.ModuleList(copy_module(m) for m in layers[len(layers) - text_layers :])
 
     def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self.image_blocks is not None  # image_trunk checked it
         v = self.backbone.vision
         x = v._swish(v._bn0(v._conv_stem(pixels)))
         return self.backbone._run_blocks(v._blocks[: len(v._blocks) - self.image_blocks], x, 0)  # [N, C, h, w]
 
     def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
+        assert self.image_blocks is not None  # image_top checked it
         bb = self.backbone
         x = bb._run_blocks(self.blocks, acts, len(bb.vision._blocks) - self.image_blocks)
         fmap = bb.vision._swish(self.bn1(self.conv_head(x)))  # [N, 1280, h, w]
@@ -300,6 +304,7 @@ class EffNetMiniLMSplit(BackboneSplit):
         return ImageFeatures(embeds=embeds, tokens=tokens, pooled=pooled, grid=(h, w))
 
     def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text_layers is not None  # text_trunk checked it
         text, mask = self.backbone.text, batch["attention_mask"].bool()
         x = text.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
         layers = text.encoder.layer

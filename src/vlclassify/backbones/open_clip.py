@@ -182,6 +182,9 @@ class OpenCLIPSplit(BackboneSplit):
     last `image_blocks` layer4 bottlenecks + attnpool. Text top: the last `text_layers` resblocks
     (causal attention) + ln_final + EOT pooling + text_projection."""
 
+    backbone: OpenCLIP
+    tower: str  # "vit" | "resnet" | "" (another image tower)
+
     def __init__(self, backbone: OpenCLIP, image_blocks: int | None, text_layers: int | None) -> None:
         m, v = backbone.model, backbone.model.visual
         self.__dict__["tower"] = (
@@ -226,6 +229,7 @@ class OpenCLIPSplit(BackboneSplit):
     # ---- images ---------------------------------------------------------------------------
     def _cut_image(self, pixels: torch.Tensor) -> torch.Tensor:
         v, k = self.backbone.model.visual, self.image_blocks
+        assert k is not None  # image_trunk checked it
         if self.tower == "vit":
             blocks = v.transformer.resblocks
             where, before = (blocks[len(blocks) - k], True) if k else (v.transformer, False)
@@ -261,6 +265,7 @@ class OpenCLIPSplit(BackboneSplit):
     # ---- texts ----------------------------------------------------------------------------
     def _cut_text(self, ids: torch.Tensor) -> torch.Tensor:
         m, k = self.backbone.model, self.text_layers
+        assert k is not None  # text_trunk checked it
         blocks = m.transformer.resblocks
         where, before = (blocks[len(blocks) - k], True) if k else (m.transformer, False)
         return _capture(where, lambda: m.encode_text(ids), before)

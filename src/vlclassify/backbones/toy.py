@@ -139,6 +139,8 @@ class ToySplit(BackboneSplit):
     """Image top: the last `image_blocks` image blocks + proj; text top: the last `text_layers`
     text blocks + masked mean pooling."""
 
+    backbone: ToyBackbone
+
     def __init__(self, backbone: ToyBackbone, image_blocks: int | None, text_layers: int | None) -> None:
         super().__init__(backbone, image_blocks, text_layers, (len(backbone.cell_blocks), len(backbone.word_blocks)))
         if image_blocks is not None:
@@ -150,12 +152,14 @@ class ToySplit(BackboneSplit):
             self.word_blocks = nn.ModuleList(copy_module(b) for b in backbone.word_blocks[n - text_layers :])
 
     def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self.image_blocks is not None  # image_trunk checked it
         return self.backbone._cells(pixels, len(self.backbone.cell_blocks) - self.image_blocks)  # [N, P, 3]
 
     def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
         return _image_head(acts, self.cell_blocks, self.proj, self.backbone.grid)
 
     def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text_layers is not None  # text_trunk checked it
         x = self.backbone.word(batch["input_ids"])
         for block in self.backbone.word_blocks[: len(self.backbone.word_blocks) - self.text_layers]:
             x = block(x)

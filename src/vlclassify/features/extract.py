@@ -64,7 +64,7 @@ def random_resized_crop(index: int) -> Callable[[Image.Image], Image.Image]:
                 cw, ch = w, h
             left, top = (w - cw) // 2, (h - ch) // 2
             box = (left, top, left + cw, top + ch)
-        out = im.crop(box).resize((RRC_SIZE, RRC_SIZE), Image.BICUBIC)
+        out = im.crop(box).resize((RRC_SIZE, RRC_SIZE), Image.Resampling.BICUBIC)
         return ImageOps.mirror(out) if rng.random() < 0.5 else out
 
     return view
