@@ -60,7 +60,8 @@ class ProbabilityGraph(nn.Module):
         self.backbone, self.head, self.activation = bb, head, activation
         self.keys = feature_keys(method.feature_needs())
         trunk = trunk_of(bb).inference_trunk() if has_trunk(bb) else None
-        self.trunk = trunk.to(memory_format=torch.contiguous_format) if trunk is not None else None
+        # Module.to takes memory_format (torch's docs), its overloads in the stubs do not
+        self.trunk = trunk.to(memory_format=torch.contiguous_format) if trunk is not None else None  # type: ignore[call-overload]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         spatial = "spatial" in self.keys

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
@@ -108,8 +110,8 @@ class FeatureSet:
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
         return FeatureSet(
-            image=pick(self.image),
-            pooled=pick(self.pooled),
+            image=self.image.index_select(0, idx_t),
+            pooled=self.pooled.index_select(0, idx_t),
             spatial=pick(self.spatial),
             grid=self.grid,
             text=pick(self.text),
@@ -127,7 +129,11 @@ class Source:
 
 
 def item_source(item: Item) -> Source:
-    return Source(content_hash(item), lambda: load_image(item), item.text)
+    """The Source of an item with an image (its content hash is the store key)."""
+    key = content_hash(item)
+    if key is None:
+        raise DataError(f"{item.key or '?'}: item has no image")
+    return Source(key, lambda: load_image(item), item.text)
 
 
 def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict:
@@ -260,6 +266,7 @@ def precomputed_feature_set(
 ) -> FeatureSet:
     """The FeatureSet of a dataset read from a feature file; what the file lacks is named."""
     pre = dataset.features
+    assert pre is not None, "extract_features calls this for data read from a feature file"
     if pre.image.shape[1] != backbone.embed_dim:
         raise DataError(
             f"{pre.path}: image embeddings are {pre.image.shape[1]}-d but backbone {backbone.name!r} has a "
@@ -344,6 +351,7 @@ def extract_features(
         grid = None
         lookup_keys = [k or "" for k in keys]
         for rt in plan.accepted if store is not None else ():
+            assert store is not None  # the loop runs only with a store
             sid = store.space(image_space_key(backbone, view, rt), create=False)
             if sid is None or have.all():
                 continue
@@ -362,7 +370,10 @@ def extract_features(
         if todo:
             encoder = encoder or make_encoder(backbone, runtime, cache.root, plan.device, plan.precision)
             writer = (
-                store.writer(store.space(image_space_key(backbone, view, encoder.name)), shard_rows=cache.shard_rows)
+                store.writer(
+                    cast(str, store.space(image_space_key(backbone, view, encoder.name))),  # created: never None
+                    shard_rows=cache.shard_rows,
+                )
                 if store is not None
                 else None
             )
@@ -383,7 +394,7 @@ def extract_features(
 
             desc = f"features {dataset.name or ''} [{view}]".strip()
             bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-            srcs = (Source(k, lambda i=todo[k][0]: load_image(items[i])) for k in todo)
+            srcs = (Source(k, partial(load_image, items[todo[k][0]])) for k in todo)
             bad_keys = _encode_sources(
                 backbone, encoder, srcs, view, spatial, batch_size, workers, skip_bad, on_rows, bar
             )
@@ -464,7 +475,7 @@ def extract_to_store(
             if encoder is None:
                 encoder = make_encoder(backbone, runtime, cache.root, plan.device, plan.precision)
             if writer is None:
-                sid = store.space(image_space_key(backbone, view, encoder.name))
+                sid = cast(str, store.space(image_space_key(backbone, view, encoder.name)))  # created: never None
                 spaces = list(dict.fromkeys([sid, *spaces]))
                 writer = store.writer(sid, name=writer_name and f"{writer_name}-{view}", shard_rows=cache.shard_rows)
             texts: list[str] = []
@@ -528,7 +539,7 @@ def encode_texts(
     have = np.array([not t for t in texts], dtype=bool)
     store = cache.store if cache.enabled else None
     sid = store.space(text_space_key(backbone)) if store is not None and any(texts) else None
-    if sid is not None:
+    if store is not None and sid is not None:
         got, out = store.read(store.lookup(sid, keys), ["text"], {"text": emb})
         emb = out["text"]
         have |= got
@@ -540,7 +551,7 @@ def encode_texts(
         vecs = backbone.encode_texts_normalized([texts[todo[k][0]] for k in uniq], batch_size).float().numpy()
         for k, v in zip(uniq, vecs):
             emb[todo[k]] = v
-        if sid is not None:
+        if store is not None and sid is not None:
             w = store.writer(sid, shard_rows=cache.shard_rows)
             w.add(uniq, {"text": vecs})
             w.flush()

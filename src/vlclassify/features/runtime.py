@@ -219,7 +219,8 @@ def export_onnx_trunk(backbone: Backbone, path: Path) -> Path:
     import warnings
 
     log.info("exporting the %s image trunk to ONNX (once per weights): %s", backbone.name, path)
-    trunk = trunk_of(backbone).inference_trunk().to(memory_format=torch.contiguous_format)
+    # Module.to takes memory_format (torch's docs), its overloads in the stubs do not
+    trunk = trunk_of(backbone).inference_trunk().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     example = torch.zeros(2, 3, backbone.image_size, backbone.image_size)
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is chatty about deprecations
