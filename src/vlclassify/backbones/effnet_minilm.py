@@ -105,8 +105,8 @@ class EffNetMiniLM(Backbone):
 
     # ---- the text tower, loaded on first use ---------------------------------------------------
     @property
-    def text(self) -> Any:
-        """MiniLM (a sub-module once loaded; transformers' model, untyped here). Loading it (transformers + 90 MB) is most of a cold
+    def text(self) -> Any:  # transformers' model: untyped here
+        """MiniLM (a sub-module once loaded). Loading it (transformers + 90 MB) is most of a cold
         start, and predicting with an image-only model (a linear probe, zero-shot's saved classes)
         never needs it: the ConSE class texts come from the cache file."""
         if "text" not in self._modules:
