@@ -6,7 +6,7 @@ decay (grid, in order) and the step to keep (every `eval_every` steps) are chose
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,8 @@ class CrossModalLinearProbe(Method):
             )
         ]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         per_t, w0 = self.class_texts(self.templates)
         rows = self.train_tensors(train)  # images (every view)
@@ -93,7 +94,7 @@ class CrossModalLinearProbe(Method):
         heads: dict[float, tuple[nn.Module, Any, dict]] = {}
 
         def evaluate(wd: float) -> float:
-            head = self.init_head({"num_classes": len(self.classnames), "dim": d})
+            head = cast(ScaledLinearHead, self.init_head({"num_classes": len(self.classnames), "dim": d}))
             with torch.no_grad():
                 head.weight.copy_(w0)
             res = self.train_head(

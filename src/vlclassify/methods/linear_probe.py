@@ -118,7 +118,7 @@ class LinearProbe(Method):
             C = grid[len(grid) // 2]
             w, b = fit_logistic(x, y, C, multilabel=self.multilabel, num_classes=n, max_iter=c.max_iter)
             self.fit_info = {"C": C, "C_source": "middle of the grid (no validation set)"}
-        head = self.init_head({"num_classes": n, "dim": x.shape[1]})
+        head = cast(LinearHead, self.init_head({"num_classes": n, "dim": x.shape[1]}))
         with torch.no_grad():
             head.weight.copy_(w)
             head.bias.copy_(b)
@@ -139,7 +139,7 @@ class LinearProbe(Method):
         w, b = fit_logistic(
             x, y, C, multilabel=self.multilabel, num_classes=len(classes), init=(w0, b0), max_iter=self.config.max_iter
         )
-        head = self.init_head({"num_classes": len(classes), "dim": x.shape[1]})
+        head = cast(LinearHead, self.init_head({"num_classes": len(classes), "dim": x.shape[1]}))
         with torch.no_grad():
             head.weight.copy_(w)
             head.bias.copy_(b)
