@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -178,7 +178,8 @@ def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]
         )
     new = {c: i for i, c in enumerate(keep)}
     sub = ds.subset([i for i, it in enumerate(ds.items) if it.label in new])  # keeps precomputed features aligned
-    items = [dataclasses.replace(it, label=new[it.label], tasks=None) for it in sub.items]
+    # every item of `sub` has a kept label (filtered above)
+    items = [dataclasses.replace(it, label=new[cast(int, it.label)], tasks=None) for it in sub.items]
     # the other tasks' indices would no longer match: the filtered set keeps the main task only
     return dataclasses.replace(sub, items=items, classnames=[ds.classnames[c] for c in keep], tasks={}), dropped
 

@@ -12,19 +12,20 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, ImageFeatures
 from ..data.hashing import content_hash
 from ..data.images import load_image
 from ..data.items import Dataset, Item
+from ..data.precomputed import PrecomputedFeatures
 from ..errors import DataError
 from .cache import FeatureCache
 from .runtime import cpu_count, encoder_name, make_encoder, resolve_device, resolve_precision, resolve_runtime
@@ -97,7 +98,7 @@ class FeatureSet:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One field; errors name a missing one."""
-        x = getattr(self, key)
+        x: torch.Tensor | None = getattr(self, key)
         if x is None:
             raise DataError(f"features: no {key!r} features were extracted")
         return x
@@ -108,7 +109,10 @@ class FeatureSet:
 
     def index(self, idx: Sequence[int] | np.ndarray) -> FeatureSet:
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, idx_t)
+
         return FeatureSet(
             image=self.image.index_select(0, idx_t),
             pooled=self.pooled.index_select(0, idx_t),
@@ -136,7 +140,7 @@ def item_source(item: Item) -> Source:
     return Source(key, lambda: load_image(item), item.text)
 
 
-def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict:
+def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict[str, Any]:
     """The identity of an image feature row: a changed weight file, preprocessing, view or runtime is another space."""
     return {
         "kind": "image",
@@ -147,7 +151,8 @@ def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict:
     }
 
 
-def text_space_key(backbone: Backbone) -> dict:
+def text_space_key(backbone: Backbone) -> dict[str, Any]:
+    """The identity of a text feature row: the backbone (texts have no views or runtimes)."""
     return {"kind": "text", "backbone": backbone.identity()}
 
 
@@ -201,7 +206,7 @@ def iter_batches(
     it = iter(sources)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
-        def submit():
+        def submit() -> tuple[list[Source], list[Future[torch.Tensor | None]]]:
             chunk = list(itertools.islice(it, batch_size))
             return chunk, [pool.submit(_decode, backbone, s, view, skip_bad) for s in chunk]
 
@@ -218,7 +223,7 @@ def iter_batches(
 @torch.no_grad()
 def _encode_sources(
     backbone: Backbone,
-    encoder: Callable,
+    encoder: Callable[..., ImageFeatures],
     sources: Iterable[Source],
     view: str,
     spatial: bool,
@@ -226,7 +231,7 @@ def _encode_sources(
     workers: int,
     skip_bad: bool,
     on_rows: Callable[[list[str], dict[str, np.ndarray], tuple[int, int] | None], None],
-    bar,
+    bar: Any,  # a tqdm bar
 ) -> list[str]:
     """Decode and encode `sources`; hand each batch's rows to `on_rows(keys, arrays, grid)`. Returns the bad keys."""
     _set_threads()
@@ -239,7 +244,7 @@ def _encode_sources(
             arrays = {"image": out.embeds.float().numpy().copy(), "pooled": out.pooled.float().numpy().copy()}
             if spatial:
                 arrays["spatial"] = out.tokens.half().numpy().copy()
-            on_rows([s.key for s, o in zip(chunk, ok) if o], arrays, tuple(out.grid) if spatial else None)
+            on_rows([s.key for s, o in zip(chunk, ok) if o], arrays, (out.grid[0], out.grid[1]) if spatial else None)
         if bar is not None:
             bar.update(len(chunk))
     return bad
@@ -287,7 +292,7 @@ def precomputed_feature_set(
             f"{pre.path}: this method needs spatial tokens of view(s) {', '.join(lacking)}; the file has none"
         )
 
-    def to_set(p) -> FeatureSet:
+    def to_set(p: PrecomputedFeatures) -> FeatureSet:
         return FeatureSet(
             image=p.image,
             pooled=p.image if p.pooled is None else p.pooled,  # without pooled features the embeddings stand in
@@ -378,7 +383,14 @@ def extract_features(
                 else None
             )
 
-            def on_rows(ks, arrays, g, writer=writer, out=out, todo=todo):
+            def on_rows(
+                ks: list[str],
+                arrays: dict[str, np.ndarray],
+                g: tuple[int, int] | None,
+                writer: ShardWriter | None = writer,
+                out: dict[str, np.ndarray] = out,
+                todo: dict[str, list[int]] = todo,
+            ) -> None:
                 nonlocal grid
                 grid = grid or g
                 if writer is not None:
@@ -436,7 +448,7 @@ def extract_to_store(
     precision: str = "auto",
     writer_name: str | None = None,
     text: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Stream `inputs` — (signature or None, sources) pairs, e.g. one per WebDataset tar — into the store.
 
     Images already stored (any accepted runtime) are skipped before decoding; an input whose
@@ -505,8 +517,8 @@ def _missing(
     sources: Iterable[Source],
     spatial: bool,
     written: set[str],
-    stats: dict,
-    bar,
+    stats: dict[str, Any],
+    bar: Any,  # a tqdm bar
     texts: list[str] | None,
     chunk: int = 256,
 ) -> Iterator[Source]:
