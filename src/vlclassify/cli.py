@@ -1040,6 +1040,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main() -> None:
+    """The `vlclassify` entry point: a VLClassifyError becomes a one-line `error: ...` and exit code 2, no
+    traceback."""
     warnings.filterwarnings("default")
     warnings.formatwarning = _one_line_warning  # user-facing warnings, not source lines
     try:

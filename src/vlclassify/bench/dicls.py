@@ -189,6 +189,7 @@ def summarize(result: dict) -> list[dict]:
 
 
 def markdown_table(result: dict) -> str:
+    """The DiCLS ablation results as Markdown tables, one per dataset."""
     lines = []
     for d in result["datas"]:
         lines += [
@@ -207,6 +208,7 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, out: str | Path, stem: str, command: str) -> tuple[Path, Path]:
+    """Write the DiCLS ablation's JSON and Markdown (with its summary and command)."""
     from .report import write_json_and_markdown
 
     result = {**result, "command": command, "summary": summarize(result)}

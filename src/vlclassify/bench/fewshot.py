@@ -31,6 +31,8 @@ from ..metrics import accuracy
 
 @dataclass
 class MethodSpec:
+    """One row of the few-shot table: a registered method with its options."""
+
     label: str  # row name in the table
     method: str  # registry name
     options: dict[str, Any] = field(default_factory=dict)
@@ -185,6 +187,7 @@ def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Runs -> method -> shots -> mean and std of test accuracy and fit time over seeds."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}  # method -> shots -> acc / fit values
     for r in runs:
         cell = out.setdefault(r["method"], {}).setdefault(str(r["shots"]), {"acc": [], "fit": []})
@@ -205,6 +208,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def markdown_table(result: dict, command: str | None = None) -> str:
+    """The few-shot results as a Markdown table (mean ± std per method and shot count)."""
     shots = [str(k) for k in result["shots"]]
     lines = []
     if command:
@@ -230,6 +234,7 @@ def markdown_table(result: dict, command: str | None = None) -> str:
 
 
 def write_results(result: dict, out_dir: str | Path, name: str, command: str | None = None) -> tuple[Path, Path]:
+    """Write the few-shot benchmark's JSON and Markdown table."""
     from .report import write_json_and_markdown
 
     if command:

@@ -26,6 +26,7 @@ RESERVED = {"image", "label", "labels", "text", "split", "id"}
 
 
 def file_key(path: str | os.PathLike) -> str:
+    """An item key for a file that changes when the file does (path, size, mtime)."""
     st = os.stat(path)
     return f"{os.fspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 

@@ -55,6 +55,7 @@ class PrecomputedFeatures:
         return self.image.shape[0]
 
     def index(self, idx) -> PrecomputedFeatures:
+        """The rows at `idx`, so splits of a feature file stay aligned with their items."""
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
         pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
         return PrecomputedFeatures(

@@ -37,6 +37,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one rank runs (torchrun)."""
         return self.world_size > 1
 
 

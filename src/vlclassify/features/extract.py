@@ -108,6 +108,7 @@ class FeatureSet:
         return {k: self.tensor(k)[start:stop].float() for k in keys}
 
     def index(self, idx: Sequence[int] | np.ndarray) -> FeatureSet:
+        """The rows at `idx` of every field and view, so a subset keeps its features."""
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:

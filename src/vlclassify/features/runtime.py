@@ -202,6 +202,7 @@ class OnnxEncoder:
 
 
 def onnx_trunk_path(backbone: Backbone, cache_dir: str | Path | None = None) -> Path:
+    """Where the exported ONNX trunk of these weights lives in the cache (one file per weights and image size)."""
     key = json_fingerprint(
         {
             "name": backbone.name,

@@ -38,6 +38,7 @@ class TrunkSet:
         return self.image.shape[0]
 
     def index(self, idx) -> TrunkSet:
+        """The rows at `idx`, so a subset keeps its cached trunk activations."""
         i = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         return TrunkSet(
             *(t.index_select(0, i) for t in (self.image, self.text, self.text_mask, self.has_image, self.has_text))

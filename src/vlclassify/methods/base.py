@@ -70,6 +70,7 @@ class Encoded:
         return len(self.dataset)
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> Encoded:
+        """The rows at `idx` of the items and their features together."""
         return Encoded(self.dataset.subset(idx), self.features.index(idx))
 
 
@@ -83,6 +84,7 @@ class TrainOptions:
 
 
 def dataset_of(data: Dataset | Encoded) -> Dataset:
+    """The Dataset behind a Dataset or an Encoded."""
     return data.dataset if isinstance(data, Encoded) else data
 
 
@@ -97,6 +99,7 @@ def data_kinds(ds: Dataset) -> set[str]:
 
 
 def methods_taking(kind: str) -> list[str]:
+    """Names of the methods that read input kind `kind` (e.g. text), for CLI notes."""
     from .registry import METHODS
 
     return [n for n in METHODS.names() if kind in METHODS.get(n).kinds | METHODS.get(n).optional_kinds]
@@ -515,6 +518,7 @@ class Method:
         return self.decision(MAIN).apply(self.predict_proba(data))
 
     def decision(self, task: str = MAIN) -> DecisionRule:
+        """The decision rule of `task` (chosen on validation at fit, else the default)."""
         if task not in self.decisions:
             self.decisions[task] = self.default_decision(task, len(self.task_classes.get(task, self.classnames)))
         return self.decisions[task]
@@ -559,6 +563,7 @@ class Method:
         return {f"head.{k}": v for k, v in self.head.state_dict().items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Rebuild the head from config.json's spec and load its weights; errors name `where`."""
         self.head = self.build_head(self.head_spec)
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
         try:
@@ -611,6 +616,7 @@ class Method:
     def from_pretrained(
         cls, directory: str | Path, backbone: Backbone | None = None, cache: FeatureCache | None = None
     ) -> Method:
+        """Load a saved model of this method class (see `load_method`)."""
         return load_method(directory, backbone=backbone, cache=cache, expect=cls.name or None)
 
 
@@ -710,6 +716,7 @@ def feature_keys(needs: frozenset[str]) -> list[str]:
 
 
 def check_features(f: FeatureSet, needs: frozenset[str], what: str) -> None:
+    """Fail early, naming the field, when features a method needs are missing or not finite."""
     for key in feature_keys(needs):
         x = getattr(f, key)
         if x is None:
@@ -751,6 +758,7 @@ def check_option_types(method: str, config_cls: type, options: dict[str, Any]) -
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
+    """A DataError naming the first row with NaN or infinite values."""
     if x.numel() and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(dim=-1).nonzero()[0, 0]) if x.dim() > 1 else 0
         raise DataError(f"{what}: NaN or infinite values (first at row {bad})")
@@ -763,8 +771,10 @@ def check_dim(x: torch.Tensor, expected: int, what: str) -> None:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] -> float32 unit vectors (cosine scores everywhere)."""
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
 def log_grid(lo: float, hi: float, n: int) -> list[float]:
+    """`n` values from `lo` to `hi`, evenly spaced in log scale (hyper-parameter grids)."""
     return [10 ** (math.log10(lo) + i * (math.log10(hi) - math.log10(lo)) / (n - 1)) for i in range(n)]

@@ -79,6 +79,8 @@ STOPWORDS = {
 
 @dataclass
 class CMAClipConfig(TrainOptions):
+    """CMA-CLIP's options: the sequence transformer, the modality-wise attention and training."""
+
     tasks: list[str] | None = None  # task columns to learn (None = every task of the data, else its main label)
     width: int = 256  # sequence transformer width (paper: 512)
     layers: int = 1  # sequence transformer layers (paper: 12)
@@ -176,6 +178,7 @@ class CMAClipModel(nn.Module):
         return out[:, 0], out[:, 1 + P], (maps if attention else None)
 
     def forward(self, batch: dict, attention: bool = False) -> dict:
+        """batch -> main-task logits, per-task logits and the modality weights (and attention maps when asked)."""
         has_image, has_text = batch["has_image"].bool(), batch["has_text"].bool()
         e = {k: batch[k] for k in EMBED_KEYS} if "img_emb" in batch else self.embed(batch)
         if self.training and self.cfg.modality_noise > 0:
@@ -359,6 +362,7 @@ class CMAClip(Method):
         self._pool = (trunk, {it.key: i for i, it in enumerate(ds.items)})
 
     def trunk(self, ds: Dataset) -> TrunkSet:
+        """The cached trunk activations of `ds` (taken from a provided pool when it covers the items)."""
         pool = self._pool
         if pool is not None and all(it.key in pool[1] for it in ds.items):
             t = pool[0].index([pool[1][it.key] for it in ds.items])

@@ -32,6 +32,8 @@ ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper
 
 @dataclass
 class CMMConfig(TrainOptions):
+    """CMM's options: the schedule, the class-prototype training and the zero-shot fusion."""
+
     # templates whose mean embedding initialises T (and gives the zero-shot logits)
     templates: str | list[str] = "select7"
     # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
@@ -124,6 +126,7 @@ class CMMHead(nn.Module):
         return s.float(), zs
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D]} -> fused log-probabilities [B, C] (and the loss with targets)."""
         s, zs = self.parts(batch["image"])
         logp = fused_log_probs(s, zs, float(self.alpha), self.cfg.fusion)
         out = {"logits": logp}
@@ -158,6 +161,7 @@ class CMM(Method):
 
     @property
     def scale(self) -> float:
+        """The backbone's logit scale (CLIP's temperature)."""
         return float(self.backbone.logit_scale)
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:

@@ -20,6 +20,8 @@ from .templates import resolve_templates
 
 @dataclass
 class CrossModalLinearProbeConfig(TrainOptions):
+    """Options of the cross-modal linear probe: text samples, optimiser, weight-decay grid."""
+
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
     # add the per-template class texts as training samples (False = image-only, zero-shot init)
     text_samples: bool = True
@@ -41,6 +43,7 @@ class ScaledLinearHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_classes))  # [C]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D]} -> scaled cosine logits [B, C] (and the loss with targets)."""
         check_dim(batch["image"], self.weight.shape[1], "cross-modal-linear-probe")
         z = self.scale * normalize(batch["image"]) @ self.weight.T + self.bias
         out = {"logits": z}

@@ -45,6 +45,8 @@ SOURCES = ("head", "align")
 
 @dataclass
 class DiCLSConfig(TrainOptions):
+    """DiCLS's options: the class-list prompt, the fusion encoder, the losses and fine-tuning."""
+
     # prompt = prefix + body + suffix; the body lists the classes joined by `separator`
     prefix: str = "Detect: "  # text before the class list
     suffix: str = "."  # text after the class list
@@ -158,6 +160,7 @@ class DiCLSNet(nn.Module):
         return {"o": o, "p": p, "pad": pad, "weights": weights}
 
     def outputs(self, glob: torch.Tensor, spatial: torch.Tensor, text_tokens: torch.Tensor | None = None) -> dict:
+        """Image features (and prompt tokens) -> fused global feature, alignment logits and what the losses need."""
         enc = self.encode(glob, spatial, text_tokens)
         o_glob = self.norm_o(enc["o"][:, 0])  # [B, d] fused global image feature
         p_tok = self.norm_p(enc["p"])  # [B, L, d]
@@ -259,6 +262,7 @@ class DiCLSHead(nn.Module):
         return torch.log(p) - torch.log1p(-p) if self.net.multilabel else torch.log(p)
 
     def forward(self, batch: dict) -> dict:
+        """batch -> class logits, the global feature and alignment logits (and the losses with targets)."""
         out = self.net.outputs(*self.inputs(batch))
         res = {"logits": self.class_logits(out), "global": out["global"], "align_logits": out["align_logits"]}
         if "targets" in batch:
@@ -296,6 +300,7 @@ class DiCLS(Method):
         self.prompt = ""
 
     def fine_tunes(self) -> bool:
+        """Whether the backbone's top layers are trained (then trunk activations are cached instead of features)."""
         return self.config.image_blocks is not None or self.config.text_layers is not None
 
     def feature_needs(self) -> frozenset[str]:

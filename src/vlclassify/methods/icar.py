@@ -50,6 +50,8 @@ IMAGE_INPUTS = ("embed", "pooled", "both")
 
 @dataclass
 class ICARConfig(TrainOptions):
+    """iCAR's options: the classifier head, class sentences, pairs and training."""
+
     head: str = "text"  # text: class weights = f_t(class sentence) (iCAR) | cosine | linear: split heads (ablation)
     tau: float = 0.05  # temperature of the cosine classifier and the contrastive loss (paper: 0.05)
     learn_tau: bool = False  # learn tau (log-parametrised, floored at 0.01)
@@ -150,6 +152,7 @@ class MixedBatch(dict):
     processes on its own, and each process keeps the captions its pairs point to."""
 
     def shard(self, rank: int, world: int) -> MixedBatch:
+        """This rank's share of a global batch (rows rank::world)."""
         rows = slice(rank, None, world)
         out = MixedBatch(self)
         for k in ("cls_embeds", "cls_pooled", "cls_y", "pair_embeds", "pair_pooled"):
@@ -252,6 +255,7 @@ class ICAR(Method):
         )
 
     def sentences_for(self, names: Sequence[str], descriptions: dict[str, str]) -> list[str]:
+        """The class sentences of `names`, with descriptions where there are any."""
         c = self.config
         return [class_sentence(n, descriptions.get(n), c.sentence, c.sentence_no_desc) for n in names]
 
@@ -518,6 +522,7 @@ class ICAR(Method):
         self.descriptions = dict(cfg.get("descriptions") or {})
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load the head, then rebuild its class sentences and cached class weights."""
         super().load_tensors(tensors, where)
         self.head.sentences = self.sentences_for(self.trained_classes, self.descriptions)
         self.class_weights = tensors.get("class_weights")

@@ -28,6 +28,8 @@ FEATURES = ("pooled", "image", "text")
 
 @dataclass
 class LinearProbeConfig:
+    """Linear-probe options: the feature probed, the C grid and the solver."""
+
     # pooled (raw visual features) | image (joint-space embedding) | text (paired-text embedding)
     feature: str = "pooled"
     C_grid: list[float] = field(
@@ -46,6 +48,7 @@ class LinearHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_classes))  # [C]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {feature [B, F]} -> logits [B, C] of the normalised feature."""
         x = batch[self.feature]
         check_dim(x, self.weight.shape[1], "linear-probe")
         return {"logits": normalize(x) @ self.weight.T + self.bias}

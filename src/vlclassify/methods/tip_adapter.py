@@ -31,6 +31,8 @@ from .templates import resolve_templates
 
 @dataclass
 class TipAdapterConfig:
+    """Tip-Adapter's options: templates, the alpha / beta grids searched on validation and the cache keys."""
+
     templates: str | list[str] = "select7"  # prompt templates for the zero-shot classifier
     # residual weights tried on val, smallest (nearest zero-shot) first
     alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0])
@@ -101,9 +103,11 @@ class CacheHead(nn.Module):
         return (self.scale / 100.0) * (torch.exp(-beta * (1 - aff)) @ self.values)
 
     def combine(self, zs: torch.Tensor, aff: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """Zero-shot logits plus alpha times the cache logits at sharpness beta."""
         return zs + alpha * self.cache_logits(aff, beta)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D]} -> fused logits [B, C] at the stored alpha, beta (and the loss with targets)."""
         alpha, beta = (float(v) for v in self.alpha_beta)
         z = self.combine(*self.parts(batch["image"]), alpha, beta)
         out = {"logits": z}
@@ -139,6 +143,7 @@ class TipAdapter(Method):
 
     @property
     def scale(self) -> float:
+        """The backbone's logit scale (CLIP's temperature)."""
         return float(self.backbone.logit_scale)
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:

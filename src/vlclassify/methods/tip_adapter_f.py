@@ -25,6 +25,8 @@ from .tip_adapter import TipAdapter, TipAdapterConfig, view_features
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
+    """Tip-Adapter-F's options: Tip-Adapter's plus the key fine-tuning schedule."""
+
     epochs: int = 20  # fine-tuning epochs (Tip-Adapter-F: 20, EuroSAT 100)
     lr: float = 1e-3  # AdamW learning rate (Tip-Adapter-F: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (Tip-Adapter-F: torch's default, 0.01)

@@ -30,6 +30,8 @@ from .templates import resolve_templates
 
 @dataclass
 class VTCLIPConfig(TrainOptions):
+    """VT-CLIP's options: the text-guided cross-attention decoder and its training."""
+
     templates: str | list[str] = "select7"  # prompt templates for the class text features T_c
     heads: int = 2  # attention heads (paper: 2 best)
     layers: int = 1  # decoder layers (paper: 1 best)
@@ -57,6 +59,7 @@ class VTCLIPHead(nn.Module):
         self.register_buffer("texts", torch.zeros(num_classes, dim))  # [C, D] template-mean class texts
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D], spatial [B, P, D]} -> logits [B, C] and the attention over the grid."""
         image, tokens = batch["image"], batch["spatial"]
         check_dim(image, self.dim, "vt-clip")
         s = math.sqrt(self.dim)  # unit vectors scaled to LayerNorm's magnitude

@@ -21,6 +21,8 @@ from .templates import resolve_templates
 
 @dataclass
 class ZeroShotConfig:
+    """Zero-shot options: templates and which modality is scored."""
+
     templates: str | list[str] = "single"  # single | select7 | imagenet80 | a dataset name | list of "{}" templates
     modality: str = "image"  # image | text | both: score the image, the item's paired text, or their sum
     text_weight: float = 1.0  # weight of the paired-text score when modality == "both"
@@ -39,6 +41,7 @@ class ZeroShotHead(nn.Module):
         self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] normalised
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image, text [B, D]} -> cosine logits [B, C] against the class texts."""
         w = self.class_embeds.T
         if self.modality == "image":
             return {"logits": self.scale * normalize(batch["image"]) @ w}
