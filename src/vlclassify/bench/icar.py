@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from ..data.descriptions import builtin_descriptions
 from ..data.splits import sample_per_class
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
+from ..methods.icar import ICAR
 
 
 @dataclass
@@ -197,7 +198,7 @@ def run_task(
         else:
             opts = {**base_options, **v.options}
             uses_desc = opts.get("descriptions", "auto") != "none"
-            m = create_method("icar", backbone, cache=cache, **opts)
+            m = cast(ICAR, create_method("icar", backbone, cache=cache, **opts))
             m.progress = False
             if v.train:
                 m.fit(task.seen_train, task.seen_val, pairs=task.pairs if opts.get("pairs", "auto") != "none" else None)
@@ -219,7 +220,8 @@ def run_task(
                 fm.fit(etr, eva)
             else:
                 if v.train:
-                    fm = m.clone()  # start from the variant's trained weights, text encoder as classifier
+                    # start from the variant's trained weights (m is its ICAR), text encoder as classifier
+                    fm = cast(ICAR, m).clone()
                     fm.config.pairs = "none"
                     fm.progress = False
                     fm.finetune(etr, eva)

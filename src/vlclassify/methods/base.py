@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Self, cast
 
 import numpy as np
 import torch
@@ -257,7 +257,7 @@ class Method:
         *,
         precision: float | None = None,
         thresholds: str = "per-class",
-    ) -> Method:
+    ) -> Self:
         """Learn from `train`, choose hyper-parameters, checkpoints and the decision rule on `val`.
 
         precision: for single-label data, answer only when the top class reaches this precision on
