@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,9 @@ class DiCLSNet(nn.Module):
         self.cta_i2t = MultiHeadAttention(d, 1)  # text token -> image tokens
         self.prototypes = nn.Parameter(torch.randn(cfg.prototypes, d) / math.sqrt(d))  # W_P [K, d]
         self.arcface = ArcFaceHead(d, num_classes) if cfg.w_arcface > 0 else None
+        self.text_tokens: torch.Tensor  # the buffers below
+        self.text_valid: torch.Tensor
+        self.phrase_mask: torch.Tensor
         self.register_buffer("text_tokens", torch.zeros(text_len, token_dim))  # [L, D] prompt token features
         self.register_buffer("text_valid", torch.ones(text_len, dtype=torch.bool))  # [L] real tokens
         self.register_buffer("phrase_mask", torch.zeros(num_classes, text_len))  # [C, L] tokens of each class
@@ -215,7 +218,7 @@ class DiCLSNet(nn.Module):
             "cpa": self.cfg.w_cpa,
             "arcface": self.cfg.w_arcface,
         }
-        loss = sum(w[k] * v for k, v in parts.items())
+        loss = cast(torch.Tensor, sum(w[k] * v for k, v in parts.items()))  # a tensor: focal is always a part
         return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in parts.items()}}
 
 
@@ -229,11 +232,14 @@ class DiCLSHead(nn.Module):
     "loss", "loss_<part>"}.
     """
 
+    prompt_hidden: torch.Tensor  # buffers registered when the text top is fine-tuned
+    prompt_mask: torch.Tensor
+
     def __init__(
         self, net: DiCLSNet, top: BackboneSplit | None, cfg: DiCLSConfig, grid: tuple[int, int], text_dim: int
     ) -> None:
         super().__init__()
-        self.net, self.top, self.cfg, self.grid = net, top, cfg, tuple(grid)
+        self.net, self.top, self.cfg, self.grid = net, top, cfg, (grid[0], grid[1])
         self.source = cfg.predict_from
         if top is not None and top.text_layers is not None:  # the prompt's trunk states: text_top runs per step
             self.register_buffer("prompt_hidden", torch.zeros(1, net.text_tokens.shape[0], text_dim))  # [1, L, H]
@@ -242,15 +248,17 @@ class DiCLSHead(nn.Module):
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> global feature [B, G], pooled spatial tokens [B, P', D], prompt tokens [L, D] (None: the buffer)."""
         if "trunk" in batch:
+            assert self.top is not None  # trunk rows come only with a fine-tuned image top
             f = self.top.image_top(batch["trunk"].float())
             glob = f.pooled if self.cfg.global_feature == "pooled" else f.embeds
             glob, sp, grid = glob.float(), f.tokens.float(), f.grid
         else:
             glob, sp, grid = batch[self.cfg.global_feature].float(), batch["spatial"].float(), self.grid
-        check_dim(glob, self.net.proj_g[1].in_features, "dicls global feature")
-        check_dim(sp, self.net.proj_v[1].in_features, "dicls spatial tokens")
+        check_dim(glob, cast(nn.Linear, self.net.proj_g[1]).in_features, "dicls global feature")
+        check_dim(sp, cast(nn.Linear, self.net.proj_v[1]).in_features, "dicls spatial tokens")
         text = None
         if hasattr(self, "prompt_hidden"):
+            assert self.top is not None  # the prompt buffers come only with a fine-tuned text top
             text = self.top.text_top(self.prompt_hidden, self.prompt_mask).tokens[0].float()
         return glob, pool_grid(sp, grid, self.cfg.spatial_grid), text
 
@@ -323,7 +331,8 @@ class DiCLS(Method):
             return data
         ds = dataset_of(data)
         t = trunk_features(self._trunk_split, ds, None, cache=self.cache, progress=self.progress, texts=False)
-        return Encoded(ds, t)
+        # Encoded.features is annotated FeatureSet; the fine-tuning methods carry a TrunkSet in it
+        return Encoded(ds, t)  # type: ignore[arg-type]
 
     # ---- prompt ---------------------------------------------------------------------------
     def _encode_prompt(self, classnames: list[str]):
@@ -395,7 +404,8 @@ class DiCLS(Method):
             )
         ]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c, ds = self.config, train.dataset
         y = self._targets(ds)
         self._check_targets(ds, y)
@@ -403,7 +413,7 @@ class DiCLS(Method):
         with torch.no_grad():  # the shapes the head sees: what the backbone (and so its top) gives
             f = self.backbone.encode_image(torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size))
         glob = f.pooled if c.global_feature == "pooled" else f.embeds
-        spec = {
+        spec: dict[str, Any] = {
             "num_classes": len(self.classnames),
             "multilabel": self.multilabel,
             "global_dim": int(glob.shape[1]),
@@ -416,7 +426,7 @@ class DiCLS(Method):
         if c.text_layers is not None:
             hidden, pmask = self._trunk_split.text_trunk([self.prompt])
             spec["text_dim"] = int(hidden.shape[2])
-        head = self.init_head(spec)
+        head = cast(DiCLSHead, self.init_head(spec))
         head.net.text_tokens.copy_(text)
         head.net.text_valid.copy_(valid)
         head.net.phrase_mask.copy_(mask)
@@ -428,7 +438,7 @@ class DiCLS(Method):
         else:
             rows = {
                 c.global_feature: train.features.tensor(c.global_feature).float(),
-                "spatial": train.features.spatial,
+                "spatial": train.features.tensor("spatial"),
             }
         rows["targets"] = y
         n_params = sum(p.numel() for p in head.parameters())
@@ -470,7 +480,7 @@ class DiCLS(Method):
         if source == "align" and self.config.w_aln <= 0:
             raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
         self._check_fitted()
-        self.config.predict_from = self.head.source = source
+        self.config.predict_from = cast(DiCLSHead, self.head).source = source
         if val is not None:
             self.choose_decisions(self.encode(val), **decision)
         return self
@@ -481,7 +491,7 @@ class DiCLS(Method):
         ds = dataset_of(data)
         plain = Method.encode(self, ds).features.tensor(self.config.global_feature) if self.fine_tunes() else None
         enc = self.encode(data)
-        out = self._forward(self.head, enc)
+        out = self._outputs(enc)
         if plain is None:
             plain = enc.features.tensor(self.config.global_feature)
         return {"plain": plain.float().numpy(), "fused": out["global"].numpy()}
@@ -489,9 +499,9 @@ class DiCLS(Method):
     def alignment(self, data) -> dict:
         """Token-image alignment: predicted S_align [N, L], ground truth M [N, L], token strings."""
         enc = self.encode(data)
-        out = self._forward(self.head, enc)
+        out = self._outputs(enc)
         y = torch.from_numpy(enc.dataset.multi_hot())
-        net = self.head.net
+        net = cast(DiCLSHead, self.head).net
         valid = net.text_valid
         return {
             "pred": torch.sigmoid(out["align_logits"])[:, valid].numpy(),
