@@ -36,6 +36,7 @@ KEEP_ORDER = {"test": 0, "val": 1, "train": 2, "all": 3}  # lower is kept
 def _size(item: Item) -> tuple[str, int]:
     if isinstance(item.image, np.ndarray):
         return ("array", item.image.nbytes)
+    assert item.image is not None, "only items with an image are sized"
     try:
         return ("file", os.stat(item.image).st_size)
     except FileNotFoundError:
@@ -62,11 +63,14 @@ def _merge(
     if conflicts == "first":
         group = [group[keep]] + [e for j, e in enumerate(group) if j != keep and e[1].labels is not None]
         keep = 0
-    label, labels, task_vals, merged = None, set(), {}, False
-    label_from = None
+    label: int | None = None
+    labels: set[int] = set()
+    task_vals: dict[str, tuple[int, Item]] = {}  # task -> (value, the copy it came from)
+    merged = False
+    label_from: Item | None = None  # the copy `label` came from
     for _, it in group:
         if it.label is not None:
-            if label is not None and it.label != label:
+            if label_from is not None and it.label != label:
                 raise DataError(
                     f"{_name(label_from)} and {_name(it)}: the same image with different labels "
                     f"{_label_names(label_from, classnames)} and {_label_names(it, classnames)}"
@@ -109,7 +113,7 @@ def drop_duplicates(
     for i, (_, it) in enumerate(entries):
         if it.image is not None:
             by_size[_size(it)].append(i)
-    by_hash: dict[tuple[str, str], list[int]] = defaultdict(list)
+    by_hash: dict[tuple[str | None, str], list[int]] = defaultdict(list)
     for idx in by_size.values():
         if len(idx) > 1:
             for i in idx:
