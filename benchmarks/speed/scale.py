@@ -254,7 +254,7 @@ def markdown(res: dict) -> str:
             f"{p['sklearn_seconds']:.1f}, {p['sklearn_cpu_seconds']:.1f} ({p['sklearn_C']:g}, "
             f"{100 * p['sklearn_acc']:.2f}%)"
             if "sklearn_seconds" in p
-            else "not run (size)"
+            else "not run (--sklearn-max)"
         )
         f = r.get("fit")
         fit = f"{f['seconds']:.0f} ({f['added_rows']})" if f else "-"
