@@ -6,7 +6,7 @@ decay (grid, in order) and the step to keep (every `eval_every` steps) are chose
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ from .templates import resolve_templates
 
 @dataclass
 class CrossModalLinearProbeConfig(TrainOptions):
+    """Options of the cross-modal linear probe: text samples, optimiser, weight-decay grid."""
+
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
     # add the per-template class texts as training samples (False = image-only, zero-shot init)
     text_samples: bool = True
@@ -41,6 +43,7 @@ class ScaledLinearHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_classes))  # [C]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D]} -> scaled cosine logits [B, C] (and the loss with targets)."""
         check_dim(batch["image"], self.weight.shape[1], "cross-modal-linear-probe")
         z = self.scale * normalize(batch["image"]) @ self.weight.T + self.bias
         out = {"logits": z}
@@ -79,7 +82,8 @@ class CrossModalLinearProbe(Method):
             )
         ]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         per_t, w0 = self.class_texts(self.templates)
         rows = self.train_tensors(train)  # images (every view)
@@ -93,7 +97,7 @@ class CrossModalLinearProbe(Method):
         heads: dict[float, tuple[nn.Module, Any, dict]] = {}
 
         def evaluate(wd: float) -> float:
-            head = self.init_head({"num_classes": len(self.classnames), "dim": d})
+            head = cast(ScaledLinearHead, self.init_head({"num_classes": len(self.classnames), "dim": d}))
             with torch.no_grad():
                 head.weight.copy_(w0)
             res = self.train_head(
