@@ -11,7 +11,7 @@ streamed fit takes the same optimizer steps as an in-memory one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,7 +77,7 @@ class StoredRows:
         batch["targets"] = self.targets[torch.from_numpy(idx)]
         return batch
 
-    def batches(self):
+    def batches(self) -> Callable[[Any, int, int], list[RowBatch]]:
         """The Trainer's batches: a fresh permutation of the rows every epoch, cut into global batches."""
         n = len(self)
 
@@ -99,6 +99,7 @@ class RowBatch:
         return len(self.idx)
 
     def shard(self, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of the batch (every world-th from `rank`), read from the store only now."""
         if len(self.idx) < world:
             raise ConfigError(f"trainer: a batch of {len(self.idx)} row(s) cannot be shared by {world} processes")
         return self.rows.read(self.idx[rank::world])

@@ -353,7 +353,7 @@ class Trainer:
 
     def _loader(
         self, data: Data | None, stage: Stage, stage_idx: int, epoch: int, shuffle: bool, collate: Collate | None
-    ) -> list[Any] | DataLoader[Any]:
+    ) -> list[Any] | DataLoader[Any] | _Shares:
         """The (global) batches of one epoch, this rank's share of each."""
         seed = self._seed(stage_idx, 0, epoch)
         if callable(data) and not hasattr(data, "__getitem__"):
