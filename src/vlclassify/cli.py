@@ -327,6 +327,10 @@ def fit(
         if descriptions and hasattr(m, "descriptions"):
             m.descriptions = descriptions
         m.fit(train, splits.get("val"), precision=precision, thresholds=thresholds)
+    from .features.distributed import dist_env
+
+    if dist_env().rank != 0:  # under torchrun every rank holds the same fitted model: rank 0 reports and saves it
+        return
     for note in m.fit_info.get("ignored", []):
         console.print(f"note: {note}", markup=False, soft_wrap=True)
     if presets.presets:
