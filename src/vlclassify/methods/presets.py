@@ -95,6 +95,7 @@ TIP_FALLBACK = TipConfig(7, 3, 1, 1.17)  # data that is none of CoOp's: ImageNet
 def tip_options(cfg: TipConfig) -> dict[str, dict[str, Any]]:
     """Tip-Adapter's per-dataset values as tip-adapter / tip-adapter-f options."""
     common = {
+        "input": "joint",  # the paper's cache: keys are joint (CLIP) embeddings, not pooled features
         "beta_grid": search_grid(cfg.beta_scale, TIP_STEPS[0]),
         "alpha_grid": search_grid(cfg.alpha_scale, TIP_STEPS[1]),
         "alpha": float(cfg.init_alpha),
@@ -152,6 +153,7 @@ CMM_PAPER = {
     "alpha": 1.0,
     "alpha_grid": [round(0.1 * i, 1) for i in range(1, 21)],
     "schedule": "paper",
+    "input": "joint",  # the paper's residual W on the joint embedding, not the bridge on pooled features
 }
 # VT-CLIP (paper 003): batch 32, lr 2e-3 for all 11 datasets, CLIP's hand-crafted prompt, 2 heads, 1 layer.
 VTCLIP_PAPER = {"batch_size": 32, "lr": 2e-3, "heads": 2, "layers": 1}
