@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base chromium chromium-driver
+DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base chromium chromium-driver mate-backgrounds
 CHECK_DIRS := src tests benchmarks scripts
 # 1: `make check` fails when a public function, class or method has no docstring. Off until the
 # missing ones are written (`.venv/bin/python scripts/docstrings.py --list` names them); then set it to 1 here.
@@ -41,7 +41,7 @@ data:
 
 demo: setup data
 	$(VENV)/bin/vlclassify bench fewshot --data fashion-mnist \
-	  --methods 'zero-shot,linear-probe,tip-adapter,cmm[schedule="fast";iters=4000]' \
+	  --methods 'zero-shot,linear-probe,tip-adapter,cmm[schedule="fast";steps=4000]' \
 	  --shots 1,4,16 --seeds 1,2,3 --test-limit 1000 --out runs/demo --name fewshot-fashion-mnist-demo
 
 test: setup data check

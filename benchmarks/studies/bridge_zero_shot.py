@@ -14,7 +14,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from vlclassify import create_backbone, create_method, extract_features, load_data
@@ -43,14 +42,11 @@ def main() -> None:
             joint = accuracy(y, zs.predict_proba(Encoded(ds, feats)))
             feats_b = type(feats)(image=bridged, pooled=feats.pooled)
             through = accuracy(y, zs.predict_proba(Encoded(ds, feats_b)))
-            rows.append(
-                {"data": name, "templates": templates, "joint": joint, "bridge": through, "mean_cosine": cos}
-            )
+            rows.append({"data": name, "templates": templates, "joint": joint, "bridge": through, "mean_cosine": cos})
     print(f"{'data':40} {'templates':9} {'joint':>7} {'bridge':>7} {'cos':>6}")
     for r in rows:
-        print(
-            f"{r['data']:40} {r['templates']:9} {100 * r['joint']:7.2f} {100 * r['bridge']:7.2f} {r['mean_cosine']:6.3f}"
-        )
+        acc = f"{100 * r['joint']:7.2f} {100 * r['bridge']:7.2f}"
+        print(f"{r['data']:40} {r['templates']:9} {acc} {r['mean_cosine']:6.3f}")
     out = Path(args.out) / f"bridge_zero_shot_{args.backbone}.json"
     write_json(out, {"backbone": bb.config(), "rows": rows, "time": time.ctime()})
     print(f"wrote {out}")

@@ -338,6 +338,10 @@ class BridgeLayer(nn.Module):
     towards the bridge rather than towards 0. `trainable=False` keeps the bridge fixed.
     """
 
+    w0: torch.Tensor
+    b0: torch.Tensor
+    step: torch.Tensor
+
     def __init__(self, pooled_dim: int, dim: int, trainable: bool = True) -> None:
         super().__init__()
         self.register_buffer("w0", torch.zeros(dim, pooled_dim))  # [D, F]

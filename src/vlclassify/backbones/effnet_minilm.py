@@ -47,7 +47,6 @@ from .base import (
 )
 from .registry import register_backbone
 
-
 BRIDGE_PHOTOS = "/usr/share/backgrounds/mate"  # Debian's mate-backgrounds (the Makefile's DEBS)
 BRIDGE_VERSION = 1  # the crop recipe and the fit; part of the bridge cache key
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -286,7 +285,7 @@ class EffNetMiniLM(Backbone):
                 save_file({"weight": w, "bias": b}, str(tmp), metadata={"ridge": str(info["ridge"])})
             write_json(
                 path.with_suffix(".json"),
-                {**info, "photos_folder": str(photos[0].parent), "photos": [str(p) for p in photos], "key": key},
+                {**info, "photos": [str(p) for p in photos], "key": key},
             )
         except OSError:
             pass  # a read-only cache folder only costs the refit

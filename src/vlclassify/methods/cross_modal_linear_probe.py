@@ -120,7 +120,10 @@ class CrossModalLinearProbe(Method):
             C, L, _ = per_t.shape
             texts = {"image": per_t.reshape(C * L, -1), "targets": torch.arange(C).repeat_interleave(L)}
             if c.input == "bridge":  # text rows skip the bridge: they are in the joint space already
-                texts |= {"pooled": torch.zeros(C * L, spec["pooled_dim"]), "is_text": torch.ones(C * L, dtype=torch.bool)}
+                texts |= {
+                    "pooled": torch.zeros(C * L, spec["pooled_dim"]),
+                    "is_text": torch.ones(C * L, dtype=torch.bool),
+                }
             rows = {k: torch.cat([rows[k], texts[k]]) for k in rows}
         n = len(rows["targets"])
         heads: dict[float, tuple[nn.Module, Any, dict]] = {}
