@@ -127,3 +127,23 @@ def tiny_clip(tmp_path):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out, model
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    """Every image-encoder call of feature extraction: a list of (encoder name, images in the batch)."""
+    import vlclassify.features.extract as ex
+
+    calls: list[tuple[str, int]] = []
+    real = ex.make_encoder
+
+    class Counting:
+        def __init__(self, enc):
+            self.enc, self.name = enc, enc.name
+
+        def __call__(self, pixels, spatial=True):
+            calls.append((self.name, pixels.shape[0]))
+            return self.enc(pixels, spatial=spatial)
+
+    monkeypatch.setattr(ex, "make_encoder", lambda *a, **k: Counting(real(*a, **k)))
+    return calls

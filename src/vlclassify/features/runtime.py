@@ -6,12 +6,18 @@ faster trunk here: with torch, a copy with batch norms folded into the convoluti
 under inference mode; with ONNX Runtime, that trunk exported once to `<cache>/backbones/onnx/`
 (keyed by the weights fingerprint, written atomically). The head always runs in torch, so spatial
 tokens come from the same pass. Other backbones run their own `encode_image`.
+
+On a GPU (`device`, see `resolve_device`) the torch path runs a device copy of the backbone under
+fp16/bf16 autocast (`precision`); ONNX Runtime is the CPU path. The encoder's `name` (runtime,
+device type, precision) is part of the feature store's key: features made another way are other rows.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +29,56 @@ from ..utils import atomic_path, default_cache_dir, json_fingerprint
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_EXPORT_VERSION = 1  # bump when the exported graph changes
 _SESSIONS: dict[str, Any] = {}  # onnx path -> InferenceSession, reused across calls in a process
 
 
 def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Cores this process may use; under torchrun, shared by the node's `LOCAL_WORLD_SIZE` processes."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def resolve_device(
+    spec: str = "auto",
+    local_rank: int | None = None,
+    cuda_available: Callable[[], bool] = torch.cuda.is_available,
+    device_count: Callable[[], int] = torch.cuda.device_count,
+) -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:i` -> a device. `auto` is CUDA when present, else CPU. With no
+    index, a process of a distributed run (`local_rank`, torchrun's LOCAL_RANK) gets GPU
+    `local_rank % device_count`: one process per GPU. The CUDA probes are injectable for tests."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec not in ("auto", "cuda") and not spec.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:<index>, got {spec!r}")
+    if not cuda_available():
+        if spec == "auto":
+            return torch.device("cpu")
+        raise ConfigError(f"device {spec!r}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    n = device_count()
+    if spec.startswith("cuda:"):
+        idx = spec.partition(":")[2]
+        if not idx.isdigit() or int(idx) >= n:
+            raise ConfigError(f"device {spec!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return torch.device("cuda", int(idx))
+    return torch.device("cuda", (local_rank or 0) % max(1, n))
+
+
+def resolve_precision(
+    device: torch.device, precision: str = "auto", bf16_supported: Callable[[], bool] | None = None
+) -> str:
+    """`auto` is bf16 on a GPU that has it (else fp16) and fp32 on CPU; `fp32|fp16|bf16` as asked."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if (bf16_supported or torch.cuda.is_bf16_supported)() else "fp16"
 
 
 def onnxruntime_available() -> bool:
@@ -44,10 +94,15 @@ def has_trunk(backbone: Backbone) -> bool:
     return all(callable(getattr(backbone, a, None)) for a in ("image_trunk", "image_head", "inference_trunk"))
 
 
-def resolve_runtime(backbone: Backbone, runtime: str = "auto") -> str:
-    """The runtime `make_encoder` will use: "onnx" or "torch" (without building anything)."""
+def resolve_runtime(backbone: Backbone, runtime: str = "auto", device: torch.device | None = None) -> str:
+    """The runtime `make_encoder` will use: "onnx" or "torch" (without building anything).
+    ONNX Runtime is the CPU path: on a GPU, "auto" is torch."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if device is not None and device.type != "cpu":
+        if runtime == "onnx":
+            raise ConfigError(f"runtime='onnx' runs on the CPU; with device {device} use runtime 'torch' or 'auto'")
+        return "torch"
     if runtime == "onnx":
         if not has_trunk(backbone):
             raise ConfigError(f"runtime='onnx': backbone {backbone.name!r} has no separable image trunk; use 'torch'")
@@ -59,22 +114,46 @@ def resolve_runtime(backbone: Backbone, runtime: str = "auto") -> str:
     return "torch"
 
 
+def encoder_name(runtime: str, device: torch.device, precision: str) -> str:
+    """The store key's `runtime`: "torch"/"onnx" for fp32 on CPU, else e.g. "torch-cuda-bf16"."""
+    if device.type == "cpu" and precision == "fp32":
+        return runtime
+    return f"{runtime}-{device.type}-{precision}"
+
+
 class TorchEncoder:
-    """Eager torch: the folded channels-last trunk when the backbone has one, else `encode_image`."""
+    """Eager torch: the folded channels-last trunk when the backbone has one, else `encode_image`.
 
-    name = "torch"
+    Off the CPU, or at reduced precision, it runs a copy of the backbone on `device` under
+    autocast (the caller's backbone stays where it is); outputs come back as float32 on the CPU."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, device: torch.device | None = None, precision: str = "fp32") -> None:
+        self.device = device or torch.device("cpu")
+        self.precision = precision
+        self.name = encoder_name("torch", self.device, precision)
+        if self.device.type != "cpu":
+            backbone = copy.deepcopy(backbone).to(self.device).eval()
         self.backbone = backbone
         self.trunk = backbone.inference_trunk() if has_trunk(backbone) else None
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, spatial: bool = True) -> ImageFeatures:
         """pixels [N, 3, H, W] -> ImageFeatures (tokens [N, 0, D] when the head can skip them)."""
-        x = pixels.contiguous(memory_format=torch.channels_last)
-        if self.trunk is None:
-            return self.backbone.encode_image(x)
-        return self.backbone.image_head(self.trunk(x), spatial=spatial)
+        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        dtype = _AUTOCAST.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if self.trunk is None:
+                out = self.backbone.encode_image(x)
+            else:
+                out = self.backbone.image_head(self.trunk(x), spatial=spatial)
+        if self.device.type == "cpu" and dtype is None:
+            return out
+        return ImageFeatures(
+            embeds=out.embeds.float().cpu(),
+            tokens=out.tokens.float().cpu(),
+            pooled=out.pooled.float().cpu(),
+            grid=out.grid,
+        )
 
 
 class OnnxEncoder:
@@ -156,13 +235,24 @@ def _session(path: Path, threads: int, raise_errors: bool = False):
     return sess
 
 
-def make_encoder(backbone: Backbone, runtime: str = "auto", cache_dir: str | Path | None = None):
+def make_encoder(
+    backbone: Backbone,
+    runtime: str = "auto",
+    cache_dir: str | Path | None = None,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+):
     """An image encoder `(pixels, spatial) -> ImageFeatures` for `runtime`; it has a `.name`.
 
-    "auto" uses ONNX Runtime when importable and the backbone has a trunk, and falls back to torch
-    (with a warning) if the export fails; an explicit "onnx" raises instead.
+    "auto" uses ONNX Runtime when importable and the backbone has a trunk (CPU, fp32), and falls
+    back to torch (with a warning) if the export fails; an explicit "onnx" raises instead.
     """
-    chosen = resolve_runtime(backbone, runtime)
+    device = device or torch.device("cpu")
+    chosen = resolve_runtime(backbone, runtime, device)
+    if chosen == "onnx" and precision != "fp32":
+        if runtime == "onnx":
+            raise ConfigError(f"runtime='onnx' runs in fp32; precision {precision!r} needs runtime 'torch'")
+        chosen = "torch"
     if chosen == "onnx":
         try:
             return OnnxEncoder(backbone, cache_dir)
@@ -170,4 +260,4 @@ def make_encoder(backbone: Backbone, runtime: str = "auto", cache_dir: str | Pat
             if runtime == "onnx":
                 raise
             log.warning("ONNX Runtime path unavailable (%s: %s); using torch", type(e).__name__, e)
-    return TorchEncoder(backbone)
+    return TorchEncoder(backbone, device, precision)

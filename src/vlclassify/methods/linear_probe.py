@@ -3,12 +3,13 @@
 Single-label data: multinomial logistic regression, C chosen by validation accuracy.
 Multi-label data: one-vs-rest logistic regressions, C chosen by validation mean average precision.
 C is chosen with the package's one selection rule (training/selection.py: the best validation
-score, ties to the C nearest the one used without validation data, the middle of the grid).
+score, ties to the C nearest the one used without validation data, the middle of the grid). The
+solver is training/logistic.py: scikit-learn's objective by full-batch L-BFGS in torch, the whole
+C path warm-started from one C to the next (docs/results/linear-probe-solver.md).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..training import select_best
+from ..training.logistic import fit_logistic, fit_logistic_path
 from .base import MULTI, SINGLE, TEXT, Encoded, Method, check_dim, normalize
 from .registry import register_method
 
@@ -31,7 +33,7 @@ class LinearProbeConfig:
     C_grid: list[float] = field(
         default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
     )  # inverse L2 strengths tried
-    max_iter: int = 1000  # L-BFGS iterations
+    max_iter: int = 1000  # L-BFGS iterations per C (training/logistic.py: full batch, warm-started along the grid)
 
 
 class LinearHead(nn.Module):
@@ -84,34 +86,6 @@ class LinearProbe(Method):
     def _targets(self, data: Encoded) -> np.ndarray:
         return data.dataset.multi_hot() if self.multilabel else data.dataset.labels()
 
-    def _train(self, x: np.ndarray, y: np.ndarray, C: float, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> (W [C, F], b [C]); classes absent from training (or, one-vs-rest, never negative) are constant."""
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-
-        w = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
-        b = np.full(n_classes, -1e4, dtype=np.float32)  # never predicted
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            if self.multilabel:
-                for c in range(n_classes):
-                    yc = y[:, c]
-                    if yc.min() == yc.max():
-                        b[c] = 1e4 if yc[0] else -1e4
-                        continue
-                    clf = LogisticRegression(C=C, max_iter=self.config.max_iter).fit(x, yc)
-                    w[c], b[c] = clf.coef_[0], clf.intercept_[0]
-                return w, b
-            clf = LogisticRegression(C=C, max_iter=self.config.max_iter).fit(x, y)
-        if len(clf.classes_) == 2:  # sklearn stores one row for binary problems
-            rows = np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
-            inter = np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
-        else:
-            rows, inter = clf.coef_, clf.intercept_
-        w[clf.classes_] = rows
-        b[clf.classes_] = inter
-        return w, b
-
     def _score(self, w: np.ndarray, b: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> float:
         z = xv @ w.T + b
         if self.multilabel:
@@ -122,17 +96,15 @@ class LinearProbe(Method):
 
     def _fit(self, train: Encoded, val: Encoded | None) -> None:
         x, y = self._x(train), self._targets(train)
-        n = len(self.classnames)
-        grid = sorted(self.config.C_grid)
+        n, c = len(self.classnames), self.config
+        grid = sorted(c.C_grid)
         if val is not None and len(grid) > 1:
             xv, yv = self._x(val), self._targets(val)
-            fits: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-
-            def evaluate(C: float) -> float:
-                fits[C] = self._train(x, y, C, n)
-                return self._score(*fits[C], xv, yv)
-
-            sel = select_best(grid, evaluate, default=grid[len(grid) // 2])  # the C used without validation
+            path = fit_logistic_path(x, y, grid, multilabel=self.multilabel, num_classes=n, max_iter=c.max_iter)
+            fits = dict(zip(grid, path))
+            sel = select_best(
+                grid, lambda C: self._score(*(t.numpy() for t in fits[C]), xv, yv), default=grid[len(grid) // 2]
+            )  # the C used without validation
             w, b = fits[sel.best]
             self.fit_info = {
                 **sel.info("C"),
@@ -141,9 +113,32 @@ class LinearProbe(Method):
             }
         else:
             C = grid[len(grid) // 2]
-            w, b = self._train(x, y, C, n)
+            w, b = fit_logistic(x, y, C, multilabel=self.multilabel, num_classes=n, max_iter=c.max_iter)
             self.fit_info = {"C": C, "C_source": "middle of the grid (no validation set)"}
         head = self.init_head({"num_classes": n, "dim": x.shape[1]})
         with torch.no_grad():
-            head.weight.copy_(torch.from_numpy(w))
-            head.bias.copy_(torch.from_numpy(b))
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+
+    def _update(self, train, val, classes, descriptions):
+        """A warm start from the fitted weights (new classes start at zero), at the C chosen before.
+        The objective is convex, so the result is the fit on the new data; the start only saves
+        iterations. It needs examples of every class, like a refit."""
+        if train is None or (not train.multilabel and set(range(len(classes))) - set(train.labels().tolist())):
+            return None  # classes without examples: the update refits, which names them
+        old, c_old = self.head, len(self.classnames)
+        self.classnames, self.task_classes = list(classes), {"label": list(classes)}
+        enc = self.encode(train, training=True)
+        x, y = self._x(enc), self._targets(enc)
+        w0 = torch.cat([old.weight.detach(), old.weight.new_zeros(len(classes) - c_old, old.weight.shape[1])])
+        b0 = torch.cat([old.bias.detach(), old.bias.new_zeros(len(classes) - c_old)])
+        C = float(self.fit_info.get("C", sorted(self.config.C_grid)[len(self.config.C_grid) // 2]))
+        w, b = fit_logistic(
+            x, y, C, multilabel=self.multilabel, num_classes=len(classes), init=(w0, b0), max_iter=self.config.max_iter
+        )
+        head = self.init_head({"num_classes": len(classes), "dim": x.shape[1]})
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        head.requires_grad_(False).eval()
+        return f"warm start from the fitted weights at C={C:g} on {len(train)} example(s)"
