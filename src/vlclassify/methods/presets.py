@@ -157,6 +157,8 @@ CMM_PAPER = {
 }
 # VT-CLIP (paper 003): batch 32, lr 2e-3 for all 11 datasets, CLIP's hand-crafted prompt, 2 heads, 1 layer.
 VTCLIP_PAPER = {"batch_size": 32, "lr": 2e-3, "heads": 2, "layers": 1}
+# Cross-modal linear probe (Lin et al. 2023): its head on CLIP's joint image embedding, not on the bridge.
+CROSS_MODAL_PAPER = {"input": "joint"}
 
 
 @dataclass(frozen=True)
@@ -220,9 +222,13 @@ for _d in COOP_DATASETS:
         Preset(
             f"coop-{_d.name}",
             f"CoOp's {_d.coop} ({f'automatic for {_file}' if _file else 'by name'}): its prompt and class names, "
-            f"Tip-Adapter's grid ({_d.tip.beta_scale:g}, {_d.tip.alpha_scale:g}), CMM / VT-CLIP settings",
+            f"Tip-Adapter's grid ({_d.tip.beta_scale:g}, {_d.tip.alpha_scale:g}), "
+            "CMM / VT-CLIP / cross-modal-probe settings",
             kind="dataset",
-            options=_merge(tip_options(_d.tip), {"cmm": CMM_PAPER, "vt-clip": VTCLIP_PAPER}),
+            options=_merge(
+                tip_options(_d.tip),
+                {"cmm": CMM_PAPER, "vt-clip": VTCLIP_PAPER, "cross-modal-linear-probe": CROSS_MODAL_PAPER},
+            ),
             templates=_d.templates,
             protocol={"spaces": True, "rename": dict(_d.rename), **_d.protocol},
             split_file=_file,
