@@ -142,34 +142,37 @@ def test_paper_presets_select_the_paper_form():
         assert r.options("tip-adapter-f")["input"] == "joint"
     for method in ("cmm", "cross-modal-linear-probe"):
         assert resolve_presets("coop-dtd").options(method)["input"] == "joint"
-    assert "input" not in resolve_presets(None, "fashion-mnist").options("cmm")  # no preset: the bridged default
+    assert "input" not in resolve_presets(None, "fashion-mnist").options("cmm")  # no preset: the default form
 
 
-PAPER_FORMS = {
-    "cmm": {"input": "joint", "steps": 20},
-    "cross-modal-linear-probe": {"input": "joint", "steps": 12, "eval_every": 4},
-    "tip-adapter": {"input": "joint"},
-    "tip-adapter-f": {"input": "joint", "epochs": 2},
+FORMS = {  # method -> (its two inputs, short budgets)
+    "cmm": (("bridge", "joint"), {"steps": 20}),
+    "cross-modal-linear-probe": (("bridge", "joint"), {"steps": 12, "eval_every": 4}),
+    "tip-adapter": (("pooled", "joint"), {}),
+    "tip-adapter-f": (("pooled", "joint"), {"epochs": 2}),
 }
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_FORMS))
-def test_paper_forms_fit_predict_save_load(name, toy, color_folder, tmp_path):
-    """tests/test_contract.py runs every method's default (bridged) form; this runs the paper's
-    form of each bridged method through the same round trip, and checks it reads no pooled features."""
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_the_non_default_form_fits_predicts_saves_and_loads(name, toy, color_folder, tmp_path):
+    """tests/test_contract.py runs every method's default form; this runs the other one (bridged or
+    the paper's) through the same round trip, and checks which features it reads."""
     from vlclassify.data import image_folder
     from vlclassify.methods import load_method
 
-    splits = image_folder(str(color_folder))
-    ds = next(iter(splits.values()))
-    m = create_method(name, toy, **PAPER_FORMS[name])
+    forms, budget = FORMS[name]
+    default = create_method(name, toy).config.input
+    assert default in forms
+    form = next(f for f in forms if f != default)
+    ds = next(iter(image_folder(str(color_folder)).values()))
+    m = create_method(name, toy, input=form, **budget)
     m.progress = False
-    assert "pooled" not in m.feature_needs()
+    assert ("pooled" in m.feature_needs()) == (form != "joint")
     m.fit(ds, ds)
     p = m.predict_proba(ds)
     assert p.shape == (len(ds), ds.num_classes) and np.isfinite(p).all()
     m.save_pretrained(tmp_path / "model")
     again = load_method(tmp_path / "model", backbone=toy)
     again.progress = False
-    assert again.config.input == "joint"
+    assert again.config.input == form
     np.testing.assert_allclose(again.predict_proba(ds), p, atol=1e-6)
