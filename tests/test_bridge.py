@@ -85,8 +85,12 @@ def test_effnet_bridge_is_fitted_once_and_cached(tmp_path, monkeypatch, effnet):
     monkeypatch.setenv("VLCLASSIFY_BRIDGE_PHOTOS", str(photos))
     monkeypatch.setattr(effnet, "_cache_dir", tmp_path / "cache")
     monkeypatch.setattr(effnet, "_bridge", None)
+    # the fit reads images only: an image-only model never loads the MiniLM text tower for it
+    monkeypatch.delitem(effnet._modules, "text", raising=False)
+    monkeypatch.setattr(effnet_minilm, "quiet_from_pretrained", lambda *a, **k: pytest.fail("text tower loaded"))
     w, b = effnet.bridge()
     assert w.shape == (effnet.embed_dim, 1280) and b.shape == (effnet.embed_dim,)
+    assert "text" not in effnet._modules
     files = sorted((tmp_path / "cache" / "backbones").iterdir())
     assert [f.suffix for f in files] == [".json", ".safetensors"]
     meta = files[0].read_text()
