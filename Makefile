@@ -8,9 +8,9 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base chromium chromium-driver mate-backgrounds
 CHECK_DIRS := src tests benchmarks scripts
-# 1: `make check` fails when a public function, class or method has no docstring. Off until the
-# missing ones are written (`.venv/bin/python scripts/docstrings.py --list` names them); then set it to 1 here.
-REQUIRE_DOCSTRINGS ?= 0
+# 1: `make check` fails when a public function, class or method has no docstring
+# (`.venv/bin/python scripts/docstrings.py --list` names them).
+REQUIRE_DOCSTRINGS ?= 1
 
 # $(call timed,NAME,COMMAND): run COMMAND, fail the make run if it fails, print its wall time.
 timed = @echo "--- $(1)"; t0=$$(date +%s); $(2) || exit 1; echo "--- $(1) ok ($$(( $$(date +%s) - t0 )) s)"

@@ -95,7 +95,7 @@ def test_fits_three_stages_multitask_and_roundtrips(cache, tmp_path):
     assert (m.predict(test) == m.task_probs(test)["label"].argmax(-1)).all()
     assert m.decision("shape").kind == "argmax"
     res = m.predict_results(list(test.items[:2]))
-    assert set(res[0].tasks) == {"label", "shape"} and res[0].tasks["shape"].labels[0] in SHAPES
+    assert set(res[0].tasks) == {"color", "shape"} and res[0].tasks["shape"].labels[0] in SHAPES
     assert res[0].modality_weights["shape"]["image"] == pytest.approx(float(lam[0, 1]), abs=1e-6)
     m.save_pretrained(tmp_path / "model")
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())

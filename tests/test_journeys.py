@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlclassify.cli import app
+from vlclassify.data import Dataset, Item, load_data
+from vlclassify.data.export import export_manifest
+from vlclassify.errors import DataError
 
 runner = CliRunner()
 TOY = ["--backbone", "toy"]
@@ -236,3 +240,26 @@ def test_data_export_writes_a_manifest_that_reads_back_the_same(kind, tmp_path):
             (x.label, x.labels, x.text, x.tasks) for x in b.items
         ]
     one_line_error(run("data", "export", tmp_path / "src" / "data.csv", tmp_path / "out", ok=False), "not an empty")
+
+
+def _img(v: int) -> np.ndarray:
+    return np.full((8, 8), v, dtype=np.uint8)
+
+
+def test_copies_with_different_labels_are_written_once(tmp_path):
+    """Tux Paint has one stamp in two categories: the export keeps the first, so the CSV it writes
+    loads (a user's own CSV with such copies is an error naming both rows)."""
+    names = ["military", "people"]
+    fireman = "A fireman."
+    items = [Item(_img(1), label=0, text=fireman), Item(_img(2), label=1), Item(_img(1), label=1, text=fireman)]
+    with pytest.warns(UserWarning, match="1 duplicate image"):
+        csv = export_manifest({"all": Dataset(items, names)}, tmp_path / "out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = load_data(str(csv))["all"]
+    assert [it.label for it in back.items] == [0, 1]
+    lines = csv.read_text().splitlines()
+    lines.append(lines[1].replace(",military,", ",people,"))  # the same image again, the other label
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="the same image with different labels"):
+        load_data(str(csv))

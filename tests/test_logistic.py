@@ -44,6 +44,17 @@ def test_matches_sklearn(k, C):
     assert np.abs(W.numpy() - coef).max() < 2e-2 * max(1.0, np.abs(coef).max())
 
 
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_fewer_rows_than_features_matches_sklearn(C):
+    """Few-shot shape (the solver then works in the rows' span): same probabilities and weights."""
+    x, y = _data(30, 96, 5, seed=3)
+    clf = _sk(x, y, C)
+    W, b = fit_logistic(x, y, C, tol=1e-6)
+    p = torch.softmax(torch.from_numpy(x) @ W.T + b, -1).numpy()
+    assert np.abs(p - clf.predict_proba(x)).max() < 5e-3
+    assert np.abs(W.numpy() - clf.coef_).max() < 2e-2 * max(1.0, np.abs(clf.coef_).max())
+
+
 def test_absent_class_is_never_predicted():
     x, y = _data(300, 16, 4)
     y = np.where(y == 1, 0, y)  # class 1 has no example; class 4 is beyond the data

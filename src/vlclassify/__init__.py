@@ -4,19 +4,47 @@
 from vlclassify import create_backbone, create_method, load_data, fewshot
 backbone = create_backbone("effnet-minilm")
 splits = load_data("fashion-mnist")
-train, val = fewshot(splits["train"], shots=4, seed=1)
+train, val = fewshot(splits, shots=4, seed=1)
 model = create_method("linear-probe", backbone).fit(train, val)
-probs = model.predict_proba(splits["test"])
+decisions = model.predict(splits["test"])
 ```
+
+The names below are imported on first use (PEP 562): `import vlclassify.cli` or
+`import vlclassify.errors` does not import torch, which is a second of every command's start.
 """
 
-from .backbones import create_backbone, list_backbones
-from .data import Dataset, Item, fewshot, load_data
-from .errors import ConfigError, DataError, VLClassifyError
-from .features import FeatureCache, extract_features
-from .methods import create_method, list_methods, load_method
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backbones import create_backbone, list_backbones
+    from .data import Dataset, Item, fewshot, load_data
+    from .errors import ConfigError, DataError, VLClassifyError
+    from .features import FeatureCache, extract_features
+    from .methods import create_method, list_methods, load_method
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "create_backbone": ".backbones",
+    "list_backbones": ".backbones",
+    "create_method": ".methods",
+    "list_methods": ".methods",
+    "load_method": ".methods",
+    "load_data": ".data",
+    "fewshot": ".data",
+    "Dataset": ".data",
+    "Item": ".data",
+    "FeatureCache": ".features",
+    "extract_features": ".features",
+    "VLClassifyError": ".errors",
+    "DataError": ".errors",
+    "ConfigError": ".errors",
+}
 __all__ = [
     "create_backbone",
     "list_backbones",
@@ -33,3 +61,19 @@ __all__ = [
     "DataError",
     "ConfigError",
 ]
+assert set(__all__) == set(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # `vlclassify.methods` after `import vlclassify`
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'vlclassify' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -2,4 +2,5 @@
 
 from .cli import main
 
-main()
+if __name__ == "__main__":  # importing the module (e.g. the wheel check's import of every module) runs nothing
+    main()

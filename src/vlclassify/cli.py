@@ -6,6 +6,7 @@ import json
 import shlex
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +328,7 @@ def fit(
         console.print(f"note: {note}", markup=False, soft_wrap=True)
     if presets.presets:
         m.fit_info["preset"] = presets.record([method])  # config.json records it with the fit
-    info = {
+    info: dict[str, Any] = {
         "command": _command(),
         "method": method,
         "data": _absolute_spec(data) if data else None,
@@ -349,10 +350,10 @@ def fit(
         for k, v in info["validation"].items():
             console.print(f"validation {k}: {100 * v:.2f}%")
     for task, rule in m.decisions.items():
-        console.print(f"decision ({task}): {rule.describe()}", markup=False, soft_wrap=True)
+        console.print(f"decision ({m.task_name(task)}): {rule.describe()}", markup=False, soft_wrap=True)
     with atomic_path(out, is_dir=True) as tmp:  # the new model replaces an old one whole, never mixed
         m.save_pretrained(tmp)
-        if splits:
+        if splits and data is not None:  # splits come from --data
             write_split_file(tmp / "split.json", splits, _absolute_spec(data))
         write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
@@ -508,8 +509,9 @@ def evaluate(
     if ds.multilabel or m.multilabel:
         from .metrics import multilabel_report
 
-        report = multilabel_report(ds.multi_hot(), probs, m.classnames, rule.thresholds)
-        keys = (
+        thresholds = rule.thresholds if rule.thresholds is not None else float("inf")  # argmax: no label passes
+        report = multilabel_report(ds.multi_hot(), probs, m.classnames, thresholds)
+        keys: tuple[str, ...] = (
             "n",
             "subset_accuracy",
             "label_accuracy",
@@ -608,9 +610,8 @@ def predict(
         for p in images:
             if not p.is_file():
                 raise DataError(f"{p}: image file not found")
-        items = [
-            Item(image=str(p), text=t or None, key=file_key(p)) for p, t in zip(images, text or [None] * len(images))
-        ]
+        texts: list[str | None] = list(text) if text else [None] * len(images)
+        items = [Item(image=str(p), text=t or None, key=file_key(p)) for p, t in zip(images, texts)]
     if any(it.text for it in items) and TEXT not in m.takes():
         console.print(f"note: {m.name} reads images only; the texts are ignored", markup=False)
     results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top)
@@ -718,10 +719,11 @@ def explain(
     m.progress = False
     from .data import Item
 
-    target = Item(image=str(image), text=text, key=str(image)) if text else str(image)
-    heat = m.explain(target, class_)
+    item = Item(image=str(image), text=text, key=str(image))
+    heat = m.explain(item if text else str(image), class_)
     if class_ is None:
-        class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict([target])[0])]
+        rows = [item] if text else [str(image)]  # a list of Items, or of paths
+        class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict(rows)[0])]
     save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
     console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
 
@@ -952,7 +954,7 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
-def _parse_amount(text: str, units: dict[str, float], what: str) -> float:
+def _parse_amount(text: str, units: Mapping[str, float], what: str) -> float:
     import re
 
     from .errors import ConfigError
@@ -1038,6 +1040,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main() -> None:
+    """The `vlclassify` entry point: a VLClassifyError becomes a one-line `error: ...` and exit code 2, no
+    traceback."""
     warnings.filterwarnings("default")
     warnings.formatwarning = _one_line_warning  # user-facing warnings, not source lines
     try:

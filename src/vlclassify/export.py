@@ -30,7 +30,7 @@ from torch import nn
 from .data.images import load_image
 from .data.items import Dataset, Item
 from .errors import ConfigError
-from .features.runtime import has_trunk
+from .features.runtime import has_trunk, trunk_of
 from .methods.base import Method, feature_keys
 from .utils import atomic_path, write_json
 
@@ -41,6 +41,8 @@ TOLERANCE = 1e-4  # largest |graph - predict_proba| accepted
 
 @dataclass
 class ExportResult:
+    """What `export_onnx` wrote and how well the graph matched `predict_proba`."""
+
     graph: Path  # the .onnx file
     sidecar: Path  # its JSON description
     inputs: str  # e.g. "pixels [n, 3, 224, 224]"
@@ -53,16 +55,23 @@ class ProbabilityGraph(nn.Module):
 
     def __init__(self, method: Method, activation: str) -> None:
         super().__init__()
-        bb = method.backbone
-        self.backbone, self.head, self.activation = bb, method.head, activation
+        bb, head = method.backbone, method.head
+        assert head is not None, "export_problem refuses a method without a head"
+        self.backbone, self.head, self.activation = bb, head, activation
         self.keys = feature_keys(method.feature_needs())
-        trunk = bb.inference_trunk() if has_trunk(bb) else None
-        self.trunk = trunk.to(memory_format=torch.contiguous_format) if trunk is not None else None
+        trunk = trunk_of(bb).inference_trunk() if has_trunk(bb) else None
+        # Module.to takes memory_format (torch's docs), its overloads in the stubs do not
+        self.trunk = trunk.to(memory_format=torch.contiguous_format) if trunk is not None else None  # type: ignore[call-overload]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, H, W] -> [N, C] probabilities, as `Method.predict_proba` gives them."""
         spatial = "spatial" in self.keys
         bb = self.backbone
-        f = bb.image_head(self.trunk(pixels), spatial=spatial) if self.trunk is not None else bb.encode_image(pixels)
+        f = (
+            trunk_of(bb).image_head(self.trunk(pixels), spatial=spatial)
+            if self.trunk is not None
+            else bb.encode_image(pixels)
+        )
         feats = {"image": f.embeds, "pooled": f.pooled, "spatial": f.tokens}  # [N, D], [N, F], [N, P, D]
         z = self.head({k: feats[k] for k in self.keys})["logits"]  # [N, C]
         return torch.sigmoid(z) if self.activation == "sigmoid" else torch.softmax(z, -1)

@@ -9,15 +9,19 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps a public name to a factory; `kind` only appears in error messages."""
+    """Maps a public name to an entry of type `T` (a factory, a class, a preset); `kind` only appears
+    in error messages."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, Callable[..., T]] = {}
+        self._entries: dict[str, T] = {}
         self._docs: dict[str, str] = {}
 
-    def register(self, name: str, doc: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def deco(factory: Callable[..., T]) -> Callable[..., T]:
+    def register(self, name: str, doc: str = "") -> Callable[[T], T]:
+        """Decorator (or plain call) adding an entry under `name`; `doc` defaults to the first line
+        of the entry's docstring (what `describe` and the CLI listings show)."""
+
+        def deco(factory: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = factory
@@ -27,12 +31,15 @@ class Registry(Generic[T]):
         return deco
 
     def names(self) -> list[str]:
+        """Every registered name, sorted (the order listings and error messages use)."""
         return sorted(self._entries)
 
     def describe(self, name: str) -> str:
+        """The one-line description registered with `name` ("" if none)."""
         return self._docs.get(name, "")
 
-    def get(self, name: str) -> Callable[..., T]:
+    def get(self, name: str) -> T:
+        """The entry registered as `name`; a KeyError naming the available ones otherwise."""
         try:
             return self._entries[name]
         except KeyError:

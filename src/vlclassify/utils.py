@@ -64,6 +64,7 @@ def cached_file_fingerprint(path: str | os.PathLike) -> str:
 
 
 def json_fingerprint(obj: Any) -> str:
+    """A 16-hex-digit SHA-256 of `obj` as sorted JSON: cache keys that survive dict order."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -106,6 +107,7 @@ def _default_mode(path: Path) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON atomically (temp file, then rename)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
@@ -123,6 +125,7 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a ConfigError naming the file when it is missing or not JSON."""
     from .errors import ConfigError
 
     try:

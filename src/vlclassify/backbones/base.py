@@ -25,6 +25,9 @@ from torch import nn
 
 @dataclass
 class ImageFeatures:
+    """What an image encoder gives every method: the joint-space embedding for zero-shot and probes, spatial tokens
+    for attention methods, raw pooled features for linear probes."""
+
     embeds: torch.Tensor  # [N, D] global embedding in the joint space (not normalised)
     tokens: torch.Tensor  # [N, P, D] spatial tokens in the joint space, row-major over `grid`
     pooled: torch.Tensor  # [N, F] raw pooled visual features (for probes)
@@ -33,6 +36,9 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
+    """What a text encoder gives every method: the joint-space embedding, and per-token features with their mask and
+    strings for token-level methods (DiCLS, iCAR)."""
+
     embeds: torch.Tensor  # [N, D] global embedding in the joint space (not normalised)
     tokens: torch.Tensor  # [N, L, D] token features in the joint space
     mask: torch.Tensor  # [N, L] bool, True for real tokens
@@ -62,6 +68,7 @@ class Backbone(nn.Module):
 
     # ---- texts --------------------------------------------------------------------------
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> TextFeatures (embeds [N, D], tokens [N, L, D], mask [N, L]), without normalising."""
         raise NotImplementedError
 
     def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -107,9 +114,11 @@ class Backbone(nn.Module):
         return {**cfg, "weights": self.weights_fingerprint()}
 
     def weights_fingerprint(self) -> str:
+        """A short hash of the weights: part of every feature cache key, so new weights never reuse old rows."""
         raise NotImplementedError
 
     def preprocess_config(self) -> dict[str, Any]:
+        """The image preprocessing as JSON: part of the feature cache key, so a changed recipe recomputes."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -138,6 +147,8 @@ class BackboneSplit(nn.Module):
     projection into the joint space) always is. None: no image top (`image_*` raise).
     text_layers: the same for the text encoder (final norm, pooling, projection). None: no text top.
     """
+
+    backbone: Backbone  # the shared backbone (kept out of the sub-modules: see __init__)
 
     def __init__(
         self, backbone: Backbone, image_blocks: int | None, text_layers: int | None, sizes: tuple[int, int]
@@ -177,9 +188,11 @@ class BackboneSplit(nn.Module):
 
     # ---- texts ----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """The shared backbone's tokenizer (the split has no tokenizer of its own)."""
         return self.backbone.tokenize(texts, max_tokens)
 
     def token_strings(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
+        """The shared backbone's token strings, aligned with `tokenize`."""
         return self.backbone.token_strings(texts, max_tokens)
 
     def text_trunk(self, texts: Sequence[str], max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +231,7 @@ def copy_module(module: nn.Module) -> nn.Module:
     return out
 
 
-def first_output(out: Any) -> torch.Tensor:
+def first_output(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """A transformer layer's hidden states, whether it returns them alone or first in a tuple
     (transformers 5 and 4 respectively)."""
     return out[0] if isinstance(out, tuple) else out
@@ -370,6 +383,7 @@ class BridgeLayer(nn.Module):
         return self
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, F] -> [B, D] through the bridge plus its trained change."""
         w, b = self.w0, self.b0
         if self.dw is not None and self.db is not None:
             w, b = w + self.step * self.dw, b + self.db

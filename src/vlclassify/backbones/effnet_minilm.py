@@ -106,6 +106,9 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class EffNetMiniLM(Backbone):
+    """The offline default: EfficientNet-Lite0 (ImageNet) mapped into MiniLM's sentence space by ConSE, so it runs
+    from Debian/PyPI files without downloads."""
+
     name = "effnet-minilm"
     pooled_dim = 1280
     class_text: torch.Tensor  # [1000, D] buffer, set in __init__
@@ -153,7 +156,7 @@ class EffNetMiniLM(Backbone):
 
     # ---- the text tower, loaded on first use ---------------------------------------------------
     @property
-    def text(self) -> nn.Module:
+    def text(self) -> Any:  # transformers' model: untyped here
         """MiniLM (a sub-module once loaded). Loading it (transformers + 90 MB) is most of a cold
         start, and predicting with an image-only model (a linear probe, zero-shot's saved classes)
         never needs it: the ConSE class texts come from the cache file."""
@@ -167,6 +170,7 @@ class EffNetMiniLM(Backbone):
 
     @property
     def tokenizer(self) -> Any:
+        """MiniLM's tokenizer, loaded on first use (an image-only model never needs it)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -175,11 +179,13 @@ class EffNetMiniLM(Backbone):
 
     # ---- identity -----------------------------------------------------------------------
     def weights_fingerprint(self) -> str:
+        """Hash of the EfficientNet and MiniLM weight files (remembered per path, size and mtime)."""
         return json_fingerprint(
             [_fingerprint(self._weights_path), _fingerprint(str(self._text_dir / "model.safetensors"))]
         )
 
     def preprocess_config(self) -> dict[str, Any]:
+        """The resize / crop / range recipe, for the feature cache key."""
         return {"resize": "short-side bicubic + centre crop", "size": self.image_size, "range": [-1, 1]}
 
     # ---- images -------------------------------------------------------------------------
@@ -325,6 +331,7 @@ class EffNetMiniLM(Backbone):
         ]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> MiniLM token states and their masked mean (the sentence embedding)."""
         batch = self.tokenize(texts)
         hidden = self.text(**batch).last_hidden_state  # [N, L, D]
         mask = batch["attention_mask"].bool()
@@ -378,6 +385,8 @@ class EffNetMiniLMSplit(BackboneSplit):
     """Image top: the last `image_blocks` MBConv blocks + conv head + ImageNet head + the ConSE map
     into MiniLM's space. Text top: the last `text_layers` MiniLM layers + mean pooling."""
 
+    backbone: EffNetMiniLM
+
     def __init__(self, backbone: EffNetMiniLM, image_blocks: int | None, text_layers: int | None) -> None:
         v, layers = backbone.vision, backbone.text.encoder.layer
         super().__init__(backbone, image_blocks, text_layers, (len(v._blocks), len(layers)))
@@ -389,11 +398,13 @@ class EffNetMiniLMSplit(BackboneSplit):
             self.layers = nn.ModuleList(copy_module(m) for m in layers[len(layers) - text_layers :])
 
     def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self.image_blocks is not None  # image_trunk checked it
         v = self.backbone.vision
         x = v._swish(v._bn0(v._conv_stem(pixels)))
         return self.backbone._run_blocks(v._blocks[: len(v._blocks) - self.image_blocks], x, 0)  # [N, C, h, w]
 
     def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
+        assert self.image_blocks is not None  # image_top checked it
         bb = self.backbone
         x = bb._run_blocks(self.blocks, acts, len(bb.vision._blocks) - self.image_blocks)
         fmap = bb.vision._swish(self.bn1(self.conv_head(x)))  # [N, 1280, h, w]
@@ -404,6 +415,7 @@ class EffNetMiniLMSplit(BackboneSplit):
         return ImageFeatures(embeds=embeds, tokens=tokens, pooled=pooled, grid=(h, w))
 
     def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text_layers is not None  # text_trunk checked it
         text, mask = self.backbone.text, batch["attention_mask"].bool()
         x = text.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
         layers = text.encoder.layer
@@ -448,4 +460,5 @@ def _quiet_load_effnet(cls: Any, weights_path: str) -> Any:
 
 @register_backbone("effnet-minilm", "EfficientNet-Lite0 + all-MiniLM-L6-v2 joined ConSE-style (offline default)")
 def effnet_minilm(**options: Any) -> EffNetMiniLM:
+    """Registry factory of the `effnet-minilm` backbone."""
     return EffNetMiniLM(**options)

@@ -47,7 +47,7 @@ def clip_pixels(
     crop: tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
-    resample: int = Image.BICUBIC,
+    resample: int = Image.Resampling.BICUBIC,
 ) -> np.ndarray:
     """RGB PIL image -> [3, crop_h, crop_w] float32, as `CLIPImageProcessor` computes it.
 
@@ -63,7 +63,7 @@ def clip_pixels(
     ch, cw = crop
     top, left = (nh - ch) // 2, (nw - cw) // 2
     arr = np.asarray(image, dtype=np.uint8)[top : top + ch, left : left + cw]  # [h, w, 3]
-    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x: np.ndarray = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)  # [h, w, 3]
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -93,7 +93,7 @@ def _preprocessor_settings(cfg: dict, image_size: int, where: str) -> dict:
     return {
         "resize": resize,
         "crop": crop,
-        "resample": int(cfg.get("resample", Image.BICUBIC)),
+        "resample": int(cfg.get("resample", Image.Resampling.BICUBIC)),
         "mean": tuple(cfg.get("image_mean", CLIP_MEAN)),
         "std": tuple(cfg.get("image_std", CLIP_STD)),
     }
@@ -108,6 +108,9 @@ def weight_files_fingerprint(folder: Path) -> str:
 
 
 class HFCLIP(Backbone):
+    """A Hugging Face `CLIPModel` from a local folder (or the hub when allowed): the real CLIP weights when a user
+    has them."""
+
     name = "hf-clip"
 
     def __init__(self, path: str, logit_scale: float | None = None, local_files_only: bool = False) -> None:
@@ -135,11 +138,13 @@ class HFCLIP(Backbone):
         self.pixels = _preprocessor_settings(cfg, self.image_size, str(pp or path))
 
     def weights_fingerprint(self) -> str:
+        """Hash of the weight files (or of a few parameters for a model without a folder)."""
         if self._folder is None:
             return json_fingerprint({n: float(p.double().sum()) for n, p in list(self.model.named_parameters())[:8]})
         return weight_files_fingerprint(self._folder)
 
     def preprocess_config(self) -> dict:
+        """CLIPImageProcessor's settings, for the feature cache key."""
         return {"recipe": "CLIPImageProcessor", **self.pixels}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -171,6 +176,7 @@ class HFCLIP(Backbone):
         ]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> CLIP text features: the EOS token's projection and every token's."""
         batch = self.tokenize(texts)
         out = self.model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         proj = self.model.text_projection
@@ -190,6 +196,8 @@ class HFCLIPSplit(BackboneSplit):
     Text top: the last `text_layers` text encoder layers (causal attention) + final_layer_norm +
     EOS pooling + text_projection."""
 
+    backbone: HFCLIP
+
     def __init__(self, backbone: HFCLIP, image_blocks: int | None, text_layers: int | None) -> None:
         m = backbone.model
         vl, tl = m.vision_model.encoder.layers, m.text_model.encoder.layers
@@ -204,6 +212,7 @@ class HFCLIPSplit(BackboneSplit):
             self.text_projection = copy_module(m.text_projection)
 
     def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self.image_blocks is not None  # image_trunk checked it
         vm = self.backbone.model.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixels))  # [N, 1 + P, W]
         for layer in vm.encoder.layers[: len(vm.encoder.layers) - self.image_blocks]:
@@ -222,6 +231,7 @@ class HFCLIPSplit(BackboneSplit):
         )
 
     def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text_layers is not None  # text_trunk checked it
         tm = self.backbone.model.text_model
         mask = batch["attention_mask"].bool()
         x = tm.embeddings(input_ids=batch["input_ids"])  # [N, L, W] with positions
@@ -254,6 +264,7 @@ def _layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torc
 
 @register_backbone("hf-clip", "Hugging Face CLIPModel from a local folder (path=...) or hub id")
 def hf_clip(path: str | None = None, **options) -> HFCLIP:
+    """Registry factory of the `hf-clip` backbone; `path` is required."""
     if not path:
         raise ConfigError("hf-clip needs path=<folder with a CLIPModel saved by save_pretrained, or a hub id>")
     return HFCLIP(path, **options)

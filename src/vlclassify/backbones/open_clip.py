@@ -24,6 +24,8 @@ POOLS = ("argmax", "eos", "first")  # text pooling the split reproduces (open_cl
 
 
 class OpenCLIP(Backbone):
+    """An open_clip model (optional dependency) with its own transform, for users of OpenCLIP checkpoints."""
+
     name = "open-clip"
 
     def __init__(
@@ -58,11 +60,13 @@ class OpenCLIP(Backbone):
             visual.output_tokens = True  # ViT: return (pooled, tokens)
 
     def weights_fingerprint(self) -> str:
+        """Hash of the checkpoint file, or of the pretrained tag."""
         if self._pretrained and Path(self._pretrained).is_file():
             return file_fingerprint(self._pretrained, full=False)
         return json_fingerprint({"tag": self._pretrained})
 
     def preprocess_config(self) -> dict:
+        """open_clip's transform, for the feature cache key."""
         return {"transform": repr(self.transform)}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -186,6 +190,9 @@ class OpenCLIPSplit(BackboneSplit):
     last `image_blocks` layer4 bottlenecks + attnpool. Text top: the last `text_layers` resblocks
     (causal attention) + ln_final + EOT pooling + text_projection."""
 
+    backbone: OpenCLIP
+    tower: str  # "vit" | "resnet" | "" (another image tower)
+
     def __init__(self, backbone: OpenCLIP, image_blocks: int | None, text_layers: int | None) -> None:
         m, v = backbone.model, backbone.model.visual
         self.__dict__["tower"] = (
@@ -230,6 +237,7 @@ class OpenCLIPSplit(BackboneSplit):
     # ---- images ---------------------------------------------------------------------------
     def _cut_image(self, pixels: torch.Tensor) -> torch.Tensor:
         v, k = self.backbone.model.visual, self.image_blocks
+        assert k is not None  # image_trunk checked it
         if self.tower == "vit":
             blocks = v.transformer.resblocks
             where, before = (blocks[len(blocks) - k], True) if k else (v.transformer, False)
@@ -265,6 +273,7 @@ class OpenCLIPSplit(BackboneSplit):
     # ---- texts ----------------------------------------------------------------------------
     def _cut_text(self, ids: torch.Tensor) -> torch.Tensor:
         m, k = self.backbone.model, self.text_layers
+        assert k is not None  # text_trunk checked it
         blocks = m.transformer.resblocks
         where, before = (blocks[len(blocks) - k], True) if k else (m.transformer, False)
         return _capture(where, lambda: m.encode_text(ids), before)
@@ -290,4 +299,5 @@ class OpenCLIPSplit(BackboneSplit):
 
 @register_backbone("open-clip", "OpenCLIP model (optional extra); pretrained may be a local file")
 def open_clip_backbone(**options) -> OpenCLIP:
+    """Registry factory of the `open-clip` backbone."""
     return OpenCLIP(**options)

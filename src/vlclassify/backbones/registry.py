@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..registry import Registry
 from .base import Backbone
 
-BACKBONES: Registry[Backbone] = Registry("backbone")
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")  # name -> factory(**options)
 register_backbone = BACKBONES.register
 
 
 def list_backbones() -> list[str]:
+    """The registered backbone names, for `create_backbone` and `vlclassify backbones`."""
     return BACKBONES.names()
 
 

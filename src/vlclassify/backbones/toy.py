@@ -33,6 +33,7 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, ..., D] -> x + fc(tanh(x))."""
         return x + self.fc(torch.tanh(x))
 
 
@@ -42,6 +43,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ToyBackbone(Backbone):
+    """A tiny random backbone for tests: every backbone code path in milliseconds, no weight files."""
+
     name = "toy"
 
     def __init__(
@@ -80,9 +83,11 @@ class ToyBackbone(Backbone):
         self.eval()
 
     def weights_fingerprint(self) -> str:
+        """Hash of the options (the seeded weights follow from them)."""
         return json_fingerprint(self.options)
 
     def preprocess_config(self) -> dict:
+        """The image size, for the feature cache key."""
         return {"size": self.image_size}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -123,6 +128,7 @@ class ToyBackbone(Backbone):
         return [w + [""] * (L - len(w)) for w in words]
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """texts -> word-block token features and their masked mean."""
         batch = self.tokenize(texts)
         x = self.word(batch["input_ids"])
         for block in self.word_blocks:
@@ -145,6 +151,8 @@ class ToySplit(BackboneSplit):
     """Image top: the last `image_blocks` image blocks + proj; text top: the last `text_layers`
     text blocks + masked mean pooling."""
 
+    backbone: ToyBackbone
+
     def __init__(self, backbone: ToyBackbone, image_blocks: int | None, text_layers: int | None) -> None:
         super().__init__(backbone, image_blocks, text_layers, (len(backbone.cell_blocks), len(backbone.word_blocks)))
         if image_blocks is not None:
@@ -156,12 +164,14 @@ class ToySplit(BackboneSplit):
             self.word_blocks = nn.ModuleList(copy_module(b) for b in backbone.word_blocks[n - text_layers :])
 
     def _image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self.image_blocks is not None  # image_trunk checked it
         return self.backbone._cells(pixels, len(self.backbone.cell_blocks) - self.image_blocks)  # [N, P, 3]
 
     def _image_top(self, acts: torch.Tensor) -> ImageFeatures:
         return _image_head(acts, self.cell_blocks, self.proj, self.backbone.grid)
 
     def _text_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text_layers is not None  # text_trunk checked it
         x = self.backbone.word(batch["input_ids"])
         for block in self.backbone.word_blocks[: len(self.backbone.word_blocks) - self.text_layers]:
             x = block(x)
@@ -176,4 +186,5 @@ class ToySplit(BackboneSplit):
 
 @register_backbone("toy", "tiny random stand-in for tests and examples (no weights, meaningless features)")
 def toy(**options) -> ToyBackbone:
+    """Registry factory of the `toy` test backbone."""
     return ToyBackbone(**options)

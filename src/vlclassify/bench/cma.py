@@ -18,7 +18,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,9 +29,10 @@ from ..errors import DataError
 from ..features import FeatureCache, FeatureSet, extract_features
 from ..features.trunk import TrunkSet
 from ..methods import Encoded, create_method
+from ..methods.cma_clip import CMAClip
 from ..metrics.ranking import recall_at_precision
 
-VARIANTS = {  # label -> CMA-CLIP options
+VARIANTS: dict[str, dict[str, Any]] = {  # label -> CMA-CLIP options
     "CMA-CLIP": {},
     "CMA-CLIP w/o MA": {"modality_attention": False},
     "CMA-CLIP w/o MA and SA": {"modality_attention": False, "sequence_attention": False},
@@ -161,7 +162,7 @@ def run_cma_bench(
     log(f"{data}: {len(ds)} items, tasks " + ", ".join(f"{t} ({len(ds.tasks[t])})" for t in task_list))
 
     # shared, computed once: trunk activations of the pool, noise images, global embeddings
-    probe_m = create_method("cma-clip", backbone, cache=cache, **options)
+    probe_m = cast(CMAClip, create_method("cma-clip", backbone, cache=cache, **options))
     t0 = time.time()
     trunk = probe_m.trunk(ds)
     rng = np.random.default_rng(seed)
@@ -204,15 +205,19 @@ def run_cma_bench(
         noise_rng = np.random.default_rng(seed * 1000 + f)
         noisy_sets = {k: _noisy(te_trunk, k, labels0[te], noise, noise_rng) for k in NOISES}
         for v in variants:
-            m = create_method("cma-clip", backbone, cache=cache, **{**options, **VARIANTS[v], "seed": seed + f})
+            m = cast(
+                CMAClip,
+                create_method("cma-clip", backbone, cache=cache, **{**options, **VARIANTS[v], "seed": seed + f}),
+            )
             m.progress = False
             m.provide_trunk(ds, trunk)
             t1 = time.time()
             m.fit(parts["train"], parts["val"])
             fit_seconds.setdefault(v, []).append(time.time() - t1)
             for key, t_set in ((v, te_trunk), *((f"{v}, {k}", nt) for k, nt in noisy_sets.items())):
-                probs, lam = _predict(m, Encoded(test_ds, t_set))
-                rows[key] = {t: {**_scores(Y[t][te], probs[t]), "lambda": float(lam[t].mean())} for t in task_list}
+                # Encoded.features is annotated FeatureSet; CMA-CLIP reads a TrunkSet from it
+                task_probs, lam = _predict(m, Encoded(test_ds, t_set))  # type: ignore[arg-type]
+                rows[key] = {t: {**_scores(Y[t][te], task_probs[t]), "lambda": float(lam[t].mean())} for t in task_list}
             log(
                 f"fold {f + 1}/{len(splits)} {v}: "
                 + ", ".join(
@@ -305,6 +310,7 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, Any]:
+    """Write the CMA-CLIP benchmark's JSON and Markdown table (the command recorded beside them)."""
     from .report import write_json_and_markdown
 
     result = {**result, "command": command}

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -76,6 +77,7 @@ def run_one(job: dict) -> dict:
 
 def _run_one(job: dict) -> dict:
     from ..methods import create_method
+    from ..methods.dicls import DiCLS
     from ..metrics.multilabel import multilabel_report
 
     bb, cache, enc = _load(job["data"], job["backbone"], job["backbone_opts"], job["cache_dir"])
@@ -93,8 +95,10 @@ def _run_one(job: dict) -> dict:
     outputs = {}
     for src in sources:
         if job["kind"] != "linear":
-            m.set_output(src, enc["val"], per_class=False)
-        outputs[src] = (m.predict_proba(enc["test"]), m.decision().thresholds[0])
+            cast(DiCLS, m).set_output(src, enc["val"], per_class=False)
+        thresholds = m.decision().thresholds
+        assert thresholds is not None and thresholds[0] is not None  # fit with thresholds="global"
+        outputs[src] = (m.predict_proba(enc["test"]), thresholds[0])
     info = m.fit_info
     out["fit_info"] = info["training"]["stages"][0] if "training" in info else {k: info[k] for k in ("C", "C_score")}
     out["fit_s"] = round(time.time() - t0, 2)  # wall clock (depends on what else runs on the machine)
@@ -189,6 +193,7 @@ def summarize(result: dict) -> list[dict]:
 
 
 def markdown_table(result: dict) -> str:
+    """The DiCLS ablation results as Markdown tables, one per dataset."""
     lines = []
     for d in result["datas"]:
         lines += [
@@ -207,6 +212,7 @@ def markdown_table(result: dict) -> str:
 
 
 def write_results(result: dict, out: str | Path, stem: str, command: str) -> tuple[Path, Path]:
+    """Write the DiCLS ablation's JSON and Markdown (with its summary and command)."""
     from .report import write_json_and_markdown
 
     result = {**result, "command": command, "summary": summarize(result)}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from ..metrics import accuracy
 
 @dataclass
 class MethodSpec:
+    """One row of the few-shot table: a registered method with its options."""
+
     label: str  # row name in the table
     method: str  # registry name
     options: dict[str, Any] = field(default_factory=dict)
@@ -178,12 +180,14 @@ def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]
         )
     new = {c: i for i, c in enumerate(keep)}
     sub = ds.subset([i for i, it in enumerate(ds.items) if it.label in new])  # keeps precomputed features aligned
-    items = [dataclasses.replace(it, label=new[it.label], tasks=None) for it in sub.items]
+    # every item of `sub` has a kept label (filtered above)
+    items = [dataclasses.replace(it, label=new[cast(int, it.label)], tasks=None) for it in sub.items]
     # the other tasks' indices would no longer match: the filtered set keeps the main task only
     return dataclasses.replace(sub, items=items, classnames=[ds.classnames[c] for c in keep], tasks={}), dropped
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Runs -> method -> shots -> mean and std of test accuracy and fit time over seeds."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}  # method -> shots -> acc / fit values
     for r in runs:
         cell = out.setdefault(r["method"], {}).setdefault(str(r["shots"]), {"acc": [], "fit": []})
@@ -204,6 +208,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def markdown_table(result: dict, command: str | None = None) -> str:
+    """The few-shot results as a Markdown table (mean ± std per method and shot count)."""
     shots = [str(k) for k in result["shots"]]
     lines = []
     if command:
@@ -229,6 +234,7 @@ def markdown_table(result: dict, command: str | None = None) -> str:
 
 
 def write_results(result: dict, out_dir: str | Path, name: str, command: str | None = None) -> tuple[Path, Path]:
+    """Write the few-shot benchmark's JSON and Markdown table."""
     from .report import write_json_and_markdown
 
     if command:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,10 +35,13 @@ from ..data.descriptions import builtin_descriptions
 from ..data.splits import sample_per_class
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
+from ..methods.icar import ICAR
 
 
 @dataclass
 class Variant:
+    """One row of the iCAR benchmark: options, and which columns it runs."""
+
     label: str  # row name
     options: dict[str, Any] = field(default_factory=dict)  # icar options
     train: bool = True  # False: the untrained backbone (zero-shot classifier from text)
@@ -101,6 +104,7 @@ def _pick_held(rng: np.random.Generator, candidates: Sequence[str], n: int) -> l
 def fashion_mnist_tasks(
     backbone, seeds, cache, per_class: int, test_per_class: int, n_held: int, pairs: Encoded, progress: bool
 ) -> list[Task]:
+    """Seen / held-out class tasks on Fashion-MNIST, one per seed (held-out classes drawn by the seed)."""
     raw = fashion_mnist()
     pool = raw["train"].subset(sample_per_class(raw["train"], per_class, seed=0), name="fashion-mnist")
     test = raw["test"].subset(sample_per_class(raw["test"], test_per_class, seed=0), name="fashion-mnist")
@@ -130,6 +134,7 @@ def fashion_mnist_tasks(
 
 
 def tuxpaint_tasks(enc_all: Encoded, seeds, n_held: int, min_held_images: int) -> list[Task]:
+    """Seen / held-out class tasks on the Tux Paint stamps, held-out classes drawn among those with enough images."""
     ds = enc_all.dataset
     counts = np.bincount(ds.labels(), minlength=ds.num_classes)
     candidates = [c for c, n in zip(ds.classnames, counts) if n >= min_held_images]
@@ -172,6 +177,7 @@ def run_task(
     base_options: dict[str, Any],
     log: Callable[[str], None],
 ) -> list[dict]:
+    """Every variant on one task: seen accuracy, held-out zero-shot accuracy, then the few-shot columns."""
     runs = []
     name = task.data
     desc_all = builtin_descriptions(name)
@@ -192,7 +198,7 @@ def run_task(
         else:
             opts = {**base_options, **v.options}
             uses_desc = opts.get("descriptions", "auto") != "none"
-            m = create_method("icar", backbone, cache=cache, **opts)
+            m = cast(ICAR, create_method("icar", backbone, cache=cache, **opts))
             m.progress = False
             if v.train:
                 m.fit(task.seen_train, task.seen_val, pairs=task.pairs if opts.get("pairs", "auto") != "none" else None)
@@ -214,7 +220,8 @@ def run_task(
                 fm.fit(etr, eva)
             else:
                 if v.train:
-                    fm = m.clone()  # start from the variant's trained weights, text encoder as classifier
+                    # start from the variant's trained weights (m is its ICAR), text encoder as classifier
+                    fm = cast(ICAR, m).clone()
                     fm.config.pairs = "none"
                     fm.progress = False
                     fm.finetune(etr, eva)
@@ -235,6 +242,7 @@ COLUMNS = ["seen_acc", "zero_shot_acc"]
 
 
 def summarize(runs: list[dict], shots: Sequence[int]) -> dict:
+    """Runs -> data -> variant -> column: mean and std over seeds."""
     cols = COLUMNS + [f"{k}_shot_acc" for k in shots]
     out: dict[str, dict[str, dict]] = {}
     for data in dict.fromkeys(r["data"] for r in runs):
@@ -253,6 +261,7 @@ def summarize(runs: list[dict], shots: Sequence[int]) -> dict:
 
 
 def markdown_table(result: dict) -> str:
+    """The iCAR results as Markdown tables, one per dataset."""
     shots = result["shots"]
     cols = COLUMNS + [f"{k}_shot_acc" for k in shots]
     heads = ["seen classes (full data)", "held-out 0-shot"] + [f"held-out {k}-shot" for k in shots]
@@ -291,6 +300,7 @@ def run_icar_bench(
     progress: bool = True,
     log=print,
 ) -> dict:
+    """The iCAR benchmark: tasks per dataset and seed, every variant on each, summarised."""
     cache = cache or FeatureCache()
     t0 = time.perf_counter()
     tux = tuxpaint()["all"]
@@ -329,6 +339,7 @@ def run_icar_bench(
 
 
 def write_icar_results(result: dict, out_dir: str | Path, name: str = "icar") -> tuple[Path, Path]:
+    """Write the iCAR benchmark's JSON and Markdown table."""
     from .report import write_json_and_markdown
 
     return write_json_and_markdown(result, out_dir, name, markdown_table(result))

@@ -8,6 +8,7 @@ from ..utils import atomic_path, write_json
 
 
 def write_json_and_markdown(result: dict, out_dir: str | Path, stem: str, markdown: str) -> tuple[Path, Path]:
+    """Write a benchmark's result JSON and its Markdown beside it, each atomically; returns both paths."""
     out_dir = Path(out_dir)
     jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     write_json(jp, result)

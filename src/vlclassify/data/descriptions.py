@@ -107,6 +107,7 @@ class WordNet:
         self._index: dict[str, list[int]] | None = None
 
     def available(self) -> bool:
+        """Whether the WordNet index and data files exist (the Debian package is optional)."""
         return self.index_path.is_file() and self.data_path.is_file()
 
     def _load_index(self) -> dict[str, list[int]]:
@@ -174,6 +175,7 @@ def _wordnet(folder: str) -> WordNet:
 
 
 def wordnet_descriptions(classnames: Sequence[str], folder: str | os.PathLike | None = None) -> dict[str, str]:
+    """Class name -> its WordNet gloss, for the classes WordNet knows (text for iCAR's class sentences)."""
     wn = _wordnet(str(folder or os.environ.get("VLCLASSIFY_WORDNET", WORDNET_DIR)))
     out = {}
     for c in classnames:

@@ -9,6 +9,8 @@ dropped so that one image can never sit on both sides of a split:
 - single-label copies with different labels, and copies with different values in a task column,
   are an error naming both rows; a copy without a label takes the other's;
 - multi-label copies keep the union of their labels (rows that list an image's labels piecemeal).
+  `conflicts="first"` (for writing out data that has such copies, as Tux Paint's fireman in both
+  `military` and `people`) keeps the kept copy's label instead of raising.
 
 One warning gives the count and the first pair. The same image with different texts is kept
 twice (different inputs for text-aware methods). Only files whose size collides are hashed.
@@ -34,6 +36,7 @@ KEEP_ORDER = {"test": 0, "val": 1, "train": 2, "all": 3}  # lower is kept
 def _size(item: Item) -> tuple[str, int]:
     if isinstance(item.image, np.ndarray):
         return ("array", item.image.nbytes)
+    assert item.image is not None, "only items with an image are sized"
     try:
         return ("file", os.stat(item.image).st_size)
     except FileNotFoundError:
@@ -49,15 +52,25 @@ def _label_names(item: Item, classnames: Sequence[str]) -> str:
 
 
 def _merge(
-    group: list[tuple[str, Item]], keep: int, classnames: Sequence[str], tasks: Mapping[str, Sequence[str]]
+    group: list[tuple[str, Item]],
+    keep: int,
+    classnames: Sequence[str],
+    tasks: Mapping[str, Sequence[str]],
+    conflicts: str,
 ) -> tuple[Item, bool]:
     """The kept copy with the labels of all copies; an error for copies that disagree."""
     first = group[0][1]
-    label, labels, task_vals, merged = None, set(), {}, False
-    label_from = None
+    if conflicts == "first":
+        group = [group[keep]] + [e for j, e in enumerate(group) if j != keep and e[1].labels is not None]
+        keep = 0
+    label: int | None = None
+    labels: set[int] = set()
+    task_vals: dict[str, tuple[int, Item]] = {}  # task -> (value, the copy it came from)
+    merged = False
+    label_from: Item | None = None  # the copy `label` came from
     for _, it in group:
         if it.label is not None:
-            if label is not None and it.label != label:
+            if label_from is not None and it.label != label:
                 raise DataError(
                     f"{_name(label_from)} and {_name(it)}: the same image with different labels "
                     f"{_label_names(label_from, classnames)} and {_label_names(it, classnames)}"
@@ -89,14 +102,18 @@ def drop_duplicates(
     source: str,
     classnames: Sequence[str],
     tasks: Mapping[str, Sequence[str]] | None = None,
+    conflicts: str = "error",
 ) -> dict[str, list[Item]]:
-    """Split name -> items without copies of one image (see the module docstring); empty splits vanish."""
+    """Split name -> items without copies of one image (see the module docstring); empty splits vanish.
+    `conflicts`: "error" (copies with different labels or task values raise) or "first"."""
+    if conflicts not in ("error", "first"):
+        raise ValueError(f"conflicts must be 'error' or 'first', got {conflicts!r}")
     entries = [(s, it) for s, its in splits.items() for it in its]
     by_size: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, (_, it) in enumerate(entries):
         if it.image is not None:
             by_size[_size(it)].append(i)
-    by_hash: dict[tuple[str, str], list[int]] = defaultdict(list)
+    by_hash: dict[tuple[str | None, str], list[int]] = defaultdict(list)
     for idx in by_size.values():
         if len(idx) > 1:
             for i in idx:
@@ -110,13 +127,13 @@ def drop_duplicates(
     n_across = n_merged = 0
     for g in groups:
         keep = min(range(len(g)), key=lambda j: (KEEP_ORDER[entries[g[j]][0]], g[j]))
-        item, merged = _merge([entries[i] for i in g], keep, classnames, tasks or {})
+        item, merged = _merge([entries[i] for i in g], keep, classnames, tasks or {}, conflicts)
         kept_as[g[keep]] = item
         dropped.update(i for j, i in enumerate(g) if j != keep)
         n_across += len({entries[i][0] for i in g}) > 1
         n_merged += merged
     a, b = (entries[i][1] for i in groups[0][:2])
-    same = "the same file" if a.image == b.image else "the same file content"
+    same = "the same file" if isinstance(a.image, str) and a.image == b.image else "the same file content"
     msg = f"{source}: {len(dropped)} duplicate image(s) dropped ({same} as another row, e.g. {_name(a)} and {_name(b)})"
     if n_across:
         msg += f"; {n_across} had copies in different splits: kept in test, else val, else train"

@@ -4,7 +4,9 @@
 
 The CSV has the columns a user's own manifest would have (`image`, `label` or `labels`, `text`,
 `split`; for data with several tasks one column per task instead of `label`), so the README's
-walkthroughs start from a file exactly like the one a user brings. Files are copied (arrays are
+walkthroughs start from a file exactly like the one a user brings. Copies of one image are written
+once (the rule of `data.duplicates`, copies with different labels keeping the first: the file
+then loads without the conflict error a user's own copies get). Files are copied (arrays are
 written as PNG); the folder is written atomically.
 """
 
@@ -19,6 +21,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..utils import atomic_path
+from .duplicates import drop_duplicates
 from .items import Dataset
 
 
@@ -28,13 +31,16 @@ def export_manifest(splits: dict[str, Dataset], folder: str | os.PathLike, limit
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"{folder}: exists and is not an empty folder")
     first = next(iter(splits.values()))
+    kept = drop_duplicates(
+        {s: ds.items[:limit] for s, ds in splits.items()}, str(folder), first.classnames, first.tasks, conflicts="first"
+    )
     tasks = list(first.tasks) if len(first.tasks) >= 2 else []  # several tasks: task columns, no label column
     multi = first.multilabel
     with atomic_path(folder, is_dir=True) as tmp:
         (tmp / "images").mkdir(parents=True)
         rows = []
         for split, ds in splits.items():
-            for i, it in enumerate(ds.items[:limit]):
+            for i, it in enumerate(kept.get(split, [])):
                 row: dict[str, str] = {}
                 if it.image is None:
                     row["image"] = ""

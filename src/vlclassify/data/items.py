@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Item:
+    """One example: an image (path or array) and/or a paired text, with its label(s) per task."""
+
     image: str | np.ndarray | None  # file path, uint8 array [H, W] or [H, W, 3|4], or None (text only)
     label: int | None = None  # single-label class index
     labels: tuple[int, ...] | None = None  # multi-label class indices
@@ -28,6 +30,8 @@ class Item:
 
 @dataclass
 class Dataset:
+    """Items with their class names (and tasks): what every loader returns and every method fits on."""
+
     items: list[Item]
     classnames: list[str]  # classes of the main task (`label` / `labels`)
     name: str = ""
@@ -44,6 +48,7 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """The main task's class count."""
         return len(self.classnames)
 
     def fingerprint(self) -> str:
@@ -75,11 +80,13 @@ class Dataset:
         return y
 
     def task_labels(self, task: str) -> np.ndarray:
+        """[N] class indices of task `task` (-1 where an item has none); errors name a missing task."""
         if task not in self.tasks:
             raise DataError(f"{self.name}: no task {task!r}; tasks: {', '.join(self.tasks) or 'none'}")
         return np.array([(it.tasks or {}).get(task, -1) for it in self.items], dtype=np.int64)
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Dataset:
+        """The items at `indices` (precomputed features kept aligned), e.g. a split or a fold."""
         items = [self.items[int(i)] for i in indices]
         features = None if self.features is None else self.features.index(indices)
         return replace(self, items=items, name=name or self.name, features=features)
@@ -106,4 +113,5 @@ class Dataset:
         return replace(self, items=items, classnames=names)
 
     def texts(self) -> list[str]:
+        """The items' paired texts, "" where an item has none."""
         return [it.text or "" for it in self.items]

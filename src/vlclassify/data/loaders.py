@@ -26,6 +26,7 @@ RESERVED = {"image", "label", "labels", "text", "split", "id"}
 
 
 def file_key(path: str | os.PathLike) -> str:
+    """An item key for a file that changes when the file does (path, size, mtime)."""
     st = os.stat(path)
     return f"{os.fspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
@@ -199,14 +200,15 @@ def manifest(
         return "" if v is None else str(v).strip()
 
     def label_names(r: dict, known: Container[str] = ()) -> list[str]:
+        assert main is not None, "called for data with a label column"
         if not multilabel:
             v = cell(r, main)
             return [v] if v else []
-        v = r.get(main)
-        if isinstance(v, list):
-            if any(isinstance(x, (list, dict)) for x in v):
-                raise DataError(f"{where(r)}: 'labels' must be a list of names, got {v!r}")
-            return [str(x).strip() for x in v if x is not None and str(x).strip()]
+        raw = r.get(main)
+        if isinstance(raw, list):
+            if any(isinstance(x, (list, dict)) for x in raw):
+                raise DataError(f"{where(r)}: 'labels' must be a list of names, got {raw!r}")
+            return [str(x).strip() for x in raw if x is not None and str(x).strip()]
         return split_labels(cell(r, main), labels_sep, known)
 
     if main:

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, DataError
 from .items import Dataset
@@ -63,7 +64,7 @@ class Protocol:
                 w
                 for w, on in (
                     ("CoOp's renames", self.rename),
-                    (self.classnames_file, self.classnames_file),
+                    (self.classnames_file or "", self.classnames_file),
                     ("'_' as a space", self.spaces),
                 )
                 if on
@@ -74,9 +75,11 @@ class Protocol:
         return "; ".join(parts)
 
     def renames_classes(self) -> bool:
+        """Whether the protocol changes class names (a rename table, a class file, or spaces)."""
         return bool(self.rename or self.classnames_file or self.spaces)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON for fit.json and benchmark results (the presets' record)."""
         return {**dataclasses.asdict(self), "rename": dict(self.rename)}
 
 
@@ -87,6 +90,8 @@ def read_classnames_file(spec: str, name: str) -> dict[str, str]:
     """`folder class name` lines (CoOp's ImageNet `classnames.txt`) -> {folder: class name}, from
     the data's folder or the one above it (CoOp's layout: imagenet/classnames.txt, imagenet/images/)."""
     root = data_root(spec)
+    if root is None:
+        raise DataError(f"{spec}: a built-in dataset has no {name} (it names its classes itself)")
     path = next((d / name for d in (root, root.parent) if (d / name).is_file()), None)
     if path is None:
         raise DataError(f"{spec}: no {name} in {root} or {root.parent} (lines 'folder class name', as CoOp's)")
@@ -104,8 +109,9 @@ def read_classnames_file(spec: str, name: str) -> dict[str, str]:
 def clean_classnames(names: Sequence[str], protocol: Protocol, spec: str | None = None) -> list[str]:
     """The protocol's class names: the class file's name for a folder, then `rename`, then "_" as
     a space. Idempotent: a clean name maps to itself."""
-    folder = bool(spec) and Path(parse_spec(spec)[0]).is_dir()
-    table = read_classnames_file(spec, protocol.classnames_file) if protocol.classnames_file and folder else {}
+    table: dict[str, str] = {}
+    if spec and protocol.classnames_file and Path(parse_spec(spec)[0]).is_dir():
+        table = read_classnames_file(spec, protocol.classnames_file)
     if table:
         known = set(table) | set(table.values())
         missing = [n for n in names if n not in known]
@@ -127,8 +133,10 @@ def prepare_data(
     """`load_data` plus the protocol's data side: its class names, the split scored as test.
     `data` is a spec or the dict `load_data` returned (then `spec` locates a class file).
     Applying it twice changes nothing."""
-    spec = data if isinstance(data, str) else spec
-    raw = load_data(data) if isinstance(data, str) else dict(data)
+    if isinstance(data, str):
+        spec, raw = data, load_data(data)
+    else:
+        raw = dict(data)
     if protocol.test_split and "test" not in raw and protocol.test_split in raw:
         raw["test"] = raw.pop(protocol.test_split)
     if not protocol.renames_classes() or not raw:
@@ -162,7 +170,7 @@ def plan_splits(
     splits used as it is (what `load_data` or `prepare_data` returned). The result's `test_from`
     records where the test items come from, for `write_split_file`."""
     spec = data if isinstance(data, str) else None
-    raw = prepare_data(data, protocol) if spec is not None else dict(data)
+    raw = prepare_data(data, protocol) if isinstance(data, str) else dict(data)
     if split_file is not None:
         return read_split_file(split_file, raw, spec)
     test_from = "test" if "test" in raw else ("all" if "all" in raw else None)
@@ -182,7 +190,8 @@ def plan_splits(
             stacklevel=2,
         )
     tr, va = fewshot_indices(pool, shots, seed, val_pool, protocol.repeat, draw_val=not full)
-    out = {"train": pool.subset(tr), "val": val_pool if full else (pool if val_pool is None else val_pool).subset(va)}
+    val = val_pool if full and val_pool is not None else (pool if val_pool is None else val_pool).subset(va)
+    out = {"train": pool.subset(tr), "val": val}
     if "test" in raw:
         out["test"] = raw["test"]
     elif "all" in raw:

@@ -55,11 +55,12 @@ class PrecomputedFeatures:
         return self.image.shape[0]
 
     def index(self, idx) -> PrecomputedFeatures:
+        """The rows at `idx`, so splits of a feature file stay aligned with their items."""
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
         pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
         return PrecomputedFeatures(
             path=self.path,
-            image=pick(self.image),
+            image=self.image.index_select(0, idx_t),
             pooled=pick(self.pooled),
             spatial=pick(self.spatial),
             grid=self.grid,
@@ -158,7 +159,7 @@ def _labels(path: Path, t: torch.Tensor, n: int, c: int) -> tuple[list[int] | No
         y = _integers(path, "labels", t)
         if len(y) != n:
             raise DataError(f"{path}: 'labels' has {len(y)} rows but 'image' has {n}")
-        bad = np.flatnonzero((y < 0) | (y >= c))
+        bad: np.ndarray = np.flatnonzero((y < 0) | (y >= c))
         if len(bad):
             raise DataError(f"{path}: labels[{bad[0]}] = {y[bad[0]]} is not a class index 0..{c - 1} ({c} classnames)")
         return y.tolist(), None
@@ -187,9 +188,9 @@ def _split(path: Path, tensors: dict, strings: dict, n: int) -> np.ndarray | Non
         names = strings["split"]
         if not isinstance(names, list) or len(names) != n:
             raise DataError(f"{path}: 'split' must list {n} split names, got {type(names).__name__}")
-        bad = [i for i, s in enumerate(names) if s not in SPLIT_CODES]
-        if bad:
-            raise DataError(f"{path}: split[{bad[0]}] = {names[bad[0]]!r}; use train, val or test")
+        wrong = [i for i, s in enumerate(names) if s not in SPLIT_CODES]
+        if wrong:
+            raise DataError(f"{path}: split[{wrong[0]}] = {names[wrong[0]]!r}; use train, val or test")
         return np.array([SPLIT_CODES.index(s) for s in names], dtype=np.int64)
     return None
 
@@ -341,7 +342,7 @@ def save_precomputed(
             arrays = {k: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for k, t in tensors.items()}
             arrays.update({k: np.array(v) for k, v in strings.items()})
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, allow_pickle=True, **arrays)  # numpy's default, spelt out so **arrays cannot bind it
         try:
             load_precomputed(tmp)  # a file that would not load is never left behind
         except DataError as e:

@@ -50,17 +50,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             raise DataError(f"data spec {spec!r}: option {part!r} must be key=value")
         if k in opts:
             raise DataError(f"data spec {spec!r}: option {k!r} is given twice")
+        value: str | list[str] | bool = v
         if k in LIST_OPTIONS:
-            v = [x.strip() for x in v.split(",")]
-            if not all(v):
+            value = [x.strip() for x in v.split(",")]
+            if not all(value):
                 raise DataError(f"data spec {spec!r}: option {part!r} has an empty name in its list")
         elif k == "classes":
-            v = parse_classes(v)[0]
+            value = parse_classes(v)[0]
         elif k in FLAG_OPTIONS:
             if v.strip().lower() not in TRUE + FALSE:
                 raise DataError(f"data spec {spec!r}: option {k}={v!r} must be true or false")
-            v = v.strip().lower() in TRUE
-        opts[k] = v
+            value = v.strip().lower() in TRUE
+        opts[k] = value
     return base, opts
 
 

@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 from ..utils import atomic_path
@@ -85,7 +86,7 @@ def write_split_file(path: str | os.PathLike, splits: Mapping[str, Dataset], spe
     path = Path(path)
     root = data_root(spec)
     test_from = getattr(splits, "test_from", "test" if "test" in splits else None)
-    test = None
+    test: dict[str, Any] | None = None
     if test_from == "test":
         test = {"source": f"{spec}#test"}
     elif test_from == "all":
@@ -114,7 +115,7 @@ def _match(path: Path, what: str, rows: list, raw: Mapping[str, Dataset], root: 
     names = [n for n in _candidates(what) if n in raw]
     if not names:
         raise DataError(f"{path}: the data has no {' or '.join(_candidates(what))} split to take {what!r} from")
-    first_missing = None
+    first_missing: tuple[str, int] | None = None  # (split, row) of the first row a candidate split lacks
     for name in names:
         ds = raw[name]
         where: dict[str, list[int]] = {}
@@ -141,6 +142,7 @@ def _match(path: Path, what: str, rows: list, raw: Mapping[str, Dataset], root: 
             used.add(j)
             out.append(j)
         return name, out
+    assert first_missing is not None  # every candidate split lacked a row, or it returned
     name, i = first_missing
     raise DataError(
         f"{path}: {what}[{i}] {rows[i][0]!r} is not an item of the data's {name!r} split"

@@ -29,7 +29,7 @@ import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -82,7 +82,11 @@ def describe(src: str) -> str:
 
 
 def read_member(src: str) -> bytes:
-    tar, name, offset, size = parse_member_ref(src)
+    """The bytes of the tar member `src` (a `member_ref`) read by offset; errors name tar and member."""
+    ref = parse_member_ref(src)
+    if ref is None:
+        raise ValueError(f"read_member: {src!r} is not a member_ref")
+    tar, name, offset, size = ref
     try:
         with open(tar, "rb") as f:
             f.seek(offset)
@@ -139,13 +143,17 @@ def iter_samples(tar: str, text: str = "txt") -> Iterator[tuple[str, bytes | Non
             yield where, (sample[ext] if ext else None), caption
 
 
-def _field(spec: str, what: str) -> tuple[str, str | None]:
+def _field(spec: str, what: str) -> tuple[Literal["json"], str] | tuple[Literal["txt", "cls", "none"], None]:
     """`json:FIELD` -> ("json", FIELD); `txt`/`cls`/`none` -> (that, None)."""
     kind, _, name = spec.partition(":")
     if kind == "json" and name:
         return "json", name
-    if kind in ("txt", "cls", "none") and not name:
-        return kind, None
+    if kind == "txt" and not name:
+        return "txt", None
+    if kind == "cls" and not name:
+        return "cls", None
+    if kind == "none" and not name:
+        return "none", None
     raise DataError(f"webdataset option {what}={spec!r}: expected json:FIELD, txt, cls or none")
 
 
@@ -173,8 +181,11 @@ def _scan(tar: str) -> Iterator[dict[str, Any]]:
                 cur = {"key": key, "members": {}}
             cur["members"][ext] = (ti.offset_data, ti.size)
             if ext in ("json", "txt", "cls"):
-                cur[ext] = tf.extractfile(ti).read()
-            tf.members = []  # keep memory flat over a long tar
+                f = tf.extractfile(ti)  # a regular member (isreg above): never None
+                assert f is not None
+                cur[ext] = f.read()
+            # keep memory flat over a long tar (typeshed's TarFile lacks the `members` list it has)
+            tf.members = []  # type: ignore[attr-defined]
         if cur is not None:
             yield cur
 
@@ -303,7 +314,9 @@ def dataset_samples(ds: Dataset, label_field: str = "label") -> Iterator[dict[st
             ext = Path(it.image).suffix.lower().lstrip(".") or "png"
             data = Path(it.image).read_bytes()
         elif isinstance(it.image, str):
-            ext, data = parse_member_ref(it.image)[1].rsplit(".", 1)[-1], read_member(it.image)
+            ref = parse_member_ref(it.image)
+            assert ref is not None  # the branch above took every other path
+            ext, data = ref[1].rsplit(".", 1)[-1], read_member(it.image)
         else:
             from .images import load_image
 
@@ -332,7 +345,8 @@ def write_webdataset(
 
     from ..utils import atomic_path
 
-    out, paths = Path(out_dir), []
+    out = Path(out_dir)
+    paths: list[Path] = []
     it = iter(samples)
     while True:
         first = next(it, None)

@@ -43,6 +43,7 @@ class FeatureCache:
 
     @property
     def store(self) -> FeatureStore:
+        """The per-image feature store under the cache root, opened on first use."""
         if self._store is None:
             self._store = FeatureStore(self.root / "store", read_only=self.read_only)
         return self._store
@@ -72,6 +73,7 @@ class FeatureCache:
             return None
 
     def save(self, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path | None:
+        """Save tensors under `key` atomically; None when the cache is disabled or cannot be written."""
         if not self.enabled:
             return None
         d = self._dir(key)

@@ -37,6 +37,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one rank runs (torchrun)."""
         return self.world_size > 1
 
 
@@ -138,8 +139,8 @@ def plan_inputs(
         splits = {split: splits[split]}
     items = [it for ds in splits.values() for it in ds.items]
     blocks = [items[s : s + shard_rows] for s in range(0, len(items), shard_rows)]
-    mine = blocks[env.rank :: env.world_size]
-    return [(None, _item_sources(b, skip_bad)) for b in mine], {k: len(v) for k, v in splits.items()}
+    my_blocks = blocks[env.rank :: env.world_size]
+    return [(None, _item_sources(b, skip_bad)) for b in my_blocks], {k: len(v) for k, v in splits.items()}
 
 
 def extract_spec(

@@ -12,17 +12,20 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, ImageFeatures
 from ..data.hashing import content_hash
 from ..data.images import load_image
 from ..data.items import Dataset, Item
+from ..data.precomputed import PrecomputedFeatures
 from ..errors import DataError
 from .cache import FeatureCache
 from .runtime import cpu_count, encoder_name, make_encoder, resolve_device, resolve_precision, resolve_runtime
@@ -64,7 +67,7 @@ def random_resized_crop(index: int) -> Callable[[Image.Image], Image.Image]:
                 cw, ch = w, h
             left, top = (w - cw) // 2, (h - ch) // 2
             box = (left, top, left + cw, top + ch)
-        out = im.crop(box).resize((RRC_SIZE, RRC_SIZE), Image.BICUBIC)
+        out = im.crop(box).resize((RRC_SIZE, RRC_SIZE), Image.Resampling.BICUBIC)
         return ImageOps.mirror(out) if rng.random() < 0.5 else out
 
     return view
@@ -95,7 +98,7 @@ class FeatureSet:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One field; errors name a missing one."""
-        x = getattr(self, key)
+        x: torch.Tensor | None = getattr(self, key)
         if x is None:
             raise DataError(f"features: no {key!r} features were extracted")
         return x
@@ -105,11 +108,15 @@ class FeatureSet:
         return {k: self.tensor(k)[start:stop].float() for k in keys}
 
     def index(self, idx: Sequence[int] | np.ndarray) -> FeatureSet:
+        """The rows at `idx` of every field and view, so a subset keeps its features."""
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, idx_t)
+
         return FeatureSet(
-            image=pick(self.image),
-            pooled=pick(self.pooled),
+            image=self.image.index_select(0, idx_t),
+            pooled=self.pooled.index_select(0, idx_t),
             spatial=pick(self.spatial),
             grid=self.grid,
             text=pick(self.text),
@@ -127,10 +134,14 @@ class Source:
 
 
 def item_source(item: Item) -> Source:
-    return Source(content_hash(item), lambda: load_image(item), item.text)
+    """The Source of an item with an image (its content hash is the store key)."""
+    key = content_hash(item)
+    if key is None:
+        raise DataError(f"{item.key or '?'}: item has no image")
+    return Source(key, lambda: load_image(item), item.text)
 
 
-def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict:
+def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict[str, Any]:
     """The identity of an image feature row: a changed weight file, preprocessing, view or runtime is another space."""
     return {
         "kind": "image",
@@ -141,7 +152,8 @@ def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict:
     }
 
 
-def text_space_key(backbone: Backbone) -> dict:
+def text_space_key(backbone: Backbone) -> dict[str, Any]:
+    """The identity of a text feature row: the backbone (texts have no views or runtimes)."""
     return {"kind": "text", "backbone": backbone.identity()}
 
 
@@ -195,7 +207,7 @@ def iter_batches(
     it = iter(sources)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
-        def submit():
+        def submit() -> tuple[list[Source], list[Future[torch.Tensor | None]]]:
             chunk = list(itertools.islice(it, batch_size))
             return chunk, [pool.submit(_decode, backbone, s, view, skip_bad) for s in chunk]
 
@@ -212,7 +224,7 @@ def iter_batches(
 @torch.no_grad()
 def _encode_sources(
     backbone: Backbone,
-    encoder: Callable,
+    encoder: Callable[..., ImageFeatures],
     sources: Iterable[Source],
     view: str,
     spatial: bool,
@@ -220,7 +232,7 @@ def _encode_sources(
     workers: int,
     skip_bad: bool,
     on_rows: Callable[[list[str], dict[str, np.ndarray], tuple[int, int] | None], None],
-    bar,
+    bar: Any,  # a tqdm bar
 ) -> list[str]:
     """Decode and encode `sources`; hand each batch's rows to `on_rows(keys, arrays, grid)`. Returns the bad keys."""
     _set_threads()
@@ -233,7 +245,7 @@ def _encode_sources(
             arrays = {"image": out.embeds.float().numpy().copy(), "pooled": out.pooled.float().numpy().copy()}
             if spatial:
                 arrays["spatial"] = out.tokens.half().numpy().copy()
-            on_rows([s.key for s, o in zip(chunk, ok) if o], arrays, tuple(out.grid) if spatial else None)
+            on_rows([s.key for s, o in zip(chunk, ok) if o], arrays, (out.grid[0], out.grid[1]) if spatial else None)
         if bar is not None:
             bar.update(len(chunk))
     return bad
@@ -260,6 +272,7 @@ def precomputed_feature_set(
 ) -> FeatureSet:
     """The FeatureSet of a dataset read from a feature file; what the file lacks is named."""
     pre = dataset.features
+    assert pre is not None, "extract_features calls this for data read from a feature file"
     if pre.image.shape[1] != backbone.embed_dim:
         raise DataError(
             f"{pre.path}: image embeddings are {pre.image.shape[1]}-d but backbone {backbone.name!r} has a "
@@ -280,7 +293,7 @@ def precomputed_feature_set(
             f"{pre.path}: this method needs spatial tokens of view(s) {', '.join(lacking)}; the file has none"
         )
 
-    def to_set(p) -> FeatureSet:
+    def to_set(p: PrecomputedFeatures) -> FeatureSet:
         return FeatureSet(
             image=p.image,
             pooled=p.image if p.pooled is None else p.pooled,  # without pooled features the embeddings stand in
@@ -344,6 +357,7 @@ def extract_features(
         grid = None
         lookup_keys = [k or "" for k in keys]
         for rt in plan.accepted if store is not None else ():
+            assert store is not None  # the loop runs only with a store
             sid = store.space(image_space_key(backbone, view, rt), create=False)
             if sid is None or have.all():
                 continue
@@ -362,12 +376,22 @@ def extract_features(
         if todo:
             encoder = encoder or make_encoder(backbone, runtime, cache.root, plan.device, plan.precision)
             writer = (
-                store.writer(store.space(image_space_key(backbone, view, encoder.name)), shard_rows=cache.shard_rows)
+                store.writer(
+                    cast(str, store.space(image_space_key(backbone, view, encoder.name))),  # created: never None
+                    shard_rows=cache.shard_rows,
+                )
                 if store is not None
                 else None
             )
 
-            def on_rows(ks, arrays, g, writer=writer, out=out, todo=todo):
+            def on_rows(
+                ks: list[str],
+                arrays: dict[str, np.ndarray],
+                g: tuple[int, int] | None,
+                writer: ShardWriter | None = writer,
+                out: dict[str, np.ndarray] = out,
+                todo: dict[str, list[int]] = todo,
+            ) -> None:
                 nonlocal grid
                 grid = grid or g
                 if writer is not None:
@@ -383,7 +407,7 @@ def extract_features(
 
             desc = f"features {dataset.name or ''} [{view}]".strip()
             bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-            srcs = (Source(k, lambda i=todo[k][0]: load_image(items[i])) for k in todo)
+            srcs = (Source(k, partial(load_image, items[todo[k][0]])) for k in todo)
             bad_keys = _encode_sources(
                 backbone, encoder, srcs, view, spatial, batch_size, workers, skip_bad, on_rows, bar
             )
@@ -425,7 +449,7 @@ def extract_to_store(
     precision: str = "auto",
     writer_name: str | None = None,
     text: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Stream `inputs` — (signature or None, sources) pairs, e.g. one per WebDataset tar — into the store.
 
     Images already stored (any accepted runtime) are skipped before decoding; an input whose
@@ -464,7 +488,7 @@ def extract_to_store(
             if encoder is None:
                 encoder = make_encoder(backbone, runtime, cache.root, plan.device, plan.precision)
             if writer is None:
-                sid = store.space(image_space_key(backbone, view, encoder.name))
+                sid = cast(str, store.space(image_space_key(backbone, view, encoder.name)))  # created: never None
                 spaces = list(dict.fromkeys([sid, *spaces]))
                 writer = store.writer(sid, name=writer_name and f"{writer_name}-{view}", shard_rows=cache.shard_rows)
             texts: list[str] = []
@@ -494,8 +518,8 @@ def _missing(
     sources: Iterable[Source],
     spatial: bool,
     written: set[str],
-    stats: dict,
-    bar,
+    stats: dict[str, Any],
+    bar: Any,  # a tqdm bar
     texts: list[str] | None,
     chunk: int = 256,
 ) -> Iterator[Source]:
@@ -528,7 +552,7 @@ def encode_texts(
     have = np.array([not t for t in texts], dtype=bool)
     store = cache.store if cache.enabled else None
     sid = store.space(text_space_key(backbone)) if store is not None and any(texts) else None
-    if sid is not None:
+    if store is not None and sid is not None:
         got, out = store.read(store.lookup(sid, keys), ["text"], {"text": emb})
         emb = out["text"]
         have |= got
@@ -540,7 +564,7 @@ def encode_texts(
         vecs = backbone.encode_texts_normalized([texts[todo[k][0]] for k in uniq], batch_size).float().numpy()
         for k, v in zip(uniq, vecs):
             emb[todo[k]] = v
-        if sid is not None:
+        if store is not None and sid is not None:
             w = store.writer(sid, shard_rows=cache.shard_rows)
             w.add(uniq, {"text": vecs})
             w.flush()

@@ -19,9 +19,10 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
+from torch import nn
 
 from ..backbones.base import Backbone, ImageFeatures
 from ..errors import ConfigError
@@ -82,6 +83,7 @@ def resolve_precision(
 
 
 def onnxruntime_available() -> bool:
+    """Whether onnxruntime can be imported (the ONNX runtime is optional)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -89,9 +91,30 @@ def onnxruntime_available() -> bool:
     return True
 
 
+class TrunkBackbone(Protocol):
+    """The optional image-trunk API of a backbone (see the module doc; effnet-minilm has it)."""
+
+    def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, H, W] -> the convolutional feature map [N, C, h, w]."""
+        ...
+
+    def image_head(self, fmap: torch.Tensor, spatial: bool = True) -> ImageFeatures:
+        """Feature map -> ImageFeatures (tokens [N, 0, D] when `spatial` is False)."""
+        ...
+
+    def inference_trunk(self) -> nn.Module:
+        """A copy of the trunk for inference only (batch norms folded), pixels -> feature map."""
+        ...
+
+
 def has_trunk(backbone: Backbone) -> bool:
     """True when the backbone separates its image trunk from its head (see the module doc)."""
     return all(callable(getattr(backbone, a, None)) for a in ("image_trunk", "image_head", "inference_trunk"))
+
+
+def trunk_of(backbone: Backbone) -> TrunkBackbone:
+    """`backbone` as a TrunkBackbone, for backbones `has_trunk` accepted."""
+    return cast(TrunkBackbone, backbone)
 
 
 def resolve_runtime(backbone: Backbone, runtime: str = "auto", device: torch.device | None = None) -> str:
@@ -134,7 +157,7 @@ class TorchEncoder:
         if self.device.type != "cpu":
             backbone = copy.deepcopy(backbone).to(self.device).eval()
         self.backbone = backbone
-        self.trunk = backbone.inference_trunk() if has_trunk(backbone) else None
+        self.trunk = trunk_of(backbone).inference_trunk() if has_trunk(backbone) else None
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, spatial: bool = True) -> ImageFeatures:
@@ -145,7 +168,7 @@ class TorchEncoder:
             if self.trunk is None:
                 out = self.backbone.encode_image(x)
             else:
-                out = self.backbone.image_head(self.trunk(x), spatial=spatial)
+                out = trunk_of(self.backbone).image_head(self.trunk(x), spatial=spatial)
         if self.device.type == "cpu" and dtype is None:
             return out
         return ImageFeatures(
@@ -175,10 +198,11 @@ class OnnxEncoder:
     def __call__(self, pixels: torch.Tensor, spatial: bool = True) -> ImageFeatures:
         x = pixels.float().contiguous().numpy()  # [N, 3, H, W] float32, NCHW
         fmap = torch.from_numpy(self.session.run(None, {"pixels": x})[0])  # [N, C, h, w]
-        return self.backbone.image_head(fmap, spatial=spatial)
+        return trunk_of(self.backbone).image_head(fmap, spatial=spatial)
 
 
 def onnx_trunk_path(backbone: Backbone, cache_dir: str | Path | None = None) -> Path:
+    """Where the exported ONNX trunk of these weights lives in the cache (one file per weights and image size)."""
     key = json_fingerprint(
         {
             "name": backbone.name,
@@ -196,7 +220,8 @@ def export_onnx_trunk(backbone: Backbone, path: Path) -> Path:
     import warnings
 
     log.info("exporting the %s image trunk to ONNX (once per weights): %s", backbone.name, path)
-    trunk = backbone.inference_trunk().to(memory_format=torch.contiguous_format)
+    # Module.to takes memory_format (torch's docs), its overloads in the stubs do not
+    trunk = trunk_of(backbone).inference_trunk().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     example = torch.zeros(2, 3, backbone.image_size, backbone.image_size)
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is chatty about deprecations

@@ -65,6 +65,7 @@ class DamagedShard(Exception):
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 4 MiB chunks (shard checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -73,6 +74,7 @@ def sha256_file(path: Path) -> str:
 
 
 def text_key(text: str) -> str:
+    """The store key of a text row: the SHA-256 of the text."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -122,6 +124,7 @@ class Rows:
 
     @property
     def found(self) -> np.ndarray:
+        """[N] bool: rows the index located."""
         return self.row >= 0  # [N] bool
 
 
@@ -139,6 +142,7 @@ class FeatureStore:
     # ---- index ------------------------------------------------------------------------------
     @property
     def db(self) -> sqlite3.Connection:
+        """The SQLite index, opened on first use (a damaged one is rebuilt from the shard manifests)."""
         if self._db is None:
             self.root.mkdir(parents=True, exist_ok=True)
             path = self.root / "index.sqlite"
@@ -158,16 +162,19 @@ class FeatureStore:
         return db
 
     def close(self) -> None:
+        """Close the index and drop the shard memory maps (e.g. before pruning files)."""
         if self._db is not None:
             self._db.close()
             self._db = None
         self._maps.clear()
 
     def space_dir(self, sid: str) -> Path:
+        """The folder of a space's shards."""
         return self.root / sid
 
     @staticmethod
     def space_id(key: dict[str, Any]) -> str:
+        """The id of the space for `key`: a fingerprint of the normalised key and the store version."""
         return json_fingerprint({**_normalise(key), "store_version": STORE_VERSION})
 
     def space(self, key: dict[str, Any], create: bool = True) -> str | None:
@@ -331,7 +338,7 @@ class FeatureStore:
         index and its rows come back False, for the caller to recompute."""
         ok = rows.found.copy()
         by_shard: dict[str, list[int]] = {}
-        for i in np.flatnonzero(ok):
+        for i in np.flatnonzero(ok).tolist():
             by_shard.setdefault(rows.shard[i], []).append(i)
         out = {} if out is None else out
         touched = []
@@ -364,6 +371,7 @@ class FeatureStore:
 
     # ---- writing ------------------------------------------------------------------------------
     def writer(self, sid: str, name: str | None = None, shard_rows: int = 1024) -> ShardWriter:
+        """A ShardWriter appending rows to space `sid`."""
         return ShardWriter(self, sid, name or _writer_name(), shard_rows)
 
     def commit(self, sid: str, manifest: dict[str, Any]) -> None:
@@ -391,6 +399,7 @@ class FeatureStore:
             (self.space_dir(sid) / f).unlink(missing_ok=True)
 
     def drop_space(self, sid: str) -> None:
+        """Delete a space: its rows, shards and files."""
         import shutil
 
         for n in [r[0] for r in self.db.execute("SELECT name FROM shards WHERE space=?", (sid,))]:
@@ -418,11 +427,13 @@ class FeatureStore:
         return out
 
     def shards(self, sid: str | None = None) -> list[dict[str, Any]]:
+        """The shards (of one space, or all) with rows, bytes and times, for `vlclassify cache info`."""
         q = "SELECT name, space, rows, bytes, created, used FROM shards" + (" WHERE space=?" if sid else "")
         cols = ("name", "space", "rows", "bytes", "created", "used")
         return [dict(zip(cols, r)) for r in self.db.execute(q, (sid,) if sid else ())]
 
     def live_rows(self, name: str) -> int:
+        """Rows of shard `name` still in the index (a shard with none can be pruned)."""
         return self.db.execute("SELECT count(*) FROM rows WHERE shard=?", (name,)).fetchone()[0]
 
     def verify(self, sid: str | None = None) -> list[str]:
@@ -472,7 +483,7 @@ class ShardWriter:
         for f, a in arrays.items():
             self.parts.setdefault(f, []).append(np.ascontiguousarray(a))
         if grid is not None:
-            self.grid = tuple(grid)
+            self.grid = (int(grid[0]), int(grid[1]))
         while len(self.keys) >= self.shard_rows:
             self._write(self.shard_rows, ())
 

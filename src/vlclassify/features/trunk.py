@@ -38,6 +38,7 @@ class TrunkSet:
         return self.image.shape[0]
 
     def index(self, idx) -> TrunkSet:
+        """The rows at `idx`, so a subset keeps its cached trunk activations."""
         i = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         return TrunkSet(
             *(t.index_select(0, i) for t in (self.image, self.text, self.text_mask, self.has_image, self.has_text))
@@ -125,11 +126,11 @@ def compute_trunk(
         H, L = 0, 0
     text = torch.zeros(n, L, H, dtype=torch.float16)
     mask = torch.zeros(n, L, dtype=torch.bool)
-    for i, (h, m) in enumerate(zip(txt_parts, mask_parts)):
-        if h is not None:
+    for i, (th, tm) in enumerate(zip(txt_parts, mask_parts)):
+        if th is not None and tm is not None:  # both set, or both None (a chunk without texts)
             s = i * batch_size
-            text[s : s + h.shape[0], : h.shape[1]] = h
-            mask[s : s + m.shape[0], : m.shape[1]] = m
+            text[s : s + th.shape[0], : th.shape[1]] = th
+            mask[s : s + tm.shape[0], : tm.shape[1]] = tm
     return TrunkSet(img, text, mask, has_image, has_text)
 
 

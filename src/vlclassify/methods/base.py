@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self, cast
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
 from ..training import Stage, Trainer, TrainResult
+from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
 from .templates import cached_template_embeddings
@@ -69,6 +70,7 @@ class Encoded:
         return len(self.dataset)
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> Encoded:
+        """The rows at `idx` of the items and their features together."""
         return Encoded(self.dataset.subset(idx), self.features.index(idx))
 
 
@@ -82,6 +84,7 @@ class TrainOptions:
 
 
 def dataset_of(data: Dataset | Encoded) -> Dataset:
+    """The Dataset behind a Dataset or an Encoded."""
     return data.dataset if isinstance(data, Encoded) else data
 
 
@@ -96,6 +99,7 @@ def data_kinds(ds: Dataset) -> set[str]:
 
 
 def methods_taking(kind: str) -> list[str]:
+    """Names of the methods that read input kind `kind` (e.g. text), for CLI notes."""
     from .registry import METHODS
 
     return [n for n in METHODS.names() if kind in METHODS.get(n).kinds | METHODS.get(n).optional_kinds]
@@ -105,15 +109,16 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
     """Accept a Dataset, a list of Items or a list of image paths."""
     if isinstance(items, Dataset):
         return items
-    items = list(items)
-    if items and isinstance(items[0], str):
+    rows = list(items)
+    if rows and isinstance(rows[0], str):
         from ..data.loaders import file_key
 
-        missing = [p for p in items if not Path(p).is_file()]
+        paths = cast(list[str], rows)
+        missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise DataError(f"{missing[0]}: image file not found")
-        items = [Item(image=p, key=file_key(p)) for p in items]
-    return Dataset(items=items, classnames=list(classnames), name="input")
+        rows = [Item(image=p, key=file_key(p)) for p in paths]
+    return Dataset(items=cast(list[Item], rows), classnames=list(classnames), name="input")
 
 
 class Method:
@@ -252,7 +257,7 @@ class Method:
         *,
         precision: float | None = None,
         thresholds: str = "per-class",
-    ) -> Method:
+    ) -> Self:
         """Learn from `train`, choose hyper-parameters, checkpoints and the decision rule on `val`.
 
         precision: for single-label data, answer only when the top class reaches this precision on
@@ -283,6 +288,7 @@ class Method:
         self.fit_info = {}
         with torch.enable_grad():
             self._fit(tr, va)
+        assert self.head is not None, f"{self.name}: _fit must build self.head"
         self.head.requires_grad_(False).eval()  # a fitted model is for inference; training re-enables what it trains
         if notes:
             self.fit_info["ignored"] = notes
@@ -381,7 +387,7 @@ class Method:
         train: Encoded,
         val: Encoded | None,
         stages: Sequence[Stage],
-        batches: Callable | None = None,
+        batches: BatchFn | None = None,
         metric: Callable[[nn.Module], dict[str, float]] | None = None,
         work: int | None = None,
         run: str = "",
@@ -390,6 +396,7 @@ class Method:
         the main task's score (accuracy, or mAP for multi-label data) unless `metric` is given.
         `run` names a sub-folder of `run_dir` when one fit trains several heads (a grid)."""
         cfg = self.config
+        assert self.head is not None, "train_head trains the head init_head built"
         if metric is None and val is not None:
             metric = self.val_metric(val)
         run_dir = getattr(cfg, "run_dir", None)
@@ -427,7 +434,7 @@ class Method:
         out["targets"] = y.repeat(len(views), *([1] * (y.dim() - 1)))
         return out
 
-    def feature_batches(self, train: Encoded, tensors: dict[str, torch.Tensor] | None = None):
+    def feature_batches(self, train: Encoded, tensors: dict[str, torch.Tensor] | None = None) -> BatchFn:
         """The Trainer's batches: a fresh permutation of the rows every epoch, cut into global batches."""
         rows = tensors if tensors is not None else self.train_tensors(train)
         n = len(rows["targets"])
@@ -481,6 +488,7 @@ class Method:
         return self._outputs(enc)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
+        assert self.head is not None, "callers check that the model is fitted"
         return self._forward(self.head, enc)
 
     def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
@@ -489,7 +497,9 @@ class Method:
         return (torch.sigmoid(z) if self.multilabel and task == MAIN else torch.softmax(z, -1)).numpy()
 
     def logits(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> torch.Tensor:
-        return self.outputs(data)["logits"]
+        """[N, C] main-task logits (before the sigmoid / softmax of `predict_proba`)."""
+        logits: torch.Tensor = self.outputs(data)["logits"]
+        return logits
 
     def predict_proba(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> np.ndarray:
         """[N, C] scores of the main task."""
@@ -508,6 +518,7 @@ class Method:
         return self.decision(MAIN).apply(self.predict_proba(data))
 
     def decision(self, task: str = MAIN) -> DecisionRule:
+        """The decision rule of `task` (chosen on validation at fit, else the default)."""
         if task not in self.decisions:
             self.decisions[task] = self.default_decision(task, len(self.task_classes.get(task, self.classnames)))
         return self.decisions[task]
@@ -526,19 +537,24 @@ class Method:
         results = []
         for i, it in enumerate(enc.dataset.items):
             tasks = {
-                t: task_prediction(probs[t][i], decided[t][i], self.task_classes[t], top)
+                self.task_name(t): task_prediction(probs[t][i], decided[t][i], self.task_classes[t], top)
                 for t in self.task_classes
                 if t in probs
             }
             weights = None
             if lam is not None:
                 weights = {
-                    t: {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
+                    self.task_name(t): {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
                     for k, t in enumerate(self.task_classes)
                 }
             name = it.image if isinstance(it.image, str) else it.key
             results.append(Prediction(tasks, weights, str(name)))
         return results
+
+    def task_name(self, task: str) -> str:
+        """The name `task` is shown under in predictions: the data column it answers (the main
+        label of single-task data is `label`)."""
+        return task
 
     def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
         """[h, w] map of where the model looked in `item` (an Item or an image path) for `target`
@@ -548,9 +564,11 @@ class Method:
     # ---- persistence --------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """What model.safetensors holds: the head's state (methods may add more)."""
+        assert self.head is not None, "save_pretrained checks that the model is fitted"
         return {f"head.{k}": v for k, v in self.head.state_dict().items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Rebuild the head from config.json's spec and load its weights; errors name `where`."""
         self.head = self.build_head(self.head_spec)
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
         try:
@@ -603,6 +621,7 @@ class Method:
     def from_pretrained(
         cls, directory: str | Path, backbone: Backbone | None = None, cache: FeatureCache | None = None
     ) -> Method:
+        """Load a saved model of this method class (see `load_method`)."""
         return load_method(directory, backbone=backbone, cache=cache, expect=cls.name or None)
 
 
@@ -634,7 +653,7 @@ def load_method(
             "refit the model with this version)"
         )
     name = cfg.get("method")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"{cpath}: unknown method {name!r}; available: {', '.join(METHODS.names())}")
     if expect and name != expect:
         raise ConfigError(f"{directory}: holds a {name!r} model, not {expect!r}")
@@ -702,6 +721,7 @@ def feature_keys(needs: frozenset[str]) -> list[str]:
 
 
 def check_features(f: FeatureSet, needs: frozenset[str], what: str) -> None:
+    """Fail early, naming the field, when features a method needs are missing or not finite."""
     for key in feature_keys(needs):
         x = getattr(f, key)
         if x is None:
@@ -743,6 +763,7 @@ def check_option_types(method: str, config_cls: type, options: dict[str, Any]) -
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
+    """A DataError naming the first row with NaN or infinite values."""
     if x.numel() and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(dim=-1).nonzero()[0, 0]) if x.dim() > 1 else 0
         raise DataError(f"{what}: NaN or infinite values (first at row {bad})")
@@ -755,8 +776,10 @@ def check_dim(x: torch.Tensor, expected: int, what: str) -> None:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] -> float32 unit vectors (cosine scores everywhere)."""
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
 def log_grid(lo: float, hi: float, n: int) -> list[float]:
+    """`n` values from `lo` to `hi`, evenly spaced in log scale (hyper-parameter grids)."""
     return [10 ** (math.log10(lo) + i * (math.log10(hi) - math.log10(lo)) / (n - 1)) for i in range(n)]

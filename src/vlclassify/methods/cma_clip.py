@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,6 +80,8 @@ STOPWORDS = {
 
 @dataclass
 class CMAClipConfig(TrainOptions):
+    """CMA-CLIP's options: the sequence transformer, the modality-wise attention and training."""
+
     tasks: list[str] | None = None  # task columns to learn (None = every task of the data, else its main label)
     width: int = 256  # sequence transformer width (paper: 512)
     layers: int = 1  # sequence transformer layers (paper: 12)
@@ -176,6 +179,7 @@ class CMAClipModel(nn.Module):
         return out[:, 0], out[:, 1 + P], (maps if attention else None)
 
     def forward(self, batch: dict, attention: bool = False) -> dict:
+        """batch -> main-task logits, per-task logits and the modality weights (and attention maps when asked)."""
         has_image, has_text = batch["has_image"].bool(), batch["has_text"].bool()
         e = {k: batch[k] for k in EMBED_KEYS} if "img_emb" in batch else self.embed(batch)
         if self.training and self.cfg.modality_noise > 0:
@@ -358,7 +362,14 @@ class CMAClip(Method):
         whose items all come from `ds` is then served by indexing instead of recomputing."""
         self._pool = (trunk, {it.key: i for i, it in enumerate(ds.items)})
 
+    @property
+    def _model(self) -> CMAClipModel:
+        """The head as its class (built by init_head or load_tensors)."""
+        assert isinstance(self.head, CMAClipModel), "cma-clip: no model yet (fit or load one first)"
+        return self.head
+
     def trunk(self, ds: Dataset) -> TrunkSet:
+        """The cached trunk activations of `ds` (taken from a provided pool when it covers the items)."""
         pool = self._pool
         if pool is not None and all(it.key in pool[1] for it in ds.items):
             t = pool[0].index([pool[1][it.key] for it in ds.items])
@@ -376,7 +387,8 @@ class CMAClip(Method):
         if isinstance(data, Encoded) and isinstance(data.features, TrunkSet):
             return data
         ds = dataset_of(data)
-        return Encoded(ds, self.trunk(ds))
+        # Encoded.features is annotated FeatureSet; CMA-CLIP carries a TrunkSet in it (see _trunk_set)
+        return Encoded(ds, self.trunk(ds))  # type: ignore[arg-type]
 
     def _note_missing(self, ds: Dataset, t: TrunkSet) -> None:
         ni, nt = int((~t.has_image).sum()), int((~t.has_text).sum())
@@ -415,7 +427,8 @@ class CMAClip(Method):
         self.notes = []
         return super().fit(train, val, **kwargs)
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         ds, c = train.dataset, self.config
         self.tasks = self._select_tasks(ds)
         classes = {t: self._classes_of(ds, t) for t in self.tasks}
@@ -427,16 +440,15 @@ class CMAClip(Method):
         with torch.no_grad():  # the patch count sizes the patch positions: what the backbone's top gives
             blank = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
             n_patches = int(self.backbone.encode_image(blank).tokens.shape[1])
-        head = self.init_head(
-            {
-                "num_classes": len(self.classnames),
-                "tasks": {t: len(cs) for t, cs in self.task_classes.items()},
-                "n_patches": n_patches,
-            }
-        )
+        spec = {
+            "num_classes": len(self.classnames),
+            "tasks": {t: len(cs) for t, cs in self.task_classes.items()},
+            "n_patches": n_patches,
+        }
+        head = cast(CMAClipModel, self.init_head(spec))
         stages = self.stages(train)
-        frozen_top = {st.name for st in stages if "top." not in st.trainable}
-        feeder = _Feeder(self, train.features, self._labels(ds), frozen_top)
+        frozen_top = {st.name for st in stages if isinstance(st.trainable, Sequence) and "top." not in st.trainable}
+        feeder = _Feeder(self, _trunk_set(train), self._labels(ds), frozen_top)
         for st in stages:
             st.setup = lambda _model, name=st.name: feeder.enter(name)
         metric = None
@@ -444,7 +456,7 @@ class CMAClip(Method):
             yva = self._labels(val.dataset)
 
             def metric(model: nn.Module) -> dict[str, float]:
-                out = self._run(model, val.features, emb=feeder.embeddings(val.features))
+                out = self._run(model, _trunk_set(val), emb=feeder.embeddings(_trunk_set(val)))
                 logits = [out["logits"], *out["task_logits"].values()]
                 accs = {}
                 for k, (t, z) in enumerate(zip(self.tasks, logits)):
@@ -453,7 +465,7 @@ class CMAClip(Method):
                         accs[f"acc_{t}"] = float((z.argmax(-1)[keep] == yva[keep, k]).float().mean())
                 return {"score": float(np.mean(list(accs.values()))), **accs}
 
-        seq = 2 + n_patches + train.features.text.shape[1]
+        seq = 2 + n_patches + _trunk_set(train).text.shape[1]
         self.train_head(train, val, stages, batches=feeder, metric=metric, work=c.batch_size * seq * _n_params(head))
         self.fit_info.update(
             {
@@ -468,10 +480,11 @@ class CMAClip(Method):
     @torch.no_grad()
     def _embed_all(self, t: TrunkSet) -> dict[str, torch.Tensor]:
         """Backbone-top outputs of every row (eval mode), for stages where the top is frozen."""
-        was = self.head.training
-        self.head.eval()
-        parts = [self.head.embed(b) for b in trunk_batches(t)]
-        self.head.train(was)
+        model = self._model
+        was = model.training
+        model.eval()
+        parts = [model.embed(b) for b in trunk_batches(t)]
+        model.train(was)
         return {k: torch.cat([p[k] for p in parts]) for k in EMBED_KEYS}
 
     @torch.no_grad()
@@ -490,7 +503,7 @@ class CMAClip(Method):
         return super().outputs(data)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
-        return self._run(self.head, enc.features)
+        return self._run(self._model, _trunk_set(enc))
 
     def task_report(self, ds: Dataset) -> dict[str, dict]:
         """Per task column: n, accuracy, recall at 90% precision (metrics.ranking) and the mean image
@@ -514,8 +527,8 @@ class CMAClip(Method):
                 "recall@90P": rap["recall"],
                 "threshold@90P": rap["threshold"],
                 "lambda": float(lam[:, k].mean()),
-                "missing_image": int((~enc.features.has_image).sum()),
-                "missing_text": int((~enc.features.has_text).sum()),
+                "missing_image": int((~_trunk_set(enc).has_image).sum()),
+                "missing_text": int((~_trunk_set(enc).has_text).sum()),
             }
         return rep
 
@@ -529,16 +542,17 @@ class CMAClip(Method):
             raise ConfigError("cma-clip: trained without sequence attention; nothing to explain")
         if isinstance(item, str):
             item = Item(image=item, key=item)
-        if item.image is None or not (item.text or "").strip():
+        text = (item.text or "").strip()
+        if item.image is None or not text:
             raise DataError(
                 f"{item.key or 'item'}: cma-clip explains a text token over the image: "
                 "give both an image and its text (CLI: --text)"
             )
         t = compute_trunk(self._split(), [item], self.config.max_text_tokens, progress=False)
-        out = self._run(self.head, t, attention=True)
+        out = self._run(self._model, t, attention=True)
         P = out["n_patches"]
         att = out["attention"][layer][0].mean(0)  # [S, S] averaged over heads
-        tokens = self.backbone.token_strings([item.text.strip()], self.config.max_text_tokens)[0]
+        tokens = self.backbone.token_strings([text], self.config.max_text_tokens)[0]
         words = [normalize_token(s) for s in tokens]
         first_tok = 1 + P + 1
         raw = att[first_tok : first_tok + len(tokens), 1 : 1 + P]  # [L, P]: text token -> image patches
@@ -563,11 +577,20 @@ class CMAClip(Method):
     def extra_config(self) -> dict:
         return {"task_columns": self.tasks}
 
+    def task_name(self, task: str) -> str:
+        return self.tasks[0] if task == MAIN and self.tasks else task
+
     def load_extra_config(self, cfg: dict) -> None:
         cols = cfg.get("task_columns")
         if not isinstance(cols, list) or len(cols) != len(self.task_classes):
             raise ConfigError("cma-clip: config.json 'task_columns' must name the data column of every task")
         self.tasks = [str(t) for t in cols]
+
+
+def _trunk_set(enc: Encoded) -> TrunkSet:
+    """The trunk activations CMA-CLIP's `encode` puts where other methods have a FeatureSet."""
+    assert isinstance(enc.features, TrunkSet), "cma-clip: data encoded by another method"
+    return enc.features
 
 
 def _n_params(m: nn.Module) -> int:

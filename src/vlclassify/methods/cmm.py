@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper
 
 @dataclass
 class CMMConfig(TrainOptions):
+    """CMM's options: the schedule, the class-prototype training and the zero-shot fusion."""
+
     # templates whose mean embedding initialises T (and gives the zero-shot logits)
     templates: str | list[str] = "select7"
     # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
@@ -121,6 +123,8 @@ class CMMHead(nn.Module):
         self.W = None if cfg.no_w or bridged else nn.Parameter(torch.zeros(dim, dim))
         self.bridge = BridgeLayer(pooled_dim, dim, trainable=not cfg.no_w) if bridged else None  # F -> D
         self.T = nn.Parameter(torch.zeros(num_classes, dim))  # [C, D] learnable prototypes
+        self.t0: torch.Tensor  # the buffers below
+        self.alpha: torch.Tensor
         self.register_buffer("t0", torch.zeros(num_classes, dim))  # [C, D] frozen zero-shot class texts
         self.register_buffer("alpha", torch.tensor([cfg.alpha], dtype=torch.float64))  # fusion weight
 
@@ -141,6 +145,7 @@ class CMMHead(nn.Module):
         return s.float(), zs
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D], pooled [B, F] (bridge)} -> fused log-probabilities [B, C] (+ the loss with targets)."""
         s, zs = self.parts(batch)
         logp = fused_log_probs(s, zs, float(self.alpha), self.cfg.fusion)
         out = {"logits": logp}
@@ -177,6 +182,7 @@ class CMM(Method):
 
     @property
     def scale(self) -> float:
+        """The backbone's logit scale (CLIP's temperature)."""
         return float(self.backbone.logit_scale)
 
     def feature_needs(self) -> frozenset[str]:
@@ -188,13 +194,14 @@ class CMM(Method):
     def stages(self, train: Encoded) -> list[Stage]:
         return [schedule_of(self.config)]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         t0 = self.class_texts(self.templates)[1]
         spec = {"num_classes": len(self.classnames), "dim": t0.shape[1]}
         if c.input == "bridge":
             spec["pooled_dim"] = int(train.features.pooled.shape[1])
-        head = self.init_head(spec)
+        head = cast(CMMHead, self.init_head(spec))
         with torch.no_grad():
             head.t0.copy_(t0)
             head.T.copy_(t0)

@@ -13,7 +13,7 @@ the bridged one wins on Fashion-MNIST but loses at 1-4 shots on Tux Paint with e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ from .templates import resolve_templates
 
 @dataclass
 class CrossModalLinearProbeConfig(TrainOptions):
+    """Options of the cross-modal linear probe: text samples, optimiser, weight-decay grid."""
+
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
     # add the per-template class texts as training samples (False = image-only, zero-shot init)
     text_samples: bool = True
@@ -56,6 +58,8 @@ class ScaledLinearHead(nn.Module):
         self.bridge = BridgeLayer(pooled_dim, dim) if pooled_dim else None  # F -> D
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D]} or {pooled [B, F], image, is_text [B]} (bridge) -> scaled cosine logits
+        [B, C] (and the loss with targets)."""
         if self.bridge is None:
             x = batch["image"]
         else:
@@ -108,7 +112,8 @@ class CrossModalLinearProbe(Method):
             )
         ]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         per_t, w0 = self.class_texts(self.templates)
         rows = self.train_tensors(train)  # images (every view)
@@ -131,7 +136,7 @@ class CrossModalLinearProbe(Method):
         heads: dict[float, tuple[nn.Module, Any, dict]] = {}
 
         def evaluate(wd: float) -> float:
-            head = self.init_head(spec)
+            head = cast(ScaledLinearHead, self.init_head(spec))
             with torch.no_grad():
                 head.weight.copy_(w0)
             if head.bridge is not None:

@@ -57,14 +57,20 @@ class DecisionRule:
 
     @property
     def multilabel(self) -> bool:
+        """Whether the rule answers with a set of labels ([N, C] bool) rather than one class."""
         return self.kind == "thresholds"
+
+    def _thresholds(self) -> list[float | None]:
+        assert self.thresholds is not None, "__post_init__: every kind but argmax has thresholds"
+        return self.thresholds
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         """probs [N, C] -> single-label: [N] class index, -1 = uncertain; multi-label: [N, C] bool."""
         p = np.asarray(probs, dtype=np.float64)
         if self.kind == "argmax":
-            return p.argmax(-1)
-        thr = np.array([np.inf if t is None else t for t in self.thresholds], dtype=np.float64)
+            top: np.ndarray = p.argmax(-1)
+            return top
+        thr = np.array([np.inf if t is None else t for t in self._thresholds()], dtype=np.float64)
         if len(thr) != p.shape[-1]:
             raise ConfigError(f"decision rule has {len(thr)} thresholds but the scores have {p.shape[-1]} classes")
         if self.kind == "thresholds":
@@ -77,20 +83,24 @@ class DecisionRule:
         if self.kind == "argmax":
             return "the top class"
         if self.kind == "precision":
+            target = self.target_precision or 0.0  # set for this kind (__post_init__)
             return (
-                f"the top class when its score reaches the threshold for {100 * self.target_precision:.0f}% "
-                f"precision on validation ({self.per_class} class thresholds of {len(self.thresholds)}), else "
+                f"the top class when its score reaches the threshold for {100 * target:.0f}% "
+                f"precision on validation ({self.per_class} of {len(self._thresholds())} classes with a threshold of "
+                f"their own), else "
                 f"'{UNCERTAIN}'"
             )
-        vals = [t for t in self.thresholds if t is not None]
+        vals = [t for t in self._thresholds() if t is not None]
         rng = f"{min(vals):.3f}" if len(set(vals)) == 1 else f"{min(vals):.3f}-{max(vals):.3f}"
         return f"every label scoring >= its threshold ({rng}; {self.per_class} per-class, {self.source})"
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON for config.json "decisions" (`from_dict` reads it back)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], num_classes: int, where: str = "decision") -> DecisionRule:
+        """Read back a saved rule, checking it against the model's class count; errors name `where`."""
         try:
             rule = cls(**d)
         except TypeError as e:
@@ -109,6 +119,7 @@ class TaskPrediction:
     uncertain: bool = False  # single-label: the top class did not reach its threshold
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON for the CLI and the HTTP API: {"labels", "uncertain", "scores": [{"label", "score"}]}."""
         return {
             "labels": self.labels,
             "uncertain": self.uncertain,
@@ -130,17 +141,21 @@ class Prediction:
 
     @property
     def main(self) -> TaskPrediction:
+        """The main task's answer (the first task)."""
         return next(iter(self.tasks.values()))
 
     @property
     def labels(self) -> list[str]:
+        """The main task's decision (see TaskPrediction.labels)."""
         return self.main.labels
 
     @property
     def scores(self) -> list[tuple[str, float]]:
+        """The main task's top (class, score) pairs, best first."""
         return self.main.scores
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON with the main task's answer at the top level, the other tasks under "tasks"."""
         out: dict[str, Any] = {"item": self.item, **self.main.to_dict()}
         if len(self.tasks) > 1:
             out["tasks"] = {t: p.to_dict() for t, p in self.tasks.items()}
@@ -153,7 +168,7 @@ def task_prediction(probs: np.ndarray, decided: np.ndarray | int, classnames: li
     """probs [C] and a decision (class index, -1, or [C] bool) -> TaskPrediction."""
     order = np.argsort(-probs, kind="stable")[: max(1, top)]
     scores = [(classnames[i], float(probs[i])) for i in order]
-    if np.ndim(decided) == 0:
+    if isinstance(decided, int) or np.ndim(decided) == 0:
         c = int(decided)
         return TaskPrediction([classnames[c]] if c >= 0 else [], scores, uncertain=c < 0)
     found = [classnames[i] for i in np.argsort(-probs, kind="stable") if decided[i]]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ SOURCES = ("head", "align")
 
 @dataclass
 class DiCLSConfig(TrainOptions):
+    """DiCLS's options: the class-list prompt, the fusion encoder, the losses and fine-tuning."""
+
     # prompt = prefix + body + suffix; the body lists the classes joined by `separator`
     prefix: str = "Detect: "  # text before the class list
     suffix: str = "."  # text after the class list
@@ -138,6 +140,9 @@ class DiCLSNet(nn.Module):
         self.cta_i2t = MultiHeadAttention(d, 1)  # text token -> image tokens
         self.prototypes = nn.Parameter(torch.randn(cfg.prototypes, d) / math.sqrt(d))  # W_P [K, d]
         self.arcface = ArcFaceHead(d, num_classes) if cfg.w_arcface > 0 else None
+        self.text_tokens: torch.Tensor  # the buffers below
+        self.text_valid: torch.Tensor
+        self.phrase_mask: torch.Tensor
         self.register_buffer("text_tokens", torch.zeros(text_len, token_dim))  # [L, D] prompt token features
         self.register_buffer("text_valid", torch.ones(text_len, dtype=torch.bool))  # [L] real tokens
         self.register_buffer("phrase_mask", torch.zeros(num_classes, text_len))  # [C, L] tokens of each class
@@ -158,6 +163,7 @@ class DiCLSNet(nn.Module):
         return {"o": o, "p": p, "pad": pad, "weights": weights}
 
     def outputs(self, glob: torch.Tensor, spatial: torch.Tensor, text_tokens: torch.Tensor | None = None) -> dict:
+        """Image features (and prompt tokens) -> fused global feature, alignment logits and what the losses need."""
         enc = self.encode(glob, spatial, text_tokens)
         o_glob = self.norm_o(enc["o"][:, 0])  # [B, d] fused global image feature
         p_tok = self.norm_p(enc["p"])  # [B, L, d]
@@ -212,7 +218,7 @@ class DiCLSNet(nn.Module):
             "cpa": self.cfg.w_cpa,
             "arcface": self.cfg.w_arcface,
         }
-        loss = sum(w[k] * v for k, v in parts.items())
+        loss = cast(torch.Tensor, sum(w[k] * v for k, v in parts.items()))  # a tensor: focal is always a part
         return {"loss": loss, **{f"loss_{k}": v.detach() for k, v in parts.items()}}
 
 
@@ -226,11 +232,14 @@ class DiCLSHead(nn.Module):
     "loss", "loss_<part>"}.
     """
 
+    prompt_hidden: torch.Tensor  # buffers registered when the text top is fine-tuned
+    prompt_mask: torch.Tensor
+
     def __init__(
         self, net: DiCLSNet, top: BackboneSplit | None, cfg: DiCLSConfig, grid: tuple[int, int], text_dim: int
     ) -> None:
         super().__init__()
-        self.net, self.top, self.cfg, self.grid = net, top, cfg, tuple(grid)
+        self.net, self.top, self.cfg, self.grid = net, top, cfg, (grid[0], grid[1])
         self.source = cfg.predict_from
         if top is not None and top.text_layers is not None:  # the prompt's trunk states: text_top runs per step
             self.register_buffer("prompt_hidden", torch.zeros(1, net.text_tokens.shape[0], text_dim))  # [1, L, H]
@@ -239,15 +248,17 @@ class DiCLSHead(nn.Module):
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> global feature [B, G], pooled spatial tokens [B, P', D], prompt tokens [L, D] (None: the buffer)."""
         if "trunk" in batch:
+            assert self.top is not None  # trunk rows come only with a fine-tuned image top
             f = self.top.image_top(batch["trunk"].float())
             glob = f.pooled if self.cfg.global_feature == "pooled" else f.embeds
             glob, sp, grid = glob.float(), f.tokens.float(), f.grid
         else:
             glob, sp, grid = batch[self.cfg.global_feature].float(), batch["spatial"].float(), self.grid
-        check_dim(glob, self.net.proj_g[1].in_features, "dicls global feature")
-        check_dim(sp, self.net.proj_v[1].in_features, "dicls spatial tokens")
+        check_dim(glob, cast(nn.Linear, self.net.proj_g[1]).in_features, "dicls global feature")
+        check_dim(sp, cast(nn.Linear, self.net.proj_v[1]).in_features, "dicls spatial tokens")
         text = None
         if hasattr(self, "prompt_hidden"):
+            assert self.top is not None  # the prompt buffers come only with a fine-tuned text top
             text = self.top.text_top(self.prompt_hidden, self.prompt_mask).tokens[0].float()
         return glob, pool_grid(sp, grid, self.cfg.spatial_grid), text
 
@@ -259,6 +270,7 @@ class DiCLSHead(nn.Module):
         return torch.log(p) - torch.log1p(-p) if self.net.multilabel else torch.log(p)
 
     def forward(self, batch: dict) -> dict:
+        """batch -> class logits, the global feature and alignment logits (and the losses with targets)."""
         out = self.net.outputs(*self.inputs(batch))
         res = {"logits": self.class_logits(out), "global": out["global"], "align_logits": out["align_logits"]}
         if "targets" in batch:
@@ -296,6 +308,7 @@ class DiCLS(Method):
         self.prompt = ""
 
     def fine_tunes(self) -> bool:
+        """Whether the backbone's top layers are trained (then trunk activations are cached instead of features)."""
         return self.config.image_blocks is not None or self.config.text_layers is not None
 
     def feature_needs(self) -> frozenset[str]:
@@ -318,7 +331,8 @@ class DiCLS(Method):
             return data
         ds = dataset_of(data)
         t = trunk_features(self._trunk_split, ds, None, cache=self.cache, progress=self.progress, texts=False)
-        return Encoded(ds, t)
+        # Encoded.features is annotated FeatureSet; the fine-tuning methods carry a TrunkSet in it
+        return Encoded(ds, t)  # type: ignore[arg-type]
 
     # ---- prompt ---------------------------------------------------------------------------
     def _encode_prompt(self, classnames: list[str]):
@@ -390,7 +404,8 @@ class DiCLS(Method):
             )
         ]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c, ds = self.config, train.dataset
         y = self._targets(ds)
         self._check_targets(ds, y)
@@ -398,7 +413,7 @@ class DiCLS(Method):
         with torch.no_grad():  # the shapes the head sees: what the backbone (and so its top) gives
             f = self.backbone.encode_image(torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size))
         glob = f.pooled if c.global_feature == "pooled" else f.embeds
-        spec = {
+        spec: dict[str, Any] = {
             "num_classes": len(self.classnames),
             "multilabel": self.multilabel,
             "global_dim": int(glob.shape[1]),
@@ -411,7 +426,7 @@ class DiCLS(Method):
         if c.text_layers is not None:
             hidden, pmask = self._trunk_split.text_trunk([self.prompt])
             spec["text_dim"] = int(hidden.shape[2])
-        head = self.init_head(spec)
+        head = cast(DiCLSHead, self.init_head(spec))
         head.net.text_tokens.copy_(text)
         head.net.text_valid.copy_(valid)
         head.net.phrase_mask.copy_(mask)
@@ -423,7 +438,7 @@ class DiCLS(Method):
         else:
             rows = {
                 c.global_feature: train.features.tensor(c.global_feature).float(),
-                "spatial": train.features.spatial,
+                "spatial": train.features.tensor("spatial"),
             }
         rows["targets"] = y
         n_params = sum(p.numel() for p in head.parameters())
@@ -465,7 +480,7 @@ class DiCLS(Method):
         if source == "align" and self.config.w_aln <= 0:
             raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
         self._check_fitted()
-        self.config.predict_from = self.head.source = source
+        self.config.predict_from = cast(DiCLSHead, self.head).source = source
         if val is not None:
             self.choose_decisions(self.encode(val), **decision)
         return self
@@ -476,7 +491,7 @@ class DiCLS(Method):
         ds = dataset_of(data)
         plain = Method.encode(self, ds).features.tensor(self.config.global_feature) if self.fine_tunes() else None
         enc = self.encode(data)
-        out = self._forward(self.head, enc)
+        out = self._outputs(enc)
         if plain is None:
             plain = enc.features.tensor(self.config.global_feature)
         return {"plain": plain.float().numpy(), "fused": out["global"].numpy()}
@@ -484,9 +499,9 @@ class DiCLS(Method):
     def alignment(self, data) -> dict:
         """Token-image alignment: predicted S_align [N, L], ground truth M [N, L], token strings."""
         enc = self.encode(data)
-        out = self._forward(self.head, enc)
+        out = self._outputs(enc)
         y = torch.from_numpy(enc.dataset.multi_hot())
-        net = self.head.net
+        net = cast(DiCLSHead, self.head).net
         valid = net.text_valid
         return {
             "pred": torch.sigmoid(out["align_logits"])[:, valid].numpy(),

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ IMAGE_INPUTS = ("embed", "pooled", "both")
 
 @dataclass
 class ICARConfig(TrainOptions):
+    """iCAR's options: the classifier head, class sentences, pairs and training."""
+
     head: str = "text"  # text: class weights = f_t(class sentence) (iCAR) | cosine | linear: split heads (ablation)
     tau: float = 0.05  # temperature of the cosine classifier and the contrastive loss (paper: 0.05)
     learn_tau: bool = False  # learn tau (log-parametrised, floored at 0.01)
@@ -92,7 +94,9 @@ class ImageSide(nn.Module):
         """embeds [N, D], pooled [N, F] -> [N, D]."""
         e = F.normalize(embeds.float(), dim=-1)
         if self.mode == "pooled":
+            assert self.pooled_map is not None  # built for mode pooled
             return self.pooled_map(F.normalize(pooled.float(), dim=-1))
+        assert self.embed_map is not None  # built for modes embed and both
         v = e + self.embed_map(e)
         if self.pooled_map is not None:
             v = v + self.pooled_map(F.normalize(pooled.float(), dim=-1))
@@ -122,6 +126,7 @@ class ICARNet(nn.Module):
         if class_weights is not None:
             return self.cos(v, class_weights)
         if self.head == "linear":
+            assert self.linear is not None  # built for head linear
             return self.linear(v)
         return self.cos(v)
 
@@ -150,6 +155,7 @@ class MixedBatch(dict):
     processes on its own, and each process keeps the captions its pairs point to."""
 
     def shard(self, rank: int, world: int) -> MixedBatch:
+        """This rank's share of a global batch (rows rank::world)."""
         rows = slice(rank, None, world)
         out = MixedBatch(self)
         for k in ("cls_embeds", "cls_pooled", "cls_y", "pair_embeds", "pair_pooled"):
@@ -251,7 +257,14 @@ class ICAR(Method):
             names, self.config.descriptions, dataset=dataset, wordnet_dir=self.config.wordnet_dir or None
         )
 
+    @property
+    def _net(self) -> ICARNet:
+        """The head as its class (built by init_head or load_tensors)."""
+        assert isinstance(self.head, ICARNet), "icar: no head yet (fit, load or set_classes first)"
+        return self.head
+
     def sentences_for(self, names: Sequence[str], descriptions: dict[str, str]) -> list[str]:
+        """The class sentences of `names`, with descriptions where there are any."""
         c = self.config
         return [class_sentence(n, descriptions.get(n), c.sentence, c.sentence_no_desc) for n in names]
 
@@ -269,8 +282,7 @@ class ICAR(Method):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"icar: duplicate class name(s) {', '.join(dup)}")
         if self.head is None:  # untrained: the backbone's zero-shot classifier
-            self.init_head({"trained_classes": 0})
-            self.head.eval()
+            self.init_head({"trained_classes": 0}).eval()
         given = {k: v for k, v in (descriptions or {}).items() if v and str(v).strip()}
         unknown = sorted(set(given) - set(names))
         if unknown:
@@ -281,7 +293,7 @@ class ICAR(Method):
             )
         missing = [n for n in names if n not in given]
         found = self._descriptions_for(missing) if missing and self.config.descriptions != "none" else {}
-        self.descriptions = {n: (given.get(n) or found.get(n)) for n in names if given.get(n) or found.get(n)}
+        self.descriptions = {n: d for n in names if (d := given.get(n) or found.get(n))}
         self.classnames = names
         self.task_classes = {MAIN: list(names)}
         self.decisions = {}
@@ -290,8 +302,8 @@ class ICAR(Method):
 
     @torch.no_grad()
     def _update_class_weights(self) -> None:
-        self.head.eval()
-        self.class_weights = self.head.text(self.sentences_for(self.classnames, self.descriptions)).detach()  # [C, D]
+        self._net.eval()
+        self.class_weights = self._net.text(self.sentences_for(self.classnames, self.descriptions)).detach()  # [C, D]
 
     def _uses_parametric_head(self) -> bool:
         return self.config.head != "text" and self.classnames == self.trained_classes
@@ -334,12 +346,12 @@ class ICAR(Method):
         other.decisions = dict(self.decisions)
         if self.head is not None:
             other.head_spec = dict(self.head_spec)
-            other.head = other.build_head(other.head_spec)
-            other.head.load_state_dict({k: v.clone() for k, v in self.head.state_dict().items()})
-            other.head.sentences = list(self.head.sentences)
-            other.head.head = self.head.head
-            other.head.text._cache = self.head.text._cache
-            other.head.eval()
+            other.head = net = cast(ICARNet, other.build_head(other.head_spec))
+            net.load_state_dict({k: v.clone() for k, v in self.head.state_dict().items()})
+            net.sentences = list(self._net.sentences)
+            net.head = self._net.head
+            net.text._cache = self._net.text._cache
+            net.eval()
         other.class_weights = None if self.class_weights is None else self.class_weights.clone()
         return other
 
@@ -382,7 +394,7 @@ class ICAR(Method):
         steps = max(math.ceil(len(labelled) / n_cls), c.min_steps_per_epoch)
         empty_e, empty_p = x_e[:0], x_p[:0]
 
-        def make(stage, epoch, seed) -> list[dict[str, Any]]:
+        def make(stage, epoch, seed) -> list[MixedBatch]:
             g = torch.Generator().manual_seed(int(seed) + c.seed)
             order = labelled[torch.randperm(len(labelled), generator=g)]
             while len(order) < steps * n_cls:  # tiny sets: reshuffle and continue
@@ -442,23 +454,25 @@ class ICAR(Method):
             )
         return stages
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c, ds = self.config, train.dataset
         t0 = time.perf_counter()
         pairs = self._pair_set(train, val)
         self.descriptions = self._descriptions_for(ds.classnames, ds.name) if c.descriptions != "none" else {}
         if self._continue:
-            self.head.head = "text"  # new classes have no parametric weights: the text encoder classifies
+            self._net.head = "text"  # new classes have no parametric weights: the text encoder classifies
         else:
             self.trained_classes = list(ds.classnames)
             self.init_head({"trained_classes": len(ds.classnames) if c.head != "text" else 0})
-        net = self.head
+        net = self._net
         net.sentences = self.sentences_for(ds.classnames, self.descriptions)
         metric = None
         if val is not None and len(val):
             yv = torch.as_tensor(val.dataset.labels())
 
-            def metric(model: ICARNet) -> dict[str, float]:
+            def metric(head: nn.Module) -> dict[str, float]:
+                model = cast(ICARNet, head)  # train_head scores the head it trains: this ICARNet
                 v = model.image(val.features.image, val.features.pooled)
                 w = model.text(model.sentences) if model.head == "text" else None
                 return {"score": float((model.class_logits(v, w).argmax(-1) == yv).float().mean())}
@@ -494,20 +508,21 @@ class ICAR(Method):
     # ---- inference ------------------------------------------------------------------------
     def image_embeddings(self, data: Encoded) -> torch.Tensor:
         """[N, D] trained image embeddings (for retrieval or custom scoring)."""
-        return self.head.image(data.features.image, data.features.pooled)
+        return self._net.image(data.features.image, data.features.pooled)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
-        self.head.eval()
+        self._net.eval()
         with torch.no_grad():
             v = self.image_embeddings(enc)  # [N, D]
             if self._uses_parametric_head():
-                return {"logits": self.head.class_logits(v)}
+                return {"logits": self._net.class_logits(v)}
             if self.class_weights is None or self.class_weights.shape[0] != len(self.classnames):
                 self._update_class_weights()
-            return {"logits": self.head.cos(v, self.class_weights)}  # [N, C]
+            return {"logits": self._net.cos(v, self.class_weights)}  # [N, C]
 
     # ---- persistence ------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
+        assert self.class_weights is not None, "a fitted or loaded model has its class weights"
         return {**super().tensors(), "class_weights": self.class_weights}
 
     def extra_config(self) -> dict[str, Any]:
@@ -518,6 +533,7 @@ class ICAR(Method):
         self.descriptions = dict(cfg.get("descriptions") or {})
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load the head, then rebuild its class sentences and cached class weights."""
         super().load_tensors(tensors, where)
-        self.head.sentences = self.sentences_for(self.trained_classes, self.descriptions)
+        self._net.sentences = self.sentences_for(self.trained_classes, self.descriptions)
         self.class_weights = tensors.get("class_weights")

@@ -11,7 +11,7 @@ C path warm-started from one C to the next (docs/results/linear-probe-solver.md)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ FEATURES = ("pooled", "image", "text")
 
 @dataclass
 class LinearProbeConfig:
+    """Linear-probe options: the feature probed, the C grid and the solver."""
+
     # pooled (raw visual features) | image (joint-space embedding) | text (paired-text embedding)
     feature: str = "pooled"
     C_grid: list[float] = field(
@@ -46,6 +48,7 @@ class LinearHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_classes))  # [C]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {feature [B, F]} -> logits [B, C] of the normalised feature."""
         x = batch[self.feature]
         check_dim(x, self.weight.shape[1], "linear-probe")
         return {"logits": normalize(x) @ self.weight.T + self.bias}
@@ -94,7 +97,8 @@ class LinearProbe(Method):
             return mean_average_precision(yv, z)
         return float((z.argmax(-1) == yv).mean())
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images
         x, y = self._x(train), self._targets(train)
         n, c = len(self.classnames), self.config
         grid = sorted(c.C_grid)
@@ -103,7 +107,9 @@ class LinearProbe(Method):
             path = fit_logistic_path(x, y, grid, multilabel=self.multilabel, num_classes=n, max_iter=c.max_iter)
             fits = dict(zip(grid, path))
             sel = select_best(
-                grid, lambda C: self._score(*(t.numpy() for t in fits[C]), xv, yv), default=grid[len(grid) // 2]
+                grid,
+                lambda C: self._score(fits[C][0].numpy(), fits[C][1].numpy(), xv, yv),
+                default=grid[len(grid) // 2],
             )  # the C used without validation
             w, b = fits[sel.best]
             self.fit_info = {
@@ -115,7 +121,7 @@ class LinearProbe(Method):
             C = grid[len(grid) // 2]
             w, b = fit_logistic(x, y, C, multilabel=self.multilabel, num_classes=n, max_iter=c.max_iter)
             self.fit_info = {"C": C, "C_source": "middle of the grid (no validation set)"}
-        head = self.init_head({"num_classes": n, "dim": x.shape[1]})
+        head = cast(LinearHead, self.init_head({"num_classes": n, "dim": x.shape[1]}))
         with torch.no_grad():
             head.weight.copy_(w)
             head.bias.copy_(b)
@@ -126,7 +132,7 @@ class LinearProbe(Method):
         iterations. It needs examples of every class, like a refit."""
         if train is None or (not train.multilabel and set(range(len(classes))) - set(train.labels().tolist())):
             return None  # classes without examples: the update refits, which names them
-        old, c_old = self.head, len(self.classnames)
+        old, c_old = cast(LinearHead, self.head), len(self.classnames)
         self.classnames, self.task_classes = list(classes), {"label": list(classes)}
         enc = self.encode(train, training=True)
         x, y = self._x(enc), self._targets(enc)
@@ -136,7 +142,7 @@ class LinearProbe(Method):
         w, b = fit_logistic(
             x, y, C, multilabel=self.multilabel, num_classes=len(classes), init=(w0, b0), max_iter=self.config.max_iter
         )
-        head = self.init_head({"num_classes": len(classes), "dim": x.shape[1]})
+        head = cast(LinearHead, self.init_head({"num_classes": len(classes), "dim": x.shape[1]}))
         with torch.no_grad():
             head.weight.copy_(w)
             head.bias.copy_(b)

@@ -40,6 +40,8 @@ KINDS = ("protocol", "dataset")
 
 @dataclass(frozen=True)
 class Preset:
+    """Named option overrides (a paper's protocol, a dataset's settings) applied to methods and data."""
+
     name: str
     description: str  # one line, for `vlclassify methods --presets`
     kind: str = "protocol"  # protocol | dataset (applied after the protocol presets: its values win)
@@ -59,15 +61,18 @@ PRESETS: Registry = Registry("preset")
 
 
 def register_preset(preset: Preset) -> Preset:
+    """Add a preset to the registry (under its name, with its description)."""
     PRESETS.register(preset.name, preset.description)(preset)
     return preset
 
 
 def list_presets() -> list[str]:
+    """Registered preset names, for `vlclassify methods --presets`."""
     return PRESETS.names()
 
 
 def get_preset(name: str) -> Preset:
+    """The preset `name`; a ConfigError naming the available ones otherwise."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())} (or none)")
     return PRESETS.get(name)
@@ -81,6 +86,8 @@ def get_preset(name: str) -> Preset:
 
 @dataclass(frozen=True)
 class TipConfig:
+    """Tip-Adapter's per-dataset yaml values (search scales, initial alpha and beta, epochs)."""
+
     beta_scale: float  # search_scale[0]: beta takes 200 steps in [0.1, beta_scale)
     alpha_scale: float  # search_scale[1]: alpha takes 20 steps in [0.1, alpha_scale)
     init_beta: float  # beta of the training (Tip-Adapter-F) and of the unsearched cache
@@ -163,6 +170,8 @@ CROSS_MODAL_PAPER = {"input": "joint"}
 
 @dataclass(frozen=True)
 class CoOpDataset:
+    """One CoOp dataset: its split file, templates, class renames and Tip-Adapter values (makes a coop-NAME preset)."""
+
     name: str  # the preset is coop-<name>
     coop: str  # CoOp's dataset class name: its split file is split_zhou_<coop>.json
     templates: str  # a methods/templates.py dataset_templates() key: CoOp's / Tip-Adapter's prompt
@@ -248,10 +257,12 @@ class Resolved:
 
     @property
     def names(self) -> list[str]:
+        """The resolved presets' names, in the order applied."""
         return [p.name for p in self.presets]
 
     @property
     def protocol(self) -> Protocol:
+        """The data protocol of the resolved presets (later ones win)."""
         fields: dict[str, Any] = {}
         for p in self.presets:
             fields.update(p.protocol)
@@ -259,6 +270,7 @@ class Resolved:
 
     @property
     def seeds(self) -> tuple[int, ...] | None:
+        """The seeds the last preset that sets them names, or None."""
         return next((p.seeds for p in reversed(self.presets) if p.seeds is not None), None)
 
     def options(self, method: str) -> dict[str, Any]:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigError
 from ..registry import Registry
 
-METHODS: Registry = Registry("method")
+if TYPE_CHECKING:
+    from ..backbones.base import Backbone
+    from .base import Method
+
+M = TypeVar("M", bound="type[Method]")
+METHODS: Registry[type[Method]] = Registry("method")
 
 
-def register_method(cls):
+def register_method(cls: M) -> M:
     """Class decorator: registers a Method subclass under its `name`."""
     doc = next(iter((cls.__doc__ or "").strip().splitlines()), "")
     METHODS.register(cls.name, doc)(cls)
@@ -18,10 +23,11 @@ def register_method(cls):
 
 
 def list_methods() -> list[str]:
+    """The registered method names, for `create_method` and `vlclassify methods`."""
     return METHODS.names()
 
 
-def create_method(name: str, backbone=None, **options: Any):
+def create_method(name: str, backbone: Backbone | None = None, **options: Any) -> Method:
     """Build a method by name; `backbone` defaults to the offline `effnet-minilm`."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")

@@ -19,7 +19,7 @@ join whose embeddings crowd together). The zero-shot logits read the joint embed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ from .templates import resolve_templates
 
 @dataclass
 class TipAdapterConfig:
+    """Tip-Adapter's options: templates, the alpha / beta grids searched on validation and the cache keys."""
+
     templates: str | list[str] = "select7"  # prompt templates for the zero-shot classifier
     # residual weights tried on val, smallest (nearest zero-shot) first
     alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0])
@@ -85,6 +87,10 @@ class CacheHead(nn.Module):
         super().__init__()
         self.scale, self.normalize_keys = scale, normalize_keys
         self.query = "pooled" if key_dim else "image"  # the batch feature compared with the keys
+        self.class_embeds: torch.Tensor  # the buffers below (keys: a buffer, or a Parameter when trained)
+        self.keys: torch.Tensor
+        self.values: torch.Tensor
+        self.alpha_beta: torch.Tensor
         self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] zero-shot classifier
         keys = torch.zeros(num_keys, key_dim or dim)  # [N, D or F] normalised training features
         if train_keys:
@@ -107,9 +113,12 @@ class CacheHead(nn.Module):
         return (self.scale / 100.0) * (torch.exp(-beta * (1 - aff)) @ self.values)
 
     def combine(self, zs: torch.Tensor, aff: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """Zero-shot logits plus alpha times the cache logits at sharpness beta."""
         return zs + alpha * self.cache_logits(aff, beta)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D], pooled [B, F] (pooled keys)} -> fused logits [B, C] at the stored alpha,
+        beta (and the loss with targets)."""
         alpha, beta = (float(v) for v in self.alpha_beta)
         z = self.combine(*self.parts(batch), alpha, beta)
         out = {"logits": z}
@@ -155,6 +164,7 @@ class TipAdapter(Method):
 
     @property
     def scale(self) -> float:
+        """The backbone's logit scale (CLIP's temperature)."""
         return float(self.backbone.logit_scale)
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
@@ -176,7 +186,7 @@ class TipAdapter(Method):
             views = [normalize(x) for x in views]
         keys = normalize(torch.stack(views).mean(0))  # [N, D or F] augmentation-averaged keys
         text = self.class_texts(self.templates)[1]
-        head = self.init_head(self.cache_spec(len(keys), keys.shape[1], text.shape[1]))
+        head = cast(CacheHead, self.init_head(self.cache_spec(len(keys), keys.shape[1], text.shape[1])))
         with torch.no_grad():
             head.class_embeds.copy_(text)
             head.keys.copy_(keys)
@@ -184,12 +194,13 @@ class TipAdapter(Method):
         return head
 
     def cache_spec(self, num_keys: int, key_dim: int, dim: int) -> dict[str, Any]:
+        """The head spec of a cache of `num_keys` keys of width `key_dim` (pooled keys) or `dim` (joint)."""
         spec = {"num_classes": len(self.classnames), "num_keys": num_keys, "dim": dim}
         return spec | ({"key_dim": key_dim} if self.config.input == "pooled" else {})
 
     def search(self, val: Encoded | None) -> dict[str, Any]:
         """Choose (alpha, beta) on validation (the selection rule; beta outer, alpha inner)."""
-        head = self.head
+        head = cast(CacheHead, self.head)  # built by _build
         c = self.config
         if val is None or not len(val):
             head.alpha_beta.copy_(torch.tensor([c.alpha, c.beta], dtype=torch.float64))
@@ -211,13 +222,14 @@ class TipAdapter(Method):
         head.alpha_beta.copy_(torch.tensor(sel.best, dtype=torch.float64))
         return {**sel.info("alpha_beta"), "alpha": sel.best[0], "beta": sel.best[1]}
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         self._build(train)
         self.fit_info = self.search(val)
 
     def _update(self, train, val, classes, descriptions):
         """The cache model grows: new examples become keys, new classes get zero-shot rows."""
-        old = self.head
+        old = cast(CacheHead, self.head)
         n_old, c_old = old.keys.shape[0], len(self.classnames)
         self.classnames, self.task_classes = list(classes), {"label": list(classes)}
         self.class_text = None
@@ -227,7 +239,7 @@ class TipAdapter(Method):
         if extra is not None:
             values = torch.cat([values, extra.values])
         text = self.class_texts(self.templates)[1]
-        head = self.init_head(self.cache_spec(len(keys), keys.shape[1], text.shape[1]))
+        head = cast(CacheHead, self.init_head(self.cache_spec(len(keys), keys.shape[1], text.shape[1])))
         with torch.no_grad():
             head.class_embeds.copy_(text)
             head.keys.copy_(keys)
@@ -235,7 +247,7 @@ class TipAdapter(Method):
             head.alpha_beta.copy_(old.alpha_beta)
         if val is not None:
             self.fit_info.update(self.search(self.encode(val)))
-        self.head.requires_grad_(False).eval()
+        head.requires_grad_(False).eval()
         return f"{len(keys) - n_old} key(s) added to the cache" + (
             "; new keys are not fine-tuned (refit to fine-tune them)" if self.train_keys else ""
         )

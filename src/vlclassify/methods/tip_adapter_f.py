@@ -12,6 +12,7 @@ samples an epoch" on cached features: the views are fixed per image, so 20 epoch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,8 @@ from .tip_adapter import TipAdapter, TipAdapterConfig, view_features
 
 @dataclass
 class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
+    """Tip-Adapter-F's options: Tip-Adapter's plus the key fine-tuning schedule."""
+
     epochs: int = 20  # fine-tuning epochs (Tip-Adapter-F: 20, EuroSAT 100)
     lr: float = 1e-3  # AdamW learning rate (Tip-Adapter-F: 1e-3)
     weight_decay: float = 0.01  # AdamW weight decay (Tip-Adapter-F: torch's default, 0.01)
@@ -41,7 +44,7 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter with fine-tuned cache keys; epoch, alpha and beta chosen on validation."""
 
     name = "tip-adapter-f"
-    Config = TipAdapterFConfig
+    Config: ClassVar[type[TipAdapterConfig]] = TipAdapterFConfig
     train_keys = True
     selects = "epoch, alpha, beta"
 
@@ -77,7 +80,8 @@ class TipAdapterF(TipAdapter):
         per_view = [self.feature_batches(train, {**v, "targets": y}) for v in views]
         return lambda stage, epoch, seed: per_view[epoch % len(per_view)](stage, epoch, seed)
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         head = self._build(train)
         head.alpha_beta.copy_(torch.tensor([c.train_alpha, c.train_beta], dtype=torch.float64))

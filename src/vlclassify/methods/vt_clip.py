@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from .templates import resolve_templates
 
 @dataclass
 class VTCLIPConfig(TrainOptions):
+    """VT-CLIP's options: the text-guided cross-attention decoder and its training."""
+
     templates: str | list[str] = "select7"  # prompt templates for the class text features T_c
     heads: int = 2  # attention heads (paper: 2 best)
     layers: int = 1  # decoder layers (paper: 1 best)
@@ -53,9 +55,11 @@ class VTCLIPHead(nn.Module):
             dim, cfg.heads, cfg.layers, cfg.ffn_mult, cfg.dropout, residual=False, zero_init=True
         )
         self.dim, self.scale = dim, scale
+        self.texts: torch.Tensor  # the buffer below
         self.register_buffer("texts", torch.zeros(num_classes, dim))  # [C, D] template-mean class texts
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image [B, D], spatial [B, P, D]} -> logits [B, C] and the attention over the grid."""
         image, tokens = batch["image"], batch["spatial"]
         check_dim(image, self.dim, "vt-clip")
         s = math.sqrt(self.dim)  # unit vectors scaled to LayerNorm's magnitude
@@ -106,13 +110,14 @@ class VTCLIP(Method):
             )
         ]
 
-    def _fit(self, train: Encoded, val: Encoded | None) -> None:
+    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+        assert train is not None  # trains_on_images: fit encodes the training images
         texts = self.class_texts(self.templates)[1]
-        head = self.init_head(
-            {"num_classes": len(self.classnames), "dim": texts.shape[1], "grid": list(train.features.grid or ())}
-        )
+        spec = {"num_classes": len(self.classnames), "dim": texts.shape[1], "grid": list(train.features.grid or ())}
+        head = cast(VTCLIPHead, self.init_head(spec))
         head.texts.copy_(texts)
         f = train.features
+        assert f.spatial is not None  # feature_needs asks for the spatial tokens
         work = self.config.batch_size * f.spatial.shape[1] * f.image.shape[1] ** 2
         res = self.train_head(train, val, self.stages(train), work=work)
         self.fit_info.update(
@@ -126,8 +131,9 @@ class VTCLIP(Method):
     def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
         """[h, w] attention of `target`'s text (a class name; None = the predicted class) over the grid."""
         self._check_fitted()
-        enc = self.encode(as_dataset([item], self.classnames))
-        out = self._forward(self.head, enc)
+        rows: list[Item] | list[str] = [item] if isinstance(item, Item) else [item]
+        enc = self.encode(as_dataset(rows, self.classnames))
+        out = self._outputs(enc)
         logits, w = out["logits"], out["attention"]  # [1, C], [1, H, C, P]
         if target is None:
             c = int(logits.argmax(-1))

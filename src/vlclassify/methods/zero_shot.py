@@ -7,7 +7,7 @@ multi-label thresholds, or the per-class thresholds of a target precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,8 @@ from .templates import resolve_templates
 
 @dataclass
 class ZeroShotConfig:
+    """Zero-shot options: templates and which modality is scored."""
+
     templates: str | list[str] = "single"  # single | select7 | imagenet80 | a dataset name | list of "{}" templates
     modality: str = "image"  # image | text | both: score the image, the item's paired text, or their sum
     text_weight: float = 1.0  # weight of the paired-text score when modality == "both"
@@ -31,12 +33,15 @@ class ZeroShotHead(nn.Module):
 
     batch {"image": [B, D], "text": [B, D]} -> {"logits": [B, C]}."""
 
+    class_embeds: torch.Tensor  # [C, D] buffer
+
     def __init__(self, num_classes: int, dim: int, scale: float, modality: str, text_weight: float) -> None:
         super().__init__()
         self.scale, self.modality, self.text_weight = scale, modality, text_weight
         self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] normalised
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch {image, text [B, D]} -> cosine logits [B, C] against the class texts."""
         w = self.class_embeds.T
         if self.modality == "image":
             return {"logits": self.scale * normalize(batch["image"]) @ w}
@@ -88,8 +93,8 @@ class ZeroShot(Method):
         self.task_classes = {MAIN: list(classnames)}
         self.descriptions = dict(descriptions or {})
         emb = self.class_texts(self.templates, self.descriptions)[1]
-        self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]})
-        self.head.class_embeds.copy_(emb)
+        head = cast(ZeroShotHead, self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]}))
+        head.class_embeds.copy_(emb)
         self.decisions = {}
         return self
 

@@ -82,8 +82,9 @@ def multilabel_report(
     y, p = _check(y_true, probs)
     if y.shape[1] != len(classnames):
         raise ValueError(f"{y.shape[1]} label columns but {len(classnames)} class names")
+    given = np.asarray(threshold, dtype=object)  # a scalar, or [C] with None for "never"
     thr = np.broadcast_to(
-        np.array([np.inf if t is None else t for t in np.atleast_1d(threshold)], float), (y.shape[1],)
+        np.array([np.inf if t is None else t for t in np.atleast_1d(given)], dtype=np.float64), (y.shape[1],)
     )
     pred = (p >= thr[None]).astype(np.float64)
     tp, fp, fn = (pred * y).sum(0), (pred * (1 - y)).sum(0), ((1 - pred) * y).sum(0)
@@ -108,7 +109,7 @@ def multilabel_report(
     mtp, mfp, mfn = tp.sum(), fp.sum(), fn.sum()
     return {
         "n": int(len(y)),
-        "threshold": float(thr[0]) if np.ndim(threshold) == 0 else [None if np.isinf(t) else float(t) for t in thr],
+        "threshold": float(thr[0]) if given.ndim == 0 else [None if np.isinf(t) else float(t) for t in thr],
         "subset_accuracy": float((pred == y).all(1).mean()) if len(y) else float("nan"),
         "label_accuracy": float((pred == y).mean()) if len(y) else float("nan"),
         "macro_precision": float(prec.mean()),

@@ -32,6 +32,7 @@ def normalize_text(s: str) -> str:
 
 
 def normalize_token(tok: str) -> str:
+    """A tokenizer token -> its plain lower-case text ("" for special tokens), to match phrases across tokenizers."""
     if not tok or _SPECIAL.match(tok):
         return ""
     for m in _MARKERS:

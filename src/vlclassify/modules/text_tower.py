@@ -10,9 +10,13 @@ optional zero-initialised residual projection run with gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..backbones.base import BackboneSplit
 
 
 class TrainableTextTower(nn.Module):
@@ -22,7 +26,7 @@ class TrainableTextTower(nn.Module):
     proj: add a zero-initialised residual D x D projection (the tower starts as the backbone).
     """
 
-    def __init__(self, split: nn.Module, proj: bool = True, batch_size: int = 64) -> None:
+    def __init__(self, split: BackboneSplit, proj: bool = True, batch_size: int = 64) -> None:
         super().__init__()
         self.top = split
         self.batch_size = batch_size
@@ -86,5 +90,6 @@ class TrainableTextTower(nn.Module):
         return emb
 
     def clear_cache(self) -> None:
+        """Forget the cached trunk states and embeddings (e.g. before the texts' backbone changes)."""
         self._cache.clear()
         self._memo.clear()

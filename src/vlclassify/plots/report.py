@@ -58,6 +58,7 @@ def write_eval_plots(
             t_title = f"{title} · task {name}" if title else f"task {name}"
             paths.append(roc_pr_curves(yt, pt, ts.classnames, folder / f"roc_pr-{_slug(name)}.png", t_title))
     else:
+        assert probs is not None, "without tasks, `probs` are the scores plotted"
         paths = [roc_pr_curves(y, probs, method.classnames, folder / "roc_pr.png", title)]
     if hasattr(method, "embeddings"):
         e = method.embeddings(dataset)

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import time
 import urllib.parse
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from ..data.images import to_rgb
 from ..data.items import Dataset, Item
@@ -56,6 +58,8 @@ PAGE_CSP = (
 
 @dataclass
 class ServeConfig:
+    """The service's limits and access token (`vlclassify serve` options); batching: see BatchConfig."""
+
     token: str | None = None  # bearer token every route but /healthz requires (None: open)
     max_bytes: int = 20 * 2**20  # largest request body (413)
     max_pixels: int = 40_000_000  # largest image, width x height from its header (413, never decoded)
@@ -89,6 +93,7 @@ def check_bind(host: str, token: str | None, insecure: bool) -> None:
 
 
 def has_attention(method: Method) -> bool:
+    """Whether the method can draw an attention map (`/explain`): it overrides `Method.explain`."""
     return type(method).explain is not Method.explain
 
 
@@ -123,6 +128,7 @@ class Metrics:
         self.queue_depth = Gauge("vlclassify_queue_depth", "Images waiting for a forward pass", registry=r)
 
     def text(self) -> bytes:
+        """The `/metrics` body: every metric in Prometheus' text format."""
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
@@ -138,10 +144,10 @@ class Guard:
     body limit (Content-Length, then counted while it streams), the request timeout, one log line
     and the request metrics per request, and a one-line 500 for anything unexpected."""
 
-    def __init__(self, app, config: ServeConfig, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, config: ServeConfig, metrics: Metrics) -> None:
         self.app, self.config, self.metrics = app, config, metrics
 
-    def _authorized(self, scope) -> bool:
+    def _authorized(self, scope: Scope) -> bool:
         token = self.config.token
         if not token or scope["path"] in OPEN_ROUTES:
             return True
@@ -160,22 +166,22 @@ class Guard:
             return bool(given) and hmac.compare_digest(given, want)
         return False
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         route = scope["path"] if scope["path"] in ROUTES else "other"
         start = time.perf_counter()
-        state = {"status": 500, "started": False, "received": 0}
+        state: dict[str, Any] = {"status": 500, "started": False, "received": 0}
 
-        async def send_(message) -> None:
+        async def send_(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
             await send(message)
 
         limit = self.config.max_bytes
 
-        async def receive_():
+        async def receive_() -> Message:
             message = await receive()
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
@@ -249,6 +255,8 @@ def _display_name(filename: str | None, default: str) -> str:
 
 @dataclass
 class Job:
+    """One image waiting for the micro-batcher, with what its request asked for."""
+
     image: np.ndarray  # [H, W, 3] uint8
     text: str | None
     name: str
@@ -310,6 +318,7 @@ class Service:
         self.run_batch([Job(blank, "warm up" if self.takes_text else None, "warm-up", 1)])
 
     def explain_png(self, image: np.ndarray, text: str | None, name: str, target: str | None) -> tuple[bytes, str]:
+        """(PNG of the attention map over `image`, the class or token it explains)."""
         m = self.method
         heat = m.explain(Item(image=image, text=text, key=name), target)
         label = (
@@ -327,12 +336,14 @@ class Service:
 
     # ---- request parsing ----------------------------------------------------------------------
     async def read_upload(self, request: Request) -> Upload:
+        """The request's images, texts and fields: multipart fields, or the raw body as one image."""
         fields = {k: v for k, v in request.query_params.items()}
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             n = self.config.max_images
             async with request.form(max_files=n, max_fields=n + 16) as form:
-                images, texts = [], []
+                images: list[tuple[bytes, str]] = []
+                texts: list[str] = []
                 for key, value in form.multi_items():
                     if key == "image":
                         if isinstance(value, str):
@@ -362,6 +373,7 @@ class Service:
         return top
 
     async def decode(self, upload: Upload) -> list[tuple[np.ndarray, str]]:
+        """Every uploaded image decoded in the decode pool -> (RGB array [H, W, 3], display name)."""
         loop = asyncio.get_running_loop()
         mp = self.config.max_pixels
         arrays = await asyncio.gather(
@@ -373,11 +385,12 @@ class Service:
         if upload.texts and len(upload.texts) != len(decoded):
             raise DataError(f"{len(upload.texts)} text field(s) for {len(decoded)} image(s); give one per image")
         top = self._top(upload.fields)
-        texts = upload.texts or [None] * len(decoded)
+        texts: Sequence[str | None] = upload.texts or [None] * len(decoded)
         return [Job(a, (t or "").strip() or None, name, top) for (a, name), t in zip(decoded, texts, strict=True)]
 
     # ---- routes ------------------------------------------------------------------------------
     async def predict(self, request: Request) -> Response:
+        """POST /predict: one image (and its text) -> one Prediction dict."""
         upload = await self.read_upload(request)
         if len(upload.images) != 1:
             raise DataError(
@@ -389,6 +402,7 @@ class Service:
         return JSONResponse(await self._submit(jobs[0]))
 
     async def predict_batch(self, request: Request) -> Response:
+        """POST /predict/batch: several images -> a list of Prediction dicts, in upload order."""
         upload = await self.read_upload(request)
         if not upload.images:
             raise DataError("no image: send multipart fields 'image' (one per image)")
@@ -401,9 +415,11 @@ class Service:
         return JSONResponse(await asyncio.gather(*(self._submit(j) for j in jobs)))
 
     async def _submit(self, job: Job) -> dict[str, Any]:
-        return await self.batcher.submit(job)
+        pred: dict[str, Any] = await self.batcher.submit(job)  # run_batch's result for this job
+        return pred
 
     async def explain(self, request: Request) -> Response:
+        """POST /explain: the attention map as a PNG, what it explains in the X-Explained header."""
         m = self.method
         if not has_attention(m):
             raise ConfigError(
@@ -418,15 +434,16 @@ class Service:
         return Response(png, media_type="image/png", headers={"X-Explained": urllib.parse.quote(label)})
 
     async def model_info(self, request: Request) -> Response:
+        """GET /model: the classes, decision rules, backbone and limits (what the page shows)."""
         m, c = self.method, self.config
         bb = m.backbone
         return JSONResponse(
             {
                 "method": m.name,
                 "classes": m.classnames,
-                "tasks": m.task_classes,
+                "tasks": {m.task_name(t): names for t, names in m.task_classes.items()},
                 "multilabel": m.multilabel,
-                "decisions": {t: {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
+                "decisions": {m.task_name(t): {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
                 "explain": has_attention(m),
@@ -441,12 +458,15 @@ class Service:
         )
 
     async def healthz(self, request: Request) -> Response:
+        """GET /healthz: liveness, answered without the token."""
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self, request: Request) -> Response:
+        """GET /metrics: Prometheus text."""
         return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def page(self, request: Request) -> Response:
+        """GET /: the web page; `?token=T` signs in (a cookie) and redirects to the bare URL."""
         if "token" in request.query_params:  # the sign-in: keep a right token in a cookie, drop it from the URL
             given, token = request.query_params["token"], self.config.token
             resp = RedirectResponse("/", status_code=303)
@@ -462,9 +482,11 @@ class Service:
         )
 
     async def page_js(self, request: Request) -> Response:
+        """GET /page.js: the page's script."""
         return self._asset("page.js")
 
     async def page_css(self, request: Request) -> Response:
+        """GET /page.css: the page's style sheet."""
         return self._asset("page.css")
 
 
@@ -497,7 +519,7 @@ def create_app(method: Method, config: ServeConfig | None = None) -> Starlette:
     svc = Service(method, config)
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await svc.batcher.start()
         await svc.batcher.call(svc.warm_up)
         log.info("ready: %s, %d classes", method.name, len(method.classnames))
@@ -516,7 +538,14 @@ def create_app(method: Method, config: ServeConfig | None = None) -> Starlette:
         Route("/predict/batch", svc.predict_batch, methods=["POST"]),
         Route("/explain", svc.explain, methods=["POST"]),
     ]
-    handlers = {VLClassifyError: _user_error, TooLarge: _user_error, QueueFull: _user_error, HTTPException: _http_error}
+    handlers: dict[Any, ExceptionHandler] = {
+        VLClassifyError: _user_error,
+        TooLarge: _user_error,
+        QueueFull: _user_error,
+        # starlette types every handler as taking any Exception; it calls this one, registered for
+        # HTTPException, only with an HTTPException
+        HTTPException: _http_error,  # type: ignore[dict-item]
+    }
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Guard, config=config, metrics=svc.metrics)],

@@ -22,6 +22,8 @@ from ..errors import ConfigError
 
 @dataclass
 class BatchConfig:
+    """How the service groups requests (`vlclassify serve --max-batch/--max-wait-ms/--queue-size`)."""
+
     max_batch: int = 32  # most jobs in one forward pass (1 = no micro-batching)
     max_wait_ms: float = 5.0  # how long a batch's first job waits for company
     queue_size: int = 128  # jobs waiting at most; more are refused (503)
@@ -54,15 +56,17 @@ class MicroBatcher:
         self.run, self.config = run, config
         self.on_batch, self.on_depth = on_batch, on_depth
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlclassify-model")
-        self._pending: deque[tuple[Any, asyncio.Future]] = deque()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._pending: deque[tuple[Any, asyncio.Future[Any]]] = deque()  # (job, its caller's future)
+        self._wake: asyncio.Event | None = None  # set when a job arrives (created in the serving loop)
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Start the worker task in the running event loop (the app's startup)."""
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._worker(), name="vlclassify-batcher")
 
     async def stop(self) -> None:
+        """Stop the worker, cancel the jobs still waiting and shut the model thread down."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -78,6 +82,7 @@ class MicroBatcher:
 
     @property
     def depth(self) -> int:
+        """Jobs waiting for a batch (the queue-depth gauge)."""
         return len(self._pending)
 
     async def submit(self, job: Any) -> Any:
@@ -96,18 +101,19 @@ class MicroBatcher:
         """Run `fn(*args)` in the model thread, between batches (e.g. an attention map)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _gather(self) -> list[tuple[Any, asyncio.Future]]:
+    async def _gather(self) -> list[tuple[Any, asyncio.Future[Any]]]:
         """Wait for a first job, then up to max_wait_ms for max_batch of them; pop the batch."""
-        c = self.config
+        c, wake = self.config, self._wake
+        assert wake is not None, "the worker runs only after start()"
         while not self._pending:
-            self._wake.clear()
-            await self._wake.wait()
+            wake.clear()
+            await wake.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + c.max_wait_ms / 1000.0
         while len(self._pending) < c.max_batch and (left := deadline - loop.time()) > 0:
-            self._wake.clear()
+            wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), left)
+                await asyncio.wait_for(wake.wait(), left)
             except TimeoutError:
                 break
         batch = [self._pending.popleft() for _ in range(min(c.max_batch, len(self._pending)))]

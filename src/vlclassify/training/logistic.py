@@ -13,13 +13,14 @@ problem is float32 matrix products, on the GPU when there is one (docs/results/l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 ABSENT_BIAS = -1e4  # bias of a class with no training example: never predicted
+Solution = tuple[torch.Tensor, torch.Tensor]  # (W [K, F], b [K])
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -35,7 +36,11 @@ class _Preconditioner:
     with U the eigenvectors of the (sub-sampled) feature covariance S and d = (a S + 1 / (C N))^-1/2
     scales each direction by an approximate inverse square root of the objective's curvature there
     (`a` stands in for the softmax's). The minimiser, mapped back, is the same W: only the path to
-    it is shorter. Costs one covariance of at most `rows` rows and an F x F eigendecomposition."""
+    it is shorter. Costs one covariance of at most `rows` rows and an F x F eigendecomposition.
+
+    With fewer rows than features (few-shot: 10 x 1280) the basis is the centred rows' own span, from
+    a thin SVD: the solution lies there (the loss only sees that span, and the penalty pulls the
+    rest to 0), and the F x F eigendecomposition was most of a 1-shot fit."""
 
     CURVATURE = 0.1  # typical softmax/sigmoid curvature p(1 - p) near a fitted optimum
     ROWS = 8192  # rows the covariance is estimated from: enough for a preconditioner
@@ -43,17 +48,24 @@ class _Preconditioner:
     def __init__(self, x: torch.Tensor) -> None:
         self.mu = x.mean(0)  # [F]
         sub = x[torch.linspace(0, len(x) - 1, min(len(x), self.ROWS), device=x.device).long()] - self.mu
-        evals, self.U = torch.linalg.eigh((sub.T @ sub / len(sub)).double())  # [F], [F, F]
-        self.S = evals.clamp_min(0).float()
-        self.U = self.U.float()
+        if len(sub) == len(x) and len(x) < x.shape[1]:  # every row, fewer than the features
+            _, sv, vh = torch.linalg.svd(sub.double(), full_matrices=False)  # vh [N, F]
+            evals, basis = sv.pow(2) / len(sub), vh.T
+        else:
+            evals, basis = torch.linalg.eigh((sub.T @ sub / len(sub)).double())  # [F], [F, F]
+        self.S: torch.Tensor = evals.clamp_min(0).float()  # [R] covariance eigenvalues
+        self.U: torch.Tensor = (
+            basis.float()
+        )  # [F, R] their eigenvectors (columns): R = F, or N for fewer rows than features
 
     def scale(self, C: float, n: int) -> torch.Tensor:
-        return (self.CURVATURE * self.S + 1.0 / (C * n)).rsqrt()  # [F]
+        """d [R]: the per-direction scale of the variables at this C and row count."""
+        return (self.CURVATURE * self.S + 1.0 / (C * n)).rsqrt()  # [R]
 
 
 def _lbfgs(
     x: torch.Tensor,
-    loss_fn,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
     w: torch.Tensor,
     b: torch.Tensor,
     C: float,
@@ -79,7 +91,7 @@ def _lbfgs(
         line_search_fn="strong_wolfe",
     )
 
-    def closure():
+    def closure() -> torch.Tensor:
         opt.zero_grad()
         vd = v * d
         W = vd @ pre.U.T  # [K, F]
@@ -90,6 +102,7 @@ def _lbfgs(
     last = None
     for _ in range(0, max_iter, chunk):
         start = float(opt.step(closure).detach())  # the loss where this chunk started
+        assert v.grad is not None and c.grad is not None  # the closure's backward set them
         with torch.no_grad():  # the gradient in the original (W, b): dW = (dV / d) U^T + db mu^T, db = dc
             g_w = (v.grad / d) @ pre.U.T + torch.outer(c.grad, pre.mu)
             if max(float(g_w.abs().max()), float(c.grad.abs().max())) <= tol or start == last:
@@ -106,7 +119,7 @@ def fit_logistic(
     C: float,
     multilabel: bool = False,
     num_classes: int | None = None,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: Solution | None = None,
     max_iter: int = 1000,
     tol: float = 1e-4,
     device: str | torch.device | None = None,
@@ -152,21 +165,32 @@ def _as_x(x: torch.Tensor | np.ndarray, dev: torch.device) -> torch.Tensor:
     return x
 
 
-def _fit(x, y, C, multilabel, num_classes, init, max_iter, tol, dev, pre):
+def _fit(
+    x: torch.Tensor,
+    y: torch.Tensor | np.ndarray,
+    C: float,
+    multilabel: bool,
+    num_classes: int | None,
+    init: Solution | None,
+    max_iter: int,
+    tol: float,
+    dev: torch.device,
+    pre: _Preconditioner,
+) -> tuple[torch.Tensor, torch.Tensor, Solution | None]:
     """Returns (W, b) for the caller and the raw solution (on the device) to warm-start the next C."""
     if not C > 0:
         raise ValueError(f"C must be > 0, got {C}")
     y = torch.as_tensor(np.asarray(y) if isinstance(y, np.ndarray) else y).to(dev)
     n, f = x.shape
     if multilabel:
-        y = y.float()
-        k = num_classes or y.shape[1]
+        yf = y.float()  # [N, K] 0/1
+        k = num_classes or yf.shape[1]
         w0, b0 = init if init is not None else (torch.zeros(k, f, device=dev), torch.zeros(k, device=dev))
-        pos = y.mean(0)
+        pos = yf.mean(0)
         const = (pos == 0) | (pos == 1)  # a label always on or always off: a constant predictor, as sklearn's OvR
         w, b = _lbfgs(
             x,
-            lambda z: F.binary_cross_entropy_with_logits(z, y, reduction="sum") / n,
+            lambda z: F.binary_cross_entropy_with_logits(z, yf, reduction="sum") / n,
             w0.to(dev),
             b0.to(dev),
             C,

@@ -39,10 +39,10 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,8 +53,20 @@ from ..errors import ConfigError
 from ..utils import atomic_path, json_fingerprint, seeded, torch_threads, write_json
 from .selection import TIE_TOLERANCE
 
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
 Trainable = Sequence[str] | Callable[[str], bool] | None
 SCHEDULES = ("constant", "cosine", "linear")
+Collate = Callable[[list[Any]], Any]  # a DataLoader's collate_fn: rows -> one batch
+
+
+class MapStyleData(Protocol):
+    """A map-style dataset (torch's `Dataset`, a list, ...): rows that `collate` batches."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
 
 
 @dataclass
@@ -66,7 +78,7 @@ class Stage:
     steps: int | None = None  # optimizer steps of the stage; overrides `epochs`
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 0.0  # where the cosine / linear decay ends
-    trainable: Any = None  # None = all params; list of name prefixes; or predicate(name) -> bool
+    trainable: Trainable = None  # None = all params; list of name prefixes; or predicate(name) -> bool
     weight_decay: float = 1e-4  # Adam(W) weight decay
     batch_size: int = 32  # global batch (rows per optimizer step, split across processes under torchrun)
     optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 added to the gradient, as torch.optim.Adam)
@@ -79,11 +91,11 @@ class Stage:
     eval_frozen: bool = True  # put fully frozen sub-modules in eval mode (BatchNorm stats/dropout stay fixed)
     bn_eval: bool = False  # keep every BatchNorm in eval mode (fixed running stats), e.g. small-batch fine-tuning
     setup: Callable[[nn.Module], None] | None = None  # called on the bare model when the stage (re)starts
-    train: Any = None  # per-stage training data, overriding the trainer's (e.g. cached features vs images)
-    val: Any = None  # per-stage validation data, overriding the trainer's
-    collate: Callable | None = None  # per-stage collate, overriding the trainer's
+    train: Data | None = None  # per-stage training data, overriding the trainer's (e.g. cached features vs images)
+    val: Data | None = None  # per-stage validation data, overriding the trainer's
+    collate: Collate | None = None  # per-stage collate, overriding the trainer's
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         """The settings that must not change between a killed run and its resumption."""
         t = self.trainable
         trainable = None if t is None else (list(t) if not callable(t) else getattr(t, "__qualname__", "callable"))
@@ -106,6 +118,7 @@ class Stage:
         return {**{k: getattr(self, k) for k in keys}, "trainable": trainable}
 
     def is_trainable(self, name: str) -> bool:
+        """Whether this stage trains the parameter called `name` (see `trainable`)."""
         t = self.trainable
         if t is None:
             return True
@@ -116,6 +129,7 @@ class Stage:
         return any(name.startswith(p) for p in t)
 
     def check(self) -> None:
+        """Refuse impossible settings by name before any training starts."""
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0 or (self.steps is not None and self.steps < 0):
             raise ConfigError(f"stage {self.name!r}: epochs >= 0, steps >= 0, batch_size >= 1 and lr >= 0 required")
         if self.optimizer not in ("adam", "adamw"):
@@ -137,6 +151,10 @@ class Stage:
         t = min(1.0, (step - w) / max(1, total - w))
         f = 0.5 * (1.0 + math.cos(math.pi * t)) if self.schedule == "cosine" else 1.0 - t
         return self.min_lr + (self.lr - self.min_lr) * f
+
+
+BatchFn = Callable[[Stage, int, int], Iterable[Any]]  # (stage, epoch, seed) -> that epoch's global batches
+Data = MapStyleData | BatchFn  # what a Trainer (or a Stage) trains or validates on
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -167,7 +185,7 @@ def shard_rows(batch: Any, rank: int, world: int) -> Any:
         return batch
     if rows < world:
         raise ConfigError(f"trainer: a batch of {rows} row(s) cannot be shared by {world} processes")
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows:
             out[k] = v[rank::world]
@@ -179,6 +197,7 @@ def shard_rows(batch: Any, rank: int, world: int) -> Any:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -196,6 +215,8 @@ def _dist() -> tuple[int, int, bool]:
 
 @dataclass
 class StageResult:
+    """What one stage of a fit kept: its chosen round and that round's validation value."""
+
     name: str
     best_metric: float | None  # validation value of the kept weights (None without validation)
     best_epoch: int  # round (epoch, or eval_every span) of the kept weights; 0 = the stage's start
@@ -205,8 +226,10 @@ class StageResult:
 
 @dataclass
 class TrainResult:
+    """What `Trainer.fit` returns: per stage what it kept, and the whole log."""
+
     stages: list[StageResult]
-    history: list[dict]  # one record per round, as in log.jsonl
+    history: list[dict[str, Any]]  # one record per round, as in log.jsonl
     monitor: str  # the validation key that chose the kept checkpoints
 
 
@@ -230,22 +253,22 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        train: Any,
-        val: Any = None,
+        train: Data | None,
+        val: Data | None = None,
         stages: Sequence[Stage] = (),
         *,
-        collate: Callable | None = None,
+        collate: Collate | None = None,
         metric: Callable[[nn.Module], Mapping[str, float]] | None = None,
         monitor: str | None = None,
         mode: str | None = None,
-        out_dir: str | os.PathLike | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool = True,
         resume: bool = True,
         num_workers: int = 0,
         find_unused_parameters: bool = True,
-        callbacks: Sequence[Callable[[dict], None]] = (),
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
         threads: int | None = None,
         work: int | None = None,
     ) -> None:
@@ -258,9 +281,10 @@ class Trainer:
             s.check()
         self.model, self.train, self.val, self.stages = model, train, val, list(stages)
         self.collate, self.metric = collate, metric
-        self.monitor = monitor or ("loss" if metric is None else None)
-        if self.monitor is None:
+        monitor = monitor or ("loss" if metric is None else None)
+        if monitor is None:
             raise ConfigError("trainer: with a metric callback, say which of its values to monitor (monitor=...)")
+        self.monitor: str = monitor
         self.mode = mode or ("min" if metric is None else "max")
         if self.mode not in ("min", "max"):
             raise ConfigError(f"trainer: mode must be min or max, got {self.mode!r}")
@@ -281,12 +305,13 @@ class Trainer:
                 raise ConfigError(f"stage {s.name!r}: no parameter matches trainable={s.trainable!r}")
         # parameters frozen in every stage never change: checkpoints leave them out
         self._saved = {n for n in names_all if any(s.is_trainable(n) for s in self.stages)}
-        self.history: list[dict] = []
+        self.history: list[dict[str, Any]] = []
         self._mem: dict[str, dict[str, torch.Tensor]] = {}  # stage -> kept weights (no out_dir)
 
     # ---- helpers -------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that writes checkpoints and logs."""
         return self.rank == 0
 
     def _seed(self, stage_idx: int, kind: int, index: int) -> int:
@@ -326,7 +351,9 @@ class Trainer:
                 f"{where}: checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
 
-    def _loader(self, data: Any, stage: Stage, stage_idx: int, epoch: int, shuffle: bool, collate: Callable | None):
+    def _loader(
+        self, data: Data | None, stage: Stage, stage_idx: int, epoch: int, shuffle: bool, collate: Collate | None
+    ) -> list[Any] | DataLoader[Any]:
         """The (global) batches of one epoch, this rank's share of each."""
         seed = self._seed(stage_idx, 0, epoch)
         if callable(data) and not hasattr(data, "__getitem__"):
@@ -335,19 +362,20 @@ class Trainer:
             raise ConfigError(
                 "trainer: data must be a map-style dataset (__len__ + __getitem__) or a callable(stage, epoch, seed)"
             )
-        from torch.utils.data import DataLoader, DistributedSampler
+        from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+        rows = cast(Dataset[Any], data)  # torch types it as a Dataset; it only reads __len__ and __getitem__
         g = torch.Generator().manual_seed(seed)
-        sampler = None
+        sampler: DistributedSampler[Any] | None = None
         if self.distributed:
             if stage.batch_size % self.world:
                 raise ConfigError(
                     f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by {self.world} processes"
                 )
-            sampler = DistributedSampler(data, num_replicas=self.world, rank=self.rank, shuffle=shuffle, seed=seed)
+            sampler = DistributedSampler(rows, num_replicas=self.world, rank=self.rank, shuffle=shuffle, seed=seed)
             sampler.set_epoch(epoch)
         return DataLoader(
-            data,
+            rows,
             batch_size=stage.batch_size // self.world,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
@@ -358,7 +386,7 @@ class Trainer:
         )
 
     def _batches(
-        self, data: Any, stage: Stage, si: int, collate: Callable | None, spe: int, start: int
+        self, data: Data | None, stage: Stage, si: int, collate: Collate | None, spe: int, start: int
     ) -> Iterator[Any]:
         """Training batches from optimizer step `start` on, epoch after epoch."""
         epoch, skip = divmod(start, spe)
@@ -389,14 +417,14 @@ class Trainer:
 
     def _optimizer(self, stage: Stage, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
-        kw = dict(lr=stage.lr, weight_decay=stage.weight_decay, eps=stage.eps)
+        kw: dict[str, Any] = dict(lr=stage.lr, weight_decay=stage.weight_decay, eps=stage.eps)
         try:  # one fused kernel per step: CMM's 16,000 tiny steps spend most of their time here otherwise
             return cls([p for _, p in params], fused=True, **kw)
         except (RuntimeError, TypeError):
             return cls([p for _, p in params], **kw)
 
     # ---- checkpoints ---------------------------------------------------------------------
-    def _save_checkpoint(self, tag: str, optimizer: torch.optim.Optimizer | None, state: dict) -> str:
+    def _save_checkpoint(self, tag: str, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> str:
         """Write ckpt/<tag>/{model,optimizer}.safetensors + state.json as one atomic directory."""
         assert self.out_dir is not None
         rel = f"ckpt/{tag}"
@@ -410,7 +438,7 @@ class Trainer:
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         return rel
 
-    def _write_pointer(self, pointer: dict) -> None:
+    def _write_pointer(self, pointer: dict[str, Any]) -> None:
         assert self.out_dir is not None
         write_json(self.out_dir / "last.json", pointer)
         keep = {pointer["last"], *pointer["best"].values()}
@@ -419,12 +447,12 @@ class Trainer:
             if d.is_dir() and not d.name.startswith(".") and f"ckpt/{d.name}" not in keep:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def _read_checkpoint(self, rel: str, optimizer: torch.optim.Optimizer | None) -> dict:
+    def _read_checkpoint(self, rel: str, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         assert self.out_dir is not None
         d = self.out_dir / rel
         if not (d / "model.safetensors").is_file():
             raise ConfigError(f"{d}: checkpoint missing (was the run directory edited?)")
-        state = json.loads((d / "state.json").read_text())
+        state: dict[str, Any] = json.loads((d / "state.json").read_text())
         self._load_model_tensors(load_file(str(d / "model.safetensors"), device=str(self.device)), str(d))
         if optimizer is not None and (d / "optimizer.safetensors").is_file():
             sd = _unflatten_optimizer(
@@ -433,20 +461,20 @@ class Trainer:
             optimizer.load_state_dict(sd)
         return state
 
-    def _keep(self, stage: str, pointer: dict, rel: str | None) -> None:
+    def _keep(self, stage: str, pointer: dict[str, Any], rel: str | None) -> None:
         """Remember the current weights as the ones this stage keeps."""
         if self.out_dir is not None and rel is not None:
             pointer["best"][stage] = rel
         else:
             self._mem[stage] = self._model_tensors()
 
-    def _restore_kept(self, stage: str, pointer: dict) -> None:
+    def _restore_kept(self, stage: str, pointer: dict[str, Any]) -> None:
         if self.out_dir is not None and stage in pointer["best"]:
             self._read_checkpoint(pointer["best"][stage], None)
         elif stage in self._mem:
             self._load_model_tensors(self._mem[stage], f"stage {stage}")
 
-    def _log(self, record: dict) -> None:
+    def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,7 +482,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # ---- validation ----------------------------------------------------------------------
-    def _validate(self, val: Any, stage: Stage, stage_idx: int, collate: Callable | None) -> dict[str, float]:
+    def _validate(self, val: Data | None, stage: Stage, stage_idx: int, collate: Collate | None) -> dict[str, float]:
         model = unwrap(self.model)
         was_training = model.training
         model.eval()
@@ -484,6 +512,7 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Run every stage (resuming a killed run from `out_dir`) and end on the last stage's kept weights."""
         # stages flip requires_grad; the caller's flags (e.g. a frozen backbone) come back afterwards
         flags = {id(p): p.requires_grad for p in self.model.parameters()}
         try:
@@ -495,7 +524,7 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         fp = self._run_fingerprint()
-        pointer = {
+        pointer: dict[str, Any] = {
             "run": fp,
             "stage": 0,
             "step": 0,
@@ -549,13 +578,13 @@ class Trainer:
         for v in unwrap(self.model).state_dict().values():
             dist.broadcast(v.data, src=0)
 
-    def _steps_per_epoch(self, stage: Stage, si: int, train: Any, collate: Callable | None) -> int:
+    def _steps_per_epoch(self, stage: Stage, si: int, train: Data | None, collate: Collate | None) -> int:
         try:
             return max(1, len(self._loader(train, stage, si, 0, True, collate)))
         except TypeError:
             raise ConfigError(f"stage {stage.name!r}: the training batches have no len()") from None
 
-    def _run_stage(self, si: int, stage: Stage, pointer: dict, resuming: bool) -> None:
+    def _run_stage(self, si: int, stage: Stage, pointer: dict[str, Any], resuming: bool) -> None:
         train = stage.train if stage.train is not None else self.train
         val = stage.val if stage.val is not None else self.val
         collate = stage.collate if stage.collate is not None else self.collate
@@ -590,7 +619,8 @@ class Trainer:
         while step < total:
             rnd = step // every
             end = min(total, (rnd + 1) * every)
-            t0, sums, n = time.time(), {}, 0
+            t0, n = time.time(), 0
+            sums: dict[str, float] = {}
             with seeded(self._seed(si, 1, rnd)):
                 self._train_mode(stage)
                 while step < end:
@@ -629,13 +659,13 @@ class Trainer:
         self,
         si: int,
         stage: Stage,
-        val: Any,
-        collate: Callable | None,
+        val: Data | None,
+        collate: Collate | None,
         optimizer: torch.optim.Optimizer,
-        pointer: dict,
+        pointer: dict[str, Any],
         rnd: int,
         step: int,
-        logs: dict,
+        logs: dict[str, float],
         t0: float | None,
         has_val: bool,
         total: int,
@@ -710,7 +740,7 @@ def _mean_over_ranks(logs: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors (for safetensors) and JSON-able metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -724,7 +754,7 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         pid, name = key.split(".", 1)

@@ -55,6 +55,7 @@ class MultiHeadAttention(nn.Module):
         value: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [B, Lq, D] over key/value [B, Lk, D] -> (output [B, Lq, D], weights [B, H, Lq, Lk])."""
         value = key if value is None else value
         lq, lk, kd = query.shape[1], key.shape[1], key.shape[2]
         q = self._split(self.q(query))  # [B, H, Lq, hd]
@@ -84,6 +85,8 @@ class MultiHeadAttention(nn.Module):
 
 @dataclass
 class DecoderOutput:
+    """What the cross-attention decoder returns: updated queries and the last layer's weights (for explanations)."""
+
     out: torch.Tensor  # [B, Lq, D] updated queries (without the block-external residual)
     cross_weights: torch.Tensor  # [B, H, Lq, Lk] cross-attention weights of the last layer
 
@@ -160,6 +163,7 @@ class CrossAttentionDecoder(nn.Module):
         memory_mask: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
     ) -> DecoderOutput:
+        """queries [B, Lq, D] attending to memory [B, Lk, D] -> DecoderOutput."""
         x, w = queries, None
         for blk in self.blocks:
             x, w = blk(x, memory, memory_mask, query_mask)

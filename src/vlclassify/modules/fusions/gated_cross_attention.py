@@ -22,6 +22,8 @@ from .cross_attention import MultiHeadAttention
 
 @dataclass
 class GatedCrossOutput:
+    """Both directions of gated cross-attention with their weights (for the losses and explanations)."""
+
     image: torch.Tensor  # [B, Nv, D] gated text->image attention output (O_t2i)
     text: torch.Tensor  # [B, Nt, D] gated image->text attention output (P_i2t)
     image_weights: torch.Tensor  # [B, H, Nv, Nt] where each image token looked in the text

@@ -30,6 +30,7 @@ class KeylessAttention(nn.Module):
         return x @ self.w if not self.fixed else torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, M, D] -> (weighted sum [N, D], weights [N, M]); absent modalities get weight 0."""
         e = self.scores(x)  # [N, M]
         if present is not None:
             if not bool(present.any(-1).all()):

@@ -23,6 +23,7 @@ class ArcFaceHead(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats [N, D] -> cosines [N, C] with the class weights (the margin is the loss's)."""
         return F.normalize(feats, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 

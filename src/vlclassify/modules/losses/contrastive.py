@@ -55,19 +55,27 @@ def unified_contrastive_loss(
     """
     per_image, out = [], {}
     if cls_logits is not None and cls_logits.shape[0]:
-        lc = F.cross_entropy(cls_logits, cls_targets, reduction="none")  # [Nc]
+        lc = F.cross_entropy(cls_logits, _given(cls_targets, "cls_targets"), reduction="none")  # [Nc]
     elif cls_images is not None and cls_images.shape[0]:
-        lc = info_nce(cls_images, class_texts, cls_targets, scale, reduction="none")  # [Nc]
+        texts, targets = _given(class_texts, "class_texts"), _given(cls_targets, "cls_targets")
+        lc = info_nce(cls_images, texts, targets, scale, reduction="none")  # [Nc]
     else:
         lc = None
     if lc is not None:
         per_image.append(lc)
         out["loss_cls"] = lc.mean()
     if pair_images is not None and pair_images.shape[0]:
-        lp = info_nce(pair_images, pair_texts, pair_targets, scale, reduction="none")  # [Np]
+        texts, targets = _given(pair_texts, "pair_texts"), _given(pair_targets, "pair_targets")
+        lp = info_nce(pair_images, texts, targets, scale, reduction="none")  # [Np]
         per_image.append(lp)
         out["loss_pair"] = lp.mean()
     if not per_image:
         raise ValueError("unified contrastive loss: the batch holds neither classification images nor pairs")
     out["loss"] = torch.cat(per_image).mean()
     return out
+
+
+def _given(x: torch.Tensor | None, name: str) -> torch.Tensor:
+    if x is None:
+        raise ValueError(f"unified contrastive loss: {name} is needed with the part it scores")
+    return x
