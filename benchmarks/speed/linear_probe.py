@@ -1,25 +1,28 @@
-"""The linear probe's C search on full Fashion-MNIST: torch L-BFGS against scikit-learn, same features, one run.
+"""The linear probe's C search on full data: the torch L-BFGS path against the old scikit-learn path, one run.
 
-    nice python benchmarks/speed/linear_probe.py               # both solvers (sklearn: minutes)
-    nice python benchmarks/speed/linear_probe.py --limit 6000  # a quick check on a subset
+    nice python benchmarks/speed/linear_probe.py                      # Fashion-MNIST + Tux Paint composites
+    nice python benchmarks/speed/linear_probe.py --limit 3000 --out /tmp/lp.md --json /tmp/lp.json  # quick check
 
-Features: `extract_features(create_backbone("effnet-minilm"), fashion_mnist()["train"])` (read from
-the feature store; the first run extracts them, ~6-8 min on 2 quiet cores), split as
-`vlclassify fit -m linear-probe -d fashion-mnist` splits it (train_val_test, seed 1: 48,000 train,
-12,000 val), pooled [N, 1280], L2-normalised. The C grid is the linear probe's default.
+Data as `vlclassify fit -m linear-probe -d <spec>` splits it (`plan_splits(spec, seed=1)`): for
+fashion-mnist 48,000 train and 12,000 val carved from its 60,000 training images, its 10,000 test
+images; features `extract_features(create_backbone("effnet-minilm"), split)` (read from the feature
+store; the first run extracts them), pooled [N, 1280], L2-normalised, as LinearProbe reads them.
 
-- sklearn: what methods/linear_probe.py does today: `LogisticRegression(C, max_iter=1000)` per C
-  (lbfgs, float64), C chosen by val accuracy (ties: val NLL), then the refit at that C.
-- torch: `training.logistic.fit_logistic_path(x, y, grid)`: float32 full-batch L-BFGS, warm-started
-  from one C to the next, same objective and stopping rule; the chosen C's weights are the model
-  (the refit would solve the same problem again, so it is not run).
+- sklearn (the old path, methods/linear_probe.py before the torch solver, `git show 21e3005^:...`):
+  `LogisticRegression(C, max_iter=1000)` fitted from zero at every C of the grid (one per class,
+  one-vs-rest, for multi-label data), no warm start.
+- torch (the path now): `training.logistic.fit_logistic_path(x, y, grid)`, float32 full-batch
+  L-BFGS warm-started along the grid, what `LinearProbe._fit` calls.
 
+Both pick C with the package's rule (`training.select_best`: best validation accuracy, or mAP for
+multi-label data; ties to the middle of the grid); the test split is scored once, at that C.
 Prints a table; writes benchmarks/results/linear_probe_solver.json and docs/results/linear-probe-solver.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -28,160 +31,187 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlclassify.backbones import create_backbone
-from vlclassify.data import fashion_mnist, train_val_test
+from vlclassify.data.plan import plan_splits
 from vlclassify.features import extract_features
 from vlclassify.methods.base import normalize
+from vlclassify.metrics import mean_average_precision
+from vlclassify.training import select_best
 from vlclassify.training.logistic import fit_logistic_path
 from vlclassify.utils import atomic_path, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
-GRID = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+GRID = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]  # LinearProbeConfig.C_grid's default
 
 
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def features(limit: int | None):
-    splits = train_val_test(fashion_mnist(), seed=1)
+def features(spec: str, limit: int | None) -> dict:
+    splits = plan_splits(spec, seed=1)
     bb = create_backbone("effnet-minilm")
     out = {}
-    for name in ("train", "val"):
+    for name in ("train", "val", "test"):
         ds = splits[name]
         if limit:
             ds = ds.subset(range(min(limit * (4 if name == "train" else 1), len(ds))))
-        fs = extract_features(bb, ds, text=False)
-        out[name] = (normalize(fs.pooled), torch.from_numpy(ds.labels()))
+        x = normalize(extract_features(bb, ds, text=False, progress=False).pooled).numpy()  # [N, F]
+        out[name] = (x, ds.multi_hot() if ds.multilabel else ds.labels())
+    out["multilabel"], out["classes"] = splits["train"].multilabel, len(splits["train"].classnames)
     return out
 
 
-def score(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    z = x @ W.T + b
-    return float((z.argmax(-1) == y).float().mean()), float(torch.nn.functional.cross_entropy(z, y))
+def score(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
+    z = x @ w.T + b
+    return mean_average_precision(y, z) if multilabel else float((z.argmax(-1) == y).mean())
 
 
-def pick(rows: dict[float, tuple[float, float]]) -> float:
-    return max(rows, key=lambda c: (rows[c][0], -rows[c][1]))  # linear_probe's rule: accuracy, then NLL
-
-
-def run_sklearn(x, y, xv, yv, max_iter: int) -> dict:
+def sklearn_fit(x, y, C: float, k: int, multilabel: bool, max_iter: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The old LinearProbe._train: -> (W [K, F], b [K], L-BFGS iterations)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    def fit(C):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf = LogisticRegression(C=C, max_iter=max_iter).fit(x.numpy(), y.numpy())
-        return torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float(), int(clf.n_iter_[0])
+    w = np.zeros((k, x.shape[1]), dtype=np.float32)
+    b = np.full(k, -1e4, dtype=np.float32)
+    its = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if multilabel:
+            for c in range(k):
+                yc = y[:, c]
+                if yc.min() == yc.max():
+                    b[c] = 1e4 if yc[0] else -1e4
+                    continue
+                clf = LogisticRegression(C=C, max_iter=max_iter).fit(x, yc)
+                w[c], b[c], its = clf.coef_[0], clf.intercept_[0], its + int(clf.n_iter_[0])
+            return w, b, its
+        clf = LogisticRegression(C=C, max_iter=max_iter).fit(x, y)
+    w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_  # (>2 classes here)
+    return w, b, int(clf.n_iter_[0])
 
-    per_c, t0, c0 = {}, time.perf_counter(), time.process_time()
+
+def run(spec: str, limit: int | None, max_iter: int, skip_sklearn: bool) -> dict:
+    f = features(spec, limit)
+    (x, y), (xv, yv), (xt, yt) = f["train"], f["val"], f["test"]
+    ml, k = f["multilabel"], f["classes"]
+    res = {"data": spec, "n_train": len(x), "n_val": len(xv), "n_test": len(xt), "dim": x.shape[1], "classes": k,
+           "multilabel": ml, "metric": "mAP" if ml else "accuracy", "load_start": loadavg()}  # fmt: skip
+    print(f"{spec}: train {x.shape}, val {xv.shape}, test {xt.shape}; load {res['load_start']}", flush=True)
+    default = GRID[len(GRID) // 2]
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    path = fit_logistic_path(x, y, GRID, multilabel=ml, num_classes=k, max_iter=max_iter)
+    fits = {C: (w.numpy(), b.numpy()) for C, (w, b) in zip(GRID, path)}
+    sel = select_best(GRID, lambda C: score(*fits[C], xv, yv, ml), default=default)
+    res["torch"] = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "C": sel.best,
+        "val_by_C": dict(zip(map(str, GRID), sel.scores)),
+        "test": score(*fits[sel.best], xt, yt, ml),
+    }
+    print(f"  torch: {res['torch']['seconds']:.1f}s, C={sel.best:g}, test {100 * res['torch']['test']:.2f}", flush=True)
+    if skip_sklearn:
+        return res
+    t0, c0 = time.perf_counter(), time.process_time()
+    sk, per_c = {}, {}
     for C in GRID:
         t = time.perf_counter()
-        W, b, it = fit(C)
-        per_c[C] = {
-            "seconds": time.perf_counter() - t,
-            "iterations": it,
-            **dict(zip(("acc", "nll"), score(W, b, xv, yv))),
-        }
-        print(f"  sklearn C={C:g}: {per_c[C]['seconds']:.1f}s, {it} it, val {100 * per_c[C]['acc']:.2f}%", flush=True)
-    best = pick({c: (r["acc"], r["nll"]) for c, r in per_c.items()})
-    t = time.perf_counter()
-    W, b, _ = fit(best)  # the refit LinearProbe._fit does today
-    refit = time.perf_counter() - t
-    return {"per_C": per_c, "C": best, "val_accuracy": score(W, b, xv, yv)[0], "refit_seconds": refit,
-            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}  # fmt: skip
-
-
-def run_torch(x, y, xv, yv, max_iter: int, cold: bool) -> dict:
-    t0, c0 = time.perf_counter(), time.process_time()
-    path = fit_logistic_path(x, y, GRID, num_classes=10, max_iter=max_iter)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    per_c = {C: dict(zip(("acc", "nll"), score(W, b, xv, yv))) for C, (W, b) in zip(GRID, path)}
-    best = pick({c: (r["acc"], r["nll"]) for c, r in per_c.items()})
-    out = {"per_C": per_c, "C": best, "val_accuracy": per_c[best]["acc"], "seconds": seconds, "cpu_seconds": cpu}
-    if cold:  # each C alone, from zero: what the warm start saves
-        for C in GRID:
-            t = time.perf_counter()
-            fit_logistic_path(x, y, [C], num_classes=10, max_iter=max_iter)
-            per_c[C]["cold_seconds"] = time.perf_counter() - t
-        out["cold_seconds"] = sum(per_c[C]["cold_seconds"] for C in GRID)
-    return out
+        w, b, its = sklearn_fit(x, y, C, k, ml, max_iter)
+        sk[C] = (w, b)
+        per_c[str(C)] = {"seconds": time.perf_counter() - t, "iterations": its}
+        print(f"  sklearn C={C:g}: {per_c[str(C)]['seconds']:.1f}s, {its} it", flush=True)
+    sel = select_best(GRID, lambda C: score(*sk[C], xv, yv, ml), default=default)
+    res["sklearn"] = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "C": sel.best,
+        "val_by_C": dict(zip(map(str, GRID), sel.scores)),
+        "test": score(*sk[sel.best], xt, yt, ml),
+        "per_C": per_c,
+    }
+    res["load_end"] = loadavg()
+    print(f"  sklearn: {res['sklearn']['seconds']:.1f}s, C={sel.best:g}, test {100 * res['sklearn']['test']:.2f}")
+    return res
 
 
 def markdown(res: dict) -> str:
-    sk, tc = res.get("sklearn"), res["torch"]
     lines = [
-        f"# Linear-probe solver: full Fashion-MNIST ({res['n_train']:,} x {res['dim']} train, {res['n_val']:,} val)",
+        "# Linear-probe solver: torch L-BFGS path vs the old scikit-learn path",
         "",
         f"Command: `{res['command']}`  ",
-        f"Machine: {res['machine']}; load average at start {res['load_start']}, at end {res['load_end']} "
-        "(2 shared cores: other jobs ran alongside; both solvers saw the same load).",
+        f"Machine: {res['machine']}. The 2 cores were shared with other jobs (load averages below): both "
+        "solvers ran in the same process, one after the other, on the same features.",
         "",
-        "| C | sklearn val acc | sklearn s (iterations) | torch val acc | torch s (this C alone, cold; --cold) |",
-        "|---|---|---|---|---|",
-    ]
-    for C in GRID:
-        t = tc["per_C"][C]
-        s = sk["per_C"][C] if sk else None
-        sk_cells = f"{100 * s['acc']:.2f}% | {s['seconds']:.1f} ({s['iterations']})" if s else "- | -"
-        cold = f"{t['cold_seconds']:.1f}" if "cold_seconds" in t else "-"
-        lines.append(f"| {C:g} | {sk_cells} | {100 * t['acc']:.2f}% | {cold} |")
-    lines += [
+        "Old path: `LogisticRegression(C, max_iter=1000)` from zero at each C (one-vs-rest per class for "
+        "multi-label data), as methods/linear_probe.py did before the torch solver. New path: "
+        "`fit_logistic_path` (float32 full-batch L-BFGS, warm-started along the grid), what `LinearProbe` "
+        "runs now. C chosen on validation by `select_best` for both; test scored once at that C.",
         "",
-        "| solver | C chosen on val | val accuracy | wall time (6 C + refit) | CPU time |",
-        "|---|---|---|---|---|",
+        "| data | train / val / test | solver | wall s | CPU s | C chosen | val at C | test | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    if sk:
-        lines.append(
-            f"| scikit-learn LogisticRegression (today) | {sk['C']:g} | {100 * sk['val_accuracy']:.2f}% | "
-            f"{sk['seconds']:.1f} s (refit {sk['refit_seconds']:.1f} s) | {sk['cpu_seconds']:.1f} s |"
-        )
-    lines.append(
-        f"| torch L-BFGS, warm-started path | {tc['C']:g} | {100 * tc['val_accuracy']:.2f}% | "
-        f"{tc['seconds']:.1f} s (no refit: the path's weights) | {tc['cpu_seconds']:.1f} s |"
-    )
-    if sk:
-        wall, cpu = sk["seconds"] / tc["seconds"], sk["cpu_seconds"] / tc["cpu_seconds"]
-        gap = 100 * (tc["val_accuracy"] - sk["val_accuracy"])
-        lines += ["", f"Speed-up: **{wall:.1f}x** wall, {cpu:.1f}x CPU; accuracy difference {gap:+.2f} points."]
-    if "cold_seconds" in tc:
-        lines += ["", f"torch: the warm-started path took {tc['seconds']:.1f} s; fitting each C from zero "
-                  f"instead takes {tc['cold_seconds']:.1f} s in all."]  # fmt: skip
+    for r in res["runs"]:
+        size = f"{r['n_train']:,} / {r['n_val']:,} / {r['n_test']:,} x {r['dim']}"
+        for name, label in (("sklearn", "scikit-learn, old"), ("torch", "torch L-BFGS path")):
+            s = r.get(name)
+            if s is None:
+                continue
+            val = s["val_by_C"][str(s["C"])]
+            lines.append(
+                f"| {r['data']} ({r['metric']}) | {size} | {label} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | "
+                f"{s['C']:g} | {100 * val:.2f} | {100 * s['test']:.2f} | {r['load_start']} |"
+            )
+    lines.append("")
+    for r in res["runs"]:
+        if "sklearn" in r:
+            sk, tc = r["sklearn"], r["torch"]
+            lines.append(
+                f"- {r['data']}: **{sk['seconds'] / tc['seconds']:.1f}x** faster wall, "
+                f"{sk['cpu_seconds'] / tc['cpu_seconds']:.1f}x CPU; C {sk['C']:g} (sklearn) vs {tc['C']:g} (torch); "
+                f"test {r['metric']} difference {100 * (tc['test'] - sk['test']):+.2f} points. sklearn per C: "
+                + ", ".join(f"{c} {p['seconds']:.0f} s / {p['iterations']} it" for c, p in sk["per_C"].items())
+                + ". Validation by C, sklearn / torch: "
+                + ", ".join(f"{c} {100 * v:.2f} / {100 * tc['val_by_C'][c]:.2f}" for c, v in sk["val_by_C"].items())
+                + "."
+            )
+            if sk["C"] != tc["C"]:
+                a, b = str(sk["C"]), str(tc["C"])
+                lines.append(
+                    f"  The Cs differ: validation {100 * sk['val_by_C'][a]:.2f} / {100 * sk['val_by_C'][b]:.2f} "
+                    f"(sklearn at C {a} / {b}), {100 * tc['val_by_C'][a]:.2f} / {100 * tc['val_by_C'][b]:.2f} (torch): "
+                    f"a near-tie of {100 * abs(sk['val_by_C'][a] - sk['val_by_C'][b]):.2f} / "
+                    f"{100 * abs(tc['val_by_C'][a] - tc['val_by_C'][b]):.2f} points that each solver's stopping "
+                    "point (tolerance 1e-4 on the gradient) decides."
+                )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--limit", type=int, default=None, help="val rows (train: 4x) for a quick check")
+    ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the markdown from a saved JSON")
+    ap.add_argument("--data", default="fashion-mnist,tuxpaint-composite", help="comma-separated data specs")
+    ap.add_argument("--limit", type=int, default=None, help="val and test rows (train: 4x) for a quick check")
     ap.add_argument("--max-iter", type=int, default=1000)
     ap.add_argument("--skip-sklearn", action="store_true")
-    ap.add_argument("--cold", action="store_true", help="also time each C fitted from zero (the warm start's gain)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "linear-probe-solver.md")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "linear_probe_solver.json")
     args = ap.parse_args()
-    feats = features(args.limit)
-    (x, y), (xv, yv) = feats["train"], feats["val"]
+    if args.from_json:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(markdown(json.loads(args.from_json.read_text())))
+        return
     res = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}",
-        "load_start": loadavg(),
-        "n_train": len(y),
-        "n_val": len(yv),
-        "dim": x.shape[1],
         "grid": GRID,
+        "runs": [run(s, args.limit, args.max_iter, args.skip_sklearn) for s in args.data.split(",")],
     }
-    print(f"train {tuple(x.shape)}, val {tuple(xv.shape)}; load {res['load_start']}", flush=True)
-    res["torch"] = run_torch(x, y, xv, yv, args.max_iter, args.cold)
-    print(
-        f"torch: C={res['torch']['C']:g}, val {100 * res['torch']['val_accuracy']:.2f}%, {res['torch']['seconds']:.1f}s"
-    )
-    if not args.skip_sklearn:
-        res["sklearn"] = run_sklearn(x, y, xv, yv, args.max_iter)
-    res["load_end"] = loadavg()
     md = markdown(res)
     print(md)
     write_json(args.json, res)

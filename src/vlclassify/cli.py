@@ -273,6 +273,9 @@ def fit(
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
+    stream: bool = typer.Option(
+        False, "--stream", help="Read training batches from the feature store, not memory (larger-than-memory sets)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model in a non-empty --out folder."),
     split_file: Path | None = typer.Option(
         None, "--split-file", help="Train/val items from this split.json (written by every fit) instead of sampling."
@@ -299,7 +302,7 @@ def fit(
     _log_presets(presets, data, [method])
     bb = _backbone(backbone, backbone_opt)
     m = create_method(method, bb, cache=_cache(cache_dir), **{**presets.options(method), **parse_options(opt)})
-    m.skip_bad = skip_bad
+    m.skip_bad, m.stream = skip_bad, stream
     splits: dict = {}
     if data is None:
         if not hasattr(m, "set_classes") or m.trains_on_images:

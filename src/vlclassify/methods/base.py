@@ -46,6 +46,7 @@ from ..data.items import Dataset, Item
 from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
+from ..features.stream import StoredRows, StreamedFeatures, stored_rows
 from ..training import Stage, Trainer, TrainResult
 from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded
@@ -65,6 +66,7 @@ class Encoded:
 
     dataset: Dataset
     features: FeatureSet
+    rows: StoredRows | None = None  # streamed training: the rows stay in the store, read per batch
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -156,6 +158,7 @@ class Method:
         self.progress = True
         self.runtime = "auto"  # extraction runtime; "torch" once a method changes the backbone's weights
         self.skip_bad = False  # unreadable images: skipped with a warning (True) or an error naming them
+        self.stream = False  # train on batches read from the feature store, not one in-memory tensor
         self.class_text: torch.Tensor | None = None  # [C, D] class texts given with the data (a feature file)
 
     # ---- declarations (per instance: some depend on options) ------------------------------
@@ -227,6 +230,11 @@ class Method:
             if missing:
                 raise ConfigError(f"method {self.name!r} needs cached view(s) {', '.join(missing)}")
             return data
+        if training and self.stream and data.features is None:
+            keys = feature_keys(needs)
+            y = torch.from_numpy(data.multi_hot() if data.multilabel else data.labels())
+            rows = stored_rows(self.backbone, data, views, keys, y, self.cache, self.runtime, self.progress)
+            return Encoded(data, StreamedFeatures(len(data), rows.grid, self.name), rows)  # type: ignore[arg-type]
         feats = extract_features(
             self.backbone,
             data,
@@ -279,7 +287,7 @@ class Method:
             if absent:
                 raise DataError(f"{ds.name}: no training images for class(es) {', '.join(absent)}")
         for enc, what in ((tr, ds.name), (va, "validation")):
-            if enc is not None:
+            if enc is not None and enc.rows is None:
                 check_features(enc.features, self.feature_needs(), f"{what} ")
         self.classnames = list(ds.classnames)
         self.class_text = class_text_of(ds)
@@ -436,6 +444,8 @@ class Method:
 
     def feature_batches(self, train: Encoded, tensors: dict[str, torch.Tensor] | None = None) -> BatchFn:
         """The Trainer's batches: a fresh permutation of the rows every epoch, cut into global batches."""
+        if tensors is None and train.rows is not None:
+            return train.rows.batches()
         rows = tensors if tensors is not None else self.train_tensors(train)
         n = len(rows["targets"])
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils import torch_threads
+
 ABSENT_BIAS = -1e4  # bias of a class with no training example: never predicted
 Solution = tuple[torch.Tensor, torch.Tensor]  # (W [K, F], b [K])
 
@@ -132,7 +134,8 @@ def fit_logistic(
     previous C) warm-starts the solver."""
     dev = _device(device)
     xt = _as_x(x, dev)
-    return _fit(xt, y, C, multilabel, num_classes, init, max_iter, tol, dev, _Preconditioner(xt))[:2]
+    with torch_threads(0, work=xt.numel() * (num_classes or 2)):
+        return _fit(xt, y, C, multilabel, num_classes, init, max_iter, tol, dev, _Preconditioner(xt))[:2]
 
 
 def fit_logistic_path(
@@ -149,12 +152,13 @@ def fit_logistic_path(
     up, each fit warm-started from the previous one's solution."""
     dev = _device(device)
     xt = _as_x(x, dev)
-    pre = _Preconditioner(xt)
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     init = None
-    for i in sorted(range(len(Cs)), key=lambda j: Cs[j]):
-        w, b, init = _fit(xt, y, Cs[i], multilabel, num_classes, init, max_iter, tol, dev, pre)
-        out[i] = (w, b)
+    with torch_threads(0, work=xt.numel() * (num_classes or 2)):
+        pre = _Preconditioner(xt)
+        for i in sorted(range(len(Cs)), key=lambda j: Cs[j]):
+            w, b, init = _fit(xt, y, Cs[i], multilabel, num_classes, init, max_iter, tol, dev, pre)
+            out[i] = (w, b)
     return [out[i] for i in range(len(Cs))]
 
 

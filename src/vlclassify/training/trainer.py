@@ -174,10 +174,10 @@ def shard_rows(batch: Any, rank: int, world: int) -> Any:
     """This rank's share of a global batch: rows rank, rank + world, ... of every tensor (or list)
     whose length is the batch's row count (the first tensor's), other values unchanged. A batch
     object with its own `shard(rank, world)` method decides for itself."""
-    if world == 1:
-        return batch
     if hasattr(batch, "shard"):
         return batch.shard(rank, world)
+    if world == 1:
+        return batch
     if not isinstance(batch, Mapping):
         raise ConfigError("trainer: under torchrun, batches must be dicts of row-aligned tensors (or have .shard())")
     rows = next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()), None)
@@ -357,7 +357,7 @@ class Trainer:
         """The (global) batches of one epoch, this rank's share of each."""
         seed = self._seed(stage_idx, 0, epoch)
         if callable(data) and not hasattr(data, "__getitem__"):
-            return [shard_rows(b, self.rank, self.world) for b in data(stage, epoch, seed)]
+            return _Shares(data(stage, epoch, seed), self.rank, self.world)
         if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
             raise ConfigError(
                 "trainer: data must be a map-style dataset (__len__ + __getitem__) or a callable(stage, epoch, seed)"
@@ -721,6 +721,20 @@ class Trainer:
         if rnd > 0:
             for cb in self.callbacks:
                 cb(record)
+
+
+class _Shares:
+    """An epoch's global batches, each cut to this rank's share as it is reached (not all at once:
+    a lazy batch, e.g. features.stream.RowBatch, is read only then)."""
+
+    def __init__(self, batches: Any, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (shard_rows(b, self.rank, self.world) for b in self.batches)
 
 
 class _nothing:
