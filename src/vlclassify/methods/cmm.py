@@ -200,7 +200,7 @@ class CMM(Method):
         t0 = self.class_texts(self.templates)[1]
         spec = {"num_classes": len(self.classnames), "dim": t0.shape[1]}
         if c.input == "bridge":
-            spec["pooled_dim"] = int(train.features.pooled.shape[1])
+            spec["pooled_dim"] = int(self.backbone.pooled_dim)  # not the features: a streamed fit has none in memory
         head = cast(CMMHead, self.init_head(spec))
         with torch.no_grad():
             head.t0.copy_(t0)
