@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base chromium chromium-driver
+DEBS := dataset-fashion-mnist tuxpaint-stamps-default wordnet-base chromium chromium-driver mate-backgrounds
 CHECK_DIRS := src tests benchmarks scripts
 # 1: `make check` fails when a public function, class or method has no docstring
 # (`.venv/bin/python scripts/docstrings.py --list` names them).

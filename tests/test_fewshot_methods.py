@@ -102,9 +102,9 @@ def test_alpha_is_chosen_on_validation_only(toy, enc, monkeypatch):
     spied = []
     real_parts = cmm_mod.CMMHead.parts
 
-    def parts(self, image):
-        spied.append(image.shape[0])
-        return real_parts(self, image)
+    def parts(self, batch):
+        spied.append(batch["image"].shape[0])
+        return real_parts(self, batch)
 
     monkeypatch.setattr(cmm_mod.CMMHead, "parts", parts)
     m = create_method("cmm", toy, steps=50)
@@ -128,6 +128,8 @@ def test_tip_adapter_search_uses_val_and_changes_with_it(toy, enc):
 
 
 def test_cmm_ablation_switches_change_behaviour(toy, enc):
+    """The paper's ablations on the paper's form (residual W on the joint embedding); with the
+    bridge, no_w keeps the bridge fixed instead."""
     tr, va, _ = enc
     out = {}
     for k, o in {
@@ -136,7 +138,7 @@ def test_cmm_ablation_switches_change_behaviour(toy, enc):
         "no_triplet": {"no_triplet": True},
         "no_clip_fusion": {"no_clip_fusion": True},
     }.items():
-        m = create_method("cmm", toy, steps=150, lr=1e-2, fixed_alpha=True, **o)
+        m = create_method("cmm", toy, input="joint", steps=150, lr=1e-2, fixed_alpha=True, **o)
         m.progress = False
         m.fit(tr, va)
         out[k] = (m, m.predict_proba(va))
@@ -149,6 +151,13 @@ def test_cmm_ablation_switches_change_behaviour(toy, enc):
     x = F.normalize(va.features.image.float(), dim=-1)
     s = m.scale * F.normalize(x @ m.head.W + x, dim=-1) @ m.head.T.T
     np.testing.assert_allclose(out["no_clip_fusion"][1], torch.softmax(s, -1).numpy(), atol=1e-5)
+    bridged = {}
+    for k, o in {"full": {}, "no_w": {"no_w": True}}.items():
+        m = create_method("cmm", toy, input="bridge", steps=150, lr=1e-2, fixed_alpha=True, **o)
+        m.progress = False
+        m.fit(tr, va)
+        bridged[k] = m.head.bridge
+    assert bridged["no_w"].dw is None and float(bridged["full"].dw.abs().sum()) > 0  # the bridge moved
 
 
 def test_cmm_fusion_and_schedules():

@@ -201,6 +201,18 @@ def test_open_clip_split_recomputes_the_encoders_and_trains_a_copy(fake_open_cli
     check_split(bb, cut, pixels, ["a frog", "abc", "a much longer text"])
 
 
+@pytest.mark.parametrize("model", ["Tiny", "TinyRN"])
+def test_open_clip_bridge_is_exact(fake_open_clip, model):
+    """The bridge (pooled -> joint) reproduces the embedding to 1e-5: the joint-space methods'
+    bridged forms start exactly at this backbone's zero-shot."""
+    bb = create_backbone("open-clip", model=model)
+    w, b = bb.bridge()
+    assert w.shape == (bb.embed_dim, bb.pooled_dim) and b.shape == (bb.embed_dim,)
+    with torch.no_grad():
+        f = bb.encode_image(torch.stack([bb.preprocess(_image()), torch.rand(3, 16, 16)]))
+    assert torch.allclose(f.pooled @ w.T + b, f.embeds, atol=1e-5)
+
+
 def test_open_clip_split_refuses_what_it_cannot_reproduce(fake_open_clip):
     bb = create_backbone("open-clip", model="Tiny")
     with pytest.raises(ConfigError, match="image_blocks must be an integer in 0..2"):

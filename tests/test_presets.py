@@ -242,8 +242,8 @@ def test_tip_adapter_extracts_the_views_it_names(toy, color_folder, cache):
     m.fit(ds.subset(range(0, 18, 2)), ds.subset(range(1, 18, 2)))
     f = extract_features(toy, ds.subset(range(0, 18, 2)), views=("orig", "rrc0", "rrc1", "rrc2"), cache=cache)
     keys = torch.nn.functional.normalize(
-        torch.stack([f.views[v].image for v in ("rrc0", "rrc1", "rrc2")]).mean(0), dim=-1
-    )
+        torch.stack([f.views[v].tensor(m.key_feature) for v in ("rrc0", "rrc1", "rrc2")]).mean(0), dim=-1
+    )  # the keys are the views' pooled features or joint embeddings, by the `input` option
     assert torch.allclose(m.head.keys, keys, atol=1e-6)
     assert not torch.allclose(f.views["rrc0"].image, f.image)
     assert create_method("cmm", toy).training_views() == ("orig", "flip")  # others: unchanged

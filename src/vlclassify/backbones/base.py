@@ -3,6 +3,8 @@
 A backbone pairs an image encoder and a text encoder whose outputs live in one joint space of
 width D: global embeddings for zero-shot and adapters, spatial/token features for the
 attention-based methods (VT-CLIP, CMA-CLIP, DiCLS), and the raw pooled visual features for probes.
+`backbone.bridge()` is the linear map from the pooled features into the joint space (exact for
+CLIP, fitted for the ConSE join): joint-space methods train a copy of it on the pooled features.
 
 Methods that fine-tune part of a backbone do it through `backbone.split(image_blocks, text_layers)`
 (a `BackboneSplit`): a frozen trunk run once and cached, and a trainable top holding its own copies
@@ -76,6 +78,16 @@ class Backbone(nn.Module):
 
     def token_strings(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
         """[N][L] the text of each token of `tokenize(texts, max_tokens)` ("" for padding)."""
+        raise NotImplementedError
+
+    # ---- the bridge from pooled features to the joint space -------------------------------------
+    def bridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [D, F], b [D]) with `embeds ≈ pooled @ W.T + b`: a linear map from the pooled visual
+        features into the joint space. Methods that work in the joint space start a trainable copy
+        of it there, so they begin at the backbone's own zero-shot and can still recover what the
+        joint embedding dropped from the pooled features. Exact where the embedding is a linear
+        function of the pooled features (CLIP's visual projection); fitted where it is not
+        (effnet-minilm's ConSE join). Fresh tensors: callers may change them."""
         raise NotImplementedError
 
     # ---- partial fine-tuning ------------------------------------------------------------------
@@ -269,3 +281,110 @@ def quiet_from_pretrained(cls: Any, path: str, **kwargs: Any) -> Any:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 10.0)  # ridge strengths, in units of the mean feature variance
+
+
+def ridge_bridge(
+    pooled: torch.Tensor, embeds: torch.Tensor, groups: Sequence[int], folds: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Fit (W [D, F], b [D]) with embeds ≈ pooled @ W.T + b by ridge regression, for a backbone
+    whose joint embedding is not a linear function of its pooled features.
+
+    The ridge strength is chosen by grouped cross-validation: rows of one group (the crops of one
+    photo) are held out together, and the strength whose held-out predictions have the highest
+    mean cosine to the true embeddings wins (methods compare normalised embeddings, so the cosine
+    is what the bridge must keep; a photo's crops are near-duplicates, so holding out single
+    crops would reward fitting noise). Strengths are relative to the mean feature variance,
+    lam * tr(XᵀX) / F, so one grid serves any feature scale. -> (W, b, a JSON record of the search).
+    """
+    x, y = pooled.double(), embeds.double()  # [M, F], [M, D]
+    g = np.asarray(groups)
+    uniq = np.unique(g)
+    k = min(folds, len(uniq))
+    if k < 2:
+        raise ValueError(f"ridge_bridge: need photos from at least 2 groups, got {len(uniq)}")
+    fold_of = {int(u): i % k for i, u in enumerate(uniq)}
+    fold = torch.as_tensor([fold_of[int(v)] for v in g])
+
+    def solve(xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Centred normal equations, eigen-decomposed once: (eigvals [F], eigvecs [F, F], Vᵀ Xᵀ Y [F, D])."""
+        evals, evecs = torch.linalg.eigh(xs.T @ xs)
+        return evals.clamp_min(0), evecs, evecs.T @ (xs.T @ ys)
+
+    def weights(sol: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lam: float) -> torch.Tensor:
+        evals, evecs, vty = sol
+        return evecs @ (vty / (evals + lam * float(evals.sum()) / len(evals))[:, None])  # [F, D]
+
+    scores = {lam: 0.0 for lam in RIDGE_GRID}
+    for f in range(k):
+        tr, te = fold != f, fold == f
+        mx, my = x[tr].mean(0), y[tr].mean(0)
+        sol = solve(x[tr] - mx, y[tr] - my)
+        for lam in RIDGE_GRID:
+            pred = (x[te] - mx) @ weights(sol, lam) + my
+            scores[lam] += float(torch.nn.functional.cosine_similarity(pred, y[te], dim=-1).sum()) / len(g)
+    best = max(RIDGE_GRID, key=lambda lam: scores[lam])
+    mx, my = x.mean(0), y.mean(0)
+    w = weights(solve(x - mx, y - my), best)  # [F, D]
+    b = my - mx @ w
+    fit_cos = float(torch.nn.functional.cosine_similarity(x @ w + b, y, dim=-1).mean())
+    info = {
+        "ridge": best,
+        "cv_folds": k,
+        "cv_mean_cosine": {f"{lam:g}": round(s, 5) for lam, s in scores.items()},
+        "fit_mean_cosine": round(fit_cos, 5),
+        "rows": len(g),
+        "groups": len(uniq),
+    }
+    return w.T.float().contiguous(), b.float(), info
+
+
+class BridgeLayer(nn.Module):
+    """pooled [B, F] -> [B, D] in the joint space: a trainable copy of a backbone's bridge.
+
+    W = W0 + s * dW and b = b0 + db, with (W0, b0) the backbone's bridge (buffers) and dW, db the
+    trained parameters, initialised at 0 so a head starts at the backbone's own zero-shot. s is
+    the RMS of W0: an optimizer step then changes W by the same fraction of its size on any
+    backbone (CLIP's projection and a ridge fit differ ~30x in scale), and weight decay pulls
+    towards the bridge rather than towards 0. `trainable=False` keeps the bridge fixed.
+    """
+
+    w0: torch.Tensor
+    b0: torch.Tensor
+    step: torch.Tensor
+
+    def __init__(self, pooled_dim: int, dim: int, trainable: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("w0", torch.zeros(dim, pooled_dim))  # [D, F]
+        self.register_buffer("b0", torch.zeros(dim))  # [D]
+        self.register_buffer("step", torch.ones(()))  # s, the RMS of w0
+        self.dw = nn.Parameter(torch.zeros(dim, pooled_dim)) if trainable else None  # [D, F]
+        self.db = nn.Parameter(torch.zeros(dim)) if trainable else None  # [D]
+
+    @torch.no_grad()
+    def reset(self, backbone: Backbone) -> BridgeLayer:
+        """Start at `backbone`'s bridge; an error names a width that does not fit."""
+        from ..errors import ConfigError
+
+        w, b = backbone.bridge()
+        if tuple(w.shape) != tuple(self.w0.shape):
+            raise ConfigError(
+                f"{backbone.name}: its bridge maps {w.shape[1]}-d pooled features to {w.shape[0]}-d, "
+                f"but the head was built for {self.w0.shape[1]}-d -> {self.w0.shape[0]}-d"
+            )
+        self.w0.copy_(w)
+        self.b0.copy_(b)
+        self.step.fill_(float(w.pow(2).mean().sqrt()) or 1.0)
+        for p in (self.dw, self.db):
+            if p is not None:
+                p.zero_()
+        return self
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, F] -> [B, D] through the bridge plus its trained change."""
+        w, b = self.w0, self.b0
+        if self.dw is not None and self.db is not None:
+            w, b = w + self.step * self.dw, b + self.db
+        return pooled.float() @ w.T + b

@@ -159,6 +159,11 @@ class HFCLIP(Backbone):
         g = self.patch_grid
         return ImageFeatures(embeds=proj(pooled), tokens=proj(patches), pooled=pooled, grid=(g, g))
 
+    def bridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact: `pooled` is the post-layernorm CLS token and `embeds` its visual projection (no bias)."""
+        w = self.model.visual_projection.weight.detach().float().clone()  # [D, Dv]
+        return w, torch.zeros(w.shape[0])
+
     def tokenize(self, texts: Sequence[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
         n = self.max_length if max_tokens is None else min(max_tokens, self.max_length)
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt")

@@ -86,6 +86,10 @@ class OpenCLIP(Backbone):
         grid = (g, g) if g * g == p else (1, p)
         return ImageFeatures(embeds=embeds, tokens=tokens, pooled=embeds, grid=grid)
 
+    def bridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact: this backbone's `pooled` features are the joint embedding itself (the identity)."""
+        return torch.eye(self.embed_dim), torch.zeros(self.embed_dim)
+
     def _ends(self, ids: torch.Tensor) -> torch.Tensor:
         """[N] position of each row's last real token (the EOT token, where the model pools)."""
         pool = getattr(self.model, "text_pool_type", "argmax")

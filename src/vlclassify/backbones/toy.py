@@ -96,6 +96,12 @@ class ToyBackbone(Backbone):
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         return _image_head(self._cells(pixels, 0), self.cell_blocks, self.proj, self.grid)
 
+    def bridge(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact: embeds = mean over cells of proj(cell), and pooled is the cells side by side."""
+        p = self.grid * self.grid
+        w = self.proj.weight.detach().repeat(1, p) / p  # [D, P * 3]
+        return w.clone(), self.proj.bias.detach().clone()
+
     def _cells(self, pixels: torch.Tensor, stop: int) -> torch.Tensor:
         """pixels -> [N, g*g, 3] cell means after image blocks 0..stop-1."""
         x = F.adaptive_avg_pool2d(pixels, self.grid).flatten(2).transpose(1, 2)

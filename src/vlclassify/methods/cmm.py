@@ -1,8 +1,13 @@
-"""CMM: cross-modal mapping (paper 002). A residual linear map W takes normalised image features
-into the text space, learnable class prototypes T (initialised from the template-mean text
-embeddings) classify them, a triplet loss on the pre-mapping features pulls images towards their
-class text, and the result is fused with the zero-shot logits with a weight alpha searched on
-validation.
+"""CMM: cross-modal mapping (paper 002). A linear map takes image features into the text space,
+learnable class prototypes T (initialised from the template-mean text embeddings) classify them,
+a triplet loss on the pre-mapping features pulls images towards their class text, and the result
+is fused with the zero-shot logits with a weight alpha searched on validation.
+
+Two inputs (`input`): `joint`, the paper's form, a residual map W (D x D, zero-initialised) on the
+normalised joint embedding; `bridge` (default), the map is a trainable copy of the backbone's
+bridge on the pooled visual features (F -> D, initialised at `backbone.bridge()`), so CMM starts
+from the backbone's zero-shot and can recover what the joint embedding dropped (docs/fewshot.md
+measures both). The triplet loss and the fused zero-shot logits read the joint embedding in both.
 
 Two schedules: `paper` (batch 8, AdamW 1e-4, 50 warm-up steps, cosine to 1e-5, 16,000 steps) and
 `fast` (the same number of samples seen in batches of `fast_batch`, learning rates scaled by
@@ -20,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.base import BridgeLayer
 from ..errors import ConfigError
 from ..modules.losses.triplet import prototype_triplet_loss
 from ..training import Stage, select_best
-from .base import Encoded, Method, TrainOptions, check_dim, normalize
+from .base import Encoded, Method, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
 from .templates import resolve_templates
 
@@ -56,6 +62,9 @@ class CMMConfig(TrainOptions):
     no_triplet: bool = False  # ablation: cross-entropy only
     no_clip_fusion: bool = False  # ablation: Logits_CMM alone, no zero-shot logits (train and test)
     fixed_alpha: bool = False  # ablation: keep alpha at `alpha` instead of searching it on validation
+    # bridge: the map is a trainable copy of the backbone's bridge on the pooled features | joint: the
+    # paper's residual W on the joint embedding (no_w then keeps the bridge fixed)
+    input: str = "bridge"
 
 
 def schedule_of(cfg: CMMConfig) -> Stage:
@@ -99,35 +108,45 @@ def fused_log_probs(
 
 
 class CMMHead(nn.Module):
-    """x -> scale * normalise(x W + x) · T, fused with the frozen zero-shot logits.
+    """x -> scale * normalise(x W + x) · T (joint) or scale * normalise(bridge(pooled)) · T (bridge),
+    fused with the frozen zero-shot logits of the joint embedding x.
 
-    batch {"image": [B, D]} -> {"logits": [B, C] fused log-probabilities, "cmm": [B, C], "zs": [B, C]};
+    batch {"image": [B, D], "pooled": [B, F] (bridge)} -> {"logits": [B, C] fused log-probabilities};
     with "targets": {"loss": NLL of the fused prediction (+ the triplet loss on the pre-mapping features)}.
     """
 
-    def __init__(self, num_classes: int, dim: int, scale: float, cfg: CMMConfig) -> None:
+    def __init__(self, num_classes: int, dim: int, scale: float, cfg: CMMConfig, pooled_dim: int = 0) -> None:
         super().__init__()
         self.scale, self.cfg = scale, cfg
-        self.W = None if cfg.no_w else nn.Parameter(torch.zeros(dim, dim))  # [D, D]; 0 = start at zero-shot
+        bridged = cfg.input == "bridge"
+        # [D, D] residual map (joint); 0 = start at zero-shot
+        self.W = None if cfg.no_w or bridged else nn.Parameter(torch.zeros(dim, dim))
+        self.bridge = BridgeLayer(pooled_dim, dim, trainable=not cfg.no_w) if bridged else None  # F -> D
         self.T = nn.Parameter(torch.zeros(num_classes, dim))  # [C, D] learnable prototypes
         self.t0: torch.Tensor  # the buffers below
         self.alpha: torch.Tensor
         self.register_buffer("t0", torch.zeros(num_classes, dim))  # [C, D] frozen zero-shot class texts
         self.register_buffer("alpha", torch.tensor([cfg.alpha], dtype=torch.float64))  # fusion weight
 
-    def parts(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (CMM logits [B, C], zero-shot logits [B, C] or None)."""
+        image = batch["image"]
         check_dim(image, self.T.shape[1], "cmm")
         x = normalize(image)
+        if self.bridge is not None:
+            check_dim(batch["pooled"], self.bridge.w0.shape[1], "cmm (pooled)")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            v = x @ self.W + x if self.W is not None else x
+            if self.bridge is not None:
+                v = self.bridge(batch["pooled"])
+            else:
+                v = x @ self.W + x if self.W is not None else x
             s = self.scale * F.normalize(v, dim=-1) @ self.T.T
         zs = None if self.cfg.no_clip_fusion else self.scale * x @ self.t0.T
         return s.float(), zs
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch {image [B, D]} -> fused log-probabilities [B, C] (and the loss with targets)."""
-        s, zs = self.parts(batch["image"])
+        """batch {image [B, D], pooled [B, F] (bridge)} -> fused log-probabilities [B, C] (+ the loss with targets)."""
+        s, zs = self.parts(batch)
         logp = fused_log_probs(s, zs, float(self.alpha), self.cfg.fusion)
         out = {"logits": logp}
         if "targets" in batch:
@@ -146,7 +165,7 @@ class CMM(Method):
 
     name = "cmm"
     Config = CMMConfig
-    needs = frozenset({"image", "flip"})
+    needs = frozenset({"image", "pooled", "flip"})  # pooled: input=bridge
     selects = "alpha (training ends on its last step)"
 
     def __init__(self, backbone, cache=None, **options) -> None:
@@ -155,6 +174,8 @@ class CMM(Method):
         if c.fusion not in ("prob", "logit"):
             raise ConfigError(f"cmm: fusion must be prob or logit, got {c.fusion!r}")
         schedule_of(c).check()  # validates the schedule options now
+        if c.input not in ("bridge", "joint"):
+            raise ConfigError(f"cmm: input must be bridge or joint, got {c.input!r}")
         if not c.alpha_grid or min(c.alpha_grid) < 0:
             raise ConfigError(f"cmm: alpha_grid must be non-empty and >= 0, got {c.alpha_grid}")
         self.templates = resolve_templates(c.templates)
@@ -164,8 +185,11 @@ class CMM(Method):
         """The backbone's logit scale (CLIP's temperature)."""
         return float(self.backbone.logit_scale)
 
+    def feature_needs(self) -> frozenset[str]:
+        return self.needs if self.config.input == "bridge" else frozenset({"image", "flip"})
+
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
-        return CMMHead(spec["num_classes"], spec["dim"], self.scale, self.config)
+        return CMMHead(spec["num_classes"], spec["dim"], self.scale, self.config, spec.get("pooled_dim", 0))
 
     def stages(self, train: Encoded) -> list[Stage]:
         return [schedule_of(self.config)]
@@ -174,13 +198,19 @@ class CMM(Method):
         assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         t0 = self.class_texts(self.templates)[1]
-        head = cast(CMMHead, self.init_head({"num_classes": len(self.classnames), "dim": t0.shape[1]}))
+        spec = {"num_classes": len(self.classnames), "dim": t0.shape[1]}
+        if c.input == "bridge":
+            spec["pooled_dim"] = int(self.backbone.pooled_dim)  # not the features: a streamed fit has none in memory
+        head = cast(CMMHead, self.init_head(spec))
         with torch.no_grad():
             head.t0.copy_(t0)
             head.T.copy_(t0)
+        if head.bridge is not None:
+            head.bridge.reset(self.backbone)
         st = self.stages(train)[0]
         d = t0.shape[1]
-        self.train_head(train, val, [st], work=st.batch_size * d * max(d, len(self.classnames)))
+        d_in = spec.get("pooled_dim", d)
+        self.train_head(train, val, [st], work=st.batch_size * d * max(d_in, len(self.classnames)))
         info: dict[str, Any] = {
             "steps": st.steps,
             "batch": st.batch_size,
@@ -190,7 +220,7 @@ class CMM(Method):
         }
         if not c.no_clip_fusion and not c.fixed_alpha and val is not None and len(val):
             with torch.no_grad():
-                s, zs = head.parts(val.features.image)
+                s, zs = head.parts(val.features.batch(feature_keys(self.feature_needs()), 0, len(val)))
             y = torch.as_tensor(val.dataset.labels())
             sel = select_best(
                 list(c.alpha_grid),

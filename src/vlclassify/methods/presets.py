@@ -102,6 +102,7 @@ TIP_FALLBACK = TipConfig(7, 3, 1, 1.17)  # data that is none of CoOp's: ImageNet
 def tip_options(cfg: TipConfig) -> dict[str, dict[str, Any]]:
     """Tip-Adapter's per-dataset values as tip-adapter / tip-adapter-f options."""
     common = {
+        "input": "joint",  # the paper's cache: keys are joint (CLIP) embeddings, not pooled features
         "beta_grid": search_grid(cfg.beta_scale, TIP_STEPS[0]),
         "alpha_grid": search_grid(cfg.alpha_scale, TIP_STEPS[1]),
         "alpha": float(cfg.init_alpha),
@@ -159,9 +160,12 @@ CMM_PAPER = {
     "alpha": 1.0,
     "alpha_grid": [round(0.1 * i, 1) for i in range(1, 21)],
     "schedule": "paper",
+    "input": "joint",  # the paper's residual W on the joint embedding, not the bridge on pooled features
 }
 # VT-CLIP (paper 003): batch 32, lr 2e-3 for all 11 datasets, CLIP's hand-crafted prompt, 2 heads, 1 layer.
 VTCLIP_PAPER = {"batch_size": 32, "lr": 2e-3, "heads": 2, "layers": 1}
+# Cross-modal linear probe (Lin et al. 2023): its head on CLIP's joint image embedding, not on the bridge.
+CROSS_MODAL_PAPER = {"input": "joint"}
 
 
 @dataclass(frozen=True)
@@ -227,9 +231,13 @@ for _d in COOP_DATASETS:
         Preset(
             f"coop-{_d.name}",
             f"CoOp's {_d.coop} ({f'automatic for {_file}' if _file else 'by name'}): its prompt and class names, "
-            f"Tip-Adapter's grid ({_d.tip.beta_scale:g}, {_d.tip.alpha_scale:g}), CMM / VT-CLIP settings",
+            f"Tip-Adapter's grid ({_d.tip.beta_scale:g}, {_d.tip.alpha_scale:g}), "
+            "CMM / VT-CLIP / cross-modal-probe settings",
             kind="dataset",
-            options=_merge(tip_options(_d.tip), {"cmm": CMM_PAPER, "vt-clip": VTCLIP_PAPER}),
+            options=_merge(
+                tip_options(_d.tip),
+                {"cmm": CMM_PAPER, "vt-clip": VTCLIP_PAPER, "cross-modal-linear-probe": CROSS_MODAL_PAPER},
+            ),
             templates=_d.templates,
             protocol={"spaces": True, "rename": dict(_d.rename), **_d.protocol},
             split_file=_file,

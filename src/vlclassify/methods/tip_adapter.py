@@ -9,6 +9,11 @@ wins, ties go to the pair nearest the default alpha, beta; Tip-Adapter's "first 
 improvement" when the default is off the grid, as in its preset). Alpha is in
 units of CLIP logits at scale 100 (it is rescaled by logit_scale / 100 so the grid means the same
 on any backbone).
+
+Two inputs for the cache (`input`): `joint`, the paper's form, keys and queries are joint
+embeddings; `pooled` (default), they are the pooled visual features, so affinities are measured in
+the richer visual space (the same thing for CLIP up to its projection, far apart for a ConSE
+join whose embeddings crowd together). The zero-shot logits read the joint embedding in both.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ..errors import ConfigError
 from ..features import FeatureSet
 from ..features.extract import VIEWS
 from ..training import select_best
-from .base import Encoded, Method, check_dim, normalize
+from .base import Encoded, Method, check_dim, feature_keys, normalize
 from .registry import register_method
 from .templates import resolve_templates
 
@@ -44,6 +49,7 @@ class TipAdapterConfig:
     # normalized: each view's features normalised, then averaged | raw: the raw features averaged
     # (Tip-Adapter's code); the mean is normalised either way
     key_mean: str = "normalized"
+    input: str = "pooled"  # pooled: cache keys and queries are the pooled visual features | joint: the paper's
 
 
 def search_grid(top: float, steps: int, start: float = 0.1) -> list[float]:
@@ -64,8 +70,8 @@ def view_features(f: FeatureSet, view: str, method: str) -> FeatureSet:
 class CacheHead(nn.Module):
     """Zero-shot logits plus the cache model's affinity-weighted one-hot labels.
 
-    batch {"image": [B, D]} -> {"logits": [B, C]}; with "targets" also {"loss"} (cross-entropy on
-    the fused logits, for Tip-Adapter-F's fine-tuning of the keys)."""
+    batch {"image": [B, D], "pooled": [B, F] (pooled keys)} -> {"logits": [B, C]}; with "targets" also
+    {"loss"} (cross-entropy on the fused logits, for Tip-Adapter-F's fine-tuning of the keys)."""
 
     def __init__(
         self,
@@ -75,15 +81,18 @@ class CacheHead(nn.Module):
         scale: float,
         train_keys: bool = False,
         normalize_keys: bool = True,
+        key_dim: int = 0,
     ) -> None:
+        """key_dim: the width of the keys when they are pooled features (0: the joint space, `dim`)."""
         super().__init__()
         self.scale, self.normalize_keys = scale, normalize_keys
+        self.query = "pooled" if key_dim else "image"  # the batch feature compared with the keys
         self.class_embeds: torch.Tensor  # the buffers below (keys: a buffer, or a Parameter when trained)
         self.keys: torch.Tensor
         self.values: torch.Tensor
         self.alpha_beta: torch.Tensor
         self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] zero-shot classifier
-        keys = torch.zeros(num_keys, dim)  # [N, D] normalised training features
+        keys = torch.zeros(num_keys, key_dim or dim)  # [N, D or F] normalised training features
         if train_keys:
             self.keys = nn.Parameter(keys)
         else:
@@ -91,12 +100,13 @@ class CacheHead(nn.Module):
         self.register_buffer("values", torch.zeros(num_keys, num_classes))  # [N, C] one-hot labels
         self.register_buffer("alpha_beta", torch.tensor([1.0, 1.0], dtype=torch.float64))  # current (alpha, beta)
 
-    def parts(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image [B, D] -> zero-shot logits [B, C], affinities f·Kᵀ [B, N]."""
+    def parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch -> zero-shot logits [B, C] (joint embedding), affinities f·Kᵀ [B, N] (the keys' features)."""
+        image, query = batch["image"], batch[self.query]
         check_dim(image, self.class_embeds.shape[1], "tip-adapter")
-        x = normalize(image)
+        check_dim(query, self.keys.shape[1], f"tip-adapter ({self.query})")
         keys = F.normalize(self.keys, dim=-1) if self.normalize_keys else self.keys
-        return self.scale * x @ self.class_embeds.T, x @ keys.T
+        return self.scale * normalize(image) @ self.class_embeds.T, normalize(query) @ keys.T
 
     def cache_logits(self, aff: torch.Tensor, beta: float) -> torch.Tensor:
         """affinities [B, N] -> the cache model's logits [B, C] at alpha = 1 (in zero-shot logit units)."""
@@ -107,9 +117,10 @@ class CacheHead(nn.Module):
         return zs + alpha * self.cache_logits(aff, beta)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch {image [B, D]} -> fused logits [B, C] at the stored alpha, beta (and the loss with targets)."""
+        """batch {image [B, D], pooled [B, F] (pooled keys)} -> fused logits [B, C] at the stored alpha,
+        beta (and the loss with targets)."""
         alpha, beta = (float(v) for v in self.alpha_beta)
-        z = self.combine(*self.parts(batch["image"]), alpha, beta)
+        z = self.combine(*self.parts(batch), alpha, beta)
         out = {"logits": z}
         if "targets" in batch:
             out["loss"] = F.cross_entropy(z, batch["targets"])
@@ -122,7 +133,7 @@ class TipAdapter(Method):
 
     name = "tip-adapter"
     Config = TipAdapterConfig
-    needs = frozenset({"image", "flip"})
+    needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
     selects = "alpha, beta"
     train_keys = False  # Tip-Adapter-F fine-tunes them
 
@@ -137,6 +148,16 @@ class TipAdapter(Method):
             )
         if c.key_mean not in ("normalized", "raw"):
             raise ConfigError(f"{self.name}: key_mean must be normalized or raw, got {c.key_mean!r}")
+        if c.input not in ("pooled", "joint"):
+            raise ConfigError(f"{self.name}: input must be pooled or joint, got {c.input!r}")
+
+    def feature_needs(self) -> frozenset[str]:
+        return self.needs if self.config.input == "pooled" else frozenset({"image", "flip"})
+
+    @property
+    def key_feature(self) -> str:
+        """The FeatureSet field the cache keys (and queries) are: pooled or image."""
+        return "pooled" if self.config.input == "pooled" else "image"
 
     def training_views(self) -> tuple[str, ...]:
         return ("orig", *dict.fromkeys(v for v in self.config.views if v != "orig"))
@@ -154,25 +175,28 @@ class TipAdapter(Method):
             self.scale,
             self.train_keys,
             getattr(self.config, "normalize_keys", True),
+            spec.get("key_dim", 0),
         )
 
     def _build(self, train: Encoded) -> CacheHead:
         """The cache model of `train`: keys, one-hot values, the zero-shot classifier."""
         c = self.config
-        views = [view_features(train.features, v, self.name).image.float() for v in c.views]  # V x [N, D]
+        views = [view_features(train.features, v, self.name).tensor(self.key_feature).float() for v in c.views]
         if c.key_mean == "normalized":
             views = [normalize(x) for x in views]
-        keys = normalize(torch.stack(views).mean(0))  # [N, D] augmentation-averaged keys
+        keys = normalize(torch.stack(views).mean(0))  # [N, D or F] augmentation-averaged keys
         text = self.class_texts(self.templates)[1]
-        head = cast(
-            CacheHead,
-            self.init_head({"num_classes": len(self.classnames), "num_keys": len(keys), "dim": keys.shape[1]}),
-        )
+        head = cast(CacheHead, self.init_head(self.cache_spec(len(keys), keys.shape[1], text.shape[1])))
         with torch.no_grad():
             head.class_embeds.copy_(text)
             head.keys.copy_(keys)
             head.values.copy_(F.one_hot(torch.as_tensor(train.dataset.labels()), len(self.classnames)).float())
         return head
+
+    def cache_spec(self, num_keys: int, key_dim: int, dim: int) -> dict[str, Any]:
+        """The head spec of a cache of `num_keys` keys of width `key_dim` (pooled keys) or `dim` (joint)."""
+        spec = {"num_classes": len(self.classnames), "num_keys": num_keys, "dim": dim}
+        return spec | ({"key_dim": key_dim} if self.config.input == "pooled" else {})
 
     def search(self, val: Encoded | None) -> dict[str, Any]:
         """Choose (alpha, beta) on validation (the selection rule; beta outer, alpha inner)."""
@@ -182,7 +206,7 @@ class TipAdapter(Method):
             head.alpha_beta.copy_(torch.tensor([c.alpha, c.beta], dtype=torch.float64))
             return {"alpha": c.alpha, "beta": c.beta, "alpha_beta_source": "default (no validation set)"}
         with torch.no_grad():
-            zs, aff = head.parts(val.features.image)
+            zs, aff = head.parts(val.features.batch(feature_keys(self.feature_needs()), 0, len(val)))
         y = torch.as_tensor(val.dataset.labels())
         grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
         memo: dict[float, torch.Tensor] = {}  # the cache logits of the current beta (the grid is beta-major)
@@ -214,11 +238,10 @@ class TipAdapter(Method):
         values = F.pad(old.values, (0, len(classes) - c_old))  # [N_old, C]: old keys keep their labels
         if extra is not None:
             values = torch.cat([values, extra.values])
-        head = cast(
-            CacheHead, self.init_head({"num_classes": len(classes), "num_keys": len(keys), "dim": keys.shape[1]})
-        )
+        text = self.class_texts(self.templates)[1]
+        head = cast(CacheHead, self.init_head(self.cache_spec(len(keys), keys.shape[1], text.shape[1])))
         with torch.no_grad():
-            head.class_embeds.copy_(self.class_texts(self.templates)[1])
+            head.class_embeds.copy_(text)
             head.keys.copy_(keys)
             head.values.copy_(values)
             head.alpha_beta.copy_(old.alpha_beta)

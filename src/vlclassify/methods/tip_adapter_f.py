@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..training import Stage
-from .base import Encoded, TrainOptions
+from .base import Encoded, TrainOptions, feature_keys
 from .registry import register_method
 from .tip_adapter import TipAdapter, TipAdapterConfig, view_features
 
@@ -70,11 +70,14 @@ class TipAdapterF(TipAdapter):
     def view_batches(self, train: Encoded):
         """The Trainer's batches: the views' features as samples, all of them or one view an epoch."""
         c = self.config
-        feats = [view_features(train.features, v, self.name).image.float() for v in c.views]  # V x [N, D]
+        keys = feature_keys(self.feature_needs())
+        feats = [view_features(train.features, v, self.name) for v in c.views]
+        views = [{k: f.tensor(k).float() for k in keys} for f in feats]  # V x {image [N, D], pooled [N, F]}
         y = torch.as_tensor(train.dataset.labels())
         if c.epoch_views == "all":
-            return self.feature_batches(train, {"image": torch.cat(feats), "targets": y.repeat(len(feats))})
-        per_view = [self.feature_batches(train, {"image": x, "targets": y}) for x in feats]
+            rows = {k: torch.cat([v[k] for v in views]) for k in keys}
+            return self.feature_batches(train, {**rows, "targets": y.repeat(len(views))})
+        per_view = [self.feature_batches(train, {**v, "targets": y}) for v in views]
         return lambda stage, epoch, seed: per_view[epoch % len(per_view)](stage, epoch, seed)
 
     def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
