@@ -270,6 +270,15 @@ def pil_to_unit_tensor(
     return torch.from_numpy(pil_to_unit_array(image, size, resample))
 
 
+def hf_token_strings(tokenizer: Any, batch: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Each text's token strings from a Hugging Face tokenizer's batch, '' at padding: what
+    `explain` labels a text's attention with."""
+    return [
+        [t if real else "" for t, real in zip(tokenizer.convert_ids_to_tokens(ids), m)]
+        for ids, m in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+    ]
+
+
 def quiet_from_pretrained(cls: Any, path: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained` without transformers' per-load progress bar."""
     from transformers.utils import logging as hf_logging

@@ -42,6 +42,7 @@ from .base import (
     TextFeatures,
     copy_module,
     first_output,
+    hf_token_strings,
     pil_to_unit_array,
     quiet_from_pretrained,
     ridge_bridge,
@@ -324,11 +325,7 @@ class EffNetMiniLM(Backbone):
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=n, return_tensors="pt")
 
     def token_strings(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[str]]:
-        batch = self.tokenize(texts, max_tokens)
-        return [
-            [t if real else "" for t, real in zip(self.tokenizer.convert_ids_to_tokens(ids), m)]
-            for ids, m in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
-        ]
+        return hf_token_strings(self.tokenizer, self.tokenize(texts, max_tokens))
 
     def encode_text(self, texts: Sequence[str]) -> TextFeatures:
         """texts -> MiniLM token states and their masked mean (the sentence embedding)."""
