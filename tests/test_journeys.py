@@ -157,6 +157,12 @@ def test_multilabel_csv_with_linear_probe_fits_evals_and_predicts_decisions(tmp_
     img = next((tmp_path / "ml").glob("red_*.png"))
     line = json.loads(run("predict", out, img, "--json").output.strip())
     assert set(line["labels"]) <= {"red", "green", "blue"} and len(line["scores"]) == 3
+    run("predict", out, "--data", man, "--csv", tmp_path / "p.csv")
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(man) as f:
+        want = {row["image"]: sorted(row["labels"].split(",")) for row in csv.DictReader(f)}
+    assert {os.path.basename(r["item"]): sorted(r["truth"].split(";")) for r in rows} == want  # truth beside decisions
 
 
 def test_zero_shot_from_class_names_alone(tmp_path, color_folder):

@@ -610,9 +610,13 @@ def predict(
         raise DataError(f"predict: {len(text)} --text value(s) for {len(images)} image(s); give one per image")
     m = load_method(model_dir, cache=_cache(cache_dir))
     m.progress = False
+    truth: list[str] | None = None  # the main task's true label(s) per item, for the CSV, when the data has them
     if data:
         parts = load_data(data)
         items = [it for ds in parts.values() for it in ds.items]
+        truth = [";".join(ds.classnames[c] for c in _true(ds, i)) for ds in parts.values() for i in range(len(ds))]
+        if not any(truth):
+            truth = None
     else:
         for p in images:
             if not p.is_file():
@@ -628,7 +632,7 @@ def predict(
         else:
             console.print(_result_line(r), markup=False, highlight=False, soft_wrap=True)
     if csv_out is not None:
-        _write_predictions_csv(csv_out, results)
+        _write_predictions_csv(csv_out, results, truth)
 
 
 def _decision_text(t) -> str:
