@@ -81,3 +81,17 @@ def test_a_streamed_fit_under_torchrun_matches_one_in_memory_process(tmp_path):
     assert (a["world"], b["world"]) == (1, 2)
     assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 1e-9
     assert np.abs(np.array(a["probs"]) - np.array(b["probs"])).max() < 0.02
+
+
+def test_cli_fit_under_torchrun_saves_once_from_rank_0(tmp_path):
+    """`torchrun -m vlclassify fit`: every rank trains; one model folder, one report."""
+    manifest = write_manifest(tmp_path / "data", "single")
+    env = {**os.environ, "VLCLASSIFY_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "model"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vlclassify", "fit", "-m", "cmm"]
+    cmd += ["-d", str(manifest), "-b", "toy", "--opt", "steps=40", "--stream", "-o", str(out)]
+    r = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("saved to") == 1 and r.stdout.count("decision (label)") == 1, r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "fit.json", "model.safetensors", "split.json"]
