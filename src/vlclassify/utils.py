@@ -25,21 +25,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "vlclassify"
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 4 MiB chunks: the one full-file hash (weights
+    checks, store shard checksums, image content hashes, fingerprints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_fingerprint(path: str | os.PathLike, full: bool = True) -> str:
     """sha256 of a file's bytes (or of its size + first/last MiB when `full` is False)."""
+    if full:
+        return sha256_file(path)[:16]
     h = hashlib.sha256()
     p = Path(path)
     with p.open("rb") as f:
-        if full:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            size = p.stat().st_size
-            h.update(str(size).encode())
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
     return h.hexdigest()[:16]
 
 

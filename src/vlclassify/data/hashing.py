@@ -14,16 +14,13 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import DataError
+from ..utils import sha256_file
 from .items import Item
 
 
 @lru_cache(maxsize=1 << 20)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def file_content_hash(path: str | os.PathLike) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..errors import ConfigError
-from ..utils import atomic_path, json_fingerprint
+from ..utils import atomic_path, json_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 STORE_VERSION = 1  # bump when the layout or the meaning of a row changes: old spaces are then ignored
@@ -62,15 +62,6 @@ CREATE TABLE IF NOT EXISTS inputs(space TEXT NOT NULL, input TEXT NOT NULL, PRIM
 
 class DamagedShard(Exception):
     """A shard whose bytes do not match the checksum in its manifest."""
-
-
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file, read in 4 MiB chunks (shard checksums)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def text_key(text: str) -> str:

@@ -29,7 +29,6 @@ error: it learns the image and the main label, and `fit_info["ignored"]` says so
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from ..features import FeatureCache, FeatureSet, extract_features
 from ..features.stream import StoredRows, StreamedFeatures, stored_rows
 from ..training import Stage, Trainer, TrainResult
 from ..training.trainer import BatchFn
-from ..utils import atomic_path, read_json, seeded
+from ..utils import atomic_path, read_json, seeded, sha256_file
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
 from .templates import cached_template_embeddings
 
@@ -605,7 +604,7 @@ class Method:
         with atomic_path(directory / "model.safetensors") as tmp:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
             save_file(tensors, str(tmp), metadata={"method": self.name})
-            digest = _sha256(tmp)
+            digest = sha256_file(tmp)
         cfg = {
             "format_version": FORMAT_VERSION,
             "method": self.name,
@@ -672,7 +671,7 @@ def load_method(
             raise ConfigError(f"{cpath}: {key!r} missing or not a {typ.__name__}")
     if not wpath.is_file():
         raise ConfigError(f"{wpath}: missing")
-    if cfg.get("weights_sha256") != _sha256(wpath):
+    if cfg.get("weights_sha256") != sha256_file(wpath):
         raise ConfigError(f"{wpath}: damaged (its SHA-256 does not match config.json); refit or restore the file")
     if backbone is None:
         bcfg = dict(cfg["backbone"])
@@ -705,14 +704,6 @@ def load_method(
     if probe is not None and probe != n:
         raise ConfigError(f"{cpath}: {n} classnames but the saved head scores {probe} classes")
     return method
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _concat_outputs(parts: list[dict[str, Any]]) -> dict[str, Any]:
