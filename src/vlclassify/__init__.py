@@ -19,12 +19,21 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .backbones import create_backbone, list_backbones
-    from .data import Dataset, Item, fewshot, load_data
-    from .errors import ConfigError, DataError, VLClassifyError
-    from .features import FeatureCache, extract_features
-    from .methods import create_method, list_methods, load_method
+if TYPE_CHECKING:  # `x as x`: explicit re-exports, for type checkers and linters
+    from .backbones import create_backbone as create_backbone
+    from .backbones import list_backbones as list_backbones
+    from .data import Dataset as Dataset
+    from .data import Item as Item
+    from .data import fewshot as fewshot
+    from .data import load_data as load_data
+    from .errors import ConfigError as ConfigError
+    from .errors import DataError as DataError
+    from .errors import VLClassifyError as VLClassifyError
+    from .features import FeatureCache as FeatureCache
+    from .features import extract_features as extract_features
+    from .methods import create_method as create_method
+    from .methods import list_methods as list_methods
+    from .methods import load_method as load_method
 
 __version__ = "0.1.0"
 
@@ -45,23 +54,7 @@ _EXPORTS = {
     "DataError": ".errors",
     "ConfigError": ".errors",
 }
-__all__ = [
-    "create_backbone",
-    "list_backbones",
-    "create_method",
-    "list_methods",
-    "load_method",
-    "load_data",
-    "fewshot",
-    "Dataset",
-    "Item",
-    "FeatureCache",
-    "extract_features",
-    "VLClassifyError",
-    "DataError",
-    "ConfigError",
-]
-assert set(__all__) == set(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
