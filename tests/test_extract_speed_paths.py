@@ -194,3 +194,23 @@ def test_cli_extract_runtime_option(color_folder, tmp_path):
     assert "image (18, 16)" in r.output
     r = CliRunner().invoke(app, args + ["--runtime", "onnx"])
     assert r.exit_code != 0 and isinstance(r.exception, ConfigError) and "no separable image trunk" in str(r.exception)
+
+
+def test_flipped_bytes_in_a_cached_export_are_caught_and_nothing_stale_stays(
+    effnet, real_images, eager, tmp_path, caplog
+):
+    """A damaged export that still loads gives wrong features silently; the digest recorded at
+    export catches it, and the session of the damaged bytes is never reused."""
+    x = torch.stack([effnet.preprocess(load_image(it)) for it in real_images.items])
+    path = runtime.onnx_trunk_path(effnet, tmp_path)
+    first = runtime.OnnxEncoder(effnet, tmp_path)
+    assert torch.allclose(first(x).embeds, eager.embeds, atol=1e-5, rtol=1e-4)
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2  # inside the weights: the file still loads, its features move
+    raw[mid : mid + 64] = bytes(b ^ 0x5A for b in raw[mid : mid + 64])
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        again = runtime.OnnxEncoder(effnet, tmp_path)
+    assert "does not match the SHA-256 recorded at export" in caplog.text
+    assert path.read_bytes() != bytes(raw)  # exported afresh
+    assert torch.allclose(again(x).embeds, eager.embeds, atol=1e-5, rtol=1e-4)

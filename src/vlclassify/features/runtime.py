@@ -26,14 +26,14 @@ from torch import nn
 
 from ..backbones.base import Backbone, ImageFeatures
 from ..errors import ConfigError
-from ..utils import atomic_path, default_cache_dir, json_fingerprint
+from ..utils import atomic_path, default_cache_dir, json_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 ONNX_EXPORT_VERSION = 1  # bump when the exported graph changes
-_SESSIONS: dict[str, Any] = {}  # onnx path -> InferenceSession, reused across calls in a process
+_SESSIONS: dict[str, Any] = {}  # "path:sha256:threads" -> InferenceSession, reused across calls in a process
 
 
 def cpu_count() -> int:
@@ -187,12 +187,11 @@ class OnnxEncoder:
     def __init__(self, backbone: Backbone, cache_dir: str | Path | None = None, threads: int | None = None) -> None:
         self.backbone = backbone
         self.path = onnx_trunk_path(backbone, cache_dir)
-        if not self.path.exists():
-            export_onnx_trunk(backbone, self.path)
-        self.session = _session(self.path, threads or cpu_count())
-        if self.session is None:  # a damaged file: export again once
-            export_onnx_trunk(backbone, self.path)
-            self.session = _session(self.path, threads or cpu_count(), raise_errors=True)
+        digest = verified_trunk(backbone, self.path)
+        self.session = _session(self.path, digest, threads or cpu_count())
+        if self.session is None:  # a file ONNX Runtime cannot load: export again once
+            digest = verified_trunk(backbone, self.path, force=True)
+            self.session = _session(self.path, digest, threads or cpu_count(), raise_errors=True)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, spatial: bool = True) -> ImageFeatures:
@@ -213,6 +212,23 @@ def onnx_trunk_path(backbone: Backbone, cache_dir: str | Path | None = None) -> 
     )
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "backbones" / "onnx" / f"{backbone.name}-trunk-{key}.onnx"
+
+
+def verified_trunk(backbone: Backbone, path: Path, force: bool = False) -> str:
+    """The SHA-256 of the exported trunk at `path`, exporting it again when it is missing, or when
+    its bytes no longer match the digest recorded beside it at export (a damaged file loads and
+    runs, with wrong features: flipped weight bytes moved scores by 0.04 without a word)."""
+    record = path.with_name(path.name + ".sha256")
+    if not force and path.exists():
+        digest = sha256_file(path)
+        if record.is_file() and record.read_text().strip() == digest:
+            return digest
+        log.warning("%s: does not match the SHA-256 recorded at export; exporting again", path)
+    export_onnx_trunk(backbone, path)
+    digest = sha256_file(path)
+    with atomic_path(record) as tmp:
+        tmp.write_text(digest + "\n")
+    return digest
 
 
 def export_onnx_trunk(backbone: Backbone, path: Path) -> Path:
@@ -238,10 +254,10 @@ def export_onnx_trunk(backbone: Backbone, path: Path) -> Path:
     return path
 
 
-def _session(path: Path, threads: int, raise_errors: bool = False):
+def _session(path: Path, digest: str, threads: int, raise_errors: bool = False):
     import onnxruntime as ort
 
-    k = f"{path}:{threads}"
+    k = f"{path}:{digest}:{threads}"  # the digest: a re-exported file never meets a session of the old bytes
     if k in _SESSIONS:
         return _SESSIONS[k]
     so = ort.SessionOptions()
