@@ -355,3 +355,41 @@ def test_a_multi_word_label_alone_is_kept_whole_when_the_class_list_names_it(tmp
     assert [names(ds, it) for it in ds.items] == [["ankle boot"], ["sandal", "bag"]]
     with pytest.raises(DataError, match=r"m.csv:2: label 'ankle' is not in the class list"):
         load_data(f"{p}?classes=ankle boot,sandal,bag&labels_sep=space")
+
+
+# ---- labels that differ only in case or surrounding space ------------------------------------------
+def test_case_variant_labels_are_one_error_naming_the_pair(tmp_path, imgs):
+    rows = ["Food", "food", "Food", "drink", "drink", "food"]
+    csv = write(tmp_path / "m.csv", "image,label\n" + "".join(f"{p},{y}\n" for p, y in zip(imgs, rows)))
+    with pytest.raises(DataError, match=r"labels 'Food' and 'food' differ only in case"):
+        load_data(str(csv))
+    multi = write(tmp_path / "ml.csv", "image,labels\n" + f'{imgs[0]},"a, B"\n{imgs[1]},b\n')
+    with pytest.raises(DataError, match=r"'B' and 'b'|'b' and 'B'"):
+        load_data(str(multi))
+
+
+def test_case_variant_class_folders_are_one_error(tmp_path, imgs):
+    for i, name in enumerate(["Smile", "smile", "frown"]):
+        (tmp_path / "root" / name).mkdir(parents=True)
+        for p in imgs[i * 4 : i * 4 + 4]:
+            (tmp_path / "root" / name / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(DataError, match="differ only in case"):
+        load_data(str(tmp_path / "root"))
+
+
+def test_update_with_a_case_variant_of_a_model_class_is_refused(toy, tmp_path, imgs):
+    from vlclassify.methods import create_method
+
+    ds = load_data(
+        str(
+            write(
+                tmp_path / "a.csv",
+                "image,label\n" + "".join(f"{p},{'smile' if i % 2 else 'frown'}\n" for i, p in enumerate(imgs[:6])),
+            )
+        )
+    )["all"]
+    m = create_method("zero-shot", toy).fit(ds)
+    new = load_data(str(write(tmp_path / "b.csv", "image,label\n" + "".join(f"{p},Smile\n" for p in imgs[6:8]))))["all"]
+    with pytest.raises(DataError, match=r"'smile' and 'Smile' differ only in case"):
+        m.update(new)
+    assert m.classnames == ["frown", "smile"]

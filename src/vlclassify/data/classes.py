@@ -25,6 +25,20 @@ def check_classes(names: Sequence[str], where: str) -> list[str]:
     return out
 
 
+def check_spellings(names: Sequence[str], where: str) -> None:
+    """Labels that differ only in case or surrounding space (`Food` / `food `) are one error naming
+    the pair, in fit, eval and update alike: merging them silently would guess which spelling the
+    user meant, and keeping both gives two classes that score the same."""
+    seen: dict[str, str] = {}
+    for n in names:
+        k = str(n).strip().casefold()
+        if k in seen:
+            raise DataError(
+                f"{where}: labels {seen[k]!r} and {n!r} differ only in case or surrounding space; use one spelling"
+            )
+        seen[k] = str(n)
+
+
 def parse_classes(value: str) -> tuple[list[str], dict[str, str]]:
     """Class names (in order) and their descriptions, from a comma-separated list or a text file.
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..utils import json_fingerprint
+from .classes import check_spellings
 
 if TYPE_CHECKING:
     from .precomputed import PrecomputedFeatures
@@ -39,6 +40,11 @@ class Dataset:
     tasks: dict[str, list[str]] = field(default_factory=dict)  # task -> its class names
     source: str = ""  # content signature of the files behind the items
     features: PrecomputedFeatures | None = None  # features read from a file, row-aligned (data/precomputed.py)
+
+    def __post_init__(self) -> None:
+        check_spellings(self.classnames, self.name or "data")
+        for task, classes in self.tasks.items():
+            check_spellings(classes, f"{self.name or 'data'}: task {task!r}")
 
     def __len__(self) -> int:
         return len(self.items)
