@@ -393,3 +393,24 @@ def test_update_with_a_case_variant_of_a_model_class_is_refused(toy, tmp_path, i
     with pytest.raises(DataError, match=r"'smile' and 'Smile' differ only in case"):
         m.update(new)
     assert m.classnames == ["frown", "smile"]
+
+
+def test_multilabel_shots_give_every_label_k_images(tmp_path):
+    """Grouping multi-label items by their first label left labels that only come second with no
+    training image ("no training images for class(es) bird, fruit"): now each label gets K."""
+    from vlclassify.data import Dataset, fewshot
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(60):  # label 0 first everywhere; labels 1-3 only ever come second or third
+        extra = sorted(rng.choice([1, 2, 3], size=int(rng.integers(1, 3)), replace=False).tolist())
+        items.append(Item(image=f"{i}.png", labels=(0, *extra), key=f"k{i}"))
+    ds = Dataset(items, ["animal", "bird", "fruit", "tree"], name="m", multilabel=True)
+    train, val = fewshot(ds, shots=4, seed=1)
+    assert (train.multi_hot().sum(0) >= 4).all()
+    assert (val.multi_hot().sum(0) >= 4).all()
+    assert not {it.key for it in train.items} & {it.key for it in val.items}
+    again, _ = fewshot(ds, shots=4, seed=1)
+    assert [it.key for it in again.items] == [it.key for it in train.items]
+    other, _ = fewshot(ds, shots=4, seed=2)
+    assert [it.key for it in other.items] != [it.key for it in train.items]

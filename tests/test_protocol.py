@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from vlclassify.cli import app
 from vlclassify.data import (
     Dataset,
-    Item,
     fewshot,
     image_folder,
     load_data,
@@ -150,24 +149,6 @@ def test_repeat_samples_short_training_classes_with_replacement(coop_json):
         train, val = fewshot(load_data(str(path)), shots=8, seed=1, repeat=True)
     assert _paths(train) == [r[0] for r in ref] and len(train) == 8 * len(TRAIN_SIZES)
     assert _paths(val) == [r[0] for r in ref_val]
-
-
-def test_multilabel_items_are_grouped_by_their_first_label():
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(60):
-        labels = tuple(sorted(set(rng.integers(0, 4, size=rng.integers(1, 3)).tolist())))
-        items.append(Item(image=None, labels=labels, key=f"m{i}"))
-    ds = Dataset(items=items, classnames=list("abcd"), name="ml", multilabel=True)
-    rows = [(it.key, it.labels[0]) for it in items]
-    state = random.getstate()
-    random.seed(3)
-    ref_train = reference_fewshot(rows, 2)
-    rest = [r for r in rows if r not in ref_train]
-    ref_val = reference_fewshot(rest, 2)
-    random.setstate(state)
-    train, val = fewshot(ds, shots=2, seed=3)
-    assert _paths(train) == [r[0] for r in ref_train] and _paths(val) == [r[0] for r in ref_val]
 
 
 def test_data_without_splits_tests_on_every_image_not_sampled(color_folder):

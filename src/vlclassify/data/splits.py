@@ -66,10 +66,46 @@ def _warn_short(ds: Dataset, k: int, counts: dict[int, int], what: str, repeat: 
         warnings.warn(f"{ds.name} {what}: fewer than {k} images for {names}; {how}", stacklevel=3)
 
 
+def multilabel_sample(
+    labels: Sequence[Sequence[int]], num_classes: int, k: int, rng: random.Random
+) -> tuple[list[int], dict[int, int]]:
+    """Positions giving every label at least `k` images (the K-shot rule for multi-label data, as
+    multi-label few-shot papers state it; Dassl's per-class draw is defined for one label per image
+    and, grouping by the first label, left labels that only come second with no image at all).
+
+    Labels are served rarest first (ties by index); for each, images carrying it are drawn with
+    `rng` until it has `k` among the chosen ones (an image drawn for one label counts for all its
+    labels). Returns (positions in the order drawn, {label: images} of labels with fewer than k)."""
+    having: list[list[int]] = [[] for _ in range(num_classes)]
+    for i, ys in enumerate(labels):
+        for y in ys:
+            having[y].append(i)
+    chosen: list[int] = []
+    taken: set[int] = set()
+    count = [0] * num_classes
+    short: dict[int, int] = {}
+    for c in sorted(range(num_classes), key=lambda c: (len(having[c]), c)):
+        pool = [i for i in having[c] if i not in taken]
+        if len(having[c]) < k:
+            short[c] = len(having[c])
+        while count[c] < k and pool:
+            i = pool.pop(rng.randrange(len(pool)))
+            chosen.append(i)
+            taken.add(i)
+            for y in labels[i]:
+                count[y] += 1
+    return chosen, short
+
+
 def _sample(
     ds: Dataset, positions: Sequence[int], k: int, rng: random.Random, what: str, repeat: bool = False
 ) -> list[int]:
-    """`dassl_sample` on the items of `ds` at `positions` (in that order) -> indices into `ds`."""
+    """`dassl_sample` on the items of `ds` at `positions` (in that order) -> indices into `ds`;
+    `multilabel_sample` for multi-label data."""
+    if ds.multilabel:
+        picked, short = multilabel_sample([ds.items[i].labels or () for i in positions], ds.num_classes, k, rng)
+        _warn_short(ds, k, short, what, False)
+        return [int(positions[j]) for j in picked]
     y = _primary_labels(ds)
     chosen, short = dassl_sample([int(y[i]) for i in positions], k, rng, repeat)
     present = {int(y[i]) for i in positions}
@@ -111,7 +147,10 @@ def fewshot_indices(
     else:  # the same procedure on the training images not sampled, in their order, same stream
         used = set(train)
         val = _sample(train_pool, [i for i in range(len(train_pool)) if i not in used], k_val, rng, "val")
-    have = set(_primary_labels(train_pool)[train].tolist())
+    if train_pool.multilabel:
+        have = {c for i in train for c in train_pool.items[i].labels or ()}
+    else:
+        have = set(_primary_labels(train_pool)[train].tolist())
     missing = [c for i, c in enumerate(train_pool.classnames) if i not in have]
     if missing:
         raise DataError(f"{train_pool.name}: no training images for class(es) {', '.join(missing)}")
@@ -135,7 +174,8 @@ def fewshot(
     Tip-Adapter does);
     then the val split the same way with min(K, 4), continuing the same stream. Without a val
     split, validation is drawn the same way from the training images not sampled, in their
-    order, continuing the stream. Multi-label items are grouped by their first label.
+    order, continuing the stream. Multi-label data: every label gets at least K training images
+    (and min(K, 4) validation images) by `multilabel_sample`.
     """
     if isinstance(data, Mapping):
         if val_pool is not None:
