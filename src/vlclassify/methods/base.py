@@ -65,6 +65,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..context import RunContext
+from ..data.classes import check_spellings
 from ..data.items import Dataset, Item
 from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
@@ -483,6 +484,7 @@ class Method:
     ) -> Method:
         self._check_fitted()
         merged = list(dict.fromkeys([*self.classnames, *classes, *(train.classnames if train is not None else [])]))
+        check_spellings(merged, f"update of {self.name}")
         added = [c for c in merged if c not in self.classnames]
         train = train.with_classes(merged) if train is not None else None
         val = val.with_classes(merged) if val is not None and len(val) else None
