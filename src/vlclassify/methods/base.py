@@ -288,7 +288,7 @@ class Method:
 
     @property
     def feature_cache(self) -> FeatureCache:
-        """The feature store of the call in progress (`ctx.cache`)."""
+        """The feature store of the call in progress (the context's cache)."""
         cache = self.ctx.cache
         assert cache is not None, "using() resolves the default cache"
         return cache
@@ -701,7 +701,7 @@ class Method:
 
     @property
     def activation(self) -> str:
-        """The main task's score activation: the declared one (`tags.activation`), else sigmoid for
+        """The main task's score activation: the declared one (the tags' activation), else sigmoid for
         multi-label data and softmax otherwise. Other tasks are single-label: softmax."""
         declared = type(self).tags.activation
         return declared if declared != "auto" else ("sigmoid" if self.multilabel else "softmax")
