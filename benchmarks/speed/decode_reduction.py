@@ -6,7 +6,7 @@ For every image under /usr/share/backgrounds/mate (the `mate-backgrounds` packag
 installs): the effnet-minilm model input [3, 224, 224] in 0..1 (short side resized, centre crop)
 from both decodes, its largest and mean absolute difference, and the cosine similarity of the two
 image embeddings. Images too small to be reduced must come out identical. The numbers quoted in
-`vlclassify.data.decode`'s docstring come from this script.
+`vlclassify.data.decoder`'s docstring come from this script.
 """
 
 from __future__ import annotations

@@ -719,7 +719,7 @@ def explain(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Draw where a class's text attends in an image, as a heatmap PNG."""
-    from .data.decode import decode
+    from .data.decoder import decode
     from .errors import DataError
     from .methods import load_method
     from .plots.heatmap import save_heatmap

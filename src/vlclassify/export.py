@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.decode import decode
+from .data.decoder import decode
 from .data.items import Dataset, Item
 from .errors import ConfigError
 from .features.runtime import has_trunk, trunk_of
@@ -199,7 +199,7 @@ def export_onnx(
                 "preprocessing": {
                     **bb.preprocess_config(),
                     "image_size": size,
-                    "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.decode.to_rgb)",
+                    "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.decoder.to_rgb)",
                 },
                 "decision": {"rule": rule.describe(), **rule.to_dict()},
                 "backbone": {"name": bb.name, "weights": bb.weights_fingerprint()},

@@ -1,7 +1,7 @@
 """Datasets: one item model, loaders for user data and the built-in offline data."""
 
 from .builtin import FASHION_MNIST_CLASSES, fashion_mnist, tuxpaint
-from .decode import decode
+from .decoder import decode
 from .items import Dataset, Item
 from .loaders import coop_split, image_folder, manifest
 from .plan import plan_splits

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..backbones.base import Backbone, ImageFeatures
-from ..data.decode import decode
+from ..data.decoder import decode
 from ..data.items import Dataset, Item, PrecomputedFeatures
 from ..errors import DataError
 from .cache import FeatureCache
@@ -128,7 +128,7 @@ class Source:
     """One image to extract: its store key (content hash), how to decode it, its paired text."""
 
     key: str  # content hash (ImageSource.hash)
-    load: Callable[[int | None], Image.Image]  # (model input side or None) -> RGB (data.decode); errors name the image
+    load: Callable[[int | None], Image.Image]  # (model input side or None) -> RGB (data.decoder); errors name the image
     text: str | None = None  # caption / title, stored as a text row too
 
 

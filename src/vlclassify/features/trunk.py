@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import BackboneSplit
-from ..data.decode import decode
+from ..data.decoder import decode
 from ..data.items import Dataset, Item
 from .cache import FeatureCache
 

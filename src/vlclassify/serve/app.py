@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
-from ..data.decode import TooLarge, decode
+from ..data.decoder import TooLarge, decode
 from ..data.items import Dataset, Item
 from ..data.source import BytesSource
 from ..errors import ConfigError, DataError, VLClassifyError
@@ -219,7 +219,7 @@ class Guard:
 
 # ---- decoding ----------------------------------------------------------------------------------
 def decode_image(data: bytes, name: str, max_pixels: int, size: int) -> np.ndarray:
-    """Bytes -> uint8 RGB array [H, W, 3] by the one decoder (`data.decode`), as offline `predict`
+    """Bytes -> uint8 RGB array [H, W, 3] by the one decoder (`data.decoder`), as offline `predict`
     reads a file: EXIF-oriented, limits checked from the header before decoding (`TooLarge`: 413),
     reduced towards the model's input side `size` so a queued image costs about its model input."""
     return np.asarray(decode(BytesSource(data, name), size=size, max_pixels=max_pixels), dtype=np.uint8)

@@ -22,6 +22,11 @@ service call. In order:
    extraction decodes that array again without a second reduction, so the service and offline
    `predict` see the same pixels.
 
+Formats: every one Pillow reads (`IMAGE_EXTS`: JPEG with `.jfif`/`.jpe`, PNG, WebP, AVIF, TIFF,
+GIF, BMP, ...), HEIC/HEIF through the optional pillow-heif plugin (`HEIF`; without it a HEIC file
+is refused by name), not the ones Pillow only identifies (`NOT_READ`: EPS needs Ghostscript, MPEG
+is video, ...).
+
 Where no reduction applies (short side < 8 x size, or no `size`) the pixels are exactly those of a
 plain full decode. What a reduction approximates is the backbones' preprocessing (short side
 resized to the input side with an antialiased bicubic filter, then a centre crop). On the 30
@@ -45,6 +50,29 @@ from .items import Item
 from .source import ArraySource, ImageSource, as_source
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _register_heif() -> bool:
+    """HEIC/HEIF (phone photos) through the optional pillow-heif plugin (`pip install 'vlclassify[heic]'`)."""
+    try:
+        from pillow_heif import register_heif_opener  # an optional dependency, not a circle
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF = _register_heif()
+HEIF_EXTS = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+HEIF_REFUSAL = "HEIC/HEIF images need the optional pillow-heif package: pip install 'vlclassify[heic]'"
+# Pillow formats it only identifies (the pixels need a program or handler it does not have) or that
+# are not pictures: a file of these is not an image to classify
+NOT_READ = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "WMF", "EPS"})
+Image.init()
+IMAGE_EXTS = frozenset(
+    e for e, f in Image.registered_extensions().items() if f in Image.OPEN and f not in NOT_READ and e not in HEIF_EXTS
+)  # HEIF_EXTS are images when HEIF
 
 MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's own decompression-bomb error limit
 MAX_ASPECT = 100.0  # long side / short side: resized to 224, a 100:1 strip is 22400 x 224 (5 M pixels, 15 MB)
@@ -121,6 +149,10 @@ def _decode_stream(f: BinaryIO, size: int | None, max_pixels: int, max_aspect: f
     except Image.DecompressionBombError as e:
         raise TooLarge(str(e)) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for what is not an image
+        f.seek(0)
+        head = f.read(12)  # ISO base media: size, "ftyp", the major brand
+        if not HEIF and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+            raise DataError(HEIF_REFUSAL) from None
         raise DataError(f"cannot read image ({type(e).__name__}: {e})") from None
     with im:
         _check_limits(*im.size, max_pixels, max_aspect)
