@@ -169,7 +169,7 @@ def _decode_stream(f: BinaryIO, size: int | None, max_pixels: int, max_aspect: f
 
 
 def decode(
-    src: Item | ImageSource | str | os.PathLike[str] | np.ndarray,
+    src: Item | ImageSource | str | os.PathLike[str] | np.ndarray | bytes,
     *,
     size: int | None = None,
     max_pixels: int = MAX_PIXELS,
