@@ -234,7 +234,7 @@ def main() -> None:
 
     from vlclassify.data import tuxpaint
 
-    paths = [it.image for it in tuxpaint()["all"].items[: args.images]]
+    paths = [it.image.path for it in tuxpaint()["all"].items[: args.images]]
     images = [Path(p).read_bytes() for p in paths]
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:

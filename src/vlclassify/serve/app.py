@@ -40,8 +40,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from ..context import RunContext
-from ..data.images import to_rgb
+from ..data.decoder import TooLarge, decode
 from ..data.items import Dataset, Item
+from ..data.source import BytesSource
 from ..errors import ConfigError, DataError, VLClassifyError
 from ..features import FeatureCache
 from ..methods.base import TEXT, Method
@@ -218,33 +219,11 @@ class Guard:
 
 
 # ---- decoding ----------------------------------------------------------------------------------
-class TooLarge(Exception):
-    """An image whose header declares more pixels than allowed."""
-
-
-def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Bytes -> uint8 RGB array [H, W, 3], as `load_image` decodes a file. The size is read from
-    the header first (PIL's open is lazy): a decompression bomb is refused before decoding."""
-    if not data:
-        raise DataError(f"{name}: empty image")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise TooLarge(f"{name}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for what is not an image
-        raise DataError(f"{name}: not an image PIL can read ({type(e).__name__})") from None
-    with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise TooLarge(f"{name}: {w} x {h} = {w * h} pixels, over the limit of {max_pixels}")
-        try:
-            im.load()
-            rgb = to_rgb(im)
-        except DataError as e:
-            raise DataError(f"{name}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-            raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
-    return np.asarray(rgb, dtype=np.uint8)
+def decode_image(data: bytes, name: str, max_pixels: int, size: int) -> np.ndarray:
+    """Bytes -> uint8 RGB array [H, W, 3] by the one decoder (`data.decoder`), as offline `predict`
+    reads a file: EXIF-oriented, limits checked from the header before decoding (`TooLarge`: 413),
+    reduced towards the model's input side `size` so a queued image costs about its model input."""
+    return np.asarray(decode(BytesSource(data, name), size=size, max_pixels=max_pixels), dtype=np.uint8)
 
 
 def _display_name(filename: str | None, default: str) -> str:
@@ -375,9 +354,9 @@ class Service:
     async def decode(self, upload: Upload) -> list[tuple[np.ndarray, str]]:
         """Every uploaded image decoded in the decode pool -> (RGB array [H, W, 3], display name)."""
         loop = asyncio.get_running_loop()
-        mp = self.config.max_pixels
+        mp, size = self.config.max_pixels, self.method.backbone.image_size
         arrays = await asyncio.gather(
-            *(loop.run_in_executor(self.decoder, decode_image, data, name, mp) for data, name in upload.images)
+            *(loop.run_in_executor(self.decoder, decode_image, data, name, mp, size) for data, name in upload.images)
         )
         return [(a, name) for a, (_, name) in zip(arrays, upload.images, strict=True)]
 
