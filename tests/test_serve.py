@@ -73,7 +73,7 @@ def vt_clip(toy, splits, tmp_path_factory):
 
 @pytest.fixture
 def client(zero_shot):
-    with TestClient(create_app(zero_shot)) as c:
+    with local(create_app(zero_shot)) as c:
         yield c
 
 
@@ -82,11 +82,18 @@ def expected(method, data: bytes, text=None, top=5):
     return method.predict_results(Dataset([item], method.classnames, "t"), top=top)[0].to_dict()
 
 
-def assert_one_line_error(r, status):
+def local(app) -> TestClient:
+    """A test client that names a loopback Host (the service's default --allowed-hosts)."""
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+def assert_one_line_error(r, status, code=None):
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and body["error"] and "\n" not in body["error"]
-    assert "Traceback" not in r.text
+    assert set(body) == {"code", "message", "detail"} and all(body.values()), body
+    assert "\n" not in r.text and "Traceback" not in r.text
+    assert code is None or body["code"] == code, body
+    return body
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def test_page_and_assets_are_local(client):
 
 def test_explain_png_for_attention_and_400_otherwise(client, vt_clip):
     assert_one_line_error(client.post("/explain", content=png_bytes(COLORS["red"])), 400)
-    with TestClient(create_app(vt_clip)) as c:
+    with local(create_app(vt_clip)) as c:
         assert c.get("/model").json()["explain"] is True
         r = c.post("/explain", files={"image": ("r.png", png_bytes(COLORS["red"], size=(64, 48)), "image/png")})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -162,7 +169,7 @@ def test_paired_text_is_read_when_the_model_takes_it(toy):
     m.progress = False
     m.set_classes(list(COLORS))
     img = png_bytes(COLORS["red"])
-    with TestClient(create_app(m)) as c:
+    with local(create_app(m)) as c:
         assert c.get("/model").json()["takes_text"] is True
         plain = c.post("/predict", files={"image": ("a.png", img)}).json()
         titled = c.post("/predict", files={"image": ("a.png", img)}, data={"text": "a blue square"}).json()
@@ -201,7 +208,7 @@ def test_limits_body_pixels_images(zero_shot, monkeypatch):
     from PIL import ImageFile
 
     cfg = ServeConfig(max_bytes=50_000, max_pixels=100_000, max_images=2)
-    with TestClient(create_app(zero_shot, cfg)) as c:
+    with local(create_app(zero_shot, cfg)) as c:
         assert_one_line_error(c.post("/predict", content=b"\0" * 50_001), 413)  # by Content-Length
 
         def chunks():  # no Content-Length: counted while it streams
@@ -213,7 +220,7 @@ def test_limits_body_pixels_images(zero_shot, monkeypatch):
         monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or None)
         r = c.post("/predict", content=bomb_png(30_000, 30_000))
         assert_one_line_error(r, 413)
-        assert "900000000 pixels" in r.json()["error"] and loads == []  # refused from the header, never decoded
+        assert "900000000 pixels" in r.json()["detail"] and loads == []  # refused from the header, never decoded
         monkeypatch.undo()
         big = png_bytes(COLORS["red"], size=(400, 300))  # 120,000 pixels
         assert_one_line_error(c.post("/predict", content=big), 413)
@@ -239,12 +246,12 @@ class Slow:
 
 def test_timeout_504_and_full_queue_503(zero_shot, monkeypatch):
     img = png_bytes(COLORS["red"])
-    with TestClient(create_app(zero_shot, ServeConfig(timeout=0.3))) as c:
+    with local(create_app(zero_shot, ServeConfig(timeout=0.3))) as c:
         monkeypatch.setattr(zero_shot, "predict_results", Slow(zero_shot, 1.0))
         assert_one_line_error(c.post("/predict", content=img), 504)
         monkeypatch.undo()
     cfg = ServeConfig(batching=BatchConfig(max_batch=1, queue_size=1))
-    with TestClient(create_app(zero_shot, cfg)) as c:
+    with local(create_app(zero_shot, cfg)) as c:
         slow = Slow(zero_shot, 1.0)
         monkeypatch.setattr(zero_shot, "predict_results", slow)
         svc = c.app.state.service
@@ -269,7 +276,7 @@ def test_micro_batching_gathers_concurrent_requests(zero_shot, monkeypatch):
     imgs = [png_bytes(COLORS[c], seed=i) for i, c in enumerate(["red", "green", "blue"] * 3)]
     for max_batch in (8, 1):
         cfg = ServeConfig(batching=BatchConfig(max_batch=max_batch, max_wait_ms=300))
-        with TestClient(create_app(zero_shot, cfg)) as c:
+        with local(create_app(zero_shot, cfg)) as c:
             slow = Slow(zero_shot, 0.0)
             monkeypatch.setattr(zero_shot, "predict_results", slow)
             out = [None] * len(imgs)
@@ -297,7 +304,7 @@ def test_micro_batching_gathers_concurrent_requests(zero_shot, monkeypatch):
 # ---- the token -----------------------------------------------------------------------------------
 def test_token_on_every_route_but_healthz(zero_shot):
     img = png_bytes(COLORS["red"])
-    with TestClient(create_app(zero_shot, ServeConfig(token="s3cret"))) as c:
+    with local(create_app(zero_shot, ServeConfig(token="s3cret"))) as c:
         assert c.get("/healthz").status_code == 200
         for method, path in (("GET", "/"), ("GET", "/model"), ("GET", "/metrics"), ("GET", "/page.js")):
             assert_one_line_error(c.request(method, path), 401)
@@ -315,7 +322,7 @@ def test_token_on_every_route_but_healthz(zero_shot):
         r = c.get("/?token=wrong", follow_redirects=False)  # signed in by the cookie: a wrong token is not kept
         assert r.status_code == 303 and "set-cookie" not in r.headers
         assert c.get("/model").status_code == 200
-    with TestClient(create_app(zero_shot, ServeConfig(token=None))) as c:
+    with local(create_app(zero_shot, ServeConfig(token=None))) as c:
         assert c.get("/model").status_code == 200 and c.post("/predict", content=img).status_code == 200
 
 

@@ -21,7 +21,7 @@ function showError(message) {
 
 async function errorOf(resp) {
   try {
-    return (await resp.json()).error || resp.statusText;
+    return (await resp.json()).message || resp.statusText;
   } catch (e) {
     return resp.status + " " + resp.statusText;
   }
