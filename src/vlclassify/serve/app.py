@@ -831,6 +831,8 @@ def serve(
     port (each loads the model once and runs its forward passes on cores / workers threads)."""
     import json
     import os
+    import signal
+    import sys
 
     import uvicorn
 
@@ -874,6 +876,9 @@ def serve(
     )
     ucfg.vlclassify_limits = config.connections  # type: ignore[attr-defined] # read by ServeProtocol
     if workers == 1:
+        # uvicorn drains at SIGTERM, then raises the signal again for the handler it found: make
+        # that a clean exit (0), which is what a drained stop is to systemd or Kubernetes
+        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(0))
         uvicorn.Server(ucfg).run()
         return
     from uvicorn.supervisors import Multiprocess
