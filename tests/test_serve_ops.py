@@ -22,7 +22,6 @@ import h11
 import pytest
 from PIL import Image
 
-from vlclassify.features import FeatureCache
 from vlclassify.methods import create_method
 
 HOST = "127.0.0.1"
@@ -43,8 +42,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model(toy, tmp_path_factory) -> Path:
-    m = create_method("zero-shot", toy, cache=FeatureCache(enabled=False))
-    m.progress = False
+    m = create_method("zero-shot", toy)
     m.set_classes(CLASSES)
     path = tmp_path_factory.mktemp("served") / "model"
     m.save_pretrained(path)

@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
+from ..context import RunContext
 from ..data.images import to_rgb
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
@@ -65,7 +66,8 @@ ROUTES = (
     "/predict/batch",
     "/explain",
 )
-OPEN_ROUTES = ("/healthz",)  # answered without the token, and outside the limit on requests in progress
+# answered without the token (the sign-in page uses the style and icon), outside the requests limit
+OPEN_ROUTES = ("/healthz", "/page.css", "/favicon.svg")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
@@ -142,11 +144,6 @@ def check_bind(host: str, token: str | None, insecure: bool) -> None:
             f"--host {host} is reachable from other machines: give --token (or VLCLASSIFY_TOKEN), "
             "or --insecure to serve without one"
         )
-
-
-def has_attention(method: Method) -> bool:
-    """Whether the method can draw an attention map (`/explain`): it overrides `Method.explain`."""
-    return type(method).explain is not Method.explain
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -476,10 +473,9 @@ class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
     def __init__(self, method: Method, config: ServeConfig) -> None:
-        method.progress = False
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
-        method.cache = FeatureCache(enabled=False)
+        self.ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
         self.method, self.config = method, config
         self.metrics = Metrics()
         self.takes_text = TEXT in method.takes()
@@ -508,7 +504,7 @@ class Service:
         m = self.method
         items = [Item(image=j.image, text=j.text if self.takes_text else None, key=j.name) for j in jobs]
         preds = m.predict_results(
-            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs)
+            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs), ctx=self.ctx
         )
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
@@ -521,11 +517,11 @@ class Service:
     def explain_png(self, image: np.ndarray, text: str | None, name: str, target: str | None) -> tuple[bytes, str]:
         """(PNG of the attention map over `image`, the class or token it explains)."""
         m = self.method
-        heat = m.explain(Item(image=image, text=text, key=name), target)
+        heat = m.explain(Item(image=image, text=text, key=name), target, ctx=self.ctx)
         label = (
             target
             or getattr(m, "explained_token", None)
-            or m.predict_results([Item(image=image, key=name)], top=1)[0].scores[0][0]
+            or m.predict_results([Item(image=image, key=name)], top=1, ctx=self.ctx)[0].scores[0][0]
         )
         from ..plots.heatmap import heatmap_overlay  # matplotlib: imported only when a map is drawn
 
@@ -632,7 +628,7 @@ class Service:
     async def explain(self, request: Request) -> Response:
         """POST /explain: the attention map as a PNG, what it explains in the X-Explained header."""
         m = self.method
-        if not has_attention(m):
+        if not type(m).tags.explain:
             raise Refused(
                 400,
                 "no_attention",
@@ -665,11 +661,12 @@ class Service:
                 "decisions": {m.task_name(t): {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
-                "explain": has_attention(m),
+                "explain": type(m).tags.explain,
                 "limits": {
                     "max_bytes": c.max_bytes,
                     "max_pixels": c.max_pixels,
                     "max_images": c.max_images,
+                    "max_aspect": c.max_aspect,
                     "timeout": c.timeout,
                 },
                 "batching": asdict(c.batching),
@@ -803,7 +800,7 @@ def app_from_env() -> Starlette:
     if not raw:
         raise ConfigError(f"{SERVE_ENV} is not set: start the service with `vlclassify serve MODEL_DIR`")
     spec = json.loads(raw)
-    return create_app(load_method(spec["model"], cache=FeatureCache(enabled=False)), config_from_dict(spec["config"]))
+    return create_app(load_method(spec["model"]), config_from_dict(spec["config"]))
 
 
 def config_from_dict(d: dict[str, Any]) -> ServeConfig:
@@ -857,9 +854,7 @@ def serve(
     # one process: the model is loaded here, so a bad model folder is a one-line error before the
     # port opens; several: each worker loads it through the factory (uvicorn needs an import string)
     app: Starlette | str = (
-        create_app(load_method(model_dir, cache=FeatureCache(enabled=False)), config)
-        if workers == 1
-        else "vlclassify.serve.app:app_from_env"
+        create_app(load_method(model_dir), config) if workers == 1 else "vlclassify.serve.app:app_from_env"
     )
     ucfg = uvicorn.Config(
         app,
