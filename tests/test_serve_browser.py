@@ -261,6 +261,7 @@ def test_page_title_first_errors_shrinking_tasks_and_weights(browser, toy, tmp_p
     broken.write_bytes(b"this is a text file, not a picture")
     Image.new("RGB", (8160, 6120), (200, 60, 40)).save(huge, quality=90)  # 50 MP, over the 40 M limit
     with in_process(create_app(m)) as url:
+        texts.clear(), sizes.clear()  # the start-up's warm-up prediction
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: "tasks: label, shade" in d.find_element(By.ID, "model").text)
