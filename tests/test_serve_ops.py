@@ -155,20 +155,21 @@ def one_line_json(body: bytes) -> dict:
 # ---- connections ----------------------------------------------------------------------------------
 def test_idle_and_slow_sockets_do_not_starve_anyone(model, tmp_path):
     img = png(40, 30)
-    with serving(model, tmp_path, "--workers", "1", "--header-timeout", "3", "--max-connections", "300") as s:
+    with serving(model, tmp_path, "--workers", "1", "--header-timeout", "8", "--max-connections", "300") as s:
         idle = []
         try:
             for _ in range(250):  # connected, never a byte sent: uvicorn alone 503'd everyone from 191 on
                 idle.append(socket.create_connection((HOST, s.port), timeout=10))
-            t0 = time.monotonic()
             assert s.get("/healthz")[0] == 200
             status, body = s.post("/predict", img)
             assert status == 200 and json.loads(body)["labels"][0] in CLASSES
-            assert time.monotonic() - t0 < 3  # answered at once, not after the idle ones time out
+            for sock in idle[:10]:  # answered while the idle sockets are still open, not once they time out
+                with pytest.raises(BlockingIOError):
+                    sock.recv(1, socket.MSG_DONTWAIT)
             # slowloris: one header byte per 0.5 s is cut at the header-read timeout like an idle socket
             slow = socket.create_connection((HOST, s.port), timeout=10)
             started, cut = time.monotonic(), None
-            for ch in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+            for ch in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 60:
                 try:
                     slow.sendall(bytes([ch]))
                     if slow.recv(1, socket.MSG_DONTWAIT) == b"":
@@ -180,7 +181,7 @@ def test_idle_and_slow_sockets_do_not_starve_anyone(model, tmp_path):
                     cut = time.monotonic() - started
                     break
                 time.sleep(0.5)
-            assert cut is not None and 2.5 < cut < 6, cut
+            assert cut is not None and 7.5 < cut < 14, cut
             for sock in idle:  # the idle ones were closed at the same timeout
                 sock.settimeout(5)
                 assert sock.recv(1) == b""
