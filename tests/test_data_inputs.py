@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlclassify.data import Item, load_data, load_image, train_val_test
+from vlclassify.data import Item, decode, load_data, train_val_test
 from vlclassify.data.classes import parse_classes
 from vlclassify.errors import DataError
 
@@ -138,8 +138,6 @@ def copy_of(src, dst):
 def test_duplicates_found_by_content_before_splitting(tmp_path, imgs):
     """4 rows are copies (2 by path, 2 by content): one warning with the count and the first pair;
     after train_val_test no image (by content hash) is in two splits."""
-    from vlclassify.data.hashing import content_hash
-
     dup = copy_of(imgs[1], tmp_path / "img" / "copy.png")
     rows = [(imgs[i], "ab"[i % 2]) for i in range(12)] + [(imgs[0], "a"), (imgs[0], "a"), (dup, "b"), (imgs[3], "b")]
     p = write(tmp_path / "m.csv", "image,label\n" + "".join(f"{i},{c}\n" for i, c in rows))
@@ -152,7 +150,7 @@ def test_duplicates_found_by_content_before_splitting(tmp_path, imgs):
     seen = {}
     for s, ds in splits.items():
         for it in ds.items:
-            h = content_hash(it)
+            h = it.image.hash()
             assert seen.setdefault(h, s) == s, f"{it.image} in {seen[h]} and {s}"
 
 
@@ -209,7 +207,7 @@ def test_16bit_png_gradient_scales_to_8_bits(tmp_path):
     Image.fromarray(grad).save(p)
     with Image.open(p) as im:
         assert im.mode.startswith("I")  # really a 16-bit file
-    row = np.asarray(load_image(str(p)))[0, :, 0].astype(int)
+    row = np.asarray(decode(str(p)))[0, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255
     assert np.abs(row - np.arange(256)).max() <= 1
     assert (row == 255).mean() < 0.01  # was 99.6% white
@@ -218,12 +216,12 @@ def test_16bit_png_gradient_scales_to_8_bits(tmp_path):
 @pytest.mark.parametrize("mode", sorted(Image.MODES))
 def test_every_pil_mode_loads_as_rgb(mode):
     im = Image.new(mode, (5, 3))
-    out = __import__("vlclassify.data.images", fromlist=["to_rgb"]).to_rgb(im)
+    out = __import__("vlclassify.data.decode", fromlist=["to_rgb"]).to_rgb(im)
     assert out.mode == "RGB" and out.size == (5, 3)
 
 
 def test_float_and_32bit_images_and_an_unknown_mode():
-    from vlclassify.data.images import to_rgb
+    from vlclassify.data.decode import to_rgb
 
     f = Image.fromarray(np.linspace(0, 1, 11, dtype=np.float32)[None])
     assert np.abs(np.asarray(to_rgb(f))[0, :, 0] - 25.5 * np.arange(11)).max() <= 0.5
@@ -244,10 +242,10 @@ def test_corrupt_image_error_names_the_manifest_row(tmp_path, imgs):
     ds = load_data(str(p))["all"]
     assert ds.items[2].origin.endswith("labels.csv:4")
     with pytest.raises(DataError, match=r"^\S*labels.csv:4: \S*img/x.jpg: cannot read image \("):
-        load_image(ds.items[2])
+        decode(ds.items[2])
     folder_item = Item(image=str(bad), origin=str(bad))
     with pytest.raises(DataError, match=r"^\S*x.jpg: cannot read image") as e:
-        load_image(folder_item)
+        decode(folder_item)
     assert not str(e.value).startswith(f"{bad}: {bad}")  # the origin is not repeated when it is the file
 
 

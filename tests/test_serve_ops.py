@@ -267,3 +267,33 @@ def test_workers_share_the_port_and_stop_on_sigterm(model, tmp_path):
         os.kill(s.proc.pid, signal.SIGTERM)
         assert s.proc.wait(timeout=60) == 0
     assert "Started parent process" in s.log.read_text()
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+def test_peak_memory_of_near_limit_images_is_bounded(model, tmp_path):
+    near = png(6300, 6300)  # 39.7 M pixels, under the 40 M limit; a few KB of PNG
+    strip = png(30000, 4)  # 120 k pixels, a side ratio of 7500
+    files = b"".join(
+        b'--B\r\nContent-Disposition: form-data; name="image"; filename="n%d.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" % i + near + b"\r\n"
+        for i in range(16)
+    )
+    # --timeout 300: a 6300 x 6300 PNG takes seconds to inflate on a loaded 2-core machine
+    with serving(model, tmp_path, "--workers", "1", "--timeout", "300") as s:
+        s.post("/predict", png(40, 30))
+        base = s.peak_rss_mb()
+        status, body = s.post("/predict", strip)  # first: the batch's higher peak would hide it
+        strip_peak = s.peak_rss_mb() - base
+        req = urllib.request.Request(
+            f"http://{HOST}:{s.port}/predict/batch",
+            data=files + b"--B--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=B"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=300) as r:
+            assert r.status == 200 and len(json.loads(r.read())) == 16
+        batch_peak = s.peak_rss_mb() - base
+    print(f"peak RSS over the warm server: strip +{strip_peak:.0f} MB, 16 x 6300 x 6300 +{batch_peak:.0f} MB")
+    assert status == 413 and one_line_json(body)["code"] == "bad_aspect"
+    assert strip_peak < 300, f"+{strip_peak:.0f} MB for a 30000 x 4 PNG"
+    assert batch_peak < 800, f"+{batch_peak:.0f} MB for 16 images of 6300 x 6300"

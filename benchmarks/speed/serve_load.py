@@ -260,7 +260,7 @@ def main() -> None:
     from vlclassify.data import tuxpaint
 
     chosen = tuxpaint()["all"].items[: args.images]
-    paths = [it.image for it in chosen]
+    paths = [it.image.path for it in chosen]
     captions = [it.text for it in chosen]
     clients = [int(c) for c in args.clients.split(",")]
     workers = [int(w) for w in args.workers.split(",")]

@@ -602,7 +602,7 @@ def predict(
 ) -> None:
     """Print each image's decision (the class, 'uncertain', or the labels found) and top scores."""
     from .data import Dataset, Item, load_data
-    from .data.loaders import file_key
+    from .data.source import file_key
     from .errors import DataError
     from .methods import load_method
     from .methods.base import TEXT
@@ -725,7 +725,7 @@ def explain(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Draw where a class's text attends in an image, as a heatmap PNG."""
-    from .data.images import load_image
+    from .data.decode import decode
     from .errors import DataError
     from .methods import load_method
     from .plots.heatmap import save_heatmap
@@ -741,7 +741,7 @@ def explain(
     if class_ is None:
         rows = [item] if text else [str(image)]  # a list of Items, or of paths
         class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict(rows, ctx=ctx)[0])]
-    save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
+    save_heatmap(decode(str(image)), heat, out, title=f"{m.name}: {class_}")
     console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
 
 
@@ -772,7 +772,7 @@ def serve(
     ),
     max_aspect: float = typer.Option(20.0, min=1, help="Largest side ratio of an image (413)."),
     pixels_in_flight: int = typer.Option(
-        80_000_000, min=1, help="Decoded pixels held at once, all requests together (more wait)."
+        80_000_000, min=1, help="Pixels being decoded at once, all requests together (more wait their turn)."
     ),
     max_requests: int = typer.Option(256, min=1, help="Requests in progress at once; more get 503 + Retry-After."),
     max_connections: int = typer.Option(1000, min=1, help="Open sockets per worker; more get 503 and are closed."),

@@ -20,15 +20,10 @@ from ..utils import json_fingerprint
 from .classes import check_classes
 from .duplicates import drop_duplicates
 from .items import Dataset, Item
+from .source import file_key
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RESERVED = {"image", "label", "labels", "text", "split", "id"}
-
-
-def file_key(path: str | os.PathLike) -> str:
-    """An item key for a file that changes when the file does (path, size, mtime)."""
-    st = os.stat(path)
-    return f"{os.fspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def image_folder(root: str | os.PathLike, name: str | None = None) -> dict[str, Dataset]:

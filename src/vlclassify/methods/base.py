@@ -119,7 +119,7 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
         return items
     rows = list(items)
     if rows and isinstance(rows[0], str):
-        from ..data.loaders import file_key
+        from ..data.source import file_key
 
         paths = cast(list[str], rows)
         missing = [p for p in paths if not Path(p).is_file()]
@@ -646,7 +646,7 @@ class Method:
                     self.task_name(t): {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
                     for k, t in enumerate(self.task_classes)
                 }
-            name = it.image if isinstance(it.image, str) else it.key
+            name = it.image.describe() if it.image is not None else it.key
             results.append(Prediction(tasks, weights, str(name)))
         return results
 

@@ -44,8 +44,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from ..context import RunContext
-from ..data.images import to_rgb
+from ..data.decode import decode
 from ..data.items import Dataset, Item
+from ..data.source import BytesSource
 from ..errors import ConfigError, DataError, VLClassifyError
 from ..features import FeatureCache
 from ..methods.base import TEXT, Method
@@ -83,7 +84,7 @@ class ServeConfig:
     max_bytes: int = 20 * 2**20  # largest request body (413)
     max_pixels: int = 40_000_000  # largest image, width x height from its header (413, never decoded)
     max_aspect: float = 20.0  # longest side / shortest side (413): the model resizes the shorter side
-    pixels_in_flight: int = 80_000_000  # decoded pixels held at once, all requests together
+    pixels_in_flight: int = 80_000_000  # pixels being decoded at once (header sizes), all requests together
     max_images: int = 32  # images in one /predict/batch call
     timeout: float = 30.0  # seconds a request may take, upload included (504)
     top: int = 5  # scores per answer unless the request asks for `top`
@@ -393,28 +394,23 @@ def image_size(data: bytes, name: str, config: ServeConfig) -> tuple[int, int]:
     return w, h
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Bytes -> uint8 RGB array [H, W, 3], as `load_image` decodes a file (its size was checked by
-    `image_size`)."""
+def decode_image(data: bytes, name: str, size: int, config: ServeConfig) -> np.ndarray:
+    """Bytes -> uint8 RGB array [H, W, 3] by the one decoder (`data.decode`), as offline `predict`
+    reads a file: EXIF-oriented, reduced towards the model's input side `size`, so a queued image
+    costs about its model input, not its file's full size (its limits were checked by `image_size`)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = to_rgb(im)
+        image = decode(BytesSource(data, name), size=size, max_pixels=config.max_pixels, max_aspect=config.max_aspect)
     except DataError as e:
-        raise Refused(400, "not_an_image", NOT_AN_IMAGE, f"{name}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-        raise Refused(
-            400, "not_an_image", NOT_AN_IMAGE, f"{name}: cannot decode image ({type(e).__name__}: {e})"
-        ) from None
-    return np.asarray(rgb, dtype=np.uint8)
+        raise Refused(400, "not_an_image", NOT_AN_IMAGE, str(e)) from None
+    return np.asarray(image, dtype=np.uint8)
 
 
 class PixelBudget:
-    """The pixels of decoded images held at once, in total: an image takes its header's
-    width x height before it is decoded and gives them back once answered, so 16 near-limit
-    images in one batch call wait for each other instead of all sitting decoded in the queue.
-    One event loop uses it: no lock; giving back is synchronous, so a cancelled request (its
-    timeout) cannot leak its share."""
+    """The pixels being decoded at once, all requests together: an image takes its header's
+    width x height before it is decoded and gives them back once decoded (reduced towards the
+    model's input), so 16 near-limit PNGs in one batch call are not all inflated at full size at
+    the same moment. One event loop uses it: no lock; giving back is synchronous, so a cancelled
+    request (its timeout) cannot leak its share."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
@@ -577,21 +573,24 @@ class Service:
 
     async def decode(self, data: bytes, name: str) -> np.ndarray:
         """One upload decoded in the decode pool -> RGB array [H, W, 3]."""
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, decode_image, data, name)
+        size = self.method.backbone.image_size
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoder, decode_image, data, name, size, self.config
+        )
 
     async def answer(self, upload: Upload) -> list[dict[str, Any]]:
         """Each image's Prediction dict: every header checked first (nothing is decoded for a
-        request that will be refused), then each image holds its pixels in the budget, is decoded
-        and predicted, and gives them back."""
+        request that will be refused), then each image is decoded within the pixel budget and
+        predicted."""
         texts, top = self._texts(upload), self._top(upload.fields)
         sizes = [image_size(data, name, self.config) for data, name in upload.images]
 
         async def one(i: int) -> dict[str, Any]:
             (data, name), (w, h) = upload.images[i], sizes[i]
-            async with self.budget.hold(w * h):
+            async with self.budget.hold(w * h):  # the full-size decode is the costly moment
                 image = await self.decode(data, name)
-                pred: dict[str, Any] = await self.batcher.submit(Job(image, texts[i], name, top))
-                return pred
+            pred: dict[str, Any] = await self.batcher.submit(Job(image, texts[i], name, top))
+            return pred
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(len(upload.images))]
         try:
@@ -643,9 +642,7 @@ class Service:
         text = self._texts(upload)[0]
         async with self.budget.hold(w * h):
             image = await self.decode(data, name)
-            png, label = await self.batcher.call(
-                self.explain_png, image, text, name, upload.fields.get("target") or None
-            )
+        png, label = await self.batcher.call(self.explain_png, image, text, name, upload.fields.get("target") or None)
         return Response(png, media_type="image/png", headers={"X-Explained": urllib.parse.quote(label)})
 
     async def model_info(self, request: Request) -> Response:
