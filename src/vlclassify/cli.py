@@ -454,13 +454,12 @@ def _absolute_spec(spec: str) -> str:
 
 def _scores(m, ds) -> dict[str, float]:
     """Headline validation numbers: accuracy (or mAP and micro-F1 for multi-label models)."""
-    from .metrics import accuracy, mean_average_precision, multilabel_report
+    from .metrics import score
 
     probs = m.predict_proba(ds)
     if m.multilabel:
-        rep = multilabel_report(ds.multi_hot(), probs, m.classnames, m.decision().thresholds)
-        return {"mAP": mean_average_precision(ds.multi_hot(), probs), "micro-F1": rep["micro_f1"]}
-    return {"accuracy": accuracy(ds.labels(), probs)}
+        return score("multi-label", ds.multi_hot(), probs, thresholds=m.decision().thresholds)
+    return score("single-label", ds.labels(), probs)
 
 
 @app.command("eval")

@@ -30,7 +30,7 @@ from ..features import FeatureCache, FeatureSet, extract_features
 from ..features.trunk import TrunkSet
 from ..methods import Encoded, create_method
 from ..methods.cma_clip import CMAClip
-from ..metrics.ranking import recall_at_precision
+from ..metrics import recall_at_precision, score
 
 VARIANTS: dict[str, dict[str, Any]] = {  # label -> CMA-CLIP options
     "CMA-CLIP": {},
@@ -59,9 +59,7 @@ def _pool(data: str) -> Dataset:
 
 
 def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    keep = y >= 0
-    acc = float((probs[keep].argmax(-1) == y[keep]).mean()) if keep.any() else float("nan")
-    return {"accuracy": acc, "recall@90P": recall_at_precision(y, probs, 0.9)["recall"]}
+    return {**score("single-label", y, probs), "recall@90P": recall_at_precision(y, probs, 0.9)["recall"]}
 
 
 def _as_task(ds: Dataset, feats: FeatureSet, task: str, rows: np.ndarray, classes: list[str]) -> Encoded:

@@ -26,7 +26,7 @@ from ..errors import DataError
 from ..features import FeatureCache, extract_features
 from ..methods import Encoded, create_method
 from ..methods.presets import Resolved
-from ..metrics import accuracy
+from ..metrics import score
 
 
 @dataclass
@@ -132,7 +132,7 @@ def run_fewshot(
             t0 = time.perf_counter()
             m.fit(etr, eva)
             fit_s = time.perf_counter() - t0
-            acc = accuracy(ete.dataset.labels(), m.predict_proba(ete))
+            acc = score("single-label", ete.dataset.labels(), m.predict_proba(ete))["accuracy"]
             runs.append(
                 {
                     "method": spec.label,
