@@ -341,3 +341,23 @@ def test_overwrite_never_deletes_the_data_or_the_current_directory(color_folder,
         run("fit", "-m", "zero-shot", "-d", color_folder, "-o", ".", "--overwrite", *TOY, ok=False), "current"
     )
     assert sorted(color_folder.rglob("*")) == before
+
+
+def test_predict_reads_the_feature_cache_and_writes_it_only_when_asked(color_folder, tmp_path):
+    from vlclassify.features import FeatureCache
+
+    cache = tmp_path / "cache"
+    run("fit", "-m", "linear-probe", "-d", color_folder, "-o", tmp_path / "m", "--cache-dir", cache, *TOY)
+
+    def rows() -> int:
+        return sum(s["rows"] for s in FeatureCache(cache).info()["spaces"])
+
+    before = rows()
+    new = tmp_path / "new.png"
+    arr = np.full((24, 24, 3), (200, 40, 40), np.uint8)
+    arr[0, 0] = (1, 2, 3)  # content no fitted image has
+    Image.fromarray(arr).save(new)
+    assert "red" in run("predict", tmp_path / "m", new, "--cache-dir", cache).stdout
+    assert rows() == before  # read what is there, computed the rest in memory
+    run("predict", tmp_path / "m", new, "--cache-dir", cache, "--cache-write")
+    assert rows() == before + 1

@@ -521,9 +521,9 @@ def export(
 
     if format_ != "onnx":
         raise ConfigError(f"--format {format_!r} is not supported; formats: onnx")
-    m = load_method(model_dir, cache=_cache(cache_dir))
-    m.progress = False
-    result = export_onnx(m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None)
+    m = load_method(model_dir)
+    with m.using(RunContext(cache=_cache(cache_dir), progress=False)):
+        result = export_onnx(m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None)
     console.print(
         f"wrote {result.graph} and {result.sidecar}: {result.inputs} -> probabilities of {len(m.classnames)} "
         f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}"

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,19 +42,6 @@ def _warn(line: str) -> None:
     warnings.warn(line, stacklevel=3)
 
 
-@contextmanager
-def _running(m: Method, ctx: RunContext | None) -> Iterator[Method]:
-    """Run options of one workflow call on the method, restored after it."""
-    ctx = ctx or RunContext()
-    before = (m.cache, m.progress, m.runtime, m.skip_bad, m.stream)
-    m.cache = ctx.cache or m.cache
-    m.progress, m.runtime, m.skip_bad, m.stream = ctx.progress, ctx.runtime, ctx.skip_bad, ctx.stream
-    try:
-        yield m
-    finally:
-        m.cache, m.progress, m.runtime, m.skip_bad, m.stream = before
-
-
 def absolute_spec(spec: str) -> str:
     """A data spec whose path is absolute (fit.json then works from any directory); built-ins unchanged."""
     base, sep, query = spec.partition("?")
@@ -68,19 +54,13 @@ def validation_scores(m: Method, val: Dataset | Encoded, ctx: RunContext | None 
     from .metrics import score
 
     ds = val.dataset if isinstance(val, Encoded) else val
-    with _running(m, ctx):
-        probs = m.predict_proba(val)
+    probs = m.predict_proba(val, ctx=ctx)
     if m.multilabel:
         return score(MULTI, ds.multi_hot(), probs, thresholds=m.decision().thresholds)
     return score(SINGLE, ds.labels(), probs)
 
 
 # ---- fit ----------------------------------------------------------------------------------------
-def _names_only(m: Method) -> Any:
-    """`m` when it fits from class names alone (`set_classes(names, descriptions)`), else None."""
-    return m if not type(m).trains_on_images else None
-
-
 @dataclass
 class FitResult:
     """A fitted model with what its fit used and found: `info` is what fit.json records."""
@@ -155,7 +135,6 @@ def fit(
     `data` None fits a names-only method (`tags.names_only`) on `classes`. `record` adds fields to
     fit.json (the CLI's command line and the spec as typed); `log` gets progress lines, `note`
     notes and warnings (default: `warnings.warn`)."""
-    from .data import plan_splits
     from .protocols import resolve_presets
 
     spec = absolute_spec(data) if isinstance(data, str) else None
@@ -167,22 +146,18 @@ def fit(
     if isinstance(method, str):
         from .methods import create_method
 
-        m = create_method(method, backbone, **{**presets.options(method), **dict(options or {})})
-    else:
-        m = method
-    ctx = ctx or RunContext()
+        method = create_method(method, backbone, **{**presets.options(method), **dict(options or {})})
+    m, ctx = method, ctx or RunContext()
     splits: Mapping[str, Dataset] = {}
     validation: dict[str, float] = {}
-    names_only = _names_only(m)
     if data is None:
-        if names_only is None:
+        if not type(m).tags.names_only:
             raise DataError(f"fit: {name} learns from images; give data (names alone make a zero-shot model)")
-        with _running(m, ctx):
-            names_only.set_classes(list(classes), dict(descriptions or {}))
+        with m.using(ctx):
+            cast(Any, m).set_classes(list(classes), dict(descriptions or {}))  # what `names_only` declares
         log(f"{name}: {len(classes)} classes by name, no images")
     else:
-        given = {"all": data} if isinstance(data, Dataset) else data
-        splits = plan_splits(spec or given, shots, seed, val_fraction, test_fraction, split_file, presets.protocol)
+        splits = _plan(data, spec, shots, seed, val_fraction, test_fraction, split_file, presets.protocol)
         train = splits["train"]
         if classes and list(classes) != train.classnames:
             raise DataError(f"classes {list(classes)[:5]}... do not match the data's classes {train.classnames[:5]}...")
@@ -190,36 +165,43 @@ def fit(
         log(f"fit {name} on {spec or train.name}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
         for line in _split_warnings(splits, shots):
             note(f"warning: {line}")
-        if descriptions and names_only is not None:
-            names_only.descriptions = dict(descriptions)
-        with _running(m, ctx):
-            val = splits.get("val")
-            va = m.encode(val) if val is not None and len(val) else None  # encoded once: fit and scores read it
-            m.fit(train, va, precision=precision, thresholds=thresholds)
-            if va is not None:
-                validation = validation_scores(m, va, ctx)
+        if descriptions and type(m).tags.names_only:
+            cast(Any, m).descriptions = dict(descriptions)  # the class names' descriptions, as set_classes takes
+        val = splits.get("val")
+        va = m.encode(val, ctx=ctx) if val is not None and len(val) else None  # encoded once: fit and scores read it
+        m.fit(train, va, ctx=ctx, precision=precision, thresholds=thresholds)
+        validation = validation_scores(m, va, ctx) if va is not None else {}
     for line in m.fit_info.get("ignored", []):
         note(f"note: {line}")
     if presets.presets:
         m.fit_info["preset"] = presets.record([name])  # config.json records it with the fit
-    info: dict[str, Any] = {
-        **dict(record or {}),
-        "method": name,
+    plan: dict[str, Any] = {"shots": shots, "seed": seed, "split_file": str(split_file) if split_file else None}
+    plan |= {"val_fraction": val_fraction, "test_fraction": test_fraction}
+    info = _fit_json(m, spec, list(classes), plan, presets.record([name]) if presets.presets else None, splits)
+    info = {**info, **dict(record or {})} | ({"validation": validation} if validation else {})
+    return FitResult(m, splits, validation, info, spec)
+
+
+def _plan(data, spec, shots, seed, val_fraction, test_fraction, split_file, protocol) -> Mapping[str, Dataset]:
+    """The fit's splits: of a data spec (`spec`), a dict of splits, or one Dataset (split like "all")."""
+    from .data import plan_splits
+
+    given = {"all": data} if isinstance(data, Dataset) else data
+    return plan_splits(spec or given, shots, seed, val_fraction, test_fraction, split_file, protocol)
+
+
+def _fit_json(m: Method, spec, classes, plan: dict, preset, splits) -> dict[str, Any]:
+    """What fit.json records about a fit (the workflow's caller adds its command line)."""
+    return {
+        "method": m.name,
         "data": spec,
-        "classes": ",".join(classes) if classes and data is None else (record or {}).get("classes"),
-        "shots": shots,
-        "seed": seed,
-        "preset": presets.record([name]) if presets.presets else None,
-        "split_file": str(split_file) if split_file else None,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
+        "classes": classes or None,
+        **plan,
+        "preset": preset,
         "sizes": {k: len(v) for k, v in splits.items()},
         "decisions": {t: r.describe() for t, r in m.decisions.items()},
         "fit_info": m.fit_info,
     }
-    if validation:
-        info["validation"] = validation
-    return FitResult(m, splits, validation, info, spec)
 
 
 def update(
@@ -244,8 +226,8 @@ def update(
     model_dir = Path(model_dir)
     splits = plan_splits(absolute_spec(data), None, seed, val_fraction, 0.0) if data else {}
     t0 = time.perf_counter()
-    with _running(model, ctx):
-        model.update(splits.get("train"), splits.get("val"), classes=classes, descriptions=dict(descriptions or {}))
+    train, val = splits.get("train"), splits.get("val")
+    model.update(train, val, classes=classes, descriptions=dict(descriptions or {}), ctx=ctx)
     seconds = time.perf_counter() - t0
     old = read_json(model_dir / "fit.json") if (model_dir / "fit.json").exists() else {}
     info = {
@@ -356,13 +338,13 @@ def eval_data(model_dir: str | Path, data: str | None = None, split: str = "test
     return ds, spec
 
 
-def task_report(m: Method, enc: Encoded) -> dict[str, dict[str, Any]]:
+def task_report(m: Method, enc: Encoded, ctx: RunContext | None = None) -> dict[str, dict[str, Any]]:
     """Per task a multi-task model answers: n, accuracy, recall at 90% precision and its threshold,
     the mean image weight λ (models that weigh modalities), and rows missing an image or a text."""
     from .metrics import recall_at_precision, score
 
-    probs = m.task_probs(enc)
-    lam = m.outputs(enc).get("modality_weights")  # [N, K]
+    probs = m.task_probs(enc, ctx=ctx)
+    lam = m.outputs(enc, ctx=ctx).get("modality_weights")  # [N, K]
     items = enc.dataset.items
     out = {}
     for k, (task, p) in enumerate(probs.items()):
@@ -398,12 +380,11 @@ def evaluate(
         raise DataError(
             f"{spec or data.name}: classes {data.classnames[:5]}... do not match the model's {model.classnames[:5]}..."
         )
-    with _running(model, ctx):
-        enc = model.encode(data)
-        probs = model.predict_proba(enc)
-        predictions = model.predict_results(enc, top=top)
-        tasks = task_report(model, enc) if TASKS in model.takes() else {}
-        task_probs = model.task_probs(enc) if len(model.task_classes) > 1 else {}
+    enc = model.encode(data, ctx=ctx)  # encoded once: every score below reads it
+    probs = model.predict_proba(enc, ctx=ctx)
+    predictions = model.predict_results(enc, top=top, ctx=ctx)
+    tasks = task_report(model, enc, ctx) if TASKS in model.takes() else {}
+    task_probs = model.task_probs(enc, ctx=ctx) if len(model.task_classes) > 1 else {}
     ds = enc.dataset
     rule = model.decision()
     if ds.multilabel or model.multilabel:
@@ -437,7 +418,7 @@ def write_plots(model: Method, report: Report, folder: str | Path, title: str, c
     tasks = {
         t: TaskScores(c, model.task_targets(ds, t), per_task[t]) for t, c in model.task_classes.items() if per_task
     }
-    with _running(model, ctx):
+    with model.using(ctx):
         return write_eval_plots(model, ds, report.probs, folder, title=title, tasks=tasks or None)
 
 
@@ -458,11 +439,10 @@ def explain(
     if not Path(image).is_file():
         raise DataError(f"{image}: image file not found")
     item = Item(image=str(image), text=text, key=str(image))
-    with _running(model, ctx):
-        heat = model.explain(item if text else str(image), target)
-        if target is None:
-            token = getattr(model, "explained_token", None)  # set by an explain that picks a text token
-            target = token or model.classnames[int(model.predict([item] if text else [str(image)])[0])]
+    heat = model.explain(item if text else str(image), target, ctx=ctx)
+    if target is None:
+        token = getattr(model, "explained_token", None)  # set by an explain that picks a text token
+        target = token or model.classnames[int(model.predict([item] if text else [str(image)], ctx=ctx)[0])]
     if out is not None:
         save_heatmap(load_image(str(image)), heat, out, title=f"{model.name}: {target}")
     return heat, str(target)
@@ -516,8 +496,7 @@ def predict(
     `ctx.skip_bad`, unreadable images are left out (fewer predictions than items)."""
     rows = [it if isinstance(it, Item) else Item(image=str(it), key=str(it)) for it in items]
     ctx = ctx or RunContext(progress=False, cache_write=False)
-    with _running(model, ctx):
-        return model.predict_results(Dataset(items=rows, classnames=model.classnames, name="predict"), top=top)
+    return model.predict_results(Dataset(items=rows, classnames=model.classnames, name="predict"), top=top, ctx=ctx)
 
 
 def _decision_text(t: Any) -> str:
