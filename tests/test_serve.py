@@ -57,12 +57,7 @@ def splits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero_shot(toy):
-<<<<<<< HEAD
-    m = create_method("zero-shot", toy)
-    return m.set_classes(list(COLORS))
-=======
     return create_method("zero-shot", toy).set_classes(list(COLORS))
->>>>>>> contract
 
 
 @pytest.fixture(scope="module")
@@ -240,19 +235,11 @@ class Slow:
         self.running = threading.Event()
         self.batches: list[int] = []
 
-<<<<<<< HEAD
-    def __call__(self, data, top=5, *, ctx=None):
-        self.running.set()
-        self.batches.append(len(data))
-        time.sleep(self.seconds)
-        return self.inner(data, top=top, ctx=ctx)
-=======
     def __call__(self, data, top=5, **kw):
         self.running.set()
         self.batches.append(len(data))
         time.sleep(self.seconds)
         return self.inner(data, top=top, **kw)
->>>>>>> contract
 
 
 def test_timeout_504_and_full_queue_503(zero_shot, monkeypatch):
