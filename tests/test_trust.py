@@ -1,0 +1,202 @@
+"""Calibration and "unknown" (issue 22): the math on synthetic data whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlclassify.errors import ConfigError
+from vlclassify.metrics import auroc, brier, calibration_report, ece, fpr_at_tpr, keep_threshold, nll
+from vlclassify.trust import (
+    Calibration,
+    FeatureStats,
+    OpenSetRule,
+    choose_open_set,
+    fit_calibration,
+    fit_platt,
+    fit_temperature,
+    open_set_scores,
+)
+
+
+def softmax_data(t_true: float, n: int = 4000, c: int = 10, scale: float = 4.0, seed: int = 0):
+    """Logits [n, c] and labels drawn from softmax(logits / t_true): the logits are over-confident
+    by exactly t_true (> 1)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, scale, (n, c))
+    p = torch.softmax(torch.from_numpy(z / t_true), -1).numpy()
+    y = np.array([rng.choice(c, p=row) for row in p])
+    return torch.from_numpy(z).float(), y
+
+
+@pytest.mark.parametrize("t_true", [1.7, 3.0])
+def test_temperature_recovers_the_true_one(t_true):
+    z, y = softmax_data(t_true)
+    t = fit_temperature(z, y)
+    assert abs(t - t_true) / t_true < 0.10, (t, t_true)
+
+
+def test_sigmoid_temperature_recovers_the_true_one():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 5, (3000, 6))
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z / 2.5))).astype(np.float64)
+    assert abs(fit_temperature(z, y, "sigmoid") - 2.5) / 2.5 < 0.10
+
+
+def test_calibration_never_changes_the_argmax_and_lowers_nll():
+    z, y = softmax_data(2.5, n=600, seed=3)
+    cal = fit_calibration(z, y, "softmax")
+    assert cal.kind == "temperature" and cal.source == "validation" and cal.temperature > 1.5
+    raw = torch.softmax(z, -1).numpy()
+    test = torch.randn(500, 10) * 7
+    assert (cal.probs(test).argmax(-1) == test.argmax(-1).numpy()).all()
+    assert cal.nll is not None and cal.nll_raw is not None and cal.nll < cal.nll_raw
+    # the calibrated scores are calibrated: ECE falls from the over-confident raw scores
+    assert ece(cal.probs(z), y) < 0.08 and ece(raw, y) > 0.15
+
+
+def test_separable_validation_keeps_t_1_and_says_so():
+    z = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]] * 4)
+    y = np.array([0, 1, 2] * 4)
+    cal = fit_calibration(z, y, "softmax")
+    assert cal.temperature == 1.0 and "T = 1" in cal.note
+
+
+def test_platt_recovers_per_class_slopes_and_wins_when_classes_differ():
+    rng = np.random.default_rng(2)
+    a_true, b_true = np.array([0.3, 1.0, 2.5]), np.array([-1.0, 0.5, 0.0])
+    z = rng.normal(0, 3, (4000, 3))
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-(a_true * z + b_true)))).astype(np.float64)
+    a, b = fit_platt(z, y)
+    np.testing.assert_allclose(a, a_true, rtol=0.15)
+    np.testing.assert_allclose(b, b_true, atol=0.15)
+    cal = fit_calibration(z, y, "sigmoid")
+    assert cal.kind == "platt" and cal.compared is not None and cal.compared["platt"] < cal.compared["temperature"]
+    # one shared temperature explains data made with one: the simpler calibration is chosen
+    y2 = (rng.random(z.shape) < 1 / (1 + np.exp(-z / 2))).astype(np.float64)
+    cal2 = fit_calibration(z[:300], y2[:300], "sigmoid")
+    assert cal2.kind == "temperature" and "out-of-fold" in cal2.note
+
+
+def test_calibration_json_round_trip_and_errors():
+    z, y = softmax_data(2.0, n=300)
+    platt = Calibration("platt", "sigmoid", slope=[0.5, 2.0], intercept=[0.1, -0.3], source="validation")
+    for cal, logits in ((fit_calibration(z, y, "softmax"), z), (platt, z[:, :2])):
+        back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())), logits.shape[1])
+        assert back == cal
+        np.testing.assert_array_equal(back.probs(logits), cal.probs(logits))
+    with pytest.raises(ConfigError, match=r"m/config.json: calibration\['label'\]: 2 Platt slopes for 3 classes"):
+        Calibration.from_dict(
+            {"kind": "platt", "activation": "sigmoid", "slope": [1, 1], "intercept": [0, 0]},
+            3,
+            "m/config.json: calibration['label']",
+        )
+    with pytest.raises(ConfigError, match="temperature must be a positive number"):
+        Calibration.from_dict({"kind": "temperature", "temperature": -1.0}, 3)
+
+
+def test_metrics_on_hand_computed_cases():
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    y = np.array([0, 1, 1])
+    assert nll(p, y) == pytest.approx(-(np.log(0.9) + np.log(0.4) + np.log(0.8)) / 3)
+    assert brier(p, y) == pytest.approx((2 * 0.1**2 + 2 * 0.6**2 + 2 * 0.2**2) / 3)
+    # bins: 0.9 (right), 0.6 (wrong), 0.8 (right): |1-0.9| + |0-0.6| + |1-0.8| over 3
+    assert ece(p, y) == pytest.approx((0.1 + 0.6 + 0.2) / 3)
+    assert ece(np.eye(2)[y], y) == 0.0 and brier(np.eye(2)[y], y) == 0.0
+    r = calibration_report(p, y, raw=np.eye(2)[[0, 0, 0]])
+    assert set(r) == {"ece", "nll", "brier", "ece_raw", "nll_raw", "brier_raw"} and r["ece_raw"] == pytest.approx(2 / 3)
+    ym = np.array([[1, 0], [0, 1]])
+    assert brier(np.array([[1.0, 0.5], [0.0, 1.0]]), ym) == pytest.approx(0.25 / 4)
+
+
+def test_open_set_metrics():
+    known, unknown = np.array([0.9, 0.8, 0.7, 0.6]), np.array([0.65, 0.1])
+    assert auroc(known, unknown) == pytest.approx(7 / 8)
+    assert keep_threshold(known, 0.75) == 0.7  # keeps 3 of 4
+    assert fpr_at_tpr(known, unknown, 0.75) == 0.0 and fpr_at_tpr(known, unknown, 1.0) == 0.5
+
+
+@pytest.mark.parametrize("keep", [0.95, 0.8, 0.5])
+def test_threshold_keeps_the_target_share_of_validation_images(keep):
+    scores = np.random.default_rng(0).normal(size=437)
+    kept = float(np.mean(scores >= keep_threshold(scores, keep)))
+    assert keep <= kept < keep + 1 / 437
+
+
+def clusters(n_per: int, classes: int, dim: int = 32, seed: int = 0, centres=None):
+    """Unit features around one random centre per class; logits = noisy cosine to the centres."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(classes, dim)) if centres is None else centres
+    y = np.repeat(np.arange(classes), n_per)
+    x = c[y] + 0.35 * rng.normal(size=(len(y), dim))
+    return torch.from_numpy(x).float(), y, c
+
+
+def test_feature_scores_find_unknowns_and_the_rule_keeps_95_percent_of_validation():
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(5, 32))
+    known_c = centres[:4]
+    xtr, ytr, _ = clusters(8, 4, centres=known_c, seed=1)
+    xva, yva, _ = clusters(10, 4, centres=known_c, seed=2)
+    xte, _, _ = clusters(30, 4, centres=known_c, seed=3)
+    xun = torch.from_numpy(centres[4] + 0.35 * rng.normal(size=(30, 32))).float()
+    stats = FeatureStats.fit(xtr, ytr, 4)
+
+    # a head that saw the known classes only: large logits for whatever it resembles most
+    w = torch.from_numpy(known_c).float() * 3
+
+    def head(x):
+        return x @ w.T
+
+    cal = fit_calibration(head(xva), yva, "softmax")
+    rule = choose_open_set(head(xva), yva, cal, xva, stats, keep=0.95)
+    assert rule.enabled and rule.source == "validation" and rule.heldout_auroc is not None
+    assert rule.score in ("cosine", "mahalanobis")
+    assert set(rule.heldout_auroc) == {"cosine", "mahalanobis", "max_prob", "energy"}
+    val_scores = open_set_scores(head(xva), cal, xva, stats)
+    assert np.mean(~rule.unknown(val_scores)) >= 0.95
+    te, un = open_set_scores(head(xte), cal, xte, stats), open_set_scores(head(xun), cal, xun, stats)
+    assert auroc(te[rule.score], un[rule.score]) > 0.95
+    assert rule.unknown(un).mean() > 0.8
+
+
+def test_no_validation_means_no_unknown_answer_and_the_rule_round_trips():
+    cal = Calibration()
+    off = choose_open_set(None, None, cal)
+    assert not off.enabled and "without validation" in off.note
+    assert not off.unknown({"max_prob": np.zeros(3)}).any()
+    rule = OpenSetRule("cosine", 0.42, 0.9, "validation", "x", {"cosine": 0.99})
+    assert OpenSetRule.from_dict(json.loads(json.dumps(rule.to_dict()))) == rule
+    with pytest.raises(ConfigError, match="config.json: open_set: not an open-set rule .*needs a finite threshold"):
+        OpenSetRule.from_dict({"score": "cosine", "threshold": None}, "config.json: open_set")
+
+
+def test_feature_stats_tensors_round_trip():
+    x, y, _ = clusters(6, 3)
+    s = FeatureStats.fit(x, y, 3)
+    back = FeatureStats.from_tensors(s.tensors(), "m.safetensors")
+    assert back is not None
+    np.testing.assert_array_equal(back.cosine(x), s.cosine(x))
+    assert FeatureStats.from_tensors({}, "m") is None
+    with pytest.raises(ConfigError, match="m.safetensors: openset.means"):
+        FeatureStats.from_tensors({"openset.means": s.means}, "m.safetensors")
+
+
+def test_energy_is_temperature_aware():
+    z = torch.tensor([[4.0, 1.0, 0.0]])
+    cal = Calibration("temperature", temperature=2.0)
+    assert open_set_scores(z, cal)["energy"][0] == pytest.approx(2.0 * float(torch.logsumexp(z / 2.0, -1)))
+
+
+def test_reliability_diagram_is_a_png(tmp_path):
+    from vlclassify.plots import reliability_diagram
+
+    z, y = softmax_data(2.0, n=200)
+    cal = fit_calibration(z, y, "softmax")
+    path = reliability_diagram(
+        {"calibrated": cal.probs(z), "raw": torch.softmax(z, -1).numpy()}, y, tmp_path / "rel.png", "t"
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
