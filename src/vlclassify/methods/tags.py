@@ -18,6 +18,7 @@ class Tags:
     stream: bool = False  # trains on batches read from the feature store (`--stream`)
     names_only: bool = False  # fits from class names alone, no training image needed
     activation: str = "auto"  # scores: softmax | sigmoid | auto (sigmoid for multi-label data, else softmax)
+    calibrated: bool = False  # its own fit calibrates its scores on validation: fit keeps T = 1 and says so
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:

@@ -113,8 +113,8 @@ class ZeroShot(Method):
             f"(= {1.0 / num_classes:.3f}); give validation data to choose thresholds",
         )
 
-    def _scores(self, logits: torch.Tensor, task: str = MAIN):
-        return torch.softmax(logits.float(), -1).numpy()  # CLIP-style scores are relative, also for multi-label
+    def score_activation(self, task: str = MAIN) -> str:
+        return "softmax"  # CLIP-style scores are relative, also for multi-label
 
     def extra_config(self) -> dict[str, Any]:
         return {"descriptions": self.descriptions}

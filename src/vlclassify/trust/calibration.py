@@ -243,6 +243,10 @@ def fit_calibration(logits: torch.Tensor | np.ndarray, targets: np.ndarray, acti
     if activation not in ACTIVATIONS:
         raise ConfigError(f"calibration activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     z, y = _as_np(logits), np.asarray(targets)
+    if activation == "softmax" and y.ndim == 2:
+        return identity(
+            activation, note="softmax scores of multi-label data are relative, not per-label: not calibrated"
+        )
     if activation == "softmax":
         keep = y >= 0
         z, y = z[keep], y[keep].astype(int)

@@ -65,18 +65,19 @@ class FeatureStats:
         cov = ledoit_wolf(x - centre, assume_centered=True)[0]
         return cls(torch.from_numpy(means).float(), torch.from_numpy(np.linalg.inv(cov)).float())
 
-    def cosine(self, features: torch.Tensor) -> np.ndarray:
-        """[N, C] cosine between each image's feature [N, D] and each class mean."""
-        x = torch.nn.functional.normalize(features.double(), dim=-1)
-        m = torch.nn.functional.normalize(self.means.double(), dim=-1)
-        return (x @ m.T).numpy()
+    def cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, C] cosine between each image's feature [N, D] and each class mean (in the features' dtype)."""
+        x = torch.nn.functional.normalize(features, dim=-1)
+        m = torch.nn.functional.normalize(self.means.to(features.dtype), dim=-1)
+        return x @ m.T
 
-    def mahalanobis(self, features: torch.Tensor) -> np.ndarray:
+    def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
         """[N, C] minus the squared Mahalanobis distance of each unit feature [N, D] to each class mean."""
-        x = torch.nn.functional.normalize(features.double(), dim=-1)
-        m, p = self.means.double(), self.precision.double()
-        d = ((x @ p) * x).sum(-1, keepdim=True) - 2 * (x @ p @ m.T) + ((m @ p) * m).sum(-1)[None]
-        return (-d).numpy()
+        x = torch.nn.functional.normalize(features, dim=-1)
+        m, p = self.means.to(features.dtype), self.precision.to(features.dtype)
+        xp = x @ p  # [N, D]
+        d = (xp * x).sum(-1, keepdim=True) - 2 * (xp @ m.T) + ((m @ p) * m).sum(-1)[None]
+        return -d
 
     def tensors(self, prefix: str = "openset.") -> dict[str, torch.Tensor]:
         """What model.safetensors holds of them."""
@@ -95,6 +96,31 @@ class FeatureStats:
         return cls(means.float(), prec.float())
 
 
+def score_tensors(
+    logits: torch.Tensor,
+    calibration: Calibration,
+    features: torch.Tensor | None = None,
+    stats: FeatureStats | None = None,
+    classes: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """{score: [N]} in the dtype of the raw logits [N, C] (torch ops only: the ONNX graph traces
+    them); with `stats`, the feature scores of the images' features [N, D]. `classes`: computed
+    as if only these classes existed (the held-out-class proxy)."""
+    z = calibration.logits(logits)  # [N, C] calibrated logits
+    if classes is not None:
+        z = z[:, classes]
+    top, lse = z.max(-1).values, torch.logsumexp(z, -1)
+    out = {
+        "max_prob": torch.exp(top - lse) if calibration.activation == "softmax" else torch.sigmoid(top),
+        "energy": calibration.temperature * lse,
+    }
+    if stats is not None and features is not None:
+        f = features.to(logits.dtype)
+        for name, mat in (("cosine", stats.cosine(f)), ("mahalanobis", stats.mahalanobis(f))):
+            out[name] = (mat if classes is None else mat[:, classes]).max(-1).values
+    return out
+
+
 def open_set_scores(
     logits: torch.Tensor,
     calibration: Calibration,
@@ -102,21 +128,12 @@ def open_set_scores(
     stats: FeatureStats | None = None,
     classes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """{score: [N]} for raw logits [N, C] (and, with `stats`, the images' features [N, D]);
-    `classes`: compute them as if only these classes existed (the held-out-class proxy)."""
-    z = calibration.logits(torch.as_tensor(logits).float()).double().numpy()  # [N, C] calibrated logits
-    if classes is not None:
-        z = z[:, classes]
-    top = z.max(1)
-    lse = top + np.log(np.exp(z - top[:, None]).sum(1))
-    out = {
-        "max_prob": np.exp(top - lse) if calibration.activation == "softmax" else 1 / (1 + np.exp(-top)),
-        "energy": calibration.temperature * lse,
+    """`score_tensors` in float64, as numpy: what fit, predict and eval compare."""
+    idx = torch.as_tensor(classes) if classes is not None else None
+    feats = features.double() if features is not None else None
+    return {
+        k: v.numpy() for k, v in score_tensors(torch.as_tensor(logits).double(), calibration, feats, stats, idx).items()
     }
-    if stats is not None and features is not None:
-        for name, mat in (("cosine", stats.cosine(features)), ("mahalanobis", stats.mahalanobis(features))):
-            out[name] = (mat if classes is None else mat[:, classes]).max(1)
-    return out
 
 
 @dataclass
