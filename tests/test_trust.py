@@ -58,11 +58,13 @@ def test_calibration_never_changes_the_argmax_and_lowers_nll():
     assert ece(cal.probs(z), y) < 0.08 and ece(raw, y) > 0.15
 
 
-def test_separable_validation_keeps_t_1_and_says_so():
+def test_separable_validation_matches_the_laplace_smoothed_accuracy_and_says_so():
     z = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]] * 4)
     y = np.array([0, 1, 2] * 4)
     cal = fit_calibration(z, y, "softmax")
-    assert cal.temperature == 1.0 and "T = 1" in cal.note
+    assert "Laplace" in cal.note and cal.temperature > 0.05
+    assert cal.probs(z).max(-1).mean() == pytest.approx(13 / 14, abs=1e-6)  # 12 of 12 right
+    assert (cal.probs(z).argmax(-1) == y).all()
 
 
 def test_platt_recovers_per_class_slopes_and_wins_when_classes_differ():
@@ -200,3 +202,171 @@ def test_reliability_diagram_is_a_png(tmp_path):
         {"calibrated": cal.probs(z), "raw": torch.softmax(z, -1).numpy()}, y, tmp_path / "rel.png", "t"
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the fitted model: calibration and "unknown" through fit, predict, save/load, export and the CLI ----
+TUX = ("animals", "food", "plants")
+
+
+@pytest.fixture(scope="module")
+def tux_parts():
+    """Three Tux Paint categories: 6 training, 4 validation and 4 test photos each."""
+    from dataclasses import replace
+
+    from vlclassify.data import Dataset, tuxpaint
+
+    ds = tuxpaint()["all"]
+    keep = [ds.classnames.index(c) for c in TUX]
+    by = {c: [it for it in ds.items if it.label == c] for c in keep}
+
+    def part(lo, hi, name):
+        items = [replace(it, label=k, tasks=None, text=None) for k, c in enumerate(keep) for it in by[c][lo:hi]]
+        return Dataset(items=items, classnames=list(TUX), name=name)
+
+    return part(0, 6, "train"), part(6, 10, "val"), part(10, 14, "test")
+
+
+@pytest.fixture(scope="module")
+def clothes(tmp_path_factory):
+    """Ten Fashion-MNIST photos as PNG files: images of none of the Tux Paint classes."""
+    from PIL import Image
+
+    from vlclassify.data import fashion_mnist
+
+    root = tmp_path_factory.mktemp("clothes")
+    for i, it in enumerate(fashion_mnist()["test"].items[:10]):
+        Image.fromarray(it.image).save(root / f"clothes_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(effnet, tux_parts):
+    from vlclassify.methods import create_method
+
+    train, val, _ = tux_parts
+    return create_method("linear-probe", effnet, C_grid=[1.0]).fit(train, val)
+
+
+def test_fit_calibrates_on_validation_and_predict_answers_unknown_for_unrelated_photos(fitted, tux_parts, clothes):
+    _, val, test = tux_parts
+    cal, rule = fitted.calibration(), fitted.trust.open_set
+    assert cal.kind == "temperature" and cal.source == "validation" and cal.temperature < 0.5  # under-confident probe
+    assert rule.enabled and rule.keep == 0.95 and fitted.trust.feature == "pooled"
+    # the rule keeps the target share of the validation images
+    assert np.mean(~rule.unknown(fitted.open_set_scores(val))) >= 0.95
+    # calibrated and raw scores rank the classes alike
+    assert (fitted.predict_proba(test).argmax(-1) == fitted.predict_proba(test, calibrated=False).argmax(-1)).all()
+    photos = sorted(str(p) for p in clothes.iterdir())
+    answers = fitted.predict_results(photos)
+    assert sum(r.unknown for r in answers) >= 7, [r.open_set for r in answers]
+    first = next(r for r in answers if r.unknown).to_dict()
+    assert first["unknown"] is True and first["labels"] == [] and first["uncertain"] is False
+    assert first["open_set"]["score"] == rule.score and first["open_set"]["value"] < rule.threshold
+    known = fitted.predict_results(test)
+    assert sum(r.unknown for r in known) <= 3 and all(r.to_dict()["unknown"] is (not r.labels) for r in known)
+
+
+def test_save_load_keeps_the_temperature_and_the_threshold(fitted, tux_parts, clothes, tmp_path):
+    from vlclassify.methods import load_method
+
+    _, _, test = tux_parts
+    fitted.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["calibration"]["label"]["temperature"] == fitted.calibration().temperature
+    assert cfg["open_set"]["threshold"] == fitted.trust.open_set.threshold
+    again = load_method(tmp_path / "m")
+    assert again.trust.open_set == fitted.trust.open_set and again.calibration() == fitted.calibration()
+    np.testing.assert_array_equal(again.predict_proba(test), fitted.predict_proba(test))
+    photos = sorted(str(p) for p in clothes.iterdir())
+    for k, v in fitted.open_set_scores(photos).items():
+        np.testing.assert_allclose(again.open_set_scores(photos)[k], v, rtol=1e-6)
+    # a damaged calibration is named, with its file and field
+    cfg["calibration"]["label"]["temperature"] = -2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config.json: calibration\['label'\]: .*positive number"):
+        load_method(tmp_path / "m")
+
+
+def test_export_applies_the_calibration_and_outputs_the_open_set_score(fitted, clothes, tmp_path):
+    import onnxruntime as ort
+
+    from vlclassify.data import Item, load_image
+    from vlclassify.export import export_onnx
+
+    photos = sorted(str(p) for p in clothes.iterdir())[:3]
+    res = export_onnx(fitted, tmp_path / "m.onnx", check_images=photos)
+    side = json.loads(res.sidecar.read_text())
+    assert side["calibration"]["temperature"] == fitted.calibration().temperature
+    assert side["outputs"]["open_set"]["unknown_below"] == fitted.trust.open_set.threshold
+    pixels = torch.stack([fitted.backbone.preprocess(load_image(Item(image=p))) for p in photos]).numpy()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    probs, score = ort.InferenceSession(str(res.graph), so, providers=["CPUExecutionProvider"]).run(
+        None, {"pixels": pixels}
+    )
+    np.testing.assert_allclose(probs, fitted.predict_proba(photos), atol=1e-4)
+    raw = fitted.predict_proba(photos, calibrated=False)
+    assert np.abs(probs - raw).max() > 1e-3  # the graph's scores are the calibrated ones, not the raw
+    want = fitted.open_set_scores(photos)[fitted.trust.open_set.score]
+    np.testing.assert_allclose(score, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_without_validation_never_answers_unknown_and_says_so(effnet, tux_parts, clothes):
+    from vlclassify.methods import create_method
+
+    train, _, _ = tux_parts
+    m = create_method("linear-probe", effnet, C_grid=[1.0]).fit(train)
+    assert m.calibration().kind == "none" and "no validation" in m.calibration().note
+    assert not m.trust.open_set.enabled and "without validation" in m.trust.open_set.note
+    assert not any(r.unknown for r in m.predict_results(sorted(str(p) for p in clothes.iterdir())))
+
+
+def test_cli_fit_eval_unknown_and_predict(tux_parts, clothes, tmp_path):
+    from typer.testing import CliRunner
+
+    from vlclassify.cli import app
+
+    rows = ["image,label,split"]
+    for split, ds in zip(("train", "val", "test"), tux_parts, strict=True):
+        rows += [f"{it.image},{ds.classnames[it.label]},{split}" for it in ds.items]
+    (tmp_path / "tux.csv").write_text("\n".join(rows) + "\n")
+    runner, out = CliRunner(), tmp_path / "model"
+    fit = ["fit", "-m", "linear-probe", "-d", str(tmp_path / "tux.csv"), "-o", str(out), "--opt", "C_grid=[1.0]"]
+    r = runner.invoke(app, [*fit, "--keep", "0.9"])
+    assert r.exit_code == 0, r.output
+    assert "calibration (label): temperature T = " in r.output and "keeps 90% of the known validation" in r.output
+    r = runner.invoke(app, ["eval", str(out), "--unknown", str(clothes)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "eval-test.json").read_text())
+    assert {"ece", "ece_raw", "nll", "brier"} <= set(rep) and 0 <= rep["ece"] <= 1
+    assert set(rep["unknown"]["auroc"]) == {"cosine", "mahalanobis", "max_prob", "energy"}
+    assert rep["unknown"]["chosen"] in rep["unknown"]["auroc"] and "<- chosen" in r.output
+    assert rep["unknown"]["auroc"][rep["unknown"]["chosen"]] > 0.9
+    assert (out / "reliability-test.png").read_bytes()[:4] == b"\x89PNG"
+    photos = [str(p) for p in sorted(clothes.iterdir())]
+    r = runner.invoke(app, ["predict", str(out), *photos])
+    assert r.exit_code == 0, r.output
+    assert sum(f"{p}: unknown  |" in r.output for p in photos) >= 7, r.output
+    r = runner.invoke(app, ["predict", str(out), *photos, "--json"])
+    answers = [json.loads(line) for line in r.output.strip().splitlines()]
+    odd = [a for a in answers if a["unknown"]]
+    assert len(odd) >= 7 and all(a["labels"] == [] and a["open_set"]["value"] < a["open_set"]["threshold"] for a in odd)
+
+
+def test_the_service_answers_unknown_and_describes_its_rules(fitted, tux_parts, clothes):
+    from starlette.testclient import TestClient
+
+    from vlclassify.serve import create_app
+
+    _, _, test = tux_parts
+    photos = sorted(clothes.iterdir())
+    with TestClient(create_app(fitted)) as c:
+        info = c.get("/model").json()
+        assert info["unknown"]["score"] == fitted.trust.open_set.score
+        assert info["unknown"]["threshold"] == fitted.trust.open_set.threshold
+        assert info["calibration"]["label"]["temperature"] == fitted.calibration().temperature
+        answers = [c.post("/predict", content=p.read_bytes()).json() for p in photos]
+        odd = [a for a in answers if a["unknown"]]
+        assert len(odd) >= 7 and all(a["labels"] == [] and not a["uncertain"] for a in odd), answers
+        known = c.post("/predict", content=open(test.items[0].image, "rb").read()).json()
+        assert known["unknown"] is False and known["labels"] and known["open_set"]["score"] == info["unknown"]["score"]

@@ -31,6 +31,7 @@ from ..modules.losses.triplet import prototype_triplet_loss
 from ..training import Stage, select_best
 from .base import Encoded, Method, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper's search
@@ -164,12 +165,13 @@ class CMM(Method):
     """Cross-modal mapping (residual W, learnable T, triplet loss, alpha fusion searched on val)."""
 
     name = "cmm"
+    tags = Tags(onnx=True, stream=True)
     Config = CMMConfig
     needs = frozenset({"image", "pooled", "flip"})  # pooled: input=bridge
     selects = "alpha (training ends on its last step)"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.fusion not in ("prob", "logit"):
             raise ConfigError(f"cmm: fusion must be prob or logit, got {c.fusion!r}")

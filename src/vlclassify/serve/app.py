@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
+from ..context import RunContext
 from ..data.images import to_rgb
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
@@ -277,10 +278,9 @@ class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
     def __init__(self, method: Method, config: ServeConfig) -> None:
-        method.progress = False
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
-        method.cache = FeatureCache(enabled=False)
+        self.ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
         self.method, self.config = method, config
         self.metrics = Metrics()
         self.takes_text = TEXT in method.takes()
@@ -307,7 +307,7 @@ class Service:
         m = self.method
         items = [Item(image=j.image, text=j.text if self.takes_text else None, key=j.name) for j in jobs]
         preds = m.predict_results(
-            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs)
+            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs), ctx=self.ctx
         )
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
@@ -320,11 +320,11 @@ class Service:
     def explain_png(self, image: np.ndarray, text: str | None, name: str, target: str | None) -> tuple[bytes, str]:
         """(PNG of the attention map over `image`, the class or token it explains)."""
         m = self.method
-        heat = m.explain(Item(image=image, text=text, key=name), target)
+        heat = m.explain(Item(image=image, text=text, key=name), target, ctx=self.ctx)
         label = (
             target
             or getattr(m, "explained_token", None)
-            or m.predict_results([Item(image=image, key=name)], top=1)[0].scores[0][0]
+            or m.predict_results([Item(image=image, key=name)], top=1, ctx=self.ctx)[0].scores[0][0]
         )
         from ..plots.heatmap import heatmap_overlay  # matplotlib: imported only when a map is drawn
 
@@ -434,7 +434,8 @@ class Service:
         return Response(png, media_type="image/png", headers={"X-Explained": urllib.parse.quote(label)})
 
     async def model_info(self, request: Request) -> Response:
-        """GET /model: the classes, decision rules, backbone and limits (what the page shows)."""
+        """GET /model: the classes, the decision, calibration and "unknown" rules, the backbone and
+        the limits (what the page shows)."""
         m, c = self.method, self.config
         bb = m.backbone
         return JSONResponse(
@@ -444,6 +445,10 @@ class Service:
                 "tasks": {m.task_name(t): names for t, names in m.task_classes.items()},
                 "multilabel": m.multilabel,
                 "decisions": {m.task_name(t): {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
+                "calibration": {
+                    m.task_name(t): {"rule": c.describe(), **c.to_dict()} for t, c in m.trust.calibrations.items()
+                },
+                "unknown": {"rule": m.trust.open_set.describe(), **m.trust.open_set.to_dict()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
                 "explain": has_attention(m),
@@ -572,7 +577,7 @@ def serve(
     config = config or ServeConfig()
     check_bind(host, config.token, insecure)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
-    method = load_method(model_dir, cache=FeatureCache(enabled=False))
+    method = load_method(model_dir)
     app = create_app(method, config)
     log.info(
         "serving %s (%s) on http://%s:%d%s",
