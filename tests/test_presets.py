@@ -20,7 +20,8 @@ from vlclassify.errors import ConfigError, DataError
 from vlclassify.features import extract_features
 from vlclassify.features.extract import RRC_SCALE, RRC_SIZE, VIEWS
 from vlclassify.methods import create_method
-from vlclassify.methods.presets import (
+from vlclassify.methods.templates import dataset_templates
+from vlclassify.protocols import (
     CMM_PAPER,
     COOP_DATASETS,
     PRESETS,
@@ -28,7 +29,6 @@ from vlclassify.methods.presets import (
     preset_for_data,
     resolve_presets,
 )
-from vlclassify.methods.templates import dataset_templates
 
 runner = CliRunner()
 COOP_NAMES = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101"]

@@ -22,13 +22,13 @@ from dataclasses import replace
 import numpy as np
 
 from vlclassify.backbones import create_backbone
-from vlclassify.bench.report import write_json_and_markdown
 from vlclassify.context import RunContext
 from vlclassify.data import Dataset, plan_splits
 from vlclassify.methods import create_method
 from vlclassify.metrics import auroc, ece
 from vlclassify.trust import SCORES
 from vlclassify.trust.report import unknown_images
+from vlclassify.utils import write_json_and_markdown
 
 METHODS = ("zero-shot", "linear-probe", "tip-adapter")  # the default rows; every method runs with its defaults
 

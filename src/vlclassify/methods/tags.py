@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ACTIVATIONS = ("auto", "softmax", "sigmoid")
+FIGURES = ("tsne", "alignment")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,12 @@ class Tags:
     names_only: bool = False  # fits from class names alone, no training image needed
     activation: str = "auto"  # scores: softmax | sigmoid | auto (sigmoid for multi-label data, else softmax)
     calibrated: bool = False  # its own fit calibrates its scores on validation: fit keeps T = 1 and says so
+    # extra `eval --plots` figures: "tsne" (its `embeddings(data)`), "alignment" (its `alignment(data)`)
+    figures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        unknown = set(self.figures) - set(FIGURES)
+        if unknown:
+            raise ValueError(f"figures must be among {', '.join(FIGURES)}, got {', '.join(sorted(unknown))}")

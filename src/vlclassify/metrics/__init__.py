@@ -1,13 +1,14 @@
-"""Metrics: single-label classification here; multi-label, ranking, calibration and open-set metrics beside it."""
+"""Metrics: `score` (the headline numbers, one function), single-label and multi-label reports, ranking,
+calibration and open-set metrics."""
 
 from .calibration import brier, calibration_report, ece, nll
-from .classification import accuracy, classification_report
+from .classification import classification_report
 from .multilabel import best_threshold, mean_average_precision, multilabel_report
 from .openset import auroc, fpr_at_tpr, keep_threshold
 from .ranking import recall_at_precision
+from .score import score
 
 __all__ = [
-    "accuracy",
     "auroc",
     "best_threshold",
     "brier",
@@ -20,4 +21,5 @@ __all__ = [
     "multilabel_report",
     "nll",
     "recall_at_precision",
+    "score",
 ]

@@ -21,7 +21,7 @@ from ..metrics.openset import KEEP, auroc, fpr_at_tpr
 if TYPE_CHECKING:
     from ..context import RunContext
     from ..data.items import Dataset
-    from ..methods.base import Method
+    from ..methods.base import Encoded, Method
 
 
 def unknown_images(spec: str, classnames: list[str]) -> Dataset:
@@ -48,7 +48,7 @@ def unknown_images(spec: str, classnames: list[str]) -> Dataset:
 
 def trust_report(
     method: Method,
-    ds: Dataset,
+    ds: Dataset | Encoded,
     targets: np.ndarray,
     unknown: Dataset | None = None,
     plot: str | Path | None = None,
@@ -84,6 +84,12 @@ def trust_report(
             },
         }
     return out
+
+
+def model_lines(method: Method) -> list[str]:
+    """The lines `vlclassify fit` prints of a fitted model's calibration and "unknown" rule."""
+    lines = [f"calibration ({method.task_name(t)}): {c.describe()}" for t, c in method.trust.calibrations.items()]
+    return [*lines, f"unknown: {method.trust.open_set.describe()}"]
 
 
 def trust_lines(rep: dict[str, Any]) -> list[str]:
