@@ -87,7 +87,7 @@ def test_cmm_and_vt_clip_get_their_papers_settings_and_every_method_the_dataset_
     assert {k: getattr(cmm.config, k) for k in CMM_PAPER} == CMM_PAPER
     assert CMM_PAPER["steps"] == 16000 and CMM_PAPER["batch_size"] == 8 and CMM_PAPER["lr"] == 1e-4
     vt = create_method("vt-clip", toy, **r.options("vt-clip"))
-    assert (vt.config.batch_size, vt.config.lr, vt.config.heads) == (32, 2e-3, 2)
+    assert (vt.config.train.batch_size, vt.config.train.lr, vt.config.heads) == (32, 2e-3, 2)
     assert create_method("zero-shot", toy, **r.options("zero-shot")).config.templates == "eurosat"
     assert r.options("linear-probe") == {}  # no templates, no paper settings
     assert resolve_presets("coop-imagenet").options("tip-adapter")["templates"] == "imagenet"

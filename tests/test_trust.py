@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -347,6 +348,11 @@ def test_cli_fit_eval_unknown_and_predict(tux_parts, clothes, tmp_path):
     r = runner.invoke(app, ["predict", str(out), *photos])
     assert r.exit_code == 0, r.output
     assert sum(f"{p}: unknown  |" in r.output for p in photos) >= 7, r.output
+    r = runner.invoke(app, ["predict", str(out), *photos, "--csv", str(tmp_path / "p.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert sum(row["unknown"] == "1" for row in rows) >= 7 and all(
+        row["decision"] == "" for row in rows if row["unknown"] == "1"
+    )
     r = runner.invoke(app, ["predict", str(out), *photos, "--json"])
     answers = [json.loads(line) for line in r.output.strip().splitlines()]
     odd = [a for a in answers if a["unknown"]]
@@ -370,3 +376,31 @@ def test_the_service_answers_unknown_and_describes_its_rules(fitted, tux_parts, 
         assert len(odd) >= 7 and all(a["labels"] == [] and not a["uncertain"] for a in odd), answers
         known = c.post("/predict", content=open(test.items[0].image, "rb").read()).json()
         assert known["unknown"] is False and known["labels"] and known["open_set"]["score"] == info["unknown"]["score"]
+
+
+def test_one_image_per_class_gives_euclidean_mahalanobis():
+    x, y, _ = clusters(1, 4)
+    s = FeatureStats.fit(x, y, 4)
+    np.testing.assert_allclose(s.precision.numpy(), np.eye(32), atol=1e-6)
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    np.testing.assert_allclose(s.mahalanobis(x.double()).numpy().max(-1), 0.0, atol=1e-6)  # each image is its mean
+    assert np.isfinite(s.mahalanobis(unit[:2] * 3).numpy()).all()
+
+
+def test_update_recalibrates_and_refits_the_class_means(effnet, tux_parts):
+    from vlclassify.methods import create_method
+
+    train, val, test = tux_parts
+    from vlclassify.data import Dataset
+
+    def first_two(ds):
+        return Dataset(items=[it for it in ds.items if it.label < 2], classnames=list(TUX[:2]), name=ds.name)
+
+    m = create_method("linear-probe", effnet, C_grid=[1.0])
+    m.fit(first_two(train), first_two(val), keep=0.9)
+    assert m.trust.stats is not None and m.trust.stats.means.shape[0] == 2
+    m.update(train, val)  # the third class arrives with examples of every class
+    assert m.classnames == list(TUX) and m.trust.stats is not None and m.trust.stats.means.shape[0] == 3
+    assert m.trust.open_set.enabled and m.trust.open_set.keep == 0.9 and m.calibration().source == "validation"
+    assert np.mean(~m.trust.open_set.unknown(m.open_set_scores(val))) >= 0.9
+    assert len(m.predict_results(test)) == len(test)

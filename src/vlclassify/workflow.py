@@ -557,8 +557,9 @@ def _true(ds: Dataset, i: int) -> list[int]:
 def write_predictions_csv(
     path: str | Path, results: Sequence[Prediction], truth: Sequence[str] | Mapping[str, str] | None = None
 ) -> Path:
-    """One row per item and task: item, task, decision, top scores (label:score;...), and the true
-    label(s) of the main task when known (`truth` per result, or by item name)."""
+    """One row per item and task: item, task, decision, uncertain, unknown (the main task's row:
+    none of the classes), top scores (label:score;...), and the true label(s) of the main task when
+    known (`truth` per result, or by item name)."""
     import csv
 
     from .utils import atomic_path
@@ -566,7 +567,8 @@ def write_predictions_csv(
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["item", "task", "decision", "uncertain", "scores"] + (["truth"] if truth is not None else []))
+        head = ["item", "task", "decision", "uncertain", "unknown", "scores"]
+        w.writerow(head + (["truth"] if truth is not None else []))
         for i, r in enumerate(results):
             known = "" if truth is None else (truth.get(r.item, "") if isinstance(truth, Mapping) else truth[i])
             for k, (task, t) in enumerate(r.tasks.items()):
@@ -575,6 +577,7 @@ def write_predictions_csv(
                     task,
                     ";".join(t.labels),
                     int(t.uncertain),
+                    int(r.unknown and k == 0),
                     ";".join(f"{c}:{s:.6f}" for c, s in t.scores),
                 ]
                 w.writerow(row + ([known if k == 0 else ""] if truth is not None else []))

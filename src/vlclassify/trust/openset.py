@@ -17,9 +17,8 @@ class were not there (its column, or its class mean, left out), AUROC averaged o
 
 Why not rank all four by the proxy: it is exact for the feature scores (the class means left
 are those of a model that never saw the class) but flatters max_prob and energy, whose head was
-trained with the held-out class as a negative. On three Tux Paint classes (docs/trust.md) it
-ranked energy first (1.00) where energy told Fashion-MNIST photos from the test images at 0.75
-AUROC and cosine at 0.92. Within a family the bias is shared, so the comparison is fair.
+trained with the held-out class as a negative: docs/trust.md sets the proxy's numbers beside the
+AUROC against real unknowns. Within a family the bias is shared, so the comparison is fair.
 
 Threshold: the score that keeps `keep` (default 95%) of the known validation images. A model
 fitted without validation data has no threshold: it never answers "unknown", and says so.
@@ -58,7 +57,8 @@ class FeatureStats:
 
         Few shots give far fewer images than dimensions, so the covariance is shrunk towards a
         scaled identity (Ledoit-Wolf) before it is inverted. A multi-label image counts towards
-        every class it has; its residual is taken from the mean of its classes' means.
+        every class it has; its residual is taken from the mean of its classes' means. One image
+        per class leaves no residual: the covariance is then the identity (Euclidean distance).
         """
         from sklearn.covariance import ledoit_wolf
 
@@ -69,7 +69,10 @@ class FeatureStats:
         means = (onehot.T @ x) / np.maximum(count, 1)[:, None]  # [C, D]; a class without images stays 0
         share = onehot / np.maximum(onehot.sum(1, keepdims=True), 1)  # [N, C] each image's classes, equally
         centre = share @ means + (onehot.sum(1, keepdims=True) == 0) * x.mean(0)  # [N, D]
-        cov = ledoit_wolf(x - centre, assume_centered=True)[0]
+        cov = ledoit_wolf(x - centre, assume_centered=True)[0]  # [D, D]
+        scale = float(np.trace(cov)) / cov.shape[0]
+        # one image per class leaves no residual: the distance is then the Euclidean one
+        cov = np.eye(cov.shape[0]) if scale <= 1e-12 else cov + 1e-6 * scale * np.eye(cov.shape[0])
         return cls(torch.from_numpy(means).float(), torch.from_numpy(np.linalg.inv(cov)).float())
 
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
