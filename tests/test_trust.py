@@ -404,3 +404,19 @@ def test_update_recalibrates_and_refits_the_class_means(effnet, tux_parts):
     assert m.trust.open_set.enabled and m.trust.open_set.keep == 0.9 and m.calibration().source == "validation"
     assert np.mean(~m.trust.open_set.unknown(m.open_set_scores(val))) >= 0.9
     assert len(m.predict_results(test)) == len(test)
+
+
+def test_a_method_tagged_calibrated_keeps_t_1_and_says_so(effnet, tux_parts):
+    from dataclasses import replace
+
+    from vlclassify.methods.linear_probe import LinearProbe
+
+    class SelfCalibrated(LinearProbe):
+        tags = replace(LinearProbe.tags, calibrated=True)
+
+    train, val, test = tux_parts
+    m = SelfCalibrated(effnet, C_grid=[1.0]).fit(train, val)
+    cal = m.calibration()
+    assert cal.kind == "none" and cal.source == "method" and "T = 1" in cal.note
+    np.testing.assert_allclose(m.predict_proba(test), m.predict_proba(test, calibrated=False))
+    assert m.trust.open_set.enabled  # "unknown" is chosen on validation all the same
