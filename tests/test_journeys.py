@@ -181,14 +181,15 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
 
 
 def _colour_csv(root, colours, per_class=6):
-    from test_contract import _image
+    from conftest import COLORS
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in colours:
         for i in range(per_class):
             p = root / f"{c}{i}.png"
-            _image(p, c, seed=i)
+            noise = np.random.default_rng(i).normal(0, 15, (24, 24, 3))
+            Image.fromarray(np.clip(np.array(COLORS[c]) + noise, 0, 255).astype(np.uint8)).save(p)
             rows.append({"image": p.name, "label": c})
     path = root / "data.csv"
     with open(path, "w", newline="") as f:
@@ -320,7 +321,7 @@ def test_ctrl_c_during_fit_says_what_was_kept(color_folder, tmp_path, monkeypatc
     def interrupted(self, train, val):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LinearProbe, "_fit", interrupted)
+    monkeypatch.setattr(LinearProbe, "fit_head", interrupted)  # as if Ctrl-C came during training
     out = tmp_path / "m"
     r = run("fit", "-m", "linear-probe", "-d", color_folder, "-o", out, *TOY, ok=False)
     assert r.exit_code == 130 and not out.exists() and not list(tmp_path.glob(".m.*"))

@@ -3,7 +3,8 @@ and prints.
 
     result = fit("photos/", "linear-probe", backbone=create_backbone("effnet-minilm"))
     result.save("model/")                       # config.json + model.safetensors, split.json, fit.json
-    report = evaluate("model/")                 # the fit's own test items, its decision rule
+    data, spec = eval_data("model/")            # the fit's own test items (split.json)
+    report = evaluate(load_method("model/"), data, spec=spec)   # with its decision rule: one report
     report.save("model/eval-test.json")         # + predictions-test.csv beside it
     for r in predict(load_method("model/"), ["a.jpg", "b.jpg"]):
         print(r.labels, r.scores)
@@ -27,7 +28,7 @@ import numpy as np
 from .context import RunContext
 from .data.items import Dataset, Item
 from .errors import DataError
-from .methods.base import MAIN, MULTI, SINGLE, TASKS, TEXT, Encoded, Method
+from .methods.base import MULTI, SINGLE, TASKS, TEXT, Encoded, Method
 from .methods.decision import Prediction
 from .metrics.openset import KEEP
 
@@ -586,7 +587,6 @@ def write_predictions_csv(
 
 __all__ = [
     "FitResult",
-    "MAIN",
     "Report",
     "absolute_spec",
     "eval_data",

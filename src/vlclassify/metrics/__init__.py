@@ -3,10 +3,10 @@ calibration and open-set metrics."""
 
 from .calibration import brier, calibration_report, ece, nll
 from .classification import classification_report
+from .headline import score
 from .multilabel import best_threshold, mean_average_precision, multilabel_report
 from .openset import auroc, fpr_at_tpr, keep_threshold
 from .ranking import recall_at_precision
-from .score import score
 
 __all__ = [
     "auroc",
