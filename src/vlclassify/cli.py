@@ -234,6 +234,9 @@ def fit(
         None, help="Single-label: answer only at this precision on validation (e.g. 0.9), else 'uncertain'."
     ),
     thresholds: str = typer.Option("per-class", help="Multi-label decision thresholds: per-class | global."),
+    keep: float = typer.Option(
+        0.95, min=0.5, max=1.0, help="Answer 'unknown' below the open-set score that keeps this share of validation."
+    ),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
     skip_bad: bool = SKIP_BAD_OPT,
@@ -254,6 +257,7 @@ def fit(
     from .data.classes import parse_classes
     from .errors import DataError
     from .features.distributed import dist_env
+    from .trust.report import model_lines
     from .utils import check_overwrite, parse_options
 
     check_overwrite(out, overwrite, reads=[data] if data else [])
@@ -275,6 +279,7 @@ def fit(
             preset=preset,
             precision=precision,
             thresholds=thresholds,
+            keep=keep,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             split_file=split_file,
@@ -289,6 +294,8 @@ def fit(
             console.print(f"validation {k}: {100 * v:.2f}%")
         for task, rule in result.model.decisions.items():
             console.print(f"decision ({result.model.task_name(task)}): {rule.describe()}")
+        for line in model_lines(result.model):
+            console.print(line)
         result.save(out)
         console.print(f"saved to {out}")
 
@@ -372,16 +379,25 @@ def evaluate(
         False, "--plots", help="Also write PNG figures (ROC/PR curves; t-SNE and alignment matrix for DiCLS)."
     ),
     plots_dir: Path | None = typer.Option(None, help="Folder for --plots (default: MODEL_DIR/plots-<split>)."),
+    unknown: str | None = typer.Option(
+        None, "--unknown", help="Images of no known class (a folder or a data spec): AUROC of each open-set score."
+    ),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Evaluate a saved model with its decision rule: top-1, per-class accuracy, macro-F1, confusion
     matrix, the answered share at a target precision (multi-label models: subset accuracy,
-    per-label P/R/F1, mAP, ROC-AUC at the validation-chosen thresholds)."""
+    per-label P/R/F1, mAP, ROC-AUC at the validation-chosen thresholds); calibration (ECE, NLL,
+    Brier, calibrated and raw, and a reliability diagram); with --unknown, how well each open-set
+    score tells those images from the evaluated ones."""
     from . import workflow
+    from .trust.report import trust_lines, unknown_images
 
     ds, spec = workflow.eval_data(model_dir, data, split)
     m, ctx = _load(model_dir), RunContext(cache=_cache(cache_dir))
-    report = workflow.evaluate(m, ds, split=split, spec=spec, ctx=ctx)
+    report_at = out or model_dir / f"eval-{split}.json"
+    odd = unknown_images(unknown, m.classnames) if unknown else None
+    reliability = report_at.with_name(f"reliability-{split}.png")
+    report = workflow.evaluate(m, ds, split=split, spec=spec, ctx=ctx, unknown=odd, reliability=reliability)
     report.metrics["model"] = str(model_dir)
     if report.tasks:
         tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
@@ -389,7 +405,7 @@ def evaluate(
             lam = f"{r['lambda']:.2f}" if "lambda" in r else "-"
             tt.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{100 * r['recall@90P']:.2f}%", lam)
         console.print(tt)
-    report_path, csv_path = report.save(out or model_dir / f"eval-{split}.json")
+    report_path, csv_path = report.save(report_at)
     console.print(f"wrote {csv_path}")
     t = Table("metric", "value")
     for k in report.headline:
@@ -397,6 +413,8 @@ def evaluate(
         t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
     console.print(t)
     console.print(f"decision: {m.decision().describe()}")
+    for line in trust_lines(report.metrics):
+        console.print(line)
     console.print(f"wrote {report_path} (all metrics, per-class scores, confusion matrix)")
     if plots:
         title = f"{m.name} on {spec} ({split})"

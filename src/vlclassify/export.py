@@ -4,11 +4,15 @@ A method on the contract predicts with `head(features)` over the backbone's imag
 (methods/base.py), so its whole inference is one fixed graph: the backbone's image trunk (the
 batch-norm-folded `inference_trunk()` where the backbone has one, as features/runtime.py runs
 it), its image head (pooling, the projection into the joint space, spatial tokens if the method
-reads them), the method's head, and the softmax or sigmoid that `predict_proba` applies. It is
-traced once in torch and written with a JSON sidecar (classes, preprocessing, decision rule),
-after checking the graph in ONNX Runtime against `predict_proba` on images (to 1e-4).
+reads them), the method's head, and the calibrated softmax or sigmoid that `predict_proba`
+applies. A model with an "unknown" rule (trust/openset.py) also outputs its chosen open-set score
+per image; the sidecar holds the threshold below which the answer is "unknown". It is traced once
+in torch and written with a JSON sidecar (classes, preprocessing, calibration, decision and
+"unknown" rules), after checking the graph in ONNX Runtime against `predict_proba` and
+`open_set_scores` on images (to 1e-4, relative for the open-set score).
 
     graph: pixels [n, 3, H, W] float32 (the backbone's `preprocess`) -> probs [n, C] float32
+                                                                        (open_set [n] float32)
 
 Methods whose inference is something else (CMA-CLIP, DiCLS and iCAR run parts of the backbone
 with their own weights), and configurations that read the paired text's embedding, are refused
@@ -32,6 +36,7 @@ from .data.items import Dataset, Item
 from .errors import ConfigError
 from .features.runtime import has_trunk, trunk_of
 from .methods.base import Method, feature_keys, methods_tagged
+from .trust.openset import score_tensors
 from .utils import atomic_path, write_json
 
 EXPORT_VERSION = 1  # the sidecar's format
@@ -51,20 +56,23 @@ class ExportResult:
 
 
 class ProbabilityGraph(nn.Module):
-    """pixels [N, 3, H, W] -> probabilities [N, C]: backbone image features, the head, the scores."""
+    """pixels [N, 3, H, W] -> probabilities [N, C] (and the open-set score [N]): backbone image
+    features, the head, the calibrated scores."""
 
-    def __init__(self, method: Method, activation: str) -> None:
+    def __init__(self, method: Method) -> None:
         super().__init__()
         bb, head = method.backbone, method.head
         assert head is not None, "export_problem refuses a method without a head"
-        self.backbone, self.head, self.activation = bb, head, activation
+        self.backbone, self.head, self.calibration = bb, head, method.calibration()
+        self.trust = method.trust
         self.keys = feature_keys(method.feature_needs())
         trunk = trunk_of(bb).inference_trunk() if has_trunk(bb) else None
         # Module.to takes memory_format (torch's docs), its overloads in the stubs do not
         self.trunk = trunk.to(memory_format=torch.contiguous_format) if trunk is not None else None  # type: ignore[call-overload]
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [N, 3, H, W] -> [N, C] probabilities, as `Method.predict_proba` gives them."""
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """pixels [N, 3, H, W] -> [N, C] probabilities, as `Method.predict_proba` gives them (and,
+        with an "unknown" rule, [N] its open-set score, as `Method.open_set_scores`)."""
         spatial = "spatial" in self.keys
         bb = self.backbone
         f = (
@@ -74,7 +82,12 @@ class ProbabilityGraph(nn.Module):
         )
         feats = {"image": f.embeds, "pooled": f.pooled, "spatial": f.tokens}  # [N, D], [N, F], [N, P, D]
         z = self.head({k: feats[k] for k in self.keys})["logits"]  # [N, C]
-        return torch.sigmoid(z) if self.activation == "sigmoid" else torch.softmax(z, -1)
+        probs = self.calibration.scores(z)
+        rule = self.trust.open_set
+        if not rule.enabled:
+            return probs
+        mine = feats[self.trust.feature] if self.trust.feature else None  # [N, D] the class means' feature
+        return probs, score_tensors(z, self.calibration, mine, self.trust.stats)[rule.score]  # [N]
 
 
 def export_problem(method: Method) -> str | None:
@@ -141,12 +154,14 @@ def export_onnx(
     method._check_fitted()
     out = Path(out)
     bb = method.backbone
-    activation = method.activation
-    graph = ProbabilityGraph(method, activation).eval()
+    graph = ProbabilityGraph(method).eval()
     size = bb.image_size
     items = check_items(check_images)
     pixels = torch.stack([bb.preprocess(decode(it, size=size)) for it in items])  # [n, 3, H, W]
-    expected = method.predict_proba(Dataset(items=items, classnames=method.classnames, name="export-check"))
+    check = Dataset(items=items, classnames=method.classnames, name="export-check")
+    expected = method.predict_proba(check)
+    rule, cal = method.trust.open_set, method.calibration()
+    names = ["probs", "open_set"] if rule.enabled else ["probs"]
     sidecar = out.with_name(out.name + ".json")
     with atomic_path(out) as tmp:
         with torch.no_grad(), warnings.catch_warnings(), _symbolics():
@@ -157,18 +172,21 @@ def export_onnx(
                 str(tmp),
                 dynamo=False,
                 input_names=["pixels"],
-                output_names=["probs"],
-                dynamic_axes={"pixels": {0: "n"}, "probs": {0: "n"}},
+                output_names=names,
+                dynamic_axes={"pixels": {0: "n"}, **{k: {0: "n"} for k in names}},
                 opset_version=OPSET,
             )
-        got = _session(tmp).run(None, {"pixels": pixels.numpy().astype(np.float32)})[0]
-        diff = float(np.abs(got - expected).max())
+        outputs = _session(tmp).run(None, {"pixels": pixels.numpy().astype(np.float32)})
+        diff = float(np.abs(outputs[0] - expected).max())
+        if rule.enabled:  # relative: Mahalanobis distances are in the hundreds
+            want = method.open_set_scores(check)[rule.score]
+            diff = max(diff, float(np.max(np.abs(outputs[1] - want) / np.maximum(1.0, np.abs(want)))))
         if not diff <= TOLERANCE:
             raise ConfigError(
                 f"{method.name}: the exported graph differs from predict_proba by {diff:.2e} (> {TOLERANCE:g}) "
                 f"on {len(items)} image(s); nothing written"
             )
-        rule = method.decision()
+        decision = method.decision()
         write_json(
             sidecar,
             {
@@ -179,7 +197,19 @@ def export_onnx(
                 "method": method.name,
                 "inputs": {"pixels": {"shape": ["n", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"}},
                 "outputs": {
-                    "probs": {"shape": ["n", len(method.classnames)], "dtype": "float32", "scores": activation}
+                    "probs": {"shape": ["n", len(method.classnames)], "dtype": "float32", "scores": cal.activation},
+                    **(
+                        {
+                            "open_set": {
+                                "shape": ["n"],
+                                "dtype": "float32",
+                                "score": rule.score,
+                                "unknown_below": rule.threshold,
+                            }
+                        }
+                        if rule.enabled
+                        else {}
+                    ),
                 },
                 "classes": method.classnames,
                 "multilabel": method.multilabel,
@@ -188,7 +218,9 @@ def export_onnx(
                     "image_size": size,
                     "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.decoder.to_rgb)",
                 },
-                "decision": {"rule": rule.describe(), **rule.to_dict()},
+                "decision": {"rule": decision.describe(), **decision.to_dict()},
+                "calibration": {"rule": cal.describe(), **cal.to_dict()},
+                "unknown": {"rule": rule.describe(), **rule.to_dict(), "applies": not method.multilabel},
                 "backbone": {"name": bb.name, "weights": bb.weights_fingerprint()},
                 "check": {"images": len(items), "max_abs_diff": diff, "tolerance": TOLERANCE},
             },

@@ -10,7 +10,8 @@ the same way as the registered ones (tests/test_contract.py runs every registere
   the method does not take is refused in one line *before any image is decoded*, naming the methods
   that take it; a kind it takes fits, predicts ([N, C] finite scores, decisions, per-item results),
   says what it ignored, and survives save_pretrained / load_method with equal scores;
-- the scores are the declared activation of the logits (softmax rows sum to 1);
+- the scores are the declared activation of the logits, rescaled by the calibration chosen on
+  validation (softmax rows sum to 1, the top class unchanged);
 - `update`: adding examples grows the model in place (no refit); `explain`: a finite 2-D map;
   `onnx`: the exported graph matches predict_proba; `stream`: a streamed fit equals the in-memory
   one; `names_only`: a fit from class names decodes no image.
@@ -157,8 +158,18 @@ class _Checker:
         p = m.predict_proba(test, ctx=self.ctx)
         _check(p.shape == (n, c) and bool(np.isfinite(p).all()), f"{kind}: predict_proba gives finite [N, C] scores")
         z = m.logits(test, ctx=self.ctx).float()
-        act = torch.sigmoid(z) if m.activation == "sigmoid" else torch.softmax(z, -1)
-        _check(np.allclose(p, act.numpy(), atol=1e-6), f"{kind}: scores are the declared {m.activation} of the logits")
+        cal = m.calibration()  # chosen on validation (trust/calibration.py): a rescaling of the logits
+        raw = torch.sigmoid(z) if m.activation == "sigmoid" else torch.softmax(z, -1)
+        _check(
+            np.allclose(p, cal.scores(z).numpy(), atol=1e-6) and cal.activation == m.activation,
+            f"{kind}: scores are the declared {m.activation} of the calibrated logits",
+        )
+        _check(
+            np.allclose(m.predict_proba(test, ctx=self.ctx, calibrated=False), raw.numpy(), atol=1e-6),
+            f"{kind}: raw scores (calibrated=False) are the declared {m.activation} of the logits",
+        )
+        if m.activation == "softmax":
+            _check((p.argmax(-1) == raw.numpy().argmax(-1)).all(), f"{kind}: calibration keeps the top class")
         decided = m.predict(test, ctx=self.ctx)
         _check(decided.shape == ((n, c) if m.multilabel else (n,)), f"{kind}: predict gives decisions per item")
         results = m.predict_results(test, top=2, ctx=self.ctx)

@@ -30,6 +30,7 @@ from .data.items import Dataset, Item
 from .errors import DataError
 from .methods.base import MULTI, SINGLE, TASKS, TEXT, Encoded, Method
 from .methods.decision import Prediction
+from .metrics.openset import KEEP
 
 Log = Callable[[str], None]
 
@@ -121,6 +122,7 @@ def fit(
     preset: str | None = None,
     precision: float | None = None,
     thresholds: str = "per-class",
+    keep: float = KEEP,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     split_file: str | Path | None = None,
@@ -170,7 +172,7 @@ def fit(
             cast(Any, m).descriptions = dict(descriptions)  # the class names' descriptions, as set_classes takes
         val = splits.get("val")
         va = m.encode(val, ctx=ctx) if val is not None and len(val) else None  # encoded once: fit and scores read it
-        m.fit(train, va, ctx=ctx, precision=precision, thresholds=thresholds)
+        m.fit(train, va, ctx=ctx, precision=precision, thresholds=thresholds, keep=keep)
         validation = validation_scores(m, va, ctx) if va is not None else {}
     for line in m.fit_info.get("ignored", []):
         note(f"note: {line}")
@@ -371,11 +373,16 @@ def evaluate(
     spec: str | None = None,
     ctx: RunContext | None = None,
     top: int = 3,
+    unknown: Dataset | None = None,
+    reliability: str | Path | None = None,
 ) -> Report:
     """Score `model` on `data` with its decision rule: one report (single-label: top-1/top-5,
     per-class accuracy, macro-F1, confusion matrix, the answered share at a target precision;
-    multi-label: subset accuracy, per-label P/R/F1, mAP, ROC-AUC; multi-task: per task)."""
+    multi-label: subset accuracy, per-label P/R/F1, mAP, ROC-AUC; multi-task: per task), and
+    its scores' calibration (trust/report.py; the reliability diagram at `reliability`); with
+    `unknown` (images of no known class) how well each open-set score tells them apart."""
     from .metrics import classification_report, multilabel_report
+    from .trust.report import trust_report
 
     if data.classnames != model.classnames:
         raise DataError(
@@ -405,6 +412,9 @@ def evaluate(
     metrics["decision"] = {"rule": rule.describe(), **rule.to_dict()}
     if tasks:
         metrics["tasks"] = tasks
+    targets = ds.multi_hot() if model.multilabel else ds.labels()
+    title = f"{model.name} on {spec or ds.name} ({split})"
+    metrics.update(trust_report(model, enc, targets, unknown, reliability, title, ctx))
     metrics.update({"data": spec or ds.name, "split": split})
     truth = [";".join(ds.classnames[c] for c in _true(ds, i)) for i in range(len(ds))]
     return Report(metrics, headline, predictions, truth, ds, probs, tasks, task_probs)
@@ -500,7 +510,9 @@ def predict(
     return model.predict_results(Dataset(items=rows, classnames=model.classnames, name="predict"), top=top, ctx=ctx)
 
 
-def _decision_text(t: Any) -> str:
+def _decision_text(t: Any, unknown: bool = False) -> str:
+    if unknown:
+        return "unknown"
     if t.uncertain:
         return "uncertain"
     if not t.labels:
@@ -512,9 +524,13 @@ def _decision_text(t: Any) -> str:
 def format_prediction(r: Prediction) -> str:
     """`image: decision | top scores` (one line per task for multi-task models, with modality weights)."""
     lines = []
-    for task, t in r.tasks.items():
+    for k, (task, t) in enumerate(r.tasks.items()):
         head = r.item if len(r.tasks) == 1 else f"  {task}"
-        line = f"{head}: {_decision_text(t)}  | " + ", ".join(f"{c} {100 * s:.1f}%" for c, s in t.scores)
+        scores = ", ".join(f"{c} {100 * s:.1f}%" for c, s in t.scores)
+        line = f"{head}: {_decision_text(t, r.unknown and k == 0)}  | {scores}"
+        if k == 0 and r.open_set is not None:  # the open-set score and the threshold below which it is "unknown"
+            o = r.open_set
+            line += f"  [{o['score']} {o['value']:.3g}, unknown below {o['threshold']:.3g}]"
         if r.modality_weights and task in r.modality_weights:
             w = r.modality_weights[task]
             line += f"  [weights: image {w['image']:.2f}, text {w['text']:.2f}]"
@@ -542,8 +558,9 @@ def _true(ds: Dataset, i: int) -> list[int]:
 def write_predictions_csv(
     path: str | Path, results: Sequence[Prediction], truth: Sequence[str] | Mapping[str, str] | None = None
 ) -> Path:
-    """One row per item and task: item, task, decision, top scores (label:score;...), and the true
-    label(s) of the main task when known (`truth` per result, or by item name)."""
+    """One row per item and task: item, task, decision, uncertain, unknown (the main task's row:
+    none of the classes), top scores (label:score;...), and the true label(s) of the main task when
+    known (`truth` per result, or by item name)."""
     import csv
 
     from .utils import atomic_path
@@ -551,7 +568,8 @@ def write_predictions_csv(
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["item", "task", "decision", "uncertain", "scores"] + (["truth"] if truth is not None else []))
+        head = ["item", "task", "decision", "uncertain", "unknown", "scores"]
+        w.writerow(head + (["truth"] if truth is not None else []))
         for i, r in enumerate(results):
             known = "" if truth is None else (truth.get(r.item, "") if isinstance(truth, Mapping) else truth[i])
             for k, (task, t) in enumerate(r.tasks.items()):
@@ -560,6 +578,7 @@ def write_predictions_csv(
                     task,
                     ";".join(t.labels),
                     int(t.uncertain),
+                    int(r.unknown and k == 0),
                     ";".join(f"{c}:{s:.6f}" for c, s in t.scores),
                 ]
                 w.writerow(row + ([known if k == 0 else ""] if truth is not None else []))

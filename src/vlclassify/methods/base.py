@@ -72,9 +72,12 @@ from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
 from ..features.protocol import KEYS, Features
 from ..features.stream import StoredRows, StreamedFeatures, stored_rows
+from ..metrics.openset import KEEP
 from ..registry import Registry
 from ..training import Stage, Trainer, TrainResult
 from ..training.trainer import BatchFn
+from ..trust.calibration import Calibration, identity
+from ..trust.model import Trust, fit_trust, open_set_feature
 from ..utils import atomic_path, read_json, seeded, sha256_file
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
 from .tags import Tags
@@ -255,6 +258,7 @@ class Method:
         self.task_classes: dict[str, list[str]] = {}  # every task the model answers (main first) -> classes
         self.multilabel = False  # the main task has independent labels (sigmoid scores, thresholds)
         self.decisions: dict[str, DecisionRule] = {}  # task -> rule chosen on validation
+        self.trust = Trust()  # calibration per task, the "unknown" rule, feature statistics (trust/model.py)
         self.head: nn.Module | None = None
         self.head_spec: dict[str, Any] = {}  # JSON that `build_head` rebuilds the head from
         self.fit_info: dict[str, Any] = {}
@@ -405,18 +409,26 @@ class Method:
         ctx: RunContext | None = None,
         precision: float | None = None,
         thresholds: str = "per-class",
+        keep: float = KEEP,
     ) -> Self:
-        """Learn from `train`, choose hyper-parameters, checkpoints and the decision rule on `val`.
+        """Learn from `train`, choose hyper-parameters, checkpoints, the calibration, the "unknown"
+        rule and the decision rule on `val`.
 
         ctx: run options (feature cache, progress, runtime, skip-bad, streaming). precision: for
         single-label data, answer only when the top class reaches this precision on validation,
-        else "uncertain". thresholds: per-class | global (multi-label decisions).
+        else "uncertain". thresholds: per-class | global (multi-label decisions). keep: the share of
+        known validation images the "unknown" threshold keeps (trust/openset.py).
         """
         with self.using(ctx):
-            return self._fit_all(train, val, precision, thresholds)
+            return self._fit_all(train, val, precision, thresholds, keep)
 
     def _fit_all(
-        self, train: Dataset | Encoded, val: Dataset | Encoded | None, precision: float | None, thresholds: str
+        self,
+        train: Dataset | Encoded,
+        val: Dataset | Encoded | None,
+        precision: float | None,
+        thresholds: str,
+        keep: float,
     ) -> Self:
         if thresholds not in ("per-class", "global"):
             raise ConfigError(f"thresholds must be per-class or global, got {thresholds!r}")
@@ -441,6 +453,7 @@ class Method:
         self.multilabel = bool(ds.multilabel)
         self.task_classes = {MAIN: list(ds.classnames)}
         self.fit_info = {}
+        self.trust = Trust()  # a refit trains on raw scores
         self.task_columns = []
         with torch.enable_grad():
             stages = self.stages(tr)
@@ -453,6 +466,7 @@ class Method:
         self.head.requires_grad_(False).eval()  # a fitted model is for inference; training re-enables what it trains
         if notes:
             self.fit_info["ignored"] = notes
+        self.calibrate(tr, va, keep)
         self.choose_decisions(va, precision=precision, per_class=thresholds == "per-class")
         return self
 
@@ -499,10 +513,13 @@ class Method:
                     f"{self.name} cannot add to a fitted model, so update refits it on the new data, which has no "
                     f"images of {', '.join(absent)}: give data with every class, or use {adders}"
                 )
-            self.fit(train, val, precision=precision, thresholds=thresholds)
+            self.fit(train, val, precision=precision, thresholds=thresholds, keep=self.trust.open_set.keep)
             how = f"refit from scratch on the new data ({self.name} cannot add to a fitted model)"
         else:
-            self.choose_decisions(self.encode(val) if val is not None else None, precision, thresholds == "per-class")
+            va = self.encode(val) if val is not None else None
+            covers = train is not None and (train.multilabel or set(range(len(merged))) <= set(train.labels().tolist()))
+            self.calibrate(self.encode(train) if covers and train is not None else None, va, self.trust.open_set.keep)
+            self.choose_decisions(va, precision, thresholds == "per-class")
         self.fit_info["update"] = {"how": how, "added_classes": added, "new_examples": len(train or [])}
         return self
 
@@ -526,6 +543,31 @@ class Method:
 
     def finish(self, val: Encoded | None, result: TrainResult) -> None:
         """After training: what is chosen on the trained head (a fusion weight), and `fit_info`."""
+
+    def calibrate(self, train: Encoded | None, val: Encoded | None, keep: float = KEEP) -> None:
+        """Calibration per task, then the "unknown" rule on the calibrated main task, both chosen on
+        `val` (trust/model.py); the class means and covariance are of `train`'s features (pooled,
+        else the joint embedding; none when the method reads neither, or trains streamed)."""
+        key = open_set_feature(self.feature_needs())
+        feats = targets = val_feats = None
+        if self.trains_on_images and train is not None and train.rows is None and key is not None:
+            feats = getattr(train.features, key)  # [N, D] the original view of each training image
+            ds = train.dataset
+            targets = ds.multi_hot() if self.multilabel else ds.labels()
+        logits = tgt = None
+        if val is not None and len(val):
+            out = self._outputs(val)
+            logits = {MAIN: out["logits"], **(out.get("task_logits") or {})}
+            tgt = {t: self.task_targets(val.dataset, t) for t in self.task_classes}
+            val_feats = getattr(val.features, key) if key is not None else None
+        acts = {t: self.score_activation(t) for t in self.task_classes}
+        self.trust = fit_trust(
+            len(self.classnames), logits, tgt, acts, feats, targets, val_feats, key, keep, type(self).tags.calibrated
+        )
+        self.fit_info["trust"] = {
+            "calibration": {t: c.describe() for t, c in self.trust.calibrations.items()},
+            "unknown": self.trust.open_set.describe(),
+        }
 
     def choose_decisions(self, val: Encoded | None, precision: float | None = None, per_class: bool = True) -> None:
         """One decision rule per task, chosen on validation scores (see methods/decision.py)."""
@@ -706,10 +748,18 @@ class Method:
         declared = type(self).tags.activation
         return declared if declared != "auto" else ("sigmoid" if self.multilabel else "softmax")
 
-    def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
-        """Logits -> scores: the main task's `activation`, softmax for the other tasks."""
-        z = logits.float()
-        return (torch.sigmoid(z) if task == MAIN and self.activation == "sigmoid" else torch.softmax(z, -1)).numpy()
+    def score_activation(self, task: str = MAIN) -> str:
+        """softmax or sigmoid: what `task`'s logits become (the main task's `activation`, else softmax)."""
+        return self.activation if task == MAIN else "softmax"
+
+    def calibration(self, task: str = MAIN) -> Calibration:
+        """The calibration of `task`'s scores, chosen on validation at fit (trust/calibration.py)."""
+        return self.trust.calibration(task, self.score_activation(task))
+
+    def _scores(self, logits: torch.Tensor, task: str = MAIN, calibrated: bool = True) -> np.ndarray:
+        """Logits -> scores: the task's calibration, or (calibrated=False) the raw activation."""
+        cal = self.calibration(task) if calibrated else identity(self.score_activation(task))
+        return cal.probs(logits)
 
     def logits(
         self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
@@ -719,10 +769,27 @@ class Method:
         return logits
 
     def predict_proba(
-        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+        self,
+        data: Dataset | Encoded | Sequence[Item] | Sequence[str],
+        *,
+        ctx: RunContext | None = None,
+        calibrated: bool = True,
     ) -> np.ndarray:
-        """[N, C] scores of the main task."""
-        return self._scores(self.logits(data, ctx=ctx))
+        """[N, C] calibrated scores of the main task (calibrated=False: the raw softmax / sigmoid)."""
+        return self._scores(self.logits(data, ctx=ctx), calibrated=calibrated)
+
+    def open_set_scores(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> dict[str, np.ndarray]:
+        """{score: [N]} every open-set score of `data` (higher = more like a known class; trust/openset.py)."""
+        self._check_fitted()
+        with self.using(ctx):
+            enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
+            return self._open_set(enc, self._outputs(enc)["logits"])
+
+    def _open_set(self, enc: Encoded, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        feats = getattr(enc.features, self.trust.feature) if self.trust.feature else None
+        return self.trust.open_set_scores(logits, self.calibration(), feats)
 
     def task_probs(
         self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
@@ -761,6 +828,10 @@ class Method:
         probs = {MAIN: self._scores(out["logits"])}
         probs.update({t: self._scores(z, t) for t, z in (out.get("task_logits") or {}).items()})
         decided = {t: self.decision(t).apply(p) for t, p in probs.items()}
+        rule = self.trust.open_set
+        known = self._open_set(enc, out["logits"]) if rule.enabled else {}
+        # multi-label: no label found is already an answer; the score is reported
+        unknown = rule.unknown(known) if known and not self.multilabel else np.zeros(len(enc), dtype=bool)
         lam = out.get("modality_weights")
         results = []
         for i, it in enumerate(enc.dataset.items):
@@ -769,6 +840,12 @@ class Method:
                 for t in self.task_classes
                 if t in probs
             }
+            if unknown[i]:  # none of the classes: no label, and not "uncertain" between them either
+                main = self.task_name(MAIN)
+                tasks[main] = dataclasses.replace(tasks[main], labels=[], uncertain=False)
+            scored = None
+            if known:
+                scored = {"score": rule.score, "value": float(known[rule.score][i]), "threshold": rule.threshold}
             weights = None
             if lam is not None:
                 weights = {
@@ -776,7 +853,7 @@ class Method:
                     for k, t in enumerate(self.task_classes)
                 }
             name = it.image.describe() if it.image is not None else it.key
-            results.append(Prediction(tasks, weights, str(name)))
+            results.append(Prediction(tasks, weights, str(name), bool(unknown[i]), scored))
         return results
 
     def task_name(self, task: str) -> str:
@@ -835,7 +912,7 @@ class Method:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / "model.safetensors") as tmp:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in {**self.tensors(), **self.trust.tensors()}.items()}
             save_file(tensors, str(tmp), metadata={"method": self.name})
             digest = sha256_file(tmp)
         cfg = {
@@ -846,6 +923,7 @@ class Method:
             "multilabel": self.multilabel,
             "tasks": self.task_classes,
             "decisions": {t: r.to_dict() for t, r in self.decisions.items()},
+            **self.trust.config(),
             "head": self.head_spec,
             "backbone": self.backbone.config(),
             "embed_dim": self.backbone.embed_dim,
@@ -922,12 +1000,14 @@ def load_method(
         t: DecisionRule.from_dict(d, len(method.task_classes.get(t, [])), f"{cpath}: decisions[{t!r}]")
         for t, d in cfg["decisions"].items()
     }
+    method.trust = Trust.from_config(cfg, method.task_classes, str(cpath))
     method.load_extra_config(cfg, str(cpath))
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{wpath}: damaged ({e})") from None
     method.load_tensors(tensors, str(wpath))
+    method.trust.load_tensors(tensors, len(method.classnames), str(wpath))
     n = len(method.classnames)
     probe = method.head_spec.get("num_classes")
     if probe is not None and probe != n:

@@ -138,6 +138,8 @@ class Prediction:
     tasks: dict[str, TaskPrediction]
     modality_weights: dict[str, dict[str, float]] | None = None  # task -> {"image": w, "text": 1 - w}
     item: str = ""  # the image path or item key
+    unknown: bool = False  # the image looks like none of the classes (its open-set score is below the threshold)
+    open_set: dict[str, Any] | None = None  # {"score": name, "value": v, "threshold": t | None} (trust/openset.py)
 
     @property
     def main(self) -> TaskPrediction:
@@ -155,8 +157,11 @@ class Prediction:
         return self.main.scores
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON with the main task's answer at the top level, the other tasks under "tasks"."""
-        out: dict[str, Any] = {"item": self.item, **self.main.to_dict()}
+        """JSON with the main task's answer at the top level (and "unknown", with the open-set
+        score that decided it), the other tasks under "tasks"."""
+        out: dict[str, Any] = {"item": self.item, **self.main.to_dict(), "unknown": self.unknown}
+        if self.open_set is not None:
+            out["open_set"] = self.open_set
         if len(self.tasks) > 1:
             out["tasks"] = {t: p.to_dict() for t, p in self.tasks.items()}
         if self.modality_weights is not None:

@@ -19,6 +19,7 @@ class Tags:
     stream: bool = False  # trains on batches read from the feature store (`--stream`)
     names_only: bool = False  # fits from class names alone, no training image needed
     activation: str = "auto"  # scores: softmax | sigmoid | auto (sigmoid for multi-label data, else softmax)
+    calibrated: bool = False  # its own fit calibrates its scores on validation: fit keeps T = 1 and says so
     # extra `eval --plots` figures: "tsne" (its `embeddings(data)`), "alignment" (its `alignment(data)`)
     figures: tuple[str, ...] = ()
 

@@ -2,6 +2,7 @@
 
 from .heatmap import heatmap_overlay, save_heatmap
 from .multilabel import alignment_matrix, roc_pr_curves, tsne_features
+from .reliability import reliability_diagram
 from .report import TaskScores, write_eval_plots
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "tsne_features",
     "heatmap_overlay",
     "save_heatmap",
+    "reliability_diagram",
     "TaskScores",
     "write_eval_plots",
 ]

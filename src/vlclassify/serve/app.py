@@ -646,7 +646,8 @@ class Service:
         return Response(png, media_type="image/png", headers={"X-Explained": urllib.parse.quote(label)})
 
     async def model_info(self, request: Request) -> Response:
-        """GET /model: the classes, decision rules, backbone and limits (what the page shows)."""
+        """GET /model: the classes, the decision, calibration and "unknown" rules, the backbone and
+        the limits (what the page shows)."""
         m, c = self.method, self.config
         bb = m.backbone
         return JSONResponse(
@@ -656,6 +657,10 @@ class Service:
                 "tasks": {m.task_name(t): names for t, names in m.task_classes.items()},
                 "multilabel": m.multilabel,
                 "decisions": {m.task_name(t): {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
+                "calibration": {
+                    m.task_name(t): {"rule": c.describe(), **c.to_dict()} for t, c in m.trust.calibrations.items()
+                },
+                "unknown": {"rule": m.trust.open_set.describe(), **m.trust.open_set.to_dict()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
                 "explain": type(m).tags.explain,

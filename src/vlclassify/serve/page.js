@@ -47,6 +47,7 @@ async function loadModel() {
 }
 
 function decisionText(t) {
+  if (t.unknown) return "unknown";
   if (t.uncertain) return "uncertain";
   if (!t.labels.length) return "no label found";
   return t.labels.join(", ");
@@ -85,8 +86,14 @@ function render(pred) {
   const d = $("decision");
   d.textContent = decisionText(pred);
   d.classList.toggle("uncertain", pred.uncertain);
+  d.classList.toggle("unknown", pred.unknown);
   const rule = model.decisions[main];
   $("rule").textContent = rule ? "decision rule: " + rule.rule : "";
+  const o = pred.open_set;
+  $("openset").textContent = o
+    ? (pred.unknown ? "none of the classes: " : "") + o.score + " score " + o.value.toPrecision(3) +
+      ", unknown below " + o.threshold.toPrecision(3)
+    : "";
   $("bars").replaceWith(Object.assign(bars(pred.scores, pred.labels), { id: "bars" }));
   const tasks = $("tasks");
   tasks.replaceChildren();
