@@ -103,6 +103,7 @@ def tip_options(cfg: TipConfig) -> dict[str, dict[str, Any]]:
     """Tip-Adapter's per-dataset values as tip-adapter / tip-adapter-f options."""
     common = {
         "input": "joint",  # the paper's cache: keys are joint (CLIP) embeddings, not pooled features
+        "fusion_grid": "alpha",  # the paper's alpha grid in CLIP-logit units, not the spread-relative one
         "beta_grid": search_grid(cfg.beta_scale, TIP_STEPS[0]),
         "alpha_grid": search_grid(cfg.alpha_scale, TIP_STEPS[1]),
         "alpha": float(cfg.init_alpha),
@@ -159,6 +160,7 @@ CMM_PAPER = {
     "margin": 1.0,
     "alpha": 1.0,
     "alpha_grid": [round(0.1 * i, 1) for i in range(1, 21)],
+    "fusion_grid": "alpha",  # the paper's alpha grid, not the spread-relative one
     "schedule": "paper",
     "input": "joint",  # the paper's residual W on the joint embedding, not the bridge on pooled features
 }

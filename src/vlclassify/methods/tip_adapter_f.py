@@ -1,5 +1,6 @@
 """Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule, CE on the
-fused logits at the training alpha/beta), then alpha/beta searched again on validation. The epoch
+fused logits at the training alpha/beta, the paper's zero-shot weight 1), then the fusion weights and
+beta searched again on validation (Tip-Adapter's `fusion_grid`). The epoch
 to keep is chosen on validation too (the public code picks it on test; a known flaw, not repeated:
 docs/reproducing.md measures what it changes).
 
@@ -84,10 +85,10 @@ class TipAdapterF(TipAdapter):
         assert train is not None  # trains_on_images: fit encodes the training images
         c = self.config
         head = self._build(train)
-        head.alpha_beta.copy_(torch.tensor([c.train_alpha, c.train_beta], dtype=torch.float64))
+        head.fusion.copy_(torch.tensor([1.0, c.train_alpha, c.train_beta], dtype=torch.float64))
         n = len(train) * (len(c.views) if c.epoch_views == "all" else 1)  # rows an epoch
         result = self.train_head(
             train, val, self.stages(train), self.view_batches(train), work=min(n, c.batch_size) * n * head.keys.shape[1]
         )
-        self.fit_info.update(self.search(val))
+        self.fit_info.update(self.search(val, train))
         self.fit_info["epoch"] = result.stages[0].best_epoch
