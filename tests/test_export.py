@@ -18,11 +18,22 @@ from vlclassify.errors import ConfigError
 from vlclassify.export import export_onnx, export_problem
 from vlclassify.methods import create_method
 
-EXPORTABLE = ["zero-shot", "linear-probe", "tip-adapter", "tip-adapter-f", "cmm", "cross-modal-linear-probe", "vt-clip"]
+EXPORTABLE = [
+    "zero-shot",
+    "linear-probe",
+    "tip-adapter",
+    "tip-adapter-f",
+    "cmm",
+    "cross-modal-linear-probe",
+    "vt-clip",
+    "gda",
+    "lp++",
+]
 FAST = {
     "linear-probe": {"C_grid": [1.0]},
     "cmm": {"steps": 40},
     "tip-adapter-f": {"epochs": 3},
+    "lp++": {"epochs": 20},
     "cross-modal-linear-probe": {"steps": 12, "eval_every": 4},
     "vt-clip": {"steps": 12, "eval_every": 4},
 }

@@ -35,3 +35,70 @@ def test_spread_ignores_row_offsets_and_constant_rows():
     assert spread(torch.ones(3, 4)) == 0.0
     assert fusion_grid(torch.ones(3, 4), torch.randn(3, 4))[-1] == (0.0, 1.0)  # nothing to match: k = 1
     assert ratio_weights(math.inf, 5.0) == (0.0, 5.0) and ratio_weights(0.0, 5.0) == (1.0, 0.0)
+
+
+def test_gda_is_lda_with_the_papers_shrinkage():
+    """GDA's W, b equal scikit-learn's LinearDiscriminantAnalysis (lsqr, uniform priors) at the
+    shrinkage s = D / (N - 1 + D) that (N - 1) S + tr(S) I is, up to GDA's scale D(1 - s) / N:
+    x W' + b = c * decision_function(x) + (1 - c) log(1/K)."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    from vlclassify.methods.gda import gda_classifier
+
+    g = torch.Generator().manual_seed(1)
+    k, per, d = 3, 5, 8
+    y = torch.arange(k).repeat_interleave(per)
+    x = torch.nn.functional.normalize(
+        torch.randn(k * per, d, generator=g) + 2 * torch.randn(k, d, generator=g)[y], dim=-1
+    )
+    w, b = gda_classifier(x, y, k)
+    n = len(y)
+    s = d / (n - 1 + d)
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=s, priors=[1 / k] * k).fit(x.double().numpy(), y.numpy())
+    c = d * (1 - s) / n
+    q = torch.nn.functional.normalize(torch.randn(20, d, generator=g), dim=-1)
+    ours = (q @ w.T + b).double()
+    theirs = c * torch.from_numpy(lda.decision_function(q.double().numpy())) + (1 - c) * math.log(1 / k)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lp_pp_starts_from_the_papers_init_and_steps_by_its_lipschitz_bounds(toy, tmp_path):
+    """One full-batch epoch without momentum moves W by -4N/lambda_max(X'X) * dL/dW and alpha by
+    -N/(4 max_k sum_i s_ik^2) * dL/dalpha, from W = the class sums and alpha = 250 x the mean own-class
+    similarity (the public code's init), computed here in the natural parametrisation."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from conftest import make_color_folder
+    from vlclassify.data import image_folder
+    from vlclassify.features import extract_features
+    from vlclassify.methods import Encoded, create_method
+
+    ds = image_folder(make_color_folder(tmp_path / "colors", per_class=4))["all"]
+    enc = Encoded(ds, extract_features(toy, ds, views=("orig", "flip"), progress=False))
+    m = create_method("lp++", toy, epochs=1, momentum=0.0)
+    m.progress = False
+    m.fit(enc)  # no validation: the stage keeps its last (only) epoch
+    rows = m.train_tensors(enc)
+    x, j, y = F.normalize(rows["pooled"], dim=-1), F.normalize(rows["image"], dim=-1), rows["targets"]
+    n, k = len(y), len(ds.classnames)
+    t = m.head.texts
+    s = j @ t.T  # [N, C]
+    onehot = F.one_hot(y, k).float()
+    w0 = (onehot.T @ x) / 2  # class sums over the images: 2 views each
+    a0 = torch.full((k,), 250 * float(((onehot * s).sum(0) / onehot.sum(0)).mean()), requires_grad=True)
+    w0.requires_grad_(True)
+    b0 = torch.zeros(k, requires_grad=True)
+    F.cross_entropy(x @ w0.T + b0 + a0 * s, y).backward()
+    step_w = 4 * n / float(torch.linalg.eigvalsh(x.double().T @ x.double()).max())
+    step_a = n / (4 * float((s.double() ** 2).sum(0).max()))
+    sw, sa = (float(v) for v in m.head.steps)
+    assert (sw**2, sa**2) == pytest.approx((step_w, step_a), rel=1e-4)
+    torch.testing.assert_close(sw * m.head.u, w0 - step_w * w0.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sw * m.head.ub, b0 - step_w * b0.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sa * m.head.v, a0 - step_a * a0.grad, rtol=1e-4, atol=1e-4)
+    # without validation the trained blend is kept, scaled so the text part has zero-shot's spread
+    w_t, w_v = m.fit_info["fusion"]
+    text = (sa * m.head.v) * s
+    assert w_t == w_v and spread(w_t * text) == pytest.approx(spread(float(toy.logit_scale) * s), rel=1e-4)
+    assert np.isfinite(m.predict_proba(enc)).all()

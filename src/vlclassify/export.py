@@ -85,7 +85,7 @@ def export_problem(method: Method) -> str | None:
         return (
             f"{method.name} cannot be exported to ONNX: its inference is not one head over the backbone's image "
             "features (exportable: zero-shot, linear-probe, tip-adapter, tip-adapter-f, cmm, "
-            "cross-modal-linear-probe, vt-clip)"
+            "cross-modal-linear-probe, vt-clip, gda, lp++)"
         )
     if "text" in method.feature_needs():
         return (
