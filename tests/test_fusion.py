@@ -1,4 +1,5 @@
-"""Fusion weights that span the prior (issue 23): training/fusion.py's grid and the methods that use it."""
+"""The best few-shot classifier whatever the prior (issue 23): training/fusion.py's grid from
+zero-shot only to data only, gda, lp++ and auto."""
 
 import math
 
@@ -102,3 +103,47 @@ def test_lp_pp_starts_from_the_papers_init_and_steps_by_its_lipschitz_bounds(toy
     text = (sa * m.head.v) * s
     assert w_t == w_v and spread(w_t * text) == pytest.approx(spread(float(toy.logit_scale) * s), rel=1e-4)
     assert np.isfinite(m.predict_proba(enc)).all()
+
+
+def test_auto_keeps_the_best_on_validation_and_saves_it_as_an_ordinary_model(toy, tmp_path):
+    """Each candidate's validation accuracy is measured, the best is kept (the one selection rule),
+    test is never seen, and the saved model is the winner's own method with the table."""
+    import numpy as np
+
+    from conftest import make_color_folder
+    from vlclassify.data import image_folder
+    from vlclassify.errors import ConfigError, DataError
+    from vlclassify.features import extract_features
+    from vlclassify.methods import Encoded, create_method, load_method
+    from vlclassify.metrics import accuracy
+
+    ds = image_folder(make_color_folder(tmp_path / "colors", per_class=6))["all"]
+    enc = Encoded(ds, extract_features(toy, ds, views=("orig", "flip"), progress=False))
+    y = ds.labels()
+    tr = enc.subset([i for c in range(3) for i in np.flatnonzero(y == c)[:3]])
+    va = enc.subset([i for c in range(3) for i in np.flatnonzero(y == c)[3:]])
+    names = ["zero-shot", "linear-probe", "gda"]
+    m = create_method("auto", toy, candidates=names, default="zero-shot")
+    m.progress = False
+    m.fit(tr, va)
+    table = {r["method"]: r for r in m.fit_info["auto"]["table"]}
+    assert list(table) == names
+    for n in names:  # the table is each candidate fitted alone, scored on validation
+        alone = create_method(n, toy)
+        alone.progress = False
+        assert table[n]["val_accuracy"] == pytest.approx(
+            accuracy(va.dataset.labels(), alone.fit(tr, va).predict_proba(va))
+        )
+    best = max(r["val_accuracy"] for r in table.values())
+    chosen = m.fit_info["auto"]["method"]
+    assert (
+        table[chosen]["chosen"] and table[chosen]["val_accuracy"] == best and table["zero-shot"]["val_accuracy"] < best
+    )
+    m.save_pretrained(tmp_path / "model")
+    again = load_method(tmp_path / "model", backbone=toy)
+    assert again.name == chosen and again.fit_info["auto"]["table"] == m.fit_info["auto"]["table"]
+    np.testing.assert_allclose(again.predict_proba(va), m.predict_proba(va), atol=1e-6)
+    with pytest.raises(DataError, match="validation"):
+        create_method("auto", toy, candidates=names).fit(tr)
+    with pytest.raises(ConfigError, match="unknown candidate"):
+        create_method("auto", toy, candidates=["gda", "nope"])

@@ -333,6 +333,11 @@ def fit(
         return
     for note in m.fit_info.get("ignored", []):
         console.print(f"note: {note}", markup=False, soft_wrap=True)
+    if "auto" in m.fit_info:  # -m auto: every candidate's validation accuracy, the kept one starred
+        from .methods.auto import auto_table
+
+        for line in ["validation accuracy of each candidate:", *auto_table(m.fit_info["auto"])]:
+            console.print(line, markup=False, soft_wrap=True)
     if presets.presets:
         m.fit_info["preset"] = presets.record([method])  # config.json records it with the fit
     info: dict[str, Any] = {
