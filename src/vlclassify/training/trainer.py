@@ -421,8 +421,9 @@ class Trainer:
 
     def _optimizer(self, stage: Stage, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         if stage.optimizer == "sgd":
-            sgd = dict(lr=stage.lr, weight_decay=stage.weight_decay, momentum=stage.momentum)
-            return torch.optim.SGD([p for _, p in params], **sgd)
+            return torch.optim.SGD(
+                [p for _, p in params], lr=stage.lr, weight_decay=stage.weight_decay, momentum=stage.momentum
+            )
         cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
         kw: dict[str, Any] = dict(lr=stage.lr, weight_decay=stage.weight_decay, eps=stage.eps)
         try:  # one fused kernel per step: CMM's 16,000 tiny steps spend most of their time here otherwise
