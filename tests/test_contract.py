@@ -83,8 +83,7 @@ def datasets(tmp_path_factory):
 
 
 def make(name, toy, cache, **extra):
-    m = create_method(name, toy, cache=cache, **{**FAST.get(name, {}), **extra})
-    m.progress = False
+    m = create_method(name, toy, **{**FAST.get(name, {}), **extra})
     return m
 
 
@@ -134,8 +133,7 @@ def test_every_method_takes_or_refuses_every_kind(name, kind, toy, cache, datase
     if kind == "text" and TEXT not in m.takes():
         assert "texts are ignored" in " ".join(m.fit_info.get("ignored", []))
     m.save_pretrained(tmp_path / "model")
-    again = load_method(tmp_path / "model", backbone=toy, cache=cache)
-    again.progress = False
+    again = load_method(tmp_path / "model", backbone=toy)
     np.testing.assert_allclose(again.predict_proba(test), p, atol=1e-6)
     np.testing.assert_array_equal(again.predict(test), decided)
     assert [x.to_dict() for x in again.predict_results(test, top=2)] == [x.to_dict() for x in results]

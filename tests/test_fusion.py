@@ -78,7 +78,6 @@ def test_lp_pp_starts_from_the_papers_init_and_steps_by_its_lipschitz_bounds(toy
     ds = image_folder(make_color_folder(tmp_path / "colors", per_class=4))["all"]
     enc = Encoded(ds, extract_features(toy, ds, views=("orig", "flip"), progress=False))
     m = create_method("lp++", toy, epochs=1, momentum=0.0)
-    m.progress = False
     m.fit(enc)  # no validation: the stage keeps its last (only) epoch
     rows = m.train_tensors(enc)
     x, j, y = F.normalize(rows["pooled"], dim=-1), F.normalize(rows["image"], dim=-1), rows["targets"]
@@ -124,13 +123,11 @@ def test_auto_keeps_the_best_on_validation_and_saves_it_as_an_ordinary_model(toy
     va = enc.subset([i for c in range(3) for i in np.flatnonzero(y == c)[3:]])
     names = ["zero-shot", "linear-probe", "gda"]
     m = create_method("auto", toy, candidates=names, default="zero-shot")
-    m.progress = False
     m.fit(tr, va)
     table = {r["method"]: r for r in m.fit_info["auto"]["table"]}
     assert list(table) == names
     for n in names:  # the table is each candidate fitted alone, scored on validation
         alone = create_method(n, toy)
-        alone.progress = False
         assert table[n]["val_accuracy"] == pytest.approx(
             accuracy(va.dataset.labels(), alone.fit(tr, va).predict_proba(va))
         )

@@ -236,8 +236,7 @@ def test_random_resized_crop_views_are_reproducible_and_bounded():
 def test_tip_adapter_extracts_the_views_it_names(toy, color_folder, cache):
     raw = load_data(str(color_folder))
     ds = raw["all"]
-    m = create_method("tip-adapter", toy, cache=cache, views=["rrc0", "rrc1", "rrc2"], key_mean="raw")
-    m.progress = False
+    m = create_method("tip-adapter", toy, views=["rrc0", "rrc1", "rrc2"], key_mean="raw")
     assert m.training_views() == ("orig", "rrc0", "rrc1", "rrc2")
     m.fit(ds.subset(range(0, 18, 2)), ds.subset(range(1, 18, 2)))
     f = extract_features(toy, ds.subset(range(0, 18, 2)), views=("orig", "rrc0", "rrc1", "rrc2"), cache=cache)
@@ -272,7 +271,6 @@ def test_tip_adapter_f_preset_trains_one_view_an_epoch_unnormalised(toy, view_fi
     r = resolve_presets("tip-adapter")
     splits = _quiet(plan_splits, str(view_file), shots=2, seed=1, protocol=r.protocol)
     m = create_method("tip-adapter-f", toy, **{**r.options("tip-adapter-f"), "epochs": 12})
-    m.progress = False
     assert (m.config.train_alpha, m.config.normalize_keys, m.config.epoch_views) == (1.17, False, "cycle")
     tr = m.encode(splits["train"], training=True)
     batches = m.view_batches(tr)

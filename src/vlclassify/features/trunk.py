@@ -141,8 +141,10 @@ def trunk_features(
     cache: FeatureCache | None = None,
     progress: bool = True,
     texts: bool = True,
+    write: bool = True,
 ) -> TrunkSet:
-    """`compute_trunk` for every item of `dataset`, through the feature cache."""
+    """`compute_trunk` for every item of `dataset`, through the feature cache (`write=False`: read
+    a cached entry, keep a new one in memory only)."""
     cache = cache or FeatureCache()
     bb = split.backbone
     key = {
@@ -162,5 +164,6 @@ def trunk_features(
     ts = compute_trunk(
         split, dataset.items, max_tokens, progress=progress, desc=f"trunk {dataset.name}".strip(), texts=texts
     )
-    cache.save(key, {k: getattr(ts, k) for k in names})
+    if write:
+        cache.save(key, {k: getattr(ts, k) for k in names})
     return ts

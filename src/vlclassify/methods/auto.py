@@ -24,6 +24,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from ..context import RunContext
 from ..data.items import Dataset
 from ..errors import ConfigError, DataError, VLClassifyError
 from ..metrics import accuracy
@@ -54,8 +55,8 @@ class Auto(Method):
     Config = AutoConfig
     selects = "the method"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         bad = [n for n in c.candidates if n not in METHODS or n == self.name]
         if not c.candidates or bad:
@@ -68,7 +69,7 @@ class Auto(Method):
         if stray:
             raise ConfigError(f"auto: options for {', '.join(stray)}, which are not candidates")
         self.members = [
-            METHODS.get(n)(backbone, cache, **{**BASE_OPTIONS.get(n, {}), **c.options.get(n, {})}) for n in c.candidates
+            METHODS.get(n)(backbone, **{**BASE_OPTIONS.get(n, {}), **c.options.get(n, {})}) for n in c.candidates
         ]
         self.winner: Method | None = None
 
@@ -85,10 +86,17 @@ class Auto(Method):
         train: Dataset | Encoded,
         val: Dataset | Encoded | None = None,
         *,
+        ctx: RunContext | None = None,
         precision: float | None = None,
         thresholds: str = "per-class",
     ) -> Self:
-        """Fit every candidate on `train`, score each on `val` (accuracy), keep the best."""
+        """Fit every candidate on `train` under one run context, score each on `val` (accuracy), keep the best."""
+        with self.using(ctx):
+            return self._choose(train, val, precision, thresholds)
+
+    def _choose(
+        self, train: Dataset | Encoded, val: Dataset | Encoded | None, precision: float | None, thresholds: str
+    ) -> Self:
         if val is None or not len(val):
             raise DataError("auto chooses a method on validation data: give a validation split")
         self.check_data(dataset_of(train))
@@ -96,15 +104,14 @@ class Auto(Method):
         rows: list[dict[str, Any]] = []
         fitted: dict[str, Method] = {}
         for m in self.members:
-            m.progress, m.runtime, m.skip_bad, m.stream = self.progress, self.runtime, self.skip_bad, self.stream
             t0 = time.perf_counter()
             try:
-                m.fit(train, val, precision=precision, thresholds=thresholds)
+                m.fit(train, val, ctx=self.ctx, precision=precision, thresholds=thresholds)
             except VLClassifyError as e:
                 rows.append({"method": m.name, "val_accuracy": None, "fit_seconds": None, "error": str(e)})
                 continue
             fit_s = time.perf_counter() - t0
-            acc = accuracy(y, m.predict_proba(val))
+            acc = accuracy(y, m.predict_proba(val, ctx=self.ctx))
             fitted[m.name] = m
             rows.append({"method": m.name, "val_accuracy": acc, "fit_seconds": round(fit_s, 3)})
         if not fitted:

@@ -31,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self, cast
@@ -41,15 +42,18 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..context import RunContext
 from ..data.items import Dataset, Item
 from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
 from ..features.stream import StoredRows, StreamedFeatures, stored_rows
+from ..registry import Registry
 from ..training import Stage, Trainer, TrainResult
 from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded, sha256_file
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
+from .tags import Tags
 from .templates import cached_template_embeddings
 
 FORMAT_VERSION = 2
@@ -101,9 +105,12 @@ def data_kinds(ds: Dataset) -> set[str]:
 
 def methods_taking(kind: str) -> list[str]:
     """Names of the methods that read input kind `kind` (e.g. text), for CLI notes."""
-    from .registry import METHODS
-
     return [n for n in METHODS.names() if kind in METHODS.get(n).kinds | METHODS.get(n).optional_kinds]
+
+
+def methods_tagged(tag: str) -> list[str]:
+    """Names of the methods declaring capability `tag` (a `Tags` field: update, explain, onnx, ...)."""
+    return [n for n in METHODS.names() if getattr(METHODS.get(n).tags, tag)]
 
 
 def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequence[str]) -> Dataset:
@@ -122,6 +129,9 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
     return Dataset(items=cast(list[Item], rows), classnames=list(classnames), name="input")
 
 
+METHODS: Registry[type[Method]] = Registry("method")  # filled by registry.register_method
+
+
 class Method:
     """Base class. A subclass sets `name`, `Config`, `kinds`, `needs`, and implements `_fit`
     (build `self.head`, train it through `train_head` or choose its grid with
@@ -136,7 +146,9 @@ class Method:
     infer_batch: ClassVar[int] = 1024  # rows per head forward at inference
     trains_on_images: ClassVar[bool] = True  # False: fit reads only the class names (and validation images)
 
-    def __init__(self, backbone: Backbone, cache: FeatureCache | None = None, **options: Any) -> None:
+    tags: ClassVar[Tags] = Tags()  # declared capabilities (methods/tags.py)
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(options) - fields)
         if unknown:
@@ -146,7 +158,7 @@ class Method:
         check_option_types(self.name, self.Config, options)
         self.config = self.Config(**options)
         self.backbone = backbone
-        self.cache = cache or FeatureCache()
+        self._ctx: RunContext | None = None  # the run options of the call in progress (`using`)
         self.classnames: list[str] = []  # the main task's classes
         self.task_classes: dict[str, list[str]] = {}  # every task the model answers (main first) -> classes
         self.multilabel = False  # the main task has independent labels (sigmoid scores, thresholds)
@@ -154,11 +166,36 @@ class Method:
         self.head: nn.Module | None = None
         self.head_spec: dict[str, Any] = {}  # JSON that `build_head` rebuilds the head from
         self.fit_info: dict[str, Any] = {}
-        self.progress = True
-        self.runtime = "auto"  # extraction runtime; "torch" once a method changes the backbone's weights
-        self.skip_bad = False  # unreadable images: skipped with a warning (True) or an error naming them
-        self.stream = False  # train on batches read from the feature store, not one in-memory tensor
         self.class_text: torch.Tensor | None = None  # [C, D] class texts given with the data (a feature file)
+
+    # ---- run options ----------------------------------------------------------------------
+    @contextmanager
+    def using(self, ctx: RunContext | None) -> Iterator[RunContext]:
+        """Bind the run options of one public call (fit, predict, ...) for its duration: the call's
+        own `ctx`, else the enclosing call's, else the defaults. Nothing outlives the call."""
+        if ctx is None and self._ctx is not None:
+            yield self._ctx
+            return
+        ctx = ctx or RunContext()
+        if ctx.cache is None:
+            ctx = dataclasses.replace(ctx, cache=FeatureCache())
+        prev, self._ctx = self._ctx, ctx
+        try:
+            yield ctx
+        finally:
+            self._ctx = prev
+
+    @property
+    def ctx(self) -> RunContext:
+        """The run options of the call in progress (the defaults outside one)."""
+        return self._ctx or RunContext(cache=FeatureCache())
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """The feature store of the call in progress (`ctx.cache`)."""
+        cache = self.ctx.cache
+        assert cache is not None, "using() resolves the default cache"
+        return cache
 
     # ---- declarations (per instance: some depend on options) ------------------------------
     def takes(self) -> frozenset[str]:
@@ -218,8 +255,13 @@ class Method:
             )
         return notes
 
-    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+    def encode(self, data: Dataset | Encoded, training: bool = False, *, ctx: RunContext | None = None) -> Encoded:
         """The features this method needs (training: with the augmented views it trains on)."""
+        with self.using(ctx):
+            return self._encode(data, training)
+
+    def _encode(self, data: Dataset | Encoded, training: bool) -> Encoded:
+        ctx, cache = self.ctx, self.feature_cache
         needs = self.feature_needs()
         views = self.training_views() if training else ("orig",)
         if isinstance(data, Encoded):
@@ -229,10 +271,15 @@ class Method:
             if missing:
                 raise ConfigError(f"method {self.name!r} needs cached view(s) {', '.join(missing)}")
             return data
-        if training and self.stream and data.features is None:
+        if training and ctx.stream and not type(self).tags.stream:
+            raise ConfigError(
+                f"method {self.name!r} reads whole training feature tensors, so it cannot train streamed from the "
+                f"feature store; fit it without streaming (methods that stream: {', '.join(methods_tagged('stream'))})"
+            )
+        if training and ctx.stream and data.features is None:
             keys = feature_keys(needs)
             y = torch.from_numpy(data.multi_hot() if data.multilabel else data.labels())
-            rows = stored_rows(self.backbone, data, views, keys, y, self.cache, self.runtime, self.progress)
+            rows = stored_rows(self.backbone, data, views, keys, y, cache, ctx.runtime, ctx.progress)
             return Encoded(data, StreamedFeatures(len(data), rows.grid, self.name), rows)  # type: ignore[arg-type]
         feats = extract_features(
             self.backbone,
@@ -240,10 +287,11 @@ class Method:
             views=views,
             spatial="spatial" in needs,
             text="text" in needs or None,
-            cache=self.cache,
-            progress=self.progress,
-            runtime=self.runtime,
-            skip_bad=self.skip_bad,
+            cache=cache,
+            progress=ctx.progress,
+            runtime=ctx.runtime,
+            skip_bad=ctx.skip_bad,
+            write=ctx.cache_write,
         )
         enc = Encoded(data, feats)
         if feats.skipped:
@@ -262,14 +310,22 @@ class Method:
         train: Dataset | Encoded,
         val: Dataset | Encoded | None = None,
         *,
+        ctx: RunContext | None = None,
         precision: float | None = None,
         thresholds: str = "per-class",
     ) -> Self:
         """Learn from `train`, choose hyper-parameters, checkpoints and the decision rule on `val`.
 
-        precision: for single-label data, answer only when the top class reaches this precision on
-        validation, else "uncertain". thresholds: per-class | global (multi-label decisions).
+        ctx: run options (feature cache, progress, runtime, skip-bad, streaming). precision: for
+        single-label data, answer only when the top class reaches this precision on validation,
+        else "uncertain". thresholds: per-class | global (multi-label decisions).
         """
+        with self.using(ctx):
+            return self._fit_all(train, val, precision, thresholds)
+
+    def _fit_all(
+        self, train: Dataset | Encoded, val: Dataset | Encoded | None, precision: float | None, thresholds: str
+    ) -> Self:
         if thresholds not in ("per-class", "global"):
             raise ConfigError(f"thresholds must be per-class or global, got {thresholds!r}")
         ds = dataset_of(train)
@@ -309,12 +365,25 @@ class Method:
         *,
         classes: Sequence[str] = (),
         descriptions: dict[str, str] | None = None,
+        ctx: RunContext | None = None,
         precision: float | None = None,
         thresholds: str = "per-class",
     ) -> Method:
         """Add labelled examples (`train`) and classes (`classes`, or new ones in `train`) to a fitted
         model. Methods that can add to what they learnt override `_update` (zero-shot, Tip-Adapter,
         linear probe, iCAR); the others refit on `train` alone, and fit_info["update"] says so."""
+        with self.using(ctx):
+            return self._update_all(train, val, classes, descriptions, precision, thresholds)
+
+    def _update_all(
+        self,
+        train: Dataset | None,
+        val: Dataset | None,
+        classes: Sequence[str],
+        descriptions: dict[str, str] | None,
+        precision: float | None,
+        thresholds: str,
+    ) -> Method:
         self._check_fitted()
         merged = list(dict.fromkeys([*self.classnames, *classes, *(train.classnames if train is not None else [])]))
         added = [c for c in merged if c not in self.classnames]
@@ -326,12 +395,10 @@ class Method:
                 raise DataError(f"{self.name} learns from images and cannot add to a fitted model: give new data")
             absent = [c for i, c in enumerate(merged) if not train.multilabel and not np.any(train.labels() == i)]
             if absent and self.requires_all_classes():
-                from .registry import METHODS
-
-                adders = [n for n in METHODS.names() if METHODS.get(n)._update is not Method._update]
+                adders = ", ".join(methods_tagged("update"))
                 raise DataError(
                     f"{self.name} cannot add to a fitted model, so update refits it on the new data, which has no "
-                    f"images of {', '.join(absent)}: give data with every class, or use {', '.join(adders)}"
+                    f"images of {', '.join(absent)}: give data with every class, or use {adders}"
                 )
             self.fit(train, val, precision=precision, thresholds=thresholds)
             how = f"refit from scratch on the new data ({self.name} cannot add to a fitted model)"
@@ -374,7 +441,7 @@ class Method:
         """(per-template [C, L, D], ensemble [C, D]) normalised class text embeddings of the current
         classes: the data's own when it brought them (`class_text`), else the prompts encoded."""
         return cached_template_embeddings(
-            self.backbone, self.classnames, templates, self.cache, descriptions, self.class_text
+            self.backbone, self.classnames, templates, self.feature_cache, descriptions, self.class_text
         )
 
     def default_decision(self, task: str, num_classes: int) -> DecisionRule:
@@ -417,7 +484,7 @@ class Method:
             mode="max" if metric else None,
             out_dir=(Path(run_dir) / run if run else run_dir) if run_dir else None,
             seed=getattr(cfg, "seed", 0),
-            progress=self.progress,
+            progress=self.ctx.progress,
             threads=getattr(cfg, "threads", 0),
             work=work,
         ).fit()
@@ -488,43 +555,61 @@ class Method:
         head.train(was)
         return _concat_outputs(parts)
 
-    def outputs(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> dict[str, Any]:
+    def outputs(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> dict[str, Any]:
         """Head outputs for `data`: "logits" [N, C] (main task), optional "task_logits" {task: [N, C_t]}
         and "modality_weights" [N, K] (image weight per task)."""
         self._check_fitted()
-        enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
-        check_features(enc.features, self.feature_needs(), "")
-        return self._outputs(enc)
+        with self.using(ctx):
+            enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
+            check_features(enc.features, self.feature_needs(), "")
+            return self._outputs(enc)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
         assert self.head is not None, "callers check that the model is fitted"
         return self._forward(self.head, enc)
 
-    def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
-        """Logits -> scores: sigmoid for the multi-label main task, else softmax."""
-        z = logits.float()
-        return (torch.sigmoid(z) if self.multilabel and task == MAIN else torch.softmax(z, -1)).numpy()
+    @property
+    def activation(self) -> str:
+        """The main task's score activation: the declared one (`tags.activation`), else sigmoid for
+        multi-label data and softmax otherwise. Other tasks are single-label: softmax."""
+        declared = type(self).tags.activation
+        return declared if declared != "auto" else ("sigmoid" if self.multilabel else "softmax")
 
-    def logits(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> torch.Tensor:
+    def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
+        """Logits -> scores: the main task's `activation`, softmax for the other tasks."""
+        z = logits.float()
+        return (torch.sigmoid(z) if task == MAIN and self.activation == "sigmoid" else torch.softmax(z, -1)).numpy()
+
+    def logits(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> torch.Tensor:
         """[N, C] main-task logits (before the sigmoid / softmax of `predict_proba`)."""
-        logits: torch.Tensor = self.outputs(data)["logits"]
+        logits: torch.Tensor = self.outputs(data, ctx=ctx)["logits"]
         return logits
 
-    def predict_proba(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> np.ndarray:
+    def predict_proba(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> np.ndarray:
         """[N, C] scores of the main task."""
-        return self._scores(self.logits(data))
+        return self._scores(self.logits(data, ctx=ctx))
 
-    def task_probs(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> dict[str, np.ndarray]:
+    def task_probs(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> dict[str, np.ndarray]:
         """{task: [N, C_t] scores} for every task the model answers, the main task first."""
-        out = self.outputs(data)
+        out = self.outputs(data, ctx=ctx)
         probs = {MAIN: self._scores(out["logits"])}
         for task, z in (out.get("task_logits") or {}).items():
             probs[task] = self._scores(z, task)
         return {t: probs[t] for t in self.task_classes if t in probs}
 
-    def predict(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> np.ndarray:
+    def predict(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> np.ndarray:
         """Decisions of the main task: [N] class index (-1 = uncertain), or [N, C] bool (multi-label)."""
-        return self.decision(MAIN).apply(self.predict_proba(data))
+        return self.decision(MAIN).apply(self.predict_proba(data, ctx=ctx))
 
     def decision(self, task: str = MAIN) -> DecisionRule:
         """The decision rule of `task` (chosen on validation at fit, else the default)."""
@@ -533,12 +618,17 @@ class Method:
         return self.decisions[task]
 
     def predict_results(
-        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], top: int = 5
+        self,
+        data: Dataset | Encoded | Sequence[Item] | Sequence[str],
+        top: int = 5,
+        *,
+        ctx: RunContext | None = None,
     ) -> list[Prediction]:
         """One Prediction per item: every task's decision and top scores, and modality weights."""
         self._check_fitted()
-        enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
-        out = self._outputs(enc)
+        with self.using(ctx):
+            enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
+            out = self._outputs(enc)
         probs = {MAIN: self._scores(out["logits"])}
         probs.update({t: self._scores(z, t) for t, z in (out.get("task_logits") or {}).items()})
         decided = {t: self.decision(t).apply(p) for t, p in probs.items()}
@@ -565,7 +655,7 @@ class Method:
         label of single-task data is `label`)."""
         return task
 
-    def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
+    def explain(self, item: Item | str, target: str | None = None, *, ctx: RunContext | None = None) -> np.ndarray:
         """[h, w] map of where the model looked in `item` (an Item or an image path) for `target`
         (a class name or a text token; None = the predicted class). Methods with attention override it."""
         raise ConfigError(f"method {self.name!r} has no attention to explain")
@@ -627,17 +717,14 @@ class Method:
         return directory
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, backbone: Backbone | None = None, cache: FeatureCache | None = None
-    ) -> Method:
+    def from_pretrained(cls, directory: str | Path, backbone: Backbone | None = None) -> Method:
         """Load a saved model of this method class (see `load_method`)."""
-        return load_method(directory, backbone=backbone, cache=cache, expect=cls.name or None)
+        return load_method(directory, backbone=backbone, expect=cls.name or None)
 
 
 def load_method(
     directory: str | Path,
     backbone: Backbone | None = None,
-    cache: FeatureCache | None = None,
     expect: str | None = None,
 ) -> Method:
     """Rebuild a saved method (and its backbone, unless one is given); errors name the file."""
@@ -645,7 +732,6 @@ def load_method(
     from safetensors.torch import load_file
 
     from ..backbones import create_backbone
-    from .registry import METHODS
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -681,7 +767,7 @@ def load_method(
             f"{directory}: saved for a {cfg['embed_dim']}-d backbone, "
             f"but {backbone.name} gives {backbone.embed_dim}-d features"
         )
-    method = METHODS.get(name)(backbone, cache=cache, **cfg.get("options", {}))
+    method = METHODS.get(name)(backbone, **cfg.get("options", {}))
     method.classnames = [str(c) for c in cfg["classnames"]]
     method.multilabel = bool(cfg.get("multilabel", False))
     method.task_classes = {str(t): [str(c) for c in cs] for t, cs in cfg["tasks"].items()}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import BackboneSplit
+from ..context import RunContext
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError
 from ..features.trunk import TrunkSet, compute_trunk, trunk_features
@@ -43,6 +44,7 @@ from ..modules.phrases import normalize_token
 from ..training import Stage
 from .base import MAIN, SINGLE, TASKS, TEXT, Encoded, Method, TrainOptions, _concat_outputs, dataset_of
 from .registry import register_method
+from .tags import Tags
 
 IMAGE = 0
 EMBED_KEYS = ("img_emb", "img_tok", "txt_emb", "txt_tok", "tmask")
@@ -279,13 +281,14 @@ class CMAClip(Method):
     """CMA-CLIP: image+text transformer, per-task modality attention, 3-stage training, multi-task."""
 
     name = "cma-clip"
+    tags = Tags(explain=True)
     Config = CMAClipConfig
     kinds = frozenset({SINGLE, TEXT, TASKS})
     needs = frozenset({"trunk"})
     selects = "the epoch kept in each stage"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.optimizer not in ("adam", "adamw"):
             raise ConfigError(f"cma-clip: optimizer must be adam or adamw, got {c.optimizer!r}")
@@ -374,7 +377,14 @@ class CMAClip(Method):
         if pool is not None and all(it.key in pool[1] for it in ds.items):
             t = pool[0].index([pool[1][it.key] for it in ds.items])
         else:
-            t = trunk_features(self._split(), ds, self.config.max_text_tokens, cache=self.cache, progress=self.progress)
+            t = trunk_features(
+                self._split(),
+                ds,
+                self.config.max_text_tokens,
+                cache=self.feature_cache,
+                progress=self.ctx.progress,
+                write=self.ctx.cache_write,
+            )
         both = ~(t.has_image | t.has_text)
         if bool(both.any()):
             r = int(both.nonzero()[0, 0])
@@ -382,7 +392,7 @@ class CMAClip(Method):
         self._note_missing(ds, t)
         return t
 
-    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+    def _encode(self, data: Dataset | Encoded, training: bool) -> Encoded:
         """Trunk activations (features/trunk.py) instead of extracted features."""
         if isinstance(data, Encoded) and isinstance(data.features, TrunkSet):
             return data
@@ -399,7 +409,7 @@ class CMAClip(Method):
             if nt:
                 msg.append(f"{nt} row(s) with an empty text: their image carries them")
             self.notes.append(f"{ds.name}: " + "; ".join(msg))
-            if self.progress:
+            if self.ctx.progress:
                 print(f"note: {self.notes[-1]}", file=sys.stderr)
 
     # ---- model ---------------------------------------------------------------------------------
@@ -498,9 +508,9 @@ class CMAClip(Method):
         return parts[0] if attention else _concat_outputs(parts)
 
     # ---- prediction ---------------------------------------------------------------------------
-    def outputs(self, data) -> dict[str, Any]:
+    def outputs(self, data, *, ctx=None) -> dict[str, Any]:
         self.notes = []
-        return super().outputs(data)
+        return super().outputs(data, ctx=ctx)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
         return self._run(self._model, _trunk_set(enc))
@@ -533,7 +543,9 @@ class CMAClip(Method):
         return rep
 
     # ---- explain ----------------------------------------------------------------------------------
-    def explain(self, item: Item | str, target: str | None = None, layer: int = -1) -> np.ndarray:
+    def explain(
+        self, item: Item | str, target: str | None = None, *, ctx: RunContext | None = None, layer: int = -1
+    ) -> np.ndarray:
         """[h, w] attention of a text token (`target`, default: the content word that looks at the
         image most) over the image patches: the paper's Figure 2, from the sequence attention's
         query/key products in `layer`, averaged over heads and renormalised over the patches."""

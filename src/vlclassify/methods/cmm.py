@@ -35,6 +35,7 @@ from ..training import Stage, select_best
 from ..training.fusion import DEFAULT_RATIO, RATIOS, ratio_weights, spread_scale
 from .base import Encoded, Method, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper's search
@@ -179,12 +180,13 @@ class CMM(Method):
     """Cross-modal mapping (residual W, learnable T, triplet loss, alpha fusion searched on val)."""
 
     name = "cmm"
+    tags = Tags(onnx=True, stream=True)
     Config = CMMConfig
     needs = frozenset({"image", "pooled", "flip"})  # pooled: input=bridge
     selects = "fusion weights (training ends on its last step)"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.fusion not in ("prob", "logit"):
             raise ConfigError(f"cmm: fusion must be prob or logit, got {c.fusion!r}")

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..training import Stage, select_best
 from .base import Encoded, Method, TrainOptions, check_dim, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
@@ -80,12 +81,13 @@ class CrossModalLinearProbe(Method):
     """Linear head on joint-space features, trained on images + class texts, zero-shot initialised."""
 
     name = "cross-modal-linear-probe"
+    tags = Tags(onnx=True)
     Config = CrossModalLinearProbeConfig
     needs = frozenset({"image", "pooled", "flip"})  # image: input=joint; pooled: input=bridge
     selects = "weight decay, step"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         if self.config.input not in ("bridge", "joint"):
             raise ConfigError(f"cross-modal-linear-probe: input must be bridge or joint, got {self.config.input!r}")
         self.templates = resolve_templates(self.config.templates)

@@ -39,6 +39,7 @@ from ..modules.losses.token_alignment import cta_loss
 from ..modules.phrases import build_prompt, phrase_token_mask
 from .base import MULTI, SINGLE, Encoded, Method, TrainOptions, _concat_outputs, check_dim, dataset_of
 from .registry import register_method
+from .tags import Tags
 
 SOURCES = ("head", "align")
 
@@ -283,13 +284,14 @@ class DiCLS(Method):
     """DiCLS: multi-label as phrase grounding, XMA-B fusion, ALN/CTA/CPA/focal/ArcFace losses."""
 
     name = "dicls"
+    tags = Tags()
     Config = DiCLSConfig
     kinds = frozenset({SINGLE, MULTI})
     needs = frozenset({"pooled", "spatial"})
     selects = "the epoch kept"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.global_feature not in ("pooled", "image"):
             raise ConfigError(f"dicls: global_feature must be pooled or image, got {c.global_feature!r}")
@@ -323,14 +325,22 @@ class DiCLS(Method):
             raise DataError(f"{ds.name}: item {blank.key} has no image; dicls classifies images")
         return notes
 
-    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+    def _encode(self, data: Dataset | Encoded, training: bool) -> Encoded:
         """Image trunk activations when the image top is fine-tuned, else the cached features."""
         if self.config.image_blocks is None:
-            return super().encode(data, training)
+            return super()._encode(data, training)
         if isinstance(data, Encoded) and isinstance(data.features, TrunkSet):
             return data
         ds = dataset_of(data)
-        t = trunk_features(self._trunk_split, ds, None, cache=self.cache, progress=self.progress, texts=False)
+        t = trunk_features(
+            self._trunk_split,
+            ds,
+            None,
+            cache=self.feature_cache,
+            progress=self.ctx.progress,
+            texts=False,
+            write=self.ctx.cache_write,
+        )
         # Encoded.features is annotated FeatureSet; the fine-tuning methods carry a TrunkSet in it
         return Encoded(ds, t)  # type: ignore[arg-type]
 

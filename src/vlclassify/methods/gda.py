@@ -28,6 +28,7 @@ from ..training import select_best
 from ..training.fusion import DEFAULT_RATIO, RATIOS, ratio_weights, spread_scale
 from .base import Encoded, Method, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
@@ -98,9 +99,10 @@ class GDA(Method):
     Config = GDAConfig
     needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
     selects = "fusion weights"
+    tags = Tags(onnx=True)  # reads whole training tensors: no streaming
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         if self.config.input not in ("pooled", "joint"):
             raise ConfigError(f"gda: input must be pooled or joint, got {self.config.input!r}")
         self.templates = resolve_templates(self.config.templates)

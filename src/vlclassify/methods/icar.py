@@ -43,6 +43,7 @@ from ..modules.text_tower import TrainableTextTower
 from ..training import Stage
 from .base import MAIN, SINGLE, TEXT, Encoded, Method, TrainOptions, check_finite
 from .registry import register_method
+from .tags import Tags
 
 HEADS = ("text", "cosine", "linear")
 IMAGE_INPUTS = ("embed", "pooled", "both")
@@ -214,13 +215,14 @@ class ICAR(Method):
     """iCAR: cosine classifier whose class weights come from a jointly trained text encoder."""
 
     name = "icar"
+    tags = Tags(update=True)
     Config = ICARConfig
     kinds = frozenset({SINGLE, TEXT})
     needs = frozenset({"image", "pooled"})
     selects = "the epoch kept in each stage (the start if none beats it)"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.head not in HEADS:
             raise ConfigError(f"icar: head must be one of {', '.join(HEADS)}, got {c.head!r}")
@@ -338,8 +340,7 @@ class ICAR(Method):
 
     def clone(self) -> ICAR:
         """An independent copy of the trained state (same backbone; the frozen-text cache is shared)."""
-        other = type(self)(self.backbone, self.cache, **dataclasses.asdict(self.config))
-        other.progress = self.progress
+        other = type(self)(self.backbone, **dataclasses.asdict(self.config))
         other.classnames, other.trained_classes = list(self.classnames), list(self.trained_classes)
         other.task_classes = {t: list(c) for t, c in self.task_classes.items()}
         other.descriptions, other.fit_info = dict(self.descriptions), dict(self.fit_info)

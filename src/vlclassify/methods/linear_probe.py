@@ -22,6 +22,7 @@ from ..training import select_best
 from ..training.logistic import fit_logistic, fit_logistic_path
 from .base import MULTI, SINGLE, TEXT, Encoded, Method, check_dim, normalize
 from .registry import register_method
+from .tags import Tags
 
 FEATURES = ("pooled", "image", "text")
 
@@ -59,14 +60,15 @@ class LinearProbe(Method):
     """Logistic regression on L2-normalised frozen features (one-vs-rest for multi-label); C on validation."""
 
     name = "linear-probe"
+    tags = Tags(update=True, onnx=True)
     Config = LinearProbeConfig
     kinds = frozenset({SINGLE, MULTI})
     optional_kinds = frozenset({TEXT})  # feature="text": a probe on the paired texts' embeddings
     selects = "C (regularisation)"
     needs = frozenset({"pooled"})
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         if self.config.feature not in FEATURES:
             raise ConfigError(
                 f"linear-probe: feature must be one of {', '.join(FEATURES)}, got {self.config.feature!r}"

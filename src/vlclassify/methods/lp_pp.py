@@ -40,6 +40,7 @@ from ..training import Stage, select_best
 from ..training.fusion import RATIOS, ratio_weights, spread_scale
 from .base import Encoded, Method, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 ALPHA_INIT = 250.0  # the public code's init_alpha factor
@@ -108,9 +109,10 @@ class LPPP(Method):
     Config = LPPPConfig
     needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
     selects = "epoch, fusion weights"
+    tags = Tags(onnx=True)  # full-batch on whole training tensors: no streaming
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.input not in ("pooled", "joint"):
             raise ConfigError(f"lp++: input must be pooled or joint, got {c.input!r}")

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigError
-from ..registry import Registry
+from .base import METHODS as METHODS
+from .base import MULTI, SINGLE, TASKS, TEXT, Method
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
-    from .base import Method
 
 M = TypeVar("M", bound="type[Method]")
-METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(cls: M) -> M:
@@ -40,8 +39,6 @@ def create_method(name: str, backbone: Backbone | None = None, **options: Any) -
 
 def contract_table() -> str:
     """Markdown table of every registered method's declarations (docs/methods.md is this table)."""
-    from .base import MULTI, SINGLE, TASKS, TEXT, Method
-
     head = [
         "method",
         "single-label",

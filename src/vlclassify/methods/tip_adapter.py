@@ -37,6 +37,7 @@ from ..training import select_best
 from ..training.fusion import DEFAULT_RATIO, RATIOS, ratio_weights, spread_scale
 from .base import Encoded, Method, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
@@ -139,13 +140,14 @@ class TipAdapter(Method):
     """Training-free cache model: zero-shot + alpha * exp(-beta(1 - f·K)) · one-hot; alpha/beta on val."""
 
     name = "tip-adapter"
+    tags = Tags(update=True, onnx=True)
     Config = TipAdapterConfig
     needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
     selects = "alpha, beta"
     train_keys = False  # Tip-Adapter-F fine-tunes them
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         self.templates = resolve_templates(c.templates)
         unknown = [v for v in c.views if v not in VIEWS]

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..training import Stage
 from .base import Encoded, TrainOptions, feature_keys
 from .registry import register_method
+from .tags import Tags
 from .tip_adapter import TipAdapter, TipAdapterConfig, view_features
 
 
@@ -45,12 +46,13 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter with fine-tuned cache keys; epoch, alpha and beta chosen on validation."""
 
     name = "tip-adapter-f"
+    tags = Tags(update=True, onnx=True)
     Config: ClassVar[type[TipAdapterConfig]] = TipAdapterFConfig
     train_keys = True
     selects = "epoch, alpha, beta"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         if self.config.epoch_views not in ("all", "cycle"):
             raise ConfigError(f"tip-adapter-f: epoch_views must be all or cycle, got {self.config.epoch_views!r}")
 

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..context import RunContext
 from ..data.items import Item
 from ..errors import ConfigError
 from ..modules.fusions.cross_attention import CrossAttentionDecoder
 from ..training import Stage
 from .base import Encoded, Method, TrainOptions, as_dataset, check_dim, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
@@ -78,13 +80,14 @@ class VTCLIP(Method):
     """Visual-guided texts: class texts cross-attend to spatial tokens (decoder block), CE-trained."""
 
     name = "vt-clip"
+    tags = Tags(explain=True, onnx=True)
     Config = VTCLIPConfig
     needs = frozenset({"image", "spatial", "flip"})
     selects = "step"
     infer_batch = 256
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.heads < 1 or c.layers < 1 or backbone.embed_dim % c.heads:
             raise ConfigError(
@@ -128,11 +131,11 @@ class VTCLIP(Method):
             }
         )
 
-    def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
+    def explain(self, item: Item | str, target: str | None = None, *, ctx: RunContext | None = None) -> np.ndarray:
         """[h, w] attention of `target`'s text (a class name; None = the predicted class) over the grid."""
         self._check_fitted()
         rows: list[Item] | list[str] = [item] if isinstance(item, Item) else [item]
-        enc = self.encode(as_dataset(rows, self.classnames))
+        enc = self.encode(as_dataset(rows, self.classnames), ctx=ctx)
         out = self._outputs(enc)
         logits, w = out["logits"], out["attention"]  # [1, C], [1, H, C, P]
         if target is None:

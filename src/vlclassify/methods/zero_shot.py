@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from .base import MAIN, MULTI, SINGLE, TEXT, Encoded, Method, normalize
 from .decision import DecisionRule
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
@@ -56,13 +57,15 @@ class ZeroShot(Method):
     """Zero-shot CLIP-style classification with template ensembles (no training)."""
 
     name = "zero-shot"
+    # CLIP-style scores are relative: softmax also for multi-label data
+    tags = Tags(update=True, onnx=True, names_only=True, activation="softmax")
     Config = ZeroShotConfig
     kinds = frozenset({SINGLE, MULTI})
     optional_kinds = frozenset({TEXT})  # modality="text" | "both": scores the image's paired text too
     trains_on_images = False
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         if self.config.modality not in ("image", "text", "both"):
             raise ConfigError(f"zero-shot: modality must be image, text or both, got {self.config.modality!r}")
         self.templates = resolve_templates(self.config.templates)
@@ -112,9 +115,6 @@ class ZeroShot(Method):
             note=f"no validation set: multi-label decisions are the labels scoring above 1/C "
             f"(= {1.0 / num_classes:.3f}); give validation data to choose thresholds",
         )
-
-    def _scores(self, logits: torch.Tensor, task: str = MAIN):
-        return torch.softmax(logits.float(), -1).numpy()  # CLIP-style scores are relative, also for multi-label
 
     def extra_config(self) -> dict[str, Any]:
         return {"descriptions": self.descriptions}
