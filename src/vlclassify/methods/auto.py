@@ -54,6 +54,7 @@ class Auto(Method):
     name = "auto"
     Config = AutoConfig
     selects = "the method"
+    needs = frozenset({"image", "pooled", "flip"})  # the default candidates' (an instance reads its candidates')
 
     def __init__(self, backbone, **options) -> None:
         super().__init__(backbone, **options)

@@ -143,7 +143,7 @@ class TipAdapter(Method):
     tags = Tags(update=True, onnx=True)
     Config = TipAdapterConfig
     needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
-    selects = "alpha, beta"
+    selects = "fusion weights, beta"
     train_keys = False  # Tip-Adapter-F fine-tunes them
 
     def __init__(self, backbone, **options) -> None:

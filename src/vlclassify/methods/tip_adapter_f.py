@@ -49,7 +49,7 @@ class TipAdapterF(TipAdapter):
     tags = Tags(update=True, onnx=True)
     Config: ClassVar[type[TipAdapterConfig]] = TipAdapterFConfig
     train_keys = True
-    selects = "epoch, alpha, beta"
+    selects = "epoch, fusion weights, beta"
 
     def __init__(self, backbone, **options) -> None:
         super().__init__(backbone, **options)
