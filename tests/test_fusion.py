@@ -144,3 +144,20 @@ def test_auto_keeps_the_best_on_validation_and_saves_it_as_an_ordinary_model(toy
         create_method("auto", toy, candidates=names).fit(tr)
     with pytest.raises(ConfigError, match="unknown candidate"):
         create_method("auto", toy, candidates=["gda", "nope"])
+
+
+def test_fewshot_table_says_what_auto_kept():
+    from vlclassify.bench.fewshot import markdown_table, summarize
+
+    runs = [
+        {"method": m, "shots": k, "seed": s, "test_accuracy": a, "fit_seconds": 1.0, "fit_info": fi}
+        for m, k, s, a, fi in [
+            ("gda", 1, 1, 0.5, {}),
+            ("auto", 1, 1, 0.5, {"auto": {"method": "gda"}}),
+            ("auto", 1, 2, 0.4, {"auto": {"method": "linear-probe"}}),
+            ("auto", 4, 1, 0.7, {"auto": {"method": "gda"}}),
+        ]
+    ]
+    result = {"shots": [1, 4], "data": "d", "backbone": {"name": "toy"}, "seeds": [1, 2], "runs": runs}
+    text = markdown_table({**result, "summary": summarize(runs)})
+    assert "- 1-shot: gda 1, linear-probe 1" in text and "- 4-shot: gda 1" in text
