@@ -63,10 +63,12 @@ def test_gda_is_lda_with_the_papers_shrinkage():
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_lp_pp_starts_from_the_papers_init_and_steps_by_its_lipschitz_bounds(toy, tmp_path):
+@pytest.mark.parametrize("init", ["paper", "spread"])
+def test_lp_pp_starts_from_its_init_and_steps_by_its_lipschitz_bounds(init, toy, tmp_path):
     """One full-batch epoch without momentum moves W by -4N/lambda_max(X'X) * dL/dW and alpha by
     -N/(4 max_k sum_i s_ik^2) * dL/dalpha, from W = the class sums and alpha = 250 x the mean own-class
-    similarity (the public code's init), computed here in the natural parametrisation."""
+    similarity (the public code's init) or the visual part's spread over the text's, computed here in
+    the natural parametrisation."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -77,7 +79,7 @@ def test_lp_pp_starts_from_the_papers_init_and_steps_by_its_lipschitz_bounds(toy
 
     ds = image_folder(make_color_folder(tmp_path / "colors", per_class=4))["all"]
     enc = Encoded(ds, extract_features(toy, ds, views=("orig", "flip"), progress=False))
-    m = create_method("lp++", toy, epochs=1, momentum=0.0)
+    m = create_method("lp++", toy, epochs=1, momentum=0.0, alpha_init=init)
     m.fit(enc)  # no validation: the stage keeps its last (only) epoch
     rows = m.train_tensors(enc)
     x, j, y = F.normalize(rows["pooled"], dim=-1), F.normalize(rows["image"], dim=-1), rows["targets"]
@@ -86,7 +88,9 @@ def test_lp_pp_starts_from_the_papers_init_and_steps_by_its_lipschitz_bounds(toy
     s = j @ t.T  # [N, C]
     onehot = F.one_hot(y, k).float()
     w0 = (onehot.T @ x) / 2  # class sums over the images: 2 views each
-    a0 = torch.full((k,), 250 * float(((onehot * s).sum(0) / onehot.sum(0)).mean()), requires_grad=True)
+    paper = 250 * float(((onehot * s).sum(0) / onehot.sum(0)).mean())
+    a0 = torch.full((k,), paper if init == "paper" else spread(x @ ((onehot.T @ x) / 2).T) / spread(s))
+    a0.requires_grad_(True)
     w0.requires_grad_(True)
     b0 = torch.zeros(k, requires_grad=True)
     F.cross_entropy(x @ w0.T + b0 + a0 * s, y).backward()
