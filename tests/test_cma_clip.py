@@ -75,7 +75,7 @@ def test_fits_three_stages_multitask_and_roundtrips(cache, tmp_path):
     m = create_method("cma-clip", bb, **{**FAST, "run_dir": str(run)})
     data, test = make_data(48), make_data(24, seed=1)
     m.fit(data.subset(range(36)), data.subset(range(36, 48)))
-    assert m.tasks == ["color", "shape"] and m.classnames == list(COLORS)
+    assert m.task_columns == ["color", "shape"] and m.classnames == list(COLORS)
     assert m.task_classes == {"label": list(COLORS), "shape": SHAPES}
     stages = [s["name"] for s in m.fit_info["training"]["stages"]]
     assert stages == ["frozen", "end2end", "tuning"]

@@ -59,7 +59,7 @@ def test_fit_multilabel_probs_and_save_load(toy, cache, tmp_path):
     assert p.shape == (24, 3) and (p >= 0).all() and (p <= 1).all()
     assert not np.allclose(p.sum(1), 1.0)  # independent sigmoids, not a softmax
     assert mean_average_precision(va.multi_hot(), p) > 0.6  # chance is ~0.5
-    hist = m.fit_info["losses"]
+    hist = m.fit_info["training"]["history"]  # every loss component, per round
     assert {"train_loss_focal", "train_loss_aln", "train_loss_cta", "train_loss_cpa", "train_loss_arcface"} <= set(
         hist[0]
     )

@@ -1,5 +1,6 @@
 """Few-shot adapters (issue 3): CMM, VT-CLIP, Tip-Adapter(-F), cross-modal linear probe, explain."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -239,7 +240,7 @@ def test_bad_input(toy, enc):
         create_method("cmm", toy, fusion="sum")
     with pytest.raises(ConfigError, match="heads"):
         create_method("vt-clip", toy, heads=3)
-    assert json.dumps(CMMConfig().__dict__)  # configs stay JSON-serialisable for config.json
+    assert json.dumps(dataclasses.asdict(CMMConfig()))  # configs stay JSON-serialisable for config.json
 
 
 def test_bench_drops_tiny_classes(enc):

@@ -238,11 +238,11 @@ def test_bad_input(toy, cache, tmp_path):
         name="holes",
     )
     with pytest.warns(UserWarning, match="empty caption"):
-        m.fit(ds, None, pairs=holes)
+        m.use_pairs(holes).fit(ds, None)
     assert m.fit_info["n_pairs"] == len(ds) // 2
     blank = Dataset(items=[replace(it, text="") for it in ds.items], classnames=ds.classnames, name="blank")
     with pytest.raises(DataError, match="empty captions"):
-        m.fit(ds, None, pairs=blank)
+        m.use_pairs(blank).fit(ds, None)
     with pytest.raises(DataError, match="pairs=self but no training item"):
         create_method("icar", toy, pairs="self", **FAST).fit(blank)
     with pytest.raises(ConfigError, match="head must be"):

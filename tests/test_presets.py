@@ -20,6 +20,7 @@ from vlclassify.errors import ConfigError, DataError
 from vlclassify.features import extract_features
 from vlclassify.features.extract import RRC_SCALE, RRC_SIZE, VIEWS
 from vlclassify.methods import create_method
+from vlclassify.methods.base import TRAIN_FIELDS
 from vlclassify.methods.presets import (
     CMM_PAPER,
     COOP_DATASETS,
@@ -84,10 +85,11 @@ def test_cmm_and_vt_clip_get_their_papers_settings_and_every_method_the_dataset_
     r = resolve_presets("coop-eurosat")
     cmm = create_method("cmm", toy, **r.options("cmm"))
     assert cmm.templates == ["a centered satellite photo of {}."]
-    assert {k: getattr(cmm.config, k) for k in CMM_PAPER} == CMM_PAPER
+    got = {k: getattr(cmm.config.train if k in TRAIN_FIELDS else cmm.config, k) for k in CMM_PAPER}
+    assert got == CMM_PAPER  # the shared training options land in config.train
     assert CMM_PAPER["steps"] == 16000 and CMM_PAPER["batch_size"] == 8 and CMM_PAPER["lr"] == 1e-4
     vt = create_method("vt-clip", toy, **r.options("vt-clip"))
-    assert (vt.config.batch_size, vt.config.lr, vt.config.heads) == (32, 2e-3, 2)
+    assert (vt.config.train.batch_size, vt.config.train.lr, vt.config.heads) == (32, 2e-3, 2)
     assert create_method("zero-shot", toy, **r.options("zero-shot")).config.templates == "eurosat"
     assert r.options("linear-probe") == {}  # no templates, no paper settings
     assert resolve_presets("coop-imagenet").options("tip-adapter")["templates"] == "imagenet"

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
+from vlclassify.context import RunContext
 from vlclassify.data import Dataset, Item, load_data
 from vlclassify.errors import ConfigError
 from vlclassify.features import FeatureCache
@@ -56,8 +57,7 @@ def splits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero_shot(toy):
-    m = create_method("zero-shot", toy, cache=FeatureCache(enabled=False))  # items are keyed by name only
-    return m.set_classes(list(COLORS))
+    return create_method("zero-shot", toy).set_classes(list(COLORS))
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def vt_clip(toy, splits, tmp_path_factory):
     from vlclassify.data import train_val_test
 
     s = train_val_test(splits, seed=0, val_fraction=0.3, test_fraction=0.2)
-    m = create_method("vt-clip", toy, cache=FeatureCache(tmp_path_factory.mktemp("c")), steps=8, eval_every=4)
-    return m.fit(s["train"], s["val"])
+    m = create_method("vt-clip", toy, steps=8, eval_every=4)
+    return m.fit(s["train"], s["val"], ctx=RunContext(cache=FeatureCache(tmp_path_factory.mktemp("c")), progress=False))
 
 
 @pytest.fixture
@@ -76,8 +76,9 @@ def client(zero_shot):
 
 
 def expected(method, data: bytes, text=None, top=5):
-    item = Item(image=decoded(data), text=text, key="x")
-    return method.predict_results(Dataset([item], method.classnames, "t"), top=top)[0].to_dict()
+    item = Item(image=decoded(data), text=text, key="x")  # arrays are keyed by name: no cache
+    ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
+    return method.predict_results(Dataset([item], method.classnames, "t"), top=top, ctx=ctx)[0].to_dict()
 
 
 def assert_one_line_error(r, status):
@@ -156,7 +157,7 @@ def test_explain_png_for_attention_and_400_otherwise(client, vt_clip):
 
 
 def test_paired_text_is_read_when_the_model_takes_it(toy):
-    m = create_method("zero-shot", toy, modality="both", cache=FeatureCache(enabled=False))
+    m = create_method("zero-shot", toy, modality="both")
     m.set_classes(list(COLORS))
     img = png_bytes(COLORS["red"])
     with TestClient(create_app(m)) as c:
@@ -227,11 +228,11 @@ class Slow:
         self.running = threading.Event()
         self.batches: list[int] = []
 
-    def __call__(self, data, top=5):
+    def __call__(self, data, top=5, **kw):
         self.running.set()
         self.batches.append(len(data))
         time.sleep(self.seconds)
-        return self.inner(data, top=top)
+        return self.inner(data, top=top, **kw)
 
 
 def test_timeout_504_and_full_queue_503(zero_shot, monkeypatch):

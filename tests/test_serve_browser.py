@@ -156,13 +156,15 @@ def test_page_draws_the_attention_map(browser, toy, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from conftest import make_color_folder
+    from vlclassify.context import RunContext
     from vlclassify.data import load_data, train_val_test
     from vlclassify.features import FeatureCache
     from vlclassify.methods import create_method
 
     s = train_val_test(load_data(str(make_color_folder(tmp_path / "colors"))), seed=0, val_fraction=0.3)
-    m = create_method("vt-clip", toy, cache=FeatureCache(tmp_path / "cache"), steps=8, eval_every=4)
-    m.fit(s["train"], s["val"]).save_pretrained(tmp_path / "vt")
+    m = create_method("vt-clip", toy, steps=8, eval_every=4)
+    m.fit(s["train"], s["val"], ctx=RunContext(cache=FeatureCache(tmp_path / "cache"), progress=False))
+    m.save_pretrained(tmp_path / "vt")
     photo = next((tmp_path / "colors" / "red").iterdir())
     with serving(tmp_path / "vt", tmp_path / "cache", tmp_path) as url:
         browser.get(url + "/")
@@ -189,20 +191,19 @@ def test_page_shows_tasks_modality_weights_and_sends_the_title(browser, toy, tmp
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from vlclassify.features import FeatureCache
     from vlclassify.methods import create_method
     from vlclassify.methods.decision import TaskPrediction
     from vlclassify.serve import create_app
 
-    m = create_method("zero-shot", toy, modality="both", cache=FeatureCache(enabled=False))
+    m = create_method("zero-shot", toy, modality="both")
     m.set_classes(["red", "green", "blue"])
     m.task_classes["shade"] = ["warm", "cold"]
     texts = []
     plain = m.predict_results
 
-    def with_tasks(data, top=5):
+    def with_tasks(data, top=5, **kw):
         texts.extend(it.text for it in data.items)
-        out = plain(data, top=top)
+        out = plain(data, top=top, **kw)
         for p in out:
             p.tasks["shade"] = TaskPrediction(["warm"], [("warm", 0.7), ("cold", 0.3)])
             p.modality_weights = {"label": {"image": 0.62, "text": 0.38}, "shade": {"image": 0.25, "text": 0.75}}

@@ -47,7 +47,7 @@ def test_streamed_training_rows_stay_in_the_store(toy, cache, data):
     m, streamed = make("cmm", toy, cache, stream=True)
     enc = m.encode(data["train"], training=True, ctx=streamed)
     with pytest.raises(ConfigError, match="cannot train streamed"):
-        enc.features.image  # noqa: B018 -- no whole tensor is built
+        enc.features.tensor("image")  # no whole tensor is built
     batches = m.feature_batches(enc)(type("S", (), {"batch_size": 5})(), 0, 7)
     assert all(isinstance(b, RowBatch) for b in batches) and sum(map(len, batches)) == len(enc.rows)
     assert len(enc.rows) == len(m.training_views()) * len(data["train"]) == 24  # orig + flip

@@ -169,15 +169,17 @@ def served(model: Path, images: list[bytes], clients: int, requests: int, max_ba
 
 
 def offline(model: Path, paths: list[str]) -> dict:
+    from vlclassify.context import RunContext
     from vlclassify.data import Dataset, Item
     from vlclassify.features import FeatureCache
     from vlclassify.methods import load_method
 
-    m = load_method(model, cache=FeatureCache(enabled=False))
+    m = load_method(model)
+    ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
     ds = Dataset([Item(image=p, key=p) for p in paths], m.classnames, "offline")
-    m.predict_results(ds, top=1)  # warm: the runtime's session
+    m.predict_results(ds, top=1, ctx=ctx)  # warm: the runtime's session
     t, c = time.perf_counter(), time.process_time()
-    m.predict_results(ds, top=1)
+    m.predict_results(ds, top=1, ctx=ctx)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     return {
         "images": len(paths),
@@ -189,12 +191,14 @@ def offline(model: Path, paths: list[str]) -> dict:
 
 def make_model(out: Path) -> Path:
     from vlclassify.backbones import create_backbone
+    from vlclassify.context import RunContext
     from vlclassify.data import tuxpaint
     from vlclassify.features import FeatureCache
     from vlclassify.methods import create_method
 
-    m = create_method("zero-shot", create_backbone("effnet-minilm"), cache=FeatureCache(enabled=False))
-    m.set_classes(tuxpaint()["all"].classnames)
+    m = create_method("zero-shot", create_backbone("effnet-minilm"))
+    with m.using(RunContext(cache=FeatureCache(enabled=False), progress=False)):
+        m.set_classes(tuxpaint()["all"].classnames)
     return m.save_pretrained(out)
 
 

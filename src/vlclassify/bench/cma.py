@@ -92,8 +92,8 @@ def _predict(m, enc: Encoded, ctx: RunContext) -> tuple[dict[str, np.ndarray], d
     out = m.outputs(enc, ctx=ctx)
     logits = [out["logits"], *out["task_logits"].values()]
     lam = out["modality_weights"].numpy()
-    probs = {t: torch.softmax(z.float(), -1).numpy() for t, z in zip(m.tasks, logits)}
-    return probs, {t: lam[:, k] for k, t in enumerate(m.tasks)}
+    probs = {t: torch.softmax(z.float(), -1).numpy() for t, z in zip(m.task_columns, logits)}
+    return probs, {t: lam[:, k] for k, t in enumerate(m.task_columns)}
 
 
 def _display(name: str) -> str:
@@ -216,7 +216,7 @@ def run_cma_bench(
             fit_seconds.setdefault(v, []).append(time.time() - t1)
             for key, t_set in ((v, te_trunk), *((f"{v}, {k}", nt) for k, nt in noisy_sets.items())):
                 # Encoded.features is annotated FeatureSet; CMA-CLIP reads a TrunkSet from it
-                task_probs, lam = _predict(m, Encoded(test_ds, t_set), ctx)  # type: ignore[arg-type]
+                task_probs, lam = _predict(m, Encoded(test_ds, t_set), ctx)
                 rows[key] = {t: {**_scores(Y[t][te], task_probs[t]), "lambda": float(lam[t].mean())} for t in task_list}
             log(
                 f"fold {f + 1}/{len(splits)} {v}: "

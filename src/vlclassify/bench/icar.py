@@ -18,6 +18,7 @@ per seed) with the seen classes' training photos + captions as pairs (test photo
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -201,12 +202,8 @@ def run_task(
             uses_desc = opts.get("descriptions", "auto") != "none"
             m = cast(ICAR, create_method("icar", backbone, **opts))
             if v.train:
-                m.fit(
-                    task.seen_train,
-                    task.seen_val,
-                    pairs=task.pairs if opts.get("pairs", "auto") != "none" else None,
-                    ctx=ctx,
-                )
+                m.use_pairs(task.pairs if opts.get("pairs", "auto") != "none" else None)
+                m.fit(task.seen_train, task.seen_val, ctx=ctx)
                 rec["fit_seconds"] = round(time.perf_counter() - t0, 2)
                 rec["best"] = m.fit_info["best"]
             else:
@@ -226,7 +223,7 @@ def run_task(
                 if v.train:
                     # start from the variant's trained weights (m is its ICAR), text encoder as classifier
                     fm = cast(ICAR, m).clone()
-                    fm.config.pairs = "none"
+                    fm.config = dataclasses.replace(fm.config, pairs="none")
                     fm.finetune(etr, eva, ctx=ctx)
                 else:
                     fm = create_method("icar", backbone, **{**base_options, **v.options, "pairs": "none"})

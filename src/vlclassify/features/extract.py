@@ -96,9 +96,22 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.image.shape[0]
 
+    @classmethod
+    def names_only(cls, n: int) -> FeatureSet:
+        """`n` rows without features (0-wide): the training set of a method that fits from class names."""
+        return cls(image=torch.zeros(n, 0), pooled=torch.zeros(n, 0))
+
+    def vectors_per_row(self) -> int:
+        """Feature vectors per row (1 per embedding, the tokens of the spatial grid): a problem's size."""
+        return 1 + 1 + (0 if self.spatial is None else self.spatial.shape[1]) + (0 if self.text is None else 1)
+
+    def has(self, key: str) -> bool:
+        """Whether the field `key` was extracted."""
+        return key in ("image", "pooled", "spatial", "text") and getattr(self, key) is not None
+
     def tensor(self, key: str) -> torch.Tensor:
         """One field; errors name a missing one."""
-        x: torch.Tensor | None = getattr(self, key)
+        x: torch.Tensor | None = getattr(self, key) if key in ("image", "pooled", "spatial", "text") else None
         if x is None:
             raise DataError(f"features: no {key!r} features were extracted")
         return x

@@ -38,13 +38,25 @@ CANDIDATES = ["zero-shot", "linear-probe", "gda", "lp++", "tip-adapter", "cmm"]
 BASE_OPTIONS: dict[str, dict[str, Any]] = {"cmm": {"schedule": "fast", "steps": 4000}}
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoConfig:
     """auto's options: the candidate methods, their options, and the tie-break default."""
 
     candidates: list[str] = field(default_factory=lambda: list(CANDIDATES))  # registered method names, in order
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-candidate options (over BASE_OPTIONS)
     default: str = "gda"  # validation ties go to the candidate nearest this one in the list
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.candidates if n not in METHODS or n == "auto"]
+        if not self.candidates or bad:
+            raise ConfigError(
+                f"auto: unknown candidate(s) {', '.join(bad) or '(none)'}; available: {', '.join(METHODS.names())}"
+            )
+        if self.default not in self.candidates:
+            raise ConfigError(f"auto: default {self.default!r} is not a candidate ({', '.join(self.candidates)})")
+        stray = sorted(set(self.options) - set(self.candidates))
+        if stray:
+            raise ConfigError(f"auto: options for {', '.join(stray)}, which are not candidates")
 
 
 @register_method
@@ -54,21 +66,12 @@ class Auto(Method):
     name = "auto"
     Config = AutoConfig
     selects = "the method"
-    needs = frozenset({"image", "pooled", "flip"})  # the default candidates' (an instance reads its candidates')
+    needs = frozenset({"image", "pooled"})  # the default candidates' (an instance reads its candidates')
+    train_views = ("orig", "flip")
 
     def __init__(self, backbone, **options) -> None:
         super().__init__(backbone, **options)
         c = self.config
-        bad = [n for n in c.candidates if n not in METHODS or n == self.name]
-        if not c.candidates or bad:
-            raise ConfigError(
-                f"auto: unknown candidate(s) {', '.join(bad) or '(none)'}; available: {', '.join(METHODS.names())}"
-            )
-        if c.default not in c.candidates:
-            raise ConfigError(f"auto: default {c.default!r} is not a candidate ({', '.join(c.candidates)})")
-        stray = sorted(set(c.options) - set(c.candidates))
-        if stray:
-            raise ConfigError(f"auto: options for {', '.join(stray)}, which are not candidates")
         self.members = [
             METHODS.get(n)(backbone, **{**BASE_OPTIONS.get(n, {}), **c.options.get(n, {})}) for n in c.candidates
         ]

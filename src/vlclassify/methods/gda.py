@@ -32,12 +32,16 @@ from .tags import Tags
 from .templates import resolve_templates
 
 
-@dataclass
+@dataclass(frozen=True)
 class GDAConfig:
     """GDA's options: the zero-shot templates and the features the Gaussians live on."""
 
     templates: str | list[str] = "select7"  # prompt templates for the zero-shot classifier
     input: str = "pooled"  # pooled: the pooled visual features | joint: the joint embedding (the paper's)
+
+    def __post_init__(self) -> None:
+        if self.input not in ("pooled", "joint"):
+            raise ConfigError(f"gda: input must be pooled or joint, got {self.input!r}")
 
 
 def gda_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,25 +101,23 @@ class GDA(Method):
 
     name = "gda"
     Config = GDAConfig
-    needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
+    needs = frozenset({"image", "pooled"})  # pooled: input=pooled
+    train_views = ("orig", "flip")  # the support images and their mirror images are samples
     selects = "fusion weights"
     tags = Tags(onnx=True)  # reads whole training tensors: no streaming
 
     def __init__(self, backbone, **options) -> None:
         super().__init__(backbone, **options)
-        if self.config.input not in ("pooled", "joint"):
-            raise ConfigError(f"gda: input must be pooled or joint, got {self.config.input!r}")
         self.templates = resolve_templates(self.config.templates)
 
     def feature_needs(self) -> frozenset[str]:
-        return self.needs if self.config.input == "pooled" else frozenset({"image", "flip"})
+        return self.needs if self.config.input == "pooled" else frozenset({"image"})
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         feature = "pooled" if self.config.input == "pooled" else "image"
         return GDAHead(spec["num_classes"], spec["dim"], float(self.backbone.logit_scale), feature, spec["feat_dim"])
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         rows = self.train_tensors(train)  # every cached view is a sample
         feature = "pooled" if self.config.input == "pooled" else "image"
         x, y = normalize(rows[feature]), rows["targets"]

@@ -27,7 +27,7 @@ from .tags import Tags
 FEATURES = ("pooled", "image", "text")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearProbeConfig:
     """Linear-probe options: the feature probed, the C grid and the solver."""
 
@@ -37,6 +37,12 @@ class LinearProbeConfig:
         default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
     )  # inverse L2 strengths tried
     max_iter: int = 1000  # L-BFGS iterations per C (training/logistic.py: full batch, warm-started along the grid)
+
+    def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise ConfigError(f"linear-probe: feature must be one of {', '.join(FEATURES)}, got {self.feature!r}")
+        if not self.C_grid or min(self.C_grid) <= 0:
+            raise ConfigError(f"linear-probe: C_grid must be non-empty and > 0, got {self.C_grid}")
 
 
 class LinearHead(nn.Module):
@@ -67,15 +73,6 @@ class LinearProbe(Method):
     selects = "C (regularisation)"
     needs = frozenset({"pooled"})
 
-    def __init__(self, backbone, **options) -> None:
-        super().__init__(backbone, **options)
-        if self.config.feature not in FEATURES:
-            raise ConfigError(
-                f"linear-probe: feature must be one of {', '.join(FEATURES)}, got {self.config.feature!r}"
-            )
-        if not self.config.C_grid or min(self.config.C_grid) <= 0:
-            raise ConfigError(f"linear-probe: C_grid must be non-empty and > 0, got {self.config.C_grid}")
-
     def takes(self) -> frozenset[str]:
         return self.kinds | ({TEXT} if self.config.feature == "text" else set())
 
@@ -99,8 +96,7 @@ class LinearProbe(Method):
             return mean_average_precision(yv, z)
         return float((z.argmax(-1) == yv).mean())
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         x, y = self._x(train), self._targets(train)
         n, c = len(self.classnames), self.config
         grid = sorted(c.C_grid)

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..training import Stage, select_best
+from ..training import Stage, TrainResult, select_best
 from ..training.fusion import RATIOS, ratio_weights, spread_scale
-from .base import Encoded, Method, TrainOptions, check_dim, feature_keys, normalize
+from .base import Encoded, Feed, Method, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
 from .tags import Tags
 from .templates import resolve_templates
@@ -52,9 +52,10 @@ from .templates import resolve_templates
 ALPHA_INIT = 250.0  # the public code's init_alpha factor
 
 
-@dataclass
+@dataclass(frozen=True)
 class LPPPConfig(TrainOptions):
-    """LP++'s options: templates, the visual features, the full-batch schedule."""
+    """LP++'s options: templates, the visual features, the full-batch schedule (`train`'s seed, threads
+    and run_dir apply; its lr and batch size do not: the steps come from the data, every row is one batch)."""
 
     templates: str | list[str] = "select7"  # prompt templates for the class texts t_k
     input: str = "pooled"  # pooled: the visual part reads the pooled features | joint: the joint embedding (paper)
@@ -63,6 +64,14 @@ class LPPPConfig(TrainOptions):
     # spread: every alpha_k such that the text part starts with the visual part's spread on the training
     # data | paper: 250 x the mean own-class similarity (the public code's, which assumes CLIP's scale)
     alpha_init: str = "spread"
+
+    def __post_init__(self) -> None:
+        if self.input not in ("pooled", "joint"):
+            raise ConfigError(f"lp++: input must be pooled or joint, got {self.input!r}")
+        if self.alpha_init not in ("spread", "paper"):
+            raise ConfigError(f"lp++: alpha_init must be spread or paper, got {self.alpha_init!r}")
+        if self.epochs < 1 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"lp++: epochs must be >= 1 and 0 <= momentum < 1, got {self.epochs}, {self.momentum}")
 
 
 class LPPPHead(nn.Module):
@@ -116,20 +125,14 @@ class LPPP(Method):
 
     name = "lp++"
     Config = LPPPConfig
-    needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
+    needs = frozenset({"image", "pooled"})  # pooled: input=pooled
+    train_views = ("orig", "flip")  # the support images and their mirror images are samples
     selects = "epoch, fusion weights"
     tags = Tags(onnx=True)  # full-batch on whole training tensors: no streaming
 
     def __init__(self, backbone, **options) -> None:
         super().__init__(backbone, **options)
-        c = self.config
-        if c.input not in ("pooled", "joint"):
-            raise ConfigError(f"lp++: input must be pooled or joint, got {c.input!r}")
-        if c.alpha_init not in ("spread", "paper"):
-            raise ConfigError(f"lp++: alpha_init must be spread or paper, got {c.alpha_init!r}")
-        if c.epochs < 1 or not 0 <= c.momentum < 1:
-            raise ConfigError(f"lp++: epochs must be >= 1 and 0 <= momentum < 1, got {c.epochs}, {c.momentum}")
-        self.templates = resolve_templates(c.templates)
+        self.templates = resolve_templates(self.config.templates)
 
     @property
     def feature(self) -> str:
@@ -137,13 +140,14 @@ class LPPP(Method):
         return "pooled" if self.config.input == "pooled" else "image"
 
     def feature_needs(self) -> frozenset[str]:
-        return self.needs if self.config.input == "pooled" else frozenset({"image", "flip"})
+        return self.needs if self.config.input == "pooled" else frozenset({"image"})
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         return LPPPHead(spec["num_classes"], spec["dim"], self.feature, spec["feat_dim"])
 
-    def stages(self, train: Encoded, rows: int = 1) -> list[Stage]:
+    def stages(self, train: Encoded) -> list[Stage]:
         c = self.config
+        rows = len(train) * len(self.training_views())  # full batch: every row of every view
         return [
             Stage(
                 "lp++",
@@ -157,8 +161,7 @@ class LPPP(Method):
             )
         ]
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
         rows = self.train_tensors(train)  # every cached view is a sample
         x, y, k = normalize(rows[self.feature]), rows["targets"], len(self.classnames)
         text = self.class_texts(self.templates)[1]  # [C, D]
@@ -176,13 +179,16 @@ class LPPP(Method):
             paper = ALPHA_INIT * float(own.mean())
             a0 = paper if self.config.alpha_init == "paper" else spread_scale(x @ w0.T, sims)
             head.v.fill_(a0 / step_a**0.5)
-        n = len(y)
-        res = self.train_head(
-            train, val, self.stages(train, n), self.feature_batches(train, rows), work=n * x.shape[1] * k
-        )
-        info: dict[str, Any] = {"epoch": res.stages[0].best_epoch, "step_w": step_w, "step_alpha": step_a}
-        info.update(self.search(head, val, rows, float(self.backbone.logit_scale) * sims))
-        self.fit_info.update(info)
+        self.fit_info.update({"step_w": step_w, "step_alpha": step_a})
+        self._rows = rows  # the training rows, for finish's spreads (dropped there)
+        return Feed(batches=self.feature_batches(train, rows))
+
+    def finish(self, val: Encoded | None, result: TrainResult) -> None:
+        rows = self.__dict__.pop("_rows")
+        head = cast(LPPPHead, self.head)
+        zs = float(self.backbone.logit_scale) * (normalize(rows["image"]) @ head.texts.T)  # [N, C]
+        self.fit_info["epoch"] = result.stages[0].best_epoch
+        self.fit_info.update(self.search(head, val, rows, zs))
 
     def search(
         self, head: LPPPHead, val: Encoded | None, rows: dict[str, torch.Tensor], zs: torch.Tensor

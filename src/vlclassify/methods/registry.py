@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigError
 from .base import METHODS as METHODS
-from .base import MULTI, SINGLE, TASKS, TEXT, Method
+from .base import MULTI, SINGLE, TASKS, TEXT, Method, TrainOptions
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
@@ -46,6 +46,7 @@ def contract_table() -> str:
         "paired text",
         "several tasks",
         "features",
+        "training views",
         "trains",
         "chosen on validation",
     ]
@@ -56,10 +57,10 @@ def contract_table() -> str:
             k: "yes" if k in cls.kinds else ("option" if k in cls.optional_kinds else "—")
             for k in (SINGLE, MULTI, TEXT, TASKS)
         }
-        trains = "Trainer" if cls.stages is not Method.stages else "—"
+        trains = "Trainer" if issubclass(cls.Config, TrainOptions) else "—"  # training options: the Trainer
         chosen = ", ".join(filter(None, [cls.selects, "decision rule" + (" per task" if TASKS in cls.kinds else "")]))
         lines.append(
             f"| `{name}` | {cell[SINGLE]} | {cell[MULTI]} | {cell[TEXT]} | {cell[TASKS]} | "
-            f"{', '.join(sorted(cls.needs))} | {trains} | {chosen} |"
+            f"{', '.join(sorted(cls.needs))} | {', '.join(cls.train_views)} | {trains} | {chosen} |"
         )
     return "\n".join(lines) + "\n"
