@@ -181,14 +181,14 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
 
 
 def _colour_csv(root, colours, per_class=6):
-    from test_contract import _image
+    from vlclassify.testing import write_image
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in colours:
         for i in range(per_class):
             p = root / f"{c}{i}.png"
-            _image(p, c, seed=i)
+            write_image(p, c, seed=i)
             rows.append({"image": p.name, "label": c})
     path = root / "data.csv"
     with open(path, "w", newline="") as f:

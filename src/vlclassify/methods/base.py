@@ -116,9 +116,9 @@ class TrainConfig:
     run_dir: str | None = None  # checkpoints + log.jsonl; a killed fit re-run with the same folder resumes
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.threads < 0:
+        if self.lr < 0 or self.weight_decay < 0 or self.batch_size < 1 or self.threads < 0:
             raise ConfigError(
-                f"training options: need lr > 0, weight_decay >= 0, batch_size >= 1, threads >= 0; got lr={self.lr}, "
+                f"training options: need lr >= 0, weight_decay >= 0, batch_size >= 1, threads >= 0; got lr={self.lr}, "
                 f"weight_decay={self.weight_decay}, batch_size={self.batch_size}, threads={self.threads}"
             )
 
