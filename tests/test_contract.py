@@ -27,6 +27,8 @@ FAST = {  # shorter budgets for a quick suite; every other option is the method'
     "cmm": {"steps": 40},
     "vt-clip": {"steps": 12, "eval_every": 4},
     "tip-adapter-f": {"epochs": 3},
+    "lp++": {"epochs": 20},
+    "auto": {"candidates": ["zero-shot", "gda", "lp++"], "options": {"lp++": {"epochs": 20}}},
     "cross-modal-linear-probe": {"steps": 12, "eval_every": 4},
     "cma-clip": {"frozen_epochs": 2, "e2e_epochs": 1, "tune_epochs": 1, "width": 32, "head_hidden": 16},
     "dicls": {"epochs": 2, "dim": 16},

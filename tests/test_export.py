@@ -24,6 +24,7 @@ FAST = {
     "linear-probe": {"C_grid": [1.0]},
     "cmm": {"steps": 40},
     "tip-adapter-f": {"epochs": 3},
+    "lp++": {"epochs": 20},
     "cross-modal-linear-probe": {"steps": 12, "eval_every": 4},
     "vt-clip": {"steps": 12, "eval_every": 4},
 }

@@ -13,7 +13,7 @@ from vlclassify.data import image_folder
 from vlclassify.errors import ConfigError, DataError
 from vlclassify.features import extract_features
 from vlclassify.methods import Encoded, create_method, load_method
-from vlclassify.methods.cmm import CMMConfig, fused_log_probs, schedule_of
+from vlclassify.methods.cmm import CMMConfig, alpha_weights, fused_log_probs, schedule_of
 from vlclassify.modules.fusions.cross_attention import MultiHeadAttention
 from vlclassify.modules.losses.triplet import prototype_triplet_loss, prototype_triplet_loss_dense
 
@@ -85,8 +85,10 @@ def test_triplet_loss_hand_made_case():
     torch.testing.assert_close(Tp.grad, Td.grad)
 
 
-def test_alpha_is_chosen_on_validation_only(toy, enc, monkeypatch):
-    """The alpha search sees the validation features and labels, never the test set."""
+@pytest.mark.parametrize("grid", ["spread", "alpha"])
+def test_alpha_is_chosen_on_validation_only(grid, toy, enc, monkeypatch):
+    """The fusion search sees the validation features and labels, never the test set; the spread
+    grid runs from zero-shot only to CMM only, the paper's is its alpha grid."""
     import vlclassify.methods.cmm as cmm_mod
 
     tr, va, ds = enc
@@ -106,22 +108,33 @@ def test_alpha_is_chosen_on_validation_only(toy, enc, monkeypatch):
         return real_parts(self, batch)
 
     monkeypatch.setattr(cmm_mod.CMMHead, "parts", parts)
-    m = create_method("cmm", toy, steps=50)
+    m = create_method("cmm", toy, steps=50, fusion_grid=grid)
     m.fit(tr, va)
-    assert seen["candidates"] == m.config.alpha_grid and spied[-1] == len(va)
-    assert m.fit_info["alpha_source"] == "validation" and m.fit_info["alpha"] in m.config.alpha_grid
-    assert m.fit_info["alpha_candidates"] == 20 and 1 <= m.fit_info["alpha_tied"] <= 20
-    assert float(m.head.alpha) == m.fit_info["alpha"]
+    want = (
+        [alpha_weights(a, "prob") for a in m.config.alpha_grid]
+        if grid == "alpha"
+        else [(1.0, 0.0), *seen["candidates"][1:-1], (0.0, 1.0)]  # prob fusion: a mixture, both ends
+    )
+    assert seen["candidates"] == want and spied[-1] == len(va)
+    assert m.fit_info["fusion_source"] == "validation" and tuple(m.fit_info["fusion"]) in want
+    assert m.fit_info["fusion_candidates"] == len(want) and 1 <= m.fit_info["fusion_tied"] <= len(want)
+    assert tuple(m.head.weights.tolist()) == tuple(m.fit_info["fusion"])
     fixed = create_method("cmm", toy, steps=50, fixed_alpha=True, alpha=0.7)
     fixed.fit(tr, va)
-    assert float(fixed.head.alpha) == 0.7 and fixed.fit_info["alpha_source"] == "fixed"
+    assert (
+        fixed.head.weights.tolist() == pytest.approx([1 / 1.7, 0.7 / 1.7])
+        and fixed.fit_info["fusion_source"] == "fixed"
+    )
 
 
 def test_tip_adapter_search_uses_val_and_changes_with_it(toy, enc):
     tr, va, _ = enc
     m = create_method("tip-adapter", toy).fit(tr, va)
-    assert m.fit_info["alpha_beta_candidates"] == len(m.config.alpha_grid) * len(m.config.beta_grid)
-    assert create_method("tip-adapter", toy).fit(tr).fit_info["alpha_beta_source"].startswith("default")
+    assert m.fit_info["fusion_candidates"] == 13 * len(m.config.beta_grid)  # 13 weights, zero-shot to cache only
+    paper = create_method("tip-adapter", toy, fusion_grid="alpha").fit(tr, va)
+    assert paper.fit_info["fusion_candidates"] == len(m.config.alpha_grid) * len(m.config.beta_grid)
+    assert paper.fit_info["zs_weight"] == 1.0 and paper.fit_info["alpha"] in m.config.alpha_grid
+    assert create_method("tip-adapter", toy).fit(tr).fit_info["fusion_source"].startswith("default")
 
 
 def test_cmm_ablation_switches_change_behaviour(toy, enc):
@@ -157,7 +170,7 @@ def test_cmm_ablation_switches_change_behaviour(toy, enc):
 
 def test_cmm_fusion_and_schedules():
     cmm, zs = torch.randn(4, 3), torch.randn(4, 3)
-    p = fused_log_probs(cmm, zs, 0.5, "prob").exp()
+    p = fused_log_probs(cmm, zs, alpha_weights(0.5, "prob"), "prob").exp()
     expected = (0.5 * cmm.softmax(-1) + zs.softmax(-1)) / 1.5
     torch.testing.assert_close(p, expected)
     paper, fast = schedule_of(CMMConfig()), schedule_of(CMMConfig(schedule="fast", fast_batch=256))

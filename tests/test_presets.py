@@ -366,7 +366,7 @@ def test_bench_fewshot_with_the_tip_adapter_preset(view_file, tmp_path):
     assert res["seeds"] == [1] and res["presets"]["names"] == ["tip-adapter"]  # Tip-Adapter's one seed
     runs = {(x["method"], x["shots"]): x for x in res["runs"]}
     assert runs[("tip-adapter", 4)]["n_val"] == 9 and runs[("tip-adapter", 4)]["n_train"] == 12  # full val, repeats
-    assert runs[("tip-adapter", 2)]["fit_info"]["alpha_beta_candidates"] == 4000
+    assert runs[("tip-adapter", 2)]["fit_info"]["fusion_candidates"] == 4000
     args[-1] = "2"
     r = runner.invoke(app, args + ["--preset", "tip-adapter", "--seeds", "2,3", "--out", str(out), "--backbone", "toy"])
     assert r.exit_code == 0, r.output

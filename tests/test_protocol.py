@@ -377,6 +377,6 @@ def test_tip_adapter_preset_equals_the_published_search(tmp_path, presets, scale
     m = create_method("tip-adapter", toy100, **resolved.options("tip-adapter"))
     m.fit(splits["train"], splits["val"])
     assert m.fit_info["alpha"] == alpha and m.fit_info["beta"] == beta
-    assert m.fit_info["alpha_beta_candidates"] == 4000
+    assert m.fit_info["fusion_candidates"] == 4000
     got = m.logits(splits["test"])
     assert (got - ref_logits).abs().max() < 1e-4

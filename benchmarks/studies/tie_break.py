@@ -27,7 +27,7 @@ from vlclassify.data import fewshot, load_data
 from vlclassify.features import extract_features
 from vlclassify.fewshot import drop_small_classes
 from vlclassify.methods import Encoded, create_method
-from vlclassify.methods.cmm import fused_log_probs
+from vlclassify.methods.cmm import alpha_weights, fused_log_probs
 from vlclassify.training import select_best
 from vlclassify.utils import write_json_and_markdown
 
@@ -80,24 +80,24 @@ def linear_probe(backbone, cache, tr, va, te):
 
 
 def tip_adapter(backbone, cache, tr, va, te):
-    m = create_method("tip-adapter", backbone)
+    m = create_method("tip-adapter", backbone, fusion_grid="alpha")
     m.fit(tr, va, ctx=RunContext(cache=cache, progress=False))
     h, c = m.head, m.config
     grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
     pv, pt = h.parts(va.features.image), h.parts(te.features.image)
-    zv = [h.combine(*pv, a, b) for a, b in grid]
-    zt = [h.combine(*pt, a, b) for a, b in grid]
+    zv = [pv[0] + a * h.cache_logits(pv[1], b) for a, b in grid]
+    zt = [pt[0] + a * h.cache_logits(pt[1], b) for a, b in grid]
     return grid, *_grid_scores(zv, va.dataset.labels(), zt, te.dataset.labels())
 
 
 def cmm(backbone, cache, tr, va, te):
-    m = create_method("cmm", backbone, schedule="fast", steps=4000)
+    m = create_method("cmm", backbone, schedule="fast", steps=4000, fusion_grid="alpha")
     m.fit(tr, va, ctx=RunContext(cache=cache, progress=False))
     h, c = m.head, m.config
     (sv, zsv), (st, zst) = h.parts(va.features.image), h.parts(te.features.image)
     grid = list(c.alpha_grid)
-    zv = [fused_log_probs(sv, zsv, a, c.fusion) for a in grid]
-    zt = [fused_log_probs(st, zst, a, c.fusion) for a in grid]
+    zv = [fused_log_probs(sv, zsv, alpha_weights(a, c.fusion), c.fusion) for a in grid]
+    zt = [fused_log_probs(st, zst, alpha_weights(a, c.fusion), c.fusion) for a in grid]
     return grid, *_grid_scores(zv, va.dataset.labels(), zt, te.dataset.labels())
 
 

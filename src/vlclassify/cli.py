@@ -290,6 +290,12 @@ def fit(
         )
         if dist_env().rank != 0:  # under torchrun every rank holds the same fitted model: rank 0 saves it
             return
+        if "auto" in result.model.fit_info:  # -m auto: every candidate's validation accuracy, the kept one starred
+            from .methods.auto import auto_table
+
+            console.print(
+                "\n".join(["validation accuracy of each candidate:", *auto_table(result.model.fit_info["auto"])])
+            )
         for k, v in result.validation.items():
             console.print(f"validation {k}: {100 * v:.2f}%")
         for task, rule in result.model.decisions.items():

@@ -254,7 +254,22 @@ def markdown_table(result: dict, command: str | None = None) -> str:
         cells = [f"{d[k]['mean']:.1f} ± {d[k]['std']:.1f}" if k in d else "–" for k in shots]
         fit = np.mean([d[k]["fit_seconds"] for k in shots if k in d])
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fit:.2f} |")
+    chosen = auto_choices(result["runs"])
+    if chosen:
+        lines += ["", "What `auto` kept (chosen on validation; runs per method):", ""]
+        lines += [f"- {k}-shot: " + ", ".join(f"{n} {c}" for n, c in chosen[k].items()) for k in chosen]
     return "\n".join(lines) + "\n"
+
+
+def auto_choices(runs: list[dict]) -> dict[int, dict[str, int]]:
+    """shots -> the methods `auto` kept (fit_info["auto"]["method"]) and in how many runs."""
+    out: dict[int, dict[str, int]] = {}
+    for r in runs:
+        picked = (r.get("fit_info") or {}).get("auto", {}).get("method")
+        if picked is not None:
+            cell = out.setdefault(r["shots"], {})
+            cell[picked] = cell.get(picked, 0) + 1
+    return out
 
 
 def write_results(result: dict, out_dir: str | Path, name: str, command: str | None = None) -> tuple[Path, Path]:

@@ -103,6 +103,7 @@ def tip_options(cfg: TipConfig) -> dict[str, dict[str, Any]]:
     """Tip-Adapter's per-dataset values as tip-adapter / tip-adapter-f options."""
     common = {
         "input": "joint",  # the paper's cache: keys are joint (CLIP) embeddings, not pooled features
+        "fusion_grid": "alpha",  # the paper's alpha grid in CLIP-logit units, not the spread-relative one
         "beta_grid": search_grid(cfg.beta_scale, TIP_STEPS[0]),
         "alpha_grid": search_grid(cfg.alpha_scale, TIP_STEPS[1]),
         "alpha": float(cfg.init_alpha),
@@ -159,6 +160,7 @@ CMM_PAPER = {
     "margin": 1.0,
     "alpha": 1.0,
     "alpha_grid": [round(0.1 * i, 1) for i in range(1, 21)],
+    "fusion_grid": "alpha",  # the paper's alpha grid, not the spread-relative one
     "schedule": "paper",
     "input": "joint",  # the paper's residual W on the joint embedding, not the bridge on pooled features
 }
@@ -166,6 +168,9 @@ CMM_PAPER = {
 VTCLIP_PAPER = {"batch_size": 32, "lr": 2e-3, "heads": 2, "layers": 1}
 # Cross-modal linear probe (Lin et al. 2023): its head on CLIP's joint image embedding, not on the bridge.
 CROSS_MODAL_PAPER = {"input": "joint"}
+# GDA (Wang et al. 2024) and LP++ (Huang et al. 2024): on CLIP's joint embedding; LP++ with its code's alpha init.
+GDA_PAPER = {"input": "joint"}
+LPPP_PAPER = {"input": "joint", "alpha_init": "paper"}
 
 
 @dataclass(frozen=True)
@@ -232,11 +237,17 @@ for _d in COOP_DATASETS:
             f"coop-{_d.name}",
             f"CoOp's {_d.coop} ({f'automatic for {_file}' if _file else 'by name'}): its prompt and class names, "
             f"Tip-Adapter's grid ({_d.tip.beta_scale:g}, {_d.tip.alpha_scale:g}), "
-            "CMM / VT-CLIP / cross-modal-probe settings",
+            "CMM / VT-CLIP / cross-modal-probe / GDA / LP++ settings",
             kind="dataset",
             options=_merge(
                 tip_options(_d.tip),
-                {"cmm": CMM_PAPER, "vt-clip": VTCLIP_PAPER, "cross-modal-linear-probe": CROSS_MODAL_PAPER},
+                {
+                    "cmm": CMM_PAPER,
+                    "vt-clip": VTCLIP_PAPER,
+                    "cross-modal-linear-probe": CROSS_MODAL_PAPER,
+                    "gda": GDA_PAPER,
+                    "lp++": LPPP_PAPER,
+                },
             ),
             templates=_d.templates,
             protocol={"spaces": True, "rename": dict(_d.rename), **_d.protocol},

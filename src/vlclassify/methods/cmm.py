@@ -1,7 +1,10 @@
 """CMM: cross-modal mapping (paper 002). A linear map takes image features into the text space,
 learnable class prototypes T (initialised from the template-mean text embeddings) classify them,
 a triplet loss on the pre-mapping features pulls images towards their class text, and the result
-is fused with the zero-shot logits with a weight alpha searched on validation.
+is fused with the zero-shot prediction with weights searched on validation: by default over
+training/fusion.py's grid from zero-shot only to CMM only (`fusion_grid=spread`; with `prob`
+fusion the two are probability distributions, so the weights are a mixture's), or over the
+paper's alpha in 0.1..2.0 (`fusion_grid=alpha`, the `coop-*` presets).
 
 Two inputs (`input`): `joint`, the paper's form, a residual map W (D x D, zero-initialised) on the
 normalised joint embedding; `bridge` (default), the map is a trainable copy of the backbone's
@@ -29,6 +32,7 @@ from ..backbones.base import BridgeLayer
 from ..errors import ConfigError
 from ..modules.losses.triplet import prototype_triplet_loss
 from ..training import Stage, TrainResult, select_best
+from ..training.fusion import DEFAULT_RATIO, RATIOS, ratio_weights, spread_scale
 from .base import Encoded, Feed, Method, TrainConfig, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
 from .tags import Tags
@@ -52,7 +56,9 @@ class CMMConfig(TrainOptions):
     eval_every: int = 0  # steps between validation logs and checkpoints (0: ten per run)
     margin: float = 1.0  # triplet margin (paper: 1.0)
     alpha: float = 1.0  # fusion weight in training, and at inference when fixed_alpha (paper: 1.0)
-    alpha_grid: list[float] = field(default_factory=lambda: list(ALPHA_GRID))  # alphas tried on validation, in order
+    # spread: zero-shot only .. CMM only, relative to the logits' spread (training/fusion.py) | alpha: alpha_grid
+    fusion_grid: str = "spread"
+    alpha_grid: list[float] = field(default_factory=lambda: list(ALPHA_GRID))  # alphas tried (fusion_grid=alpha)
     fusion: str = "prob"  # prob: alpha*softmax(s/tau) + softmax(zero-shot) as in the paper's eq. 9 | logit
     schedule: str = "paper"  # paper (batch_size steps) | fast (fast_batch, scaled lr, same samples seen)
     fast_batch: int = 256  # batch of the fast schedule
@@ -74,6 +80,8 @@ class CMMConfig(TrainOptions):
             raise ConfigError(f"cmm: input must be bridge or joint, got {self.input!r}")
         if not self.alpha_grid or min(self.alpha_grid) < 0:
             raise ConfigError(f"cmm: alpha_grid must be non-empty and >= 0, got {self.alpha_grid}")
+        if self.fusion_grid not in ("spread", "alpha"):
+            raise ConfigError(f"cmm: fusion_grid must be spread or alpha, got {self.fusion_grid!r}")
 
 
 def schedule_of(cfg: CMMConfig) -> Stage:
@@ -103,17 +111,24 @@ def schedule_of(cfg: CMMConfig) -> Stage:
     )
 
 
+def alpha_weights(alpha: float, fusion: str) -> tuple[float, float]:
+    """The paper's alpha as (w_zs, w_cmm): eq. 9's mixture alpha*p_cmm + p_clip renormalised by
+    1 + alpha so it stays a distribution (prob), or zero-shot + alpha * CMM logits (logit)."""
+    return (1 / (1 + alpha), alpha / (1 + alpha)) if fusion == "prob" else (1.0, alpha)
+
+
 def fused_log_probs(
-    cmm_logits: torch.Tensor, zs_logits: torch.Tensor | None, alpha: float, fusion: str
+    cmm_logits: torch.Tensor, zs_logits: torch.Tensor | None, weights: tuple[float, float], fusion: str
 ) -> torch.Tensor:
-    """[N, C] log-probabilities of the fused prediction (eq. 9); with prob fusion the mixture
-    alpha*p_cmm + p_clip is renormalised by 1 + alpha so it stays a distribution."""
+    """[N, C] log-probabilities of the fused prediction: with prob fusion the mixture
+    w_zs*p_clip + w_cmm*p_cmm (weights summing to 1), with logit fusion softmax(w_zs*zs + w_cmm*s)."""
     if zs_logits is None:
         return F.log_softmax(cmm_logits, dim=-1)
+    w_zs, w_cmm = weights
     if fusion == "logit":
-        return F.log_softmax(alpha * cmm_logits + zs_logits, dim=-1)
-    a = math.log(alpha / (1 + alpha)) if alpha > 0 else -math.inf
-    b = math.log(1 / (1 + alpha))
+        return F.log_softmax(w_cmm * cmm_logits + w_zs * zs_logits, dim=-1)
+    a = math.log(w_cmm) if w_cmm > 0 else -math.inf
+    b = math.log(w_zs) if w_zs > 0 else -math.inf
     return torch.logaddexp(F.log_softmax(cmm_logits, dim=-1) + a, F.log_softmax(zs_logits, dim=-1) + b)
 
 
@@ -134,9 +149,10 @@ class CMMHead(nn.Module):
         self.bridge = BridgeLayer(pooled_dim, dim, trainable=not cfg.no_w) if bridged else None  # F -> D
         self.T = nn.Parameter(torch.zeros(num_classes, dim))  # [C, D] learnable prototypes
         self.t0: torch.Tensor  # the buffers below
-        self.alpha: torch.Tensor
+        self.weights: torch.Tensor
         self.register_buffer("t0", torch.zeros(num_classes, dim))  # [C, D] frozen zero-shot class texts
-        self.register_buffer("alpha", torch.tensor([cfg.alpha], dtype=torch.float64))  # fusion weight
+        # (w_zs, w_cmm) fusion weights
+        self.register_buffer("weights", torch.tensor(alpha_weights(cfg.alpha, cfg.fusion), dtype=torch.float64))
 
     def parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (CMM logits [B, C], zero-shot logits [B, C] or None)."""
@@ -157,7 +173,8 @@ class CMMHead(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch {image [B, D], pooled [B, F] (bridge)} -> fused log-probabilities [B, C] (+ the loss with targets)."""
         s, zs = self.parts(batch)
-        logp = fused_log_probs(s, zs, float(self.alpha), self.cfg.fusion)
+        w_zs, w_cmm = (float(w) for w in self.weights)
+        logp = fused_log_probs(s, zs, (w_zs, w_cmm), self.cfg.fusion)
         out = {"logits": logp}
         if "targets" in batch:
             y = batch["targets"]
@@ -178,7 +195,7 @@ class CMM(Method):
     Config = CMMConfig
     needs = frozenset({"image", "pooled"})  # pooled: input=bridge
     train_views = ("orig", "flip")
-    selects = "alpha (training ends on its last step)"
+    selects = "fusion weights (training ends on its last step)"
 
     def __init__(self, backbone, **options) -> None:
         super().__init__(backbone, **options)
@@ -212,25 +229,41 @@ class CMM(Method):
         return Feed()
 
     def finish(self, val: Encoded | None, result: TrainResult) -> None:
-        """Alpha, the fusion weight, chosen on validation over the trained head's logits."""
+        """The fusion weights, chosen on validation over the trained head's logits."""
         c, st, head = self.config, schedule_of(self.config), cast(CMMHead, self.head)
         info: dict[str, Any] = {
             "steps": st.steps,
             "batch": st.batch_size,
             "peak_lr": st.lr,
             "bf16": c.bf16,
-            "alpha_source": "fixed",
+            "fusion_source": "fixed",
         }
         if not c.no_clip_fusion and not c.fixed_alpha and val is not None and len(val):
-            with torch.no_grad():
-                s, zs = head.parts(val.features.batch(feature_keys(self.feature_needs()), 0, len(val)))
-            y = torch.as_tensor(val.dataset.labels())
-            sel = select_best(
-                list(c.alpha_grid),
-                lambda a: float((fused_log_probs(s, zs, a, c.fusion).argmax(-1) == y).float().mean()),
-                default=c.alpha if c.alpha in c.alpha_grid else None,
-            )
-            head.alpha.fill_(sel.best)
-            info.update({**sel.info("alpha"), "alpha_source": "validation"})
-        info["alpha"] = float(head.alpha)
+            info.update(self.search(head, val))
+        info["zs_weight"], info["cmm_weight"] = (float(w) for w in head.weights)
         self.fit_info.update(info)
+
+    def search(self, head: CMMHead, val: Encoded) -> dict[str, Any]:
+        """Choose the fusion weights on validation (the selection rule). The spread grid with logit
+        fusion is scaled on validation's features (a streamed fit holds no training rows in memory);
+        prob fusion mixes two distributions, which are on one scale already."""
+        c = self.config
+        keys = feature_keys(self.feature_needs())
+        with torch.no_grad():
+            s, zs = head.parts(val.features.batch(keys, 0, len(val)))
+        assert zs is not None  # no_clip_fusion searches nothing
+        if c.fusion_grid == "alpha":
+            grid = [alpha_weights(a, c.fusion) for a in c.alpha_grid]
+            default = alpha_weights(c.alpha, c.fusion) if c.alpha in c.alpha_grid else None
+        else:
+            k = 1.0
+            if c.fusion == "logit":
+                k = spread_scale(zs, s)
+            grid = [ratio_weights(r, k) for r in RATIOS]
+            default = ratio_weights(DEFAULT_RATIO, k)
+        y = torch.as_tensor(val.dataset.labels())
+        sel = select_best(
+            grid, lambda w: float((fused_log_probs(s, zs, w, c.fusion).argmax(-1) == y).float().mean()), default=default
+        )
+        head.weights.copy_(torch.tensor(sel.best, dtype=torch.float64))
+        return {**sel.info("fusion"), "fusion_source": "validation"}

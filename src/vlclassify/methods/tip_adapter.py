@@ -3,12 +3,16 @@
 Keys K = the normalised training features averaged over augmented views (default: orig and flip,
 each normalised; Tip-Adapter's protocol, `--preset tip-adapter`: the raw features of 10
 random-resized-crop + flip views averaged, then normalised), values L = one-hot labels;
-logits = zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. Alpha and beta are searched on the
-validation set, never on test (the one selection rule over the beta-major grid: the best accuracy
-wins, ties go to the pair nearest the default alpha, beta; Tip-Adapter's "first strict
-improvement" when the default is off the grid, as in its preset). Alpha is in
-units of CLIP logits at scale 100 (it is rescaled by logit_scale / 100 so the grid means the same
-on any backbone).
+logits = w_zs * zero-shot + alpha * exp(-beta * (1 - f Kᵀ)) L. The weights and beta are searched
+on the validation set, never on test (the one selection rule over the beta-major grid: the best
+accuracy wins, ties go to the candidate nearest the default; Tip-Adapter's "first strict
+improvement" when the default is off the grid, as in its preset).
+
+Two weight grids (`fusion_grid`): `spread` (default), training/fusion.py's grid from zero-shot only
+to cache only in units of the two logit sets' spread on the training data, so a weak prior can be
+outvoted; `alpha`, the paper's: w_zs = 1 and `alpha_grid` in units of CLIP logits at scale 100
+(rescaled by logit_scale / 100 so the grid means the same on any backbone), what the
+`tip-adapter` and `coop-*` presets search.
 
 Two inputs for the cache (`input`): `joint`, the paper's form, keys and queries are joint
 embeddings; `pooled` (default), they are the pooled visual features, so affinities are measured in
@@ -18,6 +22,7 @@ join whose embeddings crowd together). The zero-shot logits read the joint embed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
@@ -29,6 +34,7 @@ from ..errors import ConfigError
 from ..features.extract import VIEWS
 from ..features.protocol import Features
 from ..training import select_best
+from ..training.fusion import DEFAULT_RATIO, RATIOS, ratio_weights, spread_scale
 from .base import Encoded, Method, check_dim, feature_keys, normalize
 from .registry import register_method
 from .tags import Tags
@@ -40,10 +46,13 @@ class TipAdapterConfig:
     """Tip-Adapter's options: templates, the alpha / beta grids searched on validation and the cache keys."""
 
     templates: str | list[str] = "select7"  # prompt templates for the zero-shot classifier
-    # residual weights tried on val, smallest (nearest zero-shot) first
+    # spread: zero-shot only .. cache only, relative to the logits' spread (training/fusion.py) | alpha: alpha_grid
+    fusion_grid: str = "spread"
+    # residual weights tried on val with fusion_grid=alpha, smallest (nearest zero-shot) first
     alpha_grid: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0])
-    beta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0])  # sharpness
-    alpha: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
+    # sharpness; up to 50 so that a cache that outvotes the prior can be a near-neighbour vote
+    beta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 25.0, 50.0])
+    alpha: float = 1.0  # used when there is no validation set with fusion_grid=alpha (Tip-Adapter's default)
     beta: float = 1.0  # used when there is no validation set (Tip-Adapter's default)
     # training-image views whose features make the keys (features/extract.py VIEWS; Tip-Adapter: rrc0..rrc9)
     views: list[str] = field(default_factory=lambda: ["orig", "flip"])
@@ -64,6 +73,8 @@ class TipAdapterConfig:
             raise ConfigError(f"{self.method}: key_mean must be normalized or raw, got {self.key_mean!r}")
         if self.input not in ("pooled", "joint"):
             raise ConfigError(f"{self.method}: input must be pooled or joint, got {self.input!r}")
+        if self.fusion_grid not in ("spread", "alpha"):
+            raise ConfigError(f"{self.method}: fusion_grid must be spread or alpha, got {self.fusion_grid!r}")
 
 
 def search_grid(top: float, steps: int, start: float = 0.1) -> list[float]:
@@ -82,7 +93,7 @@ def view_features(f: Features, view: str, method: str) -> Features:
 
 
 class CacheHead(nn.Module):
-    """Zero-shot logits plus the cache model's affinity-weighted one-hot labels.
+    """Weighted zero-shot logits plus the cache model's affinity-weighted one-hot labels.
 
     batch {"image": [B, D], "pooled": [B, F] (pooled keys)} -> {"logits": [B, C]}; with "targets" also
     {"loss"} (cross-entropy on the fused logits, for Tip-Adapter-F's fine-tuning of the keys)."""
@@ -104,7 +115,7 @@ class CacheHead(nn.Module):
         self.class_embeds: torch.Tensor  # the buffers below (keys: a buffer, or a Parameter when trained)
         self.keys: torch.Tensor
         self.values: torch.Tensor
-        self.alpha_beta: torch.Tensor
+        self.fusion: torch.Tensor
         self.register_buffer("class_embeds", torch.zeros(num_classes, dim))  # [C, D] zero-shot classifier
         keys = torch.zeros(num_keys, key_dim or dim)  # [N, D or F] normalised training features
         if train_keys:
@@ -112,7 +123,8 @@ class CacheHead(nn.Module):
         else:
             self.register_buffer("keys", keys)
         self.register_buffer("values", torch.zeros(num_keys, num_classes))  # [N, C] one-hot labels
-        self.register_buffer("alpha_beta", torch.tensor([1.0, 1.0], dtype=torch.float64))  # current (alpha, beta)
+        # current (w_zs, alpha, beta)
+        self.register_buffer("fusion", torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
 
     def parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """batch -> zero-shot logits [B, C] (joint embedding), affinities f·Kᵀ [B, N] (the keys' features)."""
@@ -126,15 +138,12 @@ class CacheHead(nn.Module):
         """affinities [B, N] -> the cache model's logits [B, C] at alpha = 1 (in zero-shot logit units)."""
         return (self.scale / 100.0) * (torch.exp(-beta * (1 - aff)) @ self.values)
 
-    def combine(self, zs: torch.Tensor, aff: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-        """Zero-shot logits plus alpha times the cache logits at sharpness beta."""
-        return zs + alpha * self.cache_logits(aff, beta)
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch {image [B, D], pooled [B, F] (pooled keys)} -> fused logits [B, C] at the stored alpha,
-        beta (and the loss with targets)."""
-        alpha, beta = (float(v) for v in self.alpha_beta)
-        z = self.combine(*self.parts(batch), alpha, beta)
+        """batch {image [B, D], pooled [B, F] (pooled keys)} -> fused logits [B, C] at the stored
+        (w_zs, alpha, beta) (and the loss with targets)."""
+        w_zs, alpha, beta = (float(v) for v in self.fusion)
+        zs, aff = self.parts(batch)
+        z = w_zs * zs + alpha * self.cache_logits(aff, beta)
         out = {"logits": z}
         if "targets" in batch:
             out["loss"] = F.cross_entropy(z, batch["targets"])
@@ -150,7 +159,7 @@ class TipAdapter(Method):
     Config = TipAdapterConfig
     needs = frozenset({"image", "pooled"})  # pooled: input=pooled
     train_views = ("orig", "flip")  # the default `views`; the option chooses them
-    selects = "alpha, beta"
+    selects = "fusion weights, beta"
     train_keys = False  # Tip-Adapter-F fine-tunes them
 
     def __init__(self, backbone, **options) -> None:
@@ -204,33 +213,60 @@ class TipAdapter(Method):
         spec = {"num_classes": len(self.classnames), "num_keys": num_keys, "dim": dim}
         return spec | ({"key_dim": key_dim} if self.config.input == "pooled" else {})
 
-    def search(self, val: Encoded | None) -> dict[str, Any]:
-        """Choose (alpha, beta) on validation (the selection rule; beta outer, alpha inner)."""
+    def search(self, val: Encoded | None, train: Encoded | None) -> dict[str, Any]:
+        """Choose (w_zs, alpha, beta) on validation (the selection rule; beta outer, the weights
+        inner). The spread grid is scaled on `train`, the cache's own images, each left out of its
+        own vote (its key would match it exactly); on `val`'s features when there is none (update)."""
         head = cast(CacheHead, self.head)  # built by _build
         c = self.config
+        betas = list(dict.fromkeys([*c.beta_grid, c.beta]))
+        scale = dict.fromkeys(betas, 1.0)  # beta -> spread(zero-shot) / spread(cache)
+        on = train if train is not None else val
+        if c.fusion_grid == "spread" and on is not None and len(on):
+            with torch.no_grad():
+                zs_t, aff_t = head.parts(on.features.batch(feature_keys(self.feature_needs()), 0, len(on)))
+                if train is not None:
+                    aff_t.fill_diagonal_(-math.inf)  # [N, N]: row i is key i's image
+                scale = {b: spread_scale(zs_t, head.cache_logits(aff_t, b)) for b in betas}
+
+        def weights(beta: float) -> list[tuple[float, float, float]]:
+            if c.fusion_grid == "alpha":
+                return [(1.0, a, beta) for a in c.alpha_grid]
+            return [(*ratio_weights(r, scale[beta]), beta) for r in RATIOS]
+
+        default = (
+            (1.0, c.alpha, c.beta)
+            if c.fusion_grid == "alpha"
+            else (*ratio_weights(DEFAULT_RATIO, scale[c.beta]), c.beta)
+        )
         if val is None or not len(val):
-            head.alpha_beta.copy_(torch.tensor([c.alpha, c.beta], dtype=torch.float64))
-            return {"alpha": c.alpha, "beta": c.beta, "alpha_beta_source": "default (no validation set)"}
+            head.fusion.copy_(torch.tensor(default, dtype=torch.float64))
+            return {
+                "zs_weight": default[0],
+                "alpha": default[1],
+                "beta": c.beta,
+                "fusion_source": "default (no validation set)",
+            }
         with torch.no_grad():
             zs, aff = head.parts(val.features.batch(feature_keys(self.feature_needs()), 0, len(val)))
         y = torch.as_tensor(val.dataset.labels())
-        grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
+        grid = [w for b in c.beta_grid for w in weights(b)]
         memo: dict[float, torch.Tensor] = {}  # the cache logits of the current beta (the grid is beta-major)
 
-        def accuracy(ab: tuple[float, float]) -> float:
-            alpha, beta = ab
+        def accuracy(w: tuple[float, float, float]) -> float:
+            w_zs, alpha, beta = w
             if beta not in memo:
                 memo.clear()
                 memo[beta] = head.cache_logits(aff, beta)
-            return float(((zs + alpha * memo[beta]).argmax(-1) == y).float().mean())
+            return float(((w_zs * zs + alpha * memo[beta]).argmax(-1) == y).float().mean())
 
-        sel = select_best(grid, accuracy, (c.alpha, c.beta) if (c.alpha, c.beta) in grid else None)
-        head.alpha_beta.copy_(torch.tensor(sel.best, dtype=torch.float64))
-        return {**sel.info("alpha_beta"), "alpha": sel.best[0], "beta": sel.best[1]}
+        sel = select_best(grid, accuracy, default if default in grid else None)
+        head.fusion.copy_(torch.tensor(sel.best, dtype=torch.float64))
+        return {**sel.info("fusion"), "zs_weight": sel.best[0], "alpha": sel.best[1], "beta": sel.best[2]}
 
     def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         self._build(train)
-        self.fit_info = self.search(val)
+        self.fit_info = self.search(val, train)
 
     def _update(self, train, val, classes, descriptions):
         """The cache model grows: new examples become keys, new classes get zero-shot rows."""
@@ -249,9 +285,9 @@ class TipAdapter(Method):
             head.class_embeds.copy_(text)
             head.keys.copy_(keys)
             head.values.copy_(values)
-            head.alpha_beta.copy_(old.alpha_beta)
+            head.fusion.copy_(old.fusion)
         if val is not None:
-            self.fit_info.update(self.search(self.encode(val)))
+            self.fit_info.update(self.search(self.encode(val), None))
         head.requires_grad_(False).eval()
         return f"{len(keys) - n_old} key(s) added to the cache" + (
             "; new keys are not fine-tuned (refit to fine-tune them)" if self.train_keys else ""

@@ -1,5 +1,6 @@
 """Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (AdamW, cosine schedule, CE on the
-fused logits at the training alpha/beta), then alpha/beta searched again on validation. The epoch
+fused logits at the training alpha/beta, the paper's zero-shot weight 1), then the fusion weights and
+beta searched again on validation (Tip-Adapter's `fusion_grid`). The epoch
 to keep is chosen on validation too (the public code picks it on test; a known flaw, not repeated:
 docs/reproducing.md measures what it changes).
 
@@ -54,7 +55,7 @@ class TipAdapterF(TipAdapter):
     tags = Tags(update=True, onnx=True)
     Config: ClassVar[type[TipAdapterConfig]] = TipAdapterFConfig
     train_keys = True
-    selects = "epoch, alpha, beta"
+    selects = "epoch, fusion weights, beta"
 
     def stages(self, train: Encoded) -> list[Stage]:
         c = self.config
@@ -87,9 +88,9 @@ class TipAdapterF(TipAdapter):
         """The cache model of the training set, its keys trained at the training alpha and beta."""
         c = self.config
         head = self._build(train)
-        head.alpha_beta.copy_(torch.tensor([c.train_alpha, c.train_beta], dtype=torch.float64))
+        head.fusion.copy_(torch.tensor([1.0, c.train_alpha, c.train_beta], dtype=torch.float64))
         return Feed(batches=self.view_batches(train))
 
     def finish(self, val: Encoded | None, result: TrainResult) -> None:
-        self.fit_info.update(self.search(val))
+        self.fit_info.update(self.search(val, None))  # the spread grid scaled on validation's features
         self.fit_info["epoch"] = result.stages[0].best_epoch

@@ -81,7 +81,10 @@ class Stage:
     trainable: Trainable = None  # None = all params; list of name prefixes; or predicate(name) -> bool
     weight_decay: float = 1e-4  # Adam(W) weight decay
     batch_size: int = 32  # global batch (rows per optimizer step, split across processes under torchrun)
-    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 added to the gradient, as torch.optim.Adam)
+    # adamw (decoupled decay) | adam (L2 added to the gradient, as torch.optim.Adam) | sgd (full-batch
+    # solvers whose step sizes come from the data, e.g. LP++'s Lipschitz bounds)
+    optimizer: str = "adamw"
+    momentum: float = 0.0  # sgd's heavy-ball momentum (LP++: 0.9)
     eps: float = 1e-8  # Adam(W) epsilon (Tip-Adapter-F: 1e-4)
     schedule: str = "cosine"  # constant | cosine | linear
     warmup_steps: int = 0  # optimizer steps of linear LR warm-up at the start of the stage
@@ -108,6 +111,7 @@ class Stage:
             "weight_decay",
             "batch_size",
             "optimizer",
+            "momentum",
             "eps",
             "schedule",
             "warmup_steps",
@@ -132,8 +136,8 @@ class Stage:
         """Refuse impossible settings by name before any training starts."""
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0 or (self.steps is not None and self.steps < 0):
             raise ConfigError(f"stage {self.name!r}: epochs >= 0, steps >= 0, batch_size >= 1 and lr >= 0 required")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"stage {self.name!r}: optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"stage {self.name!r}: optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"stage {self.name!r}: keep must be best or last, got {self.keep!r}")
         if self.schedule not in SCHEDULES:
@@ -416,6 +420,10 @@ class Trainer:
                 m.eval()
 
     def _optimizer(self, stage: Stage, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        if stage.optimizer == "sgd":
+            return torch.optim.SGD(
+                [p for _, p in params], lr=stage.lr, weight_decay=stage.weight_decay, momentum=stage.momentum
+            )
         cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
         kw: dict[str, Any] = dict(lr=stage.lr, weight_decay=stage.weight_decay, eps=stage.eps)
         try:  # one fused kernel per step: CMM's 16,000 tiny steps spend most of their time here otherwise
