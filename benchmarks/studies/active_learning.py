@@ -31,7 +31,7 @@ from vlclassify.utils import atomic_path, write_json
 
 BUDGETS = (1, 2, 4, 8)  # labels per class on average
 PROBE_C = 10.0  # the linear probe's C when it has no validation set (middle of its grid)
-SWITCHES = (1.0, 2.0, 4.0)  # auto@T variants measured to choose AUTO_SWITCH
+SWITCHES = tuple(t for t in (1.0, 2.0, 4.0) if t != AUTO_SWITCH)  # auto@T: the other switch points measured
 
 
 def features(bb, ds, cache) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +41,15 @@ def features(bb, ds, cache) -> tuple[np.ndarray, np.ndarray]:
 
 
 def probe(x: np.ndarray, y: np.ndarray, num_classes: int):
-    """The linear probe on the labelled rows -> a function giving softmax scores [N, C]."""
-    w, b = fit_logistic(x, y, PROBE_C, num_classes=num_classes)
+    """The linear probe on the labelled rows x [n, F] -> a function giving softmax scores [N, C].
+
+    Solved in the span of the labelled features (an orthonormal basis Q [F, n]): an L2-penalised W
+    lies in that span (the representer theorem), so fitting x Q and mapping back, W = W' Q^T, is the
+    probe's minimiser, found without the solver's F x F preconditioner (n << F here)."""
+    q, _ = np.linalg.qr(x.T.astype(np.float64))  # [F, n]
+    q = q.astype(np.float32)
+    w, b = fit_logistic(x @ q, y, PROBE_C, num_classes=num_classes)
+    w = w @ torch.from_numpy(q.T)  # [C, F]
 
     def scores(z: np.ndarray) -> np.ndarray:
         return torch.softmax(torch.from_numpy(z) @ w.T + b, -1).numpy()
@@ -59,16 +66,15 @@ def simulate(strategy: str, pool, test, num_classes: int, round_size: int, seed:
     for budget in BUDGETS:
         while labelled.sum() < budget * num_classes:
             n = min(round_size, budget * num_classes - int(labelled.sum()))
-            have = len(set(yp[labelled].tolist())) >= 2
-            scores = probe(xp[labelled], yp[labelled], num_classes)(xp) if have else None
+            have = len(set(yp[labelled].tolist())) >= 2  # a probe needs two classes
             s = strategy
             if strategy.startswith("auto@"):
-                t = float(strategy[5:])
-                s = "typical" if not have or labelled.sum() < t * num_classes else "margin"
+                s = "typical" if not have or labelled.sum() < float(strategy[5:]) * num_classes else "margin"
             elif strategy == "auto":
                 s = auto_strategy(int(labelled.sum()), num_classes, have)
-            if s in ("margin", "entropy") and scores is None:
+            if s in ("margin", "entropy") and not have:
                 s = "random"  # the cold start of a model-only strategy
+            scores = probe(xp[labelled], yp[labelled], num_classes)(xp) if s in ("margin", "entropy") else None
             picks = choose(xp, labelled, n, s, scores, seed=seed * 1000 + rnd)
             labelled[picks] = True
             rnd += 1

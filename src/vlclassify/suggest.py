@@ -200,19 +200,25 @@ def uncertainty(probs: np.ndarray, strategy: str, multilabel: bool = False) -> n
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = KMEANS_ITERS) -> np.ndarray:
-    """[N] cluster of each row of x [N, F]: k-means++ seeding from `rng`, then Lloyd iterations."""
+    """[N] cluster of each row of x [N, F]: greedy k-means++ seeding from `rng` (scikit-learn's: of
+    2 + log k candidates drawn by squared distance, the one that lowers the potential most), then
+    Lloyd iterations."""
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n = xt.shape[0]
     k = min(k, n)
     sq = (xt * xt).sum(1)  # [N]
+    trials = 2 + int(np.log(max(k, 1)))
     centers = [int(rng.integers(n))]
     d2 = (sq - 2 * xt @ xt[centers[0]] + sq[centers[0]]).clamp_min(0)  # [N] to the nearest center so far
     for _ in range(1, k):
         w = d2.double().numpy()
         total = w.sum()
-        c = int(rng.choice(n, p=w / total)) if total > 0 else int(rng.integers(n))
-        centers.append(c)
-        d2 = torch.minimum(d2, (sq - 2 * xt @ xt[c] + sq[c]).clamp_min(0))
+        cand = rng.choice(n, size=trials, p=w / total) if total > 0 else rng.integers(n, size=trials)
+        dc = (sq[None, :] - 2 * xt[cand] @ xt.T + sq[cand][:, None]).clamp_min(0)  # [trials, N]
+        pot = torch.minimum(d2[None, :], dc)  # [trials, N]
+        best = int(pot.sum(1).argmin())
+        centers.append(int(cand[best]))
+        d2 = pot[best]
     cen = xt[centers].clone()  # [k, F]
     assign = torch.zeros(n, dtype=torch.long)
     for it in range(iters):
