@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,8 +132,23 @@ def test_cli_suggest_with_a_model_never_suggests_its_training_images(tmp_path):
     trained = {str((pool / row[0]).resolve()) for row in split["train"] + split["val"]}
     assert trained
     out = tmp_path / "s.csv"
-    r = run.invoke(app, ["suggest", "--pool", str(pool), "--model", str(tmp_path / "m"), "-n", "30", "--strategy",
-                         "margin", "--out", str(out), *cache])
+    r = run.invoke(
+        app,
+        [
+            "suggest",
+            "--pool",
+            str(pool),
+            "--model",
+            str(tmp_path / "m"),
+            "-n",
+            "30",
+            "--strategy",
+            "margin",
+            "--out",
+            str(out),
+            *cache,
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = _rows(out)
     assert list(rows[0]) == ["image", "guess", "score", "strategy"]

@@ -139,4 +139,10 @@ document.addEventListener("keydown", (ev) => {
   }
 });
 
-run(async () => {});
+run(async () => {
+  const resp = await fetch("/state");
+  if (!resp.ok) throw new Error("cannot read the session: " + resp.status);
+  const st = await resp.json();
+  $("status").textContent = "answers go to " + st.labels_file + " \u00b7 " + st.classes.length + " classes" +
+    (st.multilabel ? " \u00b7 several per image" : "");
+});

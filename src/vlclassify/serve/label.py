@@ -133,9 +133,9 @@ class LabelSession:
         )
         self.probs = model_scores(self.method, pool) if self.method else None
         self._fill_queue()
-        if self.rows and self.method is not None:  # a resumed session: the model catches up with labels.csv
-            self.refreshing = True
-            threading.Thread(target=self.refresh, name="vlclassify-refresh", daemon=True).start()
+        self.pending = False  # labels came in during a refresh: refresh again when it ends
+        if self.rows:  # a resumed session: the model catches up with labels.csv
+            self._request_refresh()
 
     # ---- labels.csv ------------------------------------------------------------------------------
     @property
@@ -276,10 +276,9 @@ class LabelSession:
             del self.leases[i]
             self.undo.setdefault(tab, []).append(name)
             self.since_refresh += 1
-            if self.since_refresh >= self.refresh_every and self.method is not None and not self.refreshing:
+            if self.since_refresh >= self.refresh_every:
                 self.since_refresh = 0
-                self.refreshing = True
-                threading.Thread(target=self.refresh, name="vlclassify-refresh", daemon=True).start()
+                self._request_refresh()
             return {"ok": True, "progress": self.progress_info()}
 
     def skip(self, tab: str, i: int) -> dict[str, Any]:
@@ -330,6 +329,25 @@ class LabelSession:
             )
         return Dataset(items=items, classnames=list(self.classes), name=self.path.name, multilabel=self.multilabel)
 
+    def _request_refresh(self) -> None:
+        """Refresh the model in the background (once more after the running refresh, if one runs)."""
+        if self.model_dir is None:
+            return
+        if self.refreshing:
+            self.pending = True
+            return
+        self.refreshing = True
+        threading.Thread(target=self._refresh_loop, name="vlclassify-refresh", daemon=True).start()
+
+    def _refresh_loop(self) -> None:
+        while True:
+            self.refresh()
+            with self.lock:
+                if not self.pending:
+                    self.refreshing = False
+                    return
+                self.pending = False
+
     def refresh(self) -> None:
         """The --model, updated with every label so far; then new scores and a new queue (a failure
         keeps the previous model and is reported by /model)."""
@@ -357,13 +375,13 @@ class LabelSession:
                     "error": None,
                 }
                 self._fill_queue()
-        except VLClassifyError as e:
-            log.warning("model refresh failed: %s", e)
+        except Exception as e:  # noqa: BLE001 - a background thread: logged, and reported by /model
+            if isinstance(e, VLClassifyError):
+                log.warning("model refresh failed: %s", e)
+            else:
+                log.exception("model refresh failed")
             with self.lock:
                 self.model_status = {**self.model_status, "error": str(e).splitlines()[0]}
-        finally:
-            with self.lock:
-                self.refreshing = False
 
     def model_info(self) -> dict[str, Any]:
         """What /model answers: the model the suggestions follow and what it learnt from this page."""
