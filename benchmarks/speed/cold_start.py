@@ -28,7 +28,6 @@ import vlclassify.cli  # noqa: F401  (what the command imports before it runs)
 t1 = time.perf_counter()
 from vlclassify.methods import load_method
 m = load_method(sys.argv[1])
-m.progress = False
 t2 = time.perf_counter()
 getattr(m, 'predict_results', m.predict_proba)([sys.argv[2]])  # older trees have only scores
 t3 = time.perf_counter()

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
+from ..context import RunContext
 from ..data.images import to_rgb
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
@@ -277,10 +278,9 @@ class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
     def __init__(self, method: Method, config: ServeConfig) -> None:
-        method.progress = False
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
-        method.cache = FeatureCache(enabled=False)
+        self.ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
         self.method, self.config = method, config
         self.metrics = Metrics()
         self.takes_text = TEXT in method.takes()
@@ -307,7 +307,7 @@ class Service:
         m = self.method
         items = [Item(image=j.image, text=j.text if self.takes_text else None, key=j.name) for j in jobs]
         preds = m.predict_results(
-            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs)
+            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs), ctx=self.ctx
         )
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
@@ -320,11 +320,11 @@ class Service:
     def explain_png(self, image: np.ndarray, text: str | None, name: str, target: str | None) -> tuple[bytes, str]:
         """(PNG of the attention map over `image`, the class or token it explains)."""
         m = self.method
-        heat = m.explain(Item(image=image, text=text, key=name), target)
+        heat = m.explain(Item(image=image, text=text, key=name), target, ctx=self.ctx)
         label = (
             target
             or getattr(m, "explained_token", None)
-            or m.predict_results([Item(image=image, key=name)], top=1)[0].scores[0][0]
+            or m.predict_results([Item(image=image, key=name)], top=1, ctx=self.ctx)[0].scores[0][0]
         )
         from ..plots.heatmap import heatmap_overlay  # matplotlib: imported only when a map is drawn
 
@@ -572,7 +572,7 @@ def serve(
     config = config or ServeConfig()
     check_bind(host, config.token, insecure)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
-    method = load_method(model_dir, cache=FeatureCache(enabled=False))
+    method = load_method(model_dir)
     app = create_app(method, config)
     log.info(
         "serving %s (%s) on http://%s:%d%s",
