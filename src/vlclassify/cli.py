@@ -462,7 +462,7 @@ def suggest(
         exclude=exclude,
         strategy=strategy,
         seed=seed,
-        cache=_cache(cache_dir),
+        ctx=RunContext(cache=_cache(cache_dir)),
         backbone=bb,
     )
     console.print(f"{len(rows)} image(s) to label ({rows[0].strategy if rows else strategy}) -> {out}", markup=False)
@@ -510,7 +510,7 @@ def label(
         budget=budget,
         strategy=strategy,
         seed=seed,
-        cache=_cache(cache_dir),
+        ctx=RunContext(cache=_cache(cache_dir)),
     )
     run_page(session, host=host, port=port, config=ServeConfig(token=token or None), insecure=insecure)
 

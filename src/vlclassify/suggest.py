@@ -36,7 +36,7 @@ from .utils import atomic_path, read_json
 
 if TYPE_CHECKING:
     from .backbones.base import Backbone
-    from .features import FeatureCache
+    from .context import RunContext
     from .methods.base import Method
 
 STRATEGIES = ("auto", "typical", "margin", "entropy", "coreset", "random")
@@ -128,20 +128,22 @@ def _resolve(name: str, root: Path | None) -> str:
 
 
 # ---- features and scores -------------------------------------------------------------------------
-def pool_embeddings(
-    backbone: Backbone, pool: Dataset, cache: FeatureCache | None = None, progress: bool = True
-) -> np.ndarray:
+def pool_embeddings(backbone: Backbone, pool: Dataset, ctx: RunContext | None = None) -> np.ndarray:
     """[N, F] L2-normalised pooled features of the pool (the probe's input), through the feature store."""
+    from .context import RunContext
     from .features import extract_features
 
-    feats = extract_features(backbone, pool, cache=cache, progress=progress)
+    ctx = ctx or RunContext()
+    feats = extract_features(
+        backbone, pool, cache=ctx.cache, progress=ctx.progress, runtime=ctx.runtime, skip_bad=ctx.skip_bad
+    )
     x = feats.pooled.float()  # [N, F]
     return torch.nn.functional.normalize(x, dim=-1).numpy()
 
 
-def model_scores(method: Method, pool: Dataset) -> np.ndarray:
+def model_scores(method: Method, pool: Dataset, ctx: RunContext | None = None) -> np.ndarray:
     """[N, C] the model's scores of every pool image (softmax, or sigmoid for multi-label models)."""
-    return np.asarray(method.predict_proba(pool.with_classes(method.classnames)), dtype=np.float64)
+    return np.asarray(method.predict_proba(pool.with_classes(method.classnames), ctx=ctx), dtype=np.float64)
 
 
 # ---- the strategies -----------------------------------------------------------------------------
@@ -306,9 +308,8 @@ def suggest(
     method: Method | None = None,
     exclude: set[str] = frozenset(),  # type: ignore[assignment]
     seed: int = 1,
-    cache: FeatureCache | None = None,
+    ctx: RunContext | None = None,
     backbone: Backbone | None = None,
-    progress: bool = True,
 ) -> list[Suggestion]:
     """The `n` pool images to label next, best first, none of them in `exclude` (names as `item_name`).
 
@@ -328,8 +329,8 @@ def suggest(
             backbone = create_backbone("effnet-minilm")
     names = [item_name(it) for it in pool.items]
     labelled = np.array([nm in exclude for nm in names], dtype=bool)
-    emb = pool_embeddings(backbone, pool, cache, progress)
-    probs = model_scores(method, pool) if method is not None else None
+    emb = pool_embeddings(backbone, pool, ctx)
+    probs = model_scores(method, pool, ctx) if method is not None else None
     if strategy == "auto":
         learnt = method is not None and method.trains_on_images
         strategy = auto_strategy(len(exclude), len(method.classnames) if method else 0, learnt)
@@ -368,20 +369,17 @@ def suggest_to_csv(
     exclude: str | os.PathLike | None = None,
     strategy: str = "auto",
     seed: int = 1,
-    cache: FeatureCache | None = None,
+    ctx: RunContext | None = None,
     backbone: Backbone | None = None,
-    progress: bool = True,
 ) -> list[Suggestion]:
     """`vlclassify suggest`: load the pool (and the model), drop what is labelled, write the CSV."""
     from .methods import load_method
 
     pool = load_pool(pool_spec)
-    method = load_method(Path(model_dir), cache=cache) if model_dir is not None else None
+    method = load_method(Path(model_dir)) if model_dir is not None else None
     done = labelled_in_csv(exclude) if exclude is not None else set()
     if model_dir is not None:
         done |= labelled_by_model(model_dir)
-    rows = suggest(
-        pool, n, strategy, method=method, exclude=done, seed=seed, cache=cache, backbone=backbone, progress=progress
-    )
+    rows = suggest(pool, n, strategy, method=method, exclude=done, seed=seed, ctx=ctx, backbone=backbone)
     write_suggestions(out, rows)
     return rows

@@ -41,15 +41,16 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from ..context import RunContext
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
+from ..features import FeatureCache
 from ..suggest import auto_strategy, choose, item_name, labelled_by_model, model_scores, pool_embeddings
 from ..utils import atomic_path
 from .app import PAGE_CSP, TOKEN_COOKIE, Guard, Metrics, ServeConfig, check_bind
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
-    from ..features import FeatureCache
     from ..methods.base import Method
 
 log = logging.getLogger("vlclassify.label")
@@ -82,9 +83,8 @@ class LabelSession:
         budget: int | None = None,
         strategy: str = "auto",
         seed: int = 1,
-        cache: FeatureCache | None = None,
+        ctx: RunContext | None = None,
         backbone: Backbone | None = None,
-        progress: bool = True,
     ) -> None:
         from ..methods import load_method
 
@@ -101,13 +101,12 @@ class LabelSession:
         self.pool, self.classes = pool, list(classes)
         self.path = Path(labels_path)
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        self.cache = cache
-        self.method: Method | None = load_method(self.model_dir, cache=cache) if self.model_dir else None
+        self.ctx = ctx or RunContext()
+        self.method: Method | None = load_method(self.model_dir) if self.model_dir else None
         if self.method is not None:
-            self.method.progress = False
             missing = [c for c in self.classes if c not in self.method.classnames]
             if missing:  # the page's classes the model lacks join it by name (update), as new classes do
-                self.method.update(classes=missing)
+                self.method.update(classes=missing, ctx=self._quiet())
         self.multilabel = bool(self.method.multilabel) if multilabel is None and self.method else bool(multilabel)
         self.refresh_every, self.strategy, self.seed = refresh_every, strategy, seed
         self.budget = budget or len(pool)
@@ -129,13 +128,21 @@ class LabelSession:
         self.refreshing = False
         self.model_status: dict[str, Any] = {"examples": 0, "refreshes": 0, "how": "as loaded", "error": None}
         self.emb = pool_embeddings(
-            backbone or (self.method.backbone if self.method else _default_backbone()), pool, cache, progress
+            backbone or (self.method.backbone if self.method else _default_backbone()), pool, self.ctx
         )
-        self.probs = model_scores(self.method, pool) if self.method else None
+        self.probs = model_scores(self.method, pool, self._quiet()) if self.method else None
         self._fill_queue()
         self.pending = False  # labels came in during a refresh: refresh again when it ends
         if self.rows:  # a resumed session: the model catches up with labels.csv
             self._request_refresh()
+
+    def _quiet(self, own_store: bool = False) -> RunContext:
+        """The session's run options without progress bars (model calls behind the page); own_store:
+        a store opened anew, for another thread (the store's SQLite index belongs to its opener's)."""
+        cache = self.ctx.cache
+        if own_store:
+            cache = FeatureCache(cache.root, cache.enabled) if cache is not None else FeatureCache()
+        return dataclasses.replace(self.ctx, progress=False, cache=cache)
 
     # ---- labels.csv ------------------------------------------------------------------------------
     @property
@@ -351,20 +358,17 @@ class LabelSession:
     def refresh(self) -> None:
         """The --model, updated with every label so far; then new scores and a new queue (a failure
         keeps the previous model and is reported by /model)."""
-        from ..features import FeatureCache
         from ..methods import load_method
 
         assert self.model_dir is not None
-        # the store's SQLite index belongs to the thread that opened it: this thread opens its own
-        cache = FeatureCache(self.cache.root, self.cache.enabled) if self.cache else FeatureCache()
+        ctx = self._quiet(own_store=True)
         try:
             with self.lock:
                 data = self.labelled_dataset()
-            m = load_method(self.model_dir, cache=cache)
-            m.progress = False
+            m = load_method(self.model_dir)
             t0 = time.perf_counter()
-            m.update(data, classes=self.classes)
-            probs = model_scores(m, self.pool)
+            m.update(data, classes=self.classes, ctx=ctx)
+            probs = model_scores(m, self.pool, ctx)
             with self.lock:
                 self.method, self.probs = m, probs
                 self.model_status = {
