@@ -11,6 +11,10 @@ needing a model (margin, entropy) label their first round at random; `auto@T` sw
 typical to margin at T labels per class (`vlclassify.suggest.AUTO_SWITCH` is the T chosen here).
 
     python benchmarks/studies/active_learning.py [--seeds 1,2,3] [--pool 2000] [--test 2000] [--out docs/results]
+
+Each pool writes docs/results/active-learning-<pool>.json as it goes (`--datasets fashion-mnist`
+and `--datasets tuxpaint` can run side by side); the report (active-learning.json/.md/.png) is
+built from those files at the end, or alone with `--report-only`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from vlclassify.data import stratified_split
 from vlclassify.features import FeatureCache
 from vlclassify.suggest import AUTO_SWITCH, auto_strategy, choose
 from vlclassify.training.logistic import fit_logistic
-from vlclassify.utils import atomic_path, write_json
+from vlclassify.utils import atomic_path, read_json, write_json
 
 BUDGETS = (1, 2, 4, 8)  # labels per class on average
 PROBE_C = 10.0  # the linear probe's C when it has no validation set (middle of its grid)
@@ -128,6 +132,58 @@ def table(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def run_dataset(name: str, args, seeds: list[int], out: Path) -> None:
+    """All strategies on one pool; active-learning-<name>.json is rewritten after each strategy, so
+    a run cut short keeps what it measured (`complete` says whether it finished)."""
+    bb, cache = create_backbone("effnet-minilm"), FeatureCache()
+    data = load_data(name)
+    if name == "fashion-mnist":
+        rng = np.random.default_rng(0)
+        pool_ds = data["train"].subset(np.sort(rng.choice(len(data["train"]), args.pool, replace=False)))
+        test_ds = data["test"].subset(np.sort(rng.choice(len(data["test"]), args.test, replace=False)))
+    else:
+        halves = stratified_split(next(iter(data.values())), {"pool": 0.5, "test": 0.5}, seed=0)
+        pool_ds, test_ds = halves["pool"], halves["test"]
+    t0 = time.time()
+    pool, test = features(bb, pool_ds, cache), features(bb, test_ds, cache)
+    c = pool_ds.num_classes
+    strategies = ["random", "typical", "coreset", "margin", "entropy", "auto", *(f"auto@{t:g}" for t in SWITCHES)]
+    acc: dict = {}
+    for k, s in enumerate(strategies):
+        acc[s] = {str(b): [] for b in BUDGETS}
+        for seed in seeds:
+            for b, a in simulate(s, pool, test, c, c, seed).items():
+                acc[s][str(b)].append(a)
+        print(name, s, {b: round(100 * float(np.mean(v)), 1) for b, v in acc[s].items()}, f"{time.time() - t0:.0f} s")
+        result = {"pool": len(pool_ds), "test": len(test_ds), "classes": c, "seeds": seeds, "accuracy": acc}
+        write_json(
+            out / f"active-learning-{name}.json",
+            {**result, "seconds": round(time.time() - t0, 1), "complete": k == len(strategies) - 1},
+        )
+
+
+def report(args, out: Path) -> None:
+    """The combined JSON, plot and markdown table from the per-pool files in `out`."""
+    results = {}
+    for name in args.datasets.split(","):
+        path = out / f"active-learning-{name}.json"
+        if path.exists():
+            results[name] = read_json(path)
+    command = "python benchmarks/studies/active_learning.py " + " ".join(
+        f"--{k} {v}" for k, v in (("seeds", args.seeds), ("pool", args.pool), ("test", args.test))
+    )
+    seconds = {n: r["seconds"] for n, r in results.items()}
+    rep = {"command": command, "auto_switch": AUTO_SWITCH, "probe_C": PROBE_C, "seconds": seconds, "results": results}
+    write_json(out / "active-learning.json", rep)
+    plot(results, out / "active-learning.png")
+    wall = ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())
+    with atomic_path(out / "active-learning.md") as tmp:
+        tmp.write_text(
+            table(results, command) + f"\nWall time per pool (one process each, run side by side): {wall}.\n"
+        )
+    print(table(results, command))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1,2,3")
@@ -135,53 +191,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=2000, help="Fashion-MNIST test size")
     ap.add_argument("--datasets", default="fashion-mnist,tuxpaint")
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--report-only", action="store_true", help="Only rebuild the report from the per-pool files")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    bb, cache = create_backbone("effnet-minilm"), FeatureCache()
-    strategies = ["random", "typical", "coreset", "margin", "entropy", "auto", *(f"auto@{t:g}" for t in SWITCHES)]
-    results: dict = {}
-    t0 = time.time()
-    for name in args.datasets.split(","):
-        data = load_data(name)
-        if name == "fashion-mnist":
-            rng = np.random.default_rng(0)
-            pool_ds = data["train"].subset(np.sort(rng.choice(len(data["train"]), args.pool, replace=False)))
-            test_ds = data["test"].subset(np.sort(rng.choice(len(data["test"]), args.test, replace=False)))
-        else:
-            halves = stratified_split(next(iter(data.values())), {"pool": 0.5, "test": 0.5}, seed=0)
-            pool_ds, test_ds = halves["pool"], halves["test"]
-        pool, test = features(bb, pool_ds, cache), features(bb, test_ds, cache)
-        c = pool_ds.num_classes
-        acc: dict = {s: {str(b): [] for b in BUDGETS} for s in strategies}
-        for s in strategies:
-            for seed in seeds:
-                for b, a in simulate(s, pool, test, c, c, seed).items():
-                    acc[s][str(b)].append(a)
-            print(
-                name,
-                s,
-                {b: round(100 * float(np.mean(v)), 1) for b, v in acc[s].items()},
-                f"{time.time() - t0:.0f} s",
-                flush=True,
-            )
-        results[name] = {"pool": len(pool_ds), "test": len(test_ds), "classes": c, "seeds": seeds, "accuracy": acc}
-    command = "python benchmarks/studies/active_learning.py " + " ".join(
-        f"--{k} {v}"
-        for k, v in (("seeds", args.seeds), ("pool", args.pool), ("test", args.test), ("datasets", args.datasets))
-    )
     out = Path(args.out)
-    report = {
-        "command": command,
-        "auto_switch": AUTO_SWITCH,
-        "probe_C": PROBE_C,
-        "seconds": round(time.time() - t0, 1),
-        "results": results,
-    }
-    write_json(out / "active-learning.json", report)
-    plot(results, out / "active-learning.png")
-    with atomic_path(out / "active-learning.md") as tmp:
-        tmp.write_text(table(results, command) + f"\nWall time: {report['seconds']} s.\n")
-    print(table(results, command))
+    if not args.report_only:
+        for name in args.datasets.split(","):
+            run_dataset(name, args, [int(s) for s in args.seeds.split(",")], out)
+    report(args, out)
 
 
 if __name__ == "__main__":
