@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -311,7 +312,7 @@ def suggest(
     strategy: str = "auto",
     *,
     method: Method | None = None,
-    exclude: set[str] = frozenset(),  # type: ignore[assignment]
+    exclude: Collection[str] = (),
     seed: int = 1,
     ctx: RunContext | None = None,
     backbone: Backbone | None = None,
@@ -333,12 +334,13 @@ def suggest(
 
             backbone = create_backbone("effnet-minilm")
     names = [item_name(it) for it in pool.items]
-    labelled = np.array([nm in exclude for nm in names], dtype=bool)
+    done = set(exclude)
+    labelled = np.array([nm in done for nm in names], dtype=bool)
     emb = pool_embeddings(backbone, pool, ctx)
     probs = model_scores(method, pool, ctx) if method is not None else None
     if strategy == "auto":
         learnt = method is not None and method.trains_on_images
-        strategy = auto_strategy(len(exclude), len(method.classnames) if method else 0, learnt)
+        strategy = auto_strategy(len(done), len(method.classnames) if method else 0, learnt)
     if strategy in NEEDS_MODEL and method is None:
         raise ConfigError(f"strategy {strategy} ranks by a model's scores: give a model (--model)")
     picks = choose(emb, labelled, n, strategy, probs, seed, bool(method and method.multilabel))
