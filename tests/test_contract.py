@@ -166,3 +166,25 @@ def test_the_contract_page_is_generated_from_the_declarations():
     start = page.index("<!-- contract table")
     table = page[page.index("\n", start) + 1 : page.index("<!-- end of the contract table")]
     assert table.strip() == contract_table().strip(), "regenerate docs/methods.md: vlclassify methods --contract"
+
+
+def test_the_worked_example_of_docs_extending_passes_check_method():
+    """docs/examples/nearest_mean.py, the one-file method docs/extending.md walks through."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "docs" / "examples" / "nearest_mean.py"
+    spec = importlib.util.spec_from_file_location("nearest_mean", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nearest_mean"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)  # registers "nearest-mean"
+    try:
+        ran = check_method(module.NearestMean)
+        assert "onnx" in ran and "refuses multi" in ran and "fits single" in ran
+        assert check_method(module.NearestMean, {"feature": "image", "temperature": 0.1})
+    finally:
+        METHODS.unregister("nearest-mean")
+        del sys.modules["nearest_mean"]
+    assert "nearest-mean" not in list_methods()

@@ -267,12 +267,10 @@ def test_composites_are_deterministic(tmp_path):
     for s in ("train", "val", "test"):
         assert [it.labels for it in a[s].items] == [it.labels for it in b[s].items]
         for x, y in zip(a[s].items, b[s].items):
-            assert (tmp_path / "a" / s).exists() and open(x.image, "rb").read() == open(y.image, "rb").read()
+            assert (tmp_path / "a" / s).exists() and x.image.read_bytes() == y.image.read_bytes()
         assert all(1 <= len(it.labels) <= 3 for it in a[s].items)
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["counts"] == {"train": 4, "val": 2, "test": 2}
-    assert [open(x.image, "rb").read() for x in a["train"].items] != [
-        open(x.image, "rb").read() for x in c["train"].items
-    ]
+    assert [x.image.read_bytes() for x in a["train"].items] != [x.image.read_bytes() for x in c["train"].items]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def stripes_manifest(folder) -> str:
     rows = []
     for split, seed, n in (("train", 10, 24), ("val", 11, 12), ("test", 12, 12)):
         for i, it in enumerate(stripes(n, seed).items):
-            Image.fromarray(it.image).save(folder / f"{split}{i}.png")
+            Image.fromarray(it.image.array).save(folder / f"{split}{i}.png")
             rows.append({"image": f"{split}{i}.png", "labels": [NAMES[c] for c in it.labels], "split": split})
     man = folder / "data.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))

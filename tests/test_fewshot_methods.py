@@ -196,7 +196,7 @@ def test_explain_map_and_png(toy, enc, tmp_path):
     from vlclassify.cli import app
 
     out = tmp_path / "heat.png"
-    r = CliRunner().invoke(app, ["explain", str(tmp_path / "vt"), item.image, "--class", "red", "--out", str(out)])
+    r = CliRunner().invoke(app, ["explain", str(tmp_path / "vt"), item.image.path, "--class", "red", "--out", str(out)])
     assert r.exit_code == 0, r.output
     im = Image.open(out)
     assert im.format == "PNG" and min(im.size) >= 224

@@ -27,14 +27,14 @@ def pool(tmp_path):
 
 
 def test_two_tabs_never_get_the_same_image_and_answers_need_the_lease(tmp_path, toy, pool):
-    c = TestClient(create_label_app(_session(tmp_path, toy)))
+    c = TestClient(base_url="http://127.0.0.1", app=create_label_app(_session(tmp_path, toy)))
     a, b = (c.post("/next", json={"tab": t}).json() for t in ("A", "B"))
     assert a["id"] != b["id"]
     assert c.post("/next", json={"tab": "A"}).json()["id"] == a["id"]  # a reload keeps the tab's image
     r = c.post("/answer", json={"tab": "B", "id": a["id"], "labels": ["red"]})
-    assert r.status_code == 400 and "not leased to this tab" in r.json()["error"]
+    assert r.status_code == 400 and "not leased to this tab" in r.json()["detail"]
     r = c.post("/answer", json={"tab": "A", "id": a["id"], "labels": ["red", "blue"]})
-    assert r.status_code == 400 and "exactly one label" in r.json()["error"]
+    assert r.status_code == 400 and "exactly one label" in r.json()["detail"]
     assert c.post("/answer", json={"tab": "A", "id": a["id"], "labels": ["red"]}).json()["progress"]["labelled"] == 1
     assert c.post("/skip", json={"tab": "B", "id": b["id"]}).json() == {"ok": True}
     seen = {a["id"], b["id"]}
@@ -49,7 +49,7 @@ def test_two_tabs_never_get_the_same_image_and_answers_need_the_lease(tmp_path, 
 
 def test_multilabel_rows_are_a_manifest_fit_reads(tmp_path, toy, pool):
     s = _session(tmp_path, toy, multilabel=True, budget=2)
-    c = TestClient(create_label_app(s))
+    c = TestClient(base_url="http://127.0.0.1", app=create_label_app(s))
     for labels in (["red", "blue"], ["green"]):
         item = c.post("/next", json={"tab": "A"}).json()
         assert item["multilabel"] is True
@@ -66,7 +66,7 @@ def test_multilabel_rows_are_a_manifest_fit_reads(tmp_path, toy, pool):
 
 def test_resume_drops_a_torn_row_and_never_asks_a_labelled_image(tmp_path, toy, pool):
     s = _session(tmp_path, toy)
-    c = TestClient(create_label_app(s))
+    c = TestClient(base_url="http://127.0.0.1", app=create_label_app(s))
     done = []
     for _ in range(3):
         item = c.post("/next", json={"tab": "A"}).json()
@@ -77,7 +77,7 @@ def test_resume_drops_a_torn_row_and_never_asks_a_labelled_image(tmp_path, toy, 
     s2 = _session(tmp_path, toy)
     assert [name for name, _ in s2.rows] == done
     assert (tmp_path / "labels.csv").read_text().endswith("green\n")
-    c2 = TestClient(create_label_app(s2))
+    c2 = TestClient(base_url="http://127.0.0.1", app=create_label_app(s2))
     asked = []
     while not (item := c2.post("/next", json={"tab": "B"}).json()).get("done"):
         asked.append(s2.names[item["id"]])
@@ -87,7 +87,7 @@ def test_resume_drops_a_torn_row_and_never_asks_a_labelled_image(tmp_path, toy, 
 
 def test_undo_takes_back_the_row(tmp_path, toy, pool):
     s = _session(tmp_path, toy)
-    c = TestClient(create_label_app(s))
+    c = TestClient(base_url="http://127.0.0.1", app=create_label_app(s))
     first = c.post("/next", json={"tab": "A"}).json()
     c.post("/answer", json={"tab": "A", "id": first["id"], "labels": ["red"]})
     assert c.post("/undo", json={"tab": "A"}).json() == {"ok": True, "id": first["id"]}
@@ -97,7 +97,9 @@ def test_undo_takes_back_the_row(tmp_path, toy, pool):
 
 
 def test_token_and_bad_labels_file(tmp_path, toy, pool):
-    c = TestClient(create_label_app(_session(tmp_path, toy), ServeConfig(token="s3cret")))
+    c = TestClient(
+        base_url="http://127.0.0.1", app=create_label_app(_session(tmp_path, toy), ServeConfig(token="s3cret"))
+    )
     assert c.post("/next", json={"tab": "A"}).status_code == 401
     assert c.get("/healthz").status_code == 200
     ok = c.post("/next", json={"tab": "A"}, headers={"Authorization": "Bearer s3cret"})

@@ -679,7 +679,7 @@ def predict(
 ) -> None:
     """Print each image's decision (the class, 'uncertain', or the labels found) and top scores."""
     from .data import Dataset, Item, load_data
-    from .data.loaders import file_key
+    from .data.source import file_key
     from .errors import DataError
     from .methods import load_method
     from .methods.base import TEXT
@@ -802,7 +802,7 @@ def explain(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Draw where a class's text attends in an image, as a heatmap PNG."""
-    from .data.images import load_image
+    from .data.decoder import decode
     from .errors import DataError
     from .methods import load_method
     from .plots.heatmap import save_heatmap
@@ -818,7 +818,7 @@ def explain(
     if class_ is None:
         rows = [item] if text else [str(image)]  # a list of Items, or of paths
         class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict(rows, ctx=ctx)[0])]
-    save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
+    save_heatmap(decode(str(image)), heat, out, title=f"{m.name}: {class_}")
     console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
 
 
@@ -839,12 +839,33 @@ def serve(
     max_images: int = typer.Option(32, min=1, help="Images in one /predict/batch call."),
     timeout: float = typer.Option(30.0, min=0.001, help="Seconds a request may take, upload included (504)."),
     decode_workers: int = typer.Option(2, min=1, help="Threads decoding uploaded images."),
+    workers: int | None = typer.Option(
+        None, min=1, help="Processes serving the model, sharing the port and the cores (default: the cores)."
+    ),
+    allowed_hosts: str | None = typer.Option(
+        None,
+        help="Comma-separated Host header names answered, '*' for any "
+        "(default: the --host address, localhost, 127.0.0.1, ::1; any for 0.0.0.0 / ::).",
+    ),
+    max_aspect: float = typer.Option(20.0, min=1, help="Largest side ratio of an image (413)."),
+    pixels_in_flight: int = typer.Option(
+        80_000_000, min=1, help="Pixels being decoded at once, all requests together (more wait their turn)."
+    ),
+    max_requests: int = typer.Option(256, min=1, help="Requests in progress at once; more get 503 + Retry-After."),
+    max_connections: int = typer.Option(1000, min=1, help="Open sockets per worker; more get 503 and are closed."),
+    header_timeout: float = typer.Option(
+        10.0, min=0.001, help="Seconds a connection has to send a request's headers (then it is closed)."
+    ),
     log_level: str = typer.Option("info", help="uvicorn and service log level."),
 ) -> None:
     """Serve a fitted model over HTTP: /predict, /predict/batch, /explain, a web page at /, /metrics."""
+    from .features.runtime import cpu_count
     from .serve import BatchConfig, ServeConfig
     from .serve import serve as run_server
+    from .serve.app import default_hosts
+    from .serve.protocol import ConnectionLimits
 
+    hosts = tuple(h.strip().lower() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts else None
     config = ServeConfig(
         token=token or None,
         max_bytes=max_bytes,
@@ -852,9 +873,22 @@ def serve(
         max_images=max_images,
         timeout=timeout,
         decode_workers=decode_workers,
+        max_aspect=max_aspect,
+        pixels_in_flight=pixels_in_flight,
+        max_requests=max_requests,
+        allowed_hosts=hosts if hosts is not None else default_hosts(host),
         batching=BatchConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size),
+        connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections),
     )
-    run_server(str(model_dir), host=host, port=port, config=config, insecure=insecure, log_level=log_level)
+    run_server(
+        str(model_dir),
+        host=host,
+        port=port,
+        config=config,
+        insecure=insecure,
+        log_level=log_level,
+        workers=workers or cpu_count(),
+    )
 
 
 @app.command()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.images import load_image
+from .data.decoder import decode
 from .data.items import Dataset, Item
 from .errors import ConfigError
 from .features.runtime import has_trunk, trunk_of
@@ -145,7 +145,7 @@ def export_onnx(
     graph = ProbabilityGraph(method, activation).eval()
     size = bb.image_size
     items = check_items(check_images)
-    pixels = torch.stack([bb.preprocess(load_image(it)) for it in items])  # [n, 3, H, W]
+    pixels = torch.stack([bb.preprocess(decode(it, size=size)) for it in items])  # [n, 3, H, W]
     expected = method.predict_proba(Dataset(items=items, classnames=method.classnames, name="export-check"))
     sidecar = out.with_name(out.name + ".json")
     with atomic_path(out) as tmp:
@@ -186,7 +186,7 @@ def export_onnx(
                 "preprocessing": {
                     **bb.preprocess_config(),
                     "image_size": size,
-                    "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.images.to_rgb)",
+                    "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.decoder.to_rgb)",
                 },
                 "decision": {"rule": rule.describe(), **rule.to_dict()},
                 "backbone": {"name": bb.name, "weights": bb.weights_fingerprint()},

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .data.items import Dataset, Item
+from .data.source import FileSource
 from .errors import ConfigError, DataError
 from .utils import atomic_path, read_json
 
@@ -63,7 +64,8 @@ class Suggestion:
 def load_pool(spec: str) -> Dataset:
     """Every image of a data spec, labels ignored. A folder is read whole, sub-folders included
     (an unlabelled folder has no class sub-folders); any other spec is `load_data`'s, splits joined."""
-    from .data.loaders import IMAGE_EXTS, file_key
+    from .data.decoder import IMAGE_EXTS
+    from .data.source import file_key
     from .data.spec import load_data, parse_spec
 
     base, opts = parse_spec(spec)
@@ -72,7 +74,7 @@ def load_pool(spec: str) -> Dataset:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
         if not files:
             raise DataError(f"{root}: no images in the folder ({', '.join(sorted(IMAGE_EXTS))})")
-        items = [Item(image=str(p.resolve()), key=file_key(p), origin=str(p)) for p in files]
+        items = [Item(image=FileSource(str(p.resolve())), key=file_key(p), origin=str(p)) for p in files]
         return Dataset(items=items, classnames=[], name=root.name)
     splits = load_data(spec)
     seen: set[str] = set()
@@ -88,7 +90,7 @@ def load_pool(spec: str) -> Dataset:
 
 def item_name(item: Item) -> str:
     """An item's `image` value: the absolute path of its file, else its key (built-in arrays)."""
-    return os.path.abspath(item.image) if isinstance(item.image, str) else item.key
+    return os.path.abspath(item.image.path) if isinstance(item.image, FileSource) else item.key
 
 
 def labelled_in_csv(path: str | os.PathLike) -> set[str]:

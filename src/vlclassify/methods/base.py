@@ -65,6 +65,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..context import RunContext
+from ..data.classes import check_spellings
 from ..data.items import Dataset, Item
 from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
@@ -205,7 +206,7 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
         return items
     rows = list(items)
     if rows and isinstance(rows[0], str):
-        from ..data.loaders import file_key
+        from ..data.source import file_key
 
         paths = cast(list[str], rows)
         missing = [p for p in paths if not Path(p).is_file()]
@@ -287,7 +288,7 @@ class Method:
 
     @property
     def feature_cache(self) -> FeatureCache:
-        """The feature store of the call in progress (`ctx.cache`)."""
+        """The feature store of the call in progress (the context's cache)."""
         cache = self.ctx.cache
         assert cache is not None, "using() resolves the default cache"
         return cache
@@ -483,6 +484,7 @@ class Method:
     ) -> Method:
         self._check_fitted()
         merged = list(dict.fromkeys([*self.classnames, *classes, *(train.classnames if train is not None else [])]))
+        check_spellings(merged, f"update of {self.name}")
         added = [c for c in merged if c not in self.classnames]
         train = train.with_classes(merged) if train is not None else None
         val = val.with_classes(merged) if val is not None and len(val) else None
@@ -699,7 +701,7 @@ class Method:
 
     @property
     def activation(self) -> str:
-        """The main task's score activation: the declared one (`tags.activation`), else sigmoid for
+        """The main task's score activation: the declared one (the tags' activation), else sigmoid for
         multi-label data and softmax otherwise. Other tasks are single-label: softmax."""
         declared = type(self).tags.activation
         return declared if declared != "auto" else ("sigmoid" if self.multilabel else "softmax")
@@ -773,7 +775,7 @@ class Method:
                     self.task_name(t): {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
                     for k, t in enumerate(self.task_classes)
                 }
-            name = it.image if isinstance(it.image, str) else it.key
+            name = it.image.describe() if it.image is not None else it.key
             results.append(Prediction(tasks, weights, str(name)))
         return results
 

@@ -21,8 +21,8 @@ async function post(path, body) {
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ tab, ...body }),
   });
-  const data = await resp.json().catch(() => ({ error: resp.status + " " + resp.statusText }));
-  if (!resp.ok) throw new Error(data.error || resp.statusText);
+  const data = await resp.json().catch(() => ({ message: resp.status + " " + resp.statusText }));
+  if (!resp.ok) throw new Error(data.detail || data.message || resp.statusText);
   return data;
 }
 

@@ -43,11 +43,12 @@ from starlette.routing import Route
 
 from ..context import RunContext
 from ..data.items import Dataset, Item
+from ..data.source import FileSource
 from ..errors import ConfigError, DataError, VLClassifyError
 from ..features import FeatureCache
 from ..suggest import auto_strategy, choose, item_name, labelled_by_model, model_scores, pool_embeddings
 from ..utils import atomic_path
-from .app import PAGE_CSP, TOKEN_COOKIE, Guard, Metrics, ServeConfig, check_bind
+from .app import PAGE_CSP, TOKEN_COOKIE, Guard, Metrics, ServeConfig, _http_error, _refused, check_bind
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
@@ -88,7 +89,7 @@ class LabelSession:
     ) -> None:
         from ..methods import load_method
 
-        not_files = [it for it in pool.items if not isinstance(it.image, str)]
+        not_files = [it for it in pool.items if not isinstance(it.image, FileSource)]
         if not_files:
             raise DataError(
                 f"{pool.name}: item {not_files[0].key} is not an image file; the page labels files "
@@ -318,7 +319,7 @@ class LabelSession:
     # ---- the model ----------------------------------------------------------------------------
     def labelled_dataset(self) -> Dataset:
         """Every answer so far as a Dataset over the page's classes (pool items keep their keys)."""
-        from ..data.loaders import file_key
+        from ..data.source import file_key
 
         cidx = {c: k for k, c in enumerate(self.classes)}
         items = []
@@ -473,7 +474,9 @@ def create_label_app(session: LabelSession, config: ServeConfig | None = None) -
         i = request.path_params["id"]
         if not 0 <= i < len(session.pool):
             raise HTTPException(404, f"no pool image {i}")
-        path = str(session.pool.items[i].image)
+        source = session.pool.items[i].image
+        assert isinstance(source, FileSource)  # the session takes image files only
+        path = source.path
         kind = IMAGE_TYPES.get(Path(path).suffix.lower(), "application/octet-stream")
         return FileResponse(path, media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
 
@@ -488,13 +491,6 @@ def create_label_app(session: LabelSession, config: ServeConfig | None = None) -
                     "model": session.model_info(),
                 }
             )
-
-    async def user_error(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": str(exc).splitlines()[0] or type(exc).__name__}, status_code=400)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
     routes = [
         Route("/", page, methods=["GET"]),
@@ -512,7 +508,8 @@ def create_label_app(session: LabelSession, config: ServeConfig | None = None) -
     return Starlette(
         routes=routes,
         middleware=[Middleware(Guard, config=config, metrics=Metrics())],
-        exception_handlers={VLClassifyError: user_error, HTTPException: http_error},
+        # `serve`'s error shape: one JSON line {code, message, detail}
+        exception_handlers={VLClassifyError: _refused, HTTPException: _http_error},  # type: ignore[dict-item]
     )
 
 
