@@ -95,12 +95,18 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2))
     for ax, (name, r) in zip(np.atleast_1d(axes), results.items()):
+        today = "auto" if r["auto_switch"] == AUTO_SWITCH else f"auto@{AUTO_SWITCH:g}"  # the rule auto uses now
         for s, by_budget in r["accuracy"].items():
-            if s.startswith("auto@"):
+            if s.startswith("auto") and s != today:
                 continue
             m = [100 * np.mean(by_budget[str(b)]) for b in BUDGETS]
+            label = f"auto (T = {AUTO_SWITCH:g})" if s == today else s
             ax.plot(
-                [b * r["classes"] for b in BUDGETS], m, marker="o", label=s, lw=2.5 if s in ("auto", "random") else 1.2
+                [b * r["classes"] for b in BUDGETS],
+                m,
+                marker="o",
+                label=label,
+                lw=2.5 if s in (today, "random") else 1.2,
             )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labels")
@@ -127,7 +133,10 @@ def table(results: dict, command: str) -> str:
                 v = np.array(by_budget[str(b)])
                 d = "" if s == "random" else f" ({100 * (v.mean() - rand[b]):+.1f})"
                 cells.append(f"{100 * v.mean():.1f} ± {100 * v.std():.1f}{d}")
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            name_ = f"auto (T = {r['auto_switch']:g})" if s == "auto" else s
+            if s == f"auto@{AUTO_SWITCH:g}" or (s == "auto" and r["auto_switch"] == AUTO_SWITCH):
+                name_ += " = today's auto"
+            lines.append(f"| {name_} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -155,7 +164,8 @@ def run_dataset(name: str, args, seeds: list[int], out: Path) -> None:
             for b, a in simulate(s, pool, test, c, c, seed).items():
                 acc[s][str(b)].append(a)
         print(name, s, {b: round(100 * float(np.mean(v)), 1) for b, v in acc[s].items()}, f"{time.time() - t0:.0f} s")
-        result = {"pool": len(pool_ds), "test": len(test_ds), "classes": c, "seeds": seeds, "accuracy": acc}
+        result = {"pool": len(pool_ds), "test": len(test_ds), "classes": c, "seeds": seeds, "auto_switch": AUTO_SWITCH}
+        result["accuracy"] = acc
         write_json(
             out / f"active-learning-{name}.json",
             {**result, "seconds": round(time.time() - t0, 1), "complete": k == len(strategies) - 1},
@@ -173,7 +183,13 @@ def report(args, out: Path) -> None:
         f"--{k} {v}" for k, v in (("seeds", args.seeds), ("pool", args.pool), ("test", args.test))
     )
     seconds = {n: r["seconds"] for n, r in results.items()}
-    rep = {"command": command, "auto_switch": AUTO_SWITCH, "probe_C": PROBE_C, "seconds": seconds, "results": results}
+    rep = {
+        "command": command,
+        "auto_switch_now": AUTO_SWITCH,
+        "probe_C": PROBE_C,
+        "seconds": seconds,
+        "results": results,
+    }
     write_json(out / "active-learning.json", rep)
     plot(results, out / "active-learning.png")
     wall = ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 STRATEGIES = ("auto", "typical", "margin", "entropy", "coreset", "random")
 NEEDS_MODEL = ("margin", "entropy")
-AUTO_SWITCH = 2.0  # labels per class from which `auto` turns from typical to margin (docs/labelling.md)
+AUTO_SWITCH = 4.0  # labels per class from which `auto` turns from typical to margin (measured: docs/labelling.md)
 TYPICAL_NEIGHBOURS = 20  # TypiClust's K: typicality = 1 / mean distance to the K nearest neighbours
 CANDIDATES_PER_PICK = 10  # margin / entropy: the n * 10 most uncertain images are clustered into n groups
 KMEANS_ITERS = 30
