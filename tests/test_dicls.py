@@ -338,40 +338,13 @@ def test_label_outside_class_list_names_the_item(toy, cache):
         small(toy, cache).fit(bad)
 
 
-def test_ablation_bench_writes_table(tmp_path):
-    from typer.testing import CliRunner
-
-    from vlclassify.cli import app
+def test_ablation_study_writes_table(tmp_path):
+    from conftest import load_study
 
     man = stripes_manifest(tmp_path)
-    r = CliRunner().invoke(
-        app,
-        [
-            "bench",
-            "dicls",
-            "-d",
-            man,
-            "--rows",
-            "0,3",
-            "--seeds",
-            "0,1",
-            "--jobs",
-            "1",
-            "--backbone",
-            "toy",
-            "--opt",
-            "dim=16",
-            "--opt",
-            "heads=2",
-            "--opt",
-            "epochs=2",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "t",
-        ],
-    )
-    assert r.exit_code == 0, r.output
+    args = ["-d", str(man), "--rows", "0,3", "--seeds", "0,1", "--jobs", "1", "--backbone", "toy"]
+    opts = ["--opt", "dim=16", "--opt", "heads=2", "--opt", "epochs=2"]
+    load_study("dicls").main(args + opts + ["--out", str(tmp_path), "--name", "t"])
     res = json.loads((tmp_path / "t.json").read_text())
     assert len(res["runs"]) == 1 + 2 and res["total_cpu_s"] > 0  # the linear probe runs once
     aln = [x for x in res["summary"] if x["row"].startswith("+ ALN")]

@@ -230,7 +230,7 @@ def test_bad_input(toy, enc):
 
 
 def test_bench_drops_tiny_classes(enc):
-    from vlclassify.bench.fewshot import drop_small_classes
+    from vlclassify.fewshot import drop_small_classes
 
     _, _, ds = enc
     small = ds.subset([i for i, l in enumerate(ds.labels()) if l != 1 or i % 6 == 0])  # one class keeps 1 image

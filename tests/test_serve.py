@@ -57,8 +57,7 @@ def splits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero_shot(toy):
-    m = create_method("zero-shot", toy)
-    return m.set_classes(list(COLORS))
+    return create_method("zero-shot", toy).set_classes(list(COLORS))
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +76,9 @@ def client(zero_shot):
 
 
 def expected(method, data: bytes, text=None, top=5):
-    item = Item(image=decoded(data), text=text, key="x")
-    return method.predict_results(Dataset([item], method.classnames, "t"), top=top)[0].to_dict()
+    item = Item(image=decoded(data), text=text, key="x")  # arrays are keyed by name: no cache
+    ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
+    return method.predict_results(Dataset([item], method.classnames, "t"), top=top, ctx=ctx)[0].to_dict()
 
 
 def local(app) -> TestClient:
@@ -235,11 +235,11 @@ class Slow:
         self.running = threading.Event()
         self.batches: list[int] = []
 
-    def __call__(self, data, top=5, *, ctx=None):
+    def __call__(self, data, top=5, **kw):
         self.running.set()
         self.batches.append(len(data))
         time.sleep(self.seconds)
-        return self.inner(data, top=top, ctx=ctx)
+        return self.inner(data, top=top, **kw)
 
 
 def test_timeout_504_and_full_queue_503(zero_shot, monkeypatch):

@@ -17,11 +17,11 @@ import warnings
 import numpy as np
 
 from vlclassify.backbones import create_backbone
-from vlclassify.bench.report import write_json_and_markdown
 from vlclassify.context import RunContext
 from vlclassify.data import load_data
 from vlclassify.methods import create_method
 from vlclassify.methods.decision import choose_rule
+from vlclassify.utils import write_json_and_markdown
 
 
 def _f1(y: np.ndarray, pred: np.ndarray) -> float:

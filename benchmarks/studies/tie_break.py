@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from vlclassify.backbones import create_backbone
-from vlclassify.bench.fewshot import drop_small_classes
-from vlclassify.bench.report import write_json_and_markdown
 from vlclassify.context import RunContext
 from vlclassify.data import fewshot, load_data
 from vlclassify.features import extract_features
+from vlclassify.fewshot import drop_small_classes
 from vlclassify.methods import Encoded, create_method
 from vlclassify.methods.cmm import fused_log_probs
 from vlclassify.training import select_best
+from vlclassify.utils import write_json_and_markdown
 
 RULES = ("first", "loss", "middle", "default")
 DEFAULTS = {  # each search's default candidate (what the method uses without validation data)

@@ -29,8 +29,8 @@ from vlclassify.context import RunContext
 from vlclassify.data import plan_splits, stratified_split
 from vlclassify.features import FeatureCache
 from vlclassify.methods import Encoded
-from vlclassify.methods.presets import resolve_presets
 from vlclassify.methods.tip_adapter_f import TipAdapterF
+from vlclassify.protocols import resolve_presets
 from vlclassify.utils import write_json
 
 

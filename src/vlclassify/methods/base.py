@@ -653,13 +653,13 @@ class Method:
 
     def val_metric(self, val: Encoded) -> Callable[[nn.Module], dict[str, float]]:
         """Validation score of the main task for the Trainer: accuracy, or mAP (multi-label)."""
-        from ..metrics import mean_average_precision
+        from ..metrics import score
 
         if self.multilabel:
             y = val.dataset.multi_hot()
-            return lambda head: {"score": mean_average_precision(y, self._scores(self._forward(head, val)["logits"]))}
-        yt = torch.as_tensor(val.dataset.labels())
-        return lambda head: {"score": float((self._forward(head, val)["logits"].argmax(-1) == yt).float().mean())}
+            return lambda head: {"score": score(MULTI, y, self._scores(self._forward(head, val)["logits"]))["mAP"]}
+        yt = val.dataset.labels()
+        return lambda head: {"score": score(SINGLE, yt, self._forward(head, val)["logits"].numpy())["accuracy"]}
 
     def init_head(self, spec: dict[str, Any]) -> nn.Module:
         """Build the head for a new fit, its random initialisation drawn from the method's seed."""
