@@ -188,7 +188,11 @@ def extract(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
     runtime: str = typer.Option("auto", help="Image trunk runtime: auto (ONNX Runtime when installed), torch, onnx."),
     device: str = typer.Option("auto", help="auto (CUDA when present; one GPU per torchrun process), cpu, cuda[:i]."),
-    precision: str = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    precision: str = typer.Option(
+        "auto",
+        help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16, or int8 (the ONNX trunk quantised, "
+        "CPU: its own feature space, see docs/benchmarks.md).",
+    ),
     shard_rows: int = typer.Option(1024, min=1, help="Rows per store shard: what a killed run can lose per process."),
     batch_size: int = typer.Option(64, min=1, help="Images per encoder batch."),
     backbone: str = BACKBONE_OPT,
@@ -280,6 +284,9 @@ def fit(
     split_file: Path | None = typer.Option(
         None, "--split-file", help="Train/val items from this split.json (written by every fit) instead of sampling."
     ),
+    export_onnx: bool = typer.Option(
+        False, "--export-onnx", help="Also write the ONNX export that `predict` answers from without torch."
+    ),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
@@ -364,6 +371,14 @@ def fit(
             write_split_file(tmp / "split.json", splits, _absolute_spec(data))
         write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
+    if export_onnx:
+        from .export import export_beside, onnx_problem
+
+        why = onnx_problem(m)
+        if why:
+            console.print(f"note: no ONNX export: {why}", markup=False, soft_wrap=True)
+        else:
+            console.print(f"wrote {export_beside(m, out)}")
 
 
 @data_app.command("export")
@@ -592,14 +607,19 @@ def predict(
     top: int = typer.Option(5, min=1, help="How many classes to print per image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line instead of text."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Also write the predictions as a CSV table."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, or int8 (the image trunk quantised: faster on CPU, see docs/benchmarks.md)."
+    ),
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Print each image's decision (the class, 'uncertain', or the labels found) and top scores."""
-    from .data import Dataset, Item, load_data
+    """Print each image's decision (the class, 'uncertain', or the labels found) and top scores.
+
+    A model that exports to ONNX answers from its export beside the model (made at the first
+    predict, again when stale or damaged) in ONNX Runtime, without importing torch."""
+    from .data.items import Item
     from .data.loaders import file_key
     from .errors import DataError
-    from .methods import load_method
-    from .methods.base import TEXT
+    from .onnx_predict import OnnxModel, export_problem_here, graph_path
 
     images = list(images or [])
     if bool(images) == bool(data):
@@ -608,10 +628,11 @@ def predict(
         )
     if text and len(text) != len(images):
         raise DataError(f"predict: {len(text)} --text value(s) for {len(images)} image(s); give one per image")
-    m = load_method(model_dir, cache=_cache(cache_dir))
-    m.progress = False
+    graph_path(model_dir, precision)  # an unknown precision fails before any work
     truth: list[str] | None = None  # the main task's true label(s) per item, for the CSV, when the data has them
     if data:
+        from .data import load_data
+
         parts = load_data(data)
         items = [it for ds in parts.values() for it in ds.items]
         truth = [";".join(ds.classnames[c] for c in _true(ds, i)) for ds in parts.values() for i in range(len(ds))]
@@ -623,9 +644,23 @@ def predict(
                 raise DataError(f"{p}: image file not found")
         texts: list[str | None] = list(text) if text else [None] * len(images)
         items = [Item(image=str(p), text=t or None, key=file_key(p)) for p, t in zip(images, texts)]
-    if any(it.text for it in items) and TEXT not in m.takes():
-        console.print(f"note: {m.name} reads images only; the texts are ignored", markup=False)
-    results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top)
+    onnx = None if export_problem_here(model_dir, precision) else OnnxModel(model_dir, precision)
+    m = None
+    if onnx is None:
+        m = _exported_or_torch(model_dir, precision, cache_dir)
+        onnx = OnnxModel(model_dir, precision) if isinstance(m, Path) else None
+    if onnx is not None:  # an exported model: it reads images only
+        if any(it.text for it in items):
+            console.print(f"note: {onnx.method} reads images only; the texts are ignored", markup=False)
+        results = onnx.predict_results(items, top=top)
+    else:
+        from .data import Dataset
+        from .methods.base import TEXT
+
+        assert m is not None and not isinstance(m, Path)
+        if any(it.text for it in items) and TEXT not in m.takes():
+            console.print(f"note: {m.name} reads images only; the texts are ignored", markup=False)
+        results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top)
     for r in results:
         if as_json:
             print(json.dumps(r.to_dict()), flush=True)
@@ -633,6 +668,24 @@ def predict(
             console.print(_result_line(r), markup=False, highlight=False, soft_wrap=True)
     if csv_out is not None:
         _write_predictions_csv(csv_out, results, truth)
+
+
+def _exported_or_torch(model_dir: Path, precision: str, cache_dir: Path | None):
+    """Load the model (torch) and make its export beside it -> the graph's Path; or, for a model
+    that cannot be exported, say so and return the loaded Method (int8 needs the export)."""
+    from .errors import ConfigError
+    from .export import export_beside, onnx_problem
+    from .methods import load_method
+
+    m = load_method(model_dir, cache=_cache(cache_dir))
+    m.progress = False
+    why = onnx_problem(m)
+    if why is None:
+        return export_beside(m, model_dir, precision)
+    if precision != "fp32":
+        raise ConfigError(f"--precision {precision} runs an ONNX export of the model, and {why}")
+    console.print(f"note: predicting with torch: {why}", markup=False, soft_wrap=True)
+    return m
 
 
 def _decision_text(t) -> str:
@@ -757,6 +810,9 @@ def serve(
     timeout: float = typer.Option(30.0, min=0.001, help="Seconds a request may take, upload included (504)."),
     decode_workers: int = typer.Option(2, min=1, help="Threads decoding uploaded images."),
     log_level: str = typer.Option("info", help="uvicorn and service log level."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, or int8: an exported model's trunk quantised (faster on CPU, see docs/benchmarks.md)."
+    ),
 ) -> None:
     """Serve a fitted model over HTTP: /predict, /predict/batch, /explain, a web page at /, /metrics."""
     from .serve import BatchConfig, ServeConfig
@@ -770,6 +826,7 @@ def serve(
         timeout=timeout,
         decode_workers=decode_workers,
         batching=BatchConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size),
+        precision=precision,
     )
     run_server(str(model_dir), host=host, port=port, config=config, insecure=insecure, log_level=log_level)
 
@@ -793,7 +850,9 @@ def export(
         raise ConfigError(f"--format {format_!r} is not supported; formats: onnx")
     m = load_method(model_dir, cache=_cache(cache_dir))
     m.progress = False
-    result = export_onnx(m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None)
+    result = export_onnx(
+        m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None, model_dir=model_dir
+    )
     console.print(
         f"wrote {result.graph} and {result.sidecar}: {result.inputs} -> probabilities of {len(m.classnames)} "
         f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}",

@@ -49,6 +49,7 @@ from ..features.stream import StoredRows, StreamedFeatures, stored_rows
 from ..training import Stage, Trainer, TrainResult
 from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded, sha256_file
+from .decision import MAIN as MAIN  # the main task's name, re-exported: the method modules import it from here
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
 from .templates import cached_template_embeddings
 
@@ -56,7 +57,6 @@ FORMAT_VERSION = 2
 SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
 KINDS = (SINGLE, MULTI, TEXT, TASKS)
 FEATURES = ("image", "pooled", "spatial", "text", "flip", "trunk")  # trunk: activations at a backbone.split cut
-MAIN = "label"  # the task name of a dataset's main label
 
 
 @dataclass

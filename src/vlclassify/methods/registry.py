@@ -12,7 +12,21 @@ if TYPE_CHECKING:
     from .base import Method
 
 M = TypeVar("M", bound="type[Method]")
-METHODS: Registry[type[Method]] = Registry("method")
+SUPPORT = {"base", "decision", "registry", "tags", "templates"}  # the package's modules that are not methods
+
+
+def _import_methods() -> None:
+    """Import every method module of the package: each registers itself (`register_method`)."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__package__ or "vlclassify.methods")
+    for m in pkgutil.iter_modules(package.__path__):
+        if m.name not in SUPPORT and not m.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{m.name}")
+
+
+METHODS: Registry[type[Method]] = Registry("method", load=_import_methods)
 
 
 def register_method(cls: M) -> M:

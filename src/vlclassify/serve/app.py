@@ -44,6 +44,7 @@ from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
 from ..features import FeatureCache
 from ..methods.base import TEXT, Method
+from ..onnx_predict import OnnxModel
 from .batching import BatchConfig, MicroBatcher, QueueFull
 
 log = logging.getLogger("vlclassify.serve")
@@ -68,6 +69,7 @@ class ServeConfig:
     top: int = 5  # scores per answer unless the request asks for `top`
     decode_workers: int = 2  # threads decoding uploads
     batching: BatchConfig = field(default_factory=BatchConfig)
+    precision: str = "fp32"  # an exported model answers from its ONNX graph: fp32, or int8 (its trunk quantised)
 
     def __post_init__(self) -> None:
         if (
@@ -276,12 +278,13 @@ class Upload:
 class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
-    def __init__(self, method: Method, config: ServeConfig) -> None:
+    def __init__(self, method: Method, config: ServeConfig, onnx: OnnxModel | None = None) -> None:
         method.progress = False
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
         method.cache = FeatureCache(enabled=False)
         self.method, self.config = method, config
+        self.onnx = onnx  # the model's ONNX export answers /predict when it has one (onnx_predict.py)
         self.metrics = Metrics()
         self.takes_text = TEXT in method.takes()
         self.batcher = MicroBatcher(
@@ -306,9 +309,11 @@ class Service:
         start = time.perf_counter()
         m = self.method
         items = [Item(image=j.image, text=j.text if self.takes_text else None, key=j.name) for j in jobs]
-        preds = m.predict_results(
-            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs)
-        )
+        top = max(j.top for j in jobs)
+        if self.onnx is not None:
+            preds = self.onnx.predict_results(items, top=top)
+        else:
+            preds = m.predict_results(Dataset(items=items, classnames=m.classnames, name="serve"), top=top)
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
 
@@ -446,6 +451,7 @@ class Service:
                 "decisions": {m.task_name(t): {"rule": r.describe(), **r.to_dict()} for t, r in m.decisions.items()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
+                "runtime": f"onnx-{self.onnx.precision}" if self.onnx is not None else "torch",
                 "explain": has_attention(m),
                 "limits": {
                     "max_bytes": c.max_bytes,
@@ -510,13 +516,14 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _json_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
 
-def create_app(method: Method, config: ServeConfig | None = None) -> Starlette:
+def create_app(method: Method, config: ServeConfig | None = None, onnx: OnnxModel | None = None) -> Starlette:
     """The ASGI app serving a fitted `method` (see the module docstring); the method's feature
-    cache is switched off (served images must not grow it)."""
+    cache is switched off (served images must not grow it). `onnx`: its export, which then answers
+    the predictions."""
     from starlette.middleware import Middleware
 
     config = config or ServeConfig()
-    svc = Service(method, config)
+    svc = Service(method, config, onnx)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -573,7 +580,7 @@ def serve(
     check_bind(host, config.token, insecure)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
     method = load_method(model_dir, cache=FeatureCache(enabled=False))
-    app = create_app(method, config)
+    app = create_app(method, config, _export_of(method, model_dir, config.precision))
     log.info(
         "serving %s (%s) on http://%s:%d%s",
         model_dir,
@@ -591,3 +598,18 @@ def serve(
         limit_concurrency=config.batching.queue_size + 64,  # connections beyond this get uvicorn's 503
         timeout_keep_alive=5,
     )
+
+
+def _export_of(method: Method, model_dir: str, precision: str) -> OnnxModel | None:
+    """The model's ONNX export (made or re-made beside it when needed), or None for a model that
+    has none (it is served with torch; int8 needs the export)."""
+    from ..export import export_beside, onnx_problem
+
+    why = onnx_problem(method)
+    if why is None:
+        export_beside(method, model_dir, precision)
+        return OnnxModel(model_dir, precision)
+    if precision != "fp32":
+        raise ConfigError(f"serve --precision {precision} runs an ONNX export of the model, and {why}")
+    log.info("serving with torch: %s", why)
+    return None
