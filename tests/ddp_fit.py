@@ -5,7 +5,7 @@
 
 Used by tests/test_contract.py to compare one process with two (the Trainer splits each global
 batch across the ranks, so both take the same optimizer steps) and by tests/test_stream.py
-(`stream`: training batches read from the feature store, `Method.stream`).
+(`stream`: training batches read from the feature store, `RunContext.stream`).
 """
 
 import json
@@ -13,6 +13,7 @@ import os
 import sys
 
 from vlclassify.backbones import create_backbone
+from vlclassify.context import RunContext
 from vlclassify.data import load_data
 from vlclassify.methods import create_method
 
@@ -23,9 +24,7 @@ def main(manifest: str, options: str, out: str, stream: str = "") -> None:
     results = {}
     for name, opts in json.loads(options).items():
         m = create_method(name, toy, **opts)
-        m.progress = False
-        m.stream = stream == "stream"
-        m.fit(splits["train"], splits["val"])
+        m.fit(splits["train"], splits["val"], ctx=RunContext(stream=stream == "stream"))
         p = m.predict_proba(splits["val"])
         acc = float((p.argmax(-1) == splits["val"].labels()).mean())
         results[name] = {"val_accuracy": acc, "probs": p.tolist(), "world": int(os.environ.get("WORLD_SIZE", "1"))}

@@ -170,13 +170,11 @@ def test_the_non_default_form_fits_predicts_saves_and_loads(name, toy, color_fol
     form = next(f for f in forms if f != default)
     ds = next(iter(image_folder(str(color_folder)).values()))
     m = create_method(name, toy, input=form, **budget)
-    m.progress = False
     assert ("pooled" in m.feature_needs()) == (form != "joint")
     m.fit(ds, ds)
     p = m.predict_proba(ds)
     assert p.shape == (len(ds), ds.num_classes) and np.isfinite(p).all()
     m.save_pretrained(tmp_path / "model")
     again = load_method(tmp_path / "model", backbone=toy)
-    again.progress = False
     assert again.config.input == form
     np.testing.assert_allclose(again.predict_proba(ds), p, atol=1e-6)

@@ -54,8 +54,7 @@ FAST = dict(
 
 
 def fit(cache, **opts):
-    m = create_method("cma-clip", create_backbone("toy"), cache=cache, **{**FAST, **opts})
-    m.progress = False
+    m = create_method("cma-clip", create_backbone("toy"), **{**FAST, **opts})
     data = make_data(48)
     m.fit(data.subset(range(36)), data.subset(range(36, 48)))
     return m, make_data(24, seed=1)
@@ -73,11 +72,10 @@ def test_fits_three_stages_multitask_and_roundtrips(cache, tmp_path):
     run = tmp_path / "run"
     bb = create_backbone("toy")
     before = {k: v.clone() for k, v in bb.state_dict().items()}
-    m = create_method("cma-clip", bb, cache=cache, **{**FAST, "run_dir": str(run)})
-    m.progress = False
+    m = create_method("cma-clip", bb, **{**FAST, "run_dir": str(run)})
     data, test = make_data(48), make_data(24, seed=1)
     m.fit(data.subset(range(36)), data.subset(range(36, 48)))
-    assert m.tasks == ["color", "shape"] and m.classnames == list(COLORS)
+    assert m.task_columns == ["color", "shape"] and m.classnames == list(COLORS)
     assert m.task_classes == {"label": list(COLORS), "shape": SHAPES}
     stages = [s["name"] for s in m.fit_info["training"]["stages"]]
     assert stages == ["frozen", "end2end", "tuning"]
@@ -100,8 +98,7 @@ def test_fits_three_stages_multitask_and_roundtrips(cache, tmp_path):
     m.save_pretrained(tmp_path / "model")
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert cfg["tasks"] == {"label": list(COLORS), "shape": SHAPES} and cfg["task_columns"] == ["color", "shape"]
-    again = load_method(tmp_path / "model", cache=cache)
-    again.progress = False
+    again = load_method(tmp_path / "model")
     p1, p2 = m.task_probs(test), again.task_probs(test)
     for t in p1:
         np.testing.assert_allclose(p2[t], p1[t], atol=1e-6)
@@ -115,10 +112,7 @@ def test_end_to_end_stage_trains_the_top_of_a_clip(cache, tiny_clip):
     folder, _ = tiny_clip
     bb = create_backbone("hf-clip", path=str(folder))
     before = {k: v.clone() for k, v in bb.state_dict().items()}
-    m = create_method(
-        "cma-clip", bb, cache=cache, **{**FAST, "frozen_epochs": 1, "e2e_epochs": 2, "tune_epochs": 0, "e2e_lr": 1e-2}
-    )
-    m.progress = False
+    m = create_method("cma-clip", bb, **{**FAST, "frozen_epochs": 1, "e2e_epochs": 2, "tune_epochs": 0, "e2e_lr": 1e-2})
     m.fit(make_data(18))
     top = m.head.top
     assert {"vision_layers", "post_layernorm", "visual_projection", "language_layers", "final_layer_norm"} <= {
@@ -139,7 +133,7 @@ def test_refuses_multilabel_data_before_extraction(cache):
         multilabel=True,
         name="multi",
     )
-    m = create_method("cma-clip", create_backbone("toy"), cache=cache)
+    m = create_method("cma-clip", create_backbone("toy"))
     with pytest.raises(DataError, match="cma-clip does not take multi-label data; methods that do: .*dicls"):
         m.fit(ds)
     assert not (cache.root / "features").exists()  # refused before any trunk was computed

@@ -1,25 +1,27 @@
 """The method contract, over every registered method (timm's one-test-for-every-model habit).
 
-For each method x data kind (single-label, multi-label, image + text, two tasks) on the toy
-backbone: fit, predict_proba, predict (decisions), predict_results, save_pretrained, load_method
-and identical outputs after the round trip — or, for a kind the method does not take, the
-one-line refusal before any feature is extracted. A new method is covered the moment it is
-registered: FAST only shortens budgets, a method missing from it runs with its defaults.
+`vlclassify.testing.check_method` runs, for each method, the checks its declarations and tags call
+for: every data kind on the toy backbone (fit, predict, save / load with equal scores, or the
+one-line refusal before any image is decoded), the declared score activation, and update / explain
+/ ONNX export / streaming / names-only where tagged. A new method is covered the moment it is
+registered: FAST only shortens budgets, a method missing from it runs with its defaults. Every
+registered backbone encodes a tiny input here too.
 """
 
 from __future__ import annotations
-
-import csv
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from test_open_clip_adapter import fake_open_clip  # noqa: F401 -- the open-clip stand-in, a fixture
+from vlclassify.backbones import create_backbone, list_backbones
 from vlclassify.data import load_data
-from vlclassify.errors import VLClassifyError
-from vlclassify.methods import create_method, list_methods, load_method
-from vlclassify.methods.base import MULTI, SINGLE, TASKS, TEXT
+from vlclassify.methods import METHODS, create_method, list_methods
+from vlclassify.methods.base import MULTI, SINGLE, TrainOptions
+from vlclassify.testing import KINDS as KIND_NAMES
+from vlclassify.testing import check_method, write_manifest
 
 FAST = {  # shorter budgets for a quick suite; every other option is the method's default
     "cmm": {"steps": 40},
@@ -30,48 +32,6 @@ FAST = {  # shorter budgets for a quick suite; every other option is the method'
     "dicls": {"epochs": 2, "dim": 16},
     "icar": {"image_epochs": 1, "joint_epochs": 1, "min_steps_per_epoch": 2},
 }
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-SHADES = {"red": "warm", "green": "cold", "blue": "cold"}
-KIND_NAMES = ("single", "multi", "text", "tasks")
-
-
-def _image(path, left, right=None, seed=0):
-    rng = np.random.default_rng(seed)
-    arr = np.zeros((24, 24, 3), dtype=np.float64)
-    arr[:, :12] = COLORS[left]
-    arr[:, 12:] = COLORS[right or left]
-    Image.fromarray(np.clip(arr + rng.normal(0, 15, arr.shape), 0, 255).astype(np.uint8)).save(path)
-
-
-def write_manifest(root, kind: str):
-    """A small CSV of the kind: 3 colours, 8 images each (train 4 / val 2 / test 2)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows, names = [], list(COLORS)
-    for ci, c in enumerate(names):
-        for i in range(8):
-            split = "train" if i < 4 else ("val" if i < 6 else "test")
-            p = root / f"{c}_{i}.png"
-            if kind == "multi":
-                other = names[(ci + 1 + i % 2) % 3]
-                _image(p, c, other if i % 3 else None, seed=ci * 10 + i)
-                labels = sorted({c, other}) if i % 3 else [c]
-                rows.append({"image": p.name, "labels": ",".join(labels), "split": split})
-            else:
-                _image(p, c, seed=ci * 10 + i)
-                row = {"image": p.name, "split": split}
-                if kind == "tasks":
-                    row.update({"color": c, "shade": SHADES[c]})
-                else:
-                    row["label"] = c
-                if kind == "text":
-                    row["text"] = f"a {c} square" if i % 4 else "a square"
-                rows.append(row)
-    path = root / "data.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,63 +40,50 @@ def datasets(tmp_path_factory):
     return {k: load_data(str(write_manifest(root / k, k))) for k in KIND_NAMES}
 
 
-def make(name, toy, cache, **extra):
-    m = create_method(name, toy, cache=cache, **{**FAST.get(name, {}), **extra})
-    m.progress = False
-    return m
+def make(name, toy, cache=None, **extra):
+    return create_method(name, toy, **{**FAST.get(name, {}), **extra})
 
 
-def _refuses(m, ds) -> bool:
-    return (MULTI if ds.multilabel else SINGLE) not in m.takes()
-
-
-@pytest.mark.parametrize("kind", KIND_NAMES)
 @pytest.mark.parametrize("name", list_methods())
-def test_every_method_takes_or_refuses_every_kind(name, kind, toy, cache, datasets, tmp_path, monkeypatch):
-    splits = datasets[kind]
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    m = make(name, toy, cache)
-    if _refuses(m, train):
-        calls = []
-        monkeypatch.setattr(toy, "preprocess", lambda im: calls.append(1))  # any extraction decodes images
-        with pytest.raises(VLClassifyError) as err:
-            m.fit(train, val)
-        msg = str(err.value)
-        assert "\n" not in msg and "does not take" in msg and calls == [], msg
-        assert all(
-            other in msg
-            for other in list_methods()
-            if (MULTI if train.multilabel else SINGLE) in type(create_method(other, toy)).kinds
+def test_every_method_passes_check_method(name):
+    ran = check_method(METHODS.get(name), FAST.get(name, {}))
+    cls = METHODS.get(name)
+    assert len([r for r in ran if r.startswith(("fits", "refuses"))]) == len(KIND_NAMES)
+    for tag in ("update", "explain", "onnx", "stream", "names_only"):
+        assert (tag in ran) == getattr(cls.tags, tag), (name, tag, ran)
+    assert any(r.startswith("fits") for r in ran) and ((SINGLE in cls.kinds) or (MULTI in cls.kinds))
+
+
+def _tiny_clip_backbone(request):
+    folder, _ = request.getfixturevalue("tiny_clip")
+    return create_backbone("hf-clip", path=str(folder))
+
+
+BACKBONES = {  # how the suite builds each registered backbone without downloading weights
+    "toy": lambda request: create_backbone("toy"),
+    "effnet-minilm": lambda request: request.getfixturevalue("effnet"),
+    "hf-clip": _tiny_clip_backbone,  # a random tiny CLIP saved like a checkpoint (conftest.py)
+    "open-clip": lambda request: (
+        request.getfixturevalue("fake_open_clip"),
+        create_backbone("open-clip", model="Tiny"),
+    )[1],
+}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_registered_backbone_encodes_images_and_texts(name, request):
+    assert name in BACKBONES, f"add a stand-in for backbone {name!r} to BACKBONES"
+    bb = BACKBONES[name](request)
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 28, 3), dtype=np.uint8))
+    with torch.no_grad():
+        f = bb.encode_image(
+            torch.stack([bb.preprocess(im), bb.preprocess(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
         )
-        return
-    m.fit(train, val)
-    assert m.head is not None and isinstance(m.head, torch.nn.Module)
-    C = train.num_classes
-    p = m.predict_proba(test)
-    assert p.shape == (len(test), C) and np.isfinite(p).all()
-    if not m.multilabel:
-        assert np.allclose(p.sum(1), 1, atol=1e-5)
-    decided = m.predict(test)
-    assert decided.shape == ((len(test), C) if m.multilabel else (len(test),))
-    results = m.predict_results(test, top=2)
-    assert len(results) == len(test)
-    r = results[0]
-    assert list(r.tasks)[0] == m.task_name("label") and len(r.scores) == 2 and r.scores[0][1] >= r.scores[1][1]
-    assert r.to_dict()["scores"][0]["label"] in train.classnames
-    if TASKS in m.takes() and kind == "tasks":
-        main = next(t for t in train.tasks if train.tasks[t] == train.classnames)  # the column of the main label
-        assert set(r.tasks) == {main, *[t for t in train.tasks if t != main]}
-        assert {m.task_name(t) for t in m.decisions} == set(r.tasks)
-    if kind == "tasks" and TASKS not in m.takes():
-        assert "shade" in " ".join(m.fit_info.get("ignored", []))
-    if kind == "text" and TEXT not in m.takes():
-        assert "texts are ignored" in " ".join(m.fit_info.get("ignored", []))
-    m.save_pretrained(tmp_path / "model")
-    again = load_method(tmp_path / "model", backbone=toy, cache=cache)
-    again.progress = False
-    np.testing.assert_allclose(again.predict_proba(test), p, atol=1e-6)
-    np.testing.assert_array_equal(again.predict(test), decided)
-    assert [x.to_dict() for x in again.predict_results(test, top=2)] == [x.to_dict() for x in results]
+        t = bb.encode_texts_normalized(["a red square", "a cat"], 2)
+    assert f.embeds.shape == (2, bb.embed_dim) and f.pooled.shape == (2, bb.pooled_dim)
+    assert f.tokens.shape[0] == 2 and f.tokens.shape[-1] == bb.embed_dim
+    assert t.shape == (2, bb.embed_dim) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-4)
+    assert all(bool(torch.isfinite(x).all()) for x in (f.embeds, f.pooled, f.tokens, t))
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -149,15 +96,7 @@ def test_every_method_declares_its_contract(name, toy):
     assert (cls.__doc__ or "").strip(), "a one-line description for `vlclassify methods`"
 
 
-def _trains(name: str) -> bool:
-    """A method trains (declares stages) when it overrides Method.stages."""
-    from vlclassify.methods import METHODS
-    from vlclassify.methods.base import Method
-
-    return METHODS.get(name).stages is not Method.stages
-
-
-TRAINABLE = [n for n in list_methods() if _trains(n)]
+TRAINABLE = [n for n in list_methods() if issubclass(METHODS.get(n).Config, TrainOptions)]  # declared training
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -227,3 +166,25 @@ def test_the_contract_page_is_generated_from_the_declarations():
     start = page.index("<!-- contract table")
     table = page[page.index("\n", start) + 1 : page.index("<!-- end of the contract table")]
     assert table.strip() == contract_table().strip(), "regenerate docs/methods.md: vlclassify methods --contract"
+
+
+def test_the_worked_example_of_docs_extending_passes_check_method():
+    """docs/examples/nearest_mean.py, the one-file method docs/extending.md walks through."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "docs" / "examples" / "nearest_mean.py"
+    spec = importlib.util.spec_from_file_location("nearest_mean", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nearest_mean"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)  # registers "nearest-mean"
+    try:
+        ran = check_method(module.NearestMean)
+        assert "onnx" in ran and "refuses multi" in ran and "fits single" in ran
+        assert check_method(module.NearestMean, {"feature": "image", "temperature": 0.1})
+    finally:
+        METHODS.unregister("nearest-mean")
+        del sys.modules["nearest_mean"]
+    assert "nearest-mean" not in list_methods()

@@ -392,6 +392,8 @@ def test_update_with_a_case_variant_of_a_model_class_is_refused(toy, tmp_path, i
     new = load_data(str(write(tmp_path / "b.csv", "image,label\n" + "".join(f"{p},Smile\n" for p in imgs[6:8]))))["all"]
     with pytest.raises(DataError, match=r"'smile' and 'Smile' differ only in case"):
         m.update(new)
+    with pytest.raises(DataError, match=r"'smile' and 'Smile' differ only in case"):
+        m.update(classes=["Smile"])  # by name alone, as `vlclassify update --classes` does
     assert m.classnames == ["frown", "smile"]
 
 

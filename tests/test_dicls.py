@@ -46,8 +46,7 @@ def stripes(n: int, seed: int, multilabel: bool = True) -> Dataset:
 
 
 def small(toy, cache, **kw):
-    m = create_method("dicls", toy, cache=cache, dim=16, heads=2, epochs=kw.pop("epochs", 6), **kw)
-    m.progress = False
+    m = create_method("dicls", toy, dim=16, heads=2, epochs=kw.pop("epochs", 6), **kw)
     return m
 
 
@@ -60,7 +59,7 @@ def test_fit_multilabel_probs_and_save_load(toy, cache, tmp_path):
     assert p.shape == (24, 3) and (p >= 0).all() and (p <= 1).all()
     assert not np.allclose(p.sum(1), 1.0)  # independent sigmoids, not a softmax
     assert mean_average_precision(va.multi_hot(), p) > 0.6  # chance is ~0.5
-    hist = m.fit_info["losses"]
+    hist = m.fit_info["training"]["history"]  # every loss component, per round
     assert {"train_loss_focal", "train_loss_aln", "train_loss_cta", "train_loss_cpa", "train_loss_arcface"} <= set(
         hist[0]
     )
@@ -70,7 +69,7 @@ def test_fit_multilabel_probs_and_save_load(toy, cache, tmp_path):
     assert found.shape == (24, 3) and found.dtype == bool
     np.testing.assert_array_equal(found, p >= np.array(rule.thresholds)[None])
     m.save_pretrained(tmp_path / "m")
-    m2 = load_method(tmp_path / "m", cache=cache)
+    m2 = load_method(tmp_path / "m")
     np.testing.assert_allclose(m2.predict_proba(va), p, atol=1e-6)
     assert m2.decision() == rule and (m2.predict(va) == found).all()
     res = m2.predict_results(va)[0]
@@ -103,10 +102,7 @@ def test_backbone_fine_tuning_trains_a_copy_of_the_top(cache, tmp_path, cut):
     bb = create_backbone("toy")
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     image_blocks, text_layers = cut
-    m = create_method(
-        "dicls", bb, cache=cache, dim=16, heads=2, epochs=2, image_blocks=image_blocks, text_layers=text_layers
-    )
-    m.progress = False
+    m = create_method("dicls", bb, dim=16, heads=2, epochs=2, image_blocks=image_blocks, text_layers=text_layers)
     m.fit(stripes(24, 5))  # no validation: the last epoch is kept, so the fine-tuning shows
     start = bb.split(*cut).state_dict()
     moved = {k.split(".")[0] for k, v in m.head.top.state_dict().items() if not torch.equal(v, start[k])}
@@ -120,7 +116,7 @@ def test_backbone_fine_tuning_trains_a_copy_of_the_top(cache, tmp_path, cut):
     va = stripes(12, 6)
     p = m.predict_proba(va)
     m.save_pretrained(tmp_path / "ft")
-    np.testing.assert_allclose(load_method(tmp_path / "ft", cache=cache).predict_proba(va), p, atol=1e-6)
+    np.testing.assert_allclose(load_method(tmp_path / "ft").predict_proba(va), p, atol=1e-6)
 
 
 def test_fine_tuning_options_are_checked(toy):

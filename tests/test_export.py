@@ -17,8 +17,9 @@ from vlclassify.data import Dataset, Item, load_image, tuxpaint
 from vlclassify.errors import ConfigError
 from vlclassify.export import export_onnx, export_problem
 from vlclassify.methods import create_method
+from vlclassify.methods.base import methods_tagged
 
-EXPORTABLE = ["zero-shot", "linear-probe", "tip-adapter", "tip-adapter-f", "cmm", "cross-modal-linear-probe", "vt-clip"]
+EXPORTABLE = methods_tagged("onnx")  # every method declaring an ONNX export is exported and checked
 FAST = {
     "linear-probe": {"C_grid": [1.0]},
     "cmm": {"steps": 40},
@@ -54,8 +55,7 @@ def onnx_probs(path, pixels: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", EXPORTABLE)
 def test_export_matches_predict_proba_on_real_photos(name, effnet, tux, cache, tmp_path):
     train, val, photos = tux
-    m = create_method(name, effnet, cache=cache, **FAST.get(name, {}))
-    m.progress = False
+    m = create_method(name, effnet, **FAST.get(name, {}))
     m.fit(train, val)
     res = export_onnx(m, tmp_path / "m.onnx", check_images=photos)
     assert res.checked == len(photos) and res.max_diff <= 1e-4
@@ -79,8 +79,7 @@ def test_multilabel_scores_are_sigmoids(toy, cache, tmp_path):
     from vlclassify.data import load_data
 
     splits = load_data(str(write_manifest(tmp_path / "multi", "multi")))
-    m = create_method("linear-probe", toy, cache=cache, C_grid=[1.0])
-    m.progress = False
+    m = create_method("linear-probe", toy, C_grid=[1.0])
     m.fit(splits["train"], splits["val"])
     res = export_onnx(m, tmp_path / "ml.onnx", check_images=[it.image for it in splits["test"].items])
     side = json.loads(res.sidecar.read_text())
@@ -100,7 +99,7 @@ def test_refusals_are_one_line_and_write_nothing(toy, tmp_path):
 def test_a_graph_that_disagrees_is_not_written(toy, tmp_path, monkeypatch):
     m = create_method("zero-shot", toy).set_classes(list(CLASSES))
     real = m.predict_proba
-    monkeypatch.setattr(m, "predict_proba", lambda data: real(data)[:, ::-1].copy())  # a wrong reference
+    monkeypatch.setattr(m, "predict_proba", lambda data, **kw: real(data, **kw)[:, ::-1].copy())  # a wrong reference
     with pytest.raises(ConfigError, match="differs from predict_proba"):
         export_onnx(m, tmp_path / "w.onnx")
     assert not list(tmp_path.iterdir())

@@ -21,6 +21,29 @@ def test_extract_shapes_views_and_cache_hit(toy, color_folder, cache, encoder_ca
     assert sum(n for _, n in encoder_calls) == 36 and len(cache.store.spaces()) == 2
 
 
+def test_a_read_only_run_reads_the_store_but_adds_no_row(toy, color_folder, cache, encoder_calls):
+    """RunContext(cache_write=False), what predict and the service use: stored rows are read, new
+    images are extracted in memory only (a method's predict reaches extract_features this way)."""
+    from vlclassify.context import RunContext
+    from vlclassify.methods import create_method
+
+    ds = image_folder(color_folder)["all"]
+    f_idx = [0, 1, 6, 7, 12, 13]  # two images of each colour
+    r_idx = [i for i in range(18) if i not in f_idx]
+    first, rest = ds.subset(f_idx), ds.subset(r_idx)
+    stored = extract_features(toy, first, cache=cache, progress=False)
+    assert sum(n for _, n in encoder_calls) == 6 and sum(s["rows"] for s in cache.store.spaces()) == 6
+    m = create_method("linear-probe", toy, C_grid=[1.0]).fit(first, ctx=RunContext(cache=cache, progress=False))
+    read_only = RunContext(cache=cache, progress=False, cache_write=False)
+    enc = m.encode(ds, ctx=read_only)
+    assert sum(n for _, n in encoder_calls) == 6 + 12  # the 6 stored images are read, not recomputed
+    assert torch.equal(enc.features.tensor("pooled")[f_idx], stored.pooled)
+    assert sum(s["rows"] for s in cache.store.spaces()) == 6  # and the store is as it was
+    again = extract_features(toy, rest, cache=cache, progress=False)  # a writing run stores them now
+    assert torch.equal(again.pooled, enc.features.tensor("pooled")[r_idx])
+    assert sum(s["rows"] for s in cache.store.spaces()) == 18
+
+
 def test_mismatched_key_recomputes(toy, color_folder, cache, encoder_calls):
     ds = image_folder(color_folder)["all"]
     fs = extract_features(toy, ds, cache=cache, progress=False)

@@ -43,7 +43,6 @@ def enc(toy, tmp_path_factory):
 def test_a_saved_head_meets_features_of_another_width(name, toy, enc, tmp_path):
     tr, va, _ = enc
     m = create_method(name, toy, **FAST[name])
-    m.progress = False
     m.fit(tr, va).save_pretrained(tmp_path / name)
     m2 = load_method(tmp_path / name, backbone=toy)
     bad = Encoded(va.dataset, va.features.index(range(len(va))))
@@ -63,7 +62,6 @@ def test_methods_learn_separable_colours(toy, enc):
         ("cross-modal-linear-probe", {"steps": 100}),
     ]:
         m = create_method(name, toy, **opts)
-        m.progress = False
         acc = (m.fit(tr, va).predict(va) == va.dataset.labels()).mean()
         assert acc >= 0.8, (name, acc)
 
@@ -108,14 +106,12 @@ def test_alpha_is_chosen_on_validation_only(toy, enc, monkeypatch):
 
     monkeypatch.setattr(cmm_mod.CMMHead, "parts", parts)
     m = create_method("cmm", toy, steps=50)
-    m.progress = False
     m.fit(tr, va)
     assert seen["candidates"] == m.config.alpha_grid and spied[-1] == len(va)
     assert m.fit_info["alpha_source"] == "validation" and m.fit_info["alpha"] in m.config.alpha_grid
     assert m.fit_info["alpha_candidates"] == 20 and 1 <= m.fit_info["alpha_tied"] <= 20
     assert float(m.head.alpha) == m.fit_info["alpha"]
     fixed = create_method("cmm", toy, steps=50, fixed_alpha=True, alpha=0.7)
-    fixed.progress = False
     fixed.fit(tr, va)
     assert float(fixed.head.alpha) == 0.7 and fixed.fit_info["alpha_source"] == "fixed"
 
@@ -139,7 +135,6 @@ def test_cmm_ablation_switches_change_behaviour(toy, enc):
         "no_clip_fusion": {"no_clip_fusion": True},
     }.items():
         m = create_method("cmm", toy, input="joint", steps=150, lr=1e-2, fixed_alpha=True, **o)
-        m.progress = False
         m.fit(tr, va)
         out[k] = (m, m.predict_proba(va))
     assert out["no_w"][0].head.W is None and out["full"][0].head.W is not None
@@ -154,7 +149,6 @@ def test_cmm_ablation_switches_change_behaviour(toy, enc):
     bridged = {}
     for k, o in {"full": {}, "no_w": {"no_w": True}}.items():
         m = create_method("cmm", toy, input="bridge", steps=150, lr=1e-2, fixed_alpha=True, **o)
-        m.progress = False
         m.fit(tr, va)
         bridged[k] = m.head.bridge
     assert bridged["no_w"].dw is None and float(bridged["full"].dw.abs().sum()) > 0  # the bridge moved
@@ -187,7 +181,6 @@ def test_cross_attention_mask_and_weights():
 def test_explain_map_and_png(toy, enc, tmp_path):
     tr, va, ds = enc
     m = create_method("vt-clip", toy, steps=10, eval_every=5)
-    m.progress = False
     m.fit(tr, va)
     item = ds.items[0]
     heat = m.explain(item, "green")

@@ -154,38 +154,35 @@ def test_text_tower_starts_as_backbone_and_memo_follows_weights(toy):
 @pytest.mark.parametrize("head", ["text", "linear"])
 def test_fit_save_load_and_new_classes(toy, cache, tmp_path, head):
     ds = _captioned(tmp_path)
-    m = create_method("icar", toy, cache=cache, head=head, **FAST)
-    m.progress = False
+    m = create_method("icar", toy, head=head, **FAST)
     m.fit(ds, ds)
     assert m.fit_info["n_pairs"] == len(ds)  # pairs=auto: the items' own captions
     assert all("train_loss_cls" in r and "train_loss_pair" in r for r in m.fit_info["losses"])  # mixed batches
     p = m.predict_proba(ds)
     assert p.shape == (len(ds), 3) and np.allclose(p.sum(1), 1, atol=1e-5)
     m.save_pretrained(tmp_path / "model")
-    m2 = load_method(tmp_path / "model", cache=cache)
+    m2 = load_method(tmp_path / "model")
     assert np.allclose(m2.predict_proba(ds), p, atol=1e-6)
     # Open vocabulary: new class names at inference change the output size.
     m2.set_classes(["red", "green", "blue", "purple"], {"purple": "a mix of red and blue"})
     assert m2.predict_proba(ds).shape == (len(ds), 4)
     assert "purple" in m2.descriptions
     m2.save_pretrained(tmp_path / "model4")
-    m3 = load_method(tmp_path / "model4", cache=cache)
+    m3 = load_method(tmp_path / "model4")
     assert m3.classnames[-1] == "purple" and np.allclose(m3.predict_proba(ds), m2.predict_proba(ds), atol=1e-6)
 
 
 def test_cosine_vs_linear_switch_and_training_moves_text(toy, cache, tmp_path):
     ds = _captioned(tmp_path)
     for head, module in (("linear", LinearClassifier), ("cosine", CosineClassifier)):
-        m = create_method("icar", toy, cache=cache, head=head, **FAST)
-        m.progress = False
+        m = create_method("icar", toy, head=head, **FAST)
         m.fit(ds, ds)
         assert isinstance(m.head.linear if head == "linear" else m.head.cos, module)
         assert (m.head.linear is None) == (head == "cosine")
         z = m.logits(ds)
         if head == "cosine":
             assert z.abs().max() <= 1 / 0.05 + 1e-4
-    m = create_method("icar", toy, cache=cache, **FAST)
-    m.progress = False
+    m = create_method("icar", toy, **FAST)
     before = {k: v.clone() for k, v in toy.state_dict().items()}
     m.fit(ds)  # no validation: every stage keeps its last round
     own = m.head.text.top.word_blocks[0].fc.weight
@@ -199,7 +196,6 @@ def test_learns_separable_classes(toy, cache, tmp_path):
     m = create_method(
         "icar",
         toy,
-        cache=cache,
         image_epochs=6,
         joint_epochs=2,
         min_steps_per_epoch=10,
@@ -207,8 +203,7 @@ def test_learns_separable_classes(toy, cache, tmp_path):
         lr=3e-2,
         pairs="none",
     )
-    m.progress = False
-    zero = create_method("icar", toy, cache=cache).set_classes(ds.classnames)
+    zero = create_method("icar", toy).set_classes(ds.classnames)
     m.fit(ds, ds)
     acc = (m.predict(ds) == ds.labels()).mean()
     assert acc >= 0.9 and acc > (zero.predict(ds) == ds.labels()).mean()
@@ -216,8 +211,7 @@ def test_learns_separable_classes(toy, cache, tmp_path):
 
 def test_finetune_on_new_classes(toy, cache, tmp_path):
     ds = _captioned(tmp_path)
-    m = create_method("icar", toy, cache=cache, head="linear", **FAST)
-    m.progress = False
+    m = create_method("icar", toy, head="linear", **FAST)
     m.fit(ds.subset([i for i, it in enumerate(ds.items) if it.label != 2]), None)
     m.set_classes(["red", "green"])  # a subset/new list -> text classifier, not the parametric head
     assert not m._uses_parametric_head()
@@ -229,8 +223,7 @@ def test_finetune_on_new_classes(toy, cache, tmp_path):
 
 def test_bad_input(toy, cache, tmp_path):
     ds = _captioned(tmp_path)
-    m = create_method("icar", toy, cache=cache, **FAST)
-    m.progress = False
+    m = create_method("icar", toy, **FAST)
     with pytest.raises(ConfigError, match="at least 2 classes"):
         m.set_classes(["red"])
     one = Dataset(items=[it for it in ds.items if it.label == 0], classnames=["red"], name="one")
@@ -245,19 +238,19 @@ def test_bad_input(toy, cache, tmp_path):
         name="holes",
     )
     with pytest.warns(UserWarning, match="empty caption"):
-        m.fit(ds, None, pairs=holes)
+        m.use_pairs(holes).fit(ds, None)
     assert m.fit_info["n_pairs"] == len(ds) // 2
     blank = Dataset(items=[replace(it, text="") for it in ds.items], classnames=ds.classnames, name="blank")
     with pytest.raises(DataError, match="empty captions"):
-        m.fit(ds, None, pairs=blank)
+        m.use_pairs(blank).fit(ds, None)
     with pytest.raises(DataError, match="pairs=self but no training item"):
-        create_method("icar", toy, cache=cache, pairs="self", **FAST).fit(blank)
+        create_method("icar", toy, pairs="self", **FAST).fit(blank)
     with pytest.raises(ConfigError, match="head must be"):
         create_method("icar", toy, head="mlp")
     unknown = tmp_path / "desc.json"
     unknown.write_text('{"red": "the colour of blood", "magenta": "a purplish red"}')
     with pytest.warns(UserWarning, match="magenta"):
-        create_method("icar", toy, cache=cache, descriptions=str(unknown)).set_classes(["red", "green"])
+        create_method("icar", toy, descriptions=str(unknown)).set_classes(["red", "green"])
 
 
 def test_pairs_from_the_classification_source_stay_in_train(toy, cache, tmp_path):
@@ -265,8 +258,7 @@ def test_pairs_from_the_classification_source_stay_in_train(toy, cache, tmp_path
     ds = _captioned(tmp_path)
     train = ds.subset(list(range(0, len(ds), 2)))
     val = ds.subset(list(range(1, len(ds), 2)))
-    m = create_method("icar", toy, cache=cache, pairs=str(tmp_path / "m.csv"), **FAST)
-    m.progress = False
+    m = create_method("icar", toy, pairs=str(tmp_path / "m.csv"), **FAST)
     with pytest.warns(UserWarning, match="overlaps the classification data"):
         m.fit(train, val)
     assert m.fit_info["n_pairs"] == len(train)
@@ -279,7 +271,6 @@ def test_keeps_the_start_when_training_does_not_beat_it_on_validation(toy, cache
     m = create_method(
         "icar",
         toy,
-        cache=cache,
         image_epochs=6,
         joint_epochs=1,
         min_steps_per_epoch=10,
@@ -287,7 +278,6 @@ def test_keeps_the_start_when_training_does_not_beat_it_on_validation(toy, cache
         lr=3e-2,
         pairs="none",
     )
-    m.progress = False
     m.fit(ds, ds)
     before = m.predict_proba(ds)
     assert (before.argmax(1) == ds.labels()).mean() >= 0.9

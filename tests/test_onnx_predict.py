@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from test_export import EXPORTABLE, FAST, tux  # noqa: F401  (tux: a fixture)
 from vlclassify.backbones.effnet_minilm import bridge_photos
 from vlclassify.cli import app
+from vlclassify.context import RunContext
 from vlclassify.data import load_image
 from vlclassify.export import export_beside, onnx_problem
 from vlclassify.methods import create_method
@@ -27,9 +28,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def fitted(name, backbone, train, val, cache, folder: Path):
-    m = create_method(name, backbone, cache=cache, **FAST.get(name, {}))
-    m.progress = False
-    m.fit(train, val)
+    m = create_method(name, backbone, **FAST.get(name, {}))
+    m.fit(train, val, ctx=RunContext(cache=cache, progress=False))
     m.save_pretrained(folder)
     return m
 
@@ -48,7 +48,8 @@ def test_exported_model_answers_as_the_model(name, effnet, tux, cache, tmp_path)
     train, val, photos = tux
     m = fitted(name, effnet, train, val, cache, tmp_path / "m")
     assert onnx_problem(m) is None and export_problem_here(tmp_path / "m") is not None  # not made yet
-    export_beside(m, tmp_path / "m")
+    with m.using(RunContext(cache=cache, progress=False)):
+        export_beside(m, tmp_path / "m")
     assert export_problem_here(tmp_path / "m") is None
     onnx = OnnxModel(tmp_path / "m")
     want = m.predict_proba(photos)
@@ -94,7 +95,8 @@ def test_damaged_or_stale_exports_are_made_again(effnet, tux, cache, tmp_path): 
     train, val, photos = tux
     folder = tmp_path / "zs"
     m = fitted("zero-shot", effnet, train, val, cache, folder)
-    graph = export_beside(m, folder)
+    with m.using(RunContext(cache=cache, progress=False)):
+        graph = export_beside(m, folder)
     blob = bytearray(graph.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the weights: the graph still loads and runs
     graph.write_bytes(bytes(blob))

@@ -42,8 +42,8 @@ def test_round_trip_and_a_fit_equal_to_fitting_on_the_images(colors, toy, cache,
     assert raw["train"].classnames == ds.classnames and raw["train"].features.image.shape == (9, toy.embed_dim)
     idx = {s: [i for i, x in enumerate(split) if x == s] for s in ("train", "val", "test")}
     assert torch.equal(raw["test"].features.image, f.image[idx["test"]])  # rows follow their items
-    a = create_method("linear-probe", toy, cache=cache).fit(raw["train"], raw["val"])
-    b = create_method("linear-probe", toy, cache=cache).fit(
+    a = create_method("linear-probe", toy).fit(raw["train"], raw["val"])
+    b = create_method("linear-probe", toy).fit(
         Encoded(ds.subset(idx["train"]), f.index(idx["train"])), Encoded(ds.subset(idx["val"]), f.index(idx["val"]))
     )
     np.testing.assert_allclose(a.predict_proba(raw["test"]), b.predict_proba(ds.subset(idx["test"])), atol=1e-6)
@@ -71,7 +71,7 @@ def test_fewshot_on_a_file_without_split(colors, tmp_path, toy, cache):
     p = save_precomputed(tmp_path / "all.npz", image=f.image, labels=ds.labels(), classnames=ds.classnames)
     plan = plan_splits(str(p), shots=2, seed=1)
     assert (len(plan["train"]), len(plan["val"]), len(plan["test"])) == (6, 6, 6)
-    m = create_method("linear-probe", toy, cache=cache, feature="pooled").fit(plan["train"], plan["val"])
+    m = create_method("linear-probe", toy, feature="pooled").fit(plan["train"], plan["val"])
     fs = extract_features(toy, plan["train"])
     assert torch.equal(fs.pooled, fs.image)  # without pooled features the embeddings stand in
     assert m.predict_proba(plan["test"]).shape == (6, 3)
@@ -84,7 +84,7 @@ def test_what_a_method_needs_and_the_file_lacks_is_named(colors, tmp_path, toy, 
     with pytest.raises(DataError, match=r"needs spatial tokens of view\(s\) orig; the file has none"):
         extract_features(toy, raw["train"], spatial=True)
     with pytest.raises(DataError, match=r"no 'flip' \('flip.image'\)"):
-        create_method("tip-adapter", toy, cache=cache).fit(raw["train"], raw["val"])
+        create_method("tip-adapter", toy).fit(raw["train"], raw["val"])
     full = _write(
         tmp_path / "full.safetensors", ds, f, split, spatial=f.spatial, grid=f.grid,
         views={"flip": {"image": f.views["flip"].image, "pooled": f.views["flip"].pooled}},
@@ -96,7 +96,7 @@ def test_what_a_method_needs_and_the_file_lacks_is_named(colors, tmp_path, toy, 
     assert torch.equal(fs.views["flip"].image, f.views["flip"].image[[0, 1, 2, 6, 7, 8, 12, 13, 14]])
     with pytest.raises(DataError, match=r"spatial tokens of view\(s\) flip"):
         extract_features(toy, raw["train"], views=("orig", "flip"), spatial=True)  # flip.spatial not given
-    create_method("tip-adapter", toy, cache=cache).fit(raw["train"], raw["val"])  # now it has the flip view
+    create_method("tip-adapter", toy).fit(raw["train"], raw["val"])  # now it has the flip view
 
 
 def test_class_text_rows_follow_the_class_names(colors, tmp_path, toy):
@@ -216,11 +216,11 @@ def test_methods_use_the_files_class_texts(colors, tmp_path, toy, cache):
     ct = torch.randn(3, toy.embed_dim)
     p = _write(tmp_path / "ct.safetensors", ds, f, split, class_text=ct)
     splits = load_data(str(p))
-    zs = create_method("zero-shot", toy, cache=cache).fit(splits["train"])
+    zs = create_method("zero-shot", toy).fit(splits["train"])
     test = splits["test"]
     expected = torch.softmax(toy.logit_scale * F.normalize(test.features.image, dim=-1) @ F.normalize(ct, dim=-1).T, -1)
     np.testing.assert_allclose(zs.predict_proba(test), expected.numpy(), atol=1e-5)
-    plain = create_method("zero-shot", toy, cache=cache).fit(
+    plain = create_method("zero-shot", toy).fit(
         load_data(str(_write(tmp_path / "no.safetensors", ds, f, split)))["train"]
     )
     assert not np.allclose(plain.predict_proba(test), expected.numpy(), atol=1e-3)
@@ -232,7 +232,6 @@ def test_methods_use_the_files_class_texts(colors, tmp_path, toy, cache):
         class_text=ct,
         views={"flip": {"image": f.image.clone(), "pooled": f.pooled.clone()}},
     )
-    cmm = create_method("cmm", toy, cache=cache, steps=1, fixed_alpha=True)
-    cmm.progress = False
+    cmm = create_method("cmm", toy, steps=1, fixed_alpha=True)
     cmm.fit(load_data(str(flip))["train"])
     torch.testing.assert_close(cmm.head.t0, F.normalize(ct, dim=-1))

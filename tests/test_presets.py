@@ -87,7 +87,7 @@ def test_cmm_and_vt_clip_get_their_papers_settings_and_every_method_the_dataset_
     assert {k: getattr(cmm.config, k) for k in CMM_PAPER} == CMM_PAPER
     assert CMM_PAPER["steps"] == 16000 and CMM_PAPER["batch_size"] == 8 and CMM_PAPER["lr"] == 1e-4
     vt = create_method("vt-clip", toy, **r.options("vt-clip"))
-    assert (vt.config.batch_size, vt.config.lr, vt.config.heads) == (32, 2e-3, 2)
+    assert (vt.config.train.batch_size, vt.config.train.lr, vt.config.heads) == (32, 2e-3, 2)
     assert create_method("zero-shot", toy, **r.options("zero-shot")).config.templates == "eurosat"
     assert r.options("linear-probe") == {}  # no templates, no paper settings
     assert resolve_presets("coop-imagenet").options("tip-adapter")["templates"] == "imagenet"
@@ -236,8 +236,7 @@ def test_random_resized_crop_views_are_reproducible_and_bounded():
 def test_tip_adapter_extracts_the_views_it_names(toy, color_folder, cache):
     raw = load_data(str(color_folder))
     ds = raw["all"]
-    m = create_method("tip-adapter", toy, cache=cache, views=["rrc0", "rrc1", "rrc2"], key_mean="raw")
-    m.progress = False
+    m = create_method("tip-adapter", toy, views=["rrc0", "rrc1", "rrc2"], key_mean="raw")
     assert m.training_views() == ("orig", "rrc0", "rrc1", "rrc2")
     m.fit(ds.subset(range(0, 18, 2)), ds.subset(range(1, 18, 2)))
     f = extract_features(toy, ds.subset(range(0, 18, 2)), views=("orig", "rrc0", "rrc1", "rrc2"), cache=cache)
@@ -272,7 +271,6 @@ def test_tip_adapter_f_preset_trains_one_view_an_epoch_unnormalised(toy, view_fi
     r = resolve_presets("tip-adapter")
     splits = _quiet(plan_splits, str(view_file), shots=2, seed=1, protocol=r.protocol)
     m = create_method("tip-adapter-f", toy, **{**r.options("tip-adapter-f"), "epochs": 12})
-    m.progress = False
     assert (m.config.train_alpha, m.config.normalize_keys, m.config.epoch_views) == (1.17, False, "cycle")
     tr = m.encode(splits["train"], training=True)
     batches = m.view_batches(tr)

@@ -375,7 +375,6 @@ def test_tip_adapter_preset_equals_the_published_search(tmp_path, presets, scale
     assert len(splits["val"]) == n_val  # the whole val split, not min(K, 4) per class
     toy100 = create_backbone("toy", logit_scale=100.0)
     m = create_method("tip-adapter", toy100, **resolved.options("tip-adapter"))
-    m.progress = False
     m.fit(splits["train"], splits["val"])
     assert m.fit_info["alpha"] == alpha and m.fit_info["beta"] == beta
     assert m.fit_info["alpha_beta_candidates"] == 4000

@@ -57,7 +57,6 @@ def splits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero_shot(toy):
     m = create_method("zero-shot", toy, cache=FeatureCache(enabled=False))  # items are keyed by name only
-    m.progress = False
     return m.set_classes(list(COLORS))
 
 
@@ -67,7 +66,6 @@ def vt_clip(toy, splits, tmp_path_factory):
 
     s = train_val_test(splits, seed=0, val_fraction=0.3, test_fraction=0.2)
     m = create_method("vt-clip", toy, cache=FeatureCache(tmp_path_factory.mktemp("c")), steps=8, eval_every=4)
-    m.progress = False
     return m.fit(s["train"], s["val"])
 
 
@@ -159,7 +157,6 @@ def test_explain_png_for_attention_and_400_otherwise(client, vt_clip):
 
 def test_paired_text_is_read_when_the_model_takes_it(toy):
     m = create_method("zero-shot", toy, modality="both", cache=FeatureCache(enabled=False))
-    m.progress = False
     m.set_classes(list(COLORS))
     img = png_bytes(COLORS["red"])
     with TestClient(create_app(m)) as c:

@@ -162,7 +162,6 @@ def test_page_draws_the_attention_map(browser, toy, tmp_path):
 
     s = train_val_test(load_data(str(make_color_folder(tmp_path / "colors"))), seed=0, val_fraction=0.3)
     m = create_method("vt-clip", toy, cache=FeatureCache(tmp_path / "cache"), steps=8, eval_every=4)
-    m.progress = False
     m.fit(s["train"], s["val"]).save_pretrained(tmp_path / "vt")
     photo = next((tmp_path / "colors" / "red").iterdir())
     with serving(tmp_path / "vt", tmp_path / "cache", tmp_path) as url:

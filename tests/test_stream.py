@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from test_contract import FAST, write_manifest
+from vlclassify.context import RunContext
 from vlclassify.data import load_data
 from vlclassify.errors import ConfigError
 from vlclassify.features.stream import RowBatch
@@ -25,32 +26,36 @@ def data(tmp_path_factory):
 
 
 def make(name, toy, cache, stream: bool):
-    m = create_method(name, toy, cache=cache, **FAST.get(name, {}))
-    m.progress, m.stream = False, stream
-    return m
+    """A method and the run context of a (streamed) fit that uses the test's cache."""
+    return create_method(name, toy, **FAST.get(name, {})), RunContext(cache=cache, progress=False, stream=stream)
 
 
 def test_a_streamed_fit_equals_the_in_memory_fit(toy, cache, data):
     """Same rows in the same batches: the same trained head."""
     name = "cmm"
-    ref = make(name, toy, cache, stream=False).fit(data["train"], data["val"])
-    got = make(name, toy, cache, stream=True).fit(data["train"], data["val"])
+    (ref, plain), (got, streamed) = make(name, toy, cache, stream=False), make(name, toy, cache, stream=True)
+    ref.fit(data["train"], data["val"], ctx=plain)
+    got.fit(data["train"], data["val"], ctx=streamed)
     for k, v in ref.head.state_dict().items():
         torch.testing.assert_close(got.head.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
-    np.testing.assert_allclose(got.predict_proba(data["test"]), ref.predict_proba(data["test"]), atol=1e-6)
+    np.testing.assert_allclose(
+        got.predict_proba(data["test"], ctx=plain), ref.predict_proba(data["test"], ctx=plain), atol=1e-6
+    )
 
 
 def test_streamed_training_rows_stay_in_the_store(toy, cache, data):
-    m = make("cmm", toy, cache, stream=True)
-    enc = m.encode(data["train"], training=True)
+    m, streamed = make("cmm", toy, cache, stream=True)
+    enc = m.encode(data["train"], training=True, ctx=streamed)
     with pytest.raises(ConfigError, match="cannot train streamed"):
-        enc.features.image  # noqa: B018 -- no whole tensor is built
+        enc.features.tensor("image")  # no whole tensor is built
     batches = m.feature_batches(enc)(type("S", (), {"batch_size": 5})(), 0, 7)
     assert all(isinstance(b, RowBatch) for b in batches) and sum(map(len, batches)) == len(enc.rows)
     assert len(enc.rows) == len(m.training_views()) * len(data["train"]) == 24  # orig + flip
     # a batch read equals the in-memory rows, in the in-memory batches' order
-    mem = make("cmm", toy, cache, stream=False)
-    ref = mem.feature_batches(mem.encode(data["train"], training=True))(type("S", (), {"batch_size": 5})(), 0, 7)
+    mem, plain = make("cmm", toy, cache, stream=False)
+    ref = mem.feature_batches(mem.encode(data["train"], training=True, ctx=plain))(
+        type("S", (), {"batch_size": 5})(), 0, 7
+    )
     for b, r in zip(batches, ref):
         got = b.shard(0, 1)
         assert set(got) == set(r)
@@ -62,7 +67,8 @@ def test_streamed_training_rows_stay_in_the_store(toy, cache, data):
 
 def test_a_method_that_reads_whole_tensors_says_it_cannot_stream(toy, cache, data):
     with pytest.raises(ConfigError, match="tip-adapter-f.*cannot train streamed"):
-        make("tip-adapter-f", toy, cache, stream=True).fit(data["train"], data["val"])
+        m, streamed = make("tip-adapter-f", toy, cache, stream=True)
+        m.fit(data["train"], data["val"], ctx=streamed)
 
 
 def test_a_streamed_fit_under_torchrun_matches_one_in_memory_process(tmp_path):

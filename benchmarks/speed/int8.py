@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vlclassify.backbones import create_backbone
+from vlclassify.context import RunContext
 from vlclassify.data import Dataset, load_image, plan_splits
 from vlclassify.features import FeatureCache, extract_features
 from vlclassify.features.runtime import make_encoder
@@ -71,10 +72,10 @@ def accuracy(bb, data: str, shots: int, n_test: int, cache: FeatureCache) -> dic
         train, val, te = enc(plan["train"]), enc(plan["val"]), enc(test)
         y = test.labels()
         for name in METHODS:
-            m = create_method(name, bb, cache=cache)
-            m.progress = False
-            m.fit(train, val)
-            out[name][p] = float((m.predict(te) == y).mean())
+            m = create_method(name, bb)
+            ctx = RunContext(cache=cache, progress=False)
+            m.fit(train, val, ctx=ctx)
+            out[name][p] = float((m.predict(te, ctx=ctx) == y).mean())
     for name in METHODS:
         out[name]["delta_points"] = 100 * (out[name]["int8"] - out[name]["fp32"])
     return out

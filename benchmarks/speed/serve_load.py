@@ -174,7 +174,6 @@ def offline(model: Path, paths: list[str]) -> dict:
     from vlclassify.methods import load_method
 
     m = load_method(model, cache=FeatureCache(enabled=False))
-    m.progress = False
     ds = Dataset([Item(image=p, key=p) for p in paths], m.classnames, "offline")
     m.predict_results(ds, top=1)  # warm: the runtime's session
     t, c = time.perf_counter(), time.process_time()
@@ -195,7 +194,6 @@ def make_model(out: Path) -> Path:
     from vlclassify.methods import create_method
 
     m = create_method("zero-shot", create_backbone("effnet-minilm"), cache=FeatureCache(enabled=False))
-    m.progress = False
     m.set_classes(tuxpaint()["all"].classnames)
     return m.save_pretrained(out)
 

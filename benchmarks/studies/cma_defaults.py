@@ -23,7 +23,6 @@ def main(specs: list[str]) -> None:
     bb = create_backbone("effnet-minilm")
     ds = load_data("tuxpaint")["all"]
     first = create_method("cma-clip", bb)
-    first.progress = False
     trunk = first.trunk(ds)  # computed once at the default cut (image_blocks = text_layers = 1, 32 tokens)
     tr_idx, te_idx = kfold(ds, 5, 0)[0]
     parts = stratified_split(ds.subset(tr_idx), {"train": 0.8, "val": 0.2}, 0)
@@ -33,7 +32,6 @@ def main(specs: list[str]) -> None:
     for spec in specs:
         opts = json.loads(spec)
         m = create_method("cma-clip", bb, **{"frozen_epochs": 8, "e2e_epochs": 0, "tune_epochs": 4, **opts})
-        m.progress = False
         m.provide_trunk(ds, trunk)
         t = time.time()
         m.fit(parts["train"], parts["val"])

@@ -31,7 +31,6 @@ def _f1(y: np.ndarray, pred: np.ndarray) -> float:
 def run(spec: str, backbone) -> dict:
     splits = load_data(spec)
     m = create_method("linear-probe", backbone)
-    m.progress = False
     m.fit(splits["train"], splits["val"])
     pv, yv = m.predict_proba(splits["val"]), splits["val"].multi_hot()
     pt, yt = m.predict_proba(splits["test"]), splits["test"].multi_hot()

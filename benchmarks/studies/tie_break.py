@@ -71,8 +71,7 @@ def linear_probe(backbone, cache, tr, va, te):
     grid = sorted(create_method("linear-probe", backbone).config.C_grid)
     zv, zt = [], []
     for C in grid:
-        m = create_method("linear-probe", backbone, cache=cache, C_grid=[C])
-        m.progress = False
+        m = create_method("linear-probe", backbone, C_grid=[C])
         m.fit(tr)
         zv.append(m.logits(va))
         zt.append(m.logits(te))
@@ -80,8 +79,7 @@ def linear_probe(backbone, cache, tr, va, te):
 
 
 def tip_adapter(backbone, cache, tr, va, te):
-    m = create_method("tip-adapter", backbone, cache=cache)
-    m.progress = False
+    m = create_method("tip-adapter", backbone)
     m.fit(tr, va)
     h, c = m.head, m.config
     grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
@@ -92,8 +90,7 @@ def tip_adapter(backbone, cache, tr, va, te):
 
 
 def cmm(backbone, cache, tr, va, te):
-    m = create_method("cmm", backbone, cache=cache, schedule="fast", steps=4000)
-    m.progress = False
+    m = create_method("cmm", backbone, schedule="fast", steps=4000)
     m.fit(tr, va)
     h, c = m.head, m.config
     (sv, zsv), (st, zst) = h.parts(va.features.image), h.parts(te.features.image)

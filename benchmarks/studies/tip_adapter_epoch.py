@@ -98,8 +98,7 @@ def main() -> None:
     runs = []
     for (k, s), plan in plans.items():
         tr = enc_pool.subset([row[it.key] for it in plan["train"].items])
-        m = EpochProbe(bb, enc_test, cache=cache, **options)
-        m.progress = False
+        m = EpochProbe(bb, enc_test, **options)
         m.fit(tr, enc_val)
         ours_epoch, ours = m.fit_info["epoch"], m.test_accuracy()
         trained = m.curve[1:]  # after epochs 1..E (Tip-Adapter never keeps the untrained cache)

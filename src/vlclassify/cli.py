@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .context import RunContext
 from .errors import VLClassifyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -308,13 +309,14 @@ def fit(
     seed = seed if seed is not None else (presets.seeds or (1,))[0]
     _log_presets(presets, data, [method])
     bb = _backbone(backbone, backbone_opt)
-    m = create_method(method, bb, cache=_cache(cache_dir), **{**presets.options(method), **parse_options(opt)})
-    m.skip_bad, m.stream = skip_bad, stream
+    m = create_method(method, bb, **{**presets.options(method), **parse_options(opt)})
+    ctx = RunContext(cache=_cache(cache_dir), skip_bad=skip_bad, stream=stream)
     splits: dict = {}
     if data is None:
         if not hasattr(m, "set_classes") or m.trains_on_images:
             raise DataError(f"fit: {method} learns from images; give --data (names alone make a zero-shot model)")
-        m.set_classes(names, descriptions)
+        with m.using(ctx):
+            m.set_classes(names, descriptions)
         console.print(f"{method}: {len(names)} classes by name, no images")
     else:
         spec = _absolute_spec(data)
@@ -333,7 +335,7 @@ def fit(
                 )
         if descriptions and hasattr(m, "descriptions"):
             m.descriptions = descriptions
-        m.fit(train, splits.get("val"), precision=precision, thresholds=thresholds)
+        m.fit(train, splits.get("val"), ctx=ctx, precision=precision, thresholds=thresholds)
     from .features.distributed import dist_env
 
     if dist_env().rank != 0:  # under torchrun every rank holds the same fitted model: rank 0 reports and saves it
@@ -360,7 +362,7 @@ def fit(
     }
     val = splits.get("val")
     if val is not None and len(val):
-        info["validation"] = _scores(m, val)
+        info["validation"] = _scores(m, val, ctx)
         for k, v in info["validation"].items():
             console.print(f"validation {k}: {100 * v:.2f}%")
     for task, rule in m.decisions.items():
@@ -372,13 +374,16 @@ def fit(
         write_json(tmp / "fit.json", info)
     console.print(f"saved to {out}")
     if export_onnx:
+        import dataclasses
+
         from .export import export_beside, onnx_problem
 
         why = onnx_problem(m)
         if why:
             console.print(f"note: no ONNX export: {why}", markup=False, soft_wrap=True)
         else:
-            console.print(f"wrote {export_beside(m, out)}")
+            with m.using(dataclasses.replace(ctx, progress=False)):
+                console.print(f"wrote {export_beside(m, out)}")
 
 
 @data_app.command("export")
@@ -421,10 +426,11 @@ def update(
     if data is None and classes is None:
         raise DataError("update: give --data (new labelled images) and/or --classes (new class names)")
     names, descriptions = parse_classes(classes) if classes else ([], {})
-    m = load_method(model_dir, cache=_cache(cache_dir))
+    m = load_method(model_dir)
     splits = _splits_for(_absolute_spec(data), None, seed, val_fraction, 0.0) if data else {}
     t0 = time.perf_counter()
-    m.update(splits.get("train"), splits.get("val"), classes=names, descriptions=descriptions)
+    ctx = RunContext(cache=_cache(cache_dir))
+    m.update(splits.get("train"), splits.get("val"), classes=names, descriptions=descriptions, ctx=ctx)
     seconds = time.perf_counter() - t0
     u = m.fit_info["update"]
     console.print(
@@ -467,11 +473,11 @@ def _absolute_spec(spec: str) -> str:
     return str(p.resolve()) + sep + query if p.exists() else spec
 
 
-def _scores(m, ds) -> dict[str, float]:
+def _scores(m, ds, ctx: RunContext) -> dict[str, float]:
     """Headline validation numbers: accuracy (or mAP and micro-F1 for multi-label models)."""
     from .metrics import accuracy, mean_average_precision, multilabel_report
 
-    probs = m.predict_proba(ds)
+    probs = m.predict_proba(ds, ctx=ctx)
     if m.multilabel:
         rep = multilabel_report(ds.multi_hot(), probs, m.classnames, m.decision().thresholds)
         return {"mAP": mean_average_precision(ds.multi_hot(), probs), "micro-F1": rep["micro_f1"]}
@@ -523,10 +529,11 @@ def evaluate(
         ds = splits[split]
     if not len(ds):
         raise DataError(f"{data}: the {split!r} split is empty (too few images per class for this split)")
-    m = load_method(model_dir, cache=_cache(cache_dir))
+    m = load_method(model_dir)
+    ctx = RunContext(cache=_cache(cache_dir))
     if ds.classnames != m.classnames:
         raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
-    probs = m.predict_proba(ds)
+    probs = m.predict_proba(ds, ctx=ctx)
     rule = m.decision()
     if ds.multilabel or m.multilabel:
         from .metrics import multilabel_report
@@ -556,7 +563,8 @@ def evaluate(
             keys += ("answered", "precision_answered")
     report["decision"] = {"rule": rule.describe(), **rule.to_dict()}
     if hasattr(m, "task_report"):  # multi-task methods (CMA-CLIP): accuracy, recall at 90% precision, λ per task
-        report["tasks"] = m.task_report(ds)
+        with m.using(ctx):
+            report["tasks"] = m.task_report(ds)
         tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
         for name, r in report["tasks"].items():
             tt.add_row(
@@ -570,7 +578,7 @@ def evaluate(
     write_json(report_path, report)
     _write_predictions_csv(
         report_path.with_name(f"predictions-{split}.csv"),
-        m.predict_results(ds, top=3),
+        m.predict_results(ds, top=3, ctx=ctx),
         [";".join(ds.classnames[c] for c in _true(ds, i)) for i in range(len(ds))],
     )
     t = Table("metric", "value")
@@ -587,11 +595,12 @@ def evaluate(
 
         tasks = None
         if len(m.task_classes) > 1:  # every task gets its own figure, named in its title
-            per_task = m.task_probs(ds)
+            per_task = m.task_probs(ds, ctx=ctx)
             tasks = {t: TaskScores(c, m.task_targets(ds, t), per_task[t]) for t, c in m.task_classes.items()}
         folder = plots_dir or model_dir / f"plots-{split}"
-        for p in write_eval_plots(m, ds, probs, folder, title=f"{m.name} on {data} ({split})", tasks=tasks):
-            console.print(f"wrote {p}")
+        with m.using(ctx):
+            for p in write_eval_plots(m, ds, probs, folder, title=f"{m.name} on {data} ({split})", tasks=tasks):
+                console.print(f"wrote {p}")
 
 
 @app.command()
@@ -658,9 +667,10 @@ def predict(
         from .methods.base import TEXT
 
         assert m is not None and not isinstance(m, Path)
+        ctx = RunContext(cache=_cache(cache_dir), progress=False)
         if any(it.text for it in items) and TEXT not in m.takes():
             console.print(f"note: {m.name} reads images only; the texts are ignored", markup=False)
-        results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top)
+        results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top, ctx=ctx)
     for r in results:
         if as_json:
             print(json.dumps(r.to_dict()), flush=True)
@@ -677,11 +687,11 @@ def _exported_or_torch(model_dir: Path, precision: str, cache_dir: Path | None):
     from .export import export_beside, onnx_problem
     from .methods import load_method
 
-    m = load_method(model_dir, cache=_cache(cache_dir))
-    m.progress = False
+    m = load_method(model_dir)
     why = onnx_problem(m)
     if why is None:
-        return export_beside(m, model_dir, precision)
+        with m.using(RunContext(cache=_cache(cache_dir), cache_write=False, progress=False)):
+            return export_beside(m, model_dir, precision)
     if precision != "fp32":
         raise ConfigError(f"--precision {precision} runs an ONNX export of the model, and {why}")
     console.print(f"note: predicting with torch: {why}", markup=False, soft_wrap=True)
@@ -779,15 +789,15 @@ def explain(
 
     if not image.is_file():
         raise DataError(f"{image}: image file not found")
-    m = load_method(model_dir, cache=_cache(cache_dir))
-    m.progress = False
+    m = load_method(model_dir)
+    ctx = RunContext(cache=_cache(cache_dir), progress=False)
     from .data import Item
 
     item = Item(image=str(image), text=text, key=str(image))
-    heat = m.explain(item if text else str(image), class_)
+    heat = m.explain(item if text else str(image), class_, ctx=ctx)
     if class_ is None:
         rows = [item] if text else [str(image)]  # a list of Items, or of paths
-        class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict(rows)[0])]
+        class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict(rows, ctx=ctx)[0])]
     save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
     console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
 
@@ -848,11 +858,11 @@ def export(
 
     if format_ != "onnx":
         raise ConfigError(f"--format {format_!r} is not supported; formats: onnx")
-    m = load_method(model_dir, cache=_cache(cache_dir))
-    m.progress = False
-    result = export_onnx(
-        m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None, model_dir=model_dir
-    )
+    m = load_method(model_dir)
+    with m.using(RunContext(cache=_cache(cache_dir), progress=False)):
+        result = export_onnx(
+            m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None, model_dir=model_dir
+        )
     console.print(
         f"wrote {result.graph} and {result.sidecar}: {result.inputs} -> probabilities of {len(m.classnames)} "
         f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}",

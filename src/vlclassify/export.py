@@ -37,7 +37,7 @@ from .data.images import load_image
 from .data.items import Dataset, Item
 from .errors import ConfigError
 from .features.runtime import has_trunk, trunk_of
-from .methods.base import Method, feature_keys
+from .methods.base import Method, feature_keys, methods_tagged
 from .pixels import recipe_pixels
 from .utils import atomic_path, cached_file_fingerprint, read_json, sha256_file, write_json
 
@@ -86,13 +86,10 @@ class ProbabilityGraph(nn.Module):
 
 def export_problem(method: Method) -> str | None:
     """Why `method` cannot be exported (one line), or None."""
-    cls = type(method)
-    contract = all(getattr(cls, f) is getattr(Method, f) for f in ("_outputs", "logits", "predict_proba"))
-    if not contract or not isinstance(method.head, nn.Module):
+    if not type(method).tags.onnx or not isinstance(method.head, nn.Module):
         return (
             f"{method.name} cannot be exported to ONNX: its inference is not one head over the backbone's image "
-            "features (exportable: zero-shot, linear-probe, tip-adapter, tip-adapter-f, cmm, "
-            "cross-modal-linear-probe, vt-clip)"
+            f"features (exportable: {', '.join(methods_tagged('onnx'))})"
         )
     if "text" in method.feature_needs():
         return (
@@ -100,16 +97,6 @@ def export_problem(method: Method) -> str | None:
             "take as an input; export an image-only configuration"
         )
     return None
-
-
-def score_activation(method: Method) -> str:
-    """softmax or sigmoid: what `method._scores` turns logits into (probed, not assumed)."""
-    z = torch.randn(3, max(2, len(method.classnames)), generator=torch.Generator().manual_seed(0))
-    got = np.asarray(method._scores(z.clone()))
-    for name, fn in (("softmax", lambda x: torch.softmax(x, -1)), ("sigmoid", torch.sigmoid)):
-        if np.allclose(got, fn(z).numpy(), atol=1e-6):
-            return name
-    raise ConfigError(f"{method.name}: its scores are neither the softmax nor the sigmoid of its logits")
 
 
 def check_items(images: Sequence[str | np.ndarray] | None) -> list[Item]:
@@ -174,7 +161,7 @@ def export_onnx(
     method._check_fitted()
     out = Path(out)
     bb = method.backbone
-    activation = score_activation(method)
+    activation = method.activation
     graph = ProbabilityGraph(method, activation).eval()
     size = bb.image_size
     items = check_items(check_images)

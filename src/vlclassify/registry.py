@@ -37,6 +37,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a plugin loaded for a while, e.g. a method checked by a test)."""
+        self._entries.pop(name, None)
+        self._docs.pop(name, None)
+
     def names(self) -> list[str]:
         """Every registered name, sorted (the order listings and error messages use)."""
         return sorted(self._loaded())

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import Backbone
+from ..context import RunContext
 from ..data import Dataset, Item, kfold, load_data, stratified_split
 from ..errors import DataError
 from ..features import FeatureCache, FeatureSet, extract_features
@@ -73,27 +74,26 @@ def _as_task(ds: Dataset, feats: FeatureSet, task: str, rows: np.ndarray, classe
     return Encoded(Dataset(items=items, classnames=list(classes), name=f"{ds.name}-{task}"), feats.index(rows))
 
 
-def _probe(backbone, ds, feats, task: str, feature: str, tr, va, te, cache) -> np.ndarray:
+def _probe(backbone, ds, feats, task: str, feature: str, tr, va, te, ctx: RunContext) -> np.ndarray:
     """`linear-probe` on `feature`, C chosen on validation -> test probs [N, C] over all the task's
     classes (classes absent from the fold's training rows score 0)."""
     y = ds.task_labels(task)
     seen = sorted(set(y[tr][y[tr] >= 0].tolist()))
     classes = [ds.tasks[task][c] for c in seen]
-    m = create_method("linear-probe", backbone, cache=cache, feature=feature)
-    m.progress = False
-    m.fit(_as_task(ds, feats, task, tr[y[tr] >= 0], classes), _as_task(ds, feats, task, va, classes))
+    m = create_method("linear-probe", backbone, feature=feature)
+    m.fit(_as_task(ds, feats, task, tr[y[tr] >= 0], classes), _as_task(ds, feats, task, va, classes), ctx=ctx)
     probs = np.zeros((len(te), len(ds.tasks[task])))
-    probs[:, seen] = m.predict_proba(_as_task(ds, feats, task, te, classes))
+    probs[:, seen] = m.predict_proba(_as_task(ds, feats, task, te, classes), ctx=ctx)
     return probs
 
 
-def _predict(m, enc: Encoded) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _predict(m, enc: Encoded, ctx: RunContext) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A fitted CMA-CLIP's scores and image weights lambda per task column of `enc`."""
-    out = m.outputs(enc)
+    out = m.outputs(enc, ctx=ctx)
     logits = [out["logits"], *out["task_logits"].values()]
     lam = out["modality_weights"].numpy()
-    probs = {t: torch.softmax(z.float(), -1).numpy() for t, z in zip(m.tasks, logits)}
-    return probs, {t: lam[:, k] for k, t in enumerate(m.tasks)}
+    probs = {t: torch.softmax(z.float(), -1).numpy() for t, z in zip(m.task_columns, logits)}
+    return probs, {t: lam[:, k] for k, t in enumerate(m.task_columns)}
 
 
 def _display(name: str) -> str:
@@ -148,6 +148,7 @@ def run_cma_bench(
     """Run the benchmark; returns a JSON-able dict (rows x tasks x metrics, per fold and mean ± std)."""
     t_start = time.time()
     cache = cache or FeatureCache()
+    ctx = RunContext(cache=cache, progress=False)
     options = dict(options or {})
     ds = _pool(data)
     task_list = list(tasks) if tasks else list(ds.tasks)
@@ -162,17 +163,18 @@ def run_cma_bench(
     log(f"{data}: {len(ds)} items, tasks " + ", ".join(f"{t} ({len(ds.tasks[t])})" for t in task_list))
 
     # shared, computed once: trunk activations of the pool, noise images, global embeddings
-    probe_m = cast(CMAClip, create_method("cma-clip", backbone, cache=cache, **options))
+    probe_m = cast(CMAClip, create_method("cma-clip", backbone, **options))
     t0 = time.time()
-    trunk = probe_m.trunk(ds)
+    with probe_m.using(ctx):
+        trunk = probe_m.trunk(ds)
     rng = np.random.default_rng(seed)
     noise_items = [
         Item(image=rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), key=f"noise-{seed}-{i}", text="x")
         for i in range(32)
     ]
     noise_ds = Dataset(items=noise_items, classnames=["noise"], name="noise-images")
-    probe_m.progress = False
-    noise = probe_m.trunk(noise_ds)
+    with probe_m.using(ctx):
+        noise = probe_m.trunk(noise_ds)
     feats = extract_features(backbone, ds, cache=cache)  # joint-space image + paired-text embeddings
     prep_s = time.time() - t0
     log(f"shared features ready in {prep_s:.0f}s")
@@ -191,14 +193,13 @@ def run_cma_bench(
         rows: dict[str, dict] = {}
         for t in task_list:
             for row, feature in (("image-only (linear probe)", "image"), ("text-only (linear probe)", "text")):
-                probs = _probe(backbone, ds, feats, t, feature, tr, va, te, cache)
+                probs = _probe(backbone, ds, feats, t, feature, tr, va, te, ctx)
                 rows.setdefault(row, {})[t] = _scores(Y[t][te], probs)
             names = [_display(c) for c in ds.tasks[t]]
-            zs = create_method("zero-shot", backbone, cache=cache, modality="both")
-            zs.progress = False
-            zs.fit(_as_task(ds, feats, t, tr, names))
+            zs = create_method("zero-shot", backbone, modality="both")
+            zs.fit(_as_task(ds, feats, t, tr, names), ctx=ctx)
             rows.setdefault("zero-shot image+text", {})[t] = _scores(
-                Y[t][te], zs.predict_proba(_as_task(ds, feats, t, te, names))
+                Y[t][te], zs.predict_proba(_as_task(ds, feats, t, te, names), ctx=ctx)
             )
         test_ds = ds.subset(te)
         te_trunk = trunk.index(te)
@@ -207,16 +208,15 @@ def run_cma_bench(
         for v in variants:
             m = cast(
                 CMAClip,
-                create_method("cma-clip", backbone, cache=cache, **{**options, **VARIANTS[v], "seed": seed + f}),
+                create_method("cma-clip", backbone, **{**options, **VARIANTS[v], "seed": seed + f}),
             )
-            m.progress = False
             m.provide_trunk(ds, trunk)
             t1 = time.time()
-            m.fit(parts["train"], parts["val"])
+            m.fit(parts["train"], parts["val"], ctx=ctx)
             fit_seconds.setdefault(v, []).append(time.time() - t1)
             for key, t_set in ((v, te_trunk), *((f"{v}, {k}", nt) for k, nt in noisy_sets.items())):
                 # Encoded.features is annotated FeatureSet; CMA-CLIP reads a TrunkSet from it
-                task_probs, lam = _predict(m, Encoded(test_ds, t_set))  # type: ignore[arg-type]
+                task_probs, lam = _predict(m, Encoded(test_ds, t_set), ctx)
                 rows[key] = {t: {**_scores(Y[t][te], task_probs[t]), "lambda": float(lam[t].mean())} for t in task_list}
             log(
                 f"fold {f + 1}/{len(splits)} {v}: "

@@ -81,16 +81,18 @@ def _run_one(job: dict) -> dict:
     from ..metrics.multilabel import multilabel_report
 
     bb, cache, enc = _load(job["data"], job["backbone"], job["backbone_opts"], job["cache_dir"])
+    from ..context import RunContext
+
+    ctx = RunContext(cache=cache, progress=False)
     ys = enc["test"].dataset.multi_hot()
     names = enc["test"].dataset.classnames
     t0, c0 = time.time(), time.process_time()
     out = {"data": job["data"], "row": job["row"], "seed": job["seed"]}
     if job["kind"] == "linear":
-        m = create_method("linear-probe", bb, cache=cache, feature="pooled")
+        m = create_method("linear-probe", bb, feature="pooled")
     else:
-        m = create_method("dicls", bb, cache=cache, seed=job["seed"], threads=1, **job["options"])
-    m.progress = False
-    m.fit(enc["train"], enc["val"], thresholds="global")
+        m = create_method("dicls", bb, seed=job["seed"], threads=1, **job["options"])
+    m.fit(enc["train"], enc["val"], thresholds="global", ctx=ctx)
     sources = ("head", "align") if job["kind"] != "linear" and m.config.w_aln > 0 else ("head",)
     outputs = {}
     for src in sources:
@@ -98,7 +100,7 @@ def _run_one(job: dict) -> dict:
             cast(DiCLS, m).set_output(src, enc["val"], per_class=False)
         thresholds = m.decision().thresholds
         assert thresholds is not None and thresholds[0] is not None  # fit with thresholds="global"
-        outputs[src] = (m.predict_proba(enc["test"]), thresholds[0])
+        outputs[src] = (m.predict_proba(enc["test"], ctx=ctx), thresholds[0])
     info = m.fit_info
     out["fit_info"] = info["training"]["stages"][0] if "training" in info else {k: info[k] for k in ("C", "C_score")}
     out["fit_s"] = round(time.time() - t0, 2)  # wall clock (depends on what else runs on the machine)

@@ -20,6 +20,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..backbones.base import Backbone
+from ..context import RunContext
 from ..data import Dataset, plan_splits, stratified_split
 from ..data.plan import prepare_data
 from ..errors import DataError
@@ -69,6 +70,7 @@ def run_fewshot(
     """`presets` (methods/presets.py `resolve_presets`): their protocol plans every split, their
     options come before each method spec's own."""
     cache = cache or FeatureCache()
+    ctx = RunContext(cache=cache, progress=False)
     presets = presets or Resolved()
     pool, val_pool, test = _pools(data_spec, test_limit, presets)
     dropped: list[str] = []
@@ -127,12 +129,11 @@ def run_fewshot(
         else:
             ete = enc_test
         for spec in methods:
-            m = create_method(spec.method, backbone, cache=cache, **options[spec.label])
-            m.progress = False
+            m = create_method(spec.method, backbone, **options[spec.label])
             t0 = time.perf_counter()
-            m.fit(etr, eva)
+            m.fit(etr, eva, ctx=ctx)
             fit_s = time.perf_counter() - t0
-            acc = accuracy(ete.dataset.labels(), m.predict_proba(ete))
+            acc = accuracy(ete.dataset.labels(), m.predict_proba(ete, ctx=ctx))
             runs.append(
                 {
                     "method": spec.label,

@@ -18,6 +18,7 @@ per seed) with the seen classes' training photos + captions as pairs (test photo
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import Backbone
+from ..context import RunContext
 from ..data import Dataset, fashion_mnist, fewshot, stratified_split, tuxpaint
 from ..data.descriptions import builtin_descriptions
 from ..data.splits import sample_per_class
@@ -164,8 +166,8 @@ def tuxpaint_tasks(enc_all: Encoded, seeds, n_held: int, min_held_images: int) -
     return tasks
 
 
-def _acc(method, enc: Encoded) -> float:
-    return float((method.predict_proba(enc).argmax(-1) == enc.dataset.labels()).mean())
+def _acc(method, enc: Encoded, ctx: RunContext) -> float:
+    return float((method.predict_proba(enc, ctx=ctx).argmax(-1) == enc.dataset.labels()).mean())
 
 
 def run_task(
@@ -178,6 +180,7 @@ def run_task(
     log: Callable[[str], None],
 ) -> list[dict]:
     """Every variant on one task: seen accuracy, held-out zero-shot accuracy, then the few-shot columns."""
+    ctx = RunContext(cache=cache, progress=False)
     runs = []
     name = task.data
     desc_all = builtin_descriptions(name)
@@ -191,45 +194,41 @@ def run_task(
             "held_out": task.held,
         }
         if v.probe:
-            m = create_method("linear-probe", backbone, cache=cache)
-            m.progress = False
-            m.fit(task.seen_train, task.seen_val)
-            rec["seen_acc"] = _acc(m, task.seen_test)
+            m = create_method("linear-probe", backbone)
+            m.fit(task.seen_train, task.seen_val, ctx=ctx)
+            rec["seen_acc"] = _acc(m, task.seen_test, ctx)
         else:
             opts = {**base_options, **v.options}
             uses_desc = opts.get("descriptions", "auto") != "none"
-            m = cast(ICAR, create_method("icar", backbone, cache=cache, **opts))
-            m.progress = False
+            m = cast(ICAR, create_method("icar", backbone, **opts))
             if v.train:
-                m.fit(task.seen_train, task.seen_val, pairs=task.pairs if opts.get("pairs", "auto") != "none" else None)
+                m.use_pairs(task.pairs if opts.get("pairs", "auto") != "none" else None)
+                m.fit(task.seen_train, task.seen_val, ctx=ctx)
                 rec["fit_seconds"] = round(time.perf_counter() - t0, 2)
                 rec["best"] = m.fit_info["best"]
             else:
                 m.set_classes(task.seen, {c: desc_all[c] for c in task.seen if c in desc_all} if uses_desc else None)
-            rec["seen_acc"] = _acc(m, task.seen_test)
+            rec["seen_acc"] = _acc(m, task.seen_test, ctx)
             m.set_classes(task.held, {c: desc_all[c] for c in task.held if c in desc_all} if uses_desc else None)
-            rec["zero_shot_acc"] = _acc(m, task.held_test)
+            rec["zero_shot_acc"] = _acc(m, task.held_test, ctx)
         for k in shots if v.fewshot else ():
             tr, va = fewshot(task.held_pool.dataset, k, task.seed)
             etr = Encoded(tr, task.held_pool.features.index(_rows(task.held_pool, tr)))
             eva = Encoded(va, task.held_pool.features.index(_rows(task.held_pool, va)))
             t1 = time.perf_counter()
             if v.probe:
-                fm = create_method("linear-probe", backbone, cache=cache)
-                fm.progress = False
-                fm.fit(etr, eva)
+                fm = create_method("linear-probe", backbone)
+                fm.fit(etr, eva, ctx=ctx)
             else:
                 if v.train:
                     # start from the variant's trained weights (m is its ICAR), text encoder as classifier
                     fm = cast(ICAR, m).clone()
-                    fm.config.pairs = "none"
-                    fm.progress = False
-                    fm.finetune(etr, eva)
+                    fm.config = dataclasses.replace(fm.config, pairs="none")
+                    fm.finetune(etr, eva, ctx=ctx)
                 else:
-                    fm = create_method("icar", backbone, cache=cache, **{**base_options, **v.options, "pairs": "none"})
-                    fm.progress = False
-                    fm.fit(etr, eva)
-            rec[f"{k}_shot_acc"] = _acc(fm, task.held_test)
+                    fm = create_method("icar", backbone, **{**base_options, **v.options, "pairs": "none"})
+                    fm.fit(etr, eva, ctx=ctx)
+            rec[f"{k}_shot_acc"] = _acc(fm, task.held_test, ctx)
             rec[f"{k}_shot_seconds"] = round(time.perf_counter() - t1, 2)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         runs.append(rec)

@@ -96,9 +96,22 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.image.shape[0]
 
+    @classmethod
+    def names_only(cls, n: int) -> FeatureSet:
+        """`n` rows without features (0-wide): the training set of a method that fits from class names."""
+        return cls(image=torch.zeros(n, 0), pooled=torch.zeros(n, 0))
+
+    def vectors_per_row(self) -> int:
+        """Feature vectors per row (1 per embedding, the tokens of the spatial grid): a problem's size."""
+        return 1 + 1 + (0 if self.spatial is None else self.spatial.shape[1]) + (0 if self.text is None else 1)
+
+    def has(self, key: str) -> bool:
+        """Whether the field `key` was extracted."""
+        return key in ("image", "pooled", "spatial", "text") and getattr(self, key) is not None
+
     def tensor(self, key: str) -> torch.Tensor:
         """One field; errors name a missing one."""
-        x: torch.Tensor | None = getattr(self, key)
+        x: torch.Tensor | None = getattr(self, key) if key in ("image", "pooled", "spatial", "text") else None
         if x is None:
             raise DataError(f"features: no {key!r} features were extracted")
         return x
@@ -322,6 +335,7 @@ def extract_features(
     runtime: str = "auto",
     device: str = "auto",
     precision: str = "auto",
+    write: bool = True,
 ) -> FeatureSet:
     """Features of every item of `dataset` (first view first), reading stored rows and extracting the rest.
 
@@ -334,8 +348,9 @@ def extract_features(
     "auto" accepts rows made by either (they agree to float rounding). `device` auto|cpu|cuda[:i]
     (auto: CUDA when present) and `precision` auto|fp32|fp16|bf16|int8 (auto: bf16/fp16 autocast on
     a GPU, fp32 on CPU; int8: the quantised ONNX trunk, rows of their own); see features/runtime.py.
-    Data read from a feature file (`dataset.features`, data/precomputed.py) is returned as it is:
-    nothing is computed.
+    `write=False` reads stored rows but keeps the new ones in memory only (predict and the service:
+    a user's images do not fill their cache). Data read from a feature file (`dataset.features`,
+    data/precomputed.py) is returned as it is: nothing is computed.
     """
     if dataset.features is not None:
         return precomputed_feature_set(backbone, dataset, views, spatial, text)
@@ -383,7 +398,7 @@ def extract_features(
                     cast(str, store.space(image_space_key(backbone, view, encoder.name))),  # created: never None
                     shard_rows=cache.shard_rows,
                 )
-                if store is not None
+                if store is not None and write
                 else None
             )
 
@@ -433,7 +448,7 @@ def extract_features(
     if text is None:
         text = any(it.text for it in items)
     if text:
-        first.text = encode_texts(backbone, dataset.texts(), cache)
+        first.text = encode_texts(backbone, dataset.texts(), cache, write=write)
     return first
 
 
@@ -545,16 +560,21 @@ def _missing(
 
 @torch.no_grad()
 def encode_texts(
-    backbone: Backbone, texts: Sequence[str], cache: FeatureCache | None = None, batch_size: int = 128
+    backbone: Backbone,
+    texts: Sequence[str],
+    cache: FeatureCache | None = None,
+    batch_size: int = 128,
+    write: bool = True,
 ) -> torch.Tensor:
-    """[N, D] L2-normalised text embeddings (empty texts give zero rows), one store row per distinct text."""
+    """[N, D] L2-normalised text embeddings (empty texts give zero rows), one store row per distinct text;
+    `write=False` reads stored rows but adds none."""
     cache = cache or FeatureCache()
     n = len(texts)
     emb = np.zeros((n, backbone.embed_dim), np.float32)
     keys = [text_key(t) if t else "" for t in texts]
     have = np.array([not t for t in texts], dtype=bool)
     store = cache.store if cache.enabled else None
-    sid = store.space(text_space_key(backbone)) if store is not None and any(texts) else None
+    sid = store.space(text_space_key(backbone), create=write) if store is not None and any(texts) else None
     if store is not None and sid is not None:
         got, out = store.read(store.lookup(sid, keys), ["text"], {"text": emb})
         emb = out["text"]

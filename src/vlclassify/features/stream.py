@@ -22,6 +22,7 @@ from ..data.items import Dataset
 from ..errors import ConfigError, DataError
 from .cache import FeatureCache
 from .extract import _item_keys, _plan, extract_to_store, image_space_key, item_source
+from .protocol import Features
 from .store import FeatureStore, Rows
 
 IMAGE_FIELDS = ("image", "pooled", "spatial")
@@ -106,22 +107,44 @@ class RowBatch:
 
 
 class StreamedFeatures:
-    """The `features` of a streamed training set: its rows stay in the store (read them through
-    `StoredRows`), so a method that reads whole feature tensors fails with a clear error."""
+    """The `features` of a streamed training set: its rows stay in the store and reach the Trainer
+    through `StoredRows` batches, so whole tensors are never built (a method declares `tags.stream`
+    when it trains on batches alone)."""
 
-    def __init__(self, n: int, grid: tuple[int, int] | None, method: str) -> None:
-        self.n, self.grid, self.method = n, grid, method
-        self.views: dict[str, Any] = {}
+    def __init__(self, n: int, grid: tuple[int, int] | None, method: str, fields: Sequence[str] = ()) -> None:
+        self.n, self.grid, self.method, self.fields = n, grid, method, list(fields)
+        self.views: dict[str, Features] = {}
         self.skipped: list[int] = []
 
     def __len__(self) -> int:
         return self.n
 
-    def __getattr__(self, name: str) -> Any:
-        raise ConfigError(
-            f"method {self.method!r} reads whole training feature tensors ({name}), so it cannot train "
+    def has(self, key: str) -> bool:
+        """Whether `key` is streamed (its rows are in the store)."""
+        return key in self.fields
+
+    def _refuse(self, what: str) -> ConfigError:
+        return ConfigError(
+            f"method {self.method!r} reads whole training feature tensors ({what}), so it cannot train "
             "streamed from the feature store; fit it without streaming"
         )
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Refused: no whole tensor is built."""
+        raise self._refuse(key)
+
+    def batch(self, keys: Sequence[str], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Refused: streamed rows come in the Trainer's batches."""
+        raise self._refuse(", ".join(keys))
+
+    def index(self, idx: Sequence[int] | np.ndarray) -> StreamedFeatures:
+        """Refused: a streamed set is not subset in memory."""
+        raise self._refuse("a subset")
+
+    def vectors_per_row(self) -> int:
+        """Feature vectors per row of the streamed fields (the spatial grid's tokens count each)."""
+        h, w = self.grid or (1, 1)
+        return sum(h * w if f == "spatial" else 1 for f in self.fields) or 1
 
 
 def stored_rows(

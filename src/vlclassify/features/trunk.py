@@ -10,8 +10,10 @@ Missing images (Item.image None) and empty texts are allowed and flagged in `has
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ import torch
 from ..backbones.base import BackboneSplit
 from ..data.images import load_image
 from ..data.items import Dataset, Item
+from ..errors import DataError
 from .cache import FeatureCache
+from .protocol import Features
 
 TRUNK_VERSION = 2
 
@@ -34,8 +38,31 @@ class TrunkSet:
     has_image: torch.Tensor  # [N] bool
     has_text: torch.Tensor  # [N] bool
 
+    views: ClassVar[Mapping[str, Features]] = {}  # activations of the original images only
+    grid: ClassVar[tuple[int, int] | None] = None
+    skipped: ClassVar[list[int]] = []
+
     def __len__(self) -> int:
         return self.image.shape[0]
+
+    def has(self, key: str) -> bool:
+        """Only the `trunk` key: image (and text) activations."""
+        return key == "trunk"
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """`trunk`: the image trunk activations [N, ...] (float16)."""
+        if key != "trunk":
+            raise DataError(f"features: trunk activations have no {key!r} features")
+        return self.image
+
+    def batch(self, keys: Sequence[str], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows start:stop of the image activations under `trunk`, as stored."""
+        return {k: self.tensor(k)[start:stop] for k in keys}
+
+    def vectors_per_row(self) -> int:
+        """Activation vectors per row (image positions + text tokens): a problem's size."""
+        positions = int(np.prod(self.image.shape[2:])) if self.image.dim() > 3 else self.image.shape[1]
+        return max(1, positions) + self.text.shape[1]
 
     def index(self, idx) -> TrunkSet:
         """The rows at `idx`, so a subset keeps its cached trunk activations."""
@@ -141,8 +168,10 @@ def trunk_features(
     cache: FeatureCache | None = None,
     progress: bool = True,
     texts: bool = True,
+    write: bool = True,
 ) -> TrunkSet:
-    """`compute_trunk` for every item of `dataset`, through the feature cache."""
+    """`compute_trunk` for every item of `dataset`, through the feature cache (`write=False`: read
+    a cached entry, keep a new one in memory only)."""
     cache = cache or FeatureCache()
     bb = split.backbone
     key = {
@@ -162,5 +191,6 @@ def trunk_features(
     ts = compute_trunk(
         split, dataset.items, max_tokens, progress=progress, desc=f"trunk {dataset.name}".strip(), texts=texts
     )
-    cache.save(key, {k: getattr(ts, k) for k in names})
+    if write:
+        cache.save(key, {k: getattr(ts, k) for k in names})
     return ts

@@ -1,7 +1,7 @@
-"""The method contract: what every method declares, and everything methods share.
+"""The method contract: what every method declares, the few hooks it provides, and what methods share.
 
     method = create_method("linear-probe", backbone)
-    method.fit(train, val)                  # Dataset or Encoded (dataset + cached features)
+    method.fit(train, val, ctx=RunContext(cache=FeatureCache("cache/")))  # Dataset or Encoded
     probs = method.predict_proba(test)      # [N, C] scores
     found = method.predict(test)            # decisions: [N] class or -1 ("uncertain"), or [N, C] bool
     for r in method.predict_results(test):  # per item: labels found, top scores, per task
@@ -9,21 +9,43 @@
     method.save_pretrained("out/")          # config.json + model.safetensors (no pickles)
     same = load_method("out/")              # rebuilds the backbone from the saved config
 
-What a method file declares (docs/methods.md is generated from these, `vlclassify methods --contract`):
+Run options (feature cache, progress bars, runtime, skip-bad, streaming) are a `RunContext`
+passed to each call (`ctx=`), never set on the model. docs/methods.md is generated from the
+declarations (`vlclassify methods --contract`); docs/extending.md walks through adding a method.
+
+Declarations (class attributes; a trained method's `Config` inherits `TrainOptions`: lr,
+weight_decay, batch_size, seed, threads and run_dir in `config.train`, given flat as `lr=...`):
 
 | declaration | meaning |
 |---|---|
-| `kinds` | the data it takes: single-label, multi-label, paired-text (an image's text as input), multi-task |
-| `optional_kinds` | kinds that an option enables (a probe on paired texts, zero-shot on them) |
-| `needs` | the features it reads: image (joint embedding), pooled, spatial, text (paired-text embedding), flip, trunk |
-| `build_head(spec)` | the nn.Module whose forward maps a feature batch to `{"logits"}` (and, with targets, `"loss"`) |
-| `stages(train)` | the Trainer stages that train the head; none for training-free methods |
-| `selects` | what validation chooses (C, alpha, the training step, ...) with the one selection rule |
-| decision | chosen on validation by `fit`: argmax, a target precision, or per-class thresholds |
+| `name`, `Config` | the registered name; options: a frozen dataclass validated in `__post_init__` |
+| `kinds`, `optional_kinds` | the data it takes (single-label, multi-label, paired-text, multi-task); by option |
+| `needs` | feature keys it reads (features/protocol.py): image (joint), pooled, spatial, text, trunk |
+| `train_views` | the image views it trains on: orig, and flip for the mirror image |
+| `tags` | capabilities (methods/tags.py): update, explain, onnx, stream, names_only, activation |
+| `selects` | what validation chooses besides the decision rule (docs/methods.md) |
+| `needs_every_class`, `trains_on_images` | every class needs a training image; fit encodes the training images |
+| `state`, `tensor_state` | attributes config.json / model.safetensors keep besides the options and the head |
 
-A kind the method does not take is refused with one line *before any feature is extracted*,
-naming the methods that take it. Paired texts or extra tasks that a method cannot use are not an
-error: it learns the image and the main label, and `fit_info["ignored"]` says so.
+Hooks (methods a subclass overrides; a registered method overrides at most six):
+
+| hook | who provides it | what |
+|---|---|---|
+| `build_head(spec)` | every method | the head module of `spec`, fresh weights (load_method rebuilds with it) |
+| `stages(train)` | trained methods | the Trainer stages; with stages, `fit` runs the Trainer itself |
+| `prepare(train, val)` | trained methods | build, initialise the head (`init_head`); -> `Feed` (batches, metric) |
+| `finish(val, result)` | trained methods, optional | what is chosen on the trained head (a fusion weight), fit_info |
+| `fit_head(train, val)` | methods without stages | build the head and choose on validation (a cache, a solver's grid) |
+| `_update(train, val, classes, descriptions)` | methods tagged `update` | add examples / classes in place |
+| `explain(item, target)` | methods tagged `explain` | an attention map |
+| `takes()`, `feature_needs()`, `training_views()` | methods whose options change them | configured declarations |
+| `_encode(data, training)` | methods reading trunk activations | features other than `extract_features`' |
+| `_forward(head, data)`, `_outputs(enc)` | methods whose inference is not one head over feature batches | the outputs |
+
+`fit` checks the data (a kind not taken is refused in one line before any extraction, naming the
+methods that take it), encodes train and validation once, runs the Trainer (stages) or
+`fit_head`, then chooses each task's decision rule on validation. The thread policy of training
+comes from the problem's size (`problem_size`), not from each method.
 """
 
 from __future__ import annotations
@@ -31,8 +53,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self, cast
 
@@ -41,22 +64,27 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..context import RunContext
+from ..data.classes import check_spellings
 from ..data.items import Dataset, Item
 from ..data.precomputed import class_text_of
 from ..errors import ConfigError, DataError
 from ..features import FeatureCache, FeatureSet, extract_features
+from ..features.protocol import KEYS, Features
 from ..features.stream import StoredRows, StreamedFeatures, stored_rows
+from ..registry import Registry
 from ..training import Stage, Trainer, TrainResult
 from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded, sha256_file
 from .decision import MAIN as MAIN  # the main task's name, re-exported: the method modules import it from here
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
+from .tags import Tags
 from .templates import cached_template_embeddings
 
 FORMAT_VERSION = 2
 SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
 KINDS = (SINGLE, MULTI, TEXT, TASKS)
-FEATURES = ("image", "pooled", "spatial", "text", "flip", "trunk")  # trunk: activations at a backbone.split cut
+FEATURES = KEYS  # image (joint embedding), pooled, spatial, text, trunk (activations at a backbone.split cut)
 
 
 @dataclass
@@ -64,7 +92,7 @@ class Encoded:
     """A dataset together with its (cached) features, row-aligned."""
 
     dataset: Dataset
-    features: FeatureSet
+    features: Features  # in memory, trunk activations or streamed (features/protocol.py)
     rows: StoredRows | None = None  # streamed training: the rows stay in the store, read per batch
 
     def __len__(self) -> int:
@@ -75,13 +103,76 @@ class Encoded:
         return Encoded(self.dataset.subset(idx), self.features.index(idx))
 
 
-@dataclass
-class TrainOptions:
-    """Options every trainable method has, under one name each (method configs inherit them)."""
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training options every trainable method shares, in one place (`config.train`). Given
+    flat, as `--opt lr=1e-3` or `create_method(..., seed=1)`, they land here; a method's own
+    defaults are its `train` field's default."""
 
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW / Adam weight decay (a method with a weight-decay grid chooses its own)
+    batch_size: int = 32  # rows per optimizer step (a full-batch method uses every row)
     seed: int = 0  # initialisation, batch order and dropout (the caller's global RNG is left alone)
     threads: int = 0  # torch threads while training; 0 = auto (1 for small problems or a loaded machine)
     run_dir: str | None = None  # checkpoints + log.jsonl; a killed fit re-run with the same folder resumes
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.threads < 0:
+            raise ConfigError(
+                f"training options: need lr > 0, weight_decay >= 0, batch_size >= 1, threads >= 0; got lr={self.lr}, "
+                f"weight_decay={self.weight_decay}, batch_size={self.batch_size}, threads={self.threads}"
+            )
+
+
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The config of a method trained through the Trainer: its `train` field holds the shared options
+    (a method sets its own defaults with `field(default_factory=lambda: TrainConfig(lr=...))`)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def train_options(config_cls: type, method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the training keys given flat (`lr=`, `seed=`, ... from the CLI, presets or
+    older config.json files) or as a dict (config.json) gathered into one `TrainConfig`."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, TrainOptions)):
+        return options
+    out = {k: v for k, v in options.items() if k not in TRAIN_FIELDS}
+    given = out.pop("train", None)
+    flat = {k: v for k, v in options.items() if k in TRAIN_FIELDS}
+    if isinstance(given, dict):
+        unknown = sorted(set(given) - set(TRAIN_FIELDS))
+        if unknown:
+            raise ConfigError(f"method {method!r}: unknown training option(s) {', '.join(unknown)}")
+        flat = {**given, **flat}
+    elif given is not None and not isinstance(given, TrainConfig):
+        raise ConfigError(f"method {method!r}: option train={given!r} must be a TrainConfig or a dict")
+    check_option_types(method, TrainConfig, flat)
+    default = given if isinstance(given, TrainConfig) else config_cls().train
+    out["train"] = dataclasses.replace(default, **flat) if flat else default
+    return out
+
+
+Metric = Callable[[nn.Module], dict[str, float]]  # head -> {"score": validation score, ...}
+
+
+@dataclass(frozen=True)
+class Feed:
+    """How the Trainer feeds a head (`Method.prepare`): None keeps the default."""
+
+    batches: BatchFn | None = None  # (stage, epoch, seed) -> batches; default: the cached feature rows
+    metric: Metric | None = None  # head -> {"score"}; default: the main task's accuracy (mAP multi-label)
+
+
+def problem_size(head: nn.Module, train: Encoded, batch_size: int) -> int:
+    """Multiply-adds of one training step, roughly: rows per step x feature vectors per row (1 for an
+    embedding, the tokens of a token grid) x head parameters (utils.torch_threads reads it)."""
+    rows = min(batch_size, max(1, len(train.rows) if train.rows is not None else len(train)))
+    params = sum(p.numel() for p in head.parameters())
+    return rows * train.features.vectors_per_row() * params
 
 
 def dataset_of(data: Dataset | Encoded) -> Dataset:
@@ -101,9 +192,12 @@ def data_kinds(ds: Dataset) -> set[str]:
 
 def methods_taking(kind: str) -> list[str]:
     """Names of the methods that read input kind `kind` (e.g. text), for CLI notes."""
-    from .registry import METHODS
-
     return [n for n in METHODS.names() if kind in METHODS.get(n).kinds | METHODS.get(n).optional_kinds]
+
+
+def methods_tagged(tag: str) -> list[str]:
+    """Names of the methods declaring capability `tag` (a `Tags` field: update, explain, onnx, ...)."""
+    return [n for n in METHODS.names() if getattr(METHODS.get(n).tags, tag)]
 
 
 def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequence[str]) -> Dataset:
@@ -122,31 +216,57 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
     return Dataset(items=cast(list[Item], rows), classnames=list(classnames), name="input")
 
 
+SUPPORT = {"base", "decision", "registry", "tags", "templates"}  # the package's modules that are not methods
+
+
+def _import_methods() -> None:
+    """Import every method module of the package: each registers itself (registry.register_method).
+    Run at the registry's first lookup, so that importing `methods` (or `methods.decision`) alone
+    imports no method and no torch."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__package__ or "vlclassify.methods")
+    for m in pkgutil.iter_modules(package.__path__):
+        if m.name not in SUPPORT and not m.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{m.name}")
+
+
+METHODS: Registry[type[Method]] = Registry("method", load=_import_methods)  # filled by registry.register_method
+
+
 class Method:
-    """Base class. A subclass sets `name`, `Config`, `kinds`, `needs`, and implements `_fit`
-    (build `self.head`, train it through `train_head` or choose its grid with
-    training.select_best) and `build_head(spec)` (rebuild the head from its saved spec)."""
+    """Base class: a subclass declares and provides what the module docstring's tables list."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     kinds: ClassVar[frozenset[str]] = frozenset({SINGLE})
     optional_kinds: ClassVar[frozenset[str]] = frozenset()  # kinds an option enables (e.g. feature="text")
     selects: ClassVar[str] = ""  # what validation chooses besides the decision rule (docs/methods.md)
-    needs: ClassVar[frozenset[str]] = frozenset({"image"})
+    needs: ClassVar[frozenset[str]] = frozenset({"image"})  # feature keys read (features/protocol.py KEYS)
+    train_views: ClassVar[tuple[str, ...]] = ("orig",)  # image views fit trains on ("flip": and the mirror image)
     infer_batch: ClassVar[int] = 1024  # rows per head forward at inference
     trains_on_images: ClassVar[bool] = True  # False: fit reads only the class names (and validation images)
+    needs_every_class: ClassVar[bool] = True  # every class needs a training image (False: classes by name)
+    state: ClassVar[tuple[str, ...]] = ()  # JSON attributes config.json keeps besides the options (e.g. descriptions)
+    tensor_state: ClassVar[tuple[str, ...]] = ()  # tensor attributes model.safetensors keeps beside the head
 
-    def __init__(self, backbone: Backbone, cache: FeatureCache | None = None, **options: Any) -> None:
+    tags: ClassVar[Tags] = Tags()  # declared capabilities (methods/tags.py)
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Config)}
+        if "train" in fields:
+            fields |= set(TRAIN_FIELDS)
         unknown = sorted(set(options) - fields)
         if unknown:
             raise ConfigError(
                 f"method {self.name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
             )
+        options = train_options(self.Config, self.name, options)
         check_option_types(self.name, self.Config, options)
         self.config = self.Config(**options)
         self.backbone = backbone
-        self.cache = cache or FeatureCache()
+        self._ctx: RunContext | None = None  # the run options of the call in progress (`using`)
         self.classnames: list[str] = []  # the main task's classes
         self.task_classes: dict[str, list[str]] = {}  # every task the model answers (main first) -> classes
         self.multilabel = False  # the main task has independent labels (sigmoid scores, thresholds)
@@ -154,11 +274,40 @@ class Method:
         self.head: nn.Module | None = None
         self.head_spec: dict[str, Any] = {}  # JSON that `build_head` rebuilds the head from
         self.fit_info: dict[str, Any] = {}
-        self.progress = True
-        self.runtime = "auto"  # extraction runtime; "torch" once a method changes the backbone's weights
-        self.skip_bad = False  # unreadable images: skipped with a warning (True) or an error naming them
-        self.stream = False  # train on batches read from the feature store, not one in-memory tensor
+        self.task_columns: list[str] = []  # the data column each task answers, in task_classes order ([]: the task)
+        self.notes: list[str] = []  # what the current call noticed about its data (missing images or texts)
         self.class_text: torch.Tensor | None = None  # [C, D] class texts given with the data (a feature file)
+
+    # ---- run options ----------------------------------------------------------------------
+    @contextmanager
+    def using(self, ctx: RunContext | None) -> Iterator[RunContext]:
+        """Bind the run options of one public call (fit, predict, ...) for its duration: the call's
+        own `ctx`, else the enclosing call's, else the defaults. Nothing outlives the call."""
+        if ctx is None and self._ctx is not None:
+            yield self._ctx
+            return
+        ctx = ctx or RunContext()
+        if ctx.cache is None:
+            ctx = dataclasses.replace(ctx, cache=FeatureCache())
+        if self._ctx is None:
+            self.notes = []
+        prev, self._ctx = self._ctx, ctx
+        try:
+            yield ctx
+        finally:
+            self._ctx = prev
+
+    @property
+    def ctx(self) -> RunContext:
+        """The run options of the call in progress (the defaults outside one)."""
+        return self._ctx or RunContext(cache=FeatureCache())
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """The feature store of the call in progress (`ctx.cache`)."""
+        cache = self.ctx.cache
+        assert cache is not None, "using() resolves the default cache"
+        return cache
 
     # ---- declarations (per instance: some depend on options) ------------------------------
     def takes(self) -> frozenset[str]:
@@ -171,8 +320,8 @@ class Method:
 
     def training_views(self) -> tuple[str, ...]:
         """The image views `fit` extracts for the training images, "orig" first (features/extract.py
-        VIEWS): with "flip" in `needs`, the original and the mirror image."""
-        return ("orig", "flip") if "flip" in self.feature_needs() else ("orig",)
+        VIEWS): the declared `train_views`."""
+        return type(self).train_views
 
     def stages(self, train: Encoded) -> list[Stage]:
         """The Trainer stages that train the head (none: training-free)."""
@@ -181,10 +330,6 @@ class Method:
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         """The head module described by `spec` (shapes, class count), with fresh weights."""
         raise NotImplementedError
-
-    def requires_all_classes(self) -> bool:
-        """Whether every class needs a training image (False for methods that classify by name)."""
-        return True
 
     # ---- data ---------------------------------------------------------------------------
     def check_data(self, ds: Dataset) -> list[str]:
@@ -218,32 +363,43 @@ class Method:
             )
         return notes
 
-    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+    def encode(self, data: Dataset | Encoded, training: bool = False, *, ctx: RunContext | None = None) -> Encoded:
         """The features this method needs (training: with the augmented views it trains on)."""
+        with self.using(ctx):
+            return self._encode(data, training)
+
+    def _encode(self, data: Dataset | Encoded, training: bool) -> Encoded:
+        ctx, cache = self.ctx, self.feature_cache
         needs = self.feature_needs()
         views = self.training_views() if training else ("orig",)
         if isinstance(data, Encoded):
-            if "spatial" in needs and data.features.spatial is None:
+            if "spatial" in needs and not data.features.has("spatial"):
                 raise ConfigError(f"method {self.name!r} needs spatial features; extract with spatial=True")
             missing = [v for v in views[1:] if v not in data.features.views]
             if missing:
                 raise ConfigError(f"method {self.name!r} needs cached view(s) {', '.join(missing)}")
             return data
-        if training and self.stream and data.features is None:
+        if training and ctx.stream and not type(self).tags.stream:
+            raise ConfigError(
+                f"method {self.name!r} reads whole training feature tensors, so it cannot train streamed from the "
+                f"feature store; fit it without streaming (methods that stream: {', '.join(methods_tagged('stream'))})"
+            )
+        if training and ctx.stream and data.features is None:
             keys = feature_keys(needs)
             y = torch.from_numpy(data.multi_hot() if data.multilabel else data.labels())
-            rows = stored_rows(self.backbone, data, views, keys, y, self.cache, self.runtime, self.progress)
-            return Encoded(data, StreamedFeatures(len(data), rows.grid, self.name), rows)  # type: ignore[arg-type]
+            rows = stored_rows(self.backbone, data, views, keys, y, cache, ctx.runtime, ctx.progress)
+            return Encoded(data, StreamedFeatures(len(data), rows.grid, self.name, keys), rows)
         feats = extract_features(
             self.backbone,
             data,
             views=views,
             spatial="spatial" in needs,
             text="text" in needs or None,
-            cache=self.cache,
-            progress=self.progress,
-            runtime=self.runtime,
-            skip_bad=self.skip_bad,
+            cache=cache,
+            progress=ctx.progress,
+            runtime=ctx.runtime,
+            skip_bad=ctx.skip_bad,
+            write=ctx.cache_write,
         )
         enc = Encoded(data, feats)
         if feats.skipped:
@@ -262,14 +418,22 @@ class Method:
         train: Dataset | Encoded,
         val: Dataset | Encoded | None = None,
         *,
+        ctx: RunContext | None = None,
         precision: float | None = None,
         thresholds: str = "per-class",
     ) -> Self:
         """Learn from `train`, choose hyper-parameters, checkpoints and the decision rule on `val`.
 
-        precision: for single-label data, answer only when the top class reaches this precision on
-        validation, else "uncertain". thresholds: per-class | global (multi-label decisions).
+        ctx: run options (feature cache, progress, runtime, skip-bad, streaming). precision: for
+        single-label data, answer only when the top class reaches this precision on validation,
+        else "uncertain". thresholds: per-class | global (multi-label decisions).
         """
+        with self.using(ctx):
+            return self._fit_all(train, val, precision, thresholds)
+
+    def _fit_all(
+        self, train: Dataset | Encoded, val: Dataset | Encoded | None, precision: float | None, thresholds: str
+    ) -> Self:
         if thresholds not in ("per-class", "global"):
             raise ConfigError(f"thresholds must be per-class or global, got {thresholds!r}")
         ds = dataset_of(train)
@@ -278,14 +442,14 @@ class Method:
             self.check_data(dataset_of(val))
         if ds.num_classes < 2:
             raise DataError(f"{ds.name}: need at least 2 classes, got {ds.num_classes}")
-        tr = self.encode(train, training=True) if self.trains_on_images else None
+        tr = self.encode(train, training=True) if self.trains_on_images else Encoded(ds, FeatureSet.names_only(len(ds)))
         va = self.encode(val) if val is not None and len(val) else None
-        if not ds.multilabel and self.requires_all_classes():
+        if not ds.multilabel and self.needs_every_class:
             y = ds.labels()
             absent = [ds.classnames[c] for c in range(ds.num_classes) if not np.any(y == c)]
             if absent:
                 raise DataError(f"{ds.name}: no training images for class(es) {', '.join(absent)}")
-        for enc, what in ((tr, ds.name), (va, "validation")):
+        for enc, what in ((tr if self.trains_on_images else None, ds.name), (va, "validation")):
             if enc is not None and enc.rows is None:
                 check_features(enc.features, self.feature_needs(), f"{what} ")
         self.classnames = list(ds.classnames)
@@ -293,9 +457,15 @@ class Method:
         self.multilabel = bool(ds.multilabel)
         self.task_classes = {MAIN: list(ds.classnames)}
         self.fit_info = {}
+        self.task_columns = []
         with torch.enable_grad():
-            self._fit(tr, va)
-        assert self.head is not None, f"{self.name}: _fit must build self.head"
+            stages = self.stages(tr)
+            if stages:  # trained through the one Trainer
+                feed = self.prepare(tr, va)
+                self.finish(va, self.train_head(tr, va, stages, feed.batches, feed.metric))
+            else:
+                self.fit_head(tr, va)
+        assert self.head is not None, f"{self.name}: prepare / fit_head must build self.head"
         self.head.requires_grad_(False).eval()  # a fitted model is for inference; training re-enables what it trains
         if notes:
             self.fit_info["ignored"] = notes
@@ -309,14 +479,28 @@ class Method:
         *,
         classes: Sequence[str] = (),
         descriptions: dict[str, str] | None = None,
+        ctx: RunContext | None = None,
         precision: float | None = None,
         thresholds: str = "per-class",
     ) -> Method:
         """Add labelled examples (`train`) and classes (`classes`, or new ones in `train`) to a fitted
         model. Methods that can add to what they learnt override `_update` (zero-shot, Tip-Adapter,
         linear probe, iCAR); the others refit on `train` alone, and fit_info["update"] says so."""
+        with self.using(ctx):
+            return self._update_all(train, val, classes, descriptions, precision, thresholds)
+
+    def _update_all(
+        self,
+        train: Dataset | None,
+        val: Dataset | None,
+        classes: Sequence[str],
+        descriptions: dict[str, str] | None,
+        precision: float | None,
+        thresholds: str,
+    ) -> Method:
         self._check_fitted()
         merged = list(dict.fromkeys([*self.classnames, *classes, *(train.classnames if train is not None else [])]))
+        check_spellings(merged, f"update of {self.name}")
         added = [c for c in merged if c not in self.classnames]
         train = train.with_classes(merged) if train is not None else None
         val = val.with_classes(merged) if val is not None and len(val) else None
@@ -325,13 +509,11 @@ class Method:
             if train is None:
                 raise DataError(f"{self.name} learns from images and cannot add to a fitted model: give new data")
             absent = [c for i, c in enumerate(merged) if not train.multilabel and not np.any(train.labels() == i)]
-            if absent and self.requires_all_classes():
-                from .registry import METHODS
-
-                adders = [n for n in METHODS.names() if METHODS.get(n)._update is not Method._update]
+            if absent and self.needs_every_class:
+                adders = ", ".join(methods_tagged("update"))
                 raise DataError(
                     f"{self.name} cannot add to a fitted model, so update refits it on the new data, which has no "
-                    f"images of {', '.join(absent)}: give data with every class, or use {', '.join(adders)}"
+                    f"images of {', '.join(absent)}: give data with every class, or use {adders}"
                 )
             self.fit(train, val, precision=precision, thresholds=thresholds)
             how = f"refit from scratch on the new data ({self.name} cannot add to a fitted model)"
@@ -347,10 +529,19 @@ class Method:
         was done, or None when this method cannot (update then refits)."""
         return None
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        """Build `self.head` (`init_head`) and train it or choose its grid on `val`; `train` is
-        None for methods that do not train on images (`trains_on_images = False`)."""
-        raise NotImplementedError
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
+        """A method without `stages`: build `self.head` (`init_head`) and choose what it chooses on
+        `val` (a training-free cache, a grid of solver fits). Names-only methods get `train` without
+        image features."""
+        raise NotImplementedError(f"{self.name}: a method provides stages + prepare, or fit_head")
+
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
+        """A method with `stages`: build and initialise the head for a new fit (`init_head`); -> how
+        the Trainer feeds it (default: the cached feature rows, the main task's validation score)."""
+        raise NotImplementedError(f"{self.name}: a method with stages provides prepare")
+
+    def finish(self, val: Encoded | None, result: TrainResult) -> None:
+        """After training: what is chosen on the trained head (a fusion weight), and `fit_info`."""
 
     def choose_decisions(self, val: Encoded | None, precision: float | None = None, per_class: bool = True) -> None:
         """One decision rule per task, chosen on validation scores (see methods/decision.py)."""
@@ -374,19 +565,40 @@ class Method:
         """(per-template [C, L, D], ensemble [C, D]) normalised class text embeddings of the current
         classes: the data's own when it brought them (`class_text`), else the prompts encoded."""
         return cached_template_embeddings(
-            self.backbone, self.classnames, templates, self.cache, descriptions, self.class_text
+            self.backbone, self.classnames, templates, self.feature_cache, descriptions, self.class_text
         )
 
     def default_decision(self, task: str, num_classes: int) -> DecisionRule:
-        """The rule without validation data."""
+        """The rule without validation data: labels scoring >= 0.5 for sigmoid multi-label scores,
+        above 1/C for softmax ones (relative scores), else the argmax."""
         multi = self.multilabel and task == MAIN
+        if multi and self.activation == "softmax":
+            return DecisionRule(
+                "thresholds",
+                [1.0 / num_classes] * num_classes,
+                source="default",
+                note=f"no validation set: multi-label decisions are the labels scoring above 1/C "
+                f"(= {1.0 / num_classes:.3f}); give validation data to choose thresholds",
+            )
         return default_rule(multi, num_classes, "no validation set: labels scoring >= 0.5" if multi else "")
 
     def task_targets(self, ds: Dataset, task: str) -> np.ndarray:
-        """Validation targets of `task` in the model's class indices ([N], or [N, C] multi-hot)."""
-        if task == MAIN:
-            return ds.multi_hot() if self.multilabel else ds.labels()
-        return ds.task_labels(task)
+        """Targets of `task` in the model's class indices ([N], -1 for a class the model does not
+        know or no label; [N, C] multi-hot for the multi-label main task)."""
+        if task == MAIN and self.multilabel:
+            return ds.multi_hot()
+        column = self.task_name(task)  # the data column the task answers ("label": the main label)
+        if column not in ds.tasks and column != MAIN:
+            raise DataError(
+                f"{ds.name}: the model was trained with task column {column!r}, which the data lacks "
+                f"(data tasks: {', '.join(ds.tasks) or 'none'})"
+            )
+        names = ds.tasks[column] if column in ds.tasks else ds.classnames
+        y = ds.task_labels(column) if column in ds.tasks else ds.labels()
+        known = {c: i for i, c in enumerate(self.task_classes.get(task, self.classnames))}
+        remap = np.array([known.get(c, -1) for c in names] + [-1], dtype=np.int64)
+        targets: np.ndarray = remap[y]  # y == -1 picks the trailing -1
+        return targets
 
     # ---- training through the one Trainer ---------------------------------------------------
     def train_head(
@@ -395,18 +607,18 @@ class Method:
         val: Encoded | None,
         stages: Sequence[Stage],
         batches: BatchFn | None = None,
-        metric: Callable[[nn.Module], dict[str, float]] | None = None,
-        work: int | None = None,
+        metric: Metric | None = None,
         run: str = "",
     ) -> TrainResult:
         """Train `self.head` with the Trainer: batches of cached features (default), validated on
         the main task's score (accuracy, or mAP for multi-label data) unless `metric` is given.
-        `run` names a sub-folder of `run_dir` when one fit trains several heads (a grid)."""
+        `run` names a sub-folder of `run_dir` when one fit trains several heads (a grid). The thread
+        policy sees the problem's size: rows per step x feature vectors per row x head parameters."""
         cfg = self.config
         assert self.head is not None, "train_head trains the head init_head built"
         if metric is None and val is not None:
             metric = self.val_metric(val)
-        run_dir = getattr(cfg, "run_dir", None)
+        tc = cfg.train if isinstance(cfg, TrainOptions) else TrainConfig()
         result = Trainer(
             self.head,
             batches or self.feature_batches(train),
@@ -415,18 +627,18 @@ class Method:
             metric=metric,
             monitor="score" if metric else None,
             mode="max" if metric else None,
-            out_dir=(Path(run_dir) / run if run else run_dir) if run_dir else None,
-            seed=getattr(cfg, "seed", 0),
-            progress=self.progress,
-            threads=getattr(cfg, "threads", 0),
-            work=work,
+            out_dir=(Path(tc.run_dir) / run if run else tc.run_dir) if tc.run_dir else None,
+            seed=tc.seed,
+            progress=self.ctx.progress,
+            threads=tc.threads,
+            work=problem_size(self.head, train, stages[0].batch_size),
         ).fit()
         self.head.eval()
         self.fit_info["training"] = {
             "monitor": "validation accuracy" if not self.multilabel else "validation mAP",
             "stages": [dataclasses.asdict(s) for s in result.stages],
             "history": [
-                {k: v for k, v in r.items() if k in ("stage", "epoch", "step", "train_loss", "val_score")}
+                {k: v for k, v in r.items() if k in ("stage", "epoch", "step", "val_score") or k.startswith("train_")}
                 for r in result.history
             ],
         }
@@ -434,9 +646,9 @@ class Method:
 
     def train_tensors(self, train: Encoded) -> dict[str, torch.Tensor]:
         """Row-aligned training tensors: every cached view is a sample of its own."""
-        f, needs = train.features, self.feature_needs()
-        views = [f] + ([f.views["flip"]] if "flip" in needs and "flip" in f.views else [])
-        out = {k: torch.cat([v.tensor(k).float() for v in views]) for k in feature_keys(needs)}
+        f = train.features
+        views = [f] + [f.views[v] for v in self.training_views()[1:] if v in f.views]
+        out = {k: torch.cat([v.tensor(k).float() for v in views]) for k in feature_keys(self.feature_needs())}
         y = torch.from_numpy(train.dataset.multi_hot() if self.multilabel else train.dataset.labels())
         out["targets"] = y.repeat(len(views), *([1] * (y.dim() - 1)))
         return out
@@ -468,7 +680,7 @@ class Method:
     def init_head(self, spec: dict[str, Any]) -> nn.Module:
         """Build the head for a new fit, its random initialisation drawn from the method's seed."""
         self.head_spec = dict(spec)
-        with seeded(getattr(self.config, "seed", 0)):
+        with seeded(self.config.train.seed if isinstance(self.config, TrainOptions) else 0):
             self.head = self.build_head(self.head_spec)
         return self.head
 
@@ -488,43 +700,61 @@ class Method:
         head.train(was)
         return _concat_outputs(parts)
 
-    def outputs(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> dict[str, Any]:
+    def outputs(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> dict[str, Any]:
         """Head outputs for `data`: "logits" [N, C] (main task), optional "task_logits" {task: [N, C_t]}
         and "modality_weights" [N, K] (image weight per task)."""
         self._check_fitted()
-        enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
-        check_features(enc.features, self.feature_needs(), "")
-        return self._outputs(enc)
+        with self.using(ctx):
+            enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
+            check_features(enc.features, self.feature_needs(), "")
+            return self._outputs(enc)
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
         assert self.head is not None, "callers check that the model is fitted"
         return self._forward(self.head, enc)
 
-    def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
-        """Logits -> scores: sigmoid for the multi-label main task, else softmax."""
-        z = logits.float()
-        return (torch.sigmoid(z) if self.multilabel and task == MAIN else torch.softmax(z, -1)).numpy()
+    @property
+    def activation(self) -> str:
+        """The main task's score activation: the declared one (`tags.activation`), else sigmoid for
+        multi-label data and softmax otherwise. Other tasks are single-label: softmax."""
+        declared = type(self).tags.activation
+        return declared if declared != "auto" else ("sigmoid" if self.multilabel else "softmax")
 
-    def logits(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> torch.Tensor:
+    def _scores(self, logits: torch.Tensor, task: str = MAIN) -> np.ndarray:
+        """Logits -> scores: the main task's `activation`, softmax for the other tasks."""
+        z = logits.float()
+        return (torch.sigmoid(z) if task == MAIN and self.activation == "sigmoid" else torch.softmax(z, -1)).numpy()
+
+    def logits(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> torch.Tensor:
         """[N, C] main-task logits (before the sigmoid / softmax of `predict_proba`)."""
-        logits: torch.Tensor = self.outputs(data)["logits"]
+        logits: torch.Tensor = self.outputs(data, ctx=ctx)["logits"]
         return logits
 
-    def predict_proba(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> np.ndarray:
+    def predict_proba(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> np.ndarray:
         """[N, C] scores of the main task."""
-        return self._scores(self.logits(data))
+        return self._scores(self.logits(data, ctx=ctx))
 
-    def task_probs(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> dict[str, np.ndarray]:
+    def task_probs(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> dict[str, np.ndarray]:
         """{task: [N, C_t] scores} for every task the model answers, the main task first."""
-        out = self.outputs(data)
+        out = self.outputs(data, ctx=ctx)
         probs = {MAIN: self._scores(out["logits"])}
         for task, z in (out.get("task_logits") or {}).items():
             probs[task] = self._scores(z, task)
         return {t: probs[t] for t in self.task_classes if t in probs}
 
-    def predict(self, data: Dataset | Encoded | Sequence[Item] | Sequence[str]) -> np.ndarray:
+    def predict(
+        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], *, ctx: RunContext | None = None
+    ) -> np.ndarray:
         """Decisions of the main task: [N] class index (-1 = uncertain), or [N, C] bool (multi-label)."""
-        return self.decision(MAIN).apply(self.predict_proba(data))
+        return self.decision(MAIN).apply(self.predict_proba(data, ctx=ctx))
 
     def decision(self, task: str = MAIN) -> DecisionRule:
         """The decision rule of `task` (chosen on validation at fit, else the default)."""
@@ -533,12 +763,17 @@ class Method:
         return self.decisions[task]
 
     def predict_results(
-        self, data: Dataset | Encoded | Sequence[Item] | Sequence[str], top: int = 5
+        self,
+        data: Dataset | Encoded | Sequence[Item] | Sequence[str],
+        top: int = 5,
+        *,
+        ctx: RunContext | None = None,
     ) -> list[Prediction]:
         """One Prediction per item: every task's decision and top scores, and modality weights."""
         self._check_fitted()
-        enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
-        out = self._outputs(enc)
+        with self.using(ctx):
+            enc = self.encode(data if isinstance(data, Encoded) else as_dataset(data, self.classnames))
+            out = self._outputs(enc)
         probs = {MAIN: self._scores(out["logits"])}
         probs.update({t: self._scores(z, t) for t, z in (out.get("task_logits") or {}).items()})
         decided = {t: self.decision(t).apply(p) for t, p in probs.items()}
@@ -563,21 +798,26 @@ class Method:
     def task_name(self, task: str) -> str:
         """The name `task` is shown under in predictions: the data column it answers (the main
         label of single-task data is `label`)."""
+        if self.task_columns:
+            return self.task_columns[list(self.task_classes).index(task)]
         return task
 
-    def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
+    def explain(self, item: Item | str, target: str | None = None, *, ctx: RunContext | None = None) -> np.ndarray:
         """[h, w] map of where the model looked in `item` (an Item or an image path) for `target`
         (a class name or a text token; None = the predicted class). Methods with attention override it."""
         raise ConfigError(f"method {self.name!r} has no attention to explain")
 
     # ---- persistence --------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """What model.safetensors holds: the head's state (methods may add more)."""
+        """What model.safetensors holds: the head's state and the declared `tensor_state`."""
         assert self.head is not None, "save_pretrained checks that the model is fitted"
-        return {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        extra = {k: getattr(self, k) for k in self.tensor_state if getattr(self, k) is not None}
+        return {f"head.{k}": v for k, v in self.head.state_dict().items()} | extra
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Rebuild the head from config.json's spec and load its weights; errors name `where`."""
+        for k in self.tensor_state:
+            setattr(self, k, tensors.get(k))
         self.head = self.build_head(self.head_spec)
         state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
         try:
@@ -587,11 +827,20 @@ class Method:
         self.head.requires_grad_(False).eval()
 
     def extra_config(self) -> dict[str, Any]:
-        """More JSON for config.json (what `load_extra_config` reads back)."""
-        return {}
+        """The declared `state` and the task columns, as config.json keeps them."""
+        cols = {"task_columns": self.task_columns} if self.task_columns else {}
+        return {k: getattr(self, k) for k in self.state} | cols
 
-    def load_extra_config(self, cfg: dict[str, Any]) -> None:
-        """Read back what `extra_config` wrote; called before `load_tensors`."""
+    def load_extra_config(self, cfg: dict[str, Any], where: str) -> None:
+        """Read back what `extra_config` wrote (a key an older file lacks keeps its default); called
+        before `load_tensors`."""
+        for k in self.state:
+            if k in cfg:
+                setattr(self, k, type(getattr(self, k))(cfg[k]))
+        cols = cfg.get("task_columns", [])
+        if not isinstance(cols, list) or cols and len(cols) != len(self.task_classes):
+            raise ConfigError(f"{where}: 'task_columns' must name the data column of every task")
+        self.task_columns = [str(c) for c in cols]
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors. config.json is written last and records the weights'
@@ -627,17 +876,14 @@ class Method:
         return directory
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, backbone: Backbone | None = None, cache: FeatureCache | None = None
-    ) -> Method:
+    def from_pretrained(cls, directory: str | Path, backbone: Backbone | None = None) -> Method:
         """Load a saved model of this method class (see `load_method`)."""
-        return load_method(directory, backbone=backbone, cache=cache, expect=cls.name or None)
+        return load_method(directory, backbone=backbone, expect=cls.name or None)
 
 
 def load_method(
     directory: str | Path,
     backbone: Backbone | None = None,
-    cache: FeatureCache | None = None,
     expect: str | None = None,
 ) -> Method:
     """Rebuild a saved method (and its backbone, unless one is given); errors name the file."""
@@ -645,7 +891,6 @@ def load_method(
     from safetensors.torch import load_file
 
     from ..backbones import create_backbone
-    from .registry import METHODS
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -681,7 +926,7 @@ def load_method(
             f"{directory}: saved for a {cfg['embed_dim']}-d backbone, "
             f"but {backbone.name} gives {backbone.embed_dim}-d features"
         )
-    method = METHODS.get(name)(backbone, cache=cache, **cfg.get("options", {}))
+    method = METHODS.get(name)(backbone, **cfg.get("options", {}))
     method.classnames = [str(c) for c in cfg["classnames"]]
     method.multilabel = bool(cfg.get("multilabel", False))
     method.task_classes = {str(t): [str(c) for c in cs] for t, cs in cfg["tasks"].items()}
@@ -693,7 +938,7 @@ def load_method(
         t: DecisionRule.from_dict(d, len(method.task_classes.get(t, [])), f"{cpath}: decisions[{t!r}]")
         for t, d in cfg["decisions"].items()
     }
-    method.load_extra_config(cfg)
+    method.load_extra_config(cfg, str(cpath))
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
@@ -717,17 +962,16 @@ def _concat_outputs(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def feature_keys(needs: frozenset[str]) -> list[str]:
-    """The FeatureSet tensors a head reads (`needs` minus the augmentation views)."""
-    return [k for k in ("image", "pooled", "spatial", "text") if k in needs]
+    """The feature keys a head reads, in the protocol's order."""
+    return [k for k in KEYS if k in needs]
 
 
-def check_features(f: FeatureSet, needs: frozenset[str], what: str) -> None:
+def check_features(f: Features, needs: frozenset[str], what: str) -> None:
     """Fail early, naming the field, when features a method needs are missing or not finite."""
     for key in feature_keys(needs):
-        x = getattr(f, key)
-        if x is None:
+        if not f.has(key):
             raise ConfigError(f"{what}features: no {key!r} features (extract them, or use data that has them)")
-        check_finite(x, f"{what}{key} features")
+        check_finite(f.tensor(key), f"{what}{key} features")
 
 
 def check_option_types(method: str, config_cls: type, options: dict[str, Any]) -> None:

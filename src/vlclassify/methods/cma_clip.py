@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import BackboneSplit
+from ..context import RunContext
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError
 from ..features.trunk import TrunkSet, compute_trunk, trunk_features
@@ -41,8 +42,21 @@ from ..modules.fusions.keyless_attention import KeylessAttention
 from ..modules.fusions.sequence_attention import SequenceEncoder
 from ..modules.phrases import normalize_token
 from ..training import Stage
-from .base import MAIN, SINGLE, TASKS, TEXT, Encoded, Method, TrainOptions, _concat_outputs, dataset_of
+from .base import (
+    MAIN,
+    SINGLE,
+    TASKS,
+    TEXT,
+    Encoded,
+    Feed,
+    Method,
+    TrainConfig,
+    TrainOptions,
+    _concat_outputs,
+    dataset_of,
+)
 from .registry import register_method
+from .tags import Tags
 
 IMAGE = 0
 EMBED_KEYS = ("img_emb", "img_tok", "txt_emb", "txt_tok", "tmask")
@@ -78,7 +92,7 @@ STOPWORDS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class CMAClipConfig(TrainOptions):
     """CMA-CLIP's options: the sequence transformer, the modality-wise attention and training."""
 
@@ -100,12 +114,23 @@ class CMAClipConfig(TrainOptions):
     frozen_epochs: int = 15  # stage 1 "frozen": the backbone top frozen, the CMA modules and heads train
     e2e_epochs: int = 3  # stage 2 "end2end": backbone top + CMA modules (0 skips it)
     tune_epochs: int = 10  # stage 3 "tuning": modality attentions + heads only (0 skips it)
-    lr: float = 1e-3  # learning rate of stages 1 and 3 (paper: 1e-5 at batch 1024 on millions of pairs)
+    # learning rate of stages 1 and 3 1e-3 (paper: 1e-5 at batch 1024 on millions of pairs), Adam weight
+    # decay 1e-4 (paper), batch 32
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=1e-4, batch_size=32))
     e2e_lr: float = 1e-4  # learning rate of stage 2, for every trainable part
-    weight_decay: float = 1e-4  # Adam weight decay (paper: 1e-4)
     optimizer: str = "adam"  # adam (paper) | adamw
-    batch_size: int = 32  # training batch size
     modality_noise: float = 0.0  # augmentation: share of training rows whose text or image is swapped with another's
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"cma-clip: optimizer must be adam or adamw, got {self.optimizer!r}")
+        if not 0.0 <= self.modality_noise < 1.0:
+            raise ConfigError(f"cma-clip: modality_noise must be in [0, 1), got {self.modality_noise}")
+        if min(self.width, self.layers, self.heads, self.head_hidden, self.max_text_tokens) < 1:
+            raise ConfigError("cma-clip: width, layers, heads, head_hidden and max_text_tokens must be >= 1")
+        for key in ("image_blocks", "text_layers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ConfigError(f"cma-clip: {key} must be an integer >= 0, got {getattr(self, key)!r}")
 
 
 class CMAClipModel(nn.Module):
@@ -279,30 +304,18 @@ class CMAClip(Method):
     """CMA-CLIP: image+text transformer, per-task modality attention, 3-stage training, multi-task."""
 
     name = "cma-clip"
+    tags = Tags(explain=True)
     Config = CMAClipConfig
     kinds = frozenset({SINGLE, TEXT, TASKS})
     needs = frozenset({"trunk"})
     selects = "the epoch kept in each stage"
+    needs_every_class = False  # each task needs >= 2 classes; a class without training rows is never predicted
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        c = self.config
-        if c.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"cma-clip: optimizer must be adam or adamw, got {c.optimizer!r}")
-        if not 0.0 <= c.modality_noise < 1.0:
-            raise ConfigError(f"cma-clip: modality_noise must be in [0, 1), got {c.modality_noise}")
-        if min(c.width, c.layers, c.heads, c.head_hidden, c.max_text_tokens) < 1:
-            raise ConfigError("cma-clip: width, layers, heads, head_hidden and max_text_tokens must be >= 1")
-        for key in ("image_blocks", "text_layers"):
-            if not isinstance(getattr(c, key), int) or getattr(c, key) < 0:
-                raise ConfigError(f"cma-clip: {key} must be an integer >= 0, got {getattr(c, key)!r}")
-        self.tasks: list[str] = []  # the data column each head answers, the main one first ("label": the main label)
-        self.notes: list[str] = []  # what the last fit / prediction said about missing images or texts
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
+        self._feeder: _Feeder | None = None  # the training batches of the fit in progress
         self._trunk_split: BackboneSplit | None = None
         self._pool: tuple[TrunkSet, dict[str, int]] | None = None
-
-    def requires_all_classes(self) -> bool:
-        return False  # every task is checked for >= 2 classes; a class without training rows is never predicted
 
     # ---- data --------------------------------------------------------------------------------
     def _select_tasks(self, ds: Dataset) -> list[str]:
@@ -325,7 +338,7 @@ class CMAClip(Method):
     def _labels(self, ds: Dataset, check: bool = True) -> torch.Tensor:
         """[N, K] model-index labels (-1 = none); errors name the column and row of a mismatch."""
         cols = []
-        for t, classes in zip(self.tasks, self.task_classes.values()):
+        for t, classes in zip(self.task_columns, self.task_classes.values()):
             if t == MAIN:
                 y, names = ds.labels(), list(ds.classnames)
             else:
@@ -347,9 +360,6 @@ class CMAClip(Method):
                 )
             cols.append(torch.from_numpy(np.where(mapped == -2, -1, mapped)))
         return torch.stack(cols, 1)
-
-    def task_targets(self, ds: Dataset, task: str) -> np.ndarray:
-        return self._labels(ds, check=False)[:, list(self.task_classes).index(task)].numpy()
 
     def _split(self) -> BackboneSplit:
         """The cut the trunk activations are taken at (its top is not trained: the head has its own)."""
@@ -374,7 +384,14 @@ class CMAClip(Method):
         if pool is not None and all(it.key in pool[1] for it in ds.items):
             t = pool[0].index([pool[1][it.key] for it in ds.items])
         else:
-            t = trunk_features(self._split(), ds, self.config.max_text_tokens, cache=self.cache, progress=self.progress)
+            t = trunk_features(
+                self._split(),
+                ds,
+                self.config.max_text_tokens,
+                cache=self.feature_cache,
+                progress=self.ctx.progress,
+                write=self.ctx.cache_write,
+            )
         both = ~(t.has_image | t.has_text)
         if bool(both.any()):
             r = int(both.nonzero()[0, 0])
@@ -382,13 +399,12 @@ class CMAClip(Method):
         self._note_missing(ds, t)
         return t
 
-    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+    def _encode(self, data: Dataset | Encoded, training: bool) -> Encoded:
         """Trunk activations (features/trunk.py) instead of extracted features."""
         if isinstance(data, Encoded) and isinstance(data.features, TrunkSet):
             return data
         ds = dataset_of(data)
-        # Encoded.features is annotated FeatureSet; CMA-CLIP carries a TrunkSet in it (see _trunk_set)
-        return Encoded(ds, self.trunk(ds))  # type: ignore[arg-type]
+        return Encoded(ds, self.trunk(ds))
 
     def _note_missing(self, ds: Dataset, t: TrunkSet) -> None:
         ni, nt = int((~t.has_image).sum()), int((~t.has_text).sum())
@@ -399,7 +415,7 @@ class CMAClip(Method):
             if nt:
                 msg.append(f"{nt} row(s) with an empty text: their image carries them")
             self.notes.append(f"{ds.name}: " + "; ".join(msg))
-            if self.progress:
+            if self.ctx.progress:
                 print(f"note: {self.notes[-1]}", file=sys.stderr)
 
     # ---- model ---------------------------------------------------------------------------------
@@ -412,31 +428,29 @@ class CMAClip(Method):
         cma = ["ma.", "heads."] + (
             ["in_proj.", "type_embed", "patch_pos", "encoder."] if c.sequence_attention else ["in_norm."]
         )
-        common = dict(weight_decay=c.weight_decay, batch_size=c.batch_size, optimizer=c.optimizer)
-        stages = [Stage("frozen", epochs=c.frozen_epochs, lr=c.lr, trainable=cma, **common)]
+        common = dict(weight_decay=c.train.weight_decay, batch_size=c.train.batch_size, optimizer=c.optimizer)
+        stages = [Stage("frozen", epochs=c.frozen_epochs, lr=c.train.lr, trainable=cma, **common)]
         if c.e2e_epochs > 0:
             # BatchNorm statistics stay fixed: batches of 32 would replace ImageNet's running stats
             stages.append(
                 Stage("end2end", epochs=c.e2e_epochs, lr=c.e2e_lr, trainable=cma + ["top."], bn_eval=True, **common)
             )
         if c.tune_epochs > 0:
-            stages.append(Stage("tuning", epochs=c.tune_epochs, lr=c.lr, trainable=["ma.", "heads."], **common))
+            stages.append(Stage("tuning", epochs=c.tune_epochs, lr=c.train.lr, trainable=["ma.", "heads."], **common))
+        for st in stages:  # a (re)started stage recomputes the frozen top's outputs on first use
+            st.setup = lambda _model, name=st.name: cast(_Feeder, self._feeder).enter(name)
         return stages
 
-    def fit(self, train, val=None, **kwargs) -> CMAClip:
-        self.notes = []
-        return super().fit(train, val, **kwargs)
-
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
-        ds, c = train.dataset, self.config
-        self.tasks = self._select_tasks(ds)
-        classes = {t: self._classes_of(ds, t) for t in self.tasks}
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
+        """The tasks of the data, the model, and batches that carry the frozen top's outputs."""
+        ds = train.dataset
+        self.task_columns = self._select_tasks(ds)
+        classes = {t: self._classes_of(ds, t) for t in self.task_columns}
         for t, cs in classes.items():
             if len(cs) < 2:
                 raise DataError(f"{ds.name}: task {t!r} needs at least 2 classes, got {len(cs)}")
-        self.classnames = classes[self.tasks[0]]
-        self.task_classes = {MAIN: self.classnames, **{t: classes[t] for t in self.tasks[1:]}}
+        self.classnames = classes[self.task_columns[0]]
+        self.task_classes = {MAIN: self.classnames, **{t: classes[t] for t in self.task_columns[1:]}}
         with torch.no_grad():  # the patch count sizes the patch positions: what the backbone's top gives
             blank = torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size)
             n_patches = int(self.backbone.encode_image(blank).tokens.shape[1])
@@ -446,11 +460,10 @@ class CMAClip(Method):
             "n_patches": n_patches,
         }
         head = cast(CMAClipModel, self.init_head(spec))
-        stages = self.stages(train)
-        frozen_top = {st.name for st in stages if isinstance(st.trainable, Sequence) and "top." not in st.trainable}
-        feeder = _Feeder(self, _trunk_set(train), self._labels(ds), frozen_top)
-        for st in stages:
-            st.setup = lambda _model, name=st.name: feeder.enter(name)
+        frozen_top = {
+            st.name for st in self.stages(train) if isinstance(st.trainable, Sequence) and "top." not in st.trainable
+        }
+        feeder = self._feeder = _Feeder(self, _trunk_set(train), self._labels(ds), frozen_top)
         metric = None
         if val is not None:
             yva = self._labels(val.dataset)
@@ -459,23 +472,22 @@ class CMAClip(Method):
                 out = self._run(model, _trunk_set(val), emb=feeder.embeddings(_trunk_set(val)))
                 logits = [out["logits"], *out["task_logits"].values()]
                 accs = {}
-                for k, (t, z) in enumerate(zip(self.tasks, logits)):
+                for k, (t, z) in enumerate(zip(self.task_columns, logits)):
                     keep = yva[:, k] >= 0
                     if bool(keep.any()):
                         accs[f"acc_{t}"] = float((z.argmax(-1)[keep] == yva[keep, k]).float().mean())
                 return {"score": float(np.mean(list(accs.values()))), **accs}
 
-        seq = 2 + n_patches + _trunk_set(train).text.shape[1]
-        self.train_head(train, val, stages, batches=feeder, metric=metric, work=c.batch_size * seq * _n_params(head))
         self.fit_info.update(
             {
-                "tasks": self.tasks,
-                "notes": self.notes,
+                "tasks": self.task_columns,
+                "notes": list(self.notes),
                 "trainable_backbone": sorted({n.split(".")[0] for n, _ in head.top.named_parameters()}),
                 "n_train": len(ds),
                 "n_val": len(val) if val is not None else 0,
             }
         )
+        return Feed(batches=feeder, metric=metric)
 
     @torch.no_grad()
     def _embed_all(self, t: TrunkSet) -> dict[str, torch.Tensor]:
@@ -498,10 +510,6 @@ class CMAClip(Method):
         return parts[0] if attention else _concat_outputs(parts)
 
     # ---- prediction ---------------------------------------------------------------------------
-    def outputs(self, data) -> dict[str, Any]:
-        self.notes = []
-        return super().outputs(data)
-
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
         return self._run(self._model, _trunk_set(enc))
 
@@ -518,7 +526,7 @@ class CMAClip(Method):
         probs = [self._scores(out["logits"]), *(self._scores(z, t) for t, z in out["task_logits"].items())]
         lam = out["modality_weights"].numpy()
         rep = {}
-        for k, (t, p) in enumerate(zip(self.tasks, probs)):
+        for k, (t, p) in enumerate(zip(self.task_columns, probs)):
             keep = y[:, k] >= 0
             rap = recall_at_precision(y[:, k], p, 0.9)
             rep[t] = {
@@ -533,7 +541,9 @@ class CMAClip(Method):
         return rep
 
     # ---- explain ----------------------------------------------------------------------------------
-    def explain(self, item: Item | str, target: str | None = None, layer: int = -1) -> np.ndarray:
+    def explain(
+        self, item: Item | str, target: str | None = None, *, ctx: RunContext | None = None, layer: int = -1
+    ) -> np.ndarray:
         """[h, w] attention of a text token (`target`, default: the content word that looks at the
         image most) over the image patches: the paper's Figure 2, from the sequence attention's
         query/key products in `layer`, averaged over heads and renormalised over the patches."""
@@ -573,25 +583,8 @@ class CMAClip(Method):
             raise ConfigError(f"cma-clip: {P} image patches do not form a square grid")
         return rows[i].reshape(g, g).numpy()
 
-    # ---- persistence -----------------------------------------------------------------------------
-    def extra_config(self) -> dict:
-        return {"task_columns": self.tasks}
-
-    def task_name(self, task: str) -> str:
-        return self.tasks[0] if task == MAIN and self.tasks else task
-
-    def load_extra_config(self, cfg: dict) -> None:
-        cols = cfg.get("task_columns")
-        if not isinstance(cols, list) or len(cols) != len(self.task_classes):
-            raise ConfigError("cma-clip: config.json 'task_columns' must name the data column of every task")
-        self.tasks = [str(t) for t in cols]
-
 
 def _trunk_set(enc: Encoded) -> TrunkSet:
     """The trunk activations CMA-CLIP's `encode` puts where other methods have a FeatureSet."""
     assert isinstance(enc.features, TrunkSet), "cma-clip: data encoded by another method"
     return enc.features
-
-
-def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())

@@ -28,15 +28,16 @@ from torch import nn
 from ..backbones.base import BridgeLayer
 from ..errors import ConfigError
 from ..modules.losses.triplet import prototype_triplet_loss
-from ..training import Stage, select_best
-from .base import Encoded, Method, TrainOptions, check_dim, feature_keys, normalize
+from ..training import Stage, TrainResult, select_best
+from .base import Encoded, Feed, Method, TrainConfig, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 ALPHA_GRID = [round(0.1 * i, 1) for i in range(1, 21)]  # 0.1 ... 2.0, the paper's search
 
 
-@dataclass
+@dataclass(frozen=True)
 class CMMConfig(TrainOptions):
     """CMM's options: the schedule, the class-prototype training and the zero-shot fusion."""
 
@@ -44,9 +45,8 @@ class CMMConfig(TrainOptions):
     templates: str | list[str] = "select7"
     # training steps at batch_size (paper: 16,000); the fast schedule sees the same number of samples
     steps: int = 16000
-    batch_size: int = 8  # paper: 8
-    lr: float = 1e-4  # AdamW peak learning rate at batch_size (paper: 1e-4)
-    weight_decay: float = 1e-4  # AdamW weight decay (paper: 1e-4)
+    # AdamW at batch 8, peak learning rate 1e-4 (at that batch), weight decay 1e-4: the paper's
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=1e-4, batch_size=8))
     min_lr: float = 1e-5  # cosine floor (paper: 1e-5)
     warmup_steps: int = 50  # linear warm-up steps at batch_size (paper: "50 warm-up")
     eval_every: int = 0  # steps between validation logs and checkpoints (0: ten per run)
@@ -66,6 +66,15 @@ class CMMConfig(TrainOptions):
     # paper's residual W on the joint embedding (no_w then keeps the bridge fixed)
     input: str = "bridge"
 
+    def __post_init__(self) -> None:
+        if self.fusion not in ("prob", "logit"):
+            raise ConfigError(f"cmm: fusion must be prob or logit, got {self.fusion!r}")
+        schedule_of(self).check()  # validates the schedule options now
+        if self.input not in ("bridge", "joint"):
+            raise ConfigError(f"cmm: input must be bridge or joint, got {self.input!r}")
+        if not self.alpha_grid or min(self.alpha_grid) < 0:
+            raise ConfigError(f"cmm: alpha_grid must be non-empty and >= 0, got {self.alpha_grid}")
+
 
 def schedule_of(cfg: CMMConfig) -> Stage:
     """The paper's schedule, or the fast one: same samples seen, larger batch, scaled learning rate."""
@@ -73,20 +82,21 @@ def schedule_of(cfg: CMMConfig) -> Stage:
         raise ConfigError(f"cmm: schedule must be paper or fast, got {cfg.schedule!r}")
     if cfg.fast_lr_scale not in ("sqrt", "linear"):
         raise ConfigError(f"cmm: fast_lr_scale must be sqrt or linear, got {cfg.fast_lr_scale!r}")
-    steps, batch, k, warm = cfg.steps, cfg.batch_size, 1.0, cfg.warmup_steps
+    t = cfg.train
+    steps, batch, k, warm = cfg.steps, t.batch_size, 1.0, cfg.warmup_steps
     if cfg.schedule == "fast":
-        ratio = cfg.fast_batch / cfg.batch_size
+        ratio = cfg.fast_batch / t.batch_size
         k = math.sqrt(ratio) if cfg.fast_lr_scale == "sqrt" else ratio
-        steps = max(1, math.ceil(cfg.steps * cfg.batch_size / cfg.fast_batch))
-        warm, batch = math.ceil(cfg.warmup_steps * cfg.batch_size / cfg.fast_batch), cfg.fast_batch
+        steps = max(1, math.ceil(cfg.steps * t.batch_size / cfg.fast_batch))
+        warm, batch = math.ceil(cfg.warmup_steps * t.batch_size / cfg.fast_batch), cfg.fast_batch
     return Stage(
         "cmm",
         steps=steps,
         batch_size=batch,
-        lr=cfg.lr * k,
+        lr=t.lr * k,
         min_lr=cfg.min_lr * k,
         warmup_steps=warm,
-        weight_decay=cfg.weight_decay,
+        weight_decay=t.weight_decay,
         schedule="cosine",
         keep="last",
         eval_every=cfg.eval_every or max(1, steps // 10),
@@ -164,21 +174,15 @@ class CMM(Method):
     """Cross-modal mapping (residual W, learnable T, triplet loss, alpha fusion searched on val)."""
 
     name = "cmm"
+    tags = Tags(onnx=True, stream=True)
     Config = CMMConfig
-    needs = frozenset({"image", "pooled", "flip"})  # pooled: input=bridge
+    needs = frozenset({"image", "pooled"})  # pooled: input=bridge
+    train_views = ("orig", "flip")
     selects = "alpha (training ends on its last step)"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        c = self.config
-        if c.fusion not in ("prob", "logit"):
-            raise ConfigError(f"cmm: fusion must be prob or logit, got {c.fusion!r}")
-        schedule_of(c).check()  # validates the schedule options now
-        if c.input not in ("bridge", "joint"):
-            raise ConfigError(f"cmm: input must be bridge or joint, got {c.input!r}")
-        if not c.alpha_grid or min(c.alpha_grid) < 0:
-            raise ConfigError(f"cmm: alpha_grid must be non-empty and >= 0, got {c.alpha_grid}")
-        self.templates = resolve_templates(c.templates)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
+        self.templates = resolve_templates(self.config.templates)
 
     @property
     def scale(self) -> float:
@@ -186,7 +190,7 @@ class CMM(Method):
         return float(self.backbone.logit_scale)
 
     def feature_needs(self) -> frozenset[str]:
-        return self.needs if self.config.input == "bridge" else frozenset({"image", "flip"})
+        return self.needs if self.config.input == "bridge" else frozenset({"image"})
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         return CMMHead(spec["num_classes"], spec["dim"], self.scale, self.config, spec.get("pooled_dim", 0))
@@ -194,12 +198,10 @@ class CMM(Method):
     def stages(self, train: Encoded) -> list[Stage]:
         return [schedule_of(self.config)]
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
-        c = self.config
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
         t0 = self.class_texts(self.templates)[1]
         spec = {"num_classes": len(self.classnames), "dim": t0.shape[1]}
-        if c.input == "bridge":
+        if self.config.input == "bridge":
             spec["pooled_dim"] = int(self.backbone.pooled_dim)  # not the features: a streamed fit has none in memory
         head = cast(CMMHead, self.init_head(spec))
         with torch.no_grad():
@@ -207,10 +209,11 @@ class CMM(Method):
             head.T.copy_(t0)
         if head.bridge is not None:
             head.bridge.reset(self.backbone)
-        st = self.stages(train)[0]
-        d = t0.shape[1]
-        d_in = spec.get("pooled_dim", d)
-        self.train_head(train, val, [st], work=st.batch_size * d * max(d_in, len(self.classnames)))
+        return Feed()
+
+    def finish(self, val: Encoded | None, result: TrainResult) -> None:
+        """Alpha, the fusion weight, chosen on validation over the trained head's logits."""
+        c, st, head = self.config, schedule_of(self.config), cast(CMMHead, self.head)
         info: dict[str, Any] = {
             "steps": st.steps,
             "batch": st.batch_size,

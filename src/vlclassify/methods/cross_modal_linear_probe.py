@@ -24,18 +24,18 @@ from ..errors import ConfigError
 from ..training import Stage, select_best
 from .base import Encoded, Method, TrainOptions, check_dim, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
-@dataclass
+@dataclass(frozen=True)
 class CrossModalLinearProbeConfig(TrainOptions):
     """Options of the cross-modal linear probe: text samples, optimiser, weight-decay grid."""
 
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
     # add the per-template class texts as training samples (False = image-only, zero-shot init)
     text_samples: bool = True
-    steps: int = 300  # full-batch AdamW steps
-    lr: float = 1e-3  # AdamW learning rate (constant)
+    steps: int = 300  # full-batch AdamW steps at train.lr (constant; weight decay: wd_grid)
     wd_grid: list[float] = field(
         default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2]
     )  # weight decays tried on val, in order
@@ -43,6 +43,10 @@ class CrossModalLinearProbeConfig(TrainOptions):
     # joint: the joint image embedding (the paper's form) | bridge: images through a trainable copy of
     # the backbone's bridge on the pooled features
     input: str = "joint"
+
+    def __post_init__(self) -> None:
+        if self.input not in ("bridge", "joint"):
+            raise ConfigError(f"cross-modal-linear-probe: input must be bridge or joint, got {self.input!r}")
 
 
 class ScaledLinearHead(nn.Module):
@@ -80,40 +84,41 @@ class CrossModalLinearProbe(Method):
     """Linear head on joint-space features, trained on images + class texts, zero-shot initialised."""
 
     name = "cross-modal-linear-probe"
+    tags = Tags(onnx=True)
     Config = CrossModalLinearProbeConfig
-    needs = frozenset({"image", "pooled", "flip"})  # image: input=joint; pooled: input=bridge
+    needs = frozenset({"image", "pooled"})  # image: input=joint; pooled: input=bridge
+    train_views = ("orig", "flip")
     selects = "weight decay, step"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        if self.config.input not in ("bridge", "joint"):
-            raise ConfigError(f"cross-modal-linear-probe: input must be bridge or joint, got {self.config.input!r}")
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         self.templates = resolve_templates(self.config.templates)
 
     def feature_needs(self) -> frozenset[str]:
-        return frozenset({"pooled" if self.config.input == "bridge" else "image", "flip"})
+        return frozenset({"pooled" if self.config.input == "bridge" else "image"})
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         return ScaledLinearHead(
             spec["num_classes"], spec["dim"], float(self.backbone.logit_scale), spec.get("pooled_dim", 0)
         )
 
-    def stages(self, train: Encoded, weight_decay: float = 0.0, rows: int = 1) -> list[Stage]:
+    def _stages(self, weight_decay: float, rows: int) -> list[Stage]:
+        """The probe's one full-batch stage at weight decay `weight_decay` (a grid point)."""
         c = self.config
         return [
             Stage(
                 "probe",
                 steps=c.steps,
                 eval_every=c.eval_every,
-                lr=c.lr,
+                lr=c.train.lr,
                 weight_decay=weight_decay,
                 batch_size=rows,
                 schedule="constant",
             )
         ]
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
+        """One Trainer run per weight decay of the grid; the best on validation is kept."""
         c = self.config
         per_t, w0 = self.class_texts(self.templates)
         rows = self.train_tensors(train)  # images (every view)
@@ -142,12 +147,7 @@ class CrossModalLinearProbe(Method):
             if head.bridge is not None:
                 head.bridge.reset(self.backbone)
             res = self.train_head(
-                train,
-                val,
-                self.stages(train, wd, n),
-                batches=self.feature_batches(train, rows),
-                work=n * d * (spec.get("pooled_dim", 0) + len(self.classnames)),
-                run=f"wd-{wd:g}",
+                train, val, self._stages(wd, n), batches=self.feature_batches(train, rows), run=f"wd-{wd:g}"
             )
             heads[wd] = (head, res.stages[0], self.fit_info.pop("training"))
             return res.stages[0].best_metric if res.stages[0].best_metric is not None else 0.0

@@ -18,6 +18,7 @@ trunk's activations are cached once and the head holds its own copy of the top.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -37,13 +38,25 @@ from ..modules.losses.focal import sigmoid_focal_loss, softmax_focal_loss
 from ..modules.losses.prototype import prototype_alignment_loss
 from ..modules.losses.token_alignment import cta_loss
 from ..modules.phrases import build_prompt, phrase_token_mask
-from .base import MULTI, SINGLE, Encoded, Method, TrainOptions, _concat_outputs, check_dim, dataset_of
+from .base import (
+    MULTI,
+    SINGLE,
+    Encoded,
+    Feed,
+    Method,
+    TrainConfig,
+    TrainOptions,
+    _concat_outputs,
+    check_dim,
+    dataset_of,
+)
 from .registry import register_method
+from .tags import Tags
 
 SOURCES = ("head", "align")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiCLSConfig(TrainOptions):
     """DiCLS's options: the class-list prompt, the fusion encoder, the losses and fine-tuning."""
 
@@ -80,14 +93,27 @@ class DiCLSConfig(TrainOptions):
     predict_from: str = "head"  # head (p^v) | align (phrase probabilities from S_align)
     # training (the shared Trainer, one stage, cosine LR sized and stepped in optimizer steps)
     epochs: int = 10  # passes over the training data; the best epoch on validation (mAP) is kept
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay
-    batch_size: int = 64  # images per step
+    # AdamW at peak learning rate 1e-3, weight decay 1e-4, 64 images per step
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=1e-4, batch_size=64))
     warmup_steps: int = 8  # optimizer steps of linear LR warm-up (5% of 10 epochs of 1,000 images at batch 64)
     grad_clip: float | None = 1.0  # max gradient norm (None = no clipping)
     # fine-tuning the backbone's top (backbone.split); None = that encoder frozen, its features cached
     image_blocks: int | None = None  # last image-encoder blocks fine-tuned, plus the image head (projection)
     text_layers: int | None = None  # last text-encoder layers fine-tuned (prompt tokens), plus the text head
+
+    def __post_init__(self) -> None:
+        if self.global_feature not in ("pooled", "image"):
+            raise ConfigError(f"dicls: global_feature must be pooled or image, got {self.global_feature!r}")
+        if self.predict_from not in SOURCES:
+            raise ConfigError(f"dicls: predict_from must be head or align, got {self.predict_from!r}")
+        if self.fusion_layers < 0 or self.dim < 1 or self.dim % self.heads:
+            raise ConfigError(f"dicls: need fusion_layers >= 0 and dim ({self.dim}) divisible by heads ({self.heads})")
+        if self.predict_from == "align" and self.w_aln <= 0:
+            raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
+        if self.prototypes < 1 or self.sinkhorn_iters < 1 or self.sinkhorn_eps <= 0:
+            raise ConfigError("dicls: prototypes >= 1, sinkhorn_iters >= 1 and sinkhorn_eps > 0 required")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"dicls: warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 class DiCLSNet(nn.Module):
@@ -283,29 +309,22 @@ class DiCLS(Method):
     """DiCLS: multi-label as phrase grounding, XMA-B fusion, ALN/CTA/CPA/focal/ArcFace losses."""
 
     name = "dicls"
+    tags = Tags()
     Config = DiCLSConfig
     kinds = frozenset({SINGLE, MULTI})
     needs = frozenset({"pooled", "spatial"})
     selects = "the epoch kept"
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
-        if c.global_feature not in ("pooled", "image"):
-            raise ConfigError(f"dicls: global_feature must be pooled or image, got {c.global_feature!r}")
-        if c.predict_from not in SOURCES:
-            raise ConfigError(f"dicls: predict_from must be head or align, got {c.predict_from!r}")
-        if c.fusion_layers < 0 or c.dim < 1 or c.dim % c.heads:
-            raise ConfigError(f"dicls: need fusion_layers >= 0 and dim ({c.dim}) divisible by heads ({c.heads})")
-        if c.predict_from == "align" and c.w_aln <= 0:
-            raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
-        if c.prototypes < 1 or c.sinkhorn_iters < 1 or c.sinkhorn_eps <= 0:
-            raise ConfigError("dicls: prototypes >= 1, sinkhorn_iters >= 1 and sinkhorn_eps > 0 required")
-        if c.warmup_steps < 0:
-            raise ConfigError(f"dicls: warmup_steps must be >= 0, got {c.warmup_steps}")
         if self.fine_tunes():
             self._trunk_split = backbone.split(c.image_blocks, c.text_layers)  # checks the counts; cuts the trunk
-        self.prompt = ""
+
+    @property
+    def prompt(self) -> str:
+        """The prompt of the class names the fit grounded (fit_info keeps it)."""
+        return str(self.fit_info.get("prompt", ""))
 
     def fine_tunes(self) -> bool:
         """Whether the backbone's top layers are trained (then trunk activations are cached instead of features)."""
@@ -316,42 +335,43 @@ class DiCLS(Method):
             return frozenset({"trunk"})
         return frozenset({self.config.global_feature, "spatial"})
 
-    def check_data(self, ds: Dataset) -> list[str]:
-        notes = super().check_data(ds)  # refuses items without an image when reading cached features
-        blank = next((it for it in ds.items if it.image is None), None)
-        if blank is not None and self.config.image_blocks is not None:
-            raise DataError(f"{ds.name}: item {blank.key} has no image; dicls classifies images")
-        return notes
-
-    def encode(self, data: Dataset | Encoded, training: bool = False) -> Encoded:
+    def _encode(self, data: Dataset | Encoded, training: bool) -> Encoded:
         """Image trunk activations when the image top is fine-tuned, else the cached features."""
         if self.config.image_blocks is None:
-            return super().encode(data, training)
+            return super()._encode(data, training)
         if isinstance(data, Encoded) and isinstance(data.features, TrunkSet):
             return data
         ds = dataset_of(data)
-        t = trunk_features(self._trunk_split, ds, None, cache=self.cache, progress=self.progress, texts=False)
-        # Encoded.features is annotated FeatureSet; the fine-tuning methods carry a TrunkSet in it
-        return Encoded(ds, t)  # type: ignore[arg-type]
+        blank = next((it for it in ds.items if it.image is None), None)
+        if blank is not None:  # before any activation is computed
+            raise DataError(f"{ds.name}: item {blank.key} has no image; dicls classifies images")
+        t = trunk_features(
+            self._trunk_split,
+            ds,
+            None,
+            cache=self.feature_cache,
+            progress=self.ctx.progress,
+            texts=False,
+            write=self.ctx.cache_write,
+        )
+        return Encoded(ds, t)
 
     # ---- prompt ---------------------------------------------------------------------------
     def _encode_prompt(self, classnames: list[str]):
-        """-> (text tokens [L, D], valid [L] bool, phrase mask [C, L], token strings [L]); errors name a
-        class not found."""
+        """-> (prompt, text tokens [L, D], valid [L] bool, phrase mask [C, L], token strings [L]); errors
+        name a class not found."""
         c = self.config
-        self.prompt, spans = build_prompt(
-            classnames, c.prefix, c.suffix, c.separator, c.descriptions, c.description_format
-        )
+        prompt, spans = build_prompt(classnames, c.prefix, c.suffix, c.separator, c.descriptions, c.description_format)
         with torch.no_grad():
-            tf = self.backbone.encode_text([self.prompt])
+            tf = self.backbone.encode_text([prompt])
         valid = tf.mask[0].bool()
         strings = list(tf.token_strings[0]) if tf.token_strings else []
         if len(strings) != tf.tokens.shape[1]:
             raise ConfigError(
                 f"dicls: backbone {self.backbone.name!r} gives no token strings to find the class names in"
             )
-        mask = phrase_token_mask(self.prompt, spans, classnames, strings, valid.tolist())
-        return tf.tokens[0].float(), valid, mask, strings
+        mask = phrase_token_mask(prompt, spans, classnames, strings, valid.tolist())
+        return prompt, tf.tokens[0].float(), valid, mask, strings
 
     # ---- data -----------------------------------------------------------------------------
     @staticmethod
@@ -395,21 +415,21 @@ class DiCLS(Method):
             Stage(
                 "dicls",
                 epochs=c.epochs,
-                lr=c.lr,
-                weight_decay=c.weight_decay,
-                batch_size=c.batch_size,
+                lr=c.train.lr,
+                weight_decay=c.train.weight_decay,
+                batch_size=c.train.batch_size,
                 warmup_steps=c.warmup_steps,
                 grad_clip=c.grad_clip,
                 schedule="cosine",
             )
         ]
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
+        """The head around the class-name prompt; batches of multi-hot targets (one-hot single-label)."""
         c, ds = self.config, train.dataset
         y = self._targets(ds)
         self._check_targets(ds, y)
-        text, valid, mask, strings = self._encode_prompt(self.classnames)
+        prompt, text, valid, mask, strings = self._encode_prompt(self.classnames)
         with torch.no_grad():  # the shapes the head sees: what the backbone (and so its top) gives
             f = self.backbone.encode_image(torch.zeros(1, 3, self.backbone.image_size, self.backbone.image_size))
         glob = f.pooled if c.global_feature == "pooled" else f.embeds
@@ -424,7 +444,7 @@ class DiCLS(Method):
         }
         hidden = None
         if c.text_layers is not None:
-            hidden, pmask = self._trunk_split.text_trunk([self.prompt])
+            hidden, pmask = self._trunk_split.text_trunk([prompt])
             spec["text_dim"] = int(hidden.shape[2])
         head = cast(DiCLSHead, self.init_head(spec))
         head.net.text_tokens.copy_(text)
@@ -434,31 +454,23 @@ class DiCLS(Method):
             head.prompt_hidden.copy_(hidden)
             head.prompt_mask.copy_(pmask)
         if c.image_blocks is not None:
-            rows = {"trunk": train.features.image}
+            rows = {"trunk": train.features.tensor("trunk")}
         else:
             rows = {
                 c.global_feature: train.features.tensor(c.global_feature).float(),
                 "spatial": train.features.tensor("spatial"),
             }
         rows["targets"] = y
-        n_params = sum(p.numel() for p in head.parameters())
-        result = self.train_head(
-            train,
-            val,
-            self.stages(train),
-            batches=self.feature_batches(train, rows),
-            work=c.batch_size * (1 + spec["num_tokens"] + spec["text_len"]) * n_params,
-        )
         self.fit_info.update(
             {
-                "prompt": self.prompt,
+                "prompt": prompt,
                 "token_strings": strings,
                 "frozen": "backbone except its top (image_blocks / text_layers)"
                 if self.fine_tunes()
                 else "whole backbone",
-                "losses": [{k: v for k, v in r.items() if k.startswith("train_loss")} for r in result.history],
             }
         )
+        return Feed(batches=self.feature_batches(train, rows))
 
     # ---- inference ------------------------------------------------------------------------
     def _forward(self, head: nn.Module, data: Encoded) -> dict[str, Any]:
@@ -480,7 +492,8 @@ class DiCLS(Method):
         if source == "align" and self.config.w_aln <= 0:
             raise ConfigError("dicls: predict_from=align needs the alignment loss (w_aln > 0)")
         self._check_fitted()
-        self.config.predict_from = cast(DiCLSHead, self.head).source = source
+        self.config = dataclasses.replace(self.config, predict_from=source)
+        cast(DiCLSHead, self.head).source = source
         if val is not None:
             self.choose_decisions(self.encode(val), **decision)
         return self
@@ -508,9 +521,6 @@ class DiCLS(Method):
             "truth": (y @ net.phrase_mask).clamp(max=1)[:, valid].numpy(),
             "tokens": [t for t, v in zip(self.fit_info.get("token_strings", []), valid.tolist()) if v],
         }
-
-    def load_extra_config(self, cfg: dict) -> None:
-        self.prompt = self.fit_info.get("prompt", "")
 
 
 def pool_grid(sp: torch.Tensor, grid: tuple[int, int] | None, g: int | None) -> torch.Tensor:

@@ -27,9 +27,10 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,15 +41,16 @@ from ..errors import ConfigError, DataError
 from ..modules.heads import CosineClassifier, LinearClassifier
 from ..modules.losses.contrastive import unified_contrastive_loss
 from ..modules.text_tower import TrainableTextTower
-from ..training import Stage
-from .base import MAIN, SINGLE, TEXT, Encoded, Method, TrainOptions, check_finite
+from ..training import Stage, TrainResult
+from .base import MAIN, SINGLE, TEXT, Encoded, Feed, Method, TrainConfig, TrainOptions, check_finite
 from .registry import register_method
+from .tags import Tags
 
 HEADS = ("text", "cosine", "linear")
 IMAGE_INPUTS = ("embed", "pooled", "both")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ICARConfig(TrainOptions):
     """iCAR's options: the classifier head, class sentences, pairs and training."""
 
@@ -67,14 +69,31 @@ class ICARConfig(TrainOptions):
     text_layers: int | None = 1  # last text-encoder layers trained, with the text head (None = frozen text encoder)
     text_proj: bool = True  # residual D x D projection on the text embedding (zero-initialised)
     image_input: str = "both"  # embed: residual map of the joint-space embedding | pooled: of pooled features | both
-    batch_size: int = 64  # images per step (classification + pairs)
     image_epochs: int = 3  # stage 1 "image": image projection (and parametric head) only, at lr
     joint_epochs: int = 3  # stage 2 "joint": image projection + text tower (+ head) jointly, at joint_lr
-    lr: float = 1e-3  # AdamW peak learning rate of stage 1 (cosine schedule)
+    # AdamW at peak learning rate 1e-3 in stage 1 (cosine schedule), weight decay 0.01 (pulls the
+    # zero-initialised residuals back towards the backbone), 64 images per step (classification + pairs)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01, batch_size=64))
     joint_lr: float = 1e-4  # AdamW peak learning rate of stage 2 (gentle: it moves pretrained text layers)
-    weight_decay: float = 0.01  # AdamW weight decay (pulls the zero-initialised residuals back towards the backbone)
     min_steps_per_epoch: int = 10  # an epoch of a tiny (few-shot) set still takes this many steps
     grad_clip: float = 5.0  # max gradient norm (paper: 5)
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"icar: head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ConfigError(f"icar: image_input must be one of {', '.join(IMAGE_INPUTS)}, got {self.image_input!r}")
+        if not 0.0 <= self.pair_fraction < 1.0:
+            raise ConfigError(f"icar: pair_fraction must be in [0, 1), got {self.pair_fraction}")
+        if self.tau <= 0:
+            raise ConfigError(f"icar: tau must be > 0, got {self.tau}")
+        for key in ("sentence", "sentence_no_desc"):
+            if "{name}" not in getattr(self, key):
+                raise ConfigError(f"icar: {key} must contain '{{name}}', got {getattr(self, key)!r}")
+        if "{description}" not in self.sentence:
+            raise ConfigError(f"icar: sentence must contain '{{description}}', got {self.sentence!r}")
+        if self.image_epochs < 0 or self.joint_epochs < 0 or self.image_epochs + self.joint_epochs == 0:
+            raise ConfigError("icar: image_epochs and joint_epochs must be >= 0, not both 0 (nothing to train)")
 
 
 class ImageSide(nn.Module):
@@ -214,42 +233,31 @@ class ICAR(Method):
     """iCAR: cosine classifier whose class weights come from a jointly trained text encoder."""
 
     name = "icar"
+    tags = Tags(update=True)
     Config = ICARConfig
     kinds = frozenset({SINGLE, TEXT})
     needs = frozenset({"image", "pooled"})
     selects = "the epoch kept in each stage (the start if none beats it)"
+    needs_every_class = False  # the text encoder scores a class without images (split heads: checked in prepare)
+    state = ("trained_classes", "descriptions")
+    tensor_state = ("class_weights",)
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        c = self.config
-        if c.head not in HEADS:
-            raise ConfigError(f"icar: head must be one of {', '.join(HEADS)}, got {c.head!r}")
-        if c.image_input not in IMAGE_INPUTS:
-            raise ConfigError(f"icar: image_input must be one of {', '.join(IMAGE_INPUTS)}, got {c.image_input!r}")
-        if not 0.0 <= c.pair_fraction < 1.0:
-            raise ConfigError(f"icar: pair_fraction must be in [0, 1), got {c.pair_fraction}")
-        if c.tau <= 0:
-            raise ConfigError(f"icar: tau must be > 0, got {c.tau}")
-        for key in ("sentence", "sentence_no_desc"):
-            if "{name}" not in getattr(c, key):
-                raise ConfigError(f"icar: {key} must contain '{{name}}', got {getattr(c, key)!r}")
-        if "{description}" not in c.sentence:
-            raise ConfigError(f"icar: sentence must contain '{{description}}', got {c.sentence!r}")
-        if c.image_epochs < 0 or c.joint_epochs < 0 or c.image_epochs + c.joint_epochs == 0:
-            raise ConfigError("icar: image_epochs and joint_epochs must be >= 0, not both 0 (nothing to train)")
-        backbone.split(None, c.text_layers or 0)  # checks text_layers against the text encoder
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
+        backbone.split(None, self.config.text_layers or 0)  # checks text_layers against the text encoder
         self.trained_classes: list[str] = []  # the classes the parametric head (if any) knows
         self.descriptions: dict[str, str] = {}  # class -> description for the current classes
         self.class_weights: torch.Tensor | None = None  # [C, D] text class weights of the current classes
-        self._pairs: Dataset | Encoded | None = None
+        self._pairs: Dataset | Encoded | None = None  # image-text pairs of the next fit (`use_pairs`)
         self._continue = False  # finetune(): train the current head instead of a fresh one
-
-    def requires_all_classes(self) -> bool:
-        return self.config.head == "text"  # parametric split heads leave a class without images unpredicted
+        self._started = 0.0  # perf_counter at the start of the fit in progress
+        self._n_pairs = self._n_train = 0
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         split = self.backbone.split(None, self.config.text_layers or 0)
-        return ICARNet(split, self.config, spec["trained_classes"])
+        net = ICARNet(split, self.config, spec["trained_classes"])
+        net.sentences = self.sentences_for(self.trained_classes, self.descriptions)
+        return net
 
     # ---- classes ------------------------------------------------------------------------
     def _descriptions_for(self, names: Sequence[str], dataset: str = "") -> dict[str, str]:
@@ -309,13 +317,10 @@ class ICAR(Method):
         return self.config.head != "text" and self.classnames == self.trained_classes
 
     # ---- training -----------------------------------------------------------------------
-    def fit(self, train, val=None, pairs: Dataset | Encoded | None = None, **kwargs: Any) -> ICAR:
-        """Train on `train` (classification) mixed with image-text `pairs` (default: the `pairs` option)."""
+    def use_pairs(self, pairs: Dataset | Encoded | None) -> ICAR:
+        """Mix these image-text `pairs` into the next fit instead of the `pairs` option's."""
         self._pairs = pairs
-        try:
-            return super().fit(train, val, **kwargs)
-        finally:
-            self._pairs = None
+        return self
 
     def finetune(self, train, val=None, pairs: Dataset | Encoded | None = None, **kwargs: Any) -> ICAR:
         """Continue training this model on `train`, whose classes may be new: the (trained) text
@@ -324,9 +329,9 @@ class ICAR(Method):
             raise ConfigError("icar: finetune needs a trained (or loaded) model; use fit() to train from the backbone")
         self._continue = True
         try:
-            return self.fit(train, val, pairs, **kwargs)
+            return self.use_pairs(pairs).fit(train, val, **kwargs)
         finally:
-            self._continue = False
+            self._continue, self._pairs = False, None
 
     def _update(self, train, val, classes, descriptions):
         """New classes are scored by their text at once; new images continue training (finetune)."""
@@ -338,8 +343,7 @@ class ICAR(Method):
 
     def clone(self) -> ICAR:
         """An independent copy of the trained state (same backbone; the frozen-text cache is shared)."""
-        other = type(self)(self.backbone, self.cache, **dataclasses.asdict(self.config))
-        other.progress = self.progress
+        other = type(self)(self.backbone, **dataclasses.asdict(self.config))
         other.classnames, other.trained_classes = list(self.classnames), list(self.trained_classes)
         other.task_classes = {t: list(c) for t, c in self.task_classes.items()}
         other.descriptions, other.fit_info = dict(self.descriptions), dict(self.fit_info)
@@ -376,26 +380,26 @@ class ICAR(Method):
             enc = enc.subset(keep)
         if len({t.strip() for t in enc.dataset.texts()}) < 2:
             raise DataError(f"{enc.dataset.name}: image-text pairs need at least 2 distinct captions to contrast")
-        check_finite(enc.features.image, f"{enc.dataset.name} (pairs) image features")
+        check_finite(enc.features.tensor("image"), f"{enc.dataset.name} (pairs) image features")
         return enc
 
     def _batches(self, train: Encoded, pairs: Encoded | None):
         """A callable (stage, epoch, seed) -> list of mixed batches, for the shared trainer."""
         c = self.config
-        n_pair = int(round(c.batch_size * c.pair_fraction)) if pairs is not None else 0
+        n_pair = int(round(c.train.batch_size * c.pair_fraction)) if pairs is not None else 0
         n_pair = max(2, n_pair) if pairs is not None else 0
-        n_cls = max(1, c.batch_size - n_pair)
-        x_e, x_p = train.features.image, train.features.pooled  # [N, D], [N, F]
+        n_cls = max(1, c.train.batch_size - n_pair)
+        x_e, x_p = train.features.tensor("image"), train.features.tensor("pooled")  # [N, D], [N, F]
         y = torch.as_tensor(train.dataset.labels())  # [N]
         labelled = torch.nonzero(y >= 0).flatten()
         if pairs is not None:
-            p_e, p_p = pairs.features.image, pairs.features.pooled
+            p_e, p_p = pairs.features.tensor("image"), pairs.features.tensor("pooled")
             caps = [t.strip() for t in pairs.dataset.texts()]
         steps = max(math.ceil(len(labelled) / n_cls), c.min_steps_per_epoch)
         empty_e, empty_p = x_e[:0], x_p[:0]
 
         def make(stage, epoch, seed) -> list[MixedBatch]:
-            g = torch.Generator().manual_seed(int(seed) + c.seed)
+            g = torch.Generator().manual_seed(int(seed) + c.train.seed)
             order = labelled[torch.randperm(len(labelled), generator=g)]
             while len(order) < steps * n_cls:  # tiny sets: reshuffle and continue
                 order = torch.cat([order, labelled[torch.randperm(len(labelled), generator=g)]])
@@ -437,8 +441,8 @@ class ICAR(Method):
     def stages(self, train: Encoded) -> list[Stage]:
         c = self.config
         common = dict(
-            weight_decay=c.weight_decay,
-            batch_size=c.batch_size,
+            weight_decay=c.train.weight_decay,
+            batch_size=c.train.batch_size,
             optimizer="adamw",
             schedule="cosine",
             grad_clip=c.grad_clip,
@@ -447,18 +451,24 @@ class ICAR(Method):
         text = ["text.proj."] + (["text.top."] if c.text_layers is not None else [])
         stages = []
         if c.image_epochs > 0:
-            stages.append(Stage("image", epochs=c.image_epochs, lr=c.lr, trainable=["image."] + head, **common))
+            stages.append(Stage("image", epochs=c.image_epochs, lr=c.train.lr, trainable=["image."] + head, **common))
         if c.joint_epochs > 0:
             stages.append(
                 Stage("joint", epochs=c.joint_epochs, lr=c.joint_lr, trainable=["image."] + text + head, **common)
             )
         return stages
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
+        """The head (or the current one, fine-tuning), class sentences, and mixed class + pair batches."""
         c, ds = self.config, train.dataset
-        t0 = time.perf_counter()
+        self._started = time.perf_counter()
+        if c.head != "text" and not ds.multilabel:  # a split head leaves a class without images unpredicted
+            y = ds.labels()
+            absent = [ds.classnames[k] for k in range(ds.num_classes) if not np.any(y == k)]
+            if absent:
+                raise DataError(f"{ds.name}: no training images for class(es) {', '.join(absent)}")
         pairs = self._pair_set(train, val)
+        self._n_pairs, self._n_train = 0 if pairs is None else len(pairs), len(train)
         self.descriptions = self._descriptions_for(ds.classnames, ds.name) if c.descriptions != "none" else {}
         if self._continue:
             self._net.head = "text"  # new classes have no parametric weights: the text encoder classifies
@@ -473,42 +483,42 @@ class ICAR(Method):
 
             def metric(head: nn.Module) -> dict[str, float]:
                 model = cast(ICARNet, head)  # train_head scores the head it trains: this ICARNet
-                v = model.image(val.features.image, val.features.pooled)
+                v = model.image(val.features.tensor("image"), val.features.tensor("pooled"))
                 w = model.text(model.sentences) if model.head == "text" else None
                 return {"score": float((model.class_logits(v, w).argmax(-1) == yv).float().mean())}
 
-        n_text = len(net.sentences) + int(round(c.batch_size * c.pair_fraction))  # texts encoded per step
-        work = (c.batch_size + 16 * n_text) * sum(p.numel() for p in net.parameters())
-        batches = self._batches(train, pairs)
-        result = self.train_head(train, val, self.stages(train), batches=batches, metric=metric, work=work)
+        return Feed(batches=self._batches(train, pairs), metric=metric)
+
+    def finish(self, val: Encoded | None, result: TrainResult) -> None:
+        c, net = self.config, self._net
         net.head = c.head
         net.eval()
-        self.classnames = list(ds.classnames)
         self._update_class_weights()
         self.fit_info.update(
             {
                 "trained_classes": self.trained_classes,
                 "finetuned": self._continue,
                 "descriptions": self.descriptions,
-                "n_train": len(train),
-                "n_pairs": 0 if pairs is None else len(pairs),
+                "n_train": self._n_train,
+                "n_pairs": self._n_pairs,
                 "pairs": self.config.pairs if self._pairs is None else "given",
                 "text_layers_trained": c.text_layers,
                 "tau": float(1.0 / net.cos.scale.detach()),
-                "kept_start": metric is not None and all(s.best_epoch == 0 for s in result.stages),
+                "kept_start": val is not None and len(val) > 0 and all(s.best_epoch == 0 for s in result.stages),
                 "best": {s.name: {"epoch": s.best_epoch, "val_accuracy": s.best_metric} for s in result.stages},
                 "losses": [
                     {k: v for k, v in r.items() if k in ("stage", "epoch") or k.startswith("train_loss")}
                     for r in result.history
                 ],
-                "fit_seconds": round(time.perf_counter() - t0, 2),
+                "fit_seconds": round(time.perf_counter() - self._started, 2),
             }
         )
+        self._pairs = None
 
     # ---- inference ------------------------------------------------------------------------
     def image_embeddings(self, data: Encoded) -> torch.Tensor:
         """[N, D] trained image embeddings (for retrieval or custom scoring)."""
-        return self._net.image(data.features.image, data.features.pooled)
+        return self._net.image(data.features.tensor("image"), data.features.tensor("pooled"))
 
     def _outputs(self, enc: Encoded) -> dict[str, Any]:
         self._net.eval()
@@ -519,21 +529,3 @@ class ICAR(Method):
             if self.class_weights is None or self.class_weights.shape[0] != len(self.classnames):
                 self._update_class_weights()
             return {"logits": self._net.cos(v, self.class_weights)}  # [N, C]
-
-    # ---- persistence ------------------------------------------------------------------------
-    def tensors(self) -> dict[str, torch.Tensor]:
-        assert self.class_weights is not None, "a fitted or loaded model has its class weights"
-        return {**super().tensors(), "class_weights": self.class_weights}
-
-    def extra_config(self) -> dict[str, Any]:
-        return {"trained_classes": self.trained_classes, "descriptions": self.descriptions}
-
-    def load_extra_config(self, cfg: dict[str, Any]) -> None:
-        self.trained_classes = [str(c) for c in cfg.get("trained_classes", self.classnames)]
-        self.descriptions = dict(cfg.get("descriptions") or {})
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Load the head, then rebuild its class sentences and cached class weights."""
-        super().load_tensors(tensors, where)
-        self._net.sentences = self.sentences_for(self.trained_classes, self.descriptions)
-        self.class_weights = tensors.get("class_weights")

@@ -22,11 +22,12 @@ from ..training import select_best
 from ..training.logistic import fit_logistic, fit_logistic_path
 from .base import MULTI, SINGLE, TEXT, Encoded, Method, check_dim, normalize
 from .registry import register_method
+from .tags import Tags
 
 FEATURES = ("pooled", "image", "text")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearProbeConfig:
     """Linear-probe options: the feature probed, the C grid and the solver."""
 
@@ -36,6 +37,12 @@ class LinearProbeConfig:
         default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
     )  # inverse L2 strengths tried
     max_iter: int = 1000  # L-BFGS iterations per C (training/logistic.py: full batch, warm-started along the grid)
+
+    def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise ConfigError(f"linear-probe: feature must be one of {', '.join(FEATURES)}, got {self.feature!r}")
+        if not self.C_grid or min(self.C_grid) <= 0:
+            raise ConfigError(f"linear-probe: C_grid must be non-empty and > 0, got {self.C_grid}")
 
 
 class LinearHead(nn.Module):
@@ -59,20 +66,12 @@ class LinearProbe(Method):
     """Logistic regression on L2-normalised frozen features (one-vs-rest for multi-label); C on validation."""
 
     name = "linear-probe"
+    tags = Tags(update=True, onnx=True)
     Config = LinearProbeConfig
     kinds = frozenset({SINGLE, MULTI})
     optional_kinds = frozenset({TEXT})  # feature="text": a probe on the paired texts' embeddings
     selects = "C (regularisation)"
     needs = frozenset({"pooled"})
-
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        if self.config.feature not in FEATURES:
-            raise ConfigError(
-                f"linear-probe: feature must be one of {', '.join(FEATURES)}, got {self.config.feature!r}"
-            )
-        if not self.config.C_grid or min(self.config.C_grid) <= 0:
-            raise ConfigError(f"linear-probe: C_grid must be non-empty and > 0, got {self.config.C_grid}")
 
     def takes(self) -> frozenset[str]:
         return self.kinds | ({TEXT} if self.config.feature == "text" else set())
@@ -97,8 +96,7 @@ class LinearProbe(Method):
             return mean_average_precision(yv, z)
         return float((z.argmax(-1) == yv).mean())
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         x, y = self._x(train), self._targets(train)
         n, c = len(self.classnames), self.config
         grid = sorted(c.C_grid)

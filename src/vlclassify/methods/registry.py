@@ -5,28 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigError
-from ..registry import Registry
+from .base import METHODS as METHODS
+from .base import MULTI, SINGLE, TASKS, TEXT, Method, TrainOptions
 
 if TYPE_CHECKING:
     from ..backbones.base import Backbone
-    from .base import Method
 
 M = TypeVar("M", bound="type[Method]")
-SUPPORT = {"base", "decision", "registry", "tags", "templates"}  # the package's modules that are not methods
-
-
-def _import_methods() -> None:
-    """Import every method module of the package: each registers itself (`register_method`)."""
-    import importlib
-    import pkgutil
-
-    package = importlib.import_module(__package__ or "vlclassify.methods")
-    for m in pkgutil.iter_modules(package.__path__):
-        if m.name not in SUPPORT and not m.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{m.name}")
-
-
-METHODS: Registry[type[Method]] = Registry("method", load=_import_methods)
 
 
 def register_method(cls: M) -> M:
@@ -54,8 +39,6 @@ def create_method(name: str, backbone: Backbone | None = None, **options: Any) -
 
 def contract_table() -> str:
     """Markdown table of every registered method's declarations (docs/methods.md is this table)."""
-    from .base import MULTI, SINGLE, TASKS, TEXT, Method
-
     head = [
         "method",
         "single-label",
@@ -63,6 +46,7 @@ def contract_table() -> str:
         "paired text",
         "several tasks",
         "features",
+        "training views",
         "trains",
         "chosen on validation",
     ]
@@ -73,10 +57,10 @@ def contract_table() -> str:
             k: "yes" if k in cls.kinds else ("option" if k in cls.optional_kinds else "—")
             for k in (SINGLE, MULTI, TEXT, TASKS)
         }
-        trains = "Trainer" if cls.stages is not Method.stages else "—"
+        trains = "Trainer" if issubclass(cls.Config, TrainOptions) else "—"  # training options: the Trainer
         chosen = ", ".join(filter(None, [cls.selects, "decision rule" + (" per task" if TASKS in cls.kinds else "")]))
         lines.append(
             f"| `{name}` | {cell[SINGLE]} | {cell[MULTI]} | {cell[TEXT]} | {cell[TASKS]} | "
-            f"{', '.join(sorted(cls.needs))} | {trains} | {chosen} |"
+            f"{', '.join(sorted(cls.needs))} | {', '.join(cls.train_views)} | {trains} | {chosen} |"
         )
     return "\n".join(lines) + "\n"

@@ -19,22 +19,23 @@ join whose embeddings crowd together). The zero-shot logits read the joint embed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..features import FeatureSet
 from ..features.extract import VIEWS
+from ..features.protocol import Features
 from ..training import select_best
 from .base import Encoded, Method, check_dim, feature_keys, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
-@dataclass
+@dataclass(frozen=True)
 class TipAdapterConfig:
     """Tip-Adapter's options: templates, the alpha / beta grids searched on validation and the cache keys."""
 
@@ -51,6 +52,19 @@ class TipAdapterConfig:
     key_mean: str = "normalized"
     input: str = "pooled"  # pooled: cache keys and queries are the pooled visual features | joint: the paper's
 
+    method: ClassVar[str] = "tip-adapter"  # the name errors give
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.views if v not in VIEWS]
+        if not self.views or unknown:
+            raise ConfigError(
+                f"{self.method}: views must be a non-empty list of {', '.join(VIEWS)}; got {unknown or self.views}"
+            )
+        if self.key_mean not in ("normalized", "raw"):
+            raise ConfigError(f"{self.method}: key_mean must be normalized or raw, got {self.key_mean!r}")
+        if self.input not in ("pooled", "joint"):
+            raise ConfigError(f"{self.method}: input must be pooled or joint, got {self.input!r}")
+
 
 def search_grid(top: float, steps: int, start: float = 0.1) -> list[float]:
     """Tip-Adapter's search values: `steps` evenly spaced from `start`, below `top` (its yaml's
@@ -58,7 +72,7 @@ def search_grid(top: float, steps: int, start: float = 0.1) -> list[float]:
     return [i * (top - start) / steps + start for i in range(steps)]
 
 
-def view_features(f: FeatureSet, view: str, method: str) -> FeatureSet:
+def view_features(f: Features, view: str, method: str) -> Features:
     """The features of one extracted view ("orig" is the FeatureSet itself)."""
     if view == "orig":
         return f
@@ -132,27 +146,19 @@ class TipAdapter(Method):
     """Training-free cache model: zero-shot + alpha * exp(-beta(1 - f·K)) · one-hot; alpha/beta on val."""
 
     name = "tip-adapter"
+    tags = Tags(update=True, onnx=True)
     Config = TipAdapterConfig
-    needs = frozenset({"image", "pooled", "flip"})  # pooled: input=pooled
+    needs = frozenset({"image", "pooled"})  # pooled: input=pooled
+    train_views = ("orig", "flip")  # the default `views`; the option chooses them
     selects = "alpha, beta"
     train_keys = False  # Tip-Adapter-F fine-tunes them
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        c = self.config
-        self.templates = resolve_templates(c.templates)
-        unknown = [v for v in c.views if v not in VIEWS]
-        if not c.views or unknown:
-            raise ConfigError(
-                f"{self.name}: views must be a non-empty list of {', '.join(VIEWS)}; got {unknown or c.views}"
-            )
-        if c.key_mean not in ("normalized", "raw"):
-            raise ConfigError(f"{self.name}: key_mean must be normalized or raw, got {c.key_mean!r}")
-        if c.input not in ("pooled", "joint"):
-            raise ConfigError(f"{self.name}: input must be pooled or joint, got {c.input!r}")
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
+        self.templates = resolve_templates(self.config.templates)
 
     def feature_needs(self) -> frozenset[str]:
-        return self.needs if self.config.input == "pooled" else frozenset({"image", "flip"})
+        return self.needs if self.config.input == "pooled" else frozenset({"image"})
 
     @property
     def key_feature(self) -> str:
@@ -222,8 +228,7 @@ class TipAdapter(Method):
         head.alpha_beta.copy_(torch.tensor(sel.best, dtype=torch.float64))
         return {**sel.info("alpha_beta"), "alpha": sel.best[0], "beta": sel.best[1]}
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         self._build(train)
         self.fit_info = self.search(val)
 

@@ -11,26 +11,26 @@ samples an epoch" on cached features: the views are fixed per image, so 20 epoch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ..errors import ConfigError
-from ..training import Stage
-from .base import Encoded, TrainOptions, feature_keys
+from ..training import Stage, TrainResult
+from .base import Encoded, Feed, TrainConfig, TrainOptions, feature_keys
 from .registry import register_method
+from .tags import Tags
 from .tip_adapter import TipAdapter, TipAdapterConfig, view_features
 
 
-@dataclass
+@dataclass(frozen=True)
 class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
     """Tip-Adapter-F's options: Tip-Adapter's plus the key fine-tuning schedule."""
 
     epochs: int = 20  # fine-tuning epochs (Tip-Adapter-F: 20, EuroSAT 100)
-    lr: float = 1e-3  # AdamW learning rate (Tip-Adapter-F: 1e-3)
-    weight_decay: float = 0.01  # AdamW weight decay (Tip-Adapter-F: torch's default, 0.01)
-    batch_size: int = 256  # (Tip-Adapter-F: 256)
+    # AdamW at learning rate 1e-3, weight decay 0.01 (torch's default), batch 256: Tip-Adapter-F's
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, weight_decay=0.01, batch_size=256))
     train_alpha: float = 1.0  # alpha during fine-tuning (Tip-Adapter-F: the dataset's init_alpha)
     train_beta: float = 1.0  # beta during fine-tuning (Tip-Adapter-F: the dataset's init_beta)
     # keys re-normalised in every forward (False: a plain linear layer, as the paper's code)
@@ -38,20 +38,23 @@ class TipAdapterFConfig(TipAdapterConfig, TrainOptions):
     # all: every view of every image each epoch | cycle: epoch e trains on view e mod len(views) (Tip-Adapter-F)
     epoch_views: str = "all"
 
+    method: ClassVar[str] = "tip-adapter-f"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epoch_views not in ("all", "cycle"):
+            raise ConfigError(f"tip-adapter-f: epoch_views must be all or cycle, got {self.epoch_views!r}")
+
 
 @register_method
 class TipAdapterF(TipAdapter):
     """Tip-Adapter with fine-tuned cache keys; epoch, alpha and beta chosen on validation."""
 
     name = "tip-adapter-f"
+    tags = Tags(update=True, onnx=True)
     Config: ClassVar[type[TipAdapterConfig]] = TipAdapterFConfig
     train_keys = True
     selects = "epoch, alpha, beta"
-
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        if self.config.epoch_views not in ("all", "cycle"):
-            raise ConfigError(f"tip-adapter-f: epoch_views must be all or cycle, got {self.config.epoch_views!r}")
 
     def stages(self, train: Encoded) -> list[Stage]:
         c = self.config
@@ -59,10 +62,10 @@ class TipAdapterF(TipAdapter):
             Stage(
                 "keys",
                 epochs=c.epochs,
-                lr=c.lr,
-                weight_decay=c.weight_decay,
+                lr=c.train.lr,
+                weight_decay=c.train.weight_decay,
                 eps=1e-4,
-                batch_size=c.batch_size,
+                batch_size=c.train.batch_size,
                 schedule="cosine",
             )
         ]
@@ -80,14 +83,13 @@ class TipAdapterF(TipAdapter):
         per_view = [self.feature_batches(train, {**v, "targets": y}) for v in views]
         return lambda stage, epoch, seed: per_view[epoch % len(per_view)](stage, epoch, seed)
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
+        """The cache model of the training set, its keys trained at the training alpha and beta."""
         c = self.config
         head = self._build(train)
         head.alpha_beta.copy_(torch.tensor([c.train_alpha, c.train_beta], dtype=torch.float64))
-        n = len(train) * (len(c.views) if c.epoch_views == "all" else 1)  # rows an epoch
-        result = self.train_head(
-            train, val, self.stages(train), self.view_batches(train), work=min(n, c.batch_size) * n * head.keys.shape[1]
-        )
+        return Feed(batches=self.view_batches(train))
+
+    def finish(self, val: Encoded | None, result: TrainResult) -> None:
         self.fit_info.update(self.search(val))
         self.fit_info["epoch"] = result.stages[0].best_epoch

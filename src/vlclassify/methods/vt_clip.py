@@ -11,7 +11,7 @@ step to keep is chosen on validation (every `eval_every` steps, the start includ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -19,16 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..context import RunContext
 from ..data.items import Item
 from ..errors import ConfigError
 from ..modules.fusions.cross_attention import CrossAttentionDecoder
-from ..training import Stage
-from .base import Encoded, Method, TrainOptions, as_dataset, check_dim, normalize
+from ..training import Stage, TrainResult
+from .base import Encoded, Feed, Method, TrainConfig, TrainOptions, as_dataset, check_dim, normalize
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
-@dataclass
+@dataclass(frozen=True)
 class VTCLIPConfig(TrainOptions):
     """VT-CLIP's options: the text-guided cross-attention decoder and its training."""
 
@@ -38,9 +40,8 @@ class VTCLIPConfig(TrainOptions):
     ffn_mult: int = 4  # feed-forward width as a multiple of the feature width
     dropout: float = 0.0  # attention / FFN dropout
     steps: int = 300  # training steps
-    batch_size: int = 32  # paper: 32
-    lr: float = 2e-3  # AdamW learning rate (paper: 2e-3)
-    weight_decay: float = 1e-4  # AdamW weight decay
+    # AdamW at batch 32 and learning rate 2e-3 (the paper's), weight decay 1e-4
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, weight_decay=1e-4, batch_size=32))
     warmup_steps: int = 10  # linear warm-up steps before the cosine decay
     eval_every: int = 25  # steps between validation checks; the best checkpoint is kept
 
@@ -78,13 +79,15 @@ class VTCLIP(Method):
     """Visual-guided texts: class texts cross-attend to spatial tokens (decoder block), CE-trained."""
 
     name = "vt-clip"
+    tags = Tags(explain=True, onnx=True)
     Config = VTCLIPConfig
-    needs = frozenset({"image", "spatial", "flip"})
+    needs = frozenset({"image", "spatial"})
+    train_views = ("orig", "flip")
     selects = "step"
     infer_batch = 256
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         c = self.config
         if c.heads < 1 or c.layers < 1 or backbone.embed_dim % c.heads:
             raise ConfigError(
@@ -101,38 +104,36 @@ class VTCLIP(Method):
             Stage(
                 "vt-clip",
                 steps=c.steps,
-                batch_size=c.batch_size,
-                lr=c.lr,
-                weight_decay=c.weight_decay,
+                batch_size=c.train.batch_size,
+                lr=c.train.lr,
+                weight_decay=c.train.weight_decay,
                 warmup_steps=c.warmup_steps,
                 schedule="cosine",
                 eval_every=c.eval_every,
             )
         ]
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
-        assert train is not None  # trains_on_images: fit encodes the training images
+    def prepare(self, train: Encoded, val: Encoded | None) -> Feed:
         texts = self.class_texts(self.templates)[1]
         spec = {"num_classes": len(self.classnames), "dim": texts.shape[1], "grid": list(train.features.grid or ())}
         head = cast(VTCLIPHead, self.init_head(spec))
         head.texts.copy_(texts)
-        f = train.features
-        assert f.spatial is not None  # feature_needs asks for the spatial tokens
-        work = self.config.batch_size * f.spatial.shape[1] * f.image.shape[1] ** 2
-        res = self.train_head(train, val, self.stages(train), work=work)
+        return Feed()
+
+    def finish(self, val: Encoded | None, result: TrainResult) -> None:
         self.fit_info.update(
             {
-                "steps": res.stages[0].best_step,
-                "val_accuracy": res.stages[0].best_metric,
+                "steps": result.stages[0].best_step,
+                "val_accuracy": result.stages[0].best_metric,
                 "eval_every": self.config.eval_every,
             }
         )
 
-    def explain(self, item: Item | str, target: str | None = None) -> np.ndarray:
+    def explain(self, item: Item | str, target: str | None = None, *, ctx: RunContext | None = None) -> np.ndarray:
         """[h, w] attention of `target`'s text (a class name; None = the predicted class) over the grid."""
         self._check_fitted()
         rows: list[Item] | list[str] = [item] if isinstance(item, Item) else [item]
-        enc = self.encode(as_dataset(rows, self.classnames))
+        enc = self.encode(as_dataset(rows, self.classnames), ctx=ctx)
         out = self._outputs(enc)
         logits, w = out["logits"], out["attention"]  # [1, C], [1, H, C, P]
         if target is None:

@@ -14,18 +14,22 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import MAIN, MULTI, SINGLE, TEXT, Encoded, Method, normalize
-from .decision import DecisionRule
 from .registry import register_method
+from .tags import Tags
 from .templates import resolve_templates
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZeroShotConfig:
     """Zero-shot options: templates and which modality is scored."""
 
     templates: str | list[str] = "single"  # single | select7 | imagenet80 | a dataset name | list of "{}" templates
     modality: str = "image"  # image | text | both: score the image, the item's paired text, or their sum
     text_weight: float = 1.0  # weight of the paired-text score when modality == "both"
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("image", "text", "both"):
+            raise ConfigError(f"zero-shot: modality must be image, text or both, got {self.modality!r}")
 
 
 class ZeroShotHead(nn.Module):
@@ -56,15 +60,17 @@ class ZeroShot(Method):
     """Zero-shot CLIP-style classification with template ensembles (no training)."""
 
     name = "zero-shot"
+    # CLIP-style scores are relative: softmax also for multi-label data
+    tags = Tags(update=True, onnx=True, names_only=True, activation="softmax")
     Config = ZeroShotConfig
     kinds = frozenset({SINGLE, MULTI})
     optional_kinds = frozenset({TEXT})  # modality="text" | "both": scores the image's paired text too
     trains_on_images = False
+    needs_every_class = False  # classes by name
+    state = ("descriptions",)
 
-    def __init__(self, backbone, cache=None, **options) -> None:
-        super().__init__(backbone, cache, **options)
-        if self.config.modality not in ("image", "text", "both"):
-            raise ConfigError(f"zero-shot: modality must be image, text or both, got {self.config.modality!r}")
+    def __init__(self, backbone, **options) -> None:
+        super().__init__(backbone, **options)
         self.templates = resolve_templates(self.config.templates)
         self.descriptions: dict[str, str] = {}
 
@@ -73,9 +79,6 @@ class ZeroShot(Method):
 
     def feature_needs(self) -> frozenset[str]:
         return frozenset({"image": {"image"}, "text": {"text"}, "both": {"image", "text"}}[self.config.modality])
-
-    def requires_all_classes(self) -> bool:
-        return False  # zero-shot needs names, not images
 
     def build_head(self, spec: dict[str, Any]) -> nn.Module:
         c = self.config
@@ -98,29 +101,9 @@ class ZeroShot(Method):
         self.decisions = {}
         return self
 
-    def _fit(self, train: Encoded | None, val: Encoded | None) -> None:
+    def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         self.set_classes(self.classnames, self.descriptions)
         self.fit_info = {"templates": len(self.templates)}
-
-    def default_decision(self, task: str, num_classes: int) -> DecisionRule:
-        if not self.multilabel:
-            return super().default_decision(task, num_classes)
-        return DecisionRule(
-            "thresholds",
-            [1.0 / num_classes] * num_classes,
-            source="default",
-            note=f"no validation set: multi-label decisions are the labels scoring above 1/C "
-            f"(= {1.0 / num_classes:.3f}); give validation data to choose thresholds",
-        )
-
-    def _scores(self, logits: torch.Tensor, task: str = MAIN):
-        return torch.softmax(logits.float(), -1).numpy()  # CLIP-style scores are relative, also for multi-label
-
-    def extra_config(self) -> dict[str, Any]:
-        return {"descriptions": self.descriptions}
-
-    def load_extra_config(self, cfg: dict[str, Any]) -> None:
-        self.descriptions = dict(cfg.get("descriptions") or {})
 
     def _update(self, train, val, classes, descriptions):
         self.set_classes(classes, {**self.descriptions, **descriptions})

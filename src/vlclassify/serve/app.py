@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
+from ..context import RunContext
 from ..data.images import to_rgb
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError, VLClassifyError
@@ -279,10 +280,9 @@ class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
     def __init__(self, method: Method, config: ServeConfig, onnx: OnnxModel | None = None) -> None:
-        method.progress = False
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
-        method.cache = FeatureCache(enabled=False)
+        self.ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
         self.method, self.config = method, config
         self.onnx = onnx  # the model's ONNX export answers /predict when it has one (onnx_predict.py)
         self.metrics = Metrics()
@@ -313,7 +313,9 @@ class Service:
         if self.onnx is not None:
             preds = self.onnx.predict_results(items, top=top)
         else:
-            preds = m.predict_results(Dataset(items=items, classnames=m.classnames, name="serve"), top=top)
+            preds = m.predict_results(
+                Dataset(items=items, classnames=m.classnames, name="serve"), top=top, ctx=self.ctx
+            )
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
 
@@ -325,11 +327,11 @@ class Service:
     def explain_png(self, image: np.ndarray, text: str | None, name: str, target: str | None) -> tuple[bytes, str]:
         """(PNG of the attention map over `image`, the class or token it explains)."""
         m = self.method
-        heat = m.explain(Item(image=image, text=text, key=name), target)
+        heat = m.explain(Item(image=image, text=text, key=name), target, ctx=self.ctx)
         label = (
             target
             or getattr(m, "explained_token", None)
-            or m.predict_results([Item(image=image, key=name)], top=1)[0].scores[0][0]
+            or m.predict_results([Item(image=image, key=name)], top=1, ctx=self.ctx)[0].scores[0][0]
         )
         from ..plots.heatmap import heatmap_overlay  # matplotlib: imported only when a map is drawn
 
@@ -579,7 +581,7 @@ def serve(
     config = config or ServeConfig()
     check_bind(host, config.token, insecure)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
-    method = load_method(model_dir, cache=FeatureCache(enabled=False))
+    method = load_method(model_dir)
     app = create_app(method, config, _export_of(method, model_dir, config.precision))
     log.info(
         "serving %s (%s) on http://%s:%d%s",
@@ -607,7 +609,8 @@ def _export_of(method: Method, model_dir: str, precision: str) -> OnnxModel | No
 
     why = onnx_problem(method)
     if why is None:
-        export_beside(method, model_dir, precision)
+        with method.using(RunContext(cache=FeatureCache(enabled=False), progress=False)):
+            export_beside(method, model_dir, precision)
         return OnnxModel(model_dir, precision)
     if precision != "fp32":
         raise ConfigError(f"serve --precision {precision} runs an ONNX export of the model, and {why}")
