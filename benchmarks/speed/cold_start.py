@@ -45,7 +45,9 @@ def _env(src: str) -> dict[str, str]:
 def timed(cmd: list[str], src: str = SRC) -> float:
     """Wall seconds of one fresh process (it must succeed)."""
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=_env(src), capture_output=True)
+    out = subprocess.run(cmd, env=_env(src), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} (PYTHONPATH {src}) failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - t
 
 

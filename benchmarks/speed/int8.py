@@ -66,10 +66,12 @@ def accuracy(bb, data: str, shots: int, n_test: int, cache: FeatureCache) -> dic
     out: dict[str, dict[str, float]] = {m: {} for m in METHODS}
     for p in ("fp32", "int8"):
 
-        def enc(ds: Dataset, p: str = p) -> Encoded:
-            return Encoded(ds, extract_features(bb, ds, cache=cache, progress=False, runtime="onnx", precision=p))
+        def enc(ds: Dataset, p: str = p, views: tuple[str, ...] = ("orig",)) -> Encoded:
+            fs = extract_features(bb, ds, views=views, cache=cache, progress=False, runtime="onnx", precision=p)
+            return Encoded(ds, fs)
 
-        train, val, te = enc(plan["train"]), enc(plan["val"]), enc(test)
+        # training items with their mirrored view (tip-adapter's cache keys average both)
+        train, val, te = enc(plan["train"], views=("orig", "flip")), enc(plan["val"]), enc(test)
         y = test.labels()
         for name in METHODS:
             m = create_method(name, bb)
