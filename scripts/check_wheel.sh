@@ -120,7 +120,7 @@ grep -q zero-shot "$TMP/methods.txt" || { cat "$TMP/methods.txt"; fail "vlclassi
 "$BIN/vlclassify" fit -m zero-shot --data tuxpaint --out "$TMP/zs" >"$TMP/fit.log" 2>&1 ||
   { cat "$TMP/fit.log" >&2; fail "vlclassify fit -m zero-shot --data tuxpaint"; }
 tr '\r' '\n' <"$TMP/fit.log" | grep -E 'validation accuracy' | sed 's/^ */  /'
-IMG="$("$BIN/python" -c 'from vlclassify.data import tuxpaint; print(tuxpaint()["all"].items[0].image)')"
+IMG="$("$BIN/python" -c 'from vlclassify.data import tuxpaint; print(tuxpaint()["all"].items[0].image.path)')"
 "$BIN/vlclassify" predict "$TMP/zs" "$IMG" --top 3 >"$TMP/predict.txt" 2>&1 ||
   { cat "$TMP/predict.txt" >&2; fail "vlclassify predict"; }
 grep -q '%' "$TMP/predict.txt" || { cat "$TMP/predict.txt"; fail "vlclassify predict printed no class"; }

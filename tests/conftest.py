@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,17 @@ from vlclassify.backbones import create_backbone
 from vlclassify.features import FeatureCache
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def load_study(name: str):
+    """A paper study of benchmarks/studies (scripts, not a package) as a module, to call its `main`."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "studies" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"study_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its worker processes find their functions by module name
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,9 +10,9 @@ TUX_FROG = "/usr/share/tuxpaint/stamps/animals/amphibians/frog.png"
 
 
 def test_effnet_minilm_shapes_and_tokens(effnet):
-    from vlclassify.data import load_image
+    from vlclassify.data import decode
 
-    x = torch.stack([effnet.preprocess(load_image(TUX_FROG))] * 2)
+    x = torch.stack([effnet.preprocess(decode(TUX_FROG))] * 2)
     assert x.min() >= -1 and x.max() <= 1
     with torch.inference_mode():
         f = effnet.encode_image(x)
@@ -26,10 +26,10 @@ def test_effnet_minilm_shapes_and_tokens(effnet):
 
 def test_effnet_minilm_joint_space_is_meaningful(effnet):
     """The ConSE join puts a frog photo nearer 'a photo of a frog.' than unrelated texts."""
-    from vlclassify.data import load_image
+    from vlclassify.data import decode
 
     with torch.inference_mode():
-        img = effnet.encode_image(effnet.preprocess(load_image(TUX_FROG))[None]).embeds
+        img = effnet.encode_image(effnet.preprocess(decode(TUX_FROG))[None]).embeds
         txt = effnet.encode_texts_normalized(["a photo of a frog.", "a photo of a car.", "a photo of a cake."])
     sims = torch.nn.functional.normalize(img, dim=-1) @ txt.T
     assert sims.argmax().item() == 0
@@ -97,9 +97,9 @@ def test_toy_split(toy, check_split, cut):
 
 @pytest.mark.parametrize("cut", [(0, 0), (1, 1), (3, 6)])
 def test_effnet_minilm_split(effnet, check_split, cut):
-    from vlclassify.data import load_image
+    from vlclassify.data import decode
 
-    pixels = torch.stack([effnet.preprocess(load_image(TUX_FROG)), torch.rand(3, 224, 224) * 2 - 1])
+    pixels = torch.stack([effnet.preprocess(decode(TUX_FROG)), torch.rand(3, 224, 224) * 2 - 1])
     split = check_split(effnet, cut, pixels, TEXTS)
     assert split.config() == {"image_blocks": cut[0], "text_layers": cut[1]}
     with pytest.raises(ConfigError, match=r"image_blocks must be an integer in 0..16"):

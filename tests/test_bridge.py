@@ -13,7 +13,7 @@ from vlclassify.backbones import effnet_minilm
 from vlclassify.backbones.base import RIDGE_GRID, BridgeLayer, ridge_bridge
 from vlclassify.errors import ConfigError
 from vlclassify.methods import create_method
-from vlclassify.methods.presets import resolve_presets
+from vlclassify.protocols import resolve_presets
 
 
 def _pixels(bb, n=3, seed=0):

@@ -254,7 +254,7 @@ def write_manifest(tmp_path, n: int = 36, extra_row: str | None = None):
     return p
 
 
-def test_cli_fit_eval_explain_bench(tmp_path):
+def test_cli_fit_eval_explain_and_the_study(tmp_path):
     from typer.testing import CliRunner
 
     from vlclassify.cli import app
@@ -313,29 +313,12 @@ def test_cli_fit_eval_explain_bench(tmp_path):
     assert r.exit_code == 0 and "'square'" in r.output, r.output
     r = runner.invoke(app, ["explain", str(out), str(tmp_path / "im4.png"), "-o", str(tmp_path / "heat3.png")])
     assert isinstance(r.exception, DataError) and "--text" in str(r.exception)  # main() prints it as one line
-    r = runner.invoke(
-        app,
-        [
-            "bench",
-            "cma",
-            "-d",
-            str(man),
-            "-b",
-            "toy",
-            "--folds",
-            "3",
-            "--fold-limit",
-            "1",
-            "--variants",
-            "CMA-CLIP,CMA-CLIP w/o MA",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "b",
-            *[o for o in opts if "epochs" in o or "width" in o or "heads" in o],
-        ],
+    from conftest import load_study
+
+    load_study("cma").main(
+        ["-d", str(man), "-b", "toy", "--folds", "3", "--fold-limit", "1", "--variants", "CMA-CLIP,CMA-CLIP w/o MA"]
+        + ["--out", str(tmp_path), "--name", "b", *[o for o in opts if "epochs" in o or "width" in o or "heads" in o]]
     )
-    assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "b.json").read_text())
     assert "CMA-CLIP, text emptied" in res["rows"] and "zero-shot image+text" in res["rows"]
     assert "| CMA-CLIP w/o MA |" in (tmp_path / "b.md").read_text()

@@ -5,11 +5,11 @@ import pytest
 
 from vlclassify.data import (
     coop_split,
+    decode,
     fashion_mnist,
     fewshot,
     image_folder,
     load_data,
-    load_image,
     manifest,
     sample_per_class,
     tuxpaint,
@@ -72,7 +72,7 @@ def test_coop_split(tmp_path, color_folder):
     p.write_text(json.dumps(data))
     s = coop_split(p, root=color_folder)
     assert s["train"].classnames == ["red thing", "blue"] and len(s["test"]) == 1
-    assert load_image(s["train"].items[0]).size == (24, 24)
+    assert decode(s["train"].items[0]).size == (24, 24)
     data["test"][0] = ["x.png", 0, "other"]
     p.write_text(json.dumps(data))
     with pytest.raises(DataError, match="named 'other' here"):
@@ -83,25 +83,25 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="bad.jpg: cannot read image"):
-        load_image(str(bad))
+        decode(str(bad))
 
 
 def test_rgba_is_pasted_on_white():
     arr = np.zeros((4, 4, 4), dtype=np.uint8)  # fully transparent black
-    assert np.asarray(load_image(arr)).min() == 255
+    assert np.asarray(decode(arr)).min() == 255
 
 
 def test_fashion_mnist_from_debian_package():
     s = fashion_mnist()
     assert len(s["train"]) == 60000 and len(s["test"]) == 10000
     assert np.bincount(s["test"].labels()).tolist() == [1000] * 10
-    assert s["train"].items[0].image.shape == (28, 28)
+    assert s["train"].items[0].image.array.shape == (28, 28)
 
 
 def test_tuxpaint_photos_only_with_captions():
     ds = tuxpaint()["all"]
     assert len(ds.classnames) == 15 and "symbols" not in ds.classnames
-    assert not any("cartoon" in it.image for it in ds.items)
+    assert not any("cartoon" in it.image.path for it in ds.items)
     assert sum(bool(it.text) for it in ds.items) > 0.9 * len(ds)
     assert all("=" not in (it.text or "") for it in ds.items)
     assert "subcategory" in ds.tasks

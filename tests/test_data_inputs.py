@@ -1,6 +1,8 @@
 """Issue 10's bad-input table, data-layer rows: each row read through `load_data(spec)` from files in tmp_path."""
 
+import io
 import json
+import os
 import re
 import warnings
 
@@ -8,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlclassify.data import Item, load_data, load_image, train_val_test
+from vlclassify.data import Item, decode, load_data, train_val_test
 from vlclassify.data.classes import parse_classes
+from vlclassify.data.source import BytesSource
 from vlclassify.errors import DataError
 
 
@@ -138,8 +141,6 @@ def copy_of(src, dst):
 def test_duplicates_found_by_content_before_splitting(tmp_path, imgs):
     """4 rows are copies (2 by path, 2 by content): one warning with the count and the first pair;
     after train_val_test no image (by content hash) is in two splits."""
-    from vlclassify.data.hashing import content_hash
-
     dup = copy_of(imgs[1], tmp_path / "img" / "copy.png")
     rows = [(imgs[i], "ab"[i % 2]) for i in range(12)] + [(imgs[0], "a"), (imgs[0], "a"), (dup, "b"), (imgs[3], "b")]
     p = write(tmp_path / "m.csv", "image,label\n" + "".join(f"{i},{c}\n" for i, c in rows))
@@ -152,7 +153,7 @@ def test_duplicates_found_by_content_before_splitting(tmp_path, imgs):
     seen = {}
     for s, ds in splits.items():
         for it in ds.items:
-            h = content_hash(it)
+            h = it.image.hash()
             assert seen.setdefault(h, s) == s, f"{it.image} in {seen[h]} and {s}"
 
 
@@ -209,7 +210,7 @@ def test_16bit_png_gradient_scales_to_8_bits(tmp_path):
     Image.fromarray(grad).save(p)
     with Image.open(p) as im:
         assert im.mode.startswith("I")  # really a 16-bit file
-    row = np.asarray(load_image(str(p)))[0, :, 0].astype(int)
+    row = np.asarray(decode(str(p)))[0, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255
     assert np.abs(row - np.arange(256)).max() <= 1
     assert (row == 255).mean() < 0.01  # was 99.6% white
@@ -218,12 +219,12 @@ def test_16bit_png_gradient_scales_to_8_bits(tmp_path):
 @pytest.mark.parametrize("mode", sorted(Image.MODES))
 def test_every_pil_mode_loads_as_rgb(mode):
     im = Image.new(mode, (5, 3))
-    out = __import__("vlclassify.data.images", fromlist=["to_rgb"]).to_rgb(im)
+    out = __import__("vlclassify.data.decoder", fromlist=["to_rgb"]).to_rgb(im)
     assert out.mode == "RGB" and out.size == (5, 3)
 
 
 def test_float_and_32bit_images_and_an_unknown_mode():
-    from vlclassify.data.images import to_rgb
+    from vlclassify.data.decoder import to_rgb
 
     f = Image.fromarray(np.linspace(0, 1, 11, dtype=np.float32)[None])
     assert np.abs(np.asarray(to_rgb(f))[0, :, 0] - 25.5 * np.arange(11)).max() <= 0.5
@@ -244,10 +245,10 @@ def test_corrupt_image_error_names_the_manifest_row(tmp_path, imgs):
     ds = load_data(str(p))["all"]
     assert ds.items[2].origin.endswith("labels.csv:4")
     with pytest.raises(DataError, match=r"^\S*labels.csv:4: \S*img/x.jpg: cannot read image \("):
-        load_image(ds.items[2])
+        decode(ds.items[2])
     folder_item = Item(image=str(bad), origin=str(bad))
     with pytest.raises(DataError, match=r"^\S*x.jpg: cannot read image") as e:
-        load_image(folder_item)
+        decode(folder_item)
     assert not str(e.value).startswith(f"{bad}: {bad}")  # the origin is not repeated when it is the file
 
 
@@ -416,3 +417,147 @@ def test_multilabel_shots_give_every_label_k_images(tmp_path):
     assert [it.key for it in again.items] == [it.key for it in train.items]
     other, _ = fewshot(ds, shots=4, seed=2)
     assert [it.key for it in other.items] != [it.key for it in train.items]
+
+
+# ---- issue 20: folders and files a user's photo collection has ---------------------------------
+def folder_of(tmp_path, per_class=3, size=(10, 8)):
+    """classes a, b with `per_class` distinct PNGs each."""
+    rng = np.random.default_rng(1)
+    for c in "ab":
+        (tmp_path / "d" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "d" / c / f"{i}.png")
+    return tmp_path / "d"
+
+
+def read_folder(root):
+    """(items of the 'all' split, the one warning about what was not read or None)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ds = load_data(str(root))["all"]
+    said = [str(w.message) for w in rec if "not read" in str(w.message)]
+    assert len(said) <= 1, said  # said once, whatever the count
+    return ds, (said[0] if said else None)
+
+
+def test_symlinks_dangling_looping_outside_and_folder_loops(tmp_path):
+    root = folder_of(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.fromarray(np.full((8, 10, 3), 7, np.uint8)).save(outside / "far.png")
+    (root / "a" / "gone.png").symlink_to(tmp_path / "no-such.png")  # dangling (was a traceback in file_key)
+    (root / "a" / "self.png").symlink_to(root / "a" / "self.png")  # a link to itself
+    (root / "b" / "far.png").symlink_to(outside / "far.png")  # a link out of the data: read
+    (root / "b" / "up").symlink_to(root / "b")  # a folder link back to its parent: read once
+    (root / "b" / "more").symlink_to(outside)  # a folder link out of the data: read
+    ds, said = read_folder(root)
+    names = sorted(os.path.relpath(it.image.describe(), root) for it in ds.items)
+    assert names == ["a/0.png", "a/1.png", "a/2.png", "b/0.png", "b/1.png", "b/2.png", "b/far.png"]
+    # b/more/far.png is the same content as b/far.png: dropped as a duplicate, not lost silently
+    assert said is not None and "2 dangling or looping link(s) (e.g. a/gone.png)" in said
+    assert "1 folder link loop(s) or second link(s) to one folder (e.g. b/up)" in said
+
+
+def test_hidden_files_and_folders_are_not_data_at_any_depth(tmp_path):
+    root = folder_of(tmp_path)
+    (root / ".thumbnails" / "x").mkdir(parents=True)  # was a class
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / ".thumbnails" / "x" / "t.png")
+    (root / "a" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "a" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS resource fork: was read as a PNG
+    (root / "b" / "sub" / ".cache").mkdir(parents=True)
+    Image.fromarray(np.ones((4, 4, 3), np.uint8)).save(root / "b" / "sub" / ".cache" / "c.png")
+    ds, said = read_folder(root)
+    assert ds.classnames == ["a", "b"] and len(ds) == 6
+    assert said is not None and "4 hidden (e.g. .thumbnails)" in said
+
+
+def test_every_format_pillow_reads_is_read_and_the_rest_counted(tmp_path, monkeypatch):
+    from vlclassify.data import decoder as decode_module
+    from vlclassify.data import loaders
+
+    root = folder_of(tmp_path)
+    arr = np.random.default_rng(2).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(root / "a" / "photo.jfif", format="JPEG")  # was skipped without a word
+    Image.fromarray(arr[::-1]).save(root / "a" / "photo.tga")
+    Image.fromarray(arr[:, ::-1]).save(root / "b" / "phone.heic")  # through pillow-heif (the heic extra)
+    (root / "b" / "notes.txt").write_text("not an image")
+    ds, said = read_folder(root)
+    got = {os.path.basename(it.image.describe()) for it in ds.items}
+    assert {"photo.jfif", "photo.tga", "phone.heic"} <= got and len(ds) == 9
+    heic = next(it for it in ds.items if it.image.describe().endswith(".heic"))
+    assert decode(heic).size == (10, 8)
+    assert said is not None and "1 not image(s) (e.g. b/notes.txt)" in said
+    # without pillow-heif: a named refusal, counted when a folder is read, an error when decoded
+    monkeypatch.setattr(loaders, "HEIF", False)
+    monkeypatch.setattr(decode_module, "HEIF", False)
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])  # as if the plugin were not there
+    ds, said = read_folder(root)
+    assert len(ds) == 8 and "1 HEIC/HEIF (HEIC/HEIF images need the optional pillow-heif package" in said
+    with pytest.raises(DataError, match=r"phone.heic: HEIC/HEIF images need the optional pillow-heif package"):
+        decode(heic)
+
+
+def test_a_class_with_one_image_is_said_to_have_no_validation_image(tmp_path):
+    root = folder_of(tmp_path, per_class=6)
+    (root / "c").mkdir()
+    Image.fromarray(np.full((8, 10, 3), 99, np.uint8)).save(root / "c" / "only.png")
+    with pytest.warns(UserWarning, match=r"too small to split train/val/test: c \(1 image: no val, test\)"):
+        s = train_val_test(load_data(str(root)), seed=0)
+    assert [s["val"].classnames[it.label] for it in s["val"].items].count("c") == 0
+
+
+# ---- the one decoder ------------------------------------------------------------------------------
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring width x height RGB pixels, all zero (zlib makes it a few hundred bytes)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """Orientation 6 (the phone was held upright, the sensor stored the picture sideways): decoded
+    as a viewer shows it, for a file, bytes and an item alike."""
+    upright = np.random.default_rng(3).integers(0, 256, (12, 20, 3), dtype=np.uint8)  # [H, W, 3] landscape
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 12 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "phone.png", exif=exif)
+    got = decode(str(tmp_path / "phone.png"))
+    assert got.size == (20, 12) and np.array_equal(np.asarray(got), upright)
+    assert np.array_equal(np.asarray(decode(BytesSource((tmp_path / "phone.png").read_bytes(), "up"))), upright)
+
+
+def test_limits_are_refused_from_the_header_in_one_line(tmp_path):
+    from vlclassify.data.decoder import MAX_ASPECT, TooLarge
+
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(png_header_only(30000, 4))  # 120k pixels; once cost 1.9 GB in the resize
+    with pytest.raises(
+        TooLarge, match=rf"strip.png: 30000 x 4: aspect ratio 7500:1, over the limit of {MAX_ASPECT:g}:1$"
+    ):
+        decode(str(strip), size=224)
+    with pytest.raises(TooLarge, match=r"^upload: 3000 x 2000 = 6000000 pixels, over the limit of 5000000$"):
+        decode(BytesSource(png_header_only(3000, 2000), "upload"), max_pixels=5_000_000)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.jpg: empty image \(0 bytes\)$"):
+        decode(str(empty))
+
+
+def test_large_images_are_reduced_towards_the_model_input_small_ones_untouched(tmp_path):
+    from vlclassify.backbones.base import pil_to_unit_array
+
+    rng = np.random.default_rng(4)
+    big = Image.fromarray(rng.integers(0, 256, (1900, 2000, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.png")
+    big.save(tmp_path / "big.jpg", quality=90)
+    small = decode(str(tmp_path / "big.png"), size=224)
+    assert small.size == (1000, 950)  # short side 1900 >= 8 x 224: reduced by 2 (a 6300^2 PNG: by 7, to 900^2)
+    assert decode(np.asarray(small), size=224).size == small.size  # reducing twice changes nothing
+    assert decode(str(tmp_path / "big.jpg"), size=224).size == (1000, 950)  # JPEG: libjpeg's 1/2 draft
+    assert decode(str(tmp_path / "big.png"), size=None).size == (2000, 1900)
+    below = decode(str(tmp_path / "big.png"), size=238)  # 1900 < 8 x 238: not reduced, bit for bit
+    assert below.tobytes() == big.tobytes()
+    a, b = pil_to_unit_array(small, 224), pil_to_unit_array(big, 224)
+    assert np.abs(a - b).mean() < 0.01  # noise is the worst case for a box filter; photos: see decode_reduction.py

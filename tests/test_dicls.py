@@ -267,12 +267,10 @@ def test_composites_are_deterministic(tmp_path):
     for s in ("train", "val", "test"):
         assert [it.labels for it in a[s].items] == [it.labels for it in b[s].items]
         for x, y in zip(a[s].items, b[s].items):
-            assert (tmp_path / "a" / s).exists() and open(x.image, "rb").read() == open(y.image, "rb").read()
+            assert (tmp_path / "a" / s).exists() and x.image.read_bytes() == y.image.read_bytes()
         assert all(1 <= len(it.labels) <= 3 for it in a[s].items)
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["counts"] == {"train": 4, "val": 2, "test": 2}
-    assert [open(x.image, "rb").read() for x in a["train"].items] != [
-        open(x.image, "rb").read() for x in c["train"].items
-    ]
+    assert [x.image.read_bytes() for x in a["train"].items] != [x.image.read_bytes() for x in c["train"].items]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def stripes_manifest(folder) -> str:
     rows = []
     for split, seed, n in (("train", 10, 24), ("val", 11, 12), ("test", 12, 12)):
         for i, it in enumerate(stripes(n, seed).items):
-            Image.fromarray(it.image).save(folder / f"{split}{i}.png")
+            Image.fromarray(it.image.array).save(folder / f"{split}{i}.png")
             rows.append({"image": f"{split}{i}.png", "labels": [NAMES[c] for c in it.labels], "split": split})
     man = folder / "data.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -340,40 +338,13 @@ def test_label_outside_class_list_names_the_item(toy, cache):
         small(toy, cache).fit(bad)
 
 
-def test_ablation_bench_writes_table(tmp_path):
-    from typer.testing import CliRunner
-
-    from vlclassify.cli import app
+def test_ablation_study_writes_table(tmp_path):
+    from conftest import load_study
 
     man = stripes_manifest(tmp_path)
-    r = CliRunner().invoke(
-        app,
-        [
-            "bench",
-            "dicls",
-            "-d",
-            man,
-            "--rows",
-            "0,3",
-            "--seeds",
-            "0,1",
-            "--jobs",
-            "1",
-            "--backbone",
-            "toy",
-            "--opt",
-            "dim=16",
-            "--opt",
-            "heads=2",
-            "--opt",
-            "epochs=2",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "t",
-        ],
-    )
-    assert r.exit_code == 0, r.output
+    args = ["-d", str(man), "--rows", "0,3", "--seeds", "0,1", "--jobs", "1", "--backbone", "toy"]
+    opts = ["--opt", "dim=16", "--opt", "heads=2", "--opt", "epochs=2"]
+    load_study("dicls").main(args + opts + ["--out", str(tmp_path), "--name", "t"])
     res = json.loads((tmp_path / "t.json").read_text())
     assert len(res["runs"]) == 1 + 2 and res["total_cpu_s"] > 0  # the linear probe runs once
     aln = [x for x in res["summary"] if x["row"].startswith("+ ALN")]

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from vlclassify.cli import app
-from vlclassify.data import Dataset, Item, load_image, tuxpaint
+from vlclassify.data import Dataset, Item, decode, tuxpaint
 from vlclassify.errors import ConfigError
 from vlclassify.export import export_onnx, export_problem
 from vlclassify.methods import create_method
@@ -41,7 +41,7 @@ def tux():
         items = [replace(it, label=k, tasks=None, text=None) for k, c in enumerate(keep) for it in by[c][lo:hi]]
         return Dataset(items=items, classnames=list(CLASSES), name=name)
 
-    return part(0, 4, "train"), part(4, 6, "val"), [it.image for c in keep for it in by[c][6:8]]
+    return part(0, 4, "train"), part(4, 6, "val"), [it.image.path for c in keep for it in by[c][6:8]]
 
 
 def onnx_probs(path, pixels: np.ndarray) -> np.ndarray:
@@ -60,7 +60,7 @@ def test_export_matches_predict_proba_on_real_photos(name, effnet, tux, cache, t
     res = export_onnx(m, tmp_path / "m.onnx", check_images=photos)
     assert res.checked == len(photos) and res.max_diff <= 1e-4
     # checked again here, independently of the exporter's own check, in batches of 1 and all
-    pixels = torch.stack([effnet.preprocess(load_image(p)) for p in photos]).numpy()
+    pixels = torch.stack([effnet.preprocess(decode(p)) for p in photos]).numpy()
     want = m.predict_proba(photos)
     got = np.concatenate([onnx_probs(res.graph, pixels[:1]), onnx_probs(res.graph, pixels[1:])])
     assert got.shape == (len(photos), 3) and np.abs(got - want).max() <= 1e-4
@@ -81,7 +81,7 @@ def test_multilabel_scores_are_sigmoids(toy, cache, tmp_path):
     splits = load_data(str(write_manifest(tmp_path / "multi", "multi")))
     m = create_method("linear-probe", toy, C_grid=[1.0])
     m.fit(splits["train"], splits["val"])
-    res = export_onnx(m, tmp_path / "ml.onnx", check_images=[it.image for it in splits["test"].items])
+    res = export_onnx(m, tmp_path / "ml.onnx", check_images=[it.image.path for it in splits["test"].items])
     side = json.loads(res.sidecar.read_text())
     assert side["outputs"]["probs"]["scores"] == "sigmoid" and side["multilabel"] is True
     assert side["decision"]["kind"] == "thresholds" and len(side["decision"]["thresholds"]) == 3
@@ -118,7 +118,7 @@ def test_cli_export(toy, tmp_path):
     assert (tmp_path / "zs" / "model.onnx").is_file() and "checked on 1 image(s)" in r.output
     side = json.loads((tmp_path / "zs" / "model.onnx.json").read_text())
     item = Item(image=np.asarray(Image.open(photo).convert("RGB")), key="x")
-    got = onnx_probs(tmp_path / "zs" / "model.onnx", toy.preprocess(load_image(item))[None].numpy())
+    got = onnx_probs(tmp_path / "zs" / "model.onnx", toy.preprocess(decode(item))[None].numpy())
     assert side["classes"] == list(CLASSES) and np.abs(got - m.predict_proba([item])).max() <= 1e-4
     r = runner.invoke(app, ["export", str(tmp_path / "zs"), "--format", "tflite"])
     assert r.exit_code != 0 and "tflite" in str(r.exception or r.output)

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlclassify.data import fashion_mnist, tuxpaint
-from vlclassify.data.images import load_image
+from vlclassify.data import decode, fashion_mnist, tuxpaint
 from vlclassify.data.items import Dataset
 from vlclassify.errors import ConfigError
 from vlclassify.features import FeatureCache, extract_features, runtime
@@ -34,7 +33,7 @@ def real_images() -> Dataset:
 def eager(effnet, real_images):
     """The plain path: sequential preprocess, eager encode_image under no_grad, no folding."""
     with torch.no_grad():
-        x = torch.stack([effnet.preprocess(load_image(it)) for it in real_images.items])
+        x = torch.stack([effnet.preprocess(decode(it)) for it in real_images.items])
         return effnet.encode_image(x)
 
 
@@ -113,7 +112,7 @@ def test_damaged_onnx_file_is_exported_again(effnet, real_images, eager, tmp_pat
     monkeypatch.setattr(runtime, "export_onnx_trunk", lambda bb, p: exported.append(p) or shutil.copy(good, p))
     enc = runtime.OnnxEncoder(effnet, tmp_path)
     assert exported == [bad]
-    x = torch.stack([effnet.preprocess(load_image(it)) for it in real_images.items])
+    x = torch.stack([effnet.preprocess(decode(it)) for it in real_images.items])
     assert torch.allclose(enc(x).embeds, eager.embeds, atol=1e-5, rtol=1e-4)
 
 
@@ -143,13 +142,13 @@ def test_backbone_without_trunk(toy, color_folder):
         runtime.resolve_runtime(toy, "tensorrt")
     fs = extract_features(toy, ds, spatial=True, text=False, cache=FeatureCache(enabled=False), progress=False)
     with torch.no_grad():
-        ref = toy.encode_image(torch.stack([toy.preprocess(load_image(it)) for it in ds.items]))
+        ref = toy.encode_image(torch.stack([toy.preprocess(decode(it)) for it in ds.items]))
     assert torch.allclose(fs.image, ref.embeds, atol=1e-5)
 
 
 def test_numpy_preprocess_is_bit_identical_to_the_torch_formula(effnet, real_images):
     for it in real_images.items:
-        im = load_image(it)
+        im = decode(it)
         w, h = im.size
         s = 224 / min(w, h)
         nw, nh = max(224, round(w * s)), max(224, round(h * s))
@@ -201,7 +200,7 @@ def test_flipped_bytes_in_a_cached_export_are_caught_and_nothing_stale_stays(
 ):
     """A damaged export that still loads gives wrong features silently; the digest recorded at
     export catches it, and the session of the damaged bytes is never reused."""
-    x = torch.stack([effnet.preprocess(load_image(it)) for it in real_images.items])
+    x = torch.stack([effnet.preprocess(decode(it)) for it in real_images.items])
     path = runtime.onnx_trunk_path(effnet, tmp_path)
     first = runtime.OnnxEncoder(effnet, tmp_path)
     assert torch.allclose(first(x).embeds, eager.embeds, atol=1e-5, rtol=1e-4)

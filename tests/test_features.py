@@ -69,7 +69,7 @@ def test_corrupt_image_error_or_skip(toy, color_folder, cache):
     with pytest.raises(DataError, match="broken.png"):
         extract_features(toy, ds, cache=cache, progress=False)
     fs = extract_features(toy, ds, cache=cache, progress=False, skip_bad=True)
-    assert len(fs.skipped) == 1 and ds.items[fs.skipped[0]].image.endswith("broken.png")
+    assert len(fs.skipped) == 1 and ds.items[fs.skipped[0]].image.describe().endswith("broken.png")
 
 
 def test_item_texts_are_encoded(toy, tmp_path, color_folder, cache):

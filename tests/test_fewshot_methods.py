@@ -196,7 +196,7 @@ def test_explain_map_and_png(toy, enc, tmp_path):
     from vlclassify.cli import app
 
     out = tmp_path / "heat.png"
-    r = CliRunner().invoke(app, ["explain", str(tmp_path / "vt"), item.image, "--class", "red", "--out", str(out)])
+    r = CliRunner().invoke(app, ["explain", str(tmp_path / "vt"), item.image.path, "--class", "red", "--out", str(out)])
     assert r.exit_code == 0, r.output
     im = Image.open(out)
     assert im.format == "PNG" and min(im.size) >= 224
@@ -230,7 +230,7 @@ def test_bad_input(toy, enc):
 
 
 def test_bench_drops_tiny_classes(enc):
-    from vlclassify.bench.fewshot import drop_small_classes
+    from vlclassify.fewshot import drop_small_classes
 
     _, _, ds = enc
     small = ds.subset([i for i, l in enumerate(ds.labels()) if l != 1 or i % 6 == 0])  # one class keeps 1 image

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vlclassify.backbones import create_backbone
-from vlclassify.data import load_image
+from vlclassify.data import decode
 from vlclassify.errors import ConfigError
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -80,7 +80,7 @@ def test_images(tmp_path_factory) -> list[Path]:
 
 
 def _max_diff(bb, processor, path) -> float:
-    ours = bb.preprocess(load_image(str(path))).numpy()  # what a user gets: decode, then preprocess
+    ours = bb.preprocess(decode(str(path))).numpy()  # what a user gets: decode, then preprocess
     with Image.open(path) as im:
         ref = processor(images=im, return_tensors="np")["pixel_values"][0]
     assert ours.shape == ref.shape
@@ -100,7 +100,7 @@ def test_same_image_features_as_the_model_on_the_processors_pixels(clip224, test
     bb = create_backbone("hf-clip", path=str(clip224))
     processor = _processor_class().from_pretrained(clip224)
     model = CLIPModel.from_pretrained(clip224).eval()
-    ours = torch.stack([bb.preprocess(load_image(str(p))) for p in test_images])
+    ours = torch.stack([bb.preprocess(decode(str(p))) for p in test_images])
     with Image.open(test_images[0]) as a, Image.open(test_images[-1]) as b:
         ref_px = torch.from_numpy(processor(images=[a, b], return_tensors="np")["pixel_values"])
     with torch.inference_mode():

@@ -296,10 +296,12 @@ def test_keeps_the_start_when_training_does_not_beat_it_on_validation(toy, cache
 
 def test_bench_task_runs_on_held_out_classes(toy, cache, tmp_path):
     """The benchmark's protocol end to end on toy data: seen-class fit, held-out zero-shot and 1-shot."""
-    from vlclassify.bench.icar import VARIANTS, Task, class_subset, run_task
+    from conftest import load_study
     from vlclassify.features import extract_features
     from vlclassify.methods import Encoded
 
+    study = load_study("icar")
+    VARIANTS, Task, class_subset, run_task = study.VARIANTS, study.Task, study.class_subset, study.run_task
     ds = _captioned(tmp_path, n_per_class=6)
     enc = Encoded(ds, extract_features(toy, ds, cache=cache, progress=False))
     sub = class_subset(enc, ["red", "blue"])

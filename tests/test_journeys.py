@@ -181,14 +181,15 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
 
 
 def _colour_csv(root, colours, per_class=6):
-    from test_contract import _image
+    from conftest import COLORS
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in colours:
         for i in range(per_class):
             p = root / f"{c}{i}.png"
-            _image(p, c, seed=i)
+            noise = np.random.default_rng(i).normal(0, 15, (24, 24, 3))
+            Image.fromarray(np.clip(np.array(COLORS[c]) + noise, 0, 255).astype(np.uint8)).save(p)
             rows.append({"image": p.name, "label": c})
     path = root / "data.csv"
     with open(path, "w", newline="") as f:
@@ -269,3 +270,95 @@ def test_copies_with_different_labels_are_written_once(tmp_path):
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="the same image with different labels"):
         load_data(str(csv))
+
+
+# ---- issue 20: notes on standard error, pipes, predict's inputs, Ctrl-C, the --overwrite guard ----------
+def test_warnings_go_to_stderr_and_say_why_a_split_is_empty(tmp_path):
+    from conftest import make_color_folder
+
+    folder = make_color_folder(tmp_path / "five", per_class=5)
+    r = run("fit", "-m", "linear-probe", "-d", folder, "-o", tmp_path / "m", "--shots", "4", *TOY)
+    assert "no images are left for test" in r.stderr and "no images are left" not in r.stdout
+    assert "--shots 4 takes 4 training and up to 4 validation images per class, and the largest class has 5" in r.stderr
+
+
+def test_output_to_a_pipe_never_wraps(tmp_path):
+    from conftest import make_color_folder
+
+    folder = make_color_folder(tmp_path / ("a-folder-with-a-rather-long-name-" * 3))
+    r = run("fit", "-m", "linear-probe", "-d", folder, "-o", tmp_path / "m", *TOY)
+    [line] = [x for x in r.stdout.splitlines() if x.startswith("fit linear-probe on")]
+    assert len(line) > 120 and line.endswith(tuple(f"test {n}" for n in range(1, 19)))
+
+
+def test_predict_json_writes_only_json_lines_to_stdout(lp_model, color_folder, tmp_path):
+    img = next((color_folder / "red").iterdir())
+    r = run(
+        "predict", lp_model, img, img, "--json", "--text", "a red thing", "--text", "x", "--csv", tmp_path / "p.csv"
+    )
+    assert [json.loads(x)["labels"] for x in r.stdout.splitlines()] == [["red"], ["red"]]
+    assert "reads images only" in r.stderr and f"wrote {tmp_path / 'p.csv'}" in r.stderr
+
+
+def test_predict_a_folder_and_skip_bad_files(lp_model, color_folder, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for p in sorted(color_folder.rglob("*.png"))[::4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    n = len(list(folder.iterdir()))
+    r = run("predict", lp_model, folder, "--json")
+    assert len(r.stdout.splitlines()) == n  # every image of the folder, not "image file not found"
+    (folder / "zz-broken.png").write_bytes(b"not a png")
+    one_line_error(run("predict", lp_model, folder / "zz-broken.png", ok=False), "zz-broken.png")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        r = run("predict", lp_model, *sorted(folder.iterdir()), "--json", "--skip-bad")
+    assert len(r.stdout.splitlines()) == n and f"skipped 1 unreadable image(s) of {n + 1}" in r.stderr
+
+
+def test_ctrl_c_during_fit_says_what_was_kept(color_folder, tmp_path, monkeypatch):
+    from vlclassify.methods.linear_probe import LinearProbe
+
+    def interrupted(self, train, val):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LinearProbe, "fit_head", interrupted)  # as if Ctrl-C came during training
+    out = tmp_path / "m"
+    r = run("fit", "-m", "linear-probe", "-d", color_folder, "-o", out, *TOY, ok=False)
+    assert r.exit_code == 130 and not out.exists() and not list(tmp_path.glob(".m.*"))
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"interrupted: nothing was saved at {out}; features extracted so far stay in the cache"
+    )
+
+
+def test_overwrite_never_deletes_the_data_or_the_current_directory(color_folder, tmp_path, monkeypatch):
+    before = sorted(color_folder.rglob("*"))
+    r = run("fit", "-m", "zero-shot", "-d", color_folder, "-o", color_folder, "--overwrite", *TOY, ok=False)
+    one_line_error(r, "is the data being read")
+    r = run("fit", "-m", "zero-shot", "-d", color_folder, "-o", color_folder.parent, "--overwrite", *TOY, ok=False)
+    one_line_error(r, "a folder holding the data being read")
+    monkeypatch.chdir(tmp_path)
+    one_line_error(
+        run("fit", "-m", "zero-shot", "-d", color_folder, "-o", ".", "--overwrite", *TOY, ok=False), "current"
+    )
+    assert sorted(color_folder.rglob("*")) == before
+
+
+def test_predict_reads_the_feature_cache_and_writes_it_only_when_asked(color_folder, tmp_path):
+    from vlclassify.features import FeatureCache
+
+    cache = tmp_path / "cache"
+    run("fit", "-m", "linear-probe", "-d", color_folder, "-o", tmp_path / "m", "--cache-dir", cache, *TOY)
+
+    def rows() -> int:
+        return sum(s["rows"] for s in FeatureCache(cache).info()["spaces"])
+
+    before = rows()
+    new = tmp_path / "new.png"
+    arr = np.full((24, 24, 3), (200, 40, 40), np.uint8)
+    arr[0, 0] = (1, 2, 3)  # content no fitted image has
+    Image.fromarray(arr).save(new)
+    assert "red" in run("predict", tmp_path / "m", new, "--cache-dir", cache).stdout
+    assert rows() == before  # read what is there, computed the rest in memory
+    run("predict", tmp_path / "m", new, "--cache-dir", cache, "--cache-write")
+    assert rows() == before + 1

@@ -18,7 +18,7 @@ from test_export import EXPORTABLE, FAST, tux  # noqa: F401  (tux: a fixture)
 from vlclassify.backbones.effnet_minilm import bridge_photos
 from vlclassify.cli import app
 from vlclassify.context import RunContext
-from vlclassify.data import load_image
+from vlclassify.data import decode
 from vlclassify.export import export_beside, onnx_problem
 from vlclassify.methods import create_method
 from vlclassify.onnx_predict import OnnxModel, export_problem_here, graph_path, sidecar_path
@@ -38,7 +38,7 @@ def test_numpy_pixels_are_the_backbones_preprocess(effnet, toy, tux):  # noqa: F
     photos = tux[2] + [str(p) for p in bridge_photos()[:4]]  # stamps with transparency, and large photos
     for bb in (effnet, toy):
         for p in photos:
-            im = load_image(p)
+            im = decode(p, size=bb.image_size)
             want = bb.preprocess(im).numpy()
             assert np.abs(recipe_pixels(im, bb.pixel_recipe()) - want).max() <= 1e-5
 

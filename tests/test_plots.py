@@ -118,8 +118,11 @@ def test_write_eval_plots_draws_every_task_with_its_name(tmp_path, multilabel_da
 
     monkeypatch.setattr(report, "roc_pr_curves", spy)
 
+    from vlclassify.methods.tags import Tags
+
     class Method:
         classnames = NAMES
+        tags = Tags()  # no figures beyond the ROC/PR curves
 
     ds = Dataset(items=[Item(image=None, text="x", labels=tuple(np.flatnonzero(r))) for r in y], classnames=NAMES)
     ds.multilabel = True

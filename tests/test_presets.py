@@ -2,6 +2,7 @@
 the protocol's data side (full val, sampling with replacement, class names, the test split), the
 augmented views, Tip-Adapter-F's epoch views, and the CLI (fit / bench fewshot --preset, methods --presets)."""
 
+import dataclasses
 import json
 import random
 import warnings
@@ -20,7 +21,8 @@ from vlclassify.errors import ConfigError, DataError
 from vlclassify.features import extract_features
 from vlclassify.features.extract import RRC_SCALE, RRC_SIZE, VIEWS
 from vlclassify.methods import create_method
-from vlclassify.methods.presets import (
+from vlclassify.methods.templates import dataset_templates
+from vlclassify.protocols import (
     CMM_PAPER,
     COOP_DATASETS,
     PRESETS,
@@ -28,7 +30,6 @@ from vlclassify.methods.presets import (
     preset_for_data,
     resolve_presets,
 )
-from vlclassify.methods.templates import dataset_templates
 
 runner = CliRunner()
 COOP_NAMES = ["ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "OxfordFlowers", "Food101"]
@@ -84,7 +85,8 @@ def test_cmm_and_vt_clip_get_their_papers_settings_and_every_method_the_dataset_
     r = resolve_presets("coop-eurosat")
     cmm = create_method("cmm", toy, **r.options("cmm"))
     assert cmm.templates == ["a centered satellite photo of {}."]
-    assert {k: getattr(cmm.config, k) for k in CMM_PAPER} == CMM_PAPER
+    given = {**dataclasses.asdict(cmm.config.train), **dataclasses.asdict(cmm.config)}  # training options nest
+    assert {k: given[k] for k in CMM_PAPER} == CMM_PAPER
     assert CMM_PAPER["steps"] == 16000 and CMM_PAPER["batch_size"] == 8 and CMM_PAPER["lr"] == 1e-4
     vt = create_method("vt-clip", toy, **r.options("vt-clip"))
     assert (vt.config.train.batch_size, vt.config.train.lr, vt.config.heads) == (32, 2e-3, 2)

@@ -346,7 +346,7 @@ def reference_tip_adapter(train_rows, k, seed, feats, y, text, val_rows, test_ro
 def test_tip_adapter_preset_equals_the_published_search(tmp_path, presets, scales, k):
     from vlclassify.backbones import create_backbone
     from vlclassify.methods import create_method
-    from vlclassify.methods.presets import resolve_presets
+    from vlclassify.protocols import resolve_presets
 
     path = tmp_path / "feats.safetensors"
     x, y, views, text, n_train, n_val = _tip_feature_file(path)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
+from vlclassify.context import RunContext
 from vlclassify.data import Dataset, Item, load_data
 from vlclassify.errors import ConfigError
 from vlclassify.features import FeatureCache
@@ -56,8 +57,7 @@ def splits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero_shot(toy):
-    m = create_method("zero-shot", toy, cache=FeatureCache(enabled=False))  # items are keyed by name only
-    return m.set_classes(list(COLORS))
+    return create_method("zero-shot", toy).set_classes(list(COLORS))
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +65,34 @@ def vt_clip(toy, splits, tmp_path_factory):
     from vlclassify.data import train_val_test
 
     s = train_val_test(splits, seed=0, val_fraction=0.3, test_fraction=0.2)
-    m = create_method("vt-clip", toy, cache=FeatureCache(tmp_path_factory.mktemp("c")), steps=8, eval_every=4)
-    return m.fit(s["train"], s["val"])
+    m = create_method("vt-clip", toy, steps=8, eval_every=4)
+    return m.fit(s["train"], s["val"], ctx=RunContext(cache=FeatureCache(tmp_path_factory.mktemp("c")), progress=False))
 
 
 @pytest.fixture
 def client(zero_shot):
-    with TestClient(create_app(zero_shot)) as c:
+    with local(create_app(zero_shot)) as c:
         yield c
 
 
 def expected(method, data: bytes, text=None, top=5):
-    item = Item(image=decoded(data), text=text, key="x")
-    return method.predict_results(Dataset([item], method.classnames, "t"), top=top)[0].to_dict()
+    item = Item(image=decoded(data), text=text, key="x")  # arrays are keyed by name: no cache
+    ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
+    return method.predict_results(Dataset([item], method.classnames, "t"), top=top, ctx=ctx)[0].to_dict()
 
 
-def assert_one_line_error(r, status):
+def local(app) -> TestClient:
+    """A test client that names a loopback Host (the service's default --allowed-hosts)."""
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+def assert_one_line_error(r, status, code=None):
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and body["error"] and "\n" not in body["error"]
-    assert "Traceback" not in r.text
+    assert set(body) == {"code", "message", "detail"} and all(body.values()), body
+    assert "\n" not in r.text and "Traceback" not in r.text
+    assert code is None or body["code"] == code, body
+    return body
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -145,7 +153,7 @@ def test_page_and_assets_are_local(client):
 
 def test_explain_png_for_attention_and_400_otherwise(client, vt_clip):
     assert_one_line_error(client.post("/explain", content=png_bytes(COLORS["red"])), 400)
-    with TestClient(create_app(vt_clip)) as c:
+    with local(create_app(vt_clip)) as c:
         assert c.get("/model").json()["explain"] is True
         r = c.post("/explain", files={"image": ("r.png", png_bytes(COLORS["red"], size=(64, 48)), "image/png")})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -156,10 +164,10 @@ def test_explain_png_for_attention_and_400_otherwise(client, vt_clip):
 
 
 def test_paired_text_is_read_when_the_model_takes_it(toy):
-    m = create_method("zero-shot", toy, modality="both", cache=FeatureCache(enabled=False))
+    m = create_method("zero-shot", toy, modality="both")
     m.set_classes(list(COLORS))
     img = png_bytes(COLORS["red"])
-    with TestClient(create_app(m)) as c:
+    with local(create_app(m)) as c:
         assert c.get("/model").json()["takes_text"] is True
         plain = c.post("/predict", files={"image": ("a.png", img)}).json()
         titled = c.post("/predict", files={"image": ("a.png", img)}, data={"text": "a blue square"}).json()
@@ -198,7 +206,7 @@ def test_limits_body_pixels_images(zero_shot, monkeypatch):
     from PIL import ImageFile
 
     cfg = ServeConfig(max_bytes=50_000, max_pixels=100_000, max_images=2)
-    with TestClient(create_app(zero_shot, cfg)) as c:
+    with local(create_app(zero_shot, cfg)) as c:
         assert_one_line_error(c.post("/predict", content=b"\0" * 50_001), 413)  # by Content-Length
 
         def chunks():  # no Content-Length: counted while it streams
@@ -210,7 +218,7 @@ def test_limits_body_pixels_images(zero_shot, monkeypatch):
         monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or None)
         r = c.post("/predict", content=bomb_png(30_000, 30_000))
         assert_one_line_error(r, 413)
-        assert "900000000 pixels" in r.json()["error"] and loads == []  # refused from the header, never decoded
+        assert "900000000 pixels" in r.json()["detail"] and loads == []  # refused from the header, never decoded
         monkeypatch.undo()
         big = png_bytes(COLORS["red"], size=(400, 300))  # 120,000 pixels
         assert_one_line_error(c.post("/predict", content=big), 413)
@@ -227,21 +235,21 @@ class Slow:
         self.running = threading.Event()
         self.batches: list[int] = []
 
-    def __call__(self, data, top=5):
+    def __call__(self, data, top=5, **kw):
         self.running.set()
         self.batches.append(len(data))
         time.sleep(self.seconds)
-        return self.inner(data, top=top)
+        return self.inner(data, top=top, **kw)
 
 
 def test_timeout_504_and_full_queue_503(zero_shot, monkeypatch):
     img = png_bytes(COLORS["red"])
-    with TestClient(create_app(zero_shot, ServeConfig(timeout=0.3))) as c:
+    with local(create_app(zero_shot, ServeConfig(timeout=0.3))) as c:
         monkeypatch.setattr(zero_shot, "predict_results", Slow(zero_shot, 1.0))
         assert_one_line_error(c.post("/predict", content=img), 504)
         monkeypatch.undo()
     cfg = ServeConfig(batching=BatchConfig(max_batch=1, queue_size=1))
-    with TestClient(create_app(zero_shot, cfg)) as c:
+    with local(create_app(zero_shot, cfg)) as c:
         slow = Slow(zero_shot, 1.0)
         monkeypatch.setattr(zero_shot, "predict_results", slow)
         svc = c.app.state.service
@@ -266,7 +274,7 @@ def test_micro_batching_gathers_concurrent_requests(zero_shot, monkeypatch):
     imgs = [png_bytes(COLORS[c], seed=i) for i, c in enumerate(["red", "green", "blue"] * 3)]
     for max_batch in (8, 1):
         cfg = ServeConfig(batching=BatchConfig(max_batch=max_batch, max_wait_ms=300))
-        with TestClient(create_app(zero_shot, cfg)) as c:
+        with local(create_app(zero_shot, cfg)) as c:
             slow = Slow(zero_shot, 0.0)
             monkeypatch.setattr(zero_shot, "predict_results", slow)
             out = [None] * len(imgs)
@@ -294,7 +302,7 @@ def test_micro_batching_gathers_concurrent_requests(zero_shot, monkeypatch):
 # ---- the token -----------------------------------------------------------------------------------
 def test_token_on_every_route_but_healthz(zero_shot):
     img = png_bytes(COLORS["red"])
-    with TestClient(create_app(zero_shot, ServeConfig(token="s3cret"))) as c:
+    with local(create_app(zero_shot, ServeConfig(token="s3cret"))) as c:
         assert c.get("/healthz").status_code == 200
         for method, path in (("GET", "/"), ("GET", "/model"), ("GET", "/metrics"), ("GET", "/page.js")):
             assert_one_line_error(c.request(method, path), 401)
@@ -312,7 +320,7 @@ def test_token_on_every_route_but_healthz(zero_shot):
         r = c.get("/?token=wrong", follow_redirects=False)  # signed in by the cookie: a wrong token is not kept
         assert r.status_code == 303 and "set-cookie" not in r.headers
         assert c.get("/model").status_code == 200
-    with TestClient(create_app(zero_shot, ServeConfig(token=None))) as c:
+    with local(create_app(zero_shot, ServeConfig(token=None))) as c:
         assert c.get("/model").status_code == 200 and c.post("/predict", content=img).status_code == 200
 
 
@@ -364,5 +372,96 @@ def test_batcher_orders_results_shares_errors_and_skips_cancelled():
         gone.cancel()
         assert await b.submit(7) == 14 and seen == [[7]]  # the cancelled job never reached the model
         await b.stop()
+
+    asyncio.run(main())
+
+
+# ---- hostile clients, operator hygiene (ASGI) ---------------------------------------------------------
+def test_host_header_check(zero_shot):
+    from vlclassify.serve.app import default_hosts, host_allowed
+
+    img = png_bytes(COLORS["red"])
+    with local(create_app(zero_shot)) as c:
+        assert c.post("/predict", content=img).status_code == 200
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+            r = c.post("/predict", content=img, headers={"Host": host})
+            assert_one_line_error(r, 400, "bad_host")
+        assert c.get("/healthz", headers={"Host": "localhost:8000"}).status_code == 200
+        assert c.get("/healthz", headers={"Host": "[::1]:8000"}).status_code == 200
+    with local(create_app(zero_shot, ServeConfig(allowed_hosts=("*",)))) as c:
+        assert c.get("/model", headers={"Host": "evil.example"}).status_code == 200
+    assert default_hosts("10.0.0.5") == ("10.0.0.5", "localhost", "127.0.0.1", "::1")
+    assert default_hosts("0.0.0.0") == ("*",)  # every interface: the token (required there) guards
+    assert host_allowed(b"10.0.0.5:80", default_hosts("10.0.0.5")) and not host_allowed(b"10.0.0.6", ("10.0.0.5",))
+
+
+def test_requests_in_progress_limit_is_json_503_with_retry_after(zero_shot, monkeypatch):
+    img = png_bytes(COLORS["red"])
+    with local(create_app(zero_shot, ServeConfig(max_requests=1))) as c:
+        slow = Slow(zero_shot, 1.0)
+        monkeypatch.setattr(zero_shot, "predict_results", slow)
+        first = threading.Thread(target=lambda: c.post("/predict", content=img))
+        first.start()
+        assert slow.running.wait(5)
+        r = c.post("/predict", content=img)
+        body = assert_one_line_error(r, 503, "busy")
+        assert r.headers["retry-after"] == "1" and "requests in progress" in body["detail"]
+        assert c.get("/healthz").status_code == 200  # liveness is never refused for load
+        first.join()
+        monkeypatch.undo()
+        assert c.post("/predict", content=img).status_code == 200
+
+
+def test_error_codes_and_messages_for_people(client):
+    r = client.post("/predict", content=b"GIF89a but not really")
+    body = assert_one_line_error(r, 400, "not_an_image")
+    assert body["message"].startswith("This file is not an image") and "PIL" in body["detail"]
+    assert_one_line_error(client.post("/predict", content=bomb_png(30_000, 4)), 413, "bad_aspect")
+    assert_one_line_error(client.post("/predict", content=bomb_png(7_000, 7_000)), 413, "too_many_pixels")
+    assert_one_line_error(client.post("/predict?top=x", content=png_bytes(COLORS["red"])), 400, "bad_request")
+    assert_one_line_error(client.get("/nowhere"), 404, "not_found")
+    assert_one_line_error(client.post("/explain", content=png_bytes(COLORS["red"])), 400, "no_attention")
+    assert client.get("/favicon.svg").headers["content-type"] == "image/svg+xml"
+
+
+def test_sign_in_page_for_browsers_and_json_for_programs(zero_shot):
+    with local(create_app(zero_shot, ServeConfig(token="s3cret"))) as c:
+        r = c.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+        assert r.status_code == 401 and r.headers["content-type"].startswith("text/html")
+        assert "/?token=" in r.text and "s3cret" not in r.text
+        assert_one_line_error(c.get("/"), 401, "unauthorized")  # no Accept: text/html
+        assert c.get("/page.css").status_code == 200 and c.get("/favicon.svg").status_code == 200
+        assert_one_line_error(c.get("/page.js"), 401)
+
+
+def test_log_line_escapes_the_path(client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="vlclassify.serve"):
+        client.get("/x%0d%0aGET%20/fake%20200")
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlclassify.serve"]
+    assert lines == ["GET /x%0D%0AGET%20/fake%20200 404 " + lines[0].split(" 404 ")[1]]
+    assert "\n" not in lines[0] and "\r" not in lines[0]
+
+
+def test_pixel_budget_holds_images_until_answered():
+    from vlclassify.serve.app import PixelBudget
+
+    async def main():
+        budget, order = PixelBudget(100), []
+
+        async def job(name, pixels, seconds):
+            async with budget.hold(pixels):
+                order.append((name, budget.used))
+                await asyncio.sleep(seconds)
+
+        await asyncio.gather(job("a", 60, 0.05), job("b", 60, 0.01), job("c", 40, 0.01))
+        assert order[0] == ("a", 60) and ("b", 60) in order and ("c", 100) in order  # b waited for a
+        t = asyncio.ensure_future(job("d", 100, 1.0))
+        await asyncio.sleep(0.01)
+        t.cancel()  # a request's timeout: its share comes back
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert budget.used == 0
 
     asyncio.run(main())

@@ -3,7 +3,8 @@
 
 A zero-shot model on the real effnet-minilm backbone is fitted with the CLI on the Tux Paint data
 spec; a Tux Paint photo is uploaded through the page's file input; the top bar must name the class
-that `vlclassify predict --json` gives for the same file. The screenshot lands in the test's tmp folder.
+that `vlclassify predict --json` gives for the same file. Screenshots land in the test's tmp folder,
+and in $VLCLASSIFY_SCREENSHOTS when set (how docs/figures/serving-*.png are made).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def serving(model: Path, cache: Path, tmp_path: Path):
     env = {**os.environ, "VLCLASSIFY_CACHE": str(cache)}
     env.pop("VLCLASSIFY_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlclassify.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "vlclassify.cli", "serve", str(model), "--port", str(port), "--workers", "1"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -98,6 +99,45 @@ def serving(model: Path, cache: Path, tmp_path: Path):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def screenshot(browser, tmp_path: Path, name: str, width: int) -> Path:
+    """The page at `width` CSS pixels wide, its full height; copied to $VLCLASSIFY_SCREENSHOTS if set."""
+    browser.set_window_size(width, 900)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(width, min(max(height + 140, 400), 2400))
+    shot = tmp_path / f"{name}-{width}.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 5_000
+    if os.environ.get("VLCLASSIFY_SCREENSHOTS"):
+        import shutil
+
+        shutil.copy(shot, Path(os.environ["VLCLASSIFY_SCREENSHOTS"]) / shot.name)
+    return shot
+
+
+@contextlib.contextmanager
+def in_process(app):
+    """uvicorn with the service's protocol, in a thread of this process, on a free loopback port."""
+    import threading
+
+    import uvicorn
+
+    from vlclassify.serve.protocol import ServeProtocol
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=ServeProtocol))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -137,11 +177,17 @@ def test_page_upload_shows_the_predicted_class(browser, model_dir, tmp_path):
         labels = [b.get_attribute("data-label") for b in bars]
         scores = [float(b.get_attribute("data-score")) for b in bars]
         decision = browser.find_element(By.ID, "decision").text
-        shot = tmp_path / "page.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000
+        assert browser.execute_script("return document.activeElement.id") == "result"  # focus on the answer
+        assert browser.find_element(By.ID, "result").get_attribute("aria-live") == "polite"
+        assert browser.find_element(By.ID, "result-title").text == "Decision"  # one task
+        for width in (1280, 390):
+            screenshot(browser, tmp_path, "serving-page", width)
         assert not browser.find_element(By.ID, "error").is_displayed()
         assert len(labels) == 5 and scores == sorted(scores, reverse=True)
+        with urllib.request.urlopen(url + "/favicon.svg", timeout=10) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/svg+xml"
+    log = (tmp_path / "server.log").read_text()
+    assert "GET / 200" in log and "GET /favicon.svg 200" in log and " 404 " not in log, log[-2000:]
 
     r = _cli("predict", str(model), PHOTO, "--json", cache=cache)
     cli = json.loads(r.stdout.strip().splitlines()[0])
@@ -156,13 +202,15 @@ def test_page_draws_the_attention_map(browser, toy, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from conftest import make_color_folder
+    from vlclassify.context import RunContext
     from vlclassify.data import load_data, train_val_test
     from vlclassify.features import FeatureCache
     from vlclassify.methods import create_method
 
     s = train_val_test(load_data(str(make_color_folder(tmp_path / "colors"))), seed=0, val_fraction=0.3)
-    m = create_method("vt-clip", toy, cache=FeatureCache(tmp_path / "cache"), steps=8, eval_every=4)
-    m.fit(s["train"], s["val"]).save_pretrained(tmp_path / "vt")
+    m = create_method("vt-clip", toy, steps=8, eval_every=4)
+    m.fit(s["train"], s["val"], ctx=RunContext(cache=FeatureCache(tmp_path / "cache"), progress=False))
+    m.save_pretrained(tmp_path / "vt")
     photo = next((tmp_path / "colors" / "red").iterdir())
     with serving(tmp_path / "vt", tmp_path / "cache", tmp_path) as url:
         browser.get(url + "/")
@@ -179,62 +227,113 @@ def test_page_draws_the_attention_map(browser, toy, tmp_path):
     assert browser.execute_script("return arguments[0].naturalWidth", heat) >= 24
 
 
-def test_page_shows_tasks_modality_weights_and_sends_the_title(browser, toy, tmp_path):
-    """The page's rendering of the full answer shape (a second task, cma-clip's modality weights) and
-    its title box, on an in-process server: a zero-shot model reading image + text, whose answers get
-    a second task and modality weights added (until cma-clip is on the method contract)."""
-    import threading
-
-    import uvicorn
+def test_page_title_first_errors_shrinking_tasks_and_weights(browser, toy, tmp_path):
+    """The page's rendering of the full answer shape (a second task, cma-clip's modality weights),
+    its title box, its error messages and its shrinking of a 50 MP photo, on an in-process server:
+    a zero-shot model reading image + text, whose answers get a second task and modality weights
+    added (until cma-clip is on the method contract)."""
+    from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from vlclassify.features import FeatureCache
     from vlclassify.methods import create_method
     from vlclassify.methods.decision import TaskPrediction
     from vlclassify.serve import create_app
 
-    m = create_method("zero-shot", toy, modality="both", cache=FeatureCache(enabled=False))
+    m = create_method("zero-shot", toy, modality="both")
     m.set_classes(["red", "green", "blue"])
-    m.task_classes["shade"] = ["warm", "cold"]
-    texts = []
+    m.task_classes["shade"] = ["warm and bright", "cold"]
+    texts, sizes = [], []
     plain = m.predict_results
 
-    def with_tasks(data, top=5):
+    def with_tasks(data, top=5, *, ctx=None):
         texts.extend(it.text for it in data.items)
-        out = plain(data, top=top)
+        sizes.extend(it.image.shape[:2] for it in data.items)
+        out = plain(data, top=top, ctx=ctx)
         for p in out:
-            p.tasks["shade"] = TaskPrediction(["warm"], [("warm", 0.7), ("cold", 0.3)])
+            p.tasks["shade"] = TaskPrediction(["warm and bright"], [("warm and bright", 0.7), ("cold", 0.3)])
             p.modality_weights = {"label": {"image": 0.62, "text": 0.38}, "shade": {"image": 0.25, "text": 0.75}}
         return out
 
     m.predict_results = with_tasks
-    photo = tmp_path / "red.png"
-    from PIL import Image
-
+    photo, broken, huge = tmp_path / "red.png", tmp_path / "notes.png", tmp_path / "phone.jpg"
     Image.new("RGB", (48, 40), (220, 30, 30)).save(photo)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(m), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.1)
-        browser.get(f"http://127.0.0.1:{port}/")
+    broken.write_bytes(b"this is a text file, not a picture")
+    Image.new("RGB", (8160, 6120), (200, 60, 40)).save(huge, quality=90)  # 50 MP, over the 40 M limit
+    with in_process(create_app(m)) as url:
+        texts.clear(), sizes.clear()  # the start-up's warm-up prediction
+        browser.get(url + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: "tasks: label, shade" in d.find_element(By.ID, "model").text)
-        assert browser.find_element(By.ID, "title-box").is_displayed()
-        browser.find_element(By.ID, "title").send_keys("a bright red square")
+        title = browser.find_element(By.ID, "title")
+        assert title.is_displayed()
+        assert title.location["y"] < browser.find_element(By.ID, "file").location["y"]  # the title comes first
+        # a file that is not an image: the service's message for people, no broken preview
+        browser.find_element(By.ID, "file").send_keys(str(broken))
+        wait.until(lambda d: d.find_element(By.ID, "classify").is_enabled())
+        browser.find_element(By.ID, "classify").click()
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        error = browser.find_element(By.ID, "error").text
+        assert error.startswith("This file is not an image") and "PIL" not in error and "Error" not in error
+        assert not browser.find_element(By.ID, "preview").is_displayed()
+        # the title, then the photo: nothing is sent until Classify
+        title.send_keys("a bright red square")
         browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda d: d.find_element(By.ID, "classify").is_enabled())
+        time.sleep(1.0)
+        assert texts == []  # picking the file sent nothing
+        browser.find_element(By.ID, "classify").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#tasks [data-task="shade"] .bar'))
+        assert not browser.find_element(By.ID, "error").is_displayed()
         shade = browser.find_element(By.CSS_SELECTOR, '#tasks [data-task="shade"] h3').text
         legends = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#weights .legend")]
-        browser.save_screenshot(str(tmp_path / "page-tasks.png"))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-    assert shade == "shade: warm"
+        heading = browser.find_element(By.ID, "result-title").text
+        focused = browser.execute_script("return document.activeElement.id")
+        tracks = browser.execute_script(
+            "return [...document.querySelectorAll('.bar-track')].map(e => {"
+            " const r = e.getBoundingClientRect(); return [r.left, r.right]; })"
+        )
+        for width in (1280, 390):
+            screenshot(browser, tmp_path, "serving-tasks", width)
+        # a 50 MP phone photo: shrunk in the browser, then answered
+        browser.set_window_size(1280, 900)
+        browser.find_element(By.ID, "file").send_keys(str(huge))
+        wait.until(lambda d: d.find_element(By.ID, "shrunk").is_displayed())
+        note = browser.find_element(By.ID, "shrunk").text
+        browser.find_element(By.ID, "classify").click()
+        wait.until(lambda d: len(texts) == 2)
+        wait.until(lambda d: d.find_element(By.ID, "busy").get_attribute("hidden") is not None)
+        assert not browser.find_element(By.ID, "error").is_displayed()
+    assert shade == "shade: warm and bright" and heading == "label"  # the main task named, not "Decision"
     assert legends == ["label: image 0.62 \u00b7 text 0.38", "shade: image 0.25 \u00b7 text 0.75"]
-    assert "a bright red square" in texts  # the title went with the image
+    assert texts == ["a bright red square"] * 2  # the title went with the image, both times
+    assert focused == "result"
+    assert len(tracks) == 3 + 2 and len({tuple(t) for t in tracks}) == 1  # every task's bars line up
+    assert note.startswith("Shrunk from 8160 \u00d7 6120 to ")
+    h, w = sizes[1]
+    assert w * h <= 12e6 and abs(w / h - 8160 / 6120) < 0.01
+
+
+def test_page_without_the_cookie_shows_how_to_sign_in(browser, toy, tmp_path):
+    """With a token set, a browser opening / without the cookie gets a sign-in page (not bare
+    401 JSON); opening /?token=T once signs in."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from vlclassify.methods import create_method
+    from vlclassify.serve import ServeConfig, create_app
+
+    m = create_method("zero-shot", toy)
+    m.set_classes(["red", "green", "blue"])
+    with in_process(create_app(m, ServeConfig(token="s3cret"))) as url:
+        browser.get(url + "/")
+        heading = browser.find_element(By.CSS_SELECTOR, "#sign-in h2").text
+        body = browser.find_element(By.TAG_NAME, "body").text
+        styled = browser.execute_script("return getComputedStyle(document.body).fontFamily")
+        for width in (1280, 390):
+            screenshot(browser, tmp_path, "serving-sign-in", width)
+        browser.get(url + "/?token=s3cret")
+        WebDriverWait(browser, 60).until(lambda d: "zero-shot" in d.find_element(By.ID, "model").text)
+        assert browser.current_url == url + "/"
+    assert heading == "Sign in" and "/?token=" in body and "{" not in body
+    assert "system-ui" in styled  # the page's style sheet loads without the token

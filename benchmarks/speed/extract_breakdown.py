@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from vlclassify.backbones import create_backbone
-from vlclassify.data import tuxpaint
-from vlclassify.data.images import load_image
+from vlclassify.data import decode, tuxpaint
 from vlclassify.features.runtime import OnnxEncoder, export_onnx_trunk, onnx_trunk_path
 from vlclassify.utils import write_json
 
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     steps = {}
     with torch.inference_mode():
         steps["decode+preprocess (1 thread)"], x = timed(
-            lambda: torch.stack([bb.preprocess(load_image(it)) for it in items]), args.repeats
+            lambda: torch.stack([bb.preprocess(decode(it)) for it in items]), args.repeats
         )
         steps["trunk: eager torch"], fmap = timed(lambda: bb.image_trunk(x), args.repeats)
         folded = bb.inference_trunk()

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from vlclassify.backbones import create_backbone
-from vlclassify.data import fashion_mnist, tuxpaint
-from vlclassify.data.images import load_image
+from vlclassify.data import decode, fashion_mnist, tuxpaint
 from vlclassify.features import FeatureCache, extract_features
 from vlclassify.features.extract import item_source, iter_batches
 from vlclassify.features.runtime import OnnxEncoder, TorchEncoder, onnx_trunk_path
@@ -59,7 +58,7 @@ def naive(bb, ds) -> tuple[torch.Tensor, ...]:
     img, pooled, sp = collect(len(items), bb.embed_dim)
     with torch.no_grad():
         for s in range(0, len(items), BATCH):
-            x = torch.stack([bb.preprocess(load_image(it)) for it in items[s : s + BATCH]])
+            x = torch.stack([bb.preprocess(decode(it)) for it in items[s : s + BATCH]])
             out = bb.encode_image(x)
             b = x.shape[0]
             img[s : s + b], pooled[s : s + b], sp[s : s + b] = out.embeds, out.pooled, out.tokens
@@ -74,7 +73,7 @@ def sequential(encoder: Callable) -> Callable:
         img, pooled, sp = collect(len(items), bb.embed_dim)
         with torch.no_grad():
             for s in range(0, len(items), BATCH):
-                x = torch.stack([bb.preprocess(load_image(it)) for it in items[s : s + BATCH]])
+                x = torch.stack([bb.preprocess(decode(it)) for it in items[s : s + BATCH]])
                 out = encoder(x)
                 b = x.shape[0]
                 img[s : s + b], pooled[s : s + b], sp[s : s + b] = out.embeds, out.pooled, out.tokens
@@ -102,7 +101,7 @@ def pipelined(make: Callable, workers: int) -> Callable:
 
 
 def _decode_in_child(item) -> np.ndarray:
-    return _BB.preprocess(load_image(item)).numpy()
+    return _BB.preprocess(decode(item)).numpy()
 
 
 def process_pool(make: Callable, procs: int) -> Callable:

@@ -27,7 +27,7 @@ import torch
 
 from vlclassify.backbones import create_backbone
 from vlclassify.context import RunContext
-from vlclassify.data import Dataset, load_image, plan_splits
+from vlclassify.data import Dataset, decode, plan_splits
 from vlclassify.features import FeatureCache, extract_features
 from vlclassify.features.runtime import make_encoder
 from vlclassify.methods import Encoded, create_method
@@ -46,7 +46,7 @@ def throughput(bb, ds: Dataset, cache: Path, rounds: int, batch: int) -> dict[st
     """Median images/s of the fp32 and int8 encoders on the same batches, alternating."""
     enc = {p: make_encoder(bb, "onnx", cache, precision=p) for p in ("fp32", "int8")}
     items = ds.items[: rounds * batch]
-    pix = torch.stack([bb.preprocess(load_image(it)) for it in items])  # [rounds * batch, 3, H, W]
+    pix = torch.stack([bb.preprocess(decode(it, size=bb.image_size)) for it in items])  # [rounds * batch, 3, H, W]
     times: dict[str, list[float]] = {p: [] for p in enc}
     for p in enc:  # warm-up: sessions built, first-call allocations done
         enc[p](pix[:batch], spatial=False)

@@ -83,7 +83,7 @@ def build_tars(n: int, work: Path) -> str:
         for i in range(n):
             it = items[i % len(items)]
             c = i // len(items)
-            arr = np.roll(it.image, c, axis=1)[:, ::-1] if c % 2 else np.roll(it.image, c, axis=1)
+            arr = np.roll(it.image.array, c, axis=1)[:, ::-1] if c % 2 else np.roll(it.image.array, c, axis=1)
             buf = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(arr), "L").save(buf, format="PNG")
             name = FASHION_MNIST_CLASSES[it.label]

@@ -1,17 +1,18 @@
 """Load benchmark of `vlclassify serve` on loopback: concurrent clients, micro-batching on and off,
-beside the offline `predict` throughput on the same images, in one run.
+one or several `--workers`, beside the offline `predict` throughput on the same images, in one run.
 
     nice python benchmarks/speed/serve_load.py                                  # 1 and 16 clients
-    nice python benchmarks/speed/serve_load.py --clients 16 --requests 128 --repeats 1
+    nice python benchmarks/speed/serve_load.py --model runs/tux-lp --clients 16 --workers 1,2 --repeats 1
 
 Model: zero-shot on effnet-minilm with the Tux Paint classes (no training), saved to a temporary
 folder, unless --model names a fitted one. Images: the first --images Tux Paint photos, sent as
-their PNG bytes (raw request bodies), each client cycling through them.
+their PNG bytes (raw request bodies), each client cycling through them; a model that reads text
+(cma-clip) gets each photo's caption as `?text=` (offline: the same captions).
 
 - offline: `predict_results` in this process over the same photo files, one call (decoding,
   preprocessing and the forward pass in batches of 64 inside extract_features), model loaded.
 - served: `vlclassify serve` started on 127.0.0.1 (a free port) with `--max-batch 32` (batching
-  on) or `--max-batch 1` (off); N clients, each one keep-alive HTTP/1.1 connection sending one
+  on) or `--max-batch 1` (off) and `--workers W`; N clients, each one keep-alive HTTP/1.1 connection sending one
   request after another, until --requests answers in all or --time-limit seconds. Latency is
   from the first byte sent to the last byte read. The server is stopped by its PID.
 
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -54,9 +56,9 @@ def free_port() -> int:
 
 
 # ---- a minimal keep-alive HTTP/1.1 client (as little client CPU as possible) -------------------
-async def post(reader, writer, body: bytes, port: int, timeout: float) -> tuple[int, bytes]:
+async def post(reader, writer, body: bytes, query: str, port: int, timeout: float) -> tuple[int, bytes]:
     head = (
-        f"POST /predict?top=1 HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: image/png\r\n"
+        f"POST /predict?top=1{query} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: image/png\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     writer.write(head + body)
@@ -68,7 +70,9 @@ async def post(reader, writer, body: bytes, port: int, timeout: float) -> tuple[
     return status, await asyncio.wait_for(reader.readexactly(length), timeout)
 
 
-async def run_clients(port: int, images: list[bytes], clients: int, requests: int, time_limit: float) -> dict:
+async def run_clients(
+    port: int, images: list[tuple[bytes, str]], clients: int, requests: int, time_limit: float
+) -> dict:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     stop_at = time.perf_counter() + time_limit
@@ -81,7 +85,8 @@ async def run_clients(port: int, images: list[bytes], clients: int, requests: in
             while left[0] > 0 and time.perf_counter() < stop_at:
                 left[0] -= 1
                 t = time.perf_counter()
-                status, _ = await post(reader, writer, images[i % len(images)], port, timeout=120)
+                body, query = images[i % len(images)]
+                status, _ = await post(reader, writer, body, query, port, timeout=120)
                 latencies.append(time.perf_counter() - t)
                 statuses[status] = statuses.get(status, 0) + 1
                 i += clients
@@ -107,10 +112,11 @@ async def run_clients(port: int, images: list[bytes], clients: int, requests: in
 
 
 # ---- the server ------------------------------------------------------------------------------
-def start_server(model: Path, max_batch: int, queue: int, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, max_batch: int, queue: int, workers: int, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "vlclassify.cli", "serve", str(model), "--host", HOST, "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--queue-size", str(queue), "--log-level", "warning"]
+    cmd += ["--workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if k != "VLCLASSIFY_TOKEN"}
     proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
@@ -119,7 +125,9 @@ def start_server(model: Path, max_batch: int, queue: int, log: Path) -> tuple[su
             raise SystemExit(f"the server exited; see {log}")
         try:
             with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=2):
-                return proc, port
+                if workers == 1 or len(children(proc.pid)) >= workers:
+                    time.sleep(5 if workers > 1 else 0)  # the other workers load their model meanwhile
+                    return proc, port
         except OSError:
             if time.monotonic() > deadline:
                 stop_server(proc)
@@ -136,10 +144,22 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
+    return [int(p) for p in out.split()]
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (a load-independent cost measure)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its children (the workers), all threads (a
+    load-independent cost measure)."""
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def batch_totals(port: int) -> dict[str, float]:
@@ -150,34 +170,41 @@ def batch_totals(port: int) -> dict[str, float]:
     return dict(zip(("images", "batches", "seconds"), (float(vals[k]) for k in keys)))
 
 
-def served(model: Path, images: list[bytes], clients: int, requests: int, max_batch: int, args, log: Path) -> dict:
-    proc, port = start_server(model, max_batch, queue=max(128, 2 * clients), log=log)
+def served(
+    model: Path, images: list[tuple[bytes, str]], clients: int, requests: int, max_batch: int, workers: int, args, log
+) -> dict:
+    proc, port = start_server(model, max_batch, queue=max(128, 2 * clients), workers=workers, log=log)
     try:
-        asyncio.run(run_clients(port, images, clients, min(clients * 2, 32), args.time_limit))  # warm the pools
+        asyncio.run(run_clients(port, images, clients, max(clients * 2, 32), args.time_limit))  # warm every worker
         b0, c0 = batch_totals(port), cpu_seconds(proc.pid)
         res = asyncio.run(run_clients(port, images, clients, requests, args.time_limit))
         b1, c1 = batch_totals(port), cpu_seconds(proc.pid)
         d = {k: b1[k] - b0[k] for k in b0}
+        # /metrics is per worker process: batch sizes and model time are one worker's when several run
         return {
             **res,
-            "mean_batch": d["images"] / max(1.0, d["batches"]),
+            "mean_batch": d["images"] / max(1.0, d["batches"]) if workers == 1 else None,
             "cpu_ms_per_image": 1000 * (c1 - c0) / res["ok"],
-            "model_busy": d["seconds"] / res["wall_s"],  # share of the wall time the model thread ran a batch
+            "model_busy": d["seconds"] / res["wall_s"] if workers == 1 else None,
         }
     finally:
         stop_server(proc)
 
 
-def offline(model: Path, paths: list[str]) -> dict:
+def offline(model: Path, paths: list[str], captions: list[str | None]) -> dict:
+    from vlclassify.context import RunContext
     from vlclassify.data import Dataset, Item
     from vlclassify.features import FeatureCache
     from vlclassify.methods import load_method
 
-    m = load_method(model, cache=FeatureCache(enabled=False))
-    ds = Dataset([Item(image=p, key=p) for p in paths], m.classnames, "offline")
-    m.predict_results(ds, top=1)  # warm: the runtime's session
+    m = load_method(model)
+    ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)  # as the service: nothing cached
+    reads = "text" in m.takes()
+    items = [Item(image=p, text=c if reads else None, key=p) for p, c in zip(paths, captions, strict=True)]
+    ds = Dataset(items, m.classnames, "offline")
+    m.predict_results(ds, top=1, ctx=ctx)  # warm: the runtime's session
     t, c = time.perf_counter(), time.process_time()
-    m.predict_results(ds, top=1)
+    m.predict_results(ds, top=1, ctx=ctx)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     return {
         "images": len(paths),
@@ -189,29 +216,32 @@ def offline(model: Path, paths: list[str]) -> dict:
 
 def make_model(out: Path) -> Path:
     from vlclassify.backbones import create_backbone
+    from vlclassify.context import RunContext
     from vlclassify.data import tuxpaint
     from vlclassify.features import FeatureCache
     from vlclassify.methods import create_method
 
-    m = create_method("zero-shot", create_backbone("effnet-minilm"), cache=FeatureCache(enabled=False))
-    m.set_classes(tuxpaint()["all"].classnames)
+    m = create_method("zero-shot", create_backbone("effnet-minilm"))
+    with m.using(RunContext(cache=FeatureCache(enabled=False), progress=False)):
+        m.set_classes(tuxpaint()["all"].classnames)
     return m.save_pretrained(out)
 
 
 def markdown(result: dict) -> str:
     rows = [
-        "| variant | clients | images/s | vs offline | p50 ms | p95 ms | p99 ms | mean batch | CPU ms/image "
-        "| answers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | workers | clients | images/s | vs offline | p50 ms | p95 ms | p99 ms | mean batch "
+        "| CPU ms/image | answers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     off = result["offline"]["images_per_s"]
     cpu = result["offline"]["cpu_ms_per_image"]
-    rows.append(f"| offline `predict_results` (batch 64) | — | {off:.1f} | 100% | — | — | — | 64 | {cpu:.0f} | — |")
+    rows.append(f"| offline `predict_results` (batch 64) | 1 | — | {off:.1f} | 100% | — | — | — | 64 | {cpu:.0f} | — |")
     for r in result["served"]:
+        batch = "—" if r["mean_batch"] is None else f"{r['mean_batch']:.1f}"
         rows.append(
             f"| served, micro-batching {'on' if r['max_batch'] > 1 else 'off'} (max batch {r['max_batch']}) | "
-            f"{r['clients']} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / off:.0f}% | {r['p50_ms']:.0f} | "
-            f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['cpu_ms_per_image']:.0f} | "
+            f"{r['workers']} | {r['clients']} | {r['images_per_s']:.1f} | {100 * r['images_per_s'] / off:.0f}% | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {batch} | {r['cpu_ms_per_image']:.0f} | "
             f"{r['ok']}/{r['requests']} |"
         )
     return "\n".join(rows)
@@ -222,6 +252,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a fitted model folder (default: zero-shot on the Tux Paint classes)")
     ap.add_argument("--images", type=int, default=64, help="Tux Paint photos used")
     ap.add_argument("--clients", default="1,16", help="comma-separated concurrent clients")
+    ap.add_argument("--workers", default="1,2", help="comma-separated server processes (vlclassify serve --workers)")
+    ap.add_argument("--max-batch", default="32,1", help="comma-separated --max-batch (1: micro-batching off)")
     ap.add_argument("--requests", type=int, default=192, help="requests per served variant")
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per served variant at most")
     ap.add_argument("--repeats", type=int, default=2, help="round-robin repeats of every variant")
@@ -230,28 +262,38 @@ def main() -> None:
 
     from vlclassify.data import tuxpaint
 
-    paths = [it.image for it in tuxpaint()["all"].items[: args.images]]
-    images = [Path(p).read_bytes() for p in paths]
+    chosen = tuxpaint()["all"].items[: args.images]
+    paths = [it.image.path for it in chosen]
+    captions = [it.text for it in chosen]
     clients = [int(c) for c in args.clients.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    batches = [int(b) for b in args.max_batch.split(",")]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         model = args.model or make_model(Path(tmp) / "model")
+        from vlclassify.methods import load_method
+
+        reads = "text" in load_method(model).takes()
+        images = [
+            (Path(p).read_bytes(), "&text=" + urllib.parse.quote(c) if reads and c else "")
+            for p, c in zip(paths, captions, strict=True)
+        ]
         log = Path(tmp) / "server.log"
         runs: dict[str, list[dict]] = {}
         for rep in range(args.repeats):
-            runs.setdefault("offline", []).append({**offline(model, paths), "load": loadavg()})
+            runs.setdefault("offline", []).append({**offline(model, paths, captions), "load": loadavg()})
             o = runs["offline"][-1]
             print(f"repeat {rep + 1}: offline {o['images_per_s']:.1f} img/s, CPU {o['cpu_ms_per_image']:.0f} ms/image")
-            for c in clients:
-                for mb in (32, 1):
-                    r = {**served(model, images, c, args.requests, mb, args, log), "load": loadavg()}
-                    runs.setdefault(f"{c}:{mb}", []).append(r)
-                    print(
-                        f"repeat {rep + 1}: {c} clients, max batch {mb}: {r['images_per_s']:.1f} img/s, "
-                        f"p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']:.1f}, "
-                        f"CPU {r['cpu_ms_per_image']:.0f} ms/image, model busy {100 * r['model_busy']:.0f}%, "
-                        f"{r['statuses']}",
-                        flush=True,
-                    )
+            for w in workers:
+                for c in clients:
+                    for mb in batches:
+                        r = {**served(model, images, c, args.requests, mb, w, args, log), "load": loadavg()}
+                        runs.setdefault(f"{w}:{c}:{mb}", []).append(r)
+                        print(
+                            f"repeat {rep + 1}: {w} worker(s), {c} clients, max batch {mb}: "
+                            f"{r['images_per_s']:.1f} img/s, p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']}, "
+                            f"CPU {r['cpu_ms_per_image']:.0f} ms/image, load {r['load']}, {r['statuses']}",
+                            flush=True,
+                        )
 
     def median(rs: list[dict]) -> dict:
         out = dict(rs[0])
@@ -266,7 +308,12 @@ def main() -> None:
         "images": len(paths),
         "cpus": os.cpu_count(),
         "offline": median(runs["offline"]),
-        "served": [{**median(runs[f"{c}:{mb}"]), "clients": c, "max_batch": mb} for c in clients for mb in (32, 1)],
+        "served": [
+            {**median(runs[f"{w}:{c}:{mb}"]), "workers": w, "clients": c, "max_batch": mb}
+            for w in workers
+            for c in clients
+            for mb in batches
+        ],
         "runs": runs,
     }
     write_json(args.out, result)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vlclassify import create_backbone, create_method, extract_features, load_data
 from vlclassify.methods import Encoded
-from vlclassify.metrics import accuracy
+from vlclassify.metrics import score
 from vlclassify.utils import write_json
 
 
@@ -39,9 +39,9 @@ def main() -> None:
         for templates in ("single", "select7"):
             zs = create_method("zero-shot", bb, templates=templates).fit(ds)
             y = ds.labels()
-            joint = accuracy(y, zs.predict_proba(Encoded(ds, feats)))
+            joint = score("single-label", y, zs.predict_proba(Encoded(ds, feats)))["accuracy"]
             feats_b = type(feats)(image=bridged, pooled=feats.pooled)
-            through = accuracy(y, zs.predict_proba(Encoded(ds, feats_b)))
+            through = score("single-label", y, zs.predict_proba(Encoded(ds, feats_b)))["accuracy"]
             rows.append({"data": name, "templates": templates, "joint": joint, "bridge": through, "mean_cosine": cos})
     print(f"{'data':40} {'templates':9} {'joint':>7} {'bridge':>7} {'cos':>6}")
     for r in rows:

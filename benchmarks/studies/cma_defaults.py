@@ -15,6 +15,7 @@ import sys
 import time
 
 from vlclassify.backbones import create_backbone
+from vlclassify.context import RunContext
 from vlclassify.data import kfold, load_data, stratified_split
 from vlclassify.methods import create_method
 
@@ -34,7 +35,7 @@ def main(specs: list[str]) -> None:
         m = create_method("cma-clip", bb, **{"frozen_epochs": 8, "e2e_epochs": 0, "tune_epochs": 4, **opts})
         m.provide_trunk(ds, trunk)
         t = time.time()
-        m.fit(parts["train"], parts["val"])
+        m.fit(parts["train"], parts["val"], ctx=RunContext(progress=False))
         secs = time.time() - t
         r = m.task_report(test)
         val = " / ".join(f"{s['best_metric']:.3f}" for s in m.fit_info["training"]["stages"])

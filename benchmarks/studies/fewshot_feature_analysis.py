@@ -50,9 +50,9 @@ def ncm(x: torch.Tensor, y: np.ndarray, k: int, seeds=(1, 2, 3)) -> tuple[float,
 
 def main() -> None:
     from vlclassify.backbones import create_backbone
-    from vlclassify.bench.fewshot import drop_small_classes
     from vlclassify.data import load_data
     from vlclassify.features import extract_features
+    from vlclassify.fewshot import drop_small_classes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion-mnist")

@@ -17,10 +17,11 @@ import warnings
 import numpy as np
 
 from vlclassify.backbones import create_backbone
-from vlclassify.bench.report import write_json_and_markdown
+from vlclassify.context import RunContext
 from vlclassify.data import load_data
 from vlclassify.methods import create_method
 from vlclassify.methods.decision import choose_rule
+from vlclassify.utils import write_json_and_markdown
 
 
 def _f1(y: np.ndarray, pred: np.ndarray) -> float:
@@ -31,9 +32,10 @@ def _f1(y: np.ndarray, pred: np.ndarray) -> float:
 def run(spec: str, backbone) -> dict:
     splits = load_data(spec)
     m = create_method("linear-probe", backbone)
-    m.fit(splits["train"], splits["val"])
-    pv, yv = m.predict_proba(splits["val"]), splits["val"].multi_hot()
-    pt, yt = m.predict_proba(splits["test"]), splits["test"].multi_hot()
+    ctx = RunContext(progress=False)
+    m.fit(splits["train"], splits["val"], ctx=ctx)
+    pv, yv = m.predict_proba(splits["val"], ctx=ctx), splits["val"].multi_hot()
+    pt, yt = m.predict_proba(splits["test"], ctx=ctx), splits["test"].multi_hot()
     C = yv.shape[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from vlclassify.backbones import create_backbone
-from vlclassify.bench.fewshot import drop_small_classes
-from vlclassify.bench.report import write_json_and_markdown
+from vlclassify.context import RunContext
 from vlclassify.data import fewshot, load_data
 from vlclassify.features import extract_features
+from vlclassify.fewshot import drop_small_classes
 from vlclassify.methods import Encoded, create_method
 from vlclassify.methods.cmm import fused_log_probs
 from vlclassify.training import select_best
+from vlclassify.utils import write_json_and_markdown
 
 RULES = ("first", "loss", "middle", "default")
 DEFAULTS = {  # each search's default candidate (what the method uses without validation data)
@@ -72,7 +73,7 @@ def linear_probe(backbone, cache, tr, va, te):
     zv, zt = [], []
     for C in grid:
         m = create_method("linear-probe", backbone, C_grid=[C])
-        m.fit(tr)
+        m.fit(tr, ctx=RunContext(cache=cache, progress=False))
         zv.append(m.logits(va))
         zt.append(m.logits(te))
     return grid, *_grid_scores(zv, va.dataset.labels(), zt, te.dataset.labels())
@@ -80,7 +81,7 @@ def linear_probe(backbone, cache, tr, va, te):
 
 def tip_adapter(backbone, cache, tr, va, te):
     m = create_method("tip-adapter", backbone)
-    m.fit(tr, va)
+    m.fit(tr, va, ctx=RunContext(cache=cache, progress=False))
     h, c = m.head, m.config
     grid = [(a, b) for b in c.beta_grid for a in c.alpha_grid]
     pv, pt = h.parts(va.features.image), h.parts(te.features.image)
@@ -91,7 +92,7 @@ def tip_adapter(backbone, cache, tr, va, te):
 
 def cmm(backbone, cache, tr, va, te):
     m = create_method("cmm", backbone, schedule="fast", steps=4000)
-    m.fit(tr, va)
+    m.fit(tr, va, ctx=RunContext(cache=cache, progress=False))
     h, c = m.head, m.config
     (sv, zsv), (st, zst) = h.parts(va.features.image), h.parts(te.features.image)
     grid = list(c.alpha_grid)

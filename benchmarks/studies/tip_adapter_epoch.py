@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from vlclassify import create_backbone, extract_features, load_data
+from vlclassify.context import RunContext
 from vlclassify.data import plan_splits, stratified_split
 from vlclassify.features import FeatureCache
 from vlclassify.methods import Encoded
-from vlclassify.methods.presets import resolve_presets
 from vlclassify.methods.tip_adapter_f import TipAdapterF
+from vlclassify.protocols import resolve_presets
 from vlclassify.utils import write_json
 
 
@@ -99,7 +100,7 @@ def main() -> None:
     for (k, s), plan in plans.items():
         tr = enc_pool.subset([row[it.key] for it in plan["train"].items])
         m = EpochProbe(bb, enc_test, **options)
-        m.fit(tr, enc_val)
+        m.fit(tr, enc_val, ctx=RunContext(cache=cache, progress=False))
         ours_epoch, ours = m.fit_info["epoch"], m.test_accuracy()
         trained = m.curve[1:]  # after epochs 1..E (Tip-Adapter never keeps the untrained cache)
         best = max(range(len(trained)), key=lambda e: (trained[e]["test"], -e))  # first strict improvement

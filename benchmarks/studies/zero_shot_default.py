@@ -18,7 +18,7 @@ import torch
 
 from vlclassify import create_backbone, create_method, extract_features, fewshot, load_data
 from vlclassify.methods import Encoded
-from vlclassify.metrics import accuracy
+from vlclassify.metrics import score
 from vlclassify.utils import write_json
 
 SCALES = [5, 10, 20, 50, 100]
@@ -53,7 +53,7 @@ def main() -> None:
                         "data": name,
                         "templates": templates,
                         "modality": mod,
-                        "accuracy": accuracy(enc.dataset.labels(), m.predict_proba(enc)),
+                        "accuracy": score("single-label", enc.dataset.labels(), m.predict_proba(enc))["accuracy"],
                     }
                 )
     # Calibration: Tux Paint (all photos) and the Fashion-MNIST train split (few-shot pools, seeds 1-3).

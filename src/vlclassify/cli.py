@@ -1,4 +1,7 @@
-"""The `vlclassify` command line: backbones, methods, extract, fit, eval, predict, explain, serve, export, bench."""
+"""The `vlclassify` command line: backbones, methods, extract, fit, eval, predict, explain, serve, export, bench.
+
+Each command parses its options, calls the library (`vlclassify.workflow` and friends) and prints:
+results on standard output, notes and warnings on standard error."""
 
 from __future__ import annotations
 
@@ -6,14 +9,15 @@ import json
 import shlex
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_service import register as register_service_commands
 from .context import RunContext
 from .errors import VLClassifyError
 
@@ -24,13 +28,22 @@ data_app = typer.Typer(no_args_is_help=True, help="Data: write a data spec out a
 app.add_typer(data_app, name="data")
 cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: what it holds, and trimming it.")
 app.add_typer(cache_app, name="cache")
-console = Console()
+register_service_commands(app)
+# soft_wrap: a line is never cut; highlight/markup off: method specs and paths print as given
+console = Console(soft_wrap=True, highlight=False, markup=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
 
 BACKBONE_OPT = typer.Option("effnet-minilm", "--backbone", "-b", help="Backbone name (see `vlclassify backbones`).")
 BACKBONE_OPTS = typer.Option([], "--backbone-opt", help="Backbone option key=value (repeatable), e.g. path=./clip.")
 CACHE_OPT = typer.Option(
     None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify)."
 )
+CACHE_WRITE_OPT = typer.Option(
+    False, "--cache-write", help="Store the features of new images in the cache (default: read it, write nothing)."
+)
+SKIP_BAD_OPT = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing.")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace the vlclassify model in a non-empty --out folder.")
+MODEL_ARG = typer.Argument(..., help="A folder written by `vlclassify fit`.")
 PRESET_OPT = typer.Option(
     None,
     "--preset",
@@ -39,46 +52,11 @@ PRESET_OPT = typer.Option(
 )
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` strings (`--opt`, `--backbone-opt`) -> dict; values are JSON when they parse, else strings."""
-    from .errors import DataError
-
-    out: dict[str, Any] = {}
-    for p in pairs:
-        if not p.strip():
-            continue
-        k, eq, v = p.partition("=")
-        if not eq:
-            raise DataError(f"option {p!r} must be key=value")
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
-def parse_method_specs(text: str):
-    """`zero-shot,linear-probe,cmm[no_triplet=true]` -> MethodSpecs (options in brackets, `;`-separated)."""
-    from .bench.fewshot import MethodSpec
-    from .errors import DataError
-
-    specs, depth, cur = [], 0, ""
-    for ch in text + ",":
-        if ch == "," and depth == 0:
-            if cur.strip():
-                specs.append(cur.strip())
-            cur = ""
-            continue
-        depth += ch == "["
-        depth -= ch == "]"
-        cur += ch
-    out = []
-    for s in specs:
-        name, _, rest = s.partition("[")
-        if rest and not rest.endswith("]"):
-            raise DataError(f"method spec {s!r}: options must be in brackets, e.g. cmm[alpha=1.0;steps=500]")
-        out.append(MethodSpec(label=s, method=name, options=parse_options(rest[:-1].split(";")) if rest else {}))
-    return out
+@app.callback()
+def _consoles() -> None:
+    """A pipe or a file is not a terminal: lines and tables are never wrapped to 80 columns there."""
+    for c in (console, err):
+        c.width = c.width if c.is_terminal else 1 << 16
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -97,6 +75,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 def _backbone(name: str, opts: list[str]):
     from .backbones import create_backbone
+    from .utils import parse_options
 
     return create_backbone(name, **parse_options(opts))
 
@@ -118,12 +97,16 @@ def _stem(prefix: str, data: str) -> str:
 
 
 def _log(line: str) -> None:
-    console.print(line, highlight=False, markup=False, soft_wrap=True)  # method specs contain [brackets]
+    console.print(line)
+
+
+def _note(line: str) -> None:
+    err.print(line)
 
 
 def _report(table: str, paths) -> None:
-    console.print(table, highlight=False, markup=False, soft_wrap=True)
-    console.print(f"wrote {paths[0]} and {paths[1]}", markup=False, soft_wrap=True)
+    console.print(table)
+    console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
 def _print_registry(registry, column: str) -> None:
@@ -133,17 +116,10 @@ def _print_registry(registry, column: str) -> None:
     console.print(t)
 
 
-def _log_presets(presets, data: str | None, methods: list[str]) -> None:
-    """Which presets apply and why (named, or the data's file name), and what they set."""
-    for p in presets.presets:
-        why = "named"
-        if p.name == presets.automatic and data:
-            why = f"automatic for {Path(data.partition('?')[0]).name}; --preset none turns it off"
-        _log(f"preset {p.name} ({why}): {p.description}")
-    if presets.presets:
-        for m in methods:
-            _log(f"  {m} options set: {', '.join(sorted(presets.options(m))) or 'none'}")
-        _log(f"  protocol: {presets.protocol.describe()}")
+def _load(model_dir: Path):
+    from .methods import load_method
+
+    return load_method(model_dir)
 
 
 @app.command()
@@ -162,16 +138,15 @@ def methods(
     """List the registered methods (with --contract: the kinds of data each takes, and more)."""
     from .methods import METHODS
     from .methods.registry import contract_table
+    from .protocols import PRESETS
 
     if contract:
-        console.print(contract_table(), markup=False, highlight=False, soft_wrap=True)
+        console.print(contract_table())
         return
     if presets:
-        from .methods.presets import PRESETS
-
         _print_registry(PRESETS, "preset")
-        return
-    _print_registry(METHODS, "method")
+    else:
+        _print_registry(METHODS, "method")
 
 
 @app.command()
@@ -186,7 +161,7 @@ def extract(
     split: str | None = typer.Option(None, help="Only this split (train, val, test, all)."),
     spatial: bool = typer.Option(False, help="Also extract spatial tokens."),
     views: str = typer.Option("orig", help="Comma-separated views: orig, flip."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
+    skip_bad: bool = SKIP_BAD_OPT,
     runtime: str = typer.Option("auto", help="Image trunk runtime: auto (ONNX Runtime when installed), torch, onnx."),
     device: str = typer.Option("auto", help="auto (CUDA when present; one GPU per torchrun process), cpu, cuda[:i]."),
     precision: str = typer.Option(
@@ -207,15 +182,15 @@ def extract(
     from .features import FeatureCache
     from .features.distributed import dist_env, extract_spec
 
-    env = dist_env()
-    bb = _backbone(backbone, backbone_opt)
+    env, bb = dist_env(), _backbone(backbone, backbone_opt)
+    cache = FeatureCache(cache_dir, shard_rows=shard_rows)
     stats = extract_spec(
         bb,
         data,
         split=split,
         views=tuple(views.split(",")),
         spatial=spatial,
-        cache=FeatureCache(cache_dir, shard_rows=shard_rows),
+        cache=cache,
         skip_bad=skip_bad,
         runtime=runtime,
         device=device,
@@ -223,38 +198,26 @@ def extract(
         batch_size=batch_size,
         env=env,
     )
-    if env.rank != 0:
-        return
-    sizes = stats["sizes"]
-    for name, n in sizes.items():
+    if env.rank == 0:
+        for line in _extract_summary(stats, bb, spatial, env):
+            console.print(line)
+
+
+def _extract_summary(stats: dict, bb, spatial: bool, env) -> list[str]:
+    """What an extraction did: items and feature shapes per split, reused and new shards."""
+    out = []
+    for name, n in stats["sizes"].items():
         if name == "tars":
-            console.print(f"{n} tar shard(s), {stats['inputs_skipped']} already done")
+            out.append(f"{n} tar shard(s), {stats['inputs_skipped']} already done")
             continue
         msg = f"{name}: {n} items -> image ({n}, {bb.embed_dim}), pooled ({n}, {bb.pooled_dim})"
-        console.print(msg + (", spatial tokens" if spatial else ""))
+        out.append(msg + (", spatial tokens" if spatial else ""))
     reused = stats["seen"] - stats["computed"] - stats["bad"]
     msg = f"{stats['seen']} image(s) x view: {stats['computed']} extracted, {reused} already stored"
     if stats["bad"]:
         msg += f"; skipped {stats['bad']} unreadable image(s)"
     where = f" by {env.world_size} processes" if env.distributed else ""
-    console.print(msg + f"; {stats['shards']} new shard(s){where}", markup=False, soft_wrap=True)
-
-
-def _splits_for(
-    data: str,
-    shots: int | None,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-    split_file: Path | None = None,
-    protocol: dict | None = None,
-):
-    """A fit's splits again, from what its fit.json recorded (`protocol`: the presets' data side)."""
-    from .data import plan_splits
-    from .data.plan import DEFAULT, Protocol
-
-    proto = Protocol(**protocol) if protocol else DEFAULT
-    return plan_splits(data, shots, seed, val_fraction, test_fraction, split_file, proto)
+    return out + [msg + f"; {stats['shards']} new shard(s){where}"]
 
 
 @app.command()
@@ -277,11 +240,11 @@ def fit(
     thresholds: str = typer.Option("per-class", help="Multi-label decision thresholds: per-class | global."),
     val_fraction: float = typer.Option(0.2, help="Validation fraction when the data has no val split."),
     test_fraction: float = typer.Option(0.2, help="Test fraction when the data has no splits at all."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing."),
+    skip_bad: bool = SKIP_BAD_OPT,
     stream: bool = typer.Option(
         False, "--stream", help="Read training batches from the feature store, not memory (larger-than-memory sets)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model in a non-empty --out folder."),
+    overwrite: bool = OVERWRITE_OPT,
     split_file: Path | None = typer.Option(
         None, "--split-file", help="Train/val items from this split.json (written by every fit) instead of sampling."
     ),
@@ -294,96 +257,69 @@ def fit(
 ) -> None:
     """Train a method, choose its decision rule on validation, save it (safetensors + JSON) to --out,
     with split.json: the items used."""
-    from .data import plan_splits, write_split_file
+    from . import workflow
     from .data.classes import parse_classes
     from .errors import DataError
-    from .methods import create_method
-    from .methods.presets import resolve_presets
-    from .utils import atomic_path, write_json
+    from .features.distributed import dist_env
+    from .utils import check_overwrite, parse_options
 
-    _check_out(out, overwrite)
+    check_overwrite(out, overwrite, reads=[data] if data else [])
     if data is None and classes is None:
         raise DataError("fit: give --data (labelled images), or --classes for a zero-shot model")
     names, descriptions = parse_classes(classes) if classes else ([], {})
-    presets = resolve_presets(preset, _absolute_spec(data) if data else None)
-    seed = seed if seed is not None else (presets.seeds or (1,))[0]
-    _log_presets(presets, data, [method])
-    bb = _backbone(backbone, backbone_opt)
-    m = create_method(method, bb, **{**presets.options(method), **parse_options(opt)})
     ctx = RunContext(cache=_cache(cache_dir), skip_bad=skip_bad, stream=stream)
-    splits: dict = {}
-    if data is None:
-        if not hasattr(m, "set_classes") or m.trains_on_images:
-            raise DataError(f"fit: {method} learns from images; give --data (names alone make a zero-shot model)")
-        with m.using(ctx):
-            m.set_classes(names, descriptions)
-        console.print(f"{method}: {len(names)} classes by name, no images")
-    else:
-        spec = _absolute_spec(data)
-        splits = plan_splits(spec, shots, seed, val_fraction, test_fraction, split_file, presets.protocol)
-        train = splits["train"]
-        if names and names != train.classnames:
-            raise DataError(f"--classes {names[:5]}... do not match the data's classes {train.classnames[:5]}...")
-        m.check_data(train)  # a kind the method does not take stops here, before any extraction
-        console.print(f"fit {method} on {data}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-        for name in ("val", "test"):
-            if name in splits and not len(splits[name]):
-                console.print(
-                    f"warning: no images are left for {name} ({len(train)} train)"
-                    + (f"; every class has at most {shots} images" if shots else ""),
-                    markup=False,
-                )
-        if descriptions and hasattr(m, "descriptions"):
-            m.descriptions = descriptions
-        m.fit(train, splits.get("val"), ctx=ctx, precision=precision, thresholds=thresholds)
-    from .features.distributed import dist_env
-
-    if dist_env().rank != 0:  # under torchrun every rank holds the same fitted model: rank 0 reports and saves it
-        return
-    for note in m.fit_info.get("ignored", []):
-        console.print(f"note: {note}", markup=False, soft_wrap=True)
-    if presets.presets:
-        m.fit_info["preset"] = presets.record([method])  # config.json records it with the fit
-    info: dict[str, Any] = {
-        "command": _command(),
-        "method": method,
-        "data": _absolute_spec(data) if data else None,
-        "data_as_typed": data,
-        "classes": classes,
-        "shots": shots,
-        "seed": seed,
-        "preset": presets.record([method]) if presets.presets else None,
-        "split_file": str(split_file) if split_file else None,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "sizes": {k: len(v) for k, v in splits.items()},
-        "decisions": {t: r.describe() for t, r in m.decisions.items()},
-        "fit_info": m.fit_info,
-    }
-    val = splits.get("val")
-    if val is not None and len(val):
-        info["validation"] = _scores(m, val, ctx)
-        for k, v in info["validation"].items():
+    record = {"command": _command(), "data_as_typed": data, "classes": classes}
+    with _interrupted(f"nothing was saved at {out}; features extracted so far stay in the cache"):
+        result = workflow.fit(
+            data,
+            method,
+            backbone=_backbone(backbone, backbone_opt),
+            options=parse_options(opt),
+            classes=names,
+            descriptions=descriptions,
+            shots=shots,
+            seed=seed,
+            preset=preset,
+            precision=precision,
+            thresholds=thresholds,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_file=split_file,
+            ctx=ctx,
+            record=record,
+            log=_log,
+            note=_note,
+        )
+        if dist_env().rank != 0:  # under torchrun every rank holds the same fitted model: rank 0 saves it
+            return
+        for k, v in result.validation.items():
             console.print(f"validation {k}: {100 * v:.2f}%")
-    for task, rule in m.decisions.items():
-        console.print(f"decision ({m.task_name(task)}): {rule.describe()}", markup=False, soft_wrap=True)
-    with atomic_path(out, is_dir=True) as tmp:  # the new model replaces an old one whole, never mixed
-        m.save_pretrained(tmp)
-        if splits and data is not None:  # splits come from --data
-            write_split_file(tmp / "split.json", splits, _absolute_spec(data))
-        write_json(tmp / "fit.json", info)
-    console.print(f"saved to {out}")
-    if export_onnx:
-        import dataclasses
+        for task, rule in result.model.decisions.items():
+            console.print(f"decision ({result.model.task_name(task)}): {rule.describe()}")
+        result.save(out)
+        console.print(f"saved to {out}")
+        if export_onnx:
+            import dataclasses
 
-        from .export import export_beside, onnx_problem
+            from .export import export_beside, onnx_problem
 
-        why = onnx_problem(m)
-        if why:
-            console.print(f"note: no ONNX export: {why}", markup=False, soft_wrap=True)
-        else:
-            with m.using(dataclasses.replace(ctx, progress=False)):
-                console.print(f"wrote {export_beside(m, out)}")
+            m = result.model
+            why = onnx_problem(m)
+            if why:
+                _note(f"no ONNX export: {why}")
+            else:
+                with m.using(dataclasses.replace(ctx, progress=False)):
+                    console.print(f"wrote {export_beside(m, out)}")
+
+
+@contextmanager
+def _interrupted(kept: str) -> Iterator[None]:
+    """Ctrl-C: one line on standard error saying what was kept, and exit code 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _note(f"interrupted: {kept}")
+        raise typer.Exit(130) from None
 
 
 @data_app.command("export")
@@ -410,83 +346,44 @@ def update(
     ),
     val_fraction: float = typer.Option(0.2, help="Validation fraction of the new data when it has no val split."),
     seed: int = typer.Option(1, help="Seed for the split of the new data."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model in a non-empty --out folder."),
+    overwrite: bool = OVERWRITE_OPT,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Add examples and classes to a fitted model: without refitting for zero-shot, Tip-Adapter,
     the linear probe and iCAR; the other methods refit on the new data and say so."""
-    import time
-
+    from . import workflow
     from .data.classes import parse_classes
     from .errors import DataError
-    from .methods import load_method
-    from .utils import atomic_path, read_json, write_json
+    from .utils import check_overwrite
 
-    _check_out(out, overwrite)
+    check_overwrite(out, overwrite, reads=[data] if data else [])
     if data is None and classes is None:
         raise DataError("update: give --data (new labelled images) and/or --classes (new class names)")
     names, descriptions = parse_classes(classes) if classes else ([], {})
-    m = load_method(model_dir)
-    splits = _splits_for(_absolute_spec(data), None, seed, val_fraction, 0.0) if data else {}
-    t0 = time.perf_counter()
-    ctx = RunContext(cache=_cache(cache_dir))
-    m.update(splits.get("train"), splits.get("val"), classes=names, descriptions=descriptions, ctx=ctx)
-    seconds = time.perf_counter() - t0
-    u = m.fit_info["update"]
-    console.print(
-        f"update {m.name}: {u['how']}; classes added: {', '.join(u['added_classes']) or 'none'} ({seconds:.1f} s)",
-        markup=False,
-        soft_wrap=True,
-    )
-    old = read_json(model_dir / "fit.json") if (model_dir / "fit.json").exists() else {}
-    info = {
-        **old,
-        "data": None,
-        "command": _command(),
-        "updated_from": str(model_dir.resolve()),
-        "update": u,
-        "update_seconds": round(seconds, 3),
-        "update_data": _absolute_spec(data) if data else None,
-        "decisions": {t: r.describe() for t, r in m.decisions.items()},
-        "fit_info": m.fit_info,
-    }
-    with atomic_path(out, is_dir=True) as tmp:
-        m.save_pretrained(tmp)
-        write_json(tmp / "fit.json", info)
-    console.print(f"saved to {out}")
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """--out must be a new or empty folder (or --overwrite): checked before any work."""
-    from .errors import DataError
-
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"--out {out}: folder is not empty; pass --overwrite to replace what it holds")
-
-
-def _absolute_spec(spec: str) -> str:
-    """A data spec whose path is absolute (fit.json then works from any directory); built-ins unchanged."""
-    base, sep, query = spec.partition("?")
-    p = Path(base)
-    return str(p.resolve()) + sep + query if p.exists() else spec
-
-
-def _scores(m, ds, ctx: RunContext) -> dict[str, float]:
-    """Headline validation numbers: accuracy (or mAP and micro-F1 for multi-label models)."""
-    from .metrics import accuracy, mean_average_precision, multilabel_report
-
-    probs = m.predict_proba(ds, ctx=ctx)
-    if m.multilabel:
-        rep = multilabel_report(ds.multi_hot(), probs, m.classnames, m.decision().thresholds)
-        return {"mAP": mean_average_precision(ds.multi_hot(), probs), "micro-F1": rep["micro_f1"]}
-    return {"accuracy": accuracy(ds.labels(), probs)}
+    with _interrupted(f"nothing was saved at {out}; {model_dir} is as it was"):
+        result = workflow.update(
+            _load(model_dir),
+            model_dir,
+            data,
+            classes=names,
+            descriptions=descriptions,
+            val_fraction=val_fraction,
+            seed=seed,
+            ctx=RunContext(cache=_cache(cache_dir)),
+            record={"command": _command()},
+        )
+        u = result.info["update"]
+        added = ", ".join(u["added_classes"]) or "none"
+        console.print(
+            f"update {result.model.name}: {u['how']}; classes added: {added} ({result.info['update_seconds']:.1f} s)"
+        )
+        result.save(out)
+        console.print(f"saved to {out}")
 
 
 @app.command("eval")
 def evaluate(
-    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
+    model_dir: Path = MODEL_ARG,
     data: str | None = typer.Option(None, "--data", "-d", help="Data spec (default: the one the model was fitted on)."),
     split: str = typer.Option("test", help="Split to evaluate."),
     out: Path | None = typer.Option(None, help="Write the metrics JSON here (default: MODEL_DIR/eval-<split>.json)."),
@@ -499,114 +396,37 @@ def evaluate(
     """Evaluate a saved model with its decision rule: top-1, per-class accuracy, macro-F1, confusion
     matrix, the answered share at a target precision (multi-label models: subset accuracy,
     per-label P/R/F1, mAP, ROC-AUC at the validation-chosen thresholds)."""
-    from .errors import DataError
-    from .methods import load_method
-    from .metrics import classification_report
-    from .utils import read_json, write_json
+    from . import workflow
 
-    if not model_dir.is_dir():
-        raise DataError(f"{model_dir}: no such model folder")
-    info = read_json(model_dir / "fit.json") if (model_dir / "fit.json").exists() else {}
-    fitted_on = info.get("data")
-    data = _absolute_spec(data) if data else fitted_on
-    if not data:
-        raise DataError(f"{model_dir}: no data to evaluate on (no fit.json, or a model fitted by name); pass --data")
-    if data != fitted_on or split == "all":
-        ds = _rows_of(data, split)  # another file (e.g. the test images): every row it has for `split`
-    else:
-        own = model_dir / "split.json"  # the fit's own items, when evaluating on the data it was fitted on
-        splits = _splits_for(
-            data,
-            info.get("shots"),
-            info.get("seed", 1),
-            info.get("val_fraction", 0.2),
-            info.get("test_fraction", 0.2),
-            own if own.exists() else None,
-            (info.get("preset") or {}).get("protocol"),
-        )
-        if split not in splits:
-            raise DataError(f"{data}: no {split!r} split (have: {', '.join(splits)}, all)")
-        ds = splits[split]
-    if not len(ds):
-        raise DataError(f"{data}: the {split!r} split is empty (too few images per class for this split)")
-    m = load_method(model_dir)
-    ctx = RunContext(cache=_cache(cache_dir))
-    if ds.classnames != m.classnames:
-        raise DataError(f"{data}: classes {ds.classnames[:5]}... do not match the model's {m.classnames[:5]}...")
-    probs = m.predict_proba(ds, ctx=ctx)
-    rule = m.decision()
-    if ds.multilabel or m.multilabel:
-        from .metrics import multilabel_report
-
-        thresholds = rule.thresholds if rule.thresholds is not None else float("inf")  # argmax: no label passes
-        report = multilabel_report(ds.multi_hot(), probs, m.classnames, thresholds)
-        keys: tuple[str, ...] = (
-            "n",
-            "subset_accuracy",
-            "label_accuracy",
-            "micro_f1",
-            "macro_f1",
-            "macro_mAP",
-            "micro_mAP",
-            "macro_roc_auc",
-        )
-    else:
-        report = classification_report(ds.labels(), probs, m.classnames)
-        keys = ("n", "top1", "top5", "mean_per_class_accuracy", "macro_f1")
-        if rule.kind == "precision":
-            decided = rule.apply(probs)
-            answered = decided >= 0
-            report["answered"] = float(answered.mean())
-            report["precision_answered"] = (
-                float((decided[answered] == ds.labels()[answered]).mean()) if answered.any() else float("nan")
-            )
-            keys += ("answered", "precision_answered")
-    report["decision"] = {"rule": rule.describe(), **rule.to_dict()}
-    if hasattr(m, "task_report"):  # multi-task methods (CMA-CLIP): accuracy, recall at 90% precision, λ per task
-        with m.using(ctx):
-            report["tasks"] = m.task_report(ds)
+    ds, spec = workflow.eval_data(model_dir, data, split)
+    m, ctx = _load(model_dir), RunContext(cache=_cache(cache_dir))
+    report = workflow.evaluate(m, ds, split=split, spec=spec, ctx=ctx)
+    report.metrics["model"] = str(model_dir)
+    if report.tasks:
         tt = Table("task", "n", "accuracy", "recall@90%P", "image weight λ")
-        for name, r in report["tasks"].items():
-            tt.add_row(
-                name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{100 * r['recall@90P']:.2f}%", f"{r['lambda']:.2f}"
-            )
+        for name, r in report.tasks.items():
+            lam = f"{r['lambda']:.2f}" if "lambda" in r else "-"
+            tt.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{100 * r['recall@90P']:.2f}%", lam)
         console.print(tt)
-        for note in getattr(m, "notes", []):
-            console.print(f"note: {note}")
-    report.update({"data": data, "split": split, "model": str(model_dir)})
-    report_path = out or model_dir / f"eval-{split}.json"
-    write_json(report_path, report)
-    _write_predictions_csv(
-        report_path.with_name(f"predictions-{split}.csv"),
-        m.predict_results(ds, top=3, ctx=ctx),
-        [";".join(ds.classnames[c] for c in _true(ds, i)) for i in range(len(ds))],
-    )
+    report_path, csv_path = report.save(out or model_dir / f"eval-{split}.json")
+    console.print(f"wrote {csv_path}")
     t = Table("metric", "value")
-    for k in keys:
-        v = report[k]
+    for k in report.headline:
+        v = report.metrics[k]
         t.add_row(k, f"{100 * v:.2f}%" if isinstance(v, float) else str(v))
     console.print(t)
-    console.print(f"decision: {rule.describe()}", markup=False, soft_wrap=True)
-    console.print(
-        f"wrote {report_path} (all metrics, per-class scores, confusion matrix)", markup=False, soft_wrap=True
-    )
+    console.print(f"decision: {m.decision().describe()}")
+    console.print(f"wrote {report_path} (all metrics, per-class scores, confusion matrix)")
     if plots:
-        from .plots.report import TaskScores, write_eval_plots
-
-        tasks = None
-        if len(m.task_classes) > 1:  # every task gets its own figure, named in its title
-            per_task = m.task_probs(ds, ctx=ctx)
-            tasks = {t: TaskScores(c, m.task_targets(ds, t), per_task[t]) for t, c in m.task_classes.items()}
-        folder = plots_dir or model_dir / f"plots-{split}"
-        with m.using(ctx):
-            for p in write_eval_plots(m, ds, probs, folder, title=f"{m.name} on {data} ({split})", tasks=tasks):
-                console.print(f"wrote {p}")
+        title = f"{m.name} on {spec} ({split})"
+        for p in workflow.write_plots(m, report, plots_dir or model_dir / f"plots-{split}", title, ctx):
+            console.print(f"wrote {p}")
 
 
 @app.command()
 def predict(
-    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
-    images: list[Path] = typer.Argument(None, help="Image files."),
+    model_dir: Path = MODEL_ARG,
+    images: list[Path] = typer.Argument(None, help="Image files, or folders of images (every image in them)."),
     text: list[str] = typer.Option(
         [], "--text", help="Each image's paired text, in order (e.g. a product title; methods that take paired text)."
     ),
@@ -617,16 +437,17 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line instead of text."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Also write the predictions as a CSV table."),
     precision: str = typer.Option(
-        "fp32", help="fp32, or int8 (the image trunk quantised: faster on CPU, see docs/benchmarks.md)."
+        "fp32", help="fp32, or int8 (the image trunk quantised: see docs/benchmarks.md for when it pays)."
     ),
+    skip_bad: bool = SKIP_BAD_OPT,
+    cache_write: bool = CACHE_WRITE_OPT,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Print each image's decision (the class, 'uncertain', or the labels found) and top scores.
 
     A model that exports to ONNX answers from its export beside the model (made at the first
     predict, again when stale or damaged) in ONNX Runtime, without importing torch."""
-    from .data.items import Item
-    from .data.loaders import file_key
+    from . import workflow
     from .errors import DataError
     from .onnx_predict import OnnxModel, export_problem_here, graph_path
 
@@ -635,49 +456,30 @@ def predict(
         raise DataError(
             "predict: give image files or --data, not both" if images else "predict: give image files or --data"
         )
-    if text and len(text) != len(images):
-        raise DataError(f"predict: {len(text)} --text value(s) for {len(images)} image(s); give one per image")
     graph_path(model_dir, precision)  # an unknown precision fails before any work
-    truth: list[str] | None = None  # the main task's true label(s) per item, for the CSV, when the data has them
-    if data:
-        from .data import load_data
-
-        parts = load_data(data)
-        items = [it for ds in parts.values() for it in ds.items]
-        truth = [";".join(ds.classnames[c] for c in _true(ds, i)) for ds in parts.values() for i in range(len(ds))]
-        if not any(truth):
-            truth = None
-    else:
-        for p in images:
-            if not p.is_file():
-                raise DataError(f"{p}: image file not found")
-        texts: list[str | None] = list(text) if text else [None] * len(images)
-        items = [Item(image=str(p), text=t or None, key=file_key(p)) for p, t in zip(images, texts)]
+    items, truth = workflow.predict_items(images, text, data)
     onnx = None if export_problem_here(model_dir, precision) else OnnxModel(model_dir, precision)
-    m = None
     if onnx is None:
         m = _exported_or_torch(model_dir, precision, cache_dir)
         onnx = OnnxModel(model_dir, precision) if isinstance(m, Path) else None
     if onnx is not None:  # an exported model: it reads images only
         if any(it.text for it in items):
-            console.print(f"note: {onnx.method} reads images only; the texts are ignored", markup=False)
+            _note(f"note: {onnx.method} reads images only; the texts are ignored")
         results = onnx.predict_results(items, top=top)
     else:
-        from .data import Dataset
-        from .methods.base import TEXT
-
-        assert m is not None and not isinstance(m, Path)
-        ctx = RunContext(cache=_cache(cache_dir), progress=False)
-        if any(it.text for it in items) and TEXT not in m.takes():
-            console.print(f"note: {m.name} reads images only; the texts are ignored", markup=False)
-        results = m.predict_results(Dataset(items=items, classnames=m.classnames, name="predict"), top=top, ctx=ctx)
+        if ignored := workflow.ignored_texts(m, items):
+            _note(f"note: {ignored}")
+        ctx = RunContext(cache=_cache(cache_dir), progress=False, skip_bad=skip_bad, cache_write=cache_write)
+        results = workflow.predict(m, items, top=top, ctx=ctx)
     for r in results:
         if as_json:
             print(json.dumps(r.to_dict()), flush=True)
         else:
-            console.print(_result_line(r), markup=False, highlight=False, soft_wrap=True)
+            console.print(workflow.format_prediction(r))
+    if len(results) < len(items):
+        _note(f"note: skipped {len(items) - len(results)} unreadable image(s) of {len(items)}")
     if csv_out is not None:
-        _write_predictions_csv(csv_out, results, truth)
+        _note(f"wrote {workflow.write_predictions_csv(csv_out, results, truth)}")
 
 
 def _exported_or_torch(model_dir: Path, precision: str, cache_dir: Path | None):
@@ -685,85 +487,16 @@ def _exported_or_torch(model_dir: Path, precision: str, cache_dir: Path | None):
     that cannot be exported, say so and return the loaded Method (int8 needs the export)."""
     from .errors import ConfigError
     from .export import export_beside, onnx_problem
-    from .methods import load_method
 
-    m = load_method(model_dir)
+    m = _load(model_dir)
     why = onnx_problem(m)
     if why is None:
         with m.using(RunContext(cache=_cache(cache_dir), cache_write=False, progress=False)):
             return export_beside(m, model_dir, precision)
     if precision != "fp32":
         raise ConfigError(f"--precision {precision} runs an ONNX export of the model, and {why}")
-    console.print(f"note: predicting with torch: {why}", markup=False, soft_wrap=True)
+    _note(f"note: predicting with torch: {why}")
     return m
-
-
-def _decision_text(t) -> str:
-    if t.uncertain:
-        return "uncertain"
-    if not t.labels:
-        return "no label found"
-    scores = dict(t.scores)
-    return ", ".join(f"{c} ({100 * scores[c]:.1f}%)" if c in scores else c for c in t.labels)
-
-
-def _result_line(r) -> str:
-    """`image: decision | top scores` (one line per task for multi-task models, with modality weights)."""
-    lines = []
-    for task, t in r.tasks.items():
-        head = r.item if len(r.tasks) == 1 else f"  {task}"
-        line = f"{head}: {_decision_text(t)}  | " + ", ".join(f"{c} {100 * s:.1f}%" for c, s in t.scores)
-        if r.modality_weights and task in r.modality_weights:
-            w = r.modality_weights[task]
-            line += f"  [weights: image {w['image']:.2f}, text {w['text']:.2f}]"
-        lines.append(line)
-    return "\n".join(([r.item] if len(r.tasks) > 1 else []) + lines)
-
-
-def _write_predictions_csv(path: Path, results, truth: list[str] | None = None) -> None:
-    """One row per item and task: item, task, decision, top scores (label:score;...), and the true
-    label(s) of the main task when known."""
-    import csv
-
-    from .utils import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["item", "task", "decision", "uncertain", "scores"] + (["truth"] if truth is not None else []))
-        for i, r in enumerate(results):
-            for k, (task, t) in enumerate(r.tasks.items()):
-                row = [
-                    r.item,
-                    task,
-                    ";".join(t.labels),
-                    int(t.uncertain),
-                    ";".join(f"{c}:{s:.6f}" for c, s in t.scores),
-                ]
-                w.writerow(row + ([truth[i] if k == 0 else ""] if truth is not None else []))
-    console.print(f"wrote {path}")
-
-
-def _true(ds, i: int) -> list[int]:
-    it = ds.items[i]
-    return list(it.labels) if it.labels is not None else ([it.label] if it.label is not None and it.label >= 0 else [])
-
-
-def _rows_of(data: str, split: str):
-    """The rows of `data` for `split`: a file without splits gives all of its rows; `all` joins every split."""
-    import dataclasses
-
-    from .data import load_data
-    from .errors import DataError
-
-    raw = load_data(data)
-    if split in raw:
-        return raw[split]
-    if "all" in raw and split in ("test", "all"):
-        return raw["all"]
-    if split == "all":
-        first = next(iter(raw.values()))
-        return dataclasses.replace(first, items=[it for ds in raw.values() for it in ds.items])
-    raise DataError(f"{data}: no {split!r} split (have: {', '.join(raw)}, all)")
 
 
 @app.command()
@@ -782,63 +515,12 @@ def explain(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Draw where a class's text attends in an image, as a heatmap PNG."""
-    from .data.images import load_image
-    from .errors import DataError
-    from .methods import load_method
-    from .plots.heatmap import save_heatmap
+    from . import workflow
 
-    if not image.is_file():
-        raise DataError(f"{image}: image file not found")
-    m = load_method(model_dir)
-    ctx = RunContext(cache=_cache(cache_dir), progress=False)
-    from .data import Item
-
-    item = Item(image=str(image), text=text, key=str(image))
-    heat = m.explain(item if text else str(image), class_, ctx=ctx)
-    if class_ is None:
-        rows = [item] if text else [str(image)]  # a list of Items, or of paths
-        class_ = getattr(m, "explained_token", None) or m.classnames[int(m.predict(rows, ctx=ctx)[0])]
-    save_heatmap(load_image(str(image)), heat, out, title=f"{m.name}: {class_}")
-    console.print(f"{image}: attention of {class_!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
-
-
-@app.command()
-def serve(
-    model_dir: Path = typer.Argument(..., help="A folder written by `vlclassify fit`."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; beyond loopback a --token is required."),
-    port: int = typer.Option(8000, help="TCP port."),
-    token: str | None = typer.Option(
-        None, envvar="VLCLASSIFY_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every route but /healthz."
-    ),
-    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
-    max_batch: int = typer.Option(32, min=1, help="Most images in one forward pass (1 = no micro-batching)."),
-    max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch waits for more requests (ms)."),
-    queue_size: int = typer.Option(128, min=1, help="Images waiting at most; more are refused with 503."),
-    max_bytes: int = typer.Option(20 * 2**20, min=1, help="Largest request body in bytes (413)."),
-    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image, width x height (413, never decoded)."),
-    max_images: int = typer.Option(32, min=1, help="Images in one /predict/batch call."),
-    timeout: float = typer.Option(30.0, min=0.001, help="Seconds a request may take, upload included (504)."),
-    decode_workers: int = typer.Option(2, min=1, help="Threads decoding uploaded images."),
-    log_level: str = typer.Option("info", help="uvicorn and service log level."),
-    precision: str = typer.Option(
-        "fp32", help="fp32, or int8: an exported model's trunk quantised (faster on CPU, see docs/benchmarks.md)."
-    ),
-) -> None:
-    """Serve a fitted model over HTTP: /predict, /predict/batch, /explain, a web page at /, /metrics."""
-    from .serve import BatchConfig, ServeConfig
-    from .serve import serve as run_server
-
-    config = ServeConfig(
-        token=token or None,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        max_images=max_images,
-        timeout=timeout,
-        decode_workers=decode_workers,
-        batching=BatchConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size),
-        precision=precision,
+    heat, target = workflow.explain(
+        _load(model_dir), image, text, class_, out, ctx=RunContext(cache=_cache(cache_dir), progress=False)
     )
-    run_server(str(model_dir), host=host, port=port, config=config, insecure=insecure, log_level=log_level)
+    console.print(f"{image}: attention of {target!r} over a {heat.shape[0]}x{heat.shape[1]} grid -> {out}")
 
 
 @app.command()
@@ -865,9 +547,7 @@ def export(
         )
     console.print(
         f"wrote {result.graph} and {result.sidecar}: {result.inputs} -> probabilities of {len(m.classnames)} "
-        f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}",
-        markup=False,
-        soft_wrap=True,
+        f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}"
     )
 
 
@@ -889,7 +569,7 @@ def bench_fewshot(
         "--min-per-class",
         help="Drop classes with fewer images than this (tiny classes cannot give K shots + validation + test).",
     ),
-    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
+    out: Path = typer.Option(Path("."), help="Folder for the JSON + markdown table (default: the current one)."),
     name: str | None = typer.Option(None, help="File name stem (default: fewshot-<data>)."),
     preset: str | None = PRESET_OPT,
     backbone: str = BACKBONE_OPT,
@@ -897,15 +577,16 @@ def bench_fewshot(
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
     """Few-shot comparison: methods x shots x seeds, mean ± std, fit times."""
-    from .bench.fewshot import markdown_table, run_fewshot, write_results
-    from .methods.presets import resolve_presets
+    from .fewshot import markdown_table, parse_method_specs, run_fewshot, write_results
+    from .protocols import resolve_presets
+    from .workflow import absolute_spec
 
     specs = parse_method_specs(methods_)
-    presets = resolve_presets(preset, _absolute_spec(data))
-    _log_presets(presets, data, list(dict.fromkeys(s.method for s in specs)))
-    bb = _backbone(backbone, backbone_opt)
+    presets = resolve_presets(preset, absolute_spec(data))
+    for line in presets.log(data, list(dict.fromkeys(s.method for s in specs))):
+        _log(line)
     result = run_fewshot(
-        bb,
+        _backbone(backbone, backbone_opt),
         data,
         specs,
         parse_ints(shots, "shots"),
@@ -917,113 +598,6 @@ def bench_fewshot(
         presets=presets,
     )
     _report(markdown_table(result), write_results(result, out, name or _stem("fewshot-", data), command=_command()))
-
-
-@bench_app.command("cma")
-def bench_cma(
-    data: str = typer.Option("tuxpaint", "--data", "-d", help="Data spec with image, text and task columns."),
-    folds: int = typer.Option(5, help="Cross-validation folds."),
-    seed: int = typer.Option(0, help="Seed for folds, validation carving and training."),
-    tasks: str | None = typer.Option(None, help="Comma-separated task columns (default: all)."),
-    variants: str | None = typer.Option(None, help="Comma-separated CMA-CLIP rows (default: all; see bench/cma.py)."),
-    opt: list[str] = typer.Option([], "--opt", help="CMA-CLIP option key=value for every variant (repeatable)."),
-    fold_limit: int | None = typer.Option(None, help="Run only the first N folds (quick checks)."),
-    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
-    name: str | None = typer.Option(None, help="File name stem (default: cma-<data>)."),
-    backbone: str = BACKBONE_OPT,
-    backbone_opt: list[str] = BACKBONE_OPTS,
-    cache_dir: Path | None = CACHE_OPT,
-) -> None:
-    """CMA-CLIP benchmark: k-fold CV, per-task accuracy and recall at 90% precision, ablations, noisy modalities."""
-    from .bench.cma import markdown_table, run_cma_bench, write_results
-
-    bb = _backbone(backbone, backbone_opt)
-    result = run_cma_bench(
-        bb,
-        data,
-        folds=folds,
-        seed=seed,
-        tasks=tasks.split(",") if tasks else None,
-        options=parse_options(opt),
-        variants=variants.split(",") if variants else None,
-        fold_limit=fold_limit,
-        cache=_cache(cache_dir),
-        log=_log,
-    )
-    _report(markdown_table(result), write_results(result, out, name or _stem("cma-", data), command=_command()))
-
-
-@bench_app.command("dicls")
-def bench_dicls(
-    data: str = typer.Option(
-        "fmnist-mosaic,tuxpaint-composite", "--data", "-d", help="Comma-separated multi-label data specs."
-    ),
-    seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds."),
-    rows: str | None = typer.Option(None, help="Comma-separated row indices (default: all; see bench/dicls.py ROWS)."),
-    opt: list[str] = typer.Option([], "--opt", help="DiCLS option key=value applied to every row (JSON values)."),
-    jobs: int = typer.Option(2, help="Parallel worker processes (one torch thread each)."),
-    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
-    name: str = typer.Option("dicls-ablation", help="File name stem."),
-    backbone: str = BACKBONE_OPT,
-    backbone_opt: list[str] = BACKBONE_OPTS,
-    cache_dir: Path | None = CACHE_OPT,
-) -> None:
-    """DiCLS ablation (losses, fusion layers) on cached features: mean ± std over seeds."""
-    from .bench.dicls import markdown_table, run_ablation, write_results
-
-    result = run_ablation(
-        data.split(","),
-        parse_ints(seeds, "seeds"),
-        rows=parse_ints(rows, "rows") if rows else None,
-        base=parse_options(opt),
-        jobs=jobs,
-        backbone=backbone,
-        backbone_opts=parse_options(backbone_opt),
-        cache_dir=str(cache_dir) if cache_dir else None,
-        log=_log,
-    )
-    _report(markdown_table(result), write_results(result, out, name, command=_command()))
-
-
-@bench_app.command("icar")
-def bench_icar(
-    data: str = typer.Option(
-        "fashion-mnist,tuxpaint", "--data", "-d", help="Comma-separated: fashion-mnist, tuxpaint."
-    ),
-    seeds: str = typer.Option("1,2,3", help="Comma-separated seeds (each picks its own held-out classes)."),
-    shots: str = typer.Option("1,4,16", help="Comma-separated few-shot sizes on the held-out classes."),
-    held_out: int = typer.Option(3, help="Classes held out of training entirely, per dataset and seed."),
-    fmnist_per_class: int = typer.Option(150, help="Fashion-MNIST training pool: images per class."),
-    fmnist_test_per_class: int = typer.Option(100, help="Fashion-MNIST test set: images per class."),
-    variants: str | None = typer.Option(
-        None, help="Comma-separated row indices (default: all; see bench/icar.py VARIANTS)."
-    ),
-    opt: list[str] = typer.Option([], "--opt", help="icar option key=value applied to every row (JSON values)."),
-    out: Path = typer.Option(Path("docs/results"), help="Folder for the JSON + markdown table."),
-    name: str = typer.Option("icar", help="File name stem."),
-    backbone: str = BACKBONE_OPT,
-    backbone_opt: list[str] = BACKBONE_OPTS,
-    cache_dir: Path | None = CACHE_OPT,
-) -> None:
-    """iCAR: held-out-class zero-shot, few-shot and seen-class accuracy with the paper's ablations."""
-    from .bench.icar import VARIANTS, markdown_table, run_icar_bench, write_icar_results
-
-    rows = [VARIANTS[i] for i in parse_ints(variants, "variants")] if variants else list(VARIANTS)
-    result = run_icar_bench(
-        _backbone(backbone, backbone_opt),
-        [d.strip() for d in data.split(",")],
-        parse_ints(seeds, "seeds"),
-        parse_ints(shots, "shots"),
-        rows,
-        cache=_cache(cache_dir),
-        fmnist_per_class=fmnist_per_class,
-        fmnist_test_per_class=fmnist_test_per_class,
-        n_held=held_out,
-        options=parse_options(opt),
-        log=_log,
-    )
-    result["command"] = _command()
-    _report(markdown_table(result), write_icar_results(result, out, name))
 
 
 def _bytes(n: float) -> str:
@@ -1059,7 +633,7 @@ def cache_info(
     if as_json:
         console.print_json(json.dumps(info))
         return
-    console.print(f"cache: {info['root']}", markup=False, soft_wrap=True)
+    console.print(f"cache: {info['root']}")
     t = Table("kind", "backbone", "view", "runtime", "rows", "shards", "size", "last used", title="feature store")
     for s in info["spaces"]:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["used"])) if s["used"] else "-"
@@ -1079,12 +653,10 @@ def cache_info(
         f"{info['entries']} per-dataset entr(y/ies) {_bytes(info['entries_bytes'])} "
         f"({info['stale_entries']} from an older cache version); "
         f"leftovers of interrupted writes: {info['leftovers']} ({_bytes(info['leftovers_bytes'])}); "
-        f"ONNX trunk exports {_bytes(info['onnx_bytes'])}",
-        markup=False,
-        soft_wrap=True,
+        f"ONNX trunk exports {_bytes(info['onnx_bytes'])}"
     )
     if verify:
-        console.print(f"verified: {len(info['damaged'])} damaged shard(s) dropped", markup=False)
+        console.print(f"verified: {len(info['damaged'])} damaged shard(s) dropped")
 
 
 @cache_app.command("prune")
@@ -1110,8 +682,7 @@ def cache_prune(
     verb = "would remove" if dry_run else "removed"
     console.print(
         f"{verb} {r['shards']} shard(s) ({r['rows']} rows), {r['entries']} entr(y/ies), "
-        f"{r['leftovers']} leftover(s): {_bytes(r['bytes'])}",
-        markup=False,
+        f"{r['leftovers']} leftover(s): {_bytes(r['bytes'])}"
     )
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.images import load_image
+from .data.decoder import decode
 from .data.items import Dataset, Item
 from .errors import ConfigError
 from .features.runtime import has_trunk, trunk_of
@@ -141,7 +141,8 @@ def pixel_recipe_checked(method: Method, items: list[Item], pixels: torch.Tensor
     recipe = method.backbone.pixel_recipe()
     if recipe is None:
         return None
-    again = np.stack([recipe_pixels(load_image(it), recipe) for it in items])  # [n, 3, H, W]
+    size = method.backbone.image_size
+    again = np.stack([recipe_pixels(decode(it, size=size), recipe) for it in items])  # [n, 3, H, W]
     return recipe if np.abs(again - pixels.numpy()).max() <= 1e-6 else None
 
 
@@ -165,7 +166,7 @@ def export_onnx(
     graph = ProbabilityGraph(method, activation).eval()
     size = bb.image_size
     items = check_items(check_images)
-    pixels = torch.stack([bb.preprocess(load_image(it)) for it in items])  # [n, 3, H, W]
+    pixels = torch.stack([bb.preprocess(decode(it, size=size)) for it in items])  # [n, 3, H, W]
     expected = method.predict_proba(Dataset(items=items, classnames=method.classnames, name="export-check"))
     sidecar = out.with_name(out.name + ".json")
     with atomic_path(out) as tmp:
@@ -207,7 +208,7 @@ def export_onnx(
                 "preprocessing": {
                     **bb.preprocess_config(),
                     "image_size": size,
-                    "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.images.to_rgb)",
+                    "input": "8-bit RGB; transparency pasted onto white (vlclassify.data.decoder.to_rgb)",
                 },
                 "decision": {"rule": rule.describe(), **rule.to_dict()},
                 "backbone": {"name": bb.name, "weights": bb.weights_fingerprint()},
@@ -250,7 +251,8 @@ def export_beside(method: Method, model_dir: str | Path, precision: str = "fp32"
         side = read_json(sidecar_path(fp32))
         with atomic_path(int8) as tmp:
             quant = quantize_int8(fp32, tmp, calibration_pixels(method.backbone))
-            pixels = torch.stack([method.backbone.preprocess(load_image(it)) for it in check_items(None)]).numpy()
+            bb = method.backbone
+            pixels = torch.stack([bb.preprocess(decode(it, size=bb.image_size)) for it in check_items(None)]).numpy()
             diff = float(
                 np.abs(
                     _session(tmp).run(None, {"pixels": pixels})[0] - _session(fp32).run(None, {"pixels": pixels})[0]

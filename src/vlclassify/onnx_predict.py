@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .data.images import load_image
+from .data.decoder import decode
 from .data.items import Item
 from .errors import ConfigError
 from .methods.decision import MAIN, DecisionRule, Prediction, task_prediction
@@ -104,7 +104,9 @@ class OnnxModel:
         """[N, C] scores of image files, Items or RGB PIL images, in batches."""
         out = [np.zeros((0, len(self.classnames)), np.float32)]
         for s in range(0, len(images), batch_size):
-            pix = np.stack([recipe_pixels(_rgb(im), self.pixels) for im in images[s : s + batch_size]])  # [n, 3, H, W]
+            pix = np.stack(
+                [recipe_pixels(_rgb(im, self.pixels["size"]), self.pixels) for im in images[s : s + batch_size]]
+            )  # [n, 3, H, W]
             out.append(self.session.run(None, {"pixels": pix})[0])  # [n, C]
         return np.concatenate(out)
 
@@ -118,15 +120,16 @@ class OnnxModel:
         ]
 
 
-def _rgb(image: ImageInput) -> Image.Image:
-    """A file path or Item -> decoded RGB (the one decoder); a PIL image is taken as decoded."""
+def _rgb(image: ImageInput, size: int) -> Image.Image:
+    """A file path or Item -> RGB by the one decoder (EXIF, reduced towards the model's `size`, as
+    extraction decodes); a PIL image is taken as decoded."""
     if isinstance(image, Image.Image):
         return image
-    return load_image(image if isinstance(image, Item) else str(image))
+    return decode(image if isinstance(image, Item) else str(image), size=size)
 
 
 def _name(image: ImageInput) -> str:
     """What a Prediction calls the image, as `Method.predict_results` does (the path, else the key)."""
     if isinstance(image, Item):
-        return str(image.image if isinstance(image.image, str) else image.key)
+        return str(image.image.describe() if image.image is not None else image.key)
     return str(image) if isinstance(image, (str, os.PathLike)) else "image"

@@ -210,7 +210,7 @@ class _Checker:
 
         splits = self.data["single"]
         m = self.make().fit(splits["train"], splits["val"], ctx=self.ctx)
-        images = [str(it.image) for it in splits["test"].items]
+        images = [it.image.describe() for it in splits["test"].items if it.image is not None]
         with m.using(self.ctx):
             res = export_onnx(m, self.root / "model.onnx", check_images=images)
         _check(res.max_diff <= 1e-4, f"onnx: the graph differs from predict_proba by {res.max_diff:.2e}")

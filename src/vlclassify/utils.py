@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +189,96 @@ def torch_threads(threads: int | None = 0, work: int | None = None) -> Iterator[
     finally:
         if torch.get_num_threads() != old:
             torch.set_num_threads(old)
+
+
+# What a model folder holds when vlclassify wrote it: fit / update / eval / export outputs.
+MODEL_FILES = ("config.json", "model.safetensors", "fit.json", "split.json", "model.onnx", "model.onnx.json")
+MODEL_PATTERNS = ("eval-*.json", "predictions-*.csv", "plots-*")
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """config.json (with vlclassify's `format_version` and `method`) beside model.safetensors."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(cfg, dict) and {"format_version", "method"} <= set(cfg) and (folder / "model.safetensors").is_file()
+    )
+
+
+def check_overwrite(out: str | os.PathLike, overwrite: bool, reads: Iterable[str] = ()) -> Path:
+    """-> `out` resolved, where a command may write a model folder; else one line saying why not.
+
+    A new or empty folder is fine. A non-empty one needs `overwrite` and must be a vlclassify model
+    folder holding only what vlclassify writes there (MODEL_FILES, MODEL_PATTERNS): --overwrite never
+    replaces the current directory, HOME, `/`, a data path being read or a folder above one, or a
+    folder of anyone's own files. Checked before any work."""
+    from fnmatch import fnmatch
+
+    from .errors import DataError
+
+    given, path = str(out), Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--out {given}: exists and is a file; give a folder")
+    danger = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "your home folder"}
+    danger[Path(path.anchor)] = "the file-system root"
+    if path in danger:
+        raise DataError(f"--out {given}: is {danger[path]}; give a new folder for the model (e.g. --out model)")
+    for spec in reads:
+        base = spec.partition("?")[0].split("{")[0]  # a WebDataset brace pattern reads its folder
+        if not base or not Path(base).exists():  # a built-in data set (fashion-mnist) is no path
+            continue
+        data = Path(base).expanduser().resolve()
+        if path == data or path in data.parents:
+            what = "the data being read" if path == data else f"a folder holding the data being read ({spec})"
+            raise DataError(f"--out {given}: is {what}; give a new folder for the model")
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    if not overwrite:
+        raise DataError(f"--out {given}: folder is not empty; pass --overwrite to replace what it holds")
+    if not _is_model_folder(path):
+        raise DataError(
+            f"--out {given}: not a vlclassify model folder (no config.json + model.safetensors written by "
+            "vlclassify); --overwrite only replaces a model, give a new folder"
+        )
+    foreign = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name not in MODEL_FILES and not any(fnmatch(p.name, g) for g in MODEL_PATTERNS)
+    )
+    if foreign:
+        raise DataError(
+            f"--out {given}: holds {foreign[0]}"
+            + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+            + ", which vlclassify did not write; --overwrite would delete it: move it or give a new folder"
+        )
+    return path
+
+
+def write_json_and_markdown(result: dict, out_dir: str | os.PathLike, stem: str, markdown: str) -> tuple[Path, Path]:
+    """A benchmark's pair: `<stem>.json` (every run) and `<stem>.md` (the table), each atomically."""
+    out_dir = Path(out_dir)
+    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_json(jp, result)
+    with atomic_path(mp) as tmp:
+        tmp.write_text(markdown)
+    return jp, mp
+
+
+def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """`key=value` strings (`--opt`, `--backbone-opt`) -> dict; values are JSON when they parse, else strings."""
+    from .errors import DataError
+
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if not p.strip():
+            continue
+        k, eq, v = p.partition("=")
+        if not eq:
+            raise DataError(f"option {p!r} must be key=value")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out

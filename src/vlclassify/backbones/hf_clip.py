@@ -6,7 +6,7 @@ side to `shortest_edge` with the long side *truncated* (`int(size * long / short
 with the offset rounded down (OpenAI's CenterCrop rounds it), x / 255 in float64 cast to float32,
 then (x - mean) / std: bit for bit the same pixels on real images (max abs difference 0.0,
 tests/test_hf_clip_preprocess.py). Transparency: vlclassify composites
-transparent pixels onto white when it decodes (data/images.py), as transformers' `convert_to_rgb`
+transparent pixels onto white when it decodes (data/decoder.py), as transformers' `convert_to_rgb`
 does (the installed transformers 5; OpenAI's CLIP and older transformers releases call
 `convert("RGB")`, which drops the alpha channel and keeps whatever colour transparent pixels hold).
 """

@@ -1,7 +1,7 @@
 """Datasets: one item model, loaders for user data and the built-in offline data.
 
 The names below are imported on first use (PEP 562), as in the top-level package: the ONNX
-predict path (onnx_predict.py) decodes images with `data.images` and must not import torch,
+predict path (onnx_predict.py) decodes images with `data.decoder` and must not import torch,
 which `precomputed` (feature files) and the loaders behind `load_data` do.
 """
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # `x as x`: explicit re-exports, for type checkers and linter
     from .builtin import FASHION_MNIST_CLASSES as FASHION_MNIST_CLASSES
     from .builtin import fashion_mnist as fashion_mnist
     from .builtin import tuxpaint as tuxpaint
-    from .images import load_image as load_image
+    from .decoder import decode as decode
     from .items import Dataset as Dataset
     from .items import Item as Item
     from .loaders import coop_split as coop_split
@@ -23,6 +23,11 @@ if TYPE_CHECKING:  # `x as x`: explicit re-exports, for type checkers and linter
     from .plan import plan_splits as plan_splits
     from .precomputed import load_precomputed as load_precomputed
     from .precomputed import save_precomputed as save_precomputed
+    from .source import ArraySource as ArraySource
+    from .source import BytesSource as BytesSource
+    from .source import FileSource as FileSource
+    from .source import ImageSource as ImageSource
+    from .source import MemberSource as MemberSource
     from .spec import load_data as load_data
     from .spec import parse_spec as parse_spec
     from .spec import train_val_test as train_val_test
@@ -37,7 +42,12 @@ if TYPE_CHECKING:  # `x as x`: explicit re-exports, for type checkers and linter
 _EXPORTS = {
     "Dataset": ".items",
     "Item": ".items",
-    "load_image": ".images",
+    "ImageSource": ".source",
+    "FileSource": ".source",
+    "MemberSource": ".source",
+    "ArraySource": ".source",
+    "BytesSource": ".source",
+    "decode": ".decoder",
     "load_data": ".spec",
     "parse_spec": ".spec",
     "train_val_test": ".spec",

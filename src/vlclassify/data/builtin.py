@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import DataError
 from ..utils import file_fingerprint, json_fingerprint
 from .items import Dataset, Item
-from .loaders import file_key
+from .source import file_key
 
 FASHION_MNIST_CLASSES = [
     "T-shirt",

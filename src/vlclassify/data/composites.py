@@ -24,6 +24,7 @@ from PIL import Image
 from ..errors import DataError
 from ..utils import atomic_path, default_cache_dir, json_fingerprint
 from .items import Dataset
+from .source import ArraySource, FileSource
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -124,8 +125,9 @@ def fmnist_mosaic(
                 picks = rng.choice(pool, size=k, replace=False)
                 canvas = np.zeros((2 * cell, 2 * cell), dtype=np.uint8)
                 for c, j in zip(cells, picks):
-                    img = ds.items[int(j)].image  # [28, 28] uint8
-                    assert isinstance(img, np.ndarray)  # fashion_mnist() items hold arrays
+                    cell_src = ds.items[int(j)].image
+                    assert isinstance(cell_src, ArraySource)  # fashion_mnist() items hold arrays
+                    img = cell_src.array  # [28, 28] uint8
                     if cell != img.shape[0]:
                         img = np.asarray(Image.fromarray(img).resize((cell, cell), Image.Resampling.BILINEAR))
                     r0, c0 = (int(c) // 2) * cell, (int(c) % 2) * cell
@@ -229,7 +231,9 @@ def tuxpaint_composite(
                 for c in chosen:
                     j = int(rng.choice(by_cat[int(c)]))
                     if j not in cut:
-                        cut[j] = _cutout(str(src.items[j].image), 2 * size)
+                        stamp = src.items[j].image
+                        assert isinstance(stamp, FileSource)  # tuxpaint() items are files
+                        cut[j] = _cutout(stamp.path, 2 * size)
                     im = cut[j].copy()
                     side = int(rng.uniform(0.40, 0.65) * size)
                     scale = side / max(im.size)

@@ -1,6 +1,6 @@
 """Duplicate images, found by content hash when the data is read, before any split is made.
 
-Two items are copies when their images have the same content (`hashing.content_hash`, whatever
+Two items are copies when their images have the same content (`ImageSource.hash`, whatever
 the paths) and their texts are equal: they are then the same input to every method. Copies are
 dropped so that one image can never sit on both sides of a split:
 
@@ -18,33 +18,19 @@ twice (different inputs for text-aware methods). Only files whose size collides 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-import numpy as np
-
 from ..errors import DataError
-from .hashing import content_hash
 from .items import Item
 
 KEEP_ORDER = {"test": 0, "val": 1, "train": 2, "all": 3}  # lower is kept
 
 
-def _size(item: Item) -> tuple[str, int]:
-    if isinstance(item.image, np.ndarray):
-        return ("array", item.image.nbytes)
-    assert item.image is not None, "only items with an image are sized"
-    try:
-        return ("file", os.stat(item.image).st_size)
-    except FileNotFoundError:
-        raise DataError(f"{item.origin or item.image}: image file not found: {item.image}") from None
-
-
 def _name(item: Item) -> str:
-    return item.origin or (item.image if isinstance(item.image, str) else item.key)
+    return item.origin or (item.image.describe() if item.image is not None else item.key)
 
 
 def _label_names(item: Item, classnames: Sequence[str]) -> str:
@@ -109,16 +95,17 @@ def drop_duplicates(
     if conflicts not in ("error", "first"):
         raise ValueError(f"conflicts must be 'error' or 'first', got {conflicts!r}")
     entries = [(s, it) for s, its in splits.items() for it in its]
-    by_size: dict[tuple[str, int], list[int]] = defaultdict(list)
+    by_size: dict[int, list[int]] = defaultdict(list)
     for i, (_, it) in enumerate(entries):
         if it.image is not None:
-            by_size[_size(it)].append(i)
-    by_hash: dict[tuple[str | None, str], list[int]] = defaultdict(list)
+            by_size[it.image.size()].append(i)
+    by_hash: dict[tuple[str, str], list[int]] = defaultdict(list)
     for idx in by_size.values():
         if len(idx) > 1:
             for i in idx:
                 it = entries[i][1]
-                by_hash[(content_hash(it), it.text or "")].append(i)
+                assert it.image is not None  # only items with an image were sized
+                by_hash[(it.image.hash(), it.text or "")].append(i)
     groups = sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: g[0])
     if not groups:
         return dict(splits)
@@ -133,7 +120,7 @@ def drop_duplicates(
         n_across += len({entries[i][0] for i in g}) > 1
         n_merged += merged
     a, b = (entries[i][1] for i in groups[0][:2])
-    same = "the same file" if isinstance(a.image, str) and a.image == b.image else "the same file content"
+    same = "the same file" if a.image == b.image else "the same file content"
     msg = f"{source}: {len(dropped)} duplicate image(s) dropped ({same} as another row, e.g. {_name(a)} and {_name(b)})"
     if n_across:
         msg += f"; {n_across} had copies in different splits: kept in test, else val, else train"

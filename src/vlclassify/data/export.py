@@ -17,12 +17,11 @@ import os
 import shutil
 from pathlib import Path
 
-from PIL import Image
-
 from ..errors import DataError
 from ..utils import atomic_path
 from .duplicates import drop_duplicates
 from .items import Dataset
+from .source import FileSource
 
 
 def export_manifest(splits: dict[str, Dataset], folder: str | os.PathLike, limit: int | None = None) -> Path:
@@ -44,14 +43,14 @@ def export_manifest(splits: dict[str, Dataset], folder: str | os.PathLike, limit
                 row: dict[str, str] = {}
                 if it.image is None:
                     row["image"] = ""
-                elif isinstance(it.image, str):
-                    src = Path(it.image)
+                elif isinstance(it.image, FileSource):
+                    src = Path(it.image.path)
                     rel = f"images/{split}-{i:05d}-{src.name}"
                     shutil.copyfile(src, tmp / rel)
                     row["image"] = rel
-                else:
-                    rel = f"images/{split}-{i:05d}.png"
-                    Image.fromarray(it.image).save(tmp / rel)
+                else:  # a tar member, bytes or an array: its own bytes (arrays as PNG)
+                    rel = f"images/{split}-{i:05d}.{it.image.suffix}"
+                    (tmp / rel).write_bytes(it.image.read_bytes())
                     row["image"] = rel
                 if multi:
                     row["labels"] = ",".join(ds.classnames[c] for c in (it.labels or ()))

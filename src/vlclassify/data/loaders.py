@@ -18,49 +18,116 @@ from typing import Any
 from ..errors import DataError
 from ..utils import json_fingerprint
 from .classes import check_classes
+from .decoder import HEIF, HEIF_EXTS, HEIF_REFUSAL, IMAGE_EXTS
 from .duplicates import drop_duplicates
 from .items import Dataset, Item
+from .source import FileSource, file_key
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RESERVED = {"image", "label", "labels", "text", "split", "id"}
-
-
-def file_key(path: str | os.PathLike) -> str:
-    """An item key for a file that changes when the file does (path, size, mtime)."""
-    st = os.stat(path)
-    return f"{os.fspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def image_folder(root: str | os.PathLike, name: str | None = None) -> dict[str, Dataset]:
     """One sub-folder per class; a folder that has `train/` (and `val/`, `test/`) is read per split.
 
-    Copies of one image (same content) are dropped, as for manifests (`data.duplicates`).
+    A class folder's images are read at any depth, in every format Pillow reads (`decode.IMAGE_EXTS`).
+    Hidden files and folders (a name starting with `.`: `.DS_Store`, `.thumbnails/`) are not data,
+    at any depth, class folders included. Links to files and folders are followed wherever they
+    point (each real folder is read once, so a link loop ends); a dangling or looping link is
+    skipped. Whatever is skipped (hidden entries, other files, links, HEIC without pillow-heif) is
+    counted in one warning naming an example of each kind. Copies of one image (same content) are
+    dropped, as for manifests (`data.duplicates`).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     name = name or root.name
+    skipped = _Skipped(root)
     split_dirs = [s for s in ("train", "val", "test") if (root / s).is_dir()]
     if split_dirs:
-        classnames = sorted({p.name for s in split_dirs for p in (root / s).iterdir() if p.is_dir()})
-        splits = {s: _read_class_dirs(root / s, classnames) for s in split_dirs}
+        classnames = sorted({c for s in split_dirs for c in _class_dirs(root / s, skipped)})
+        splits = {s: _read_class_dirs(root / s, classnames, skipped) for s in split_dirs}
     else:
-        classnames = sorted(p.name for p in root.iterdir() if p.is_dir())
-        splits = {"all": _read_class_dirs(root, classnames)}
+        classnames = _class_dirs(root, skipped)
+        splits = {"all": _read_class_dirs(root, classnames, skipped)}
+    skipped.warn()
     splits = drop_duplicates(splits, str(root), classnames)
     return {s: Dataset(items=its, classnames=classnames, name=name) for s, its in splits.items()}
 
 
-def _read_class_dirs(root: Path, classnames: list[str]) -> list[Item]:
+class _Skipped:
+    """What a folder read skips, by kind, with the first example of each: said once (`warn`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.kinds: dict[str, list[str]] = {}
+
+    def add(self, kind: str, path: str) -> None:
+        self.kinds.setdefault(kind, []).append(os.path.relpath(path, self.root))
+
+    def warn(self) -> None:
+        if self.kinds:
+            n = sum(len(v) for v in self.kinds.values())
+            parts = "; ".join(f"{len(v)} {kind} (e.g. {v[0]})" for kind, v in self.kinds.items())
+            warnings.warn(f"{self.root}: {n} file(s) or folder(s) not read: {parts}", stacklevel=3)
+
+
+def _class_dirs(root: Path, skipped: _Skipped) -> list[str]:
+    """The class folder names under `root`, sorted; hidden entries, files and dangling links are skipped."""
+    names = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            skipped.add("hidden", str(p))
+        elif p.is_dir():
+            names.append(p.name)
+        elif not p.exists():
+            skipped.add("dangling or looping link(s)", str(p))
+        else:
+            skipped.add("file(s) outside any class folder", str(p))
+    return names
+
+
+def _image_files(folder: Path, skipped: _Skipped) -> list[str]:
+    """The image files under `folder` at any depth, sorted (see `image_folder` for what is skipped)."""
+    files: list[str] = []
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if d.startswith("."):
+                skipped.add("hidden", full)
+            elif real in seen:
+                skipped.add("folder link loop(s) or second link(s) to one folder", full)
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            ext = os.path.splitext(f)[1].lower()
+            if f.startswith("."):
+                skipped.add("hidden", full)
+            elif not (ext in IMAGE_EXTS or (ext in HEIF_EXTS and HEIF)):
+                kind = f"HEIC/HEIF ({HEIF_REFUSAL})" if ext in HEIF_EXTS else "not image(s)"
+                skipped.add(kind, full)
+            elif not os.path.exists(full):  # a link to nothing, or to itself
+                skipped.add("dangling or looping link(s)", full)
+            else:
+                files.append(full)
+    return sorted(files, key=Path)  # by path parts, as the loader always ordered them
+
+
+def _read_class_dirs(root: Path, classnames: list[str], skipped: _Skipped) -> list[Item]:
     if len(classnames) < 2:
         raise DataError(f"{root}: need at least 2 class sub-folders, found {len(classnames)}")
     items = []
     for ci, c in enumerate(classnames):
         d = root / c
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if d.is_dir() else []
+        files = _image_files(d, skipped) if d.is_dir() else []
         if not files and root.name not in ("val", "test"):
             raise DataError(f"{d}: class {c!r} has no images")
-        items += [Item(image=str(p), label=ci, key=file_key(p), origin=str(p)) for p in files]
+        items += [Item(image=FileSource(p), label=ci, key=file_key(p), origin=p) for p in files]
     return items
 
 

@@ -9,7 +9,7 @@ seed name the same items everywhere:
   sampled; test = the `test` split, or, for data without any split, every image not sampled;
 - otherwise: the data's own splits, missing ones carved per class (`spec.train_val_test`).
 
-A `Protocol` (a preset's data side, methods/presets.py) changes three things, each named below:
+A `Protocol` (a preset's data side, protocols.py) changes three things, each named below:
 short classes sampled with replacement, the whole val split as validation, and the data's own
 class names and test split (CoOp's clean-up, e.g. ImageNet's `classnames.txt`, its val as test).
 """

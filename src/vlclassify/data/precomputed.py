@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,55 +29,12 @@ import torch
 
 from ..errors import DataError
 from ..utils import atomic_path, file_fingerprint, json_fingerprint
-from .items import Dataset, Item
+from .items import Dataset, Item, PrecomputedFeatures
 
 SPLIT_CODES = ("train", "val", "test")  # split code i <-> SPLIT_CODES[i]
 FEATURE_ENTRIES = ("image", "pooled", "spatial")  # per-item features, also per view as "<view>.<entry>"
 OTHER_ENTRIES = ("labels", "split", "grid", "class_text", "classnames")
 SUFFIXES = (".safetensors", ".npz")
-
-
-@dataclass
-class PrecomputedFeatures:
-    """Features read from a file, row-aligned with a Dataset's items."""
-
-    path: str  # the file, named in errors
-    image: torch.Tensor  # [N, D] float32 global image embeddings (joint space, not normalised)
-    pooled: torch.Tensor | None = None  # [N, F] float32 raw pooled visual features
-    spatial: torch.Tensor | None = None  # [N, P, D] float16 spatial tokens
-    grid: tuple[int, int] | None = None  # (h, w) of the spatial tokens, h * w == P
-    views: dict[str, PrecomputedFeatures] = field(default_factory=dict)  # augmented views, e.g. "flip"
-    class_text: torch.Tensor | None = None  # [C, D] float32 class text embeddings (not indexed by rows)
-    class_names: list[str] = field(default_factory=list)  # the class of each row of class_text
-
-    def __len__(self) -> int:
-        return self.image.shape[0]
-
-    def index(self, idx) -> PrecomputedFeatures:
-        """The rows at `idx`, so splits of a feature file stay aligned with their items."""
-        idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
-        pick = lambda t: None if t is None else t.index_select(0, idx_t)  # noqa: E731
-        return PrecomputedFeatures(
-            path=self.path,
-            image=self.image.index_select(0, idx_t),
-            pooled=pick(self.pooled),
-            spatial=pick(self.spatial),
-            grid=self.grid,
-            views={k: v.index(idx) for k, v in self.views.items()},
-            class_text=self.class_text,
-            class_names=self.class_names,
-        )
-
-    def text_for(self, classnames: list[str]) -> torch.Tensor | None:
-        """[C, D] rows of `class_text` for these classes (looked up by name, so a re-indexed or
-        reduced class list still gets its own rows), or None when the file has none."""
-        if self.class_text is None:
-            return None
-        row = {c: i for i, c in enumerate(self.class_names)}
-        missing = [c for c in classnames if c not in row]
-        if missing:
-            raise DataError(f"{self.path}: class_text has no row for class(es) {', '.join(map(repr, missing))}")
-        return self.class_text[[row[c] for c in classnames]]
 
 
 def class_text_of(ds: Dataset) -> torch.Tensor | None:

@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import DataError
 from ..utils import atomic_path
 from .items import Dataset, Item
+from .source import FileSource
 from .spec import BUILTIN, parse_spec
 
 TEST_RULES = ("test", "all")  # where the test items come from: the test split, or `all` minus train and val
@@ -61,9 +62,9 @@ def data_root(spec: str | None) -> Path | None:
 
 def item_path(item: Item, root: Path | None) -> str:
     """The `path` of an item in a split file (see the module docstring)."""
-    if not isinstance(item.image, str):
+    if not isinstance(item.image, FileSource):
         return item.key
-    img = os.path.abspath(item.image)
+    img = os.path.abspath(item.image.path)
     if root is not None:
         rel = os.path.relpath(img, os.path.abspath(root))
         if not rel.startswith(".."):

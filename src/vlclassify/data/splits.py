@@ -192,11 +192,14 @@ def fewshot(
 
 def stratified_split(ds: Dataset, fractions: dict[str, float], seed: int) -> dict[str, Dataset]:
     """Split per class by `fractions` (e.g. {"train": .6, "val": .2, "test": .2}); every class keeps
-    at least one training image when it has any."""
+    at least one training image when it has any. A class too small to reach a later part (a class
+    of one image has no val or test image) is named in one warning: its validation or test scores
+    would be missing without a word."""
     rng = np.random.default_rng(seed)
     names = list(fractions)
     parts: dict[str, list[int]] = {n: [] for n in names}
-    for idx in _class_indices(ds):
+    short: list[str] = []  # "cat (1 image: no val, test)"
+    for c, idx in enumerate(_class_indices(ds)):
         idx = rng.permutation(idx)
         n = len(idx)
         counts = [int(np.floor(fractions[nm] * n)) for nm in names]
@@ -208,9 +211,18 @@ def stratified_split(ds: Dataset, fractions: dict[str, float], seed: int) -> dic
                     counts[0] += 1
                     break
         start = 0
-        for nm, c in zip(names, counts):
-            parts[nm] += idx[start : start + c].tolist()
-            start += c
+        for nm, k in zip(names, counts):
+            parts[nm] += idx[start : start + k].tolist()
+            start += k
+        empty = [nm for nm, k in zip(names[1:], counts[1:]) if k == 0 and fractions[nm] > 0]
+        if n > 0 and empty:
+            short.append(f"{ds.classnames[c]} ({n} image{'s' if n > 1 else ''}: no {', '.join(empty)})")
+    if short:
+        warnings.warn(
+            f"{ds.name}: class(es) too small to split {'/'.join(names)}: {'; '.join(short)}; "
+            "add images to them, or give the splits yourself (train/ val/ test/ folders, a 'split' column)",
+            stacklevel=2,
+        )
     return {nm: ds.subset(sorted(parts[nm])) for nm in names}
 
 

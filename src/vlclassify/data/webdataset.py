@@ -16,14 +16,13 @@ Options after `?`:
 Two ways in. Extraction streams (`iter_samples`, read with the `webdataset` package): tars are
 read one after another, nothing is listed beforehand. Fit/eval need a `Dataset` with its class
 list, so `load_webdataset` makes one pass over the tars (headers, json and txt members; images are
-skipped by seeking) and gives each item a reference to its image member (tar, offset, size):
-`read_member` then reads one image without scanning. Only uncompressed `.tar` shards, which
-img2dataset writes, can be read by item.
+skipped by seeking) and gives each item its image member as a `MemberSource` (tar, offset,
+size), which reads one image without scanning. Only uncompressed `.tar` shards, which img2dataset
+writes, can be read by item.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -31,16 +30,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
-
 from ..errors import DataError
-from ..utils import json_fingerprint
-from .images import to_rgb
+from ..utils import atomic_path, json_fingerprint
 from .items import Dataset, Item
-from .loaders import file_key
+from .source import MemberSource, file_key
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_REF = "\x00"  # separates the fields of a member reference; never part of a path
 
 
 def is_webdataset(base: str) -> bool:
@@ -60,52 +55,6 @@ def expand_shards(base: str) -> list[str]:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"data {base!r}: tar shard not found: {missing[0]}{more}")
     return urls
-
-
-def member_ref(tar: str, name: str, offset: int, size: int) -> str:
-    """An `Item.image` value naming one image member of an uncompressed tar."""
-    return _REF.join(("tar", tar, name, str(offset), str(size)))
-
-
-def parse_member_ref(src: Any) -> tuple[str, str, int, int] | None:
-    """(tar, member name, data offset, size) when `src` is a `member_ref`, else None."""
-    if not (isinstance(src, str) and src.startswith("tar" + _REF)):
-        return None
-    _, tar, name, offset, size = src.split(_REF)
-    return tar, name, int(offset), int(size)
-
-
-def describe(src: str) -> str:
-    """`shard.tar:member.jpg` for a member reference, `src` otherwise (for error messages)."""
-    ref = parse_member_ref(src)
-    return f"{ref[0]}:{ref[1]}" if ref else src
-
-
-def read_member(src: str) -> bytes:
-    """The bytes of the tar member `src` (a `member_ref`) read by offset; errors name tar and member."""
-    ref = parse_member_ref(src)
-    if ref is None:
-        raise ValueError(f"read_member: {src!r} is not a member_ref")
-    tar, name, offset, size = ref
-    try:
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-    except FileNotFoundError:
-        raise DataError(f"{tar}: tar shard not found") from None
-    if len(data) != size:
-        raise DataError(f"{tar}:{name}: the tar shard changed since it was read (member truncated)")
-    return data
-
-
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """Image bytes -> RGB; errors name `where` (tar:member)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return to_rgb(im)
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise DataError(f"{where}: cannot read image ({type(e).__name__}: {e})") from None
 
 
 def _image_ext(exts: Sequence[str]) -> str | None:
@@ -280,7 +229,7 @@ def load_webdataset(
         idx = sorted({cindex[n] for n in names})
         splits.setdefault(split, []).append(
             Item(
-                image=member_ref(tar, member, off, size),
+                image=MemberSource(tar, member, off, size),
                 label=None if multilabel else idx[0],
                 labels=tuple(idx) if multilabel else None,
                 text=caption,
@@ -304,25 +253,13 @@ def shard_signature(tar: str) -> str:
 
 
 def dataset_samples(ds: Dataset, label_field: str = "label") -> Iterator[dict[str, Any]]:
-    """A `Dataset` as WebDataset samples: the image file's own bytes (so its content hash, hence its
+    """A `Dataset` as WebDataset samples: the image's own bytes (so its content hash, hence its
     stored features, stay the same; arrays become PNG), `json` with the class name(s) under
     `label_field` and the task columns, `txt` with the paired text."""
     for i, it in enumerate(ds.items):
         if it.image is None:
             raise DataError(f"{ds.name}: item {i} ({it.key}) has no image; a WebDataset sample needs one")
-        if isinstance(it.image, str) and not parse_member_ref(it.image):
-            ext = Path(it.image).suffix.lower().lstrip(".") or "png"
-            data = Path(it.image).read_bytes()
-        elif isinstance(it.image, str):
-            ref = parse_member_ref(it.image)
-            assert ref is not None  # the branch above took every other path
-            ext, data = ref[1].rsplit(".", 1)[-1], read_member(it.image)
-        else:
-            from .images import load_image
-
-            buf = io.BytesIO()
-            load_image(it).save(buf, format="PNG")
-            ext, data = "png", buf.getvalue()
+        ext, data = it.image.suffix, it.image.read_bytes()
         meta: dict[str, Any] = {}
         if it.labels is not None:
             meta[label_field] = [ds.classnames[l] for l in it.labels]
@@ -342,8 +279,6 @@ def write_webdataset(
     """Write samples ({"__key__": key, ext: bytes, ...}) as `out_dir/{prefix}-00000.tar`, ... with
     the webdataset package's TarWriter, `per_shard` samples each, every tar written atomically."""
     from webdataset import TarWriter
-
-    from ..utils import atomic_path
 
     out = Path(out_dir)
     paths: list[Path] = []

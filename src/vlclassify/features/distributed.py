@@ -11,15 +11,17 @@ Without torchrun it is the same code with one rank. See docs/scaling.md for the 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
+from PIL import Image
 
 from ..backbones.base import Backbone
 from ..data import webdataset
 from ..data.items import Item
+from ..data.source import BytesSource
 from ..data.spec import load_data, parse_spec
 from ..errors import ConfigError, DataError
 from .cache import FeatureCache
@@ -91,19 +93,16 @@ class _Group:
 
 
 def _tar_sources(tar: str, text: str) -> Iterator[Source]:
-    import hashlib
-
     for where, data, caption in webdataset.iter_samples(tar, text):
         if data is None:
             err = DataError(f"{where}: sample has no image member ({', '.join(webdataset.IMAGE_EXTS)})")
             yield Source(f"unreadable:{where}", _raiser(err), caption)
         else:
-            load = lambda d=data, w=where: webdataset.decode_image(d, w)  # noqa: E731
-            yield Source(hashlib.sha256(data).hexdigest(), load, caption)
+            yield item_source(Item(image=BytesSource(data, where), text=caption))
 
 
-def _raiser(err: DataError):
-    def load():
+def _raiser(err: DataError) -> Callable[[int | None], Image.Image]:
+    def load(size: int | None) -> Image.Image:
         raise err
 
     return load

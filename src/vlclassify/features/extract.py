@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -22,10 +21,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..backbones.base import Backbone, ImageFeatures
-from ..data.hashing import content_hash
-from ..data.images import load_image
-from ..data.items import Dataset, Item
-from ..data.precomputed import PrecomputedFeatures
+from ..data.decoder import decode
+from ..data.items import Dataset, Item, PrecomputedFeatures
 from ..errors import DataError
 from .cache import FeatureCache
 from .runtime import cpu_count, encoder_name, make_encoder, resolve_device, resolve_precision, resolve_runtime
@@ -78,6 +75,8 @@ VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "flip": ImageOps.mirror,
     **{f"rrc{i}": random_resized_crop(i) for i in range(RRC_VIEWS)},  # Tip-Adapter's 10 augmented cache views
 }
+REDUCED_VIEWS = ("orig", "flip")  # decoded reduced towards the model's input; the random crops are drawn
+# from the full-size image (their seed is its pixels), so they decode at full size as they always did
 FP32_CPU_RUNTIMES = ("onnx", "torch")  # interchangeable to float rounding: "auto" accepts either's rows
 
 
@@ -141,17 +140,16 @@ class FeatureSet:
 class Source:
     """One image to extract: its store key (content hash), how to decode it, its paired text."""
 
-    key: str  # content hash (data.hashing)
-    load: Callable[[], Image.Image]  # decodes to RGB; raises DataError naming the image
+    key: str  # content hash (ImageSource.hash)
+    load: Callable[[int | None], Image.Image]  # (model input side or None) -> RGB (data.decoder); errors name the image
     text: str | None = None  # caption / title, stored as a text row too
 
 
 def item_source(item: Item) -> Source:
     """The Source of an item with an image (its content hash is the store key)."""
-    key = content_hash(item)
-    if key is None:
+    if item.image is None:
         raise DataError(f"{item.key or '?'}: item has no image")
-    return Source(key, lambda: load_image(item), item.text)
+    return Source(item.image.hash(), lambda size: decode(item, size=size), item.text)
 
 
 def image_space_key(backbone: Backbone, view: str, runtime: str) -> dict[str, Any]:
@@ -206,7 +204,7 @@ def _set_threads() -> None:
 
 def _decode(backbone: Backbone, src: Source, view: str, skip_bad: bool) -> torch.Tensor | None:
     try:
-        return backbone.preprocess(VIEWS[view](src.load()))
+        return backbone.preprocess(VIEWS[view](src.load(backbone.image_size if view in REDUCED_VIEWS else None)))
     except DataError:
         if skip_bad:
             return None
@@ -271,7 +269,7 @@ def _item_keys(items: Sequence[Item], skip_bad: bool) -> list[str | None]:
     keys: list[str | None] = []
     for it in items:
         try:
-            k = content_hash(it)
+            k = None if it.image is None else it.image.hash()
         except DataError:
             if not skip_bad:
                 raise
@@ -425,7 +423,7 @@ def extract_features(
 
             desc = f"features {dataset.name or ''} [{view}]".strip()
             bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
-            srcs = (Source(k, partial(load_image, items[todo[k][0]])) for k in todo)
+            srcs = (item_source(items[todo[k][0]]) for k in todo)
             bad_keys = _encode_sources(
                 backbone, encoder, srcs, view, spatial, batch_size, workers, skip_bad, on_rows, bar
             )

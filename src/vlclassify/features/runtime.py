@@ -287,9 +287,9 @@ def calibration_pixels(backbone: Backbone) -> np.ndarray:
     """[n, 3, H, W] preprocessed calibration images for `quantize_int8`: every CALIBRATION_CROPS-th
     crop (`bridge_crops`) of the bridge photos (`bridge_photos`: installed offline, in no benchmark)."""
     from ..backbones.effnet_minilm import bridge_crops, bridge_photos
-    from ..data.images import load_image
+    from ..data.decoder import decode
 
-    crops = [c for f in bridge_photos() for c in bridge_crops(load_image(str(f)))[::CALIBRATION_CROPS]]
+    crops = [c for f in bridge_photos() for c in bridge_crops(decode(str(f)))[::CALIBRATION_CROPS]]
     return torch.stack([backbone.preprocess(c) for c in crops]).numpy()
 
 

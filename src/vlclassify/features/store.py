@@ -2,7 +2,7 @@
 
 Rows live in *spaces*: one per feature identity (backbone config + weights fingerprint,
 preprocessing, view, runtime and precision for image features; backbone for text embeddings).
-Inside a space a row is keyed by the image's content hash (`data.hashing.content_hash`) or the
+Inside a space a row is keyed by the image's content hash (`ImageSource.hash`) or the
 text's SHA-256, so any dataset containing an already-seen image reuses its row, and a changed
 weight file or preprocessing is another space: a row is never reused across identities.
 

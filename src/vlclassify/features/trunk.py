@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import BackboneSplit
-from ..data.images import load_image
+from ..data.decoder import decode
 from ..data.items import Dataset, Item
 from ..errors import DataError
 from .cache import FeatureCache
@@ -75,7 +75,7 @@ class TrunkSet:
 def _pixels(split: BackboneSplit, item: Item) -> torch.Tensor | None:
     if item.image is None:
         return None
-    return split.backbone.preprocess(load_image(item))
+    return split.backbone.preprocess(decode(item, size=split.backbone.image_size))
 
 
 @torch.no_grad()

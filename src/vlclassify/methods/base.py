@@ -78,12 +78,15 @@ from ..training.trainer import BatchFn
 from ..utils import atomic_path, read_json, seeded, sha256_file
 from .decision import MAIN as MAIN  # the main task's name, re-exported: the method modules import it from here
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
+from .tags import KINDS as KINDS  # the kinds, re-exported: methods and tests import them from here
+from .tags import MULTI as MULTI
+from .tags import SINGLE as SINGLE
+from .tags import TASKS as TASKS
+from .tags import TEXT as TEXT
 from .tags import Tags
 from .templates import cached_template_embeddings
 
 FORMAT_VERSION = 2
-SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
-KINDS = (SINGLE, MULTI, TEXT, TASKS)
 FEATURES = KEYS  # image (joint embedding), pooled, spatial, text, trunk (activations at a backbone.split cut)
 
 
@@ -206,7 +209,7 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
         return items
     rows = list(items)
     if rows and isinstance(rows[0], str):
-        from ..data.loaders import file_key
+        from ..data.source import file_key
 
         paths = cast(list[str], rows)
         missing = [p for p in paths if not Path(p).is_file()]
@@ -304,7 +307,7 @@ class Method:
 
     @property
     def feature_cache(self) -> FeatureCache:
-        """The feature store of the call in progress (`ctx.cache`)."""
+        """The feature store of the call in progress (the context's cache)."""
         cache = self.ctx.cache
         assert cache is not None, "using() resolves the default cache"
         return cache
@@ -669,13 +672,13 @@ class Method:
 
     def val_metric(self, val: Encoded) -> Callable[[nn.Module], dict[str, float]]:
         """Validation score of the main task for the Trainer: accuracy, or mAP (multi-label)."""
-        from ..metrics import mean_average_precision
+        from ..metrics import score
 
         if self.multilabel:
             y = val.dataset.multi_hot()
-            return lambda head: {"score": mean_average_precision(y, self._scores(self._forward(head, val)["logits"]))}
-        yt = torch.as_tensor(val.dataset.labels())
-        return lambda head: {"score": float((self._forward(head, val)["logits"].argmax(-1) == yt).float().mean())}
+            return lambda head: {"score": score(MULTI, y, self._scores(self._forward(head, val)["logits"]))["mAP"]}
+        yt = val.dataset.labels()
+        return lambda head: {"score": score(SINGLE, yt, self._forward(head, val)["logits"].numpy())["accuracy"]}
 
     def init_head(self, spec: dict[str, Any]) -> nn.Module:
         """Build the head for a new fit, its random initialisation drawn from the method's seed."""
@@ -717,7 +720,7 @@ class Method:
 
     @property
     def activation(self) -> str:
-        """The main task's score activation: the declared one (`tags.activation`), else sigmoid for
+        """The main task's score activation: the declared one (the tags' activation), else sigmoid for
         multi-label data and softmax otherwise. Other tasks are single-label: softmax."""
         declared = type(self).tags.activation
         return declared if declared != "auto" else ("sigmoid" if self.multilabel else "softmax")
@@ -791,7 +794,7 @@ class Method:
                     self.task_name(t): {"image": float(lam[i, k]), "text": float(1 - lam[i, k])}
                     for k, t in enumerate(self.task_classes)
                 }
-            name = it.image if isinstance(it.image, str) else it.key
+            name = it.image.describe() if it.image is not None else it.key
             results.append(Prediction(tasks, weights, str(name)))
         return results
 

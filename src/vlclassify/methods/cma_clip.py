@@ -38,6 +38,7 @@ from ..context import RunContext
 from ..data.items import Dataset, Item
 from ..errors import ConfigError, DataError
 from ..features.trunk import TrunkSet, compute_trunk, trunk_features
+from ..metrics import score
 from ..modules.fusions.keyless_attention import KeylessAttention
 from ..modules.fusions.sequence_attention import SequenceEncoder
 from ..modules.phrases import normalize_token
@@ -470,13 +471,10 @@ class CMAClip(Method):
 
             def metric(model: nn.Module) -> dict[str, float]:
                 out = self._run(model, _trunk_set(val), emb=feeder.embeddings(_trunk_set(val)))
-                logits = [out["logits"], *out["task_logits"].values()]
-                accs = {}
-                for k, (t, z) in enumerate(zip(self.task_columns, logits)):
-                    keep = yva[:, k] >= 0
-                    if bool(keep.any()):
-                        accs[f"acc_{t}"] = float((z.argmax(-1)[keep] == yva[keep, k]).float().mean())
-                return {"score": float(np.mean(list(accs.values()))), **accs}
+                logits = dict(zip(self.task_columns, [out["logits"], *out["task_logits"].values()]))
+                targets = {t: yva[:, k].numpy() for k, t in enumerate(self.task_columns)}
+                s = score(TASKS, targets, {t: z.numpy() for t, z in logits.items()})
+                return {"score": s["accuracy"], **s}
 
         self.fit_info.update(
             {

@@ -22,7 +22,7 @@ from torch import nn
 from ..backbones.base import BridgeLayer
 from ..errors import ConfigError
 from ..training import Stage, select_best
-from .base import Encoded, Method, TrainOptions, check_dim, normalize
+from .base import Encoded, Method, TrainConfig, TrainOptions, check_dim, normalize
 from .registry import register_method
 from .tags import Tags
 from .templates import resolve_templates
@@ -35,7 +35,8 @@ class CrossModalLinearProbeConfig(TrainOptions):
     templates: str | list[str] = "select7"  # templates: their mean initialises the head; each one is a text sample
     # add the per-template class texts as training samples (False = image-only, zero-shot init)
     text_samples: bool = True
-    steps: int = 300  # full-batch AdamW steps at train.lr (constant; weight decay: wd_grid)
+    steps: int = 300  # full-batch AdamW steps (weight decay: wd_grid)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))  # AdamW learning rate 1e-3, constant
     wd_grid: list[float] = field(
         default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2]
     )  # weight decays tried on val, in order

@@ -309,7 +309,7 @@ class DiCLS(Method):
     """DiCLS: multi-label as phrase grounding, XMA-B fusion, ALN/CTA/CPA/focal/ArcFace losses."""
 
     name = "dicls"
-    tags = Tags()
+    tags = Tags(figures=("tsne", "alignment"))
     Config = DiCLSConfig
     kinds = frozenset({SINGLE, MULTI})
     needs = frozenset({"pooled", "spatial"})

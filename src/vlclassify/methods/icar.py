@@ -238,7 +238,7 @@ class ICAR(Method):
     kinds = frozenset({SINGLE, TEXT})
     needs = frozenset({"image", "pooled"})
     selects = "the epoch kept in each stage (the start if none beats it)"
-    needs_every_class = False  # the text encoder scores a class without images (split heads: checked in prepare)
+    needs_every_class = False  # depends on the head: prepare checks it
     state = ("trained_classes", "descriptions")
     tensor_state = ("class_weights",)
 
@@ -462,7 +462,7 @@ class ICAR(Method):
         """The head (or the current one, fine-tuning), class sentences, and mixed class + pair batches."""
         c, ds = self.config, train.dataset
         self._started = time.perf_counter()
-        if c.head != "text" and not ds.multilabel:  # a split head leaves a class without images unpredicted
+        if c.head == "text" and not ds.multilabel:  # split heads may leave a class without images unpredicted
             y = ds.labels()
             absent = [ds.classnames[k] for k in range(ds.num_classes) if not np.any(y == k)]
             if absent:

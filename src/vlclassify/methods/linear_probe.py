@@ -89,12 +89,10 @@ class LinearProbe(Method):
         return data.dataset.multi_hot() if self.multilabel else data.dataset.labels()
 
     def _score(self, w: np.ndarray, b: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> float:
-        z = xv @ w.T + b
-        if self.multilabel:
-            from ..metrics import mean_average_precision
+        from ..metrics import score
 
-            return mean_average_precision(yv, z)
-        return float((z.argmax(-1) == yv).mean())
+        kind, key = (MULTI, "mAP") if self.multilabel else (SINGLE, "accuracy")
+        return score(kind, yv, xv @ w.T + b)[key]
 
     def fit_head(self, train: Encoded, val: Encoded | None) -> None:
         x, y = self._x(train), self._targets(train)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# the kinds of data a method takes (`Method.kinds`): here, torch-free, so the workflow's predict
+# helpers (and the ONNX predict path through them) read them without importing the methods
+SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
+KINDS = (SINGLE, MULTI, TEXT, TASKS)
 ACTIVATIONS = ("auto", "softmax", "sigmoid")
+FIGURES = ("tsne", "alignment")
 
 
 @dataclass(frozen=True)
@@ -18,7 +23,12 @@ class Tags:
     stream: bool = False  # trains on batches read from the feature store (`--stream`)
     names_only: bool = False  # fits from class names alone, no training image needed
     activation: str = "auto"  # scores: softmax | sigmoid | auto (sigmoid for multi-label data, else softmax)
+    # extra `eval --plots` figures: "tsne" (its `embeddings(data)`), "alignment" (its `alignment(data)`)
+    figures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        unknown = set(self.figures) - set(FIGURES)
+        if unknown:
+            raise ValueError(f"figures must be among {', '.join(FIGURES)}, got {', '.join(sorted(unknown))}")

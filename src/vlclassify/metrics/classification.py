@@ -28,8 +28,3 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classnames: lis
         "per_class_accuracy": per_class,
         "confusion_matrix": cm.tolist(),
     }
-
-
-def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Top-1 accuracy of scores [N, C] against labels [N]."""
-    return float((np.asarray(probs).argmax(-1) == np.asarray(y_true)).mean())

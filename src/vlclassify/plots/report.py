@@ -43,7 +43,7 @@ def write_eval_plots(
     tasks: Mapping[str, TaskScores] | None = None,
 ) -> list[Path]:
     """ROC/PR curves for every model; t-SNE of fused vs plain features and the token-image
-    alignment matrix for models that expose them (`embeddings()`, `alignment()`: DiCLS).
+    alignment matrix for models that declare them (`tags.figures`: DiCLS).
 
     Without `tasks`: `roc_pr.png` from `probs` [N, C] against `dataset.multi_hot()`. With `tasks`
     (multi-task models, e.g. cma-clip; the main task is one of them): `roc_pr-<task>.png` per task,
@@ -60,10 +60,11 @@ def write_eval_plots(
     else:
         assert probs is not None, "without tasks, `probs` are the scores plotted"
         paths = [roc_pr_curves(y, probs, method.classnames, folder / "roc_pr.png", title)]
-    if hasattr(method, "embeddings"):
+    figures = type(method).tags.figures
+    if "tsne" in figures:
         e = method.embeddings(dataset)
         paths.append(tsne_features(e["plain"], e["fused"], y, method.classnames, folder / "tsne.png", title=title))
-    if hasattr(method, "alignment") and getattr(method.config, "w_aln", 0) > 0:
+    if "alignment" in figures and getattr(method.config, "w_aln", 0) > 0:
         a = method.alignment(dataset)
         paths.append(alignment_matrix(a["truth"], a["pred"], a["tokens"], folder / "alignment.png", title=title))
     return paths

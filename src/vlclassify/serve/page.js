@@ -1,11 +1,14 @@
-// The page: pick or drop an image (and type its title when the model reads one), send it to
+// The page: pick or drop an image (for a model that reads text, its title first), send it to
 // /predict, draw the scores as bars with the decision, the attention map (/explain) where the
-// method has one, and the modality weights. Same-origin requests only; no external assets.
+// method has one, and the modality weights. A photo over the service's limits is shrunk here
+// (canvas) before it is sent. Errors show the service's message for people. Same-origin requests
+// only; no external assets.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const SHRUNK_PIXELS = 12e6; // a photo over the limits is sent at about this size (the model needs far less)
 let model = null;
-let file = null;
+let upload = null; // {blob, name}: what is sent for the chosen file
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -20,17 +23,19 @@ function showError(message) {
 }
 
 async function errorOf(resp) {
+  // {code, message}: the service's error for people (its `detail` is for logs and developers)
   try {
-    return (await resp.json()).error || resp.statusText;
+    const body = await resp.json();
+    return { code: body.code || "", message: body.message || resp.statusText };
   } catch (e) {
-    return resp.status + " " + resp.statusText;
+    return { code: "", message: "The service answered " + resp.status + " " + resp.statusText + "." };
   }
 }
 
 async function loadModel() {
   const resp = await fetch("/model");
   if (!resp.ok) {
-    showError("cannot read the model: " + (await errorOf(resp)));
+    showError("Cannot read the model. " + (await errorOf(resp)).message);
     return;
   }
   model = await resp.json();
@@ -38,6 +43,7 @@ async function loadModel() {
   $("model").textContent = model.method + " on " + model.backbone.name + " \u00b7 " + model.classes.length +
     " classes" + (tasks.length > 1 ? " \u00b7 tasks: " + tasks.join(", ") : "");
   $("title-box").hidden = !model.takes_text;
+  if (model.takes_text) $("drop-text").firstChild.textContent = "2. Drop an image here, or ";
 }
 
 function decisionText(t) {
@@ -62,8 +68,20 @@ function bars(scores, chosen) {
   return box;
 }
 
+function labelWidth(pred) {
+  // one label column for every task's bars, so the bars of all tasks start and end together
+  let longest = 0;
+  for (const t of [pred, ...Object.values(pred.tasks || {})]) {
+    for (const s of t.scores) longest = Math.max(longest, s.label.length);
+  }
+  return Math.min(longest, 28) + 1 + "ch";
+}
+
 function render(pred) {
-  const main = Object.keys(model.tasks)[0];
+  const names = Object.keys(model.tasks);
+  const main = names[0];
+  $("result-title").textContent = names.length > 1 ? main : "Decision";
+  $("result").style.setProperty("--label-w", labelWidth(pred));
   const d = $("decision");
   d.textContent = decisionText(pred);
   d.classList.toggle("uncertain", pred.uncertain);
@@ -92,11 +110,12 @@ function render(pred) {
     w.append(el("div", "legend", name + ": image " + mw.image.toFixed(2) + " \u00b7 text " + mw.text.toFixed(2)), split);
   }
   $("result").hidden = false;
+  $("result").focus(); // keyboard and screen-reader users land on the answer (an aria-live region)
 }
 
 function form() {
   const f = new FormData();
-  f.append("image", file, file.name);
+  f.append("image", upload.blob, upload.name);
   const title = $("title").value.trim();
   if (model.takes_text && title) f.append("text", title);
   return f;
@@ -108,7 +127,7 @@ async function explain() {
   if (!resp.ok) {
     heat.hidden = false;
     $("heat-img").hidden = true;
-    $("heat-caption").textContent = "no attention map: " + (await errorOf(resp));
+    $("heat-caption").textContent = "No attention map. " + (await errorOf(resp)).message;
     return;
   }
   const target = decodeURIComponent(resp.headers.get("X-Explained") || "");
@@ -119,7 +138,7 @@ async function explain() {
 }
 
 async function classify() {
-  if (!file || !model) return;
+  if (!upload || !model) return;
   showError("");
   $("busy").hidden = false;
   $("classify").disabled = true;
@@ -128,29 +147,65 @@ async function classify() {
     f.append("top", "5");
     const resp = await fetch("/predict", { method: "POST", body: f });
     if (!resp.ok) {
-      showError(await errorOf(resp));
+      const err = await errorOf(resp);
+      showError(err.message);
+      if (err.code === "not_an_image") $("preview").hidden = true;
       $("result").hidden = true;
+      $("error").focus();
       return;
     }
     render(await resp.json());
     $("heat").hidden = true;
     if (model.explain) await explain();
   } catch (e) {
-    showError("request failed: " + e);
+    showError("The service could not be reached. Please try again.");
   } finally {
     $("busy").hidden = true;
     $("classify").disabled = false;
   }
 }
 
-function choose(f) {
-  if (!f) return;
-  file = f;
+async function prepared(f) {
+  // the file as sent: itself, or (over the pixel or byte limit) a JPEG drawn smaller on a canvas
+  const lim = model.limits;
+  let bmp;
+  try {
+    bmp = await createImageBitmap(f);
+  } catch (e) {
+    return { blob: f, name: f.name, note: "" }; // not an image the browser reads: the service says what it is
+  }
+  const w0 = bmp.width, h0 = bmp.height;
+  if (w0 * h0 <= lim.max_pixels && f.size <= lim.max_bytes) {
+    bmp.close();
+    return { blob: f, name: f.name, note: "" };
+  }
+  const scale = Math.sqrt(Math.min(1, SHRUNK_PIXELS / (w0 * h0)));
+  const w = Math.max(1, Math.round(w0 * scale)), h = Math.max(1, Math.round(h0 * scale));
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  canvas.getContext("2d").drawImage(bmp, 0, 0, w, h);
+  bmp.close();
+  const blob = await new Promise((done) => canvas.toBlob(done, "image/jpeg", 0.92));
+  const name = f.name.replace(/\.[^.]*$/, "") + ".jpg";
+  return { blob, name, note: "Shrunk from " + w0 + " \u00d7 " + h0 + " to " + w + " \u00d7 " + h + " pixels before sending." };
+}
+
+async function choose(f) {
+  if (!f || !model) return;
+  showError("");
   const p = $("preview");
+  p.onerror = () => { p.hidden = true; }; // no broken-image icon beside an error
   p.src = URL.createObjectURL(f);
   p.hidden = false;
+  $("classify").disabled = true;
+  upload = await prepared(f);
+  $("shrunk").textContent = upload.note;
+  $("shrunk").hidden = !upload.note;
   $("classify").disabled = false;
-  classify();
+  // a model that reads the title waits for Classify: sent without its title, the answer is a guess
+  if (model.takes_text) $("classify").focus();
+  else classify();
 }
 
 function setup() {

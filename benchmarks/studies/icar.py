@@ -2,6 +2,8 @@
 ablations (Tables 1-2): linear vs cosine classifier, split heads vs shared text encoder, with vs
 without descriptions, with vs without image-text pairs.
 
+    python benchmarks/studies/icar.py                   # docs/results/icar.*
+
 Per dataset and seed, some classes are held out of training entirely (no labels, no pairs, no
 images). Each variant is trained on the seen classes (classification data mixed with image-text
 pairs) and scored on:
@@ -18,8 +20,10 @@ per seed) with the seen classes' training photos + captions as pairs (test photo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,14 +34,16 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from ..backbones.base import Backbone
-from ..context import RunContext
-from ..data import Dataset, fashion_mnist, fewshot, stratified_split, tuxpaint
-from ..data.descriptions import builtin_descriptions
-from ..data.splits import sample_per_class
-from ..features import FeatureCache, extract_features
-from ..methods import Encoded, create_method
-from ..methods.icar import ICAR
+from vlclassify.backbones import create_backbone
+from vlclassify.backbones.base import Backbone
+from vlclassify.context import RunContext
+from vlclassify.data import Dataset, fashion_mnist, fewshot, stratified_split, tuxpaint
+from vlclassify.data.descriptions import builtin_descriptions
+from vlclassify.data.splits import sample_per_class
+from vlclassify.features import FeatureCache, extract_features
+from vlclassify.methods import Encoded, create_method
+from vlclassify.methods.icar import ICAR
+from vlclassify.metrics import score
 
 
 @dataclass
@@ -167,7 +173,7 @@ def tuxpaint_tasks(enc_all: Encoded, seeds, n_held: int, min_held_images: int) -
 
 
 def _acc(method, enc: Encoded, ctx: RunContext) -> float:
-    return float((method.predict_proba(enc, ctx=ctx).argmax(-1) == enc.dataset.labels()).mean())
+    return score("single-label", enc.dataset.labels(), method.predict_proba(enc, ctx=ctx))["accuracy"]
 
 
 def run_task(
@@ -339,6 +345,63 @@ def run_icar_bench(
 
 def write_icar_results(result: dict, out_dir: str | Path, name: str = "icar") -> tuple[Path, Path]:
     """Write the iCAR benchmark's JSON and Markdown table."""
-    from .report import write_json_and_markdown
+    from vlclassify.utils import write_json_and_markdown
 
     return write_json_and_markdown(result, out_dir, name, markdown_table(result))
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"  # this checkout's published tables
+
+
+def _common(p: argparse.ArgumentParser, name: str | None) -> None:
+    p.add_argument("--opt", action="append", default=[], help="option key=value for every row (JSON values)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the JSON + markdown (default {RESULTS})")
+    p.add_argument("--name", default=name, help="file name stem")
+    p.add_argument("--backbone", "-b", default="effnet-minilm")
+    p.add_argument("--backbone-opt", action="append", default=[], help="backbone option key=value")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    return (
+        "python benchmarks/studies/"
+        + Path(__file__).name
+        + " "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and write `<name>.json` and `<name>.md` under --out."""
+    from vlclassify.cli import parse_ints
+    from vlclassify.utils import parse_options
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", "-d", default="fashion-mnist,tuxpaint", help="comma-separated: fashion-mnist, tuxpaint")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (each picks its own held-out classes)")
+    p.add_argument("--shots", default="1,4,16", help="comma-separated few-shot sizes on the held-out classes")
+    p.add_argument("--held-out", type=int, default=3, help="classes held out of training, per dataset and seed")
+    p.add_argument("--fmnist-per-class", type=int, default=150, help="Fashion-MNIST training pool per class")
+    p.add_argument("--fmnist-test-per-class", type=int, default=100, help="Fashion-MNIST test images per class")
+    p.add_argument("--variants", default=None, help="comma-separated row indices (default: all; see VARIANTS)")
+    _common(p, "icar")
+    a = p.parse_args(argv)
+    result = run_icar_bench(
+        create_backbone(a.backbone, **parse_options(a.backbone_opt)),
+        [d.strip() for d in a.data.split(",")],
+        parse_ints(a.seeds, "seeds"),
+        parse_ints(a.shots, "shots"),
+        [VARIANTS[i] for i in parse_ints(a.variants, "variants")] if a.variants else list(VARIANTS),
+        cache=FeatureCache(a.cache_dir),
+        fmnist_per_class=a.fmnist_per_class,
+        fmnist_test_per_class=a.fmnist_test_per_class,
+        n_held=a.held_out,
+        options=parse_options(a.opt),
+    )
+    result["command"] = _command(argv)
+    print(markdown_table(result))
+    print("wrote {} and {}".format(*write_icar_results(result, a.out, a.name)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,7 @@
 """The CMA-CLIP benchmark: k-fold cross-validation on image+text data with several tasks.
 
+    python benchmarks/studies/cma.py --opt e2e_epochs=1 --opt tune_epochs=5   # docs/results/cma-tuxpaint.*
+
 Rows: image-only and text-only linear probes (`linear-probe` on the joint-space image embedding /
 the paired-text embedding), zero-shot image+text (`zero-shot[modality=both]`, the class names as
 words), CMA-CLIP, CMA-CLIP without
@@ -14,24 +16,30 @@ The trunk activations of the whole pool are computed once and shared by all fold
 
 from __future__ import annotations
 
+import argparse
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from ..backbones.base import Backbone
-from ..context import RunContext
-from ..data import Dataset, Item, kfold, load_data, stratified_split
-from ..errors import DataError
-from ..features import FeatureCache, FeatureSet, extract_features
-from ..features.trunk import TrunkSet
-from ..methods import Encoded, create_method
-from ..methods.cma_clip import CMAClip
-from ..metrics.ranking import recall_at_precision
+from vlclassify.backbones import create_backbone
+from vlclassify.backbones.base import Backbone
+from vlclassify.context import RunContext
+from vlclassify.data import Dataset, Item, kfold, load_data, stratified_split
+from vlclassify.errors import DataError
+from vlclassify.features import FeatureCache, FeatureSet, extract_features
+from vlclassify.features.trunk import TrunkSet
+from vlclassify.methods import Encoded, create_method
+from vlclassify.methods.cma_clip import CMAClip
+from vlclassify.metrics import recall_at_precision, score
+from vlclassify.utils import parse_options
 
 VARIANTS: dict[str, dict[str, Any]] = {  # label -> CMA-CLIP options
     "CMA-CLIP": {},
@@ -60,9 +68,7 @@ def _pool(data: str) -> Dataset:
 
 
 def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    keep = y >= 0
-    acc = float((probs[keep].argmax(-1) == y[keep]).mean()) if keep.any() else float("nan")
-    return {"accuracy": acc, "recall@90P": recall_at_precision(y, probs, 0.9)["recall"]}
+    return {**score("single-label", y, probs), "recall@90P": recall_at_precision(y, probs, 0.9)["recall"]}
 
 
 def _as_task(ds: Dataset, feats: FeatureSet, task: str, rows: np.ndarray, classes: list[str]) -> Encoded:
@@ -311,7 +317,7 @@ def markdown_table(result: dict) -> str:
 
 def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, Any]:
     """Write the CMA-CLIP benchmark's JSON and Markdown table (the command recorded beside them)."""
-    from .report import write_json_and_markdown
+    from vlclassify.utils import write_json_and_markdown
 
     result = {**result, "command": command}
     text = (
@@ -322,3 +328,59 @@ def write_results(result: dict, out_dir, stem: str, command: str) -> tuple[Any, 
         f"(shared features {result['prep_seconds']:.0f}s).\n\n" + markdown_table(result) + "\n"
     )
     return write_json_and_markdown(result, out_dir, stem, text)
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"  # this checkout's published tables
+
+
+def _common(p: argparse.ArgumentParser, name: str | None) -> None:
+    p.add_argument("--opt", action="append", default=[], help="option key=value for every row (JSON values)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the JSON + markdown (default {RESULTS})")
+    p.add_argument("--name", default=name, help="file name stem")
+    p.add_argument("--backbone", "-b", default="effnet-minilm")
+    p.add_argument("--backbone-opt", action="append", default=[], help="backbone option key=value")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    return (
+        "python benchmarks/studies/"
+        + Path(__file__).name
+        + " "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and write `<name>.json` and `<name>.md` under --out."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", "-d", default="tuxpaint", help="data spec with image, text and task columns")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    p.add_argument("--seed", type=int, default=0, help="seed for folds, validation carving and training")
+    p.add_argument("--tasks", default=None, help="comma-separated task columns (default: all)")
+    p.add_argument("--variants", default=None, help=f"comma-separated CMA-CLIP rows (default: all of {list(VARIANTS)})")
+    p.add_argument("--fold-limit", type=int, default=None, help="run only the first N folds (quick checks)")
+    _common(p, None)
+    a = p.parse_args(argv)
+    from vlclassify.features import FeatureCache
+
+    result = run_cma_bench(
+        create_backbone(a.backbone, **parse_options(a.backbone_opt)),
+        a.data,
+        folds=a.folds,
+        seed=a.seed,
+        tasks=a.tasks.split(",") if a.tasks else None,
+        options=parse_options(a.opt),
+        variants=a.variants.split(",") if a.variants else None,
+        fold_limit=a.fold_limit,
+        cache=FeatureCache(a.cache_dir),
+    )
+    stem = a.name or "cma-" + "".join(
+        c if c.isalnum() or c in "-_" else "-" for c in a.data.split("?")[0].strip("/").split("/")[-1]
+    )
+    print(markdown_table(result))
+    print("wrote {} and {}".format(*write_results(result, a.out, stem, _command(argv))))
+
+
+if __name__ == "__main__":
+    main()

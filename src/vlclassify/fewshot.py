@@ -2,7 +2,7 @@
 
 Features are extracted once per split (the few-shot pools of all shots and seeds together, and
 the test set) and every method trains on cached features. Hyper-parameters are chosen by each
-method on the few-shot validation set; the test set is only scored. Presets (methods/presets.py)
+method on the few-shot validation set; the test set is only scored. Presets (protocols.py)
 change the protocol for the whole table (e.g. `tip-adapter`: the whole val split, short classes
 sampled with replacement) and the options of the methods they name.
 """
@@ -19,15 +19,15 @@ from typing import Any, cast
 
 import numpy as np
 
-from ..backbones.base import Backbone
-from ..context import RunContext
-from ..data import Dataset, plan_splits, stratified_split
-from ..data.plan import prepare_data
-from ..errors import DataError
-from ..features import FeatureCache, extract_features
-from ..methods import Encoded, create_method
-from ..methods.presets import Resolved
-from ..metrics import accuracy
+from .backbones.base import Backbone
+from .context import RunContext
+from .data import Dataset, plan_splits, stratified_split
+from .data.plan import prepare_data
+from .errors import DataError
+from .features import FeatureCache, extract_features
+from .methods import Encoded, create_method
+from .metrics import score
+from .protocols import Resolved
 
 
 @dataclass
@@ -67,7 +67,7 @@ def run_fewshot(
     min_per_class: int | None = None,
     presets: Resolved | None = None,
 ) -> dict[str, Any]:
-    """`presets` (methods/presets.py `resolve_presets`): their protocol plans every split, their
+    """`presets` (protocols.py `resolve_presets`): their protocol plans every split, their
     options come before each method spec's own."""
     cache = cache or FeatureCache()
     ctx = RunContext(cache=cache, progress=False)
@@ -133,7 +133,7 @@ def run_fewshot(
             t0 = time.perf_counter()
             m.fit(etr, eva, ctx=ctx)
             fit_s = time.perf_counter() - t0
-            acc = accuracy(ete.dataset.labels(), m.predict_proba(ete, ctx=ctx))
+            acc = score("single-label", ete.dataset.labels(), m.predict_proba(ete, ctx=ctx))["accuracy"]
             runs.append(
                 {
                     "method": spec.label,
@@ -163,6 +163,29 @@ def run_fewshot(
         "runs": runs,
         "summary": summarize(runs),
     }
+
+
+def parse_method_specs(text: str) -> list[MethodSpec]:
+    """`zero-shot,linear-probe,cmm[no_triplet=true]` -> MethodSpecs (options in brackets, `;`-separated)."""
+    from .utils import parse_options
+
+    specs, depth, cur = [], 0, ""
+    for ch in text + ",":
+        if ch == "," and depth == 0:
+            if cur.strip():
+                specs.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    out = []
+    for s in specs:
+        name, _, rest = s.partition("[")
+        if rest and not rest.endswith("]"):
+            raise DataError(f"method spec {s!r}: options must be in brackets, e.g. cmm[alpha=1.0;steps=500]")
+        out.append(MethodSpec(label=s, method=name, options=parse_options(rest[:-1].split(";")) if rest else {}))
+    return out
 
 
 def drop_small_classes(ds: Dataset, min_count: int) -> tuple[Dataset, list[str]]:
@@ -236,7 +259,7 @@ def markdown_table(result: dict, command: str | None = None) -> str:
 
 def write_results(result: dict, out_dir: str | Path, name: str, command: str | None = None) -> tuple[Path, Path]:
     """Write the few-shot benchmark's JSON and Markdown table."""
-    from .report import write_json_and_markdown
+    from .utils import write_json_and_markdown
 
     if command:
         result = {**result, "command": command}

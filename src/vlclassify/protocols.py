@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.plan import Protocol
-from ..errors import ConfigError
-from ..features.extract import RRC_VIEWS
-from ..registry import Registry
-from .tip_adapter import search_grid
+from .data.plan import Protocol
+from .errors import ConfigError
+from .features.extract import RRC_VIEWS
+from .methods.tip_adapter import search_grid
+from .registry import Registry
 
 KINDS = ("protocol", "dataset")
 
@@ -275,7 +275,7 @@ class Resolved:
 
     def options(self, method: str) -> dict[str, Any]:
         """The presets' options for `method` (before the user's own --opt)."""
-        from .registry import METHODS
+        from .methods import METHODS
 
         if method not in METHODS:
             return {}
@@ -285,6 +285,19 @@ class Resolved:
             if p.templates is not None and "templates" in fields:
                 out["templates"] = p.templates
             out.update(copy.deepcopy(dict(p.options.get(method, {}))))  # a fit never shares the registry's lists
+        return out
+
+    def log(self, data: str | None, methods: Sequence[str]) -> list[str]:
+        """Which presets apply and why (named, or the data's file name), and what they set: lines for a log."""
+        out = []
+        for p in self.presets:
+            why = "named"
+            if p.name == self.automatic and data:
+                why = f"automatic for {Path(data.partition('?')[0]).name}; --preset none turns it off"
+            out.append(f"preset {p.name} ({why}): {p.description}")
+        if self.presets:
+            out += [f"  {m} options set: {', '.join(sorted(self.options(m))) or 'none'}" for m in methods]
+            out.append(f"  protocol: {self.protocol.describe()}")
         return out
 
     def record(self, methods: Sequence[str] = ()) -> dict[str, Any]:

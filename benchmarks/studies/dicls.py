@@ -1,5 +1,7 @@
 """The DiCLS ablation (the paper's Sec. 4.2) on the multi-label benchmarks, on cached features.
 
+    python benchmarks/studies/dicls.py                  # docs/results/dicls-ablation.*
+
 Rows: a linear probe (`linear-probe`, one-vs-rest on the pooled features, C chosen by validation
 mAP), the plain backbone + BCE, DiCLS with focal loss only, focal + each of ALN / CTA / CPA /
 ArcFace, all losses, and the number of fusion layers 0 / 1 / 3 (2 is "all losses"). The backbone
@@ -12,7 +14,10 @@ validation split, the test split is scored once per run. Rows run in parallel wo
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -55,10 +60,10 @@ _LOADED: dict = {}
 
 
 def _load_uncached(data: str, backbone_name: str, backbone_opts: dict, cache_dir: str | None):
-    from ..backbones import create_backbone
-    from ..data import load_data, train_val_test
-    from ..features import FeatureCache, extract_features
-    from ..methods.base import Encoded
+    from vlclassify.backbones import create_backbone
+    from vlclassify.data import load_data, train_val_test
+    from vlclassify.features import FeatureCache, extract_features
+    from vlclassify.methods.base import Encoded
 
     bb = create_backbone(backbone_name, **backbone_opts)
     cache = FeatureCache(cache_dir)
@@ -69,19 +74,19 @@ def _load_uncached(data: str, backbone_name: str, backbone_opts: dict, cache_dir
 
 def run_one(job: dict) -> dict:
     """One (data, row, seed) run in a worker process -> test metrics at the val-chosen threshold."""
-    from ..utils import torch_threads
+    from vlclassify.utils import torch_threads
 
     with torch_threads(1):
         return _run_one(job)
 
 
 def _run_one(job: dict) -> dict:
-    from ..methods import create_method
-    from ..methods.dicls import DiCLS
-    from ..metrics.multilabel import multilabel_report
+    from vlclassify.methods import create_method
+    from vlclassify.methods.dicls import DiCLS
+    from vlclassify.metrics.multilabel import multilabel_report
 
     bb, cache, enc = _load(job["data"], job["backbone"], job["backbone_opts"], job["cache_dir"])
-    from ..context import RunContext
+    from vlclassify.context import RunContext
 
     ctx = RunContext(cache=cache, progress=False)
     ys = enc["test"].dataset.multi_hot()
@@ -215,7 +220,7 @@ def markdown_table(result: dict) -> str:
 
 def write_results(result: dict, out: str | Path, stem: str, command: str) -> tuple[Path, Path]:
     """Write the DiCLS ablation's JSON and Markdown (with its summary and command)."""
-    from .report import write_json_and_markdown
+    from vlclassify.utils import write_json_and_markdown
 
     result = {**result, "command": command, "summary": summarize(result)}
     text = (
@@ -224,3 +229,54 @@ def write_results(result: dict, out: str | Path, stem: str, command: str) -> tup
         f"worker(s); {result['total_cpu_s']:.0f} CPU seconds in all.\n\n" + markdown_table(result)
     )
     return write_json_and_markdown(result, out, stem, text)
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"  # this checkout's published tables
+
+
+def _common(p: argparse.ArgumentParser, name: str | None) -> None:
+    p.add_argument("--opt", action="append", default=[], help="option key=value for every row (JSON values)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the JSON + markdown (default {RESULTS})")
+    p.add_argument("--name", default=name, help="file name stem")
+    p.add_argument("--backbone", "-b", default="effnet-minilm")
+    p.add_argument("--backbone-opt", action="append", default=[], help="backbone option key=value")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    return (
+        "python benchmarks/studies/"
+        + Path(__file__).name
+        + " "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the ablation and write `<name>.json` and `<name>.md` under --out."""
+    from vlclassify.cli import parse_ints
+    from vlclassify.utils import parse_options
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", "-d", default="fmnist-mosaic,tuxpaint-composite", help="comma-separated multi-label specs")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--rows", default=None, help="comma-separated row indices (default: all; see ROWS)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one torch thread each)")
+    _common(p, "dicls-ablation")
+    a = p.parse_args(argv)
+    result = run_ablation(
+        a.data.split(","),
+        parse_ints(a.seeds, "seeds"),
+        rows=parse_ints(a.rows, "rows") if a.rows else None,
+        base=parse_options(a.opt),
+        jobs=a.jobs,
+        backbone=a.backbone,
+        backbone_opts=parse_options(a.backbone_opt),
+        cache_dir=str(a.cache_dir) if a.cache_dir else None,
+    )
+    print(markdown_table(result))
+    print("wrote {} and {}".format(*write_results(result, a.out, a.name, _command(argv))))
+
+
+if __name__ == "__main__":
+    main()
