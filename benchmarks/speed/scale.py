@@ -132,13 +132,13 @@ def _hwm_kb(pid: int) -> tuple[int, str]:
     return (int(m.group(1)) if m else 0), cmd
 
 
-def run_extract(spec: str, cache: Path, backbone: str, nproc: int) -> dict:
+def run_extract(spec: str, cache: Path, backbone: str, nproc: int, precision: str = "auto") -> dict:
     """One `vlclassify extract` (or torchrun of it): wall seconds, rows extracted, peak RSS per worker."""
     cmd = [sys.executable, "-m", "vlclassify", "extract"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         cmd += ["-m", "vlclassify", "extract"]
-    cmd += ["--data", spec, "--backbone", backbone, "--cache-dir", str(cache)]
+    cmd += ["--data", spec, "--backbone", backbone, "--cache-dir", str(cache), "--precision", precision]
     t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, int] = {}
@@ -163,9 +163,9 @@ def run_extract(spec: str, cache: Path, backbone: str, nproc: int) -> dict:
     }
 
 
-def _stored(spec: str, cache: Path, bb) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _stored(spec: str, cache: Path, bb, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     ds = load_webdataset(spec.split("?")[0], label="json:category")["all"]
-    fs = extract_features(bb, ds, cache=FeatureCache(cache), progress=False, text=False)
+    fs = extract_features(bb, ds, cache=FeatureCache(cache), progress=False, text=False, precision=precision)
     return fs.image, fs.pooled, ds.labels().tolist()
 
 
@@ -282,6 +282,8 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=40.0, help="skip a size predicted to take longer")
     ap.add_argument("--sklearn-max", type=int, default=60000, help="largest size the sklearn probe runs at")
     ap.add_argument("--name", default="scale")
+    ap.add_argument("--precision", default="auto", help="extraction precision: auto (fp32 on CPU) or int8")
+    ap.add_argument("--nprocs", default="1,2", help="process counts to run at each size")
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     res = {
@@ -289,6 +291,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
         "load_start": loadavg(),
+        "precision": args.precision,
         "rows": [],
         "notes": [],
     }
@@ -307,20 +310,20 @@ def main() -> None:
             spec = build_tars(n, args.work)
             row = {"backbone": name, "size": n, "runs": []}
             ref = None
-            for nproc in (1, 2):
+            for nproc in (int(p) for p in args.nprocs.split(",")):
                 cache = args.work / f"cache-{name}-{n}-{nproc}"
                 shutil.rmtree(cache, ignore_errors=True)
                 print(f"{name} {n:,} x {nproc} process(es): extracting; load {loadavg()}", flush=True)
-                e = run_extract(spec, cache, name, nproc)
-                again = run_extract(spec, cache, name, nproc)  # all stored: start-up and skipping only
+                e = run_extract(spec, cache, name, nproc, args.precision)
+                again = run_extract(spec, cache, name, nproc, args.precision)  # all stored: start-up, skipping
                 e |= {"nproc": nproc, "size": n, "startup": again["seconds"], "rerun_extracted": again["extracted"]}
                 e["rate"] = n / e["seconds"]
                 work_s = e["seconds"] - again["seconds"]  # noisy when start-up dominates: then not shown
                 e["rate_excl"] = n / work_s if work_s > 0.25 * e["seconds"] else None
-                if nproc == 1:
+                if nproc == 1 and args.precision != "int8":  # fit reads fp32 features: int8 rows are not its
                     print("  fit after extract", flush=True)
                     row["fit"] = fit_after_extract(spec, cache, name, args.work)
-                image, pooled, labels = _stored(spec, cache, bb)
+                image, pooled, labels = _stored(spec, cache, bb, args.precision)
                 if ref is None:
                     ref = (image, pooled, labels)
                 else:

@@ -164,7 +164,11 @@ def extract(
     skip_bad: bool = SKIP_BAD_OPT,
     runtime: str = typer.Option("auto", help="Image trunk runtime: auto (ONNX Runtime when installed), torch, onnx."),
     device: str = typer.Option("auto", help="auto (CUDA when present; one GPU per torchrun process), cpu, cuda[:i]."),
-    precision: str = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    precision: str = typer.Option(
+        "auto",
+        help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16, or int8 (the ONNX trunk quantised, "
+        "CPU: its own feature space, see docs/benchmarks.md).",
+    ),
     shard_rows: int = typer.Option(1024, min=1, help="Rows per store shard: what a killed run can lose per process."),
     batch_size: int = typer.Option(64, min=1, help="Images per encoder batch."),
     backbone: str = BACKBONE_OPT,
@@ -247,6 +251,9 @@ def fit(
     split_file: Path | None = typer.Option(
         None, "--split-file", help="Train/val items from this split.json (written by every fit) instead of sampling."
     ),
+    export_onnx: bool = typer.Option(
+        False, "--export-onnx", help="Also write the ONNX export that `predict` answers from without torch."
+    ),
     backbone: str = BACKBONE_OPT,
     backbone_opt: list[str] = BACKBONE_OPTS,
     cache_dir: Path | None = CACHE_OPT,
@@ -304,6 +311,18 @@ def fit(
             console.print(line)
         result.save(out)
         console.print(f"saved to {out}")
+        if export_onnx:
+            import dataclasses
+
+            from .export import export_beside, onnx_problem
+
+            m = result.model
+            why = onnx_problem(m)
+            if why:
+                _note(f"no ONNX export: {why}")
+            else:
+                with m.using(dataclasses.replace(ctx, progress=False)):
+                    console.print(f"wrote {export_beside(m, out)}")
 
 
 @contextmanager
@@ -520,25 +539,41 @@ def predict(
     top: int = typer.Option(5, min=1, help="How many classes to print per image."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line instead of text."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Also write the predictions as a CSV table."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, or int8 (the image trunk quantised: see docs/benchmarks.md for when it pays)."
+    ),
     skip_bad: bool = SKIP_BAD_OPT,
     cache_write: bool = CACHE_WRITE_OPT,
     cache_dir: Path | None = CACHE_OPT,
 ) -> None:
-    """Print each image's decision (the class, 'uncertain', or the labels found) and top scores."""
+    """Print each image's decision (the class, 'uncertain', or the labels found) and top scores.
+
+    A model that exports to ONNX answers from its export beside the model (made at the first
+    predict, again when stale or damaged) in ONNX Runtime, without importing torch."""
     from . import workflow
     from .errors import DataError
+    from .onnx_predict import OnnxModel, export_problem_here, graph_path
 
     images = list(images or [])
     if bool(images) == bool(data):
         raise DataError(
             "predict: give image files or --data, not both" if images else "predict: give image files or --data"
         )
+    graph_path(model_dir, precision)  # an unknown precision fails before any work
     items, truth = workflow.predict_items(images, text, data)
-    m = _load(model_dir)
-    if ignored := workflow.ignored_texts(m, items):
-        _note(f"note: {ignored}")
-    ctx = RunContext(cache=_cache(cache_dir), progress=False, skip_bad=skip_bad, cache_write=cache_write)
-    results = workflow.predict(m, items, top=top, ctx=ctx)
+    onnx = None if export_problem_here(model_dir, precision) else OnnxModel(model_dir, precision)
+    if onnx is None:
+        m = _exported_or_torch(model_dir, precision, cache_dir)
+        onnx = OnnxModel(model_dir, precision) if isinstance(m, Path) else None
+    if onnx is not None:  # an exported model: it reads images only
+        if any(it.text for it in items):
+            _note(f"note: {onnx.method} reads images only; the texts are ignored")
+        results = onnx.predict_results(items, top=top)
+    else:
+        if ignored := workflow.ignored_texts(m, items):
+            _note(f"note: {ignored}")
+        ctx = RunContext(cache=_cache(cache_dir), progress=False, skip_bad=skip_bad, cache_write=cache_write)
+        results = workflow.predict(m, items, top=top, ctx=ctx)
     for r in results:
         if as_json:
             print(json.dumps(r.to_dict()), flush=True)
@@ -548,6 +583,23 @@ def predict(
         _note(f"note: skipped {len(items) - len(results)} unreadable image(s) of {len(items)}")
     if csv_out is not None:
         _note(f"wrote {workflow.write_predictions_csv(csv_out, results, truth)}")
+
+
+def _exported_or_torch(model_dir: Path, precision: str, cache_dir: Path | None):
+    """Load the model (torch) and make its export beside it -> the graph's Path; or, for a model
+    that cannot be exported, say so and return the loaded Method (int8 needs the export)."""
+    from .errors import ConfigError
+    from .export import export_beside, onnx_problem
+
+    m = _load(model_dir)
+    why = onnx_problem(m)
+    if why is None:
+        with m.using(RunContext(cache=_cache(cache_dir), cache_write=False, progress=False)):
+            return export_beside(m, model_dir, precision)
+    if precision != "fp32":
+        raise ConfigError(f"--precision {precision} runs an ONNX export of the model, and {why}")
+    _note(f"note: predicting with torch: {why}")
+    return m
 
 
 @app.command()
@@ -593,7 +645,9 @@ def export(
         raise ConfigError(f"--format {format_!r} is not supported; formats: onnx")
     m = load_method(model_dir)
     with m.using(RunContext(cache=_cache(cache_dir), progress=False)):
-        result = export_onnx(m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None)
+        result = export_onnx(
+            m, out or model_dir / "model.onnx", check_images=[str(p) for p in check] or None, model_dir=model_dir
+        )
     console.print(
         f"wrote {result.graph} and {result.sidecar}: {result.inputs} -> probabilities of {len(m.classnames)} "
         f"classes; checked on {result.checked} image(s), max |difference| {result.max_diff:.2e}"

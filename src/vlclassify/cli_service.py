@@ -43,6 +43,9 @@ def serve(
         10.0, min=0.001, help="Seconds a connection has to send a request's headers (then it is closed)."
     ),
     log_level: str = typer.Option("info", help="uvicorn and service log level."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, or int8: an exported model's trunk quantised (see docs/benchmarks.md for when it pays)."
+    ),
 ) -> None:
     """Serve a fitted model over HTTP: /predict, /predict/batch, /explain, a web page at /, /metrics."""
     from .features.runtime import cpu_count
@@ -65,6 +68,7 @@ def serve(
         allowed_hosts=hosts if hosts is not None else default_hosts(host),
         batching=BatchConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size),
         connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections),
+        precision=precision,
     )
     run_server(
         str(model_dir),

@@ -14,6 +14,12 @@ in torch and written with a JSON sidecar (classes, preprocessing, calibration, d
     graph: pixels [n, 3, H, W] float32 (the backbone's `preprocess`) -> probs [n, C] float32
                                                                         (open_set [n] float32)
 
+The sidecar also records what the graph was made from (the model folder's config.json, the
+backbone's weight files), its own SHA-256 and the numpy pixel recipe, so onnx_predict.py can use an
+export beside a model without torch, and `export_beside` re-makes it when it is damaged or stale.
+`--precision int8` adds `model-int8.onnx`: the same graph with its convolutions quantised
+(features/runtime.py `quantize_int8`), sidecar `model-int8.onnx.json`.
+
 Methods whose inference is something else (CMA-CLIP, DiCLS and iCAR run parts of the backbone
 with their own weights), and configurations that read the paired text's embedding, are refused
 in one line: their graphs would need the text encoder and tokenizer as inputs.
@@ -36,10 +42,11 @@ from .data.items import Dataset, Item
 from .errors import ConfigError
 from .features.runtime import has_trunk, trunk_of
 from .methods.base import Method, feature_keys, methods_tagged
+from .pixels import recipe_pixels
 from .trust.openset import score_tensors
-from .utils import atomic_path, write_json
+from .utils import atomic_path, cached_file_fingerprint, read_json, sha256_file, write_json
 
-EXPORT_VERSION = 1  # the sidecar's format
+EXPORT_VERSION = 2  # the sidecar's format (2: source, graph_sha256, pixels)
 OPSET = 17
 TOLERANCE = 1e-4  # largest |graph - predict_proba| accepted
 
@@ -142,12 +149,26 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def pixel_recipe_checked(method: Method, items: list[Item], pixels: torch.Tensor) -> dict | None:
+    """The backbone's numpy pixel recipe when it gives `pixels` (its `preprocess`) to 1e-6, else None."""
+    recipe = method.backbone.pixel_recipe()
+    if recipe is None:
+        return None
+    size = method.backbone.image_size
+    again = np.stack([recipe_pixels(decode(it, size=size), recipe) for it in items])  # [n, 3, H, W]
+    return recipe if np.abs(again - pixels.numpy()).max() <= 1e-6 else None
+
+
 def export_onnx(
-    method: Method, out: str | Path, check_images: Sequence[str | np.ndarray] | None = None
+    method: Method,
+    out: str | Path,
+    check_images: Sequence[str | np.ndarray] | None = None,
+    model_dir: str | Path | None = None,
 ) -> ExportResult:
     """Write `out` (the graph) and `out` + ".json" (the sidecar), after checking the graph in ONNX
     Runtime against `method.predict_proba` on `check_images` (files or uint8 arrays; default:
-    generated ones). Nothing is written if the check fails."""
+    generated ones). Nothing is written if the check fails. `model_dir`: the folder `method` was
+    loaded from, whose config.json the sidecar fingerprints (a refit makes the export stale)."""
     problem = export_problem(method)
     if problem:
         raise ConfigError(problem)
@@ -187,6 +208,7 @@ def export_onnx(
                 f"on {len(items)} image(s); nothing written"
             )
         decision = method.decision()
+        config = Path(model_dir) / "config.json" if model_dir is not None else None
         write_json(
             sidecar,
             {
@@ -223,6 +245,57 @@ def export_onnx(
                 "unknown": {"rule": rule.describe(), **rule.to_dict(), "applies": not method.multilabel},
                 "backbone": {"name": bb.name, "weights": bb.weights_fingerprint()},
                 "check": {"images": len(items), "max_abs_diff": diff, "tolerance": TOLERANCE},
+                "precision": "fp32",
+                "graph_sha256": sha256_file(tmp),
+                "pixels": pixel_recipe_checked(method, items, pixels),
+                "source": {
+                    "config_sha256": sha256_file(config) if config is not None else None,
+                    "backbone_files": {f: cached_file_fingerprint(f) for f in bb.weight_files()},
+                },
             },
         )
     return ExportResult(out, sidecar, f"pixels [n, 3, {size}, {size}]", len(items), diff)
+
+
+def onnx_problem(method: Method) -> str | None:
+    """Why `method` cannot predict through an export without torch (one line), or None."""
+    problem = export_problem(method)
+    if problem is None and method.backbone.pixel_recipe() is None:
+        problem = f"backbone {method.backbone.name}'s preprocessing is not a numpy recipe (pixels.py)"
+    return problem
+
+
+def export_beside(method: Method, model_dir: str | Path, precision: str = "fp32") -> Path:
+    """The export onnx_predict.py answers from, beside the folder `method` was loaded from: made
+    (or made again: missing, stale, damaged) only when `export_problem_here` says so; `int8` also
+    quantises it (model-int8.onnx). -> the graph of `precision`. Check `onnx_problem` first."""
+    from .features.runtime import calibration_pixels, quantize_int8
+    from .onnx_predict import export_problem_here, graph_path, sidecar_path
+
+    model_dir = Path(model_dir)
+    fp32 = graph_path(model_dir)
+    if export_problem_here(model_dir) is not None:
+        export_onnx(method, fp32, model_dir=model_dir)
+    if precision == "fp32":
+        return fp32
+    int8 = graph_path(model_dir, precision)
+    if export_problem_here(model_dir, precision) is not None:
+        side = read_json(sidecar_path(fp32))
+        with atomic_path(int8) as tmp:
+            quant = quantize_int8(fp32, tmp, calibration_pixels(method.backbone))
+            bb = method.backbone
+            pixels = torch.stack([bb.preprocess(decode(it, size=bb.image_size)) for it in check_items(None)]).numpy()
+            diff = float(
+                np.abs(
+                    _session(tmp).run(None, {"pixels": pixels})[0] - _session(fp32).run(None, {"pixels": pixels})[0]
+                ).max()
+            )
+            side.update(
+                graph=int8.name,
+                precision="int8",
+                graph_sha256=sha256_file(tmp),
+                quantization=quant,
+                check={"images": len(pixels), "max_abs_diff_vs_fp32": diff},
+            )
+            write_json(sidecar_path(int8), side)
+    return int8

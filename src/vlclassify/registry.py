@@ -12,10 +12,17 @@ class Registry(Generic[T]):
     """Maps a public name to an entry of type `T` (a factory, a class, a preset); `kind` only appears
     in error messages."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, load: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._docs: dict[str, str] = {}
+        self._load = load  # imports the modules that register entries, once, at the first lookup
+
+    def _loaded(self) -> dict[str, T]:
+        if self._load is not None:
+            load, self._load = self._load, None
+            load()
+        return self._entries
 
     def register(self, name: str, doc: str = "") -> Callable[[T], T]:
         """Decorator (or plain call) adding an entry under `name`; `doc` defaults to the first line
@@ -37,18 +44,19 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """Every registered name, sorted (the order listings and error messages use)."""
-        return sorted(self._entries)
+        return sorted(self._loaded())
 
     def describe(self, name: str) -> str:
         """The one-line description registered with `name` ("" if none)."""
+        self._loaded()
         return self._docs.get(name, "")
 
     def get(self, name: str) -> T:
         """The entry registered as `name`; a KeyError naming the available ones otherwise."""
         try:
-            return self._entries[name]
+            return self._loaded()[name]
         except KeyError:
             raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._loaded()

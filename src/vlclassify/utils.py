@@ -1,4 +1,8 @@
-"""Small helpers shared across the package: atomic writes, hashing, seeding, JSON."""
+"""Small helpers shared across the package: atomic writes, hashing, seeding, JSON.
+
+torch is imported inside the two helpers that use it: the ONNX predict path (onnx_predict.py)
+imports this module and must not start torch.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
 def default_cache_dir() -> Path:
@@ -152,6 +155,8 @@ def seeded(seed: int) -> Iterator[None]:
     own seed, and nothing outside the block sees its draws (the global RNG is never reseeded for
     good). Data order uses explicit `torch.Generator`s, few-shot sampling `random.Random(seed)`.
     """
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -169,6 +174,8 @@ def torch_threads(threads: int | None = 0, work: int | None = None) -> Iterator[
     loaded (load average >= cores: a VT-CLIP step took 3 s with 2 threads and 0.34 s with 1 at
     load 16 on 2 cores), else the current setting.
     """
+    import torch
+
     old = torch.get_num_threads()
     if threads:
         n = int(threads)

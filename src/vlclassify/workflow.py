@@ -21,16 +21,19 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from .context import RunContext
 from .data.items import Dataset, Item
 from .errors import DataError
-from .methods.base import MULTI, SINGLE, TASKS, TEXT, Encoded, Method
 from .methods.decision import Prediction
+from .methods.tags import MULTI, SINGLE, TASKS, TEXT
 from .metrics.openset import KEEP
+
+if TYPE_CHECKING:  # the methods import torch; `predict` with an ONNX export (onnx_predict.py) must not
+    from .methods.base import Encoded, Method
 
 Log = Callable[[str], None]
 
@@ -53,6 +56,7 @@ def absolute_spec(spec: str) -> str:
 
 def validation_scores(m: Method, val: Dataset | Encoded, ctx: RunContext | None = None) -> dict[str, float]:
     """Headline validation numbers (metrics.score): accuracy, or mAP and micro-F1 (multi-label)."""
+    from .methods.base import Encoded
     from .metrics import score
 
     ds = val.dataset if isinstance(val, Encoded) else val
@@ -466,12 +470,13 @@ def predict_items(
     """The items to predict: image files, every image under a folder given among them (hidden files
     and folders left out), or every item of a data spec; and their true labels by item name when
     the data has them."""
-    from .data import load_data
     from .data.loaders import IMAGE_EXTS, file_key
 
     if texts and len(texts) != len(images):
         raise DataError(f"predict: {len(texts)} --text value(s) for {len(images)} image(s); give one per image")
     if data:
+        from .data import load_data
+
         parts = list(load_data(data).values())
     else:
         items = []

@@ -121,6 +121,16 @@ class Backbone(nn.Module):
         """The image preprocessing as JSON: part of the feature cache key, so a changed recipe recomputes."""
         raise NotImplementedError
 
+    def pixel_recipe(self) -> dict[str, Any] | None:
+        """The numpy recipe (pixels.py) that `preprocess` is, for the ONNX predict path; None when
+        `preprocess` is something else (then an exported model predicts with torch)."""
+        return None
+
+    def weight_files(self) -> list[str]:
+        """The files the weights are read from: an ONNX export records their fingerprints, so the
+        predict path sees new weights (a re-export) without building the backbone."""
+        return []
+
     @torch.no_grad()
     def encode_texts_normalized(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """[N, D] L2-normalised global text embeddings, computed in batches."""
@@ -242,32 +252,6 @@ def last_real(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pooling (the EOT token ends every right-padded CLIP tokenization)."""
     idx = mask.long().sum(1).clamp_min(1) - 1
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-
-
-def pil_to_unit_array(
-    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
-) -> np.ndarray:
-    """Resize the short side to `size`, centre-crop to size x size -> [3, size, size] float32 in [0, 1].
-
-    Pure PIL + numpy on purpose: decode threads then never start torch's intra-op thread pool,
-    which costs ~10 ms per small op when the cores are busy with the model.
-    """
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1), dtype=np.float32)
-    arr /= np.float32(255.0)
-    return arr
-
-
-def pil_to_unit_tensor(
-    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
-) -> torch.Tensor:
-    """`pil_to_unit_array` as a tensor: [3, size, size] in [0, 1]."""
-    return torch.from_numpy(pil_to_unit_array(image, size, resample))
 
 
 def hf_token_strings(tokenizer: Any, batch: dict[str, torch.Tensor]) -> list[list[str]]:

@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from ..errors import ConfigError
+from ..pixels import recipe_pixels
 from ..utils import cached_file_fingerprint, default_cache_dir, json_fingerprint
 from .base import (
     Backbone,
@@ -43,7 +44,6 @@ from .base import (
     copy_module,
     first_output,
     hf_token_strings,
-    pil_to_unit_array,
     quiet_from_pretrained,
     ridge_bridge,
 )
@@ -181,21 +181,23 @@ class EffNetMiniLM(Backbone):
     # ---- identity -----------------------------------------------------------------------
     def weights_fingerprint(self) -> str:
         """Hash of the EfficientNet and MiniLM weight files (remembered per path, size and mtime)."""
-        return json_fingerprint(
-            [_fingerprint(self._weights_path), _fingerprint(str(self._text_dir / "model.safetensors"))]
-        )
+        return json_fingerprint([_fingerprint(p) for p in self.weight_files()])
+
+    def weight_files(self) -> list[str]:
+        """The EfficientNet checkpoint and MiniLM's safetensors."""
+        return [str(self._weights_path), str(self._text_dir / "model.safetensors")]
 
     def preprocess_config(self) -> dict[str, Any]:
         """The resize / crop / range recipe, for the feature cache key."""
         return {"resize": "short-side bicubic + centre crop", "size": self.image_size, "range": [-1, 1]}
 
     # ---- images -------------------------------------------------------------------------
+    def pixel_recipe(self) -> dict[str, Any]:
+        """Short side to `image_size`, centre crop, [-1, 1]: EfficientNet-Lite was trained on (x - 127.5) / 127.5."""
+        return {"size": self.image_size, "range": [-1.0, 1.0]}
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        # EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127.5) / 127.5).
-        arr = pil_to_unit_array(image, self.image_size)  # [3, H, W] in [0, 1], numpy: no torch threads
-        arr *= np.float32(2.0)
-        arr -= np.float32(1.0)
-        return torch.from_numpy(arr)
+        return torch.from_numpy(recipe_pixels(image, self.pixel_recipe()))  # [3, H, W]
 
     def _to_text_space(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [..., 1000] -> [..., D]: the ConSE convex combination of class-name embeddings.

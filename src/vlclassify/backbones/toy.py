@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..pixels import recipe_pixels
 from ..utils import json_fingerprint
-from .base import Backbone, BackboneSplit, ImageFeatures, TextFeatures, copy_module, pil_to_unit_tensor
+from .base import Backbone, BackboneSplit, ImageFeatures, TextFeatures, copy_module
 from .registry import register_backbone
 
 
@@ -90,8 +92,12 @@ class ToyBackbone(Backbone):
         """The image size, for the feature cache key."""
         return {"size": self.image_size}
 
+    def pixel_recipe(self) -> dict[str, Any]:
+        """Short side to `image_size`, centre crop, [0, 1]."""
+        return {"size": self.image_size, "range": [0.0, 1.0]}
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return pil_to_unit_tensor(image, self.image_size)
+        return torch.from_numpy(recipe_pixels(image, self.pixel_recipe()))  # [3, H, W]
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         return _image_head(self._cells(pixels, 0), self.cell_blocks, self.proj, self.grid)

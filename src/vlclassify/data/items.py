@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import DataError
 from ..utils import json_fingerprint
 from .classes import check_spellings
 from .source import ImageSource, as_source
+
+if TYPE_CHECKING:  # torch is imported where features are indexed: Item and Dataset serve the torch-free predict path
+    import torch
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class PrecomputedFeatures:
 
     def index(self, idx: Sequence[int] | np.ndarray) -> PrecomputedFeatures:
         """The rows at `idx`, so splits of a feature file stay aligned with their items."""
+        import torch
+
         idx_t = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:

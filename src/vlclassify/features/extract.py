@@ -187,10 +187,12 @@ def _plan(backbone: Backbone, runtime: str, device: str, precision: str) -> _Pla
     dev = resolve_device(device, _local_rank())
     prec = resolve_precision(dev, precision)
     rt = resolve_runtime(backbone, runtime, dev)
-    if rt == "onnx" and prec != "fp32":
+    if rt == "onnx" and prec not in ("fp32", "int8"):
         rt = "torch" if runtime == "auto" else rt  # make_encoder raises for an explicit onnx + fp16/bf16
     chosen = encoder_name(rt, dev, prec)
-    accepted = [chosen] + ([r for r in FP32_CPU_RUNTIMES if r != chosen] if runtime == "auto" else [])
+    # int8 rows are their own feature space: never served from, or mixed with, fp32 rows
+    interchangeable = runtime == "auto" and prec != "int8"
+    accepted = [chosen] + ([r for r in FP32_CPU_RUNTIMES if r != chosen] if interchangeable else [])
     return _Plan(dev, prec, chosen, accepted)
 
 
@@ -342,10 +344,11 @@ def extract_features(
     raising. `workers` decode threads (None: half the cores, at least one). `runtime` runs the
     image trunk in "torch", "onnx" (ONNX Runtime) or "auto" (onnx when importable on CPU);
     "auto" accepts rows made by either (they agree to float rounding). `device` auto|cpu|cuda[:i]
-    (auto: CUDA when present) and `precision` auto|fp32|fp16|bf16 (auto: bf16/fp16 autocast on a
-    GPU, fp32 on CPU); see features/runtime.py. `write=False` reads stored rows but keeps the new
-    ones in memory only (predict and the service: a user's images do not fill their cache). Data read from a feature
-    file (`dataset.features`, data/precomputed.py) is returned as it is: nothing is computed.
+    (auto: CUDA when present) and `precision` auto|fp32|fp16|bf16|int8 (auto: bf16/fp16 autocast on
+    a GPU, fp32 on CPU; int8: the quantised ONNX trunk, rows of their own); see features/runtime.py.
+    `write=False` reads stored rows but keeps the new ones in memory only (predict and the service:
+    a user's images do not fill their cache). Data read from a feature file (`dataset.features`,
+    data/precomputed.py) is returned as it is: nothing is computed.
     """
     if dataset.features is not None:
         return precomputed_feature_set(backbone, dataset, views, spatial, text)

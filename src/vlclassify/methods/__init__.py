@@ -1,14 +1,44 @@
-"""Methods: one file per method, registered by name when this package is imported."""
+"""Methods: one file per method, each registering itself by name when imported.
+
+The names below are imported on first use (PEP 562), and the method modules on the registry's
+first lookup (`METHODS`): `methods.decision` (how scores become answers) is torch-free, and the
+ONNX predict path (onnx_predict.py) reads it without importing torch.
+"""
+
+from __future__ import annotations
 
 import importlib
-import pkgutil
+from typing import TYPE_CHECKING, Any
 
-from .base import Encoded, Method, load_method
-from .registry import METHODS, create_method, list_methods, register_method
+if TYPE_CHECKING:  # `x as x`: explicit re-exports, for type checkers and linters
+    from .base import Encoded as Encoded
+    from .base import Method as Method
+    from .base import load_method as load_method
+    from .registry import METHODS as METHODS
+    from .registry import create_method as create_method
+    from .registry import list_methods as list_methods
+    from .registry import register_method as register_method
 
-_SUPPORT = {"base", "decision", "registry", "tags", "templates"}
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name not in _SUPPORT and not _m.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m.name}")  # each method module registers itself
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Encoded": ".base",
+    "Method": ".base",
+    "load_method": ".base",
+    "METHODS": ".registry",
+    "create_method": ".registry",
+    "list_methods": ".registry",
+    "register_method": ".registry",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["Encoded", "Method", "METHODS", "create_method", "list_methods", "load_method", "register_method"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

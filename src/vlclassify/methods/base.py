@@ -79,15 +79,18 @@ from ..training.trainer import BatchFn
 from ..trust.calibration import Calibration, identity
 from ..trust.model import Trust, fit_trust, open_set_feature
 from ..utils import atomic_path, read_json, seeded, sha256_file
+from .decision import MAIN as MAIN  # the main task's name, re-exported: the method modules import it from here
 from .decision import DecisionRule, Prediction, choose_rule, default_rule, task_prediction
+from .tags import KINDS as KINDS  # the kinds, re-exported: methods and tests import them from here
+from .tags import MULTI as MULTI
+from .tags import SINGLE as SINGLE
+from .tags import TASKS as TASKS
+from .tags import TEXT as TEXT
 from .tags import Tags
 from .templates import cached_template_embeddings
 
 FORMAT_VERSION = 2
-SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
-KINDS = (SINGLE, MULTI, TEXT, TASKS)
 FEATURES = KEYS  # image (joint embedding), pooled, spatial, text, trunk (activations at a backbone.split cut)
-MAIN = "label"  # the task name of a dataset's main label
 
 
 @dataclass
@@ -219,7 +222,23 @@ def as_dataset(items: Dataset | Sequence[Item] | Sequence[str], classnames: Sequ
     return Dataset(items=cast(list[Item], rows), classnames=list(classnames), name="input")
 
 
-METHODS: Registry[type[Method]] = Registry("method")  # filled by registry.register_method
+SUPPORT = {"base", "decision", "registry", "tags", "templates"}  # the package's modules that are not methods
+
+
+def _import_methods() -> None:
+    """Import every method module of the package: each registers itself (registry.register_method).
+    Run at the registry's first lookup, so that importing `methods` (or `methods.decision`) alone
+    imports no method and no torch."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__package__ or "vlclassify.methods")
+    for m in pkgutil.iter_modules(package.__path__):
+        if m.name not in SUPPORT and not m.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{m.name}")
+
+
+METHODS: Registry[type[Method]] = Registry("method", load=_import_methods)  # filled by registry.register_method
 
 
 class Method:

@@ -32,6 +32,7 @@ from ..metrics.ranking import recall_at_precision
 from ..training.selection import select_best
 
 KINDS = ("argmax", "precision", "thresholds")
+MAIN = "label"  # the task name of a dataset's main label
 MIN_EVIDENCE = 10  # validation predictions of a class before it gets a threshold of its own
 # multi-label threshold candidates (ties go to the one nearest 0.5); small values serve softmax scores
 GRID = sorted({*np.round(THRESHOLD_GRID, 4).tolist(), 0.01, 0.02, 0.03, 0.04})

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# the kinds of data a method takes (`Method.kinds`): here, torch-free, so the workflow's predict
+# helpers (and the ONNX predict path through them) read them without importing the methods
+SINGLE, MULTI, TEXT, TASKS = "single-label", "multi-label", "paired-text", "multi-task"
+KINDS = (SINGLE, MULTI, TEXT, TASKS)
 ACTIVATIONS = ("auto", "softmax", "sigmoid")
 FIGURES = ("tsne", "alignment")
 

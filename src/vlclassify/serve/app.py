@@ -50,6 +50,7 @@ from ..data.source import BytesSource
 from ..errors import ConfigError, DataError, VLClassifyError
 from ..features import FeatureCache
 from ..methods.base import TEXT, Method
+from ..onnx_predict import OnnxModel
 from .batching import BatchConfig, MicroBatcher, QueueFull
 from .protocol import ConnectionLimits, error_body
 
@@ -92,6 +93,7 @@ class ServeConfig:
     max_requests: int = 256  # requests in progress (not sockets); more get 503 + Retry-After
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host header names answered ("*": any)
     batching: BatchConfig = field(default_factory=BatchConfig)
+    precision: str = "fp32"  # an exported model answers from its ONNX graph: fp32, or int8 (its trunk quantised)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
@@ -468,11 +470,12 @@ class Upload:
 class Service:
     """The model, its batcher, the decode pool, and the route handlers."""
 
-    def __init__(self, method: Method, config: ServeConfig) -> None:
+    def __init__(self, method: Method, config: ServeConfig, onnx: OnnxModel | None = None) -> None:
         # served images never touch the feature cache: it would grow with every upload, and its
         # entries are keyed by item names, which clients choose
         self.ctx = RunContext(cache=FeatureCache(enabled=False), progress=False)
         self.method, self.config = method, config
+        self.onnx = onnx  # the model's ONNX export answers /predict when it has one (onnx_predict.py)
         self.metrics = Metrics()
         self.takes_text = TEXT in method.takes()
         self.batcher = MicroBatcher(
@@ -499,9 +502,13 @@ class Service:
         start = time.perf_counter()
         m = self.method
         items = [Item(image=j.image, text=j.text if self.takes_text else None, key=j.name) for j in jobs]
-        preds = m.predict_results(
-            Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs), ctx=self.ctx
-        )
+        top = max(j.top for j in jobs)
+        if self.onnx is not None:
+            preds = self.onnx.predict_results(items, top=top)
+        else:
+            preds = m.predict_results(
+                Dataset(items=items, classnames=m.classnames, name="serve"), top=top, ctx=self.ctx
+            )
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
         return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
 
@@ -663,6 +670,7 @@ class Service:
                 "unknown": {"rule": m.trust.open_set.describe(), **m.trust.open_set.to_dict()},
                 "backbone": {"name": bb.name, "embed_dim": bb.embed_dim, "image_size": bb.image_size},
                 "takes_text": self.takes_text,
+                "runtime": f"onnx-{self.onnx.precision}" if self.onnx is not None else "torch",
                 "explain": type(m).tags.explain,
                 "limits": {
                     "max_bytes": c.max_bytes,
@@ -739,13 +747,14 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return Refused(exc.status_code, code, message, str(exc.detail), dict(exc.headers or {})).response()
 
 
-def create_app(method: Method, config: ServeConfig | None = None) -> Starlette:
+def create_app(method: Method, config: ServeConfig | None = None, onnx: OnnxModel | None = None) -> Starlette:
     """The ASGI app serving a fitted `method` (see the module docstring); the method's feature
-    cache is switched off (served images must not grow it)."""
+    cache is switched off (served images must not grow it). `onnx`: its export, which then answers
+    the predictions."""
     from starlette.middleware import Middleware
 
     config = config or ServeConfig()
-    svc = Service(method, config)
+    svc = Service(method, config, onnx)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -796,13 +805,11 @@ def app_from_env() -> Starlette:
     import json
     import os
 
-    from ..methods import load_method
-
     raw = os.environ.get(SERVE_ENV)
     if not raw:
         raise ConfigError(f"{SERVE_ENV} is not set: start the service with `vlclassify serve MODEL_DIR`")
     spec = json.loads(raw)
-    return create_app(load_method(spec["model"]), config_from_dict(spec["config"]))
+    return model_app(spec["model"], config_from_dict(spec["config"]))
 
 
 def config_from_dict(d: dict[str, Any]) -> ServeConfig:
@@ -835,8 +842,6 @@ def serve(
 
     import uvicorn
 
-    from ..methods import load_method
-
     config = config or ServeConfig()
     check_bind(host, config.token, insecure)
     if workers < 1:
@@ -855,9 +860,7 @@ def serve(
     )
     # one process: the model is loaded here, so a bad model folder is a one-line error before the
     # port opens; several: each worker loads it through the factory (uvicorn needs an import string)
-    app: Starlette | str = (
-        create_app(load_method(model_dir), config) if workers == 1 else "vlclassify.serve.app:app_from_env"
-    )
+    app: Starlette | str = model_app(model_dir, config) if workers == 1 else "vlclassify.serve.app:app_from_env"
     ucfg = uvicorn.Config(
         app,
         factory=workers > 1,
@@ -881,3 +884,28 @@ def serve(
     from uvicorn.supervisors import Multiprocess
 
     Multiprocess(ucfg, sockets=[ucfg.bind_socket()]).run()
+
+
+def model_app(model_dir: str, config: ServeConfig) -> Starlette:
+    """The app for the model folder: the model loaded, and its ONNX export (made or re-made
+    beside it when needed) answering the predictions where it has one."""
+    from ..methods import load_method
+
+    method = load_method(model_dir)
+    return create_app(method, config, _export_of(method, model_dir, config.precision))
+
+
+def _export_of(method: Method, model_dir: str, precision: str) -> OnnxModel | None:
+    """The model's ONNX export, or None for a model that has none (it is served with torch; int8
+    needs the export)."""
+    from ..export import export_beside, onnx_problem
+
+    why = onnx_problem(method)
+    if why is None:
+        with method.using(RunContext(cache=FeatureCache(enabled=False), progress=False)):
+            export_beside(method, model_dir, precision)
+        return OnnxModel(model_dir, precision)
+    if precision != "fp32":
+        raise ConfigError(f"serve --precision {precision} runs an ONNX export of the model, and {why}")
+    log.info("serving with torch: %s", why)
+    return None

@@ -1,17 +1,49 @@
-"""The one training loop (multi-stage, keep-best, resumable, DDP) and the one selection rule."""
+"""The one training loop (multi-stage, keep-best, resumable, DDP) and the one selection rule.
 
-from .selection import Selection, select_best
-from .trainer import Stage, StageResult, Trainer, TrainResult, shard_rows, stage_from_dict, to_device, unwrap
+The names below are imported on first use (PEP 562): `training.selection` is torch-free and the
+decision rules (methods/decision.py) use it on the ONNX predict path, which must not import torch.
+"""
 
-__all__ = [
-    "Selection",
-    "Stage",
-    "StageResult",
-    "TrainResult",
-    "Trainer",
-    "select_best",
-    "shard_rows",
-    "stage_from_dict",
-    "to_device",
-    "unwrap",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # `x as x`: explicit re-exports, for type checkers and linters
+    from .selection import Selection as Selection
+    from .selection import select_best as select_best
+    from .trainer import Stage as Stage
+    from .trainer import StageResult as StageResult
+    from .trainer import Trainer as Trainer
+    from .trainer import TrainResult as TrainResult
+    from .trainer import shard_rows as shard_rows
+    from .trainer import stage_from_dict as stage_from_dict
+    from .trainer import to_device as to_device
+    from .trainer import unwrap as unwrap
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Selection": ".selection",
+    "select_best": ".selection",
+    "Stage": ".trainer",
+    "StageResult": ".trainer",
+    "TrainResult": ".trainer",
+    "Trainer": ".trainer",
+    "shard_rows": ".trainer",
+    "stage_from_dict": ".trainer",
+    "to_device": ".trainer",
+    "unwrap": ".trainer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
