@@ -14,9 +14,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .cli_options import (
+    BACKBONE_OPT,
+    BACKBONE_OPTS,
+    CACHE_OPT,
+    CACHE_WRITE_OPT,
+    MODEL_ARG,
+    OVERWRITE_OPT,
+    PRESET_OPT,
+    SKIP_BAD_OPT,
+    _backbone,
+    _cache,
+    _note,
+    console,
+    err,
+    parse_ints,
+)
 from .cli_service import register as register_service_commands
 from .context import RunContext
 from .errors import VLClassifyError
@@ -29,27 +44,6 @@ app.add_typer(data_app, name="data")
 cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: what it holds, and trimming it.")
 app.add_typer(cache_app, name="cache")
 register_service_commands(app)
-# soft_wrap: a line is never cut; highlight/markup off: method specs and paths print as given
-console = Console(soft_wrap=True, highlight=False, markup=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
-
-BACKBONE_OPT = typer.Option("effnet-minilm", "--backbone", "-b", help="Backbone name (see `vlclassify backbones`).")
-BACKBONE_OPTS = typer.Option([], "--backbone-opt", help="Backbone option key=value (repeatable), e.g. path=./clip.")
-CACHE_OPT = typer.Option(
-    None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify)."
-)
-CACHE_WRITE_OPT = typer.Option(
-    False, "--cache-write", help="Store the features of new images in the cache (default: read it, write nothing)."
-)
-SKIP_BAD_OPT = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing.")
-OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace the vlclassify model in a non-empty --out folder.")
-MODEL_ARG = typer.Argument(..., help="A folder written by `vlclassify fit`.")
-PRESET_OPT = typer.Option(
-    None,
-    "--preset",
-    help="Settings by name, comma-separated (see `vlclassify methods --presets`); a CoOp split file applies its "
-    "dataset's preset (coop-<dataset>) unless 'none'.",
-)
 
 
 @app.callback()
@@ -57,33 +51,6 @@ def _consoles() -> None:
     """A pipe or a file is not a terminal: lines and tables are never wrapped to 80 columns there."""
     for c in (console, err):
         c.width = c.width if c.is_terminal else 1 << 16
-
-
-def parse_ints(text: str, what: str) -> list[int]:
-    """`1,2,4` -> [1, 2, 4]; a value that is not a positive integer is a one-line error naming it."""
-    from .errors import DataError
-
-    out = []
-    for part in text.split(","):
-        try:
-            v = int(part)
-        except ValueError:
-            raise DataError(f"--{what}: {part.strip()!r} is not an integer (expected e.g. 1,2,4)") from None
-        out.append(v)
-    return out
-
-
-def _backbone(name: str, opts: list[str]):
-    from .backbones import create_backbone
-    from .utils import parse_options
-
-    return create_backbone(name, **parse_options(opts))
-
-
-def _cache(cache_dir: Path | None):
-    from .features import FeatureCache
-
-    return FeatureCache(cache_dir)
 
 
 def _command() -> str:
@@ -98,10 +65,6 @@ def _stem(prefix: str, data: str) -> str:
 
 def _log(line: str) -> None:
     console.print(line)
-
-
-def _note(line: str) -> None:
-    err.print(line)
 
 
 def _report(table: str, paths) -> None:
@@ -392,85 +355,6 @@ def update(
         )
         result.save(out)
         console.print(f"saved to {out}")
-
-
-@app.command()
-def suggest(
-    pool: str = typer.Option(..., "--pool", help="Unlabelled images: a folder or any data spec (labels ignored)."),
-    n: int = typer.Option(..., "-n", min=1, help="How many images to suggest."),
-    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: image (then guess, score), best first."),
-    model: Path | None = typer.Option(None, "--model", help="A fitted model: ranks by its doubt, guesses a class."),
-    strategy: str = typer.Option("auto", help="auto | typical | margin | entropy | coreset | random."),
-    seed: int = typer.Option(1, help="Seed (the same seed gives the same list)."),
-    exclude: Path | None = typer.Option(None, "--exclude", help="A labels CSV: its images are never suggested."),
-    backbone: str = BACKBONE_OPT,
-    cache_dir: Path | None = CACHE_OPT,
-) -> None:
-    """Which images to label next (docs/labelling.md); the model's training images are never suggested."""
-    from .suggest import suggest_to_csv
-
-    bb = None if model else _backbone(backbone, [])
-    rows = suggest_to_csv(
-        pool,
-        n,
-        out,
-        model_dir=model,
-        exclude=exclude,
-        strategy=strategy,
-        seed=seed,
-        ctx=RunContext(cache=_cache(cache_dir)),
-        backbone=bb,
-    )
-    console.print(f"{len(rows)} image(s) to label ({rows[0].strategy if rows else strategy}) -> {out}", markup=False)
-
-
-@app.command()
-def label(
-    pool: str = typer.Option(..., "--pool", help="Unlabelled images: a folder or any data spec of image files."),
-    classes: str = typer.Option(..., "--classes", help="Classes as 'a,b,c' or a file with one a line."),
-    labels: Path = typer.Option(
-        ..., "--labels", help="labels.csv: each answer is appended at once; reopening resumes."
-    ),
-    model: Path | None = typer.Option(
-        None, "--model", help="A fitted model: orders the buttons, refreshed as you label."
-    ),
-    refresh_every: int = typer.Option(10, min=1, help="Refresh the model (update, else refit) every K labels."),
-    budget: int | None = typer.Option(None, min=1, help="Labels to collect (default: the whole pool)."),
-    multilabel: bool = typer.Option(
-        False, "--multi-label", help="Several classes per image (toggles); default: the model's."
-    ),
-    strategy: str = typer.Option(
-        "auto", help="Which image next: auto | typical | margin | entropy | coreset | random."
-    ),
-    seed: int = typer.Option(1, help="Seed of the suggestions."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; beyond loopback a --token is required."),
-    port: int = typer.Option(8001, help="TCP port."),
-    token: str | None = typer.Option(None, envvar="VLCLASSIFY_TOKEN", help="Require this token (as `serve`)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
-    cache_dir: Path | None = CACHE_OPT,
-) -> None:
-    """A labelling page: the next image worth labelling, the classes as buttons; answers go to --labels."""
-    from .data.classes import parse_classes
-    from .serve import ServeConfig
-    from .serve.app import default_hosts
-    from .serve.label import LabelSession
-    from .serve.label import label as run_page
-    from .suggest import load_pool
-
-    session = LabelSession(
-        load_pool(pool),
-        parse_classes(classes)[0],
-        labels,
-        model_dir=model,
-        multilabel=multilabel or None,
-        refresh_every=refresh_every,
-        budget=budget,
-        strategy=strategy,
-        seed=seed,
-        ctx=RunContext(cache=_cache(cache_dir)),
-    )
-    config = ServeConfig(token=token or None, allowed_hosts=default_hosts(host))  # `serve`'s Host rule
-    run_page(session, host=host, port=port, config=config, insecure=insecure)
 
 
 @app.command("eval")

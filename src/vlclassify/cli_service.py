@@ -1,12 +1,14 @@
-"""The service's commands (`vlclassify serve`): many operator options, none of the workflow, kept
-apart from cli.py so that the library's commands stay short. Registered on the main app by
-`register`; the service's modules are imported only when a command runs (cold start)."""
+"""The service and the labelling loop (`vlclassify serve`, `suggest`, `label`): many operator options,
+none of the workflow, kept apart from cli.py so that the library's commands stay short. Registered
+on the main app by `register`; their modules are imported only when a command runs (cold start)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from .cli_options import BACKBONE_OPT, CACHE_OPT, _backbone, _cache, console
 
 
 def serve(
@@ -81,6 +83,87 @@ def serve(
     )
 
 
+def label(
+    pool: str = typer.Option(..., "--pool", help="Unlabelled images: a folder or any data spec of image files."),
+    classes: str = typer.Option(..., "--classes", help="Classes as 'a,b,c' or a file with one a line."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="labels.csv: each answer is appended at once; reopening resumes."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="A fitted model: orders the buttons, refreshed as you label."
+    ),
+    refresh_every: int = typer.Option(10, min=1, help="Refresh the model (update, else refit) every K labels."),
+    budget: int | None = typer.Option(None, min=1, help="Labels to collect (default: the whole pool)."),
+    multilabel: bool = typer.Option(
+        False, "--multi-label", help="Several classes per image (toggles); default: the model's."
+    ),
+    strategy: str = typer.Option(
+        "auto", help="Which image next: auto | typical | margin | entropy | coreset | random."
+    ),
+    seed: int = typer.Option(1, help="Seed of the suggestions."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; beyond loopback a --token is required."),
+    port: int = typer.Option(8001, help="TCP port."),
+    token: str | None = typer.Option(None, envvar="VLCLASSIFY_TOKEN", help="Require this token (as `serve`)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without a token."),
+    cache_dir: Path | None = CACHE_OPT,
+) -> None:
+    """A labelling page: the next image worth labelling, the classes as buttons; answers go to --labels."""
+    from .context import RunContext
+    from .data.classes import parse_classes
+    from .serve import ServeConfig
+    from .serve.app import default_hosts
+    from .serve.label import LabelSession
+    from .serve.label import label as run_page
+    from .suggest import load_pool
+
+    session = LabelSession(
+        load_pool(pool),
+        parse_classes(classes)[0],
+        labels,
+        model_dir=model,
+        multilabel=multilabel or None,
+        refresh_every=refresh_every,
+        budget=budget,
+        strategy=strategy,
+        seed=seed,
+        ctx=RunContext(cache=_cache(cache_dir)),
+    )
+    config = ServeConfig(token=token or None, allowed_hosts=default_hosts(host))  # `serve`'s Host rule
+    run_page(session, host=host, port=port, config=config, insecure=insecure)
+
+
+def suggest(
+    pool: str = typer.Option(..., "--pool", help="Unlabelled images: a folder or any data spec (labels ignored)."),
+    n: int = typer.Option(..., "-n", min=1, help="How many images to suggest."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: image (then guess, score), best first."),
+    model: Path | None = typer.Option(None, "--model", help="A fitted model: ranks by its doubt, guesses a class."),
+    strategy: str = typer.Option("auto", help="auto | typical | margin | entropy | coreset | random."),
+    seed: int = typer.Option(1, help="Seed (the same seed gives the same list)."),
+    exclude: Path | None = typer.Option(None, "--exclude", help="A labels CSV: its images are never suggested."),
+    backbone: str = BACKBONE_OPT,
+    cache_dir: Path | None = CACHE_OPT,
+) -> None:
+    """Which images to label next (docs/labelling.md); the model's training images are never suggested."""
+    from .context import RunContext
+    from .suggest import suggest_to_csv
+
+    bb = None if model else _backbone(backbone, [])
+    rows = suggest_to_csv(
+        pool,
+        n,
+        out,
+        model_dir=model,
+        exclude=exclude,
+        strategy=strategy,
+        seed=seed,
+        ctx=RunContext(cache=_cache(cache_dir)),
+        backbone=bb,
+    )
+    console.print(f"{len(rows)} image(s) to label ({rows[0].strategy if rows else strategy}) -> {out}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the service's commands to the `vlclassify` app."""
     app.command()(serve)
+    app.command()(suggest)
+    app.command()(label)
