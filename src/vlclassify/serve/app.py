@@ -502,8 +502,11 @@ class Service:
         preds = m.predict_results(
             Dataset(items=items, classnames=m.classnames, name="serve"), top=max(j.top for j in jobs), ctx=self.ctx
         )
+        out = [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
+        del preds, items
+        _release_free_memory()
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
-        return [_trim(p.to_dict(), j.top) for p, j in zip(preds, jobs, strict=True)]
+        return out
 
     def warm_up(self) -> None:
         """One prediction at start-up: builds the runtime's session before the first request."""
@@ -705,6 +708,29 @@ class Service:
     async def favicon(self, request: Request) -> Response:
         """GET /favicon.svg: the page's icon (the page links it; browsers stop asking /favicon.ico)."""
         return self._asset("favicon.svg")
+
+
+def _libc_trim() -> Any:
+    """glibc's `malloc_trim`, or None elsewhere (musl, macOS: nothing to release this way)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _libc_trim()
+
+
+def _release_free_memory() -> None:
+    """Give the heap's free pages back to the system after a batch. Batches of varying size (and
+    cma-clip's texts padded to each batch's longest) free blocks that glibc's arenas keep: served
+    cma-clip under 16 clients with batching on went from 542 to 958 MB over 400 requests without
+    this, 540 to 632 MB with it, at the same throughput (docs/serving.md, "Memory")."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 def _trim(pred: dict[str, Any], top: int) -> dict[str, Any]:
