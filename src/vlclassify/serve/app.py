@@ -823,7 +823,16 @@ def app_from_env() -> Starlette:
     if not raw:
         raise ConfigError(f"{SERVE_ENV} is not set: start the service with `vlclassify serve MODEL_DIR`")
     spec = json.loads(raw)
-    return create_app(load_method(spec["model"]), config_from_dict(spec["config"]))
+    try:
+        method = load_method(spec["model"])
+    except VLClassifyError as e:  # one line, and uvicorn's start-up failure: the supervisor stops
+        import sys
+
+        from uvicorn.config import STARTUP_FAILURE
+
+        log.error("error: %s", e)
+        sys.exit(STARTUP_FAILURE)
+    return create_app(method, config_from_dict(spec["config"]))
 
 
 def config_from_dict(d: dict[str, Any]) -> ServeConfig:
@@ -899,6 +908,14 @@ def serve(
         signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(0))
         uvicorn.Server(ucfg).run()
         return
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
-    Multiprocess(ucfg, sockets=[ucfg.bind_socket()]).run()
+    sock = ucfg.bind_socket()
+    supervisor = Multiprocess(ucfg, sockets=[sock])
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise ConfigError(f"{model_dir}: the workers could not load the model (the reason is logged above)")
