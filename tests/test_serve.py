@@ -465,3 +465,16 @@ def test_pixel_budget_holds_images_until_answered():
         assert budget.used == 0
 
     asyncio.run(main())
+
+
+def test_free_memory_is_given_back_after_every_batch(zero_shot, monkeypatch):
+    import vlclassify.serve.app as app_module
+
+    assert app_module.MALLOC_TRIM is not None  # glibc: this machine's libc has malloc_trim
+    calls = []
+    monkeypatch.setattr(app_module, "MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
+    with local(create_app(zero_shot)) as c:
+        calls.clear()  # the warm-up batch
+        for _ in range(3):
+            assert c.post("/predict", content=png_bytes(COLORS["red"])).status_code == 200
+    assert calls == [0, 0, 0]

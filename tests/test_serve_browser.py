@@ -248,7 +248,7 @@ def test_page_title_first_errors_shrinking_tasks_and_weights(browser, toy, tmp_p
 
     def with_tasks(data, top=5, *, ctx=None):
         texts.extend(it.text for it in data.items)
-        sizes.extend(it.image.shape[:2] for it in data.items)
+        sizes.extend(it.image.image().size[::-1] for it in data.items)  # (height, width)
         out = plain(data, top=top, ctx=ctx)
         for p in out:
             p.tasks["shade"] = TaskPrediction(["warm and bright"], [("warm and bright", 0.7), ("cold", 0.3)])

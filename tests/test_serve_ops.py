@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -155,7 +156,7 @@ def one_line_json(body: bytes) -> dict:
 # ---- connections ----------------------------------------------------------------------------------
 def test_idle_and_slow_sockets_do_not_starve_anyone(model, tmp_path):
     img = png(40, 30)
-    with serving(model, tmp_path, "--workers", "1", "--header-timeout", "8", "--max-connections", "300") as s:
+    with serving(model, tmp_path, "--workers", "1", "--header-timeout", "20", "--max-connections", "300") as s:
         idle = []
         try:
             for _ in range(250):  # connected, never a byte sent: uvicorn alone 503'd everyone from 191 on
@@ -164,24 +165,21 @@ def test_idle_and_slow_sockets_do_not_starve_anyone(model, tmp_path):
             status, body = s.post("/predict", img)
             assert status == 200 and json.loads(body)["labels"][0] in CLASSES
             for sock in idle[:10]:  # answered while the idle sockets are still open, not once they time out
-                with pytest.raises(BlockingIOError):
-                    sock.recv(1, socket.MSG_DONTWAIT)
+                assert select.select([sock], [], [], 0)[0] == []  # nothing to read: neither data nor EOF
             # slowloris: one header byte per 0.5 s is cut at the header-read timeout like an idle socket
             slow = socket.create_connection((HOST, s.port), timeout=10)
             started, cut = time.monotonic(), None
-            for ch in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 60:
+            for ch in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
                 try:
                     slow.sendall(bytes([ch]))
-                    if slow.recv(1, socket.MSG_DONTWAIT) == b"":
-                        cut = time.monotonic() - started
-                        break
-                except BlockingIOError:
-                    pass
-                except OSError:
+                except OSError:  # reset: the server closed it
                     cut = time.monotonic() - started
                     break
-                time.sleep(0.5)
-            assert cut is not None and 7.5 < cut < 14, cut
+                readable, _, _ = select.select([slow], [], [], 0.5)
+                if readable and slow.recv(1) == b"":  # closed by the server
+                    cut = time.monotonic() - started
+                    break
+            assert cut is not None and 19.5 < cut < 30, cut
             for sock in idle:  # the idle ones were closed at the same timeout
                 sock.settimeout(5)
                 assert sock.recv(1) == b""
@@ -297,3 +295,18 @@ def test_peak_memory_of_near_limit_images_is_bounded(model, tmp_path):
     assert status == 413 and one_line_json(body)["code"] == "bad_aspect"
     assert strip_peak < 300, f"+{strip_peak:.0f} MB for a 30000 x 4 PNG"
     assert batch_peak < 800, f"+{batch_peak:.0f} MB for 16 images of 6300 x 6300"
+
+
+def test_workers_that_cannot_load_the_model_stop_with_one_line(tmp_path):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "vlclassify.cli", "serve", str(bad), "--port", str(free_port()), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "VLCLASSIFY_TOKEN": ""},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.rstrip().splitlines()[-1].startswith("error: ")
+    assert r.stderr.count("Child process") <= 4  # stopped, not restarted in a loop

@@ -162,6 +162,18 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of the server and its worker processes, MB (VmRSS, summed)."""
+    total = 0
+    for p in [pid, *children(pid)]:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        total += next((int(ln.split()[1]) for ln in lines if ln.startswith("VmRSS:")), 0)
+    return total / 1024
+
+
 def batch_totals(port: int) -> dict[str, float]:
     """Images, forward passes and seconds in forward passes so far, from the server's /metrics."""
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
@@ -176,9 +188,9 @@ def served(
     proc, port = start_server(model, max_batch, queue=max(128, 2 * clients), workers=workers, log=log)
     try:
         asyncio.run(run_clients(port, images, clients, max(clients * 2, 32), args.time_limit))  # warm every worker
-        b0, c0 = batch_totals(port), cpu_seconds(proc.pid)
+        b0, c0, m0 = batch_totals(port), cpu_seconds(proc.pid), rss_mb(proc.pid)
         res = asyncio.run(run_clients(port, images, clients, requests, args.time_limit))
-        b1, c1 = batch_totals(port), cpu_seconds(proc.pid)
+        b1, c1, m1 = batch_totals(port), cpu_seconds(proc.pid), rss_mb(proc.pid)
         d = {k: b1[k] - b0[k] for k in b0}
         # /metrics is per worker process: batch sizes and model time are one worker's when several run
         return {
@@ -186,6 +198,8 @@ def served(
             "mean_batch": d["images"] / max(1.0, d["batches"]) if workers == 1 else None,
             "cpu_ms_per_image": 1000 * (c1 - c0) / res["ok"],
             "model_busy": d["seconds"] / res["wall_s"] if workers == 1 else None,
+            "rss_mb_before": m0,  # after the warm-up requests
+            "rss_mb_after": m1,
         }
     finally:
         stop_server(proc)
@@ -291,7 +305,8 @@ def main() -> None:
                         print(
                             f"repeat {rep + 1}: {w} worker(s), {c} clients, max batch {mb}: "
                             f"{r['images_per_s']:.1f} img/s, p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']}, "
-                            f"CPU {r['cpu_ms_per_image']:.0f} ms/image, load {r['load']}, {r['statuses']}",
+                            f"CPU {r['cpu_ms_per_image']:.0f} ms/image, RSS {r['rss_mb_before']:.0f} -> "
+                            f"{r['rss_mb_after']:.0f} MB, load {r['load']}, {r['statuses']}",
                             flush=True,
                         )
 
