@@ -1,4 +1,4 @@
-"""What decode-time reduction costs in accuracy: `decode(path, size=224)` against a full decode.
+"""What decode-time reduction costs in accuracy and saves in memory: `decode(.., size=224)` against a full decode.
 
     python benchmarks/speed/decode_reduction.py            # accuracy on the mate backgrounds
     python benchmarks/speed/decode_reduction.py --memory   # peak memory of one 6300 x 6300 PNG
@@ -7,9 +7,9 @@ For every image under /usr/share/backgrounds/mate (the `mate-backgrounds` packag
 installs): the effnet-minilm model input [3, 224, 224] in 0..1 (short side resized, centre crop)
 from both decodes, its largest and mean absolute difference, and the cosine similarity of the two
 image embeddings. Images too small to be reduced must come out identical. `--memory` decodes a
-6300 x 6300 PNG (131 KB) through the service's `decode_image` in a fresh process and prints its
-peak resident memory (VmHWM) above the peak before decoding. The numbers quoted in `vlclassify.data.decoder`'s docstring
-come from this script.
+6300 x 6300 PNG (131 KB) from bytes at size 224, as the service decodes an upload, in a fresh
+process, and prints its peak resident memory (VmHWM) above the peak before decoding. The numbers
+quoted in `vlclassify.data.decoder`'s docstring come from this script.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def main() -> None:
 
 MEMORY_CHILD = """
 import sys
-from vlclassify.serve.app import decode_image
+import numpy as np
+from vlclassify.data import decode
+from vlclassify.data.source import BytesSource
 
 
 def peak_mb():  # this process's own peak resident memory (ru_maxrss would include its parent's, kept over exec)
@@ -63,7 +65,7 @@ def peak_mb():  # this process's own peak resident memory (ru_maxrss would inclu
 
 data = open(sys.argv[1], "rb").read()
 before = peak_mb()
-a = decode_image(data, "big.png", 40_000_000, 224)
+a = np.asarray(decode(BytesSource(data, "big.png"), size=224))  # as the service decodes an upload
 held = f"held {a.shape} ({a.nbytes / 1e6:.1f} MB)"
 print(f"{len(data) / 1e3:.0f} KB PNG 6300 x 6300: {held}, peak +{peak_mb() - before:.0f} MB")
 """

@@ -18,8 +18,8 @@ service call. In order:
 5. **Reduce**: with `size`, an image whose short side is still at least 8 x size is box-averaged by
    the integer factor that keeps its short side >= 4 x size (`Image.reduce`), so a decoded image
    costs a few times its model input, never its file's full size. RGB and grey images are reduced
-   before step 4, so only the decode itself is full size: a 6300 x 6300 PNG through the service's
-   `decode_image` peaks at +157 MB and is held as 900 x 900 (2.4 MB)
+   before step 4, so only the decode itself is full size: a 6300 x 6300 PNG uploaded as bytes
+   (size 224, as the service decodes it) peaks at +157 MB and is held as 900 x 900 (2.4 MB)
    (`python benchmarks/speed/decode_reduction.py --memory`); the decoder before this one (commit
    e4c4e5b, the same measurement) peaked at +530 MB and held 6300 x 6300 (119 MB).
    Applied to its own output, step 5 changes nothing: the service decodes an upload once and
