@@ -17,7 +17,11 @@ service call. In order:
    255, in 0..255 kept, otherwise min-max scaled. A mode PIL adds later is refused by name.
 5. **Reduce**: with `size`, an image whose short side is still at least 8 x size is box-averaged by
    the integer factor that keeps its short side >= 4 x size (`Image.reduce`), so a decoded image
-   costs a few times its model input, never its file's full size (a 6300 x 6300 PNG: 900 x 900).
+   costs a few times its model input, never its file's full size. RGB and grey images are reduced
+   before step 4, so only the decode itself is full size: a 6300 x 6300 PNG uploaded as bytes
+   (size 224, as the service decodes it) peaks at +157 MB and is held as 900 x 900 (2.4 MB)
+   (`python benchmarks/speed/decode_reduction.py --memory`); the decoder before this one (commit
+   e4c4e5b, the same measurement) peaked at +530 MB and held 6300 x 6300 (119 MB).
    Applied to its own output, step 5 changes nothing: the service decodes an upload once and
    extraction decodes that array again without a second reduction, so the service and offline
    `predict` see the same pixels.
@@ -161,7 +165,8 @@ def _decode_stream(f: BinaryIO, size: int | None, max_pixels: int, max_aspect: f
         try:
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
-            return to_rgb(im)
+            # RGB and L: reducing before the conversion gives the same pixels without a second full-size copy
+            return to_rgb(_reduced(im, size) if im.mode in ("RGB", "L") else im)
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated or corrupt data
