@@ -101,10 +101,12 @@ def test_lp_pp_starts_from_its_init_and_steps_by_its_lipschitz_bounds(init, toy,
     torch.testing.assert_close(sw * m.head.u, w0 - step_w * w0.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sw * m.head.ub, b0 - step_w * b0.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sa * m.head.v, a0 - step_a * a0.grad, rtol=1e-4, atol=1e-4)
-    # without validation the trained blend is kept, scaled so the text part has zero-shot's spread
+    # without validation the trained blend is kept, scaled so its logits have zero-shot's spread
     w_t, w_v = m.fit_info["fusion"]
-    text = (sa * m.head.v) * s
-    assert w_t == w_v and spread(w_t * text) == pytest.approx(spread(float(toy.logit_scale) * s), rel=1e-4)
+    fused = m.head.parts({"image": rows["image"], "pooled": rows["pooled"]})
+    assert w_t == w_v and spread(w_t * (fused[0] + fused[1])) == pytest.approx(
+        spread(float(toy.logit_scale) * s), rel=1e-4
+    )
     assert np.isfinite(m.predict_proba(enc)).all()
 
 

@@ -194,13 +194,14 @@ class LPPP(Method):
         self, head: LPPPHead, val: Encoded | None, rows: dict[str, torch.Tensor], zs: torch.Tensor
     ) -> dict[str, Any]:
         """Weigh the text and visual parts on validation: training/fusion.py's grid, with the trained
-        blend inserted where its ratio falls, as the default; all at the spread of the zero-shot
-        logits `zs` [N, C] of the training rows."""
+        blend inserted where its ratio falls, as the default; all scaled to the spread of the zero-shot
+        logits `zs` [N, C] of the training rows (the grid's pairs by their text part, the blend whole)."""
         with torch.no_grad():
             text, visual = head.parts(rows)
         k, c = spread_scale(text, visual), spread_scale(zs, text)
         grid = [(c * a, c * b) for a, b in (ratio_weights(r, k) for r in RATIOS)]
-        trained = (c, c)
+        t = spread_scale(zs, text + visual)
+        trained = (t, t)  # the trained blend, its fused logits at zero-shot's spread
         grid.insert(bisect.bisect(RATIOS, 1 / k), trained)  # the trained blend's ratio is 1 / k
         if val is None or not len(val):
             head.weights.copy_(torch.tensor(trained, dtype=torch.float64))
