@@ -89,7 +89,7 @@ from .tags import TEXT as TEXT
 from .tags import Tags
 from .templates import cached_template_embeddings
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: calibration and "unknown" in config.json, fusion weights as head buffers (tip-adapter, cmm)
 FEATURES = KEYS  # image (joint embedding), pooled, spatial, text, trunk (activations at a backbone.split cut)
 
 
