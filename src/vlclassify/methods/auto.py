@@ -21,9 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
-import torch
-
 from ..context import RunContext
 from ..data.items import Dataset
 from ..errors import ConfigError, DataError, VLClassifyError
@@ -138,11 +135,8 @@ class Auto(Method):
         self.fit_info = winner.fit_info
         self.classnames, self.task_classes, self.multilabel = winner.classnames, winner.task_classes, winner.multilabel
         self.decisions, self.head, self.head_spec = winner.decisions, winner.head, winner.head_spec
+        self.trust = winner.trust  # its calibration and "unknown" rule, chosen on validation
         return self
-
-    def _scores(self, logits: torch.Tensor, task: str = "label", calibrated: bool = True) -> np.ndarray:
-        assert self.winner is not None, "callers check that the model is fitted"
-        return self.winner._scores(logits, task, calibrated)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """The winner as an ordinary model of its method, auto's table in its fit_info."""
