@@ -551,8 +551,9 @@ def ignored_texts(model: Method, items: Sequence[Item]) -> str | None:
 
 
 def item_name(it: Item) -> str:
-    """How an item is named in predictions: its image path, else its key."""
-    return str(it.image if isinstance(it.image, str) else it.key)
+    """How an item is named in predictions (as `Method.predict_results` names it): its image's
+    description (a path, `shard.tar:member`), else its key."""
+    return it.image.describe() if it.image is not None else it.key
 
 
 def _true(ds: Dataset, i: int) -> list[int]:
