@@ -181,15 +181,14 @@ def test_zero_shot_from_class_names_alone(tmp_path, color_folder):
 
 
 def _colour_csv(root, colours, per_class=6):
-    from conftest import COLORS
+    from vlclassify.testing import write_image
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in colours:
         for i in range(per_class):
             p = root / f"{c}{i}.png"
-            noise = np.random.default_rng(i).normal(0, 15, (24, 24, 3))
-            Image.fromarray(np.clip(np.array(COLORS[c]) + noise, 0, 255).astype(np.uint8)).save(p)
+            write_image(p, c, seed=i)
             rows.append({"image": p.name, "label": c})
     path = root / "data.csv"
     with open(path, "w", newline="") as f:

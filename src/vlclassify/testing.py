@@ -44,7 +44,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 SHADES = {"red": "warm", "green": "cold", "blue": "cold"}
 
 
-def _image(path: Path, left: str, right: str | None, seed: int) -> None:
+def write_image(path: Path, left: str, right: str | None = None, seed: int = 0) -> None:
+    """A noisy 24 x 24 square of colour `left` (its right half `right`), saved to `path`."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -65,11 +66,11 @@ def write_manifest(root: Path, kind: str) -> Path:
             p = root / f"{c}_{i}.png"
             if kind == "multi":
                 other = names[(ci + 1 + i % 2) % 3]
-                _image(p, c, other if i % 3 else None, seed=ci * 10 + i)
+                write_image(p, c, other if i % 3 else None, seed=ci * 10 + i)
                 labels = sorted({c, other}) if i % 3 else [c]
                 rows.append({"image": p.name, "labels": ",".join(labels), "split": split})
             else:
-                _image(p, c, None, seed=ci * 10 + i)
+                write_image(p, c, None, seed=ci * 10 + i)
                 row = {"image": p.name, "split": split}
                 if kind == "tasks":
                     row.update({"color": c, "shade": SHADES[c]})
