@@ -15,6 +15,7 @@ a numpy recipe. Then `export.export_beside` (torch) makes it again, once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,26 +99,42 @@ class OnnxModel:
         self.pixels: dict[str, Any] = side["pixels"]
         rule = {k: v for k, v in side["decision"].items() if k != "rule"}
         self.rule = DecisionRule.from_dict(rule, len(self.classnames), f"{sidecar_path(self.graph)}: decision")
+        # the "unknown" rule (trust/openset.py): the graph's open-set score below the threshold
+        out = side["outputs"].get("open_set")
+        applies = out is not None and side.get("unknown", {}).get("applies", False)
+        self.open_set: tuple[str, float] | None = (out["score"], float(out["unknown_below"])) if applies else None
         self.session = _session(self.graph, threads)
 
     def predict_proba(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """[N, C] scores of image files, Items or RGB PIL images, in batches."""
-        out = [np.zeros((0, len(self.classnames)), np.float32)]
+        return self._run(images, batch_size)[0]
+
+    def _run(self, images: Sequence[ImageInput], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """([N, C] scores, [N] open-set scores, or [N] zeros when the graph has none)."""
+        probs, open_set = [np.zeros((0, len(self.classnames)), np.float32)], [np.zeros(0, np.float32)]
         for s in range(0, len(images), batch_size):
-            pix = np.stack(
-                [recipe_pixels(_rgb(im, self.pixels["size"]), self.pixels) for im in images[s : s + batch_size]]
-            )  # [n, 3, H, W]
-            out.append(self.session.run(None, {"pixels": pix})[0])  # [n, C]
-        return np.concatenate(out)
+            chunk = images[s : s + batch_size]
+            pix = np.stack([recipe_pixels(_rgb(im, self.pixels["size"]), self.pixels) for im in chunk])  # [n, 3, H, W]
+            out = self.session.run(None, {"pixels": pix})  # probs [n, C] (, open_set [n])
+            probs.append(out[0])
+            open_set.append(out[1] if len(out) > 1 else np.zeros(len(chunk), np.float32))
+        return np.concatenate(probs), np.concatenate(open_set)
 
     def predict_results(self, images: Sequence[ImageInput], top: int = 5) -> list[Prediction]:
         """One Prediction per image (the decision and the top scores), as `Method.predict_results`."""
-        probs = self.predict_proba(images)
+        probs, open_set = self._run(images)
         decided = self.rule.apply(probs)
-        return [
-            Prediction({MAIN: task_prediction(p, d, self.classnames, top)}, None, _name(im))
-            for im, p, d in zip(images, probs, decided)
-        ]
+        results = []
+        for im, p, d, o in zip(images, probs, decided, open_set):
+            task = task_prediction(p, d, self.classnames, top)
+            unknown, scored = False, None
+            if self.open_set is not None:
+                score, threshold = self.open_set
+                unknown, scored = bool(o < threshold), {"score": score, "value": float(o), "threshold": threshold}
+                if unknown:  # none of the classes: no label, and not "uncertain" between them either
+                    task = dataclasses.replace(task, labels=[], uncertain=False)
+            results.append(Prediction({MAIN: task}, None, _name(im), unknown, scored))
+        return results
 
 
 def _rgb(image: ImageInput, size: int) -> Image.Image:
