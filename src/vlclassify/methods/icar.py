@@ -42,6 +42,7 @@ from ..modules.heads import CosineClassifier, LinearClassifier
 from ..modules.losses.contrastive import unified_contrastive_loss
 from ..modules.text_tower import TrainableTextTower
 from ..training import Stage, TrainResult
+from ..trust.model import Trust
 from .base import MAIN, SINGLE, TEXT, Encoded, Feed, Method, TrainConfig, TrainOptions, check_finite
 from .registry import register_method
 from .tags import Tags
@@ -304,7 +305,7 @@ class ICAR(Method):
         self.descriptions = {n: d for n in names if (d := given.get(n) or found.get(n))}
         self.classnames = names
         self.task_classes = {MAIN: list(names)}
-        self.decisions = {}
+        self.decisions, self.trust = {}, Trust()  # rules chosen for other classes do not apply
         self._update_class_weights()
         return self
 

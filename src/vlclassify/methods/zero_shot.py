@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..trust.model import Trust
 from .base import MAIN, MULTI, SINGLE, TEXT, Encoded, Method, normalize
 from .registry import register_method
 from .tags import Tags
@@ -98,7 +99,7 @@ class ZeroShot(Method):
         emb = self.class_texts(self.templates, self.descriptions)[1]
         head = cast(ZeroShotHead, self.init_head({"num_classes": len(classnames), "dim": emb.shape[1]}))
         head.class_embeds.copy_(emb)
-        self.decisions = {}
+        self.decisions, self.trust = {}, Trust()  # rules chosen for other classes do not apply
         return self
 
     def fit_head(self, train: Encoded, val: Encoded | None) -> None:
