@@ -546,7 +546,7 @@ def test_limits_are_refused_from_the_header_in_one_line(tmp_path):
 
 
 def test_large_images_are_reduced_towards_the_model_input_small_ones_untouched(tmp_path):
-    from vlclassify.backbones.base import pil_to_unit_array
+    from vlclassify.pixels import unit_array as pil_to_unit_array
 
     rng = np.random.default_rng(4)
     big = Image.fromarray(rng.integers(0, 256, (1900, 2000, 3), dtype=np.uint8))

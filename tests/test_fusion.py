@@ -120,7 +120,7 @@ def test_auto_keeps_the_best_on_validation_and_saves_it_as_an_ordinary_model(toy
     from vlclassify.errors import ConfigError, DataError
     from vlclassify.features import extract_features
     from vlclassify.methods import Encoded, create_method, load_method
-    from vlclassify.metrics import accuracy
+    from vlclassify.metrics import score
 
     ds = image_folder(make_color_folder(tmp_path / "colors", per_class=6))["all"]
     enc = Encoded(ds, extract_features(toy, ds, views=("orig", "flip"), progress=False))
@@ -135,7 +135,7 @@ def test_auto_keeps_the_best_on_validation_and_saves_it_as_an_ordinary_model(toy
     for n in names:  # the table is each candidate fitted alone, scored on validation
         alone = create_method(n, toy)
         assert table[n]["val_accuracy"] == pytest.approx(
-            accuracy(va.dataset.labels(), alone.fit(tr, va).predict_proba(va))
+            score("single-label", va.dataset.labels(), alone.fit(tr, va).predict_proba(va))["accuracy"]
         )
     best = max(r["val_accuracy"] for r in table.values())
     chosen = m.fit_info["auto"]["method"]
@@ -153,7 +153,7 @@ def test_auto_keeps_the_best_on_validation_and_saves_it_as_an_ordinary_model(toy
 
 
 def test_fewshot_table_says_what_auto_kept():
-    from vlclassify.bench.fewshot import markdown_table, summarize
+    from vlclassify.fewshot import markdown_table, summarize
 
     runs = [
         {"method": m, "shots": k, "seed": s, "test_accuracy": a, "fit_seconds": 1.0, "fit_info": fi}
