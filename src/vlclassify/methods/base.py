@@ -1025,12 +1025,17 @@ def load_method(
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{wpath}: damaged ({e})") from None
-    method.load_tensors(tensors, str(wpath))
-    method.trust.load_tensors(tensors, len(method.classnames), str(wpath))
+    # the class count of config.json against what the weights were saved for, before any tensor is
+    # read: an edited class list is named as config.json's error, not as a shape mismatch in the weights
     n = len(method.classnames)
     probe = method.head_spec.get("num_classes")
     if probe is not None and probe != n:
         raise ConfigError(f"{cpath}: {n} classnames but the saved head scores {probe} classes")
+    means = tensors.get("openset.means")
+    if means is not None and means.ndim >= 1 and means.shape[0] != n:
+        raise ConfigError(f"{cpath}: {n} classnames but {wpath.name} holds class means of {means.shape[0]} classes")
+    method.load_tensors(tensors, str(wpath))
+    method.trust.load_tensors(tensors, n, str(wpath))
     return method
 
 
