@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from vlclassify.cli import app
+from vlclassify.context import RunContext
 from vlclassify.data import load_data, train_val_test
 from vlclassify.features import FeatureCache
 from vlclassify.methods import create_method, load_method
@@ -48,9 +49,12 @@ def model_dir(toy, tmp_path_factory):
     from conftest import make_color_folder
 
     splits = train_val_test(load_data(str(make_color_folder(tmp_path_factory.mktemp("colors")))), seed=0)
-    m = create_method("linear-probe", toy, cache=FeatureCache(tmp_path_factory.mktemp("cache")))
-    m.progress = False
-    m.fit(splits["train"], splits["val"])
+    m = create_method("linear-probe", toy)
+    m.fit(
+        splits["train"],
+        splits["val"],
+        ctx=RunContext(cache=FeatureCache(tmp_path_factory.mktemp("cache")), progress=False),
+    )
     return m.save_pretrained(tmp_path_factory.mktemp("model") / "lp")
 
 
@@ -110,7 +114,7 @@ def test_predict_eval_and_the_service_see_the_upright_photo(photos, model_dir, t
     assert_same(ev[0], ev[1])
     assert_same(ev[0], lib[0])
 
-    with TestClient(create_app(m)) as client:
+    with TestClient(create_app(m), base_url="http://127.0.0.1") as client:
         served = []
         for path in (sideways, upright):
             resp = client.post("/predict?top=3", content=path.read_bytes())
