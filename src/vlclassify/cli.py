@@ -433,9 +433,10 @@ def predict(
     """Print each image's decision (the class, 'uncertain', or the labels found) and top scores.
 
     A model that exports to ONNX answers from its export beside the model (made at the first
-    predict, again when stale or damaged) in ONNX Runtime, without importing torch."""
+    predict, again when stale or damaged) in ONNX Runtime, without importing torch; --cache-write
+    predicts with torch instead, to store the new images' features."""
     from . import workflow
-    from .errors import DataError
+    from .errors import ConfigError, DataError
     from .onnx_predict import OnnxModel, export_problem_here, graph_path
 
     images = list(images or [])
@@ -444,15 +445,21 @@ def predict(
             "predict: give image files or --data, not both" if images else "predict: give image files or --data"
         )
     graph_path(model_dir, precision)  # an unknown precision fails before any work
+    if cache_write and precision != "fp32":
+        raise ConfigError(f"--precision {precision} runs the ONNX export, and --cache-write predicts with torch")
     items, truth = workflow.predict_items(images, text, data)
-    onnx = None if export_problem_here(model_dir, precision) else OnnxModel(model_dir, precision)
-    if onnx is None:
+    onnx = None
+    if cache_write:  # the export never reads or writes the feature store: torch computes and stores the features
+        m = _load(model_dir)
+    elif export_problem_here(model_dir, precision) is None:
+        onnx = OnnxModel(model_dir, precision)
+    else:
         m = _exported_or_torch(model_dir, precision, cache_dir)
         onnx = OnnxModel(model_dir, precision) if isinstance(m, Path) else None
     if onnx is not None:  # an exported model: it reads images only
         if any(it.text for it in items):
             _note(f"note: {onnx.method} reads images only; the texts are ignored")
-        results = onnx.predict_results(items, top=top)
+        results = onnx.predict_results(items, top=top, skip_bad=skip_bad)
     else:
         if ignored := workflow.ignored_texts(m, items):
             _note(f"note: {ignored}")

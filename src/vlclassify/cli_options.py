@@ -18,7 +18,10 @@ CACHE_OPT = typer.Option(
     None, "--cache-dir", help="Feature cache folder (default $VLCLASSIFY_CACHE or ~/.cache/vlclassify)."
 )
 CACHE_WRITE_OPT = typer.Option(
-    False, "--cache-write", help="Store the features of new images in the cache (default: read it, write nothing)."
+    False,
+    "--cache-write",
+    help="Predict with torch through the feature cache and store the features of new images in it "
+    "(default: answer from the ONNX export when the model has one, else read the cache and write nothing).",
 )
 SKIP_BAD_OPT = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted) instead of failing.")
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace the vlclassify model in a non-empty --out folder.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from PIL import Image
 
 from .data.decoder import decode
 from .data.items import Item
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .methods.decision import MAIN, DecisionRule, Prediction, task_prediction
 from .pixels import recipe_pixels
 from .utils import cached_file_fingerprint, read_json, sha256_file
@@ -109,23 +110,46 @@ class OnnxModel:
         """[N, C] scores of image files, Items or RGB PIL images, in batches."""
         return self._run(images, batch_size)[0]
 
-    def _run(self, images: Sequence[ImageInput], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """([N, C] scores, [N] open-set scores, or [N] zeros when the graph has none)."""
+    def _run(
+        self, images: Sequence[ImageInput], batch_size: int = 32, skip_bad: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """([N', C] scores, [N'] open-set scores, or [N'] zeros when the graph has none, the indices
+        of the N' images answered). With `skip_bad` an unreadable image is left out, as
+        `Method.encode` leaves it out (one warning naming the count and the first); else its error."""
         probs, open_set = [np.zeros((0, len(self.classnames)), np.float32)], [np.zeros(0, np.float32)]
+        kept: list[int] = []
+        bad: list[int] = []
         for s in range(0, len(images), batch_size):
-            chunk = images[s : s + batch_size]
-            pix = np.stack([recipe_pixels(_rgb(im, self.pixels["size"]), self.pixels) for im in chunk])  # [n, 3, H, W]
-            out = self.session.run(None, {"pixels": pix})  # probs [n, C] (, open_set [n])
+            pixels, idx = [], []
+            for i in range(s, min(s + batch_size, len(images))):
+                try:
+                    rgb = _rgb(images[i], self.pixels["size"])
+                except DataError:
+                    if not skip_bad:
+                        raise
+                    bad.append(i)
+                    continue
+                pixels.append(recipe_pixels(rgb, self.pixels))
+                idx.append(i)
+            if not idx:
+                continue
+            out = self.session.run(None, {"pixels": np.stack(pixels)})  # probs [n, C] (, open_set [n])
             probs.append(out[0])
-            open_set.append(out[1] if len(out) > 1 else np.zeros(len(chunk), np.float32))
-        return np.concatenate(probs), np.concatenate(open_set)
+            open_set.append(out[1] if len(out) > 1 else np.zeros(len(idx), np.float32))
+            kept.extend(idx)
+        if bad:
+            warnings.warn(
+                f"predict: skipped {len(bad)} unreadable image(s) (first: {_origin(images[bad[0]])})", stacklevel=3
+            )
+        return np.concatenate(probs), np.concatenate(open_set), kept
 
-    def predict_results(self, images: Sequence[ImageInput], top: int = 5) -> list[Prediction]:
-        """One Prediction per image (the decision and the top scores), as `Method.predict_results`."""
-        probs, open_set = self._run(images)
+    def predict_results(self, images: Sequence[ImageInput], top: int = 5, skip_bad: bool = False) -> list[Prediction]:
+        """One Prediction per image (the decision and the top scores), as `Method.predict_results`;
+        with `skip_bad`, unreadable images are left out (fewer predictions than images, one warning)."""
+        probs, open_set, kept = self._run(images, skip_bad=skip_bad)
         decided = self.rule.apply(probs)
         results = []
-        for im, p, d, o in zip(images, probs, decided, open_set):
+        for i, p, d, o in zip(kept, probs, decided, open_set):
             task = task_prediction(p, d, self.classnames, top)
             unknown, scored = False, None
             if self.open_set is not None:
@@ -133,7 +157,7 @@ class OnnxModel:
                 unknown, scored = bool(o < threshold), {"score": score, "value": float(o), "threshold": threshold}
                 if unknown:  # none of the classes: no label, and not "uncertain" between them either
                     task = dataclasses.replace(task, labels=[], uncertain=False)
-            results.append(Prediction({MAIN: task}, None, _name(im), unknown, scored))
+            results.append(Prediction({MAIN: task}, None, _name(images[i]), unknown, scored))
         return results
 
 
@@ -143,6 +167,13 @@ def _rgb(image: ImageInput, size: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     return decode(image if isinstance(image, Item) else str(image), size=size)
+
+
+def _origin(image: ImageInput) -> str:
+    """How a skipped image is named in the warning, as `Method.encode` names it (the manifest row, else the key)."""
+    if isinstance(image, Item):
+        return str(image.origin or image.key)
+    return str(image) if isinstance(image, (str, os.PathLike)) else "image"
 
 
 def _name(image: ImageInput) -> str:
