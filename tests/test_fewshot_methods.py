@@ -150,16 +150,21 @@ def test_cmm_ablation_switches_change_behaviour(toy, enc):
     }.items():
         m = create_method("cmm", toy, input="joint", steps=150, lr=1e-2, fixed_alpha=True, **o)
         m.fit(tr, va)
-        out[k] = (m, m.predict_proba(va))
+        # the raw softmax: the switches must change the model itself, not only its calibration
+        # (each fit picks its own temperature on validation)
+        out[k] = (m, m.predict_proba(va, calibrated=False))
     assert out["no_w"][0].head.W is None and out["full"][0].head.W is not None
     assert float(out["full"][0].head.W.abs().sum()) > 0  # W moved from its zero start
     for k in ("no_w", "no_triplet", "no_clip_fusion"):
         assert not np.allclose(out[k][1], out["full"][1], atol=1e-4), k
-    # without fusion the prediction is Logits_CMM alone
+    # without fusion the (uncalibrated) prediction is Logits_CMM alone
     m = out["no_clip_fusion"][0]
     x = F.normalize(va.features.image.float(), dim=-1)
     s = m.scale * F.normalize(x @ m.head.W + x, dim=-1) @ m.head.T.T
     np.testing.assert_allclose(out["no_clip_fusion"][1], torch.softmax(s, -1).numpy(), atol=1e-5)
+    # and its calibrated scores are the same logits over the temperature chosen on validation
+    t = m.calibration().temperature
+    np.testing.assert_allclose(m.predict_proba(va), torch.softmax(s / t, -1).numpy(), atol=1e-5)
     bridged = {}
     for k, o in {"full": {}, "no_w": {"no_w": True}}.items():
         m = create_method("cmm", toy, input="bridge", steps=150, lr=1e-2, fixed_alpha=True, **o)
