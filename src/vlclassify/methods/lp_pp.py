@@ -34,7 +34,7 @@ saturate the softmax (probabilities of exactly 0 and 1 leave the decision rule n
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..training import Stage, TrainResult, select_best
 from ..training.fusion import RATIOS, ratio_weights, spread_scale
-from .base import Encoded, Feed, Method, TrainOptions, check_dim, feature_keys, normalize
+from .base import Encoded, Feed, Method, TrainConfig, TrainOptions, check_dim, feature_keys, normalize
 from .registry import register_method
 from .tags import Tags
 from .templates import resolve_templates
@@ -57,6 +57,7 @@ class LPPPConfig(TrainOptions):
     """LP++'s options: templates, the visual features, the full-batch schedule (`train`'s seed, threads
     and run_dir apply; its lr and batch size do not: the steps come from the data, every row is one batch)."""
 
+    train: TrainConfig = field(default_factory=TrainConfig)  # its seed, threads and run_dir (see above)
     templates: str | list[str] = "select7"  # prompt templates for the class texts t_k
     input: str = "pooled"  # pooled: the visual part reads the pooled features | joint: the joint embedding (paper)
     epochs: int = 300  # full-batch steps (the public code: 300); the best on validation is kept
