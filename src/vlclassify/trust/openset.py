@@ -21,7 +21,8 @@ trained with the held-out class as a negative: docs/trust.md sets the proxy's nu
 AUROC against real unknowns. Within a family the bias is shared, so the comparison is fair.
 
 Threshold: the score that keeps `keep` (default 95%) of the known validation images. A model
-fitted without validation data has no threshold: it never answers "unknown", and says so.
+fitted without validation data, or whose validation data lacks a class (an update's new data
+often has only some of the classes), has no threshold: it never answers "unknown", and says so.
 """
 
 from __future__ import annotations
@@ -240,6 +241,13 @@ def choose_open_set(
     if logits is None or targets is None or not len(logits):
         return OpenSetRule(keep=keep, note="fitted without validation data: never answers 'unknown'")
     y = np.asarray(targets)
+    seen = y.any(axis=0) if y.ndim == 2 else np.isin(np.arange(logits.shape[1]), y)
+    if not seen.all():  # e.g. an update's new data: a threshold chosen without a class's images says nothing of them
+        missing = np.flatnonzero(~seen).tolist()
+        return OpenSetRule(
+            keep=keep,
+            note=f"no validation images of class(es) {', '.join(map(str, missing))}: never answers 'unknown'",
+        )
     family, what = (
         (FEATURE_SCORES, "feature") if stats is not None and features is not None else (LOGIT_SCORES, "logit")
     )
