@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,7 +237,7 @@ def clothes(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("clothes")
     for i, it in enumerate(fashion_mnist()["test"].items[:10]):
-        Image.fromarray(it.image).save(root / f"clothes_{i}.png")
+        Image.fromarray(it.image.array).save(root / f"clothes_{i}.png")
     return root
 
 
@@ -330,7 +331,7 @@ def test_cli_fit_eval_unknown_and_predict(tux_parts, clothes, tmp_path):
 
     rows = ["image,label,split"]
     for split, ds in zip(("train", "val", "test"), tux_parts, strict=True):
-        rows += [f"{it.image},{ds.classnames[it.label]},{split}" for it in ds.items]
+        rows += [f"{it.image.describe()},{ds.classnames[it.label]},{split}" for it in ds.items]
     (tmp_path / "tux.csv").write_text("\n".join(rows) + "\n")
     runner, out = CliRunner(), tmp_path / "model"
     fit = ["fit", "-m", "linear-probe", "-d", str(tmp_path / "tux.csv"), "-o", str(out), "--opt", "C_grid=[1.0]"]
@@ -367,7 +368,7 @@ def test_the_service_answers_unknown_and_describes_its_rules(fitted, tux_parts, 
 
     _, _, test = tux_parts
     photos = sorted(clothes.iterdir())
-    with TestClient(create_app(fitted)) as c:
+    with TestClient(create_app(fitted), base_url="http://127.0.0.1") as c:  # a served host (--allowed-hosts)
         info = c.get("/model").json()
         assert info["unknown"]["score"] == fitted.trust.open_set.score
         assert info["unknown"]["threshold"] == fitted.trust.open_set.threshold
@@ -375,7 +376,7 @@ def test_the_service_answers_unknown_and_describes_its_rules(fitted, tux_parts, 
         answers = [c.post("/predict", content=p.read_bytes()).json() for p in photos]
         odd = [a for a in answers if a["unknown"]]
         assert len(odd) >= 7 and all(a["labels"] == [] and not a["uncertain"] for a in odd), answers
-        known = c.post("/predict", content=open(test.items[0].image, "rb").read()).json()
+        known = c.post("/predict", content=Path(test.items[0].image.describe()).read_bytes()).json()
         assert known["unknown"] is False and known["labels"] and known["open_set"]["score"] == info["unknown"]["score"]
 
 
