@@ -150,3 +150,33 @@ def test_overwrite_refuses_every_dangerous_target(target, color_folder, tmp_path
     assert "\n" not in str(e.value)
     assert (home / "docs" / "letter.txt").exists() and (tmp_path / "photos" / "a.jpg").exists()
     assert len(list((color_folder / "red").iterdir())) == 6
+
+
+def test_evaluate_on_a_subset_of_the_models_classes_and_a_class_it_lacks(toy, tmp_path):
+    """A folder holding some of the model's classes is scored under the model's class indices;
+    a class the model does not know is one line naming it (it was refused without saying how)."""
+    import shutil
+
+    from conftest import make_color_folder
+    from vlclassify import workflow
+    from vlclassify.context import RunContext
+    from vlclassify.data import load_data, train_val_test
+    from vlclassify.errors import DataError
+    from vlclassify.methods import create_method
+
+    root = make_color_folder(tmp_path / "colors")
+    splits = train_val_test(load_data(str(root)), seed=0)
+    ctx = RunContext(progress=False)
+    m = create_method("linear-probe", toy).fit(splits["train"], splits["val"], ctx=ctx)
+    sub = tmp_path / "sub"
+    for c in ("blue", "red"):
+        shutil.copytree(root / c, sub / c)
+    data = load_data(str(sub))["all"]
+    rep = workflow.evaluate(m, data, ctx=ctx)
+    truth = {t for t in rep.truth}
+    assert truth == {"blue", "red"} and len(rep.predictions) == len(data)
+    whole = m.predict_proba(load_data(str(root))["all"], ctx=ctx)
+    assert rep.probs.shape == (len(data), 3) and whole.shape[1] == 3  # the model's three classes
+    (sub / "blue").rename(sub / "purple")
+    with pytest.raises(DataError, match=r"class\(es\) purple are not among the model's"):
+        workflow.evaluate(m, load_data(str(sub))["all"], ctx=ctx)

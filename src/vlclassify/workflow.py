@@ -389,9 +389,13 @@ def evaluate(
     from .trust.report import trust_report
 
     if data.classnames != model.classnames:
-        raise DataError(
-            f"{spec or data.name}: classes {data.classnames[:5]}... do not match the model's {model.classnames[:5]}..."
-        )
+        extra = [c for c in data.classnames if c not in model.classnames]
+        if extra:
+            raise DataError(
+                f"{spec or data.name}: class(es) {', '.join(extra[:5])} are not among the model's "
+                f"({', '.join(model.classnames[:8])}{', ...' if len(model.classnames) > 8 else ''})"
+            )
+        data = data.with_classes(model.classnames)  # a subset (or another order) of the model's classes
     enc = model.encode(data, ctx=ctx)  # encoded once: every score below reads it
     probs = model.predict_proba(enc, ctx=ctx)
     predictions = model.predict_results(enc, top=top, ctx=ctx)
