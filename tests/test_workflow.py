@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -180,3 +181,23 @@ def test_evaluate_on_a_subset_of_the_models_classes_and_a_class_it_lacks(toy, tm
     (sub / "blue").rename(sub / "purple")
     with pytest.raises(DataError, match=r"class\(es\) purple are not among the model's"):
         workflow.evaluate(m, load_data(str(sub))["all"], ctx=ctx)
+
+
+def test_eval_says_when_the_test_split_changed_since_the_fit(toy, tmp_path):
+    """A test image deleted after the fit was scored quietly as one image fewer."""
+    from conftest import make_color_folder
+    from vlclassify import workflow
+    from vlclassify.context import RunContext
+
+    root = make_color_folder(tmp_path / "colors")
+    result = workflow.fit(str(root), "linear-probe", backbone=toy, ctx=RunContext(progress=False))
+    result.save(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unchanged data: no word
+        ds, _ = workflow.eval_data(tmp_path / "m")
+    victim = ds.items[0].image.describe()
+    import os
+
+    os.remove(victim)
+    with pytest.warns(UserWarning, match=r"the test split has \d+ image\(s\), \d+ at fit time"):
+        workflow.eval_data(tmp_path / "m")

@@ -340,6 +340,12 @@ def eval_data(model_dir: str | Path, data: str | None = None, split: str = "test
         if split not in splits:
             raise DataError(f"{spec}: no {split!r} split (have: {', '.join(splits)}, all)")
         ds = splits[split]
+        was = (info.get("sizes") or {}).get(split)
+        if was is not None and was != len(ds):  # files removed or added since the fit: say so, never score quietly
+            warnings.warn(
+                f"{spec}: the {split} split has {len(ds)} image(s), {was} at fit time: the data changed since",
+                stacklevel=2,
+            )
     if not len(ds):
         raise DataError(f"{spec}: the {split!r} split is empty (too few images per class for this split)")
     return ds, spec
