@@ -545,7 +545,7 @@ def format_prediction(r: Prediction) -> str:
         line = f"{head}: {_decision_text(t, r.unknown and k == 0)}  | {scores}"
         if k == 0 and r.open_set is not None:  # the open-set score and the threshold below which it is "unknown"
             o = r.open_set
-            line += f"  [{o['score']} {o['value']:.3g}, unknown below {o['threshold']:.3g}]"
+            line += f"  [{o['score']} {o['value']:.4f}, unknown below {o['threshold']:.4f}]"
         if r.modality_weights and task in r.modality_weights:
             w = r.modality_weights[task]
             line += f"  [weights: image {w['image']:.2f}, text {w['text']:.2f}]"
