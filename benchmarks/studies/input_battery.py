@@ -389,7 +389,7 @@ def cases() -> list[Case]:
             "a method without an ONNX graph",
             ["export", "{root}/model"],
             "error",
-            lambda r: fitted(r, "vt-clip"),
+            lambda r: fitted(r, "dicls"),
         ),
         Case(
             "export",
