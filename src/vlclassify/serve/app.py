@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -880,6 +881,8 @@ def serve(
     check_bind(host, config.token, insecure)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
+    if not (Path(model_dir) / "config.json").is_file():  # said here, before any worker starts
+        raise ConfigError(f"{model_dir}: not a model folder (no config.json)")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
     os.environ[SERVE_ENV] = json.dumps({"model": str(model_dir), "config": asdict(config)})
     # the cores are shared by the workers: features.runtime.cpu_count divides by this
